@@ -1,0 +1,57 @@
+# Strake: build, lint, test bed and tests. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+# Toolchains as installed on this kind of machine (rustup in ~/.cargo, Go in /usr/local/go), found
+# even when the caller's PATH lacks them (CI runs with a minimal environment).
+export PATH := $(HOME)/.cargo/bin:/usr/local/go/bin:$(PATH)
+CARGO ?= cargo
+# Integration suites each start real control planes; two at a time fit this machine size.
+TEST_THREADS ?= 2
+
+.PHONY: help build release lint fmt test unit-test integration-test testbed testbed-packages \
+        testbed-upstream testbed-images testbed-env testbed-up clean-testbed-cache
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
+
+build: testbed-packages ## Build every crate (debug)
+	$(CARGO) build --workspace --all-targets
+
+release: testbed-packages ## Build the daemons (release)
+	$(CARGO) build --workspace --release --bins
+
+lint: testbed-packages ## rustfmt check and clippy with warnings denied
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+test: testbed lint ## Every test: lint, unit, component and integration tests (root)
+	$(CARGO) test --workspace --no-fail-fast -- --test-threads=$(TEST_THREADS)
+
+unit-test: testbed-packages ## Unit tests only (no root, no test bed)
+	$(CARGO) test --workspace --lib --bins
+
+integration-test: testbed ## Integration tests against the real test bed (root)
+	$(CARGO) test -p strake-integration -- --test-threads=$(TEST_THREADS)
+
+testbed: testbed-packages testbed-upstream testbed-images ## Install and build everything the tests need (idempotent)
+
+testbed-packages: ## Debian packages (runc, nftables, docker-registry, protoc, containerd, ...)
+	@bash integration/testbed/install-packages.sh
+
+testbed-upstream: testbed-packages ## Upstream binaries from Go modules, cached in /var/cache/strake
+	@bash integration/testbed/build-upstream.sh
+
+testbed-images: testbed-packages ## Test images for the local registry, cached in /var/cache/strake
+	@bash integration/testbed/build-images.sh
+
+testbed-env: ## Print shell exports for the test bed: eval "$$(make -s testbed-env)"
+	@bash integration/testbed/env.sh
+
+testbed-up: testbed ## Run a control plane and registries until Ctrl-C
+	$(CARGO) run -q -p strake-integration --bin strake-testbed -- up
+
+clean-testbed-cache: ## Remove the cached upstream binaries and images
+	rm -rf "$${STRAKE_CACHE:-/var/cache/strake}"
