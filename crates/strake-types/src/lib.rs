@@ -1,0 +1,10 @@
+//! Types and helpers shared by the Strake daemons.
+//!
+//! - [`cri`]: the CRI `runtime.v1` API (messages, the RuntimeService/ImageService clients and
+//!   servers), generated from `proto/runtime/v1/api.proto`.
+//! - [`logging`]: the `--log-level`/`--log-format` flags and `tracing` setup every daemon uses.
+//!
+//! A newcomer should start with [`cri`] (the contract between kubelet and runtime).
+
+pub mod cri;
+pub mod logging;
