@@ -16,7 +16,7 @@ use strake_integration::{paths, process};
 fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
-        .with_env_filter("info")
+        .with_env_filter("info,kube_client=off")
         .try_init();
 }
 
@@ -162,7 +162,16 @@ async fn node_namespace_reaches_api_server_and_leaves_nothing() {
         )
         .expect("daemon in node");
     let ino = node.ns().inode().expect("inode");
-    assert!(node.ns().pids().expect("pids").contains(&sleeper));
+    // nsenter enters the namespace just after fork: give it a moment before looking.
+    let mut inside = false;
+    for _ in 0..100 {
+        inside = node.ns().pids().expect("pids").contains(&sleeper);
+        if inside {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(inside, "daemon {sleeper} is not in the node namespace");
     let ns_path = node.ns().path();
     let veth = node.cluster_veth().to_string();
     cp.net()
