@@ -20,6 +20,8 @@
 //! Start reading at [`control_plane::ControlPlane`] and [`netns::ClusterNet`]. Every object
 //! here is a guard: dropping it stops what it started (by PID) and removes what it created.
 
+pub mod cgroup;
+pub mod containerd;
 pub mod control_plane;
 pub mod forward;
 pub mod netns;

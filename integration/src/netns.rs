@@ -205,7 +205,9 @@ impl ClusterNet {
 }
 
 /// A node of the test cluster: its own network namespace on the cluster bridge. Daemons
-/// started with [`NodeNs::spawn`] run inside it and are stopped before it is deleted.
+/// started with [`NodeNs::spawn`] run inside it and are stopped before it is deleted; whatever
+/// they left running in the namespace (container shims, pod processes: all descendants of what
+/// the test started there) is killed by PID before the namespace goes.
 #[derive(Debug)]
 pub struct NodeNs {
     // Declared first: dropped (stopped) before the namespace goes away.
@@ -213,6 +215,29 @@ pub struct NodeNs {
     ns: NetNs,
     ip: Ipv4Addr,
     veth: String,
+}
+
+impl Drop for NodeNs {
+    fn drop(&mut self) {
+        while let Some(mut d) = self.daemons.pop() {
+            d.stop(std::time::Duration::from_secs(10));
+        }
+        let Ok(ino) = self.ns.inode() else { return };
+        for _ in 0..50 {
+            let left = pids_in_netns(ino);
+            if left.is_empty() {
+                return;
+            }
+            for pid in left {
+                tracing::debug!(pid, ns = %self.ns.name(), "killing leftover process");
+                // SAFETY: kill(2) has no memory effects; the PID is a process living in a
+                // namespace only this test bed puts processes into.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        tracing::warn!(ns = %self.ns.name(), "processes survived SIGKILL in node namespace");
+    }
 }
 
 impl NodeNs {
