@@ -37,8 +37,9 @@ pub fn pod_subnet(node_index: u8) -> String {
     format!("10.88.{node_index}.0/24")
 }
 
-/// A CNI conflist for a test node: a bridge with host-local addresses and loopback.
-pub fn cni_conflist(node_index: u8) -> String {
+/// A CNI conflist for a test node: a bridge with host-local addresses (kept in `ipam_dir`, so
+/// that nodes and suites never share an allocation store) and loopback.
+pub fn cni_conflist(node_index: u8, ipam_dir: &Path) -> String {
     serde_json::json!({
         "cniVersion": "1.0.0",
         "name": "strake-testbed",
@@ -51,6 +52,7 @@ pub fn cni_conflist(node_index: u8) -> String {
                 "hairpinMode": true,
                 "ipam": {
                     "type": "host-local",
+                    "dataDir": ipam_dir,
                     "ranges": [[{ "subnet": pod_subnet(node_index) }]],
                     "routes": [{ "dst": "0.0.0.0/0" }]
                 }
@@ -81,7 +83,7 @@ impl Containerd {
         let cni_conf = d.join("cni");
         write(
             &cni_conf.join("10-strake-testbed.conflist"),
-            &cni_conflist(node_index),
+            &cni_conflist(node_index, &d.join("ipam")),
         )?;
         for port in [OPEN_PORT, PROTECTED_PORT] {
             let host = format!("{CLUSTER_GATEWAY}:{port}");
