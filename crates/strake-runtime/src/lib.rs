@@ -3,20 +3,110 @@
 //! It serves the CRI RuntimeService and ImageService on a unix socket, pulls images from OCI
 //! registries, builds pod sandboxes with CNI and runs containers through runc or another OCI runtime.
 //!
-//! Status: the workspace, flags and logging are in place; the daemon's work is tracked in
-//! issue #3. Until it lands, [`run`] refuses to start with an error saying so, rather
-//! than pretending to serve.
+//! Start reading at [`App`] (recover state, then serve), then [`server`] (RPC -> parts),
+//! [`sandbox`] (namespaces, pause process, CNI via [`cni`]), [`image`], [`spec`] and [`runc`].
+//!
+//! Status (issue #3): Version, Status, RuntimeConfig and the pod sandbox RPCs are served; the
+//! container, image, streaming and stats RPCs answer `Unimplemented` until their parts are wired.
 
-/// Why the daemon stopped.
+pub mod cni;
+pub mod config;
+pub mod sandbox;
+pub mod server;
+pub mod state;
+
+use std::sync::Arc;
+
+use strake_types::cri::runtime_service_server::RuntimeServiceServer;
+
+use crate::config::Config;
+use crate::sandbox::{SandboxPaths, Sandboxes};
+use crate::server::RuntimeServer;
+
+/// Why the daemon could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The daemon's serving loop is not built yet.
-    #[error("strake-runtime cannot serve yet: its implementation is tracked in issue #3")]
-    NotBuilt,
+    /// State could not be recovered.
+    #[error("recover pod sandboxes")]
+    Recover(#[source] sandbox::SandboxError),
+    /// The socket could not be prepared or bound.
+    #[error("listen on {path}")]
+    Listen {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("serve CRI")]
+    Serve(#[source] tonic::transport::Error),
 }
 
-/// Runs the daemon until it is told to stop.
-pub fn run() -> Result<(), Error> {
-    tracing::error!(issue = 3, "not built yet");
-    Err(Error::NotBuilt)
+/// The runtime daemon: state recovered, ready to serve.
+#[derive(Debug)]
+pub struct App {
+    config: Config,
+    runtime: RuntimeServer,
+}
+
+impl App {
+    /// Recovers every sandbox from the state directory (before anything is served).
+    pub fn build(config: Config) -> Result<Self, Error> {
+        let cni = cni::Cni::new(config.cni_conf_dir.clone(), config.cni_bin_dirs.clone());
+        let sandboxes = Sandboxes::recover(
+            SandboxPaths {
+                state_dir: config.state_dir.join("sandboxes"),
+                run_dir: config.run_dir.join("sandboxes"),
+                pause_binary: config.pause_binary.clone(),
+            },
+            cni,
+        )
+        .map_err(Error::Recover)?;
+        let runtime = RuntimeServer {
+            sandboxes: Arc::new(sandboxes),
+            handlers: config.runtime_handlers.clone(),
+            cgroup_driver: config.cgroup_driver,
+        };
+        Ok(App { config, runtime })
+    }
+
+    /// Serves CRI on the configured unix socket (mode 0660) until `shutdown` completes.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), Error> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.config.listen.clone();
+        let listen_err = |source| Error::Listen {
+            path: path.clone(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(listen_err)?;
+        }
+        // A socket file left by a previous run would make bind fail; nothing else may be there.
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
+                std::fs::remove_file(&path).map_err(listen_err)?;
+            }
+            Ok(_) => {
+                return Err(listen_err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "a file that is not a socket is in the way",
+                )));
+            }
+            Err(_) => {}
+        }
+        let listener = tokio::net::UnixListener::bind(&path).map_err(listen_err)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))
+            .map_err(listen_err)?;
+        tracing::info!(socket = %path.display(), "serving CRI");
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        tonic::transport::Server::builder()
+            .add_service(RuntimeServiceServer::new(self.runtime))
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+            .map_err(Error::Serve)?;
+        let _ = std::fs::remove_file(&path);
+        Ok(())
+    }
 }

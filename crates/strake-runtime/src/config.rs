@@ -1,0 +1,257 @@
+//! strake-runtime's configuration: command-line flags over `/etc/strake/runtime.toml` over
+//! built-in defaults (the paths DESIGN.md names).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::server::{CgroupDriverKind, DEFAULT_HANDLER};
+
+/// Default location of the configuration file.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/strake/runtime.toml";
+
+/// Flags of `strake-runtime`. Every setting may also come from the configuration file; a flag
+/// given on the command line wins.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Flags {
+    /// TOML configuration file (missing file = defaults, unless given explicitly).
+    #[arg(long = "config")]
+    pub config: Option<PathBuf>,
+    /// Unix socket to serve CRI on.
+    #[arg(long)]
+    pub listen: Option<PathBuf>,
+    /// Persistent state (images, sandbox and container records).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Runtime files (namespace pins, shm mounts, sockets); tmpfs in production.
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// CNI network configuration directory.
+    #[arg(long)]
+    pub cni_conf_dir: Option<PathBuf>,
+    /// CNI plugin directories, searched in order (repeatable).
+    #[arg(long = "cni-bin-dir")]
+    pub cni_bin_dirs: Vec<PathBuf>,
+    /// OCI runtime for a RuntimeClass handler, `NAME=PATH` (repeatable); `runc` is the default
+    /// handler.
+    #[arg(long = "runtime-handler", value_parser = parse_handler)]
+    pub runtime_handlers: Vec<(String, PathBuf)>,
+    /// Registries reached over plain HTTP or without TLS verification (repeatable, `host[:port]`).
+    #[arg(long = "insecure-registry")]
+    pub insecure_registries: Vec<String>,
+    /// cgroup driver reported to the kubelet and used for containers.
+    #[arg(long, value_enum)]
+    pub cgroup_driver: Option<CgroupDriverKind>,
+    /// The `strake-pause` binary (default: next to this executable).
+    #[arg(long)]
+    pub pause_binary: Option<PathBuf>,
+}
+
+fn parse_handler(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=PATH, got {s:?}"))?;
+    if name.is_empty() || path.is_empty() {
+        return Err(format!("expected NAME=PATH, got {s:?}"));
+    }
+    Ok((name.to_string(), PathBuf::from(path)))
+}
+
+/// The configuration file's contents (all optional).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct FileConfig {
+    pub listen: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub run_dir: Option<PathBuf>,
+    pub cni_conf_dir: Option<PathBuf>,
+    pub cni_bin_dirs: Option<Vec<PathBuf>>,
+    pub runtime_handlers: Option<BTreeMap<String, PathBuf>>,
+    pub insecure_registries: Option<Vec<String>>,
+    pub cgroup_driver: Option<CgroupDriverKind>,
+    pub pause_binary: Option<PathBuf>,
+}
+
+/// The effective configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub listen: PathBuf,
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub cni_conf_dir: PathBuf,
+    pub cni_bin_dirs: Vec<PathBuf>,
+    pub runtime_handlers: BTreeMap<String, PathBuf>,
+    pub insecure_registries: Vec<String>,
+    pub cgroup_driver: CgroupDriverKind,
+    pub pause_binary: PathBuf,
+}
+
+/// The configuration could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read configuration file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid configuration file {path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+}
+
+impl Config {
+    /// Flags over the file over defaults.
+    pub fn load(flags: &Flags) -> Result<Self, ConfigError> {
+        let path = flags
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_FILE));
+        let file = match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                toml::from_str(&text).map_err(|source| ConfigError::Parse { path, source })?
+            }
+            // Only the default location may be missing: an explicit --config must exist.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && flags.config.is_none() => {
+                FileConfig::default()
+            }
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        Ok(Self::merge(flags, file))
+    }
+
+    fn merge(flags: &Flags, file: FileConfig) -> Self {
+        let mut handlers = BTreeMap::from([
+            (DEFAULT_HANDLER.to_string(), PathBuf::from("runc")),
+            ("crun".to_string(), PathBuf::from("crun")),
+        ]);
+        handlers.extend(file.runtime_handlers.unwrap_or_default());
+        handlers.extend(flags.runtime_handlers.iter().cloned());
+        let non_empty = |v: &Vec<PathBuf>| (!v.is_empty()).then(|| v.clone());
+        Config {
+            listen: flags
+                .listen
+                .clone()
+                .or(file.listen)
+                .unwrap_or_else(|| "/run/strake/runtime.sock".into()),
+            state_dir: flags
+                .state_dir
+                .clone()
+                .or(file.state_dir)
+                .unwrap_or_else(|| "/var/lib/strake/runtime".into()),
+            run_dir: flags
+                .run_dir
+                .clone()
+                .or(file.run_dir)
+                .unwrap_or_else(|| "/run/strake/runtime".into()),
+            cni_conf_dir: flags
+                .cni_conf_dir
+                .clone()
+                .or(file.cni_conf_dir)
+                .unwrap_or_else(|| "/etc/cni/net.d".into()),
+            cni_bin_dirs: non_empty(&flags.cni_bin_dirs)
+                .or(file.cni_bin_dirs)
+                .unwrap_or_else(|| vec!["/opt/cni/bin".into(), "/usr/lib/cni".into()]),
+            runtime_handlers: handlers,
+            insecure_registries: if flags.insecure_registries.is_empty() {
+                file.insecure_registries.unwrap_or_default()
+            } else {
+                flags.insecure_registries.clone()
+            },
+            cgroup_driver: flags
+                .cgroup_driver
+                .or(file.cgroup_driver)
+                .unwrap_or(CgroupDriverKind::Cgroupfs),
+            pause_binary: flags
+                .pause_binary
+                .clone()
+                .or(file.pause_binary)
+                .unwrap_or_else(default_pause_binary),
+        }
+    }
+}
+
+fn default_pause_binary() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("strake-pause")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| Path::new("/usr/local/bin/strake-pause").to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let c = Config::merge(&Flags::default(), FileConfig::default());
+        assert_eq!(c.listen, PathBuf::from("/run/strake/runtime.sock"));
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/strake/runtime"));
+        assert_eq!(c.cni_conf_dir, PathBuf::from("/etc/cni/net.d"));
+        assert_eq!(
+            c.cni_bin_dirs,
+            vec![PathBuf::from("/opt/cni/bin"), PathBuf::from("/usr/lib/cni")]
+        );
+        assert_eq!(c.runtime_handlers["runc"], PathBuf::from("runc"));
+        assert_eq!(c.runtime_handlers["crun"], PathBuf::from("crun"));
+        assert_eq!(c.cgroup_driver, CgroupDriverKind::Cgroupfs);
+    }
+
+    #[test]
+    fn flags_win_over_the_file_which_wins_over_defaults() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            listen = "/tmp/file.sock"
+            state_dir = "/tmp/state"
+            cgroup_driver = "systemd"
+            insecure_registries = ["10.0.0.1:5000"]
+            [runtime_handlers]
+            kata = "/opt/kata/bin/kata-runtime"
+            "#,
+        )
+        .unwrap();
+        let flags = Flags {
+            listen: Some("/tmp/flag.sock".into()),
+            runtime_handlers: vec![("runc".into(), "/usr/sbin/runc".into())],
+            ..Default::default()
+        };
+        let c = Config::merge(&flags, file);
+        assert_eq!(c.listen, PathBuf::from("/tmp/flag.sock"));
+        assert_eq!(c.state_dir, PathBuf::from("/tmp/state"));
+        assert_eq!(c.cgroup_driver, CgroupDriverKind::Systemd);
+        assert_eq!(c.insecure_registries, vec!["10.0.0.1:5000".to_string()]);
+        assert_eq!(
+            c.runtime_handlers["kata"],
+            PathBuf::from("/opt/kata/bin/kata-runtime")
+        );
+        assert_eq!(c.runtime_handlers["runc"], PathBuf::from("/usr/sbin/runc"));
+    }
+
+    #[test]
+    fn unknown_file_keys_and_bad_handler_flags_are_errors() {
+        assert!(toml::from_str::<FileConfig>("lisen = \"/x\"").is_err());
+        assert!(parse_handler("runc").is_err());
+        assert!(parse_handler("=x").is_err());
+        assert_eq!(
+            parse_handler("crun=/usr/bin/crun").unwrap().1,
+            PathBuf::from("/usr/bin/crun")
+        );
+    }
+
+    #[test]
+    fn an_explicit_missing_config_file_is_an_error() {
+        let flags = Flags {
+            config: Some("/nonexistent/strake.toml".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Config::load(&flags),
+            Err(ConfigError::Read { .. })
+        ));
+    }
+}

@@ -1,0 +1,537 @@
+//! The CRI gRPC server: maps `runtime.v1` RPCs onto the runtime's parts and their errors onto
+//! gRPC codes.
+//!
+//! Blocking work (namespaces, mounts, CNI plugins) runs on tokio's blocking pool so the server
+//! keeps answering. RPCs whose subsystem is not built yet answer `Unimplemented` naming the
+//! issue that tracks them.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use strake_types::cri;
+use tonic::codegen::tokio_stream;
+use tonic::{Request, Response, Status};
+
+use crate::sandbox::{Sandbox, SandboxError, Sandboxes};
+
+/// The name the runtime reports in Version.
+pub const RUNTIME_NAME: &str = "strake";
+/// The handler used when a pod names none (`""` in CRI).
+pub const DEFAULT_HANDLER: &str = "runc";
+/// Items per message of the streaming list RPCs.
+const STREAM_CHUNK: usize = 512;
+
+type ResponseStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+/// Which cgroup driver the runtime (and so the kubelet) uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupDriverKind {
+    /// Paths in the cgroup filesystem (containerd's default).
+    Cgroupfs,
+    /// systemd slices and scopes.
+    Systemd,
+}
+
+/// The RuntimeService implementation.
+#[derive(Clone, Debug)]
+pub struct RuntimeServer {
+    /// Pod sandboxes.
+    pub sandboxes: Arc<Sandboxes>,
+    /// OCI runtime binaries by RuntimeClass handler name.
+    pub handlers: BTreeMap<String, std::path::PathBuf>,
+    /// The cgroup driver reported by RuntimeConfig.
+    pub cgroup_driver: CgroupDriverKind,
+}
+
+fn not_yet(rpc: &str) -> Status {
+    Status::unimplemented(format!(
+        "strake-runtime does not implement {rpc} yet (issue #3)"
+    ))
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// The gRPC status for a sandbox error.
+pub fn status_of(e: SandboxError) -> Status {
+    let msg = error_chain(&e);
+    match e {
+        SandboxError::InvalidArgument(_) => Status::invalid_argument(msg),
+        SandboxError::NotFound(_) => Status::not_found(msg),
+        SandboxError::NameTaken { .. } => Status::already_exists(msg),
+        SandboxError::Network { .. } | SandboxError::Teardown { .. } => Status::unavailable(msg),
+        SandboxError::Create { .. } | SandboxError::State { .. } => Status::internal(msg),
+    }
+}
+
+/// `error: cause: cause`, the whole chain for the kubelet's event messages.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SandboxError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("worker failed: {e}")))?
+        .map_err(status_of)
+}
+
+fn sandbox_state(sb: &Sandbox) -> i32 {
+    if sb.record.ready {
+        cri::PodSandboxState::SandboxReady as i32
+    } else {
+        cri::PodSandboxState::SandboxNotready as i32
+    }
+}
+
+fn sandbox_item(sb: &Sandbox) -> cri::PodSandbox {
+    cri::PodSandbox {
+        id: sb.record.id.clone(),
+        metadata: sb.config.metadata.clone(),
+        state: sandbox_state(sb),
+        created_at: sb.record.created_at_ns,
+        labels: sb.config.labels.clone(),
+        annotations: sb.config.annotations.clone(),
+        runtime_handler: handler_name(&sb.record.runtime_handler),
+    }
+}
+
+fn handler_name(h: &str) -> String {
+    if h == DEFAULT_HANDLER {
+        String::new()
+    } else {
+        h.to_string()
+    }
+}
+
+fn sandbox_status(sb: &Sandbox) -> cri::PodSandboxStatus {
+    let mut ips = sb.record.ips.iter().map(ToString::to_string);
+    let network = cri::PodSandboxNetworkStatus {
+        ip: ips.next().unwrap_or_default(),
+        additional_ips: ips.map(|ip| cri::PodIp { ip }).collect(),
+    };
+    let options = sb
+        .config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.clone());
+    cri::PodSandboxStatus {
+        id: sb.record.id.clone(),
+        metadata: sb.config.metadata.clone(),
+        state: sandbox_state(sb),
+        created_at: sb.record.created_at_ns,
+        network: Some(network),
+        linux: Some(cri::LinuxPodSandboxStatus {
+            namespaces: Some(cri::Namespace { options }),
+        }),
+        labels: sb.config.labels.clone(),
+        annotations: sb.config.annotations.clone(),
+        runtime_handler: handler_name(&sb.record.runtime_handler),
+    }
+}
+
+fn matches_filter(sb: &Sandbox, filter: Option<&cri::PodSandboxFilter>) -> bool {
+    let Some(f) = filter else { return true };
+    if !f.id.is_empty() && !sb.record.id.starts_with(&f.id) {
+        return false;
+    }
+    if let Some(state) = &f.state {
+        if state.state != sandbox_state(sb) {
+            return false;
+        }
+    }
+    f.label_selector
+        .iter()
+        .all(|(k, v)| sb.config.labels.get(k) == Some(v))
+}
+
+#[tonic::async_trait]
+impl cri::runtime_service_server::RuntimeService for RuntimeServer {
+    async fn version(
+        &self,
+        request: Request<cri::VersionRequest>,
+    ) -> Result<Response<cri::VersionResponse>, Status> {
+        let _ = request;
+        Ok(Response::new(cri::VersionResponse {
+            version: "0.1.0".into(),
+            runtime_name: RUNTIME_NAME.into(),
+            runtime_version: env!("CARGO_PKG_VERSION").into(),
+            runtime_api_version: "v1".into(),
+        }))
+    }
+    async fn status(
+        &self,
+        request: Request<cri::StatusRequest>,
+    ) -> Result<Response<cri::StatusResponse>, Status> {
+        let verbose = request.into_inner().verbose;
+        let network = self.sandboxes.cni().config();
+        let condition =
+            |kind: &str, ok: bool, reason: &str, message: String| cri::RuntimeCondition {
+                r#type: kind.into(),
+                status: ok,
+                reason: if ok { String::new() } else { reason.into() },
+                message: if ok { String::new() } else { message },
+            };
+        let conditions = vec![
+            condition("RuntimeReady", true, "", String::new()),
+            condition(
+                "NetworkReady",
+                network.is_ok(),
+                "NetworkPluginNotReady",
+                network
+                    .as_ref()
+                    .err()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+            ),
+        ];
+        let mut info = std::collections::HashMap::new();
+        if verbose {
+            if let Ok(n) = &network {
+                info.insert(
+                    "cniconfig".to_string(),
+                    format!(
+                        "{{\"name\":{:?},\"path\":{:?}}}",
+                        n.name,
+                        n.path.display().to_string()
+                    ),
+                );
+            }
+        }
+        let runtime_handlers = self
+            .handlers
+            .keys()
+            .map(|name| cri::RuntimeHandler {
+                name: if name == DEFAULT_HANDLER {
+                    String::new()
+                } else {
+                    name.clone()
+                },
+                features: Some(cri::RuntimeHandlerFeatures {
+                    recursive_read_only_mounts: false,
+                    user_namespaces: false,
+                }),
+            })
+            .collect();
+        Ok(Response::new(cri::StatusResponse {
+            status: Some(cri::RuntimeStatus { conditions }),
+            info,
+            runtime_handlers,
+            features: Some(cri::RuntimeFeatures {
+                user_namespaces_host_network: false,
+                supplemental_groups_policy: false,
+                mount_options: false,
+            }),
+        }))
+    }
+    async fn update_runtime_config(
+        &self,
+        request: Request<cri::UpdateRuntimeConfigRequest>,
+    ) -> Result<Response<cri::UpdateRuntimeConfigResponse>, Status> {
+        let cidr = request
+            .into_inner()
+            .runtime_config
+            .and_then(|c| c.network_config)
+            .map(|n| n.pod_cidr);
+        tracing::info!(pod_cidr = ?cidr, "runtime config update from the kubelet");
+        Ok(Response::new(cri::UpdateRuntimeConfigResponse {}))
+    }
+    async fn runtime_config(
+        &self,
+        request: Request<cri::RuntimeConfigRequest>,
+    ) -> Result<Response<cri::RuntimeConfigResponse>, Status> {
+        let _ = request;
+        let driver = match self.cgroup_driver {
+            CgroupDriverKind::Systemd => cri::CgroupDriver::Systemd,
+            CgroupDriverKind::Cgroupfs => cri::CgroupDriver::Cgroupfs,
+        };
+        Ok(Response::new(cri::RuntimeConfigResponse {
+            linux: Some(cri::LinuxRuntimeConfiguration {
+                cgroup_driver: driver as i32,
+            }),
+        }))
+    }
+    async fn run_pod_sandbox(
+        &self,
+        request: Request<cri::RunPodSandboxRequest>,
+    ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
+        let req = request.into_inner();
+        let config = req
+            .config
+            .ok_or_else(|| Status::invalid_argument("config is required"))?;
+        let handler = if req.runtime_handler.is_empty() {
+            DEFAULT_HANDLER.to_string()
+        } else {
+            req.runtime_handler
+        };
+        if !self.handlers.contains_key(&handler) {
+            return Err(Status::invalid_argument(format!(
+                "unknown runtime handler {handler:?}"
+            )));
+        }
+        let sandboxes = self.sandboxes.clone();
+        let pod_sandbox_id = blocking(move || sandboxes.run(config, &handler)).await?;
+        Ok(Response::new(cri::RunPodSandboxResponse { pod_sandbox_id }))
+    }
+    async fn stop_pod_sandbox(
+        &self,
+        request: Request<cri::StopPodSandboxRequest>,
+    ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
+        let id = request.into_inner().pod_sandbox_id;
+        let sandboxes = self.sandboxes.clone();
+        blocking(move || sandboxes.stop(&id)).await?;
+        Ok(Response::new(cri::StopPodSandboxResponse {}))
+    }
+    async fn remove_pod_sandbox(
+        &self,
+        request: Request<cri::RemovePodSandboxRequest>,
+    ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
+        let id = request.into_inner().pod_sandbox_id;
+        let sandboxes = self.sandboxes.clone();
+        blocking(move || sandboxes.remove(&id)).await?;
+        Ok(Response::new(cri::RemovePodSandboxResponse {}))
+    }
+    async fn pod_sandbox_status(
+        &self,
+        request: Request<cri::PodSandboxStatusRequest>,
+    ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
+        let req = request.into_inner();
+        let sb = self.sandboxes.get(&req.pod_sandbox_id).map_err(status_of)?;
+        let mut info = std::collections::HashMap::new();
+        if req.verbose {
+            let json = serde_json::to_string(&sb.record).unwrap_or_default();
+            info.insert("info".to_string(), json);
+        }
+        Ok(Response::new(cri::PodSandboxStatusResponse {
+            status: Some(sandbox_status(&sb)),
+            info,
+            containers_statuses: Vec::new(),
+            timestamp: now_ns(),
+        }))
+    }
+    async fn list_pod_sandbox(
+        &self,
+        request: Request<cri::ListPodSandboxRequest>,
+    ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
+        let filter = request.into_inner().filter;
+        let items = self
+            .sandboxes
+            .list()
+            .iter()
+            .filter(|sb| matches_filter(sb, filter.as_ref()))
+            .map(sandbox_item)
+            .collect();
+        Ok(Response::new(cri::ListPodSandboxResponse { items }))
+    }
+    type StreamPodSandboxesStream = ResponseStream<cri::StreamPodSandboxesResponse>;
+    async fn stream_pod_sandboxes(
+        &self,
+        request: Request<cri::StreamPodSandboxesRequest>,
+    ) -> Result<Response<Self::StreamPodSandboxesStream>, Status> {
+        let filter = request.into_inner().filter;
+        let items: Vec<cri::PodSandbox> = self
+            .sandboxes
+            .list()
+            .iter()
+            .filter(|sb| matches_filter(sb, filter.as_ref()))
+            .map(sandbox_item)
+            .collect();
+        // One message per chunk keeps every response far below the gRPC size limit.
+        let chunks: Vec<Result<cri::StreamPodSandboxesResponse, Status>> = items
+            .chunks(STREAM_CHUNK)
+            .map(|c| {
+                Ok(cri::StreamPodSandboxesResponse {
+                    pod_sandboxes: c.to_vec(),
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+    async fn update_pod_sandbox_resources(
+        &self,
+        _request: Request<cri::UpdatePodSandboxResourcesRequest>,
+    ) -> Result<Response<cri::UpdatePodSandboxResourcesResponse>, Status> {
+        Err(not_yet("UpdatePodSandboxResources"))
+    }
+    async fn create_container(
+        &self,
+        _request: Request<cri::CreateContainerRequest>,
+    ) -> Result<Response<cri::CreateContainerResponse>, Status> {
+        Err(not_yet("CreateContainer"))
+    }
+    async fn start_container(
+        &self,
+        _request: Request<cri::StartContainerRequest>,
+    ) -> Result<Response<cri::StartContainerResponse>, Status> {
+        Err(not_yet("StartContainer"))
+    }
+    async fn stop_container(
+        &self,
+        _request: Request<cri::StopContainerRequest>,
+    ) -> Result<Response<cri::StopContainerResponse>, Status> {
+        Err(not_yet("StopContainer"))
+    }
+    async fn remove_container(
+        &self,
+        _request: Request<cri::RemoveContainerRequest>,
+    ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
+        Err(not_yet("RemoveContainer"))
+    }
+    async fn list_containers(
+        &self,
+        request: Request<cri::ListContainersRequest>,
+    ) -> Result<Response<cri::ListContainersResponse>, Status> {
+        // No container can exist before CreateContainer is implemented: an empty list is the
+        // truthful answer, and the kubelet's relist depends on this call succeeding.
+        let _ = request;
+        Ok(Response::new(cri::ListContainersResponse {
+            containers: Vec::new(),
+        }))
+    }
+    type StreamContainersStream = ResponseStream<cri::StreamContainersResponse>;
+    async fn stream_containers(
+        &self,
+        _request: Request<cri::StreamContainersRequest>,
+    ) -> Result<Response<Self::StreamContainersStream>, Status> {
+        Err(not_yet("StreamContainers"))
+    }
+    async fn container_status(
+        &self,
+        _request: Request<cri::ContainerStatusRequest>,
+    ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
+        Err(not_yet("ContainerStatus"))
+    }
+    async fn update_container_resources(
+        &self,
+        _request: Request<cri::UpdateContainerResourcesRequest>,
+    ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
+        Err(not_yet("UpdateContainerResources"))
+    }
+    async fn reopen_container_log(
+        &self,
+        _request: Request<cri::ReopenContainerLogRequest>,
+    ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
+        Err(not_yet("ReopenContainerLog"))
+    }
+    type GetContainerEventsStream = ResponseStream<cri::ContainerEventResponse>;
+    async fn get_container_events(
+        &self,
+        _request: Request<cri::GetEventsRequest>,
+    ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
+        Err(not_yet("GetContainerEvents"))
+    }
+    async fn exec_sync(
+        &self,
+        _request: Request<cri::ExecSyncRequest>,
+    ) -> Result<Response<cri::ExecSyncResponse>, Status> {
+        Err(not_yet("ExecSync"))
+    }
+    async fn exec(
+        &self,
+        _request: Request<cri::ExecRequest>,
+    ) -> Result<Response<cri::ExecResponse>, Status> {
+        Err(not_yet("Exec"))
+    }
+    async fn attach(
+        &self,
+        _request: Request<cri::AttachRequest>,
+    ) -> Result<Response<cri::AttachResponse>, Status> {
+        Err(not_yet("Attach"))
+    }
+    async fn port_forward(
+        &self,
+        _request: Request<cri::PortForwardRequest>,
+    ) -> Result<Response<cri::PortForwardResponse>, Status> {
+        Err(not_yet("PortForward"))
+    }
+    async fn container_stats(
+        &self,
+        _request: Request<cri::ContainerStatsRequest>,
+    ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
+        Err(not_yet("ContainerStats"))
+    }
+    async fn list_container_stats(
+        &self,
+        _request: Request<cri::ListContainerStatsRequest>,
+    ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
+        Err(not_yet("ListContainerStats"))
+    }
+    type StreamContainerStatsStream = ResponseStream<cri::StreamContainerStatsResponse>;
+    async fn stream_container_stats(
+        &self,
+        _request: Request<cri::StreamContainerStatsRequest>,
+    ) -> Result<Response<Self::StreamContainerStatsStream>, Status> {
+        Err(not_yet("StreamContainerStats"))
+    }
+    async fn pod_sandbox_stats(
+        &self,
+        _request: Request<cri::PodSandboxStatsRequest>,
+    ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
+        Err(not_yet("PodSandboxStats"))
+    }
+    async fn list_pod_sandbox_stats(
+        &self,
+        _request: Request<cri::ListPodSandboxStatsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
+        Err(not_yet("ListPodSandboxStats"))
+    }
+    type StreamPodSandboxStatsStream = ResponseStream<cri::StreamPodSandboxStatsResponse>;
+    async fn stream_pod_sandbox_stats(
+        &self,
+        _request: Request<cri::StreamPodSandboxStatsRequest>,
+    ) -> Result<Response<Self::StreamPodSandboxStatsStream>, Status> {
+        Err(not_yet("StreamPodSandboxStats"))
+    }
+    async fn list_metric_descriptors(
+        &self,
+        _request: Request<cri::ListMetricDescriptorsRequest>,
+    ) -> Result<Response<cri::ListMetricDescriptorsResponse>, Status> {
+        Err(not_yet("ListMetricDescriptors"))
+    }
+    async fn list_pod_sandbox_metrics(
+        &self,
+        _request: Request<cri::ListPodSandboxMetricsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
+        Err(not_yet("ListPodSandboxMetrics"))
+    }
+    type StreamPodSandboxMetricsStream = ResponseStream<cri::StreamPodSandboxMetricsResponse>;
+    async fn stream_pod_sandbox_metrics(
+        &self,
+        _request: Request<cri::StreamPodSandboxMetricsRequest>,
+    ) -> Result<Response<Self::StreamPodSandboxMetricsStream>, Status> {
+        Err(not_yet("StreamPodSandboxMetrics"))
+    }
+    async fn checkpoint_container(
+        &self,
+        _request: Request<cri::CheckpointContainerRequest>,
+    ) -> Result<Response<cri::CheckpointContainerResponse>, Status> {
+        Err(not_yet("CheckpointContainer"))
+    }
+    async fn checkpoint_pod(
+        &self,
+        _request: Request<cri::CheckpointPodRequest>,
+    ) -> Result<Response<cri::CheckpointPodResponse>, Status> {
+        Err(not_yet("CheckpointPod"))
+    }
+    async fn restore_pod(
+        &self,
+        _request: Request<cri::RestorePodRequest>,
+    ) -> Result<Response<cri::RestorePodResponse>, Status> {
+        Err(not_yet("RestorePod"))
+    }
+}
