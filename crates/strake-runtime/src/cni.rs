@@ -709,6 +709,20 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_default_network_loads() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../manifests/cni/10-strake.conflist");
+        let c = NetworkConfig::load(&path).unwrap();
+        let types: Vec<&str> = c
+            .plugins
+            .iter()
+            .filter_map(|p| p["type"].as_str())
+            .collect();
+        assert_eq!(types, ["bridge", "portmap", "loopback"]);
+        assert_eq!(c.cni_version, "1.0.0");
+    }
+
+    #[test]
     fn plugin_types_cannot_escape_the_binary_directories() {
         let (_d, conf, bin) =
             setup(r#"{"cniVersion":"1.0.0","name":"x","plugins":[{"type":"../../bin/sh"}]}"#);

@@ -244,6 +244,16 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_file_parses_and_states_the_defaults() {
+        let file: FileConfig =
+            toml::from_str(include_str!("../../../manifests/runtime/runtime.toml")).unwrap();
+        let mut from_file = Config::merge(&Flags::default(), file);
+        let defaults = Config::merge(&Flags::default(), FileConfig::default());
+        from_file.pause_binary = defaults.pause_binary.clone();
+        assert_eq!(from_file, defaults);
+    }
+
+    #[test]
     fn an_explicit_missing_config_file_is_an_error() {
         let flags = Flags {
             config: Some("/nonexistent/strake.toml".into()),
