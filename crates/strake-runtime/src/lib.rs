@@ -11,6 +11,7 @@
 
 pub mod cni;
 pub mod config;
+pub mod monitor;
 pub mod sandbox;
 pub mod server;
 pub mod state;

@@ -1,0 +1,425 @@
+//! The per-container monitor (`strake-monitor`): like conmon, not a Go shim.
+//!
+//! strake-runtime starts one monitor per container, in its own session so that it outlives
+//! daemon restarts. The monitor
+//! 1. becomes a child subreaper, so the container's init (whose parent, `runc create`, exits)
+//!    is reparented to it and its exit status is ours to collect;
+//! 2. runs `<oci-runtime> create` with the container's stdout and stderr on pipes it owns;
+//! 3. reports the outcome, one JSON [`Ready`] line, on the descriptor it was given (`--ready-fd`);
+//! 4. copies both pipes into the CRI log file (`<time> <stream> <P|F> <line>`), reopening it
+//!    on SIGUSR1 (ReopenContainerLog);
+//! 5. records the container's exit durably in `--exit-file` ([`ExitRecord`], written atomically)
+//!    the moment it is reaped, then drains the pipes and exits.
+//!
+//! Everything is single-threaded, blocking and libc-only, so a monitor costs little memory.
+
+pub mod log;
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use self::log::{LineSplitter, Stream};
+
+/// What the monitor reports once `create` is done.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "status")]
+pub enum Ready {
+    /// The container exists (created, not started); `pid` is its init process.
+    Created { pid: u32 },
+    /// `create` failed; `error` is the OCI runtime's own message.
+    Failed { error: String },
+}
+
+/// How and when the container's init exited.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitRecord {
+    /// Exit status, or 128 + signal number when killed by a signal (as containerd reports it).
+    pub exit_code: i32,
+    /// The signal that killed it, if any.
+    pub signal: Option<i32>,
+    /// Nanoseconds since the epoch.
+    pub finished_at_ns: i64,
+}
+
+/// The monitor's arguments (parsed by hand: the binary stays free of clap).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Args {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub runtime: PathBuf,
+    pub runtime_root: PathBuf,
+    pub systemd_cgroup: bool,
+    pub log_path: PathBuf,
+    pub exit_file: PathBuf,
+    pub pid_file: PathBuf,
+    pub ready_fd: RawFd,
+}
+
+impl Args {
+    /// Parses `--name value` pairs (and the `--systemd-cgroup` switch).
+    pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Self, String> {
+        let mut it = args.into_iter();
+        let mut get = std::collections::HashMap::new();
+        let mut systemd_cgroup = false;
+        while let Some(a) = it.next() {
+            let a = a.to_string_lossy().into_owned();
+            if a == "--systemd-cgroup" {
+                systemd_cgroup = true;
+                continue;
+            }
+            let key = a
+                .strip_prefix("--")
+                .ok_or_else(|| format!("unexpected argument {a:?}"))?
+                .to_string();
+            let value = it.next().ok_or_else(|| format!("--{key} needs a value"))?;
+            get.insert(key, value);
+        }
+        let mut take = |k: &str| get.remove(k).ok_or_else(|| format!("--{k} is required"));
+        let args = Args {
+            id: take("id")?.to_string_lossy().into_owned(),
+            bundle: take("bundle")?.into(),
+            runtime: take("runtime")?.into(),
+            runtime_root: take("runtime-root")?.into(),
+            systemd_cgroup,
+            log_path: take("log-path")?.into(),
+            exit_file: take("exit-file")?.into(),
+            pid_file: take("pid-file")?.into(),
+            ready_fd: take("ready-fd")?
+                .to_string_lossy()
+                .parse()
+                .map_err(|e| format!("--ready-fd: {e}"))?,
+        };
+        if let Some(k) = get.keys().next() {
+            return Err(format!("unknown flag --{k}"));
+        }
+        Ok(args)
+    }
+
+    /// The arguments as the runtime passes them.
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut v: Vec<OsString> = Vec::new();
+        let mut push = |k: &str, val: &std::ffi::OsStr| {
+            v.push(format!("--{k}").into());
+            v.push(val.to_owned());
+        };
+        push("id", self.id.as_ref());
+        push("bundle", self.bundle.as_os_str());
+        push("runtime", self.runtime.as_os_str());
+        push("runtime-root", self.runtime_root.as_os_str());
+        push("log-path", self.log_path.as_os_str());
+        push("exit-file", self.exit_file.as_os_str());
+        push("pid-file", self.pid_file.as_os_str());
+        push("ready-fd", self.ready_fd.to_string().as_ref());
+        if self.systemd_cgroup {
+            v.push("--systemd-cgroup".into());
+        }
+        v
+    }
+}
+
+static REOPEN: AtomicBool = AtomicBool::new(false);
+static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(signal: libc::c_int) {
+    if signal == libc::SIGUSR1 {
+        REOPEN.store(true, Ordering::SeqCst);
+    }
+    let fd = WAKE_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        // SAFETY: write(2) is async-signal-safe; a full pipe only means a wake-up is pending.
+        unsafe { libc::write(fd, [0u8].as_ptr().cast(), 1) };
+    }
+}
+
+fn handle(signal: libc::c_int) {
+    // SAFETY: a zeroed sigaction with a valid handler is a valid argument.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_signal as *const () as usize;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(signal, &action, std::ptr::null_mut());
+    }
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array on success.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn now_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128)
+}
+
+fn open_log(path: &Path) -> std::io::Result<File> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    File::options().create(true).append(true).open(path)
+}
+
+/// The OCI runtime's last error message from its JSON log, for `Ready::Failed`.
+fn runtime_error(log: &Path, fallback: &str) -> String {
+    std::fs::read_to_string(log)
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .rev()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v["level"] == "error" || v["level"] == "fatal")
+                .and_then(|v| v["msg"].as_str().map(String::from))
+        })
+        .unwrap_or_else(|| fallback.to_string())
+}
+
+/// Runs the monitor to the end of the container. Returns the process exit code of the monitor.
+pub fn run(args: Args) -> i32 {
+    // SAFETY: the runtime handed us this descriptor for our sole use.
+    let mut ready = unsafe { File::from_raw_fd(args.ready_fd) };
+    match monitor(&args, &mut ready) {
+        Ok(()) => 0,
+        Err(e) => {
+            let _ = writeln!(
+                ready,
+                "{}",
+                serde_json::json!({"status": "failed", "error": e})
+            );
+            1
+        }
+    }
+}
+
+fn monitor(args: &Args, ready: &mut File) -> Result<(), String> {
+    // The OCI runtime and the container must not inherit the report channel.
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe { libc::fcntl(ready.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER only changes this process's attributes.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        return Err(format!(
+            "become subreaper: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let (wake_r, wake_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
+    // SAFETY: fcntl on descriptors we own.
+    unsafe {
+        libc::fcntl(wake_r.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK);
+        libc::fcntl(wake_w.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK);
+    }
+    WAKE_FD.store(wake_w.as_raw_fd(), Ordering::SeqCst);
+    handle(libc::SIGCHLD);
+    handle(libc::SIGUSR1);
+
+    let (out_r, out_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
+    let (err_r, err_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
+    let runtime_log = args.bundle.join("runtime-create.log");
+    let mut cmd = Command::new(&args.runtime);
+    cmd.arg("--root").arg(&args.runtime_root);
+    if args.systemd_cgroup {
+        cmd.arg("--systemd-cgroup");
+    }
+    cmd.arg("--log")
+        .arg(&runtime_log)
+        .args(["--log-format", "json", "create", "--bundle"]);
+    cmd.arg(&args.bundle)
+        .arg("--pid-file")
+        .arg(&args.pid_file)
+        .arg(&args.id);
+    let status = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out_w))
+        .stderr(Stdio::from(err_w))
+        .status()
+        .map_err(|e| format!("run {}: {e}", args.runtime.display()))?;
+    // `cmd` still holds the write ends until dropped: drop it so EOF means the container is done.
+    drop(cmd);
+    if !status.success() {
+        let msg = runtime_error(
+            &runtime_log,
+            &format!("{} create exited with {status}", args.runtime.display()),
+        );
+        let _ = writeln!(
+            ready,
+            "{}",
+            serde_json::to_string(&Ready::Failed { error: msg }).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    let pid: i32 = std::fs::read_to_string(&args.pid_file)
+        .map_err(|e| format!("read {}: {e}", args.pid_file.display()))?
+        .trim()
+        .parse()
+        .map_err(|e| format!("parse {}: {e}", args.pid_file.display()))?;
+    let line =
+        serde_json::to_string(&Ready::Created { pid: pid as u32 }).map_err(|e| e.to_string())?;
+    writeln!(ready, "{line}").map_err(|e| format!("report ready: {e}"))?;
+
+    let mut log =
+        open_log(&args.log_path).map_err(|e| format!("open {}: {e}", args.log_path.display()))?;
+    let mut streams = vec![
+        (File::from(out_r), LineSplitter::new(Stream::Stdout), true),
+        (File::from(err_r), LineSplitter::new(Stream::Stderr), true),
+    ];
+    let mut exited = false;
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        if REOPEN.swap(false, Ordering::SeqCst) {
+            match open_log(&args.log_path) {
+                Ok(f) => log = f,
+                Err(e) => eprintln!("strake-monitor: reopen {}: {e}", args.log_path.display()),
+            }
+        }
+        if !exited {
+            exited = reap(pid, &args.exit_file);
+        } else {
+            // Other descendants reparented to us are reaped too, but recorded nowhere.
+            // SAFETY: waitpid with WNOHANG on any child.
+            while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+        }
+        if streams.iter().all(|s| !s.2) {
+            if exited {
+                return Ok(());
+            }
+        }
+        let mut fds: Vec<libc::pollfd> = streams
+            .iter()
+            .filter(|s| s.2)
+            .map(|s| libc::pollfd {
+                fd: s.0.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        fds.push(libc::pollfd {
+            fd: wake_r.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        // SAFETY: `fds` is a valid array of pollfd for its length.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(format!("poll: {e}"));
+            }
+            continue;
+        }
+        let mut drain = [0u8; 64];
+        // SAFETY: reading into a local buffer from our own non-blocking pipe.
+        while unsafe { libc::read(wake_r.as_raw_fd(), drain.as_mut_ptr().cast(), drain.len()) } > 0
+        {
+        }
+        for (file, splitter, open) in streams.iter_mut().filter(|s| s.2) {
+            let pfd = fds
+                .iter()
+                .find(|p| p.fd == file.as_raw_fd())
+                .map_or(0, |p| p.revents);
+            if pfd == 0 {
+                continue;
+            }
+            match file.read(&mut buf) {
+                Ok(0) => {
+                    *open = false;
+                    let _ = splitter.finish(now_ns(), &mut log);
+                }
+                Ok(n) => {
+                    if let Err(e) = splitter.feed(&buf[..n], now_ns(), &mut log) {
+                        eprintln!("strake-monitor: write log: {e}");
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    *open = false;
+                    let _ = splitter.finish(now_ns(), &mut log);
+                }
+            }
+        }
+    }
+}
+
+/// Reaps children; when `pid` is among them, writes its exit record. Returns whether it exited.
+fn reap(pid: i32, exit_file: &Path) -> bool {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with WNOHANG; `status` is a valid out-pointer.
+        let r = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if r <= 0 {
+            return false;
+        }
+        if r != pid {
+            continue;
+        }
+        let (exit_code, signal) = if libc::WIFSIGNALED(status) {
+            let sig = libc::WTERMSIG(status);
+            (128 + sig, Some(sig))
+        } else {
+            (libc::WEXITSTATUS(status), None)
+        };
+        let record = ExitRecord {
+            exit_code,
+            signal,
+            finished_at_ns: now_ns() as i64,
+        };
+        match serde_json::to_vec(&record) {
+            Ok(bytes) => {
+                if let Err(e) = crate::state::write_atomic(exit_file, &bytes) {
+                    eprintln!("strake-monitor: write {}: {e}", exit_file.display());
+                }
+            }
+            Err(e) => eprintln!("strake-monitor: encode exit record: {e}"),
+        }
+        return true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_round_trip() {
+        let a = Args {
+            id: "c1".into(),
+            bundle: "/b".into(),
+            runtime: "/usr/sbin/runc".into(),
+            runtime_root: "/run/r".into(),
+            systemd_cgroup: true,
+            log_path: "/l".into(),
+            exit_file: "/e".into(),
+            pid_file: "/p".into(),
+            ready_fd: 3,
+        };
+        assert_eq!(Args::parse(a.to_args()).unwrap(), a);
+        assert!(Args::parse(vec!["--id".into()]).is_err());
+        let mut extra = a.to_args();
+        extra.extend(["--bogus".into(), "x".into()]);
+        assert!(Args::parse(extra).unwrap_err().contains("--bogus"));
+    }
+
+    #[test]
+    fn ready_lines_are_tagged_json() {
+        let line = serde_json::to_string(&Ready::Created { pid: 42 }).unwrap();
+        assert_eq!(line, r#"{"status":"created","pid":42}"#);
+        let back: Ready = serde_json::from_str(r#"{"status":"failed","error":"boom"}"#).unwrap();
+        assert_eq!(
+            back,
+            Ready::Failed {
+                error: "boom".into()
+            }
+        );
+    }
+}
