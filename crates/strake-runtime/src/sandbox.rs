@@ -558,21 +558,19 @@ impl Sandboxes {
     /// Undoes everything a record says exists, continuing past failures; returns what failed.
     fn teardown(&self, r: &SandboxRecord) -> Vec<String> {
         let mut failed = Vec::new();
-        if r.network_attached {
-            if let Some(net) = &r.netns {
-                let config = self
-                    .lock()
-                    .get(&r.id)
-                    .map(|s| s.config.clone())
-                    .unwrap_or_default();
-                let meta = config.metadata.unwrap_or_default();
-                let att = Attachment::pod(&r.id, net, &meta.namespace, &meta.name, &meta.uid);
-                let rc = RuntimeConfig {
-                    port_mappings: r.port_mappings.clone(),
-                };
-                if let Err(e) = self.cni.del(&att, &rc, Some(&r.cni_result)) {
-                    failed.push(format!("CNI DEL: {e}"));
-                }
+        if let (true, Some(net)) = (r.network_attached, &r.netns) {
+            let config = self
+                .lock()
+                .get(&r.id)
+                .map(|s| s.config.clone())
+                .unwrap_or_default();
+            let meta = config.metadata.unwrap_or_default();
+            let att = Attachment::pod(&r.id, net, &meta.namespace, &meta.name, &meta.uid);
+            let rc = RuntimeConfig {
+                port_mappings: r.port_mappings.clone(),
+            };
+            if let Err(e) = self.cni.del(&att, &rc, Some(&r.cni_result)) {
+                failed.push(format!("CNI DEL: {e}"));
             }
         }
         if let Some(pid) = r.pause_pid {
@@ -583,10 +581,10 @@ impl Sandboxes {
                 failed.push(format!("unmount {}: {e}", p.display()));
             }
         }
-        if r.shm != Path::new("/dev/shm") {
-            if let Err(e) = unmount(&r.shm) {
-                failed.push(format!("unmount {}: {e}", r.shm.display()));
-            }
+        if r.shm != Path::new("/dev/shm")
+            && let Err(e) = unmount(&r.shm)
+        {
+            failed.push(format!("unmount {}: {e}", r.shm.display()));
         }
         failed
     }

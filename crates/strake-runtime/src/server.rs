@@ -150,10 +150,11 @@ fn matches_filter(sb: &Sandbox, filter: Option<&cri::PodSandboxFilter>) -> bool 
     if !f.id.is_empty() && !sb.record.id.starts_with(&f.id) {
         return false;
     }
-    if let Some(state) = &f.state {
-        if state.state != sandbox_state(sb) {
-            return false;
-        }
+    if f.state
+        .as_ref()
+        .is_some_and(|st| st.state != sandbox_state(sb))
+    {
+        return false;
     }
     f.label_selector
         .iter()
@@ -201,17 +202,15 @@ impl cri::runtime_service_server::RuntimeService for RuntimeServer {
             ),
         ];
         let mut info = std::collections::HashMap::new();
-        if verbose {
-            if let Ok(n) = &network {
-                info.insert(
-                    "cniconfig".to_string(),
-                    format!(
-                        "{{\"name\":{:?},\"path\":{:?}}}",
-                        n.name,
-                        n.path.display().to_string()
-                    ),
-                );
-            }
+        if let (true, Ok(n)) = (verbose, &network) {
+            info.insert(
+                "cniconfig".to_string(),
+                format!(
+                    "{{\"name\":{:?},\"path\":{:?}}}",
+                    n.name,
+                    n.path.display().to_string()
+                ),
+            );
         }
         let runtime_handlers = self
             .handlers

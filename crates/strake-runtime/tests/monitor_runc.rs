@@ -51,7 +51,7 @@ impl Bundle {
         Bundle {
             dir,
             id: id.to_string(),
-            cgroup,
+            _cgroup: cgroup,
         }
     }
 
@@ -164,7 +164,7 @@ fn monitor_logs_both_streams_and_records_the_exit_code() {
     let lines = log_lines(&b.path("logs/0.log"));
     let tagged: Vec<String> = lines
         .iter()
-        .map(|l| l.splitn(2, ' ').nth(1).unwrap_or_default().to_string())
+        .map(|l| l.split_once(' ').map_or("", |x| x.1).to_string())
         .collect();
     assert!(tagged.contains(&"stdout F out".to_string()), "{lines:?}");
     assert!(tagged.contains(&"stderr F err".to_string()), "{lines:?}");

@@ -270,7 +270,7 @@ fn monitor(args: &Args, ready: &mut File) -> Result<(), String> {
 
     let mut log =
         open_log(&args.log_path).map_err(|e| format!("open {}: {e}", args.log_path.display()))?;
-    let mut streams = vec![
+    let mut streams = [
         (File::from(out_r), LineSplitter::new(Stream::Stdout), true),
         (File::from(err_r), LineSplitter::new(Stream::Stderr), true),
     ];
@@ -290,10 +290,8 @@ fn monitor(args: &Args, ready: &mut File) -> Result<(), String> {
             // SAFETY: waitpid with WNOHANG on any child.
             while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
         }
-        if streams.iter().all(|s| !s.2) {
-            if exited {
-                return Ok(());
-            }
+        if exited && streams.iter().all(|s| !s.2) {
+            return Ok(());
         }
         let mut fds: Vec<libc::pollfd> = streams
             .iter()
