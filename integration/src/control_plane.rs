@@ -31,6 +31,9 @@ pub struct Options {
     pub controllers: bool,
     /// How long to wait for `/readyz`.
     pub ready_timeout: Duration,
+    /// controller-manager's `--node-monitor-grace-period` (upstream default when `None`);
+    /// tests of node lifecycle shorten it to keep their run time down.
+    pub node_monitor_grace_period: Option<Duration>,
 }
 
 impl Default for Options {
@@ -38,6 +41,7 @@ impl Default for Options {
         Options {
             controllers: true,
             ready_timeout: Duration::from_secs(120),
+            node_monitor_grace_period: None,
         }
     }
 }
@@ -119,7 +123,7 @@ impl ControlPlane {
             .write_kubeconfig(&cp.cluster_kubeconfig, &cp.cluster_server(), &cp.pki.admin)?;
         cp.wait_ready(opts.ready_timeout).await?;
         if opts.controllers {
-            cp.start_controllers()?;
+            cp.start_controllers(opts.node_monitor_grace_period)?;
         }
         Ok(cp)
     }
@@ -195,10 +199,10 @@ impl ControlPlane {
         )
     }
 
-    fn start_controllers(&mut self) -> Result<()> {
+    fn start_controllers(&mut self, grace: Option<Duration>) -> Result<()> {
         let kubeconfig = s(&self.cluster_kubeconfig);
         let p = &self.pki;
-        let cm = vec![
+        let mut cm = vec![
             format!("--kubeconfig={kubeconfig}"),
             format!("--authentication-kubeconfig={kubeconfig}"),
             format!("--authorization-kubeconfig={kubeconfig}"),
@@ -218,6 +222,9 @@ impl ControlPlane {
             "--node-cidr-mask-size=24".into(),
             "--profiling=false".into(),
         ];
+        if let Some(g) = grace {
+            cm.push(format!("--node-monitor-grace-period={}s", g.as_secs()));
+        }
         self.spawn(
             "kube-controller-manager",
             &paths::kubernetes_bin("kube-controller-manager")?,
