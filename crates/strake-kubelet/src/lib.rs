@@ -3,20 +3,103 @@
 //! It registers its Node, watches the pods bound to it and runs them through any CRI runtime
 //! (strake-runtime, containerd, CRI-O), probing, restarting and reporting them like the kubelet.
 //!
-//! Status: the workspace, flags and logging are in place; the daemon's work is tracked in
-//! issue #5. Until it lands, [`run`] refuses to start with an error saying so, rather
-//! than pretending to serve.
+//! Start reading at [`App`], then [`heartbeat`] (registration, Lease, status), [`node`] (the
+//! Node object as a pure function of [`machine`] facts, [`config`] and health) and [`runtime`]
+//! (the CRI connection).
+//!
+//! Status (issue #5): node registration, Lease, node status and conditions are done; pods are
+//! not run yet, and without a kubeconfig (standalone mode) there is nothing to do yet.
 
-/// Why the daemon stopped.
+pub mod config;
+pub mod heartbeat;
+pub mod machine;
+pub mod node;
+pub mod runtime;
+
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::machine::MachineInfo;
+
+/// Why the kubelet could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The daemon's serving loop is not built yet.
-    #[error("strake-kubelet cannot serve yet: its implementation is tracked in issue #5")]
-    NotBuilt,
+    /// The runtime endpoint is unusable.
+    #[error("container runtime endpoint")]
+    Runtime(#[source] runtime::RuntimeError),
+    /// The kubeconfig could not be loaded.
+    #[error("load kubeconfig {path}")]
+    Kubeconfig {
+        path: std::path::PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Standalone mode (no kubeconfig) needs static pods, which are not implemented yet.
+    #[error("standalone mode (no --kubeconfig) is not implemented yet (issue #5)")]
+    Standalone,
 }
 
-/// Runs the daemon until it is told to stop.
-pub fn run() -> Result<(), Error> {
-    tracing::error!(issue = 5, "not built yet");
-    Err(Error::NotBuilt)
+/// The kubelet: configuration, machine facts and the runtime connection.
+#[derive(Debug)]
+pub struct App {
+    config: Config,
+    machine: MachineInfo,
+    runtime: runtime::Runtime,
+}
+
+async fn client(path: &std::path::Path) -> Result<kube::Client, Error> {
+    let err = |source: Box<dyn std::error::Error + Send + Sync>| Error::Kubeconfig {
+        path: path.to_path_buf(),
+        source,
+    };
+    let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| err(Box::new(e)))?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .map_err(|e| err(Box::new(e)))?;
+    kube::Client::try_from(config).map_err(|e| err(Box::new(e)))
+}
+
+impl App {
+    /// Reads the machine and prepares the runtime connection.
+    pub fn build(config: Config) -> Result<Self, Error> {
+        let runtime =
+            runtime::Runtime::new(&config.container_runtime_endpoint, Duration::from_secs(2))
+                .map_err(Error::Runtime)?;
+        let machine = MachineInfo::read(&config.root_dir);
+        Ok(App {
+            config,
+            machine,
+            runtime,
+        })
+    }
+
+    /// Registers the node and keeps its Lease and status up to date until `shutdown`.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
+        let Some(kubeconfig) = self.config.kubeconfig.clone() else {
+            return Err(Error::Standalone);
+        };
+        let main_client = client(&kubeconfig).await?;
+        // Lease renewals get their own connection so nothing else can hold them up.
+        let lease_client = client(&kubeconfig).await?;
+        let work = async {
+            let node = heartbeat::register(main_client.clone(), &self.config, &self.machine).await;
+            let lease = tokio::spawn(heartbeat::lease_loop(
+                lease_client,
+                node,
+                self.config.node_lease_duration,
+            ));
+            let status = tokio::spawn(heartbeat::status_loop(
+                main_client,
+                self.runtime.clone(),
+                self.config.clone(),
+                self.machine.clone(),
+            ));
+            let _ = tokio::join!(lease, status);
+        };
+        tokio::select! {
+            _ = shutdown => tracing::info!("shutting down; pods keep running"),
+            _ = work => {}
+        }
+        Ok(())
+    }
 }

@@ -1,10 +1,14 @@
 //! `strake-kubelet`: parses flags, sets up logging and hands over to the library.
 
 use clap::Parser;
+use strake_kubelet::App;
+use strake_kubelet::config::{Config, Flags};
 
 #[derive(Parser)]
 #[command(name = "strake-kubelet", version, about)]
 struct Cli {
+    #[command(flatten)]
+    flags: Flags,
     #[command(flatten)]
     log: strake_types::logging::LogArgs,
 }
@@ -12,6 +16,25 @@ struct Cli {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     cli.log.init()?;
-    strake_kubelet::run()?;
-    Ok(())
+    let config = Config::load(&cli.flags)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let app = App::build(config)?;
+        app.run(async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot watch SIGTERM");
+                        return std::future::pending().await;
+                    }
+                };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        })
+        .await?;
+        anyhow::Ok(())
+    })
 }

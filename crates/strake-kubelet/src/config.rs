@@ -1,0 +1,348 @@
+//! strake-kubelet's configuration: upstream's flags and KubeletConfiguration file fields, with
+//! upstream's defaults. Flags win over the file, as with the kubelet.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Flags of `strake-kubelet` (upstream's names).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Flags {
+    /// kubeconfig to reach the API server; none = standalone mode (static pods only).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// KubeletConfiguration file (kubelet.config.k8s.io/v1beta1); the fields Strake supports.
+    #[arg(long = "config")]
+    pub config: Option<PathBuf>,
+    /// Node name instead of the hostname.
+    #[arg(long)]
+    pub hostname_override: Option<String>,
+    /// The node's IP address (InternalIP).
+    #[arg(long)]
+    pub node_ip: Option<IpAddr>,
+    /// CRI endpoint, e.g. `unix:///run/strake/runtime.sock`.
+    #[arg(long)]
+    pub container_runtime_endpoint: Option<String>,
+    /// Directory of static pod manifests.
+    #[arg(long)]
+    pub pod_manifest_path: Option<PathBuf>,
+    /// Kubelet state directory.
+    #[arg(long)]
+    pub root_dir: Option<PathBuf>,
+    /// Maximum number of pods on this node.
+    #[arg(long)]
+    pub max_pods: Option<u32>,
+    /// Labels to register the node with, `key=value,...`.
+    #[arg(long, value_delimiter = ',')]
+    pub node_labels: Vec<String>,
+    /// Taints to register the node with, `key=value:Effect,...`.
+    #[arg(long, value_delimiter = ',')]
+    pub register_with_taints: Vec<String>,
+    /// Cluster DNS server addresses.
+    #[arg(long, value_delimiter = ',')]
+    pub cluster_dns: Vec<IpAddr>,
+    /// Cluster domain.
+    #[arg(long)]
+    pub cluster_domain: Option<String>,
+}
+
+/// The KubeletConfiguration fields Strake reads (others are ignored, as the kubelet ignores
+/// unknown fields of a known version).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FileConfig {
+    pub kind: Option<String>,
+    pub api_version: Option<String>,
+    pub container_runtime_endpoint: Option<String>,
+    pub static_pod_path: Option<PathBuf>,
+    pub max_pods: Option<u32>,
+    #[serde(rename = "clusterDNS")]
+    pub cluster_dns: Option<Vec<IpAddr>>,
+    pub cluster_domain: Option<String>,
+    /// Go duration strings such as `10s`, `1m0s`.
+    pub node_status_update_frequency: Option<String>,
+    pub node_status_report_frequency: Option<String>,
+    pub node_lease_duration_seconds: Option<u32>,
+    pub register_with_taints: Option<Vec<TaintSpec>>,
+    pub port: Option<u16>,
+    pub healthz_port: Option<u16>,
+}
+
+/// A taint in the configuration file.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+pub struct TaintSpec {
+    pub key: String,
+    #[serde(default)]
+    pub value: String,
+    pub effect: String,
+}
+
+/// The effective configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub kubeconfig: Option<PathBuf>,
+    pub node_name: String,
+    pub node_ip: Option<IpAddr>,
+    pub container_runtime_endpoint: String,
+    pub pod_manifest_path: Option<PathBuf>,
+    pub root_dir: PathBuf,
+    pub max_pods: u32,
+    pub node_labels: BTreeMap<String, String>,
+    pub register_with_taints: Vec<TaintSpec>,
+    pub cluster_dns: Vec<IpAddr>,
+    pub cluster_domain: String,
+    pub node_status_update_frequency: Duration,
+    pub node_status_report_frequency: Duration,
+    pub node_lease_duration: Duration,
+    pub port: u16,
+    pub healthz_port: u16,
+}
+
+/// The configuration is invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parse {path}: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("invalid {what}: {value:?}")]
+    Invalid { what: &'static str, value: String },
+}
+
+/// Parses a Go duration (`10s`, `1m30s`, `500ms`, `1h`).
+pub fn parse_go_duration(s: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        let value: f64 = rest[..num_len].parse().ok()?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        total += Duration::from_secs_f64(value * scale);
+        rest = &rest[unit_len..];
+    }
+    Some(total)
+}
+
+fn parse_taint(s: &str) -> Result<TaintSpec, ConfigError> {
+    let invalid = || ConfigError::Invalid {
+        what: "taint",
+        value: s.to_string(),
+    };
+    let (kv, effect) = s.rsplit_once(':').ok_or_else(invalid)?;
+    let (key, value) = kv.split_once('=').unwrap_or((kv, ""));
+    if key.is_empty() || !matches!(effect, "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
+        return Err(invalid());
+    }
+    Ok(TaintSpec {
+        key: key.into(),
+        value: value.into(),
+        effect: effect.into(),
+    })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_lowercase())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+impl Config {
+    /// Flags over the file over upstream's defaults.
+    pub fn load(flags: &Flags) -> Result<Self, ConfigError> {
+        let file = match &flags.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                serde_saphyr::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        Self::merge(flags, file)
+    }
+
+    fn merge(flags: &Flags, file: FileConfig) -> Result<Self, ConfigError> {
+        let duration = |what: &'static str,
+                        v: Option<String>,
+                        default: u64|
+         -> Result<Duration, ConfigError> {
+            match v {
+                Some(s) => parse_go_duration(&s).ok_or(ConfigError::Invalid { what, value: s }),
+                None => Ok(Duration::from_secs(default)),
+            }
+        };
+        // Node labels are a flag only, as upstream.
+        let mut labels = BTreeMap::new();
+        for l in &flags.node_labels {
+            let (k, v) = l.split_once('=').ok_or_else(|| ConfigError::Invalid {
+                what: "node label",
+                value: l.clone(),
+            })?;
+            labels.insert(k.to_string(), v.to_string());
+        }
+        let taints = if flags.register_with_taints.is_empty() {
+            file.register_with_taints.clone().unwrap_or_default()
+        } else {
+            flags
+                .register_with_taints
+                .iter()
+                .map(|t| parse_taint(t))
+                .collect::<Result<_, _>>()?
+        };
+        Ok(Config {
+            kubeconfig: flags.kubeconfig.clone(),
+            node_name: flags
+                .hostname_override
+                .clone()
+                .map(|h| h.to_lowercase())
+                .unwrap_or_else(hostname),
+            node_ip: flags.node_ip,
+            container_runtime_endpoint: flags
+                .container_runtime_endpoint
+                .clone()
+                .or(file.container_runtime_endpoint)
+                .unwrap_or_else(|| "unix:///run/containerd/containerd.sock".into()),
+            pod_manifest_path: flags.pod_manifest_path.clone().or(file.static_pod_path),
+            root_dir: flags
+                .root_dir
+                .clone()
+                .unwrap_or_else(|| "/var/lib/kubelet".into()),
+            max_pods: flags.max_pods.or(file.max_pods).unwrap_or(110),
+            node_labels: labels,
+            register_with_taints: taints,
+            cluster_dns: if flags.cluster_dns.is_empty() {
+                file.cluster_dns.unwrap_or_default()
+            } else {
+                flags.cluster_dns.clone()
+            },
+            cluster_domain: flags
+                .cluster_domain
+                .clone()
+                .or(file.cluster_domain)
+                .unwrap_or_default(),
+            node_status_update_frequency: duration(
+                "nodeStatusUpdateFrequency",
+                file.node_status_update_frequency,
+                10,
+            )?,
+            node_status_report_frequency: duration(
+                "nodeStatusReportFrequency",
+                file.node_status_report_frequency,
+                300,
+            )?,
+            node_lease_duration: Duration::from_secs(u64::from(
+                file.node_lease_duration_seconds.unwrap_or(40),
+            )),
+            port: file.port.unwrap_or(10250),
+            healthz_port: file.healthz_port.unwrap_or(10248),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_defaults() {
+        let c = Config::merge(
+            &Flags {
+                hostname_override: Some("Node-A".into()),
+                ..Default::default()
+            },
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(c.node_name, "node-a");
+        assert_eq!(c.max_pods, 110);
+        assert_eq!(c.node_status_update_frequency, Duration::from_secs(10));
+        assert_eq!(c.node_status_report_frequency, Duration::from_secs(300));
+        assert_eq!(c.node_lease_duration, Duration::from_secs(40));
+        assert_eq!(c.root_dir, PathBuf::from("/var/lib/kubelet"));
+        assert_eq!((c.port, c.healthz_port), (10250, 10248));
+    }
+
+    #[test]
+    fn file_fields_and_flags_merge_with_flags_winning() {
+        let file: FileConfig = serde_saphyr::from_str(
+            "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nmaxPods: 50\n\
+             nodeStatusUpdateFrequency: 4s\nnodeLeaseDurationSeconds: 12\nclusterDomain: cluster.local\n\
+             clusterDNS: [10.96.0.10]\nregisterWithTaints:\n- key: a\n  value: b\n  effect: NoSchedule\n\
+             containerRuntimeEndpoint: unix:///file.sock\nevictionHard: {memory.available: 100Mi}\n",
+        )
+        .unwrap();
+        let flags = Flags {
+            max_pods: Some(7),
+            node_labels: vec!["zone=z1".into()],
+            container_runtime_endpoint: Some("unix:///flag.sock".into()),
+            ..Default::default()
+        };
+        let c = Config::merge(&flags, file).unwrap();
+        assert_eq!(c.max_pods, 7);
+        assert_eq!(c.node_status_update_frequency, Duration::from_secs(4));
+        assert_eq!(c.node_lease_duration, Duration::from_secs(12));
+        assert_eq!(c.cluster_domain, "cluster.local");
+        assert_eq!(c.cluster_dns, vec!["10.96.0.10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            c.register_with_taints,
+            vec![TaintSpec {
+                key: "a".into(),
+                value: "b".into(),
+                effect: "NoSchedule".into()
+            }]
+        );
+        assert_eq!(c.node_labels["zone"], "z1");
+        assert_eq!(c.container_runtime_endpoint, "unix:///flag.sock");
+    }
+
+    #[test]
+    fn taint_flags_parse_and_bad_ones_are_refused() {
+        assert_eq!(
+            parse_taint("dedicated=gpu:NoExecute").unwrap(),
+            TaintSpec {
+                key: "dedicated".into(),
+                value: "gpu".into(),
+                effect: "NoExecute".into()
+            }
+        );
+        assert_eq!(parse_taint("k:NoSchedule").unwrap().value, "");
+        assert!(parse_taint("k=v").is_err());
+        assert!(parse_taint("k=v:Sometimes").is_err());
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_go_duration("10s"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_go_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_go_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_go_duration("1h0m0s"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_go_duration("10"), None);
+        assert_eq!(parse_go_duration("x"), None);
+    }
+}
