@@ -38,11 +38,17 @@ impl Forward {
         let mut cmd = ns.command(exe);
         cmd.args(["forward", "--connect", &target.to_string()]);
         let fd = listener.as_raw_fd();
-        // SAFETY: dup2 is async-signal-safe; it only duplicates our listener onto LISTEN_FD (which
-        // clears close-on-exec on the copy) in the child between fork and exec.
+        // SAFETY: dup2 and fcntl are async-signal-safe; they only place our listener at
+        // LISTEN_FD without close-on-exec in the child between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::dup2(fd, LISTEN_FD) < 0 {
+                // dup2 onto itself is a no-op that would keep close-on-exec: clear it instead.
+                let rc = if fd == LISTEN_FD {
+                    libc::fcntl(fd, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, LISTEN_FD)
+                };
+                if rc < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
