@@ -11,6 +11,7 @@
 
 pub mod cni;
 pub mod config;
+pub mod image;
 pub mod monitor;
 pub mod sandbox;
 pub mod server;

@@ -1,0 +1,886 @@
+//! PullImage: resolve a reference at its registry, fetch manifest, config and layers into the
+//! store (digests verified as they stream), unpack each layer into its snapshot, and publish
+//! the image record last.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use base64::Engine as _;
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
+use oci_client::secrets::RegistryAuth;
+use serde::Deserialize;
+
+use super::reference::{Digest, Reference};
+use super::store::{ImageRecord, LayerRecord, Store, StoreError};
+use super::unpack::{UnpackError, UnpackOptions, chain_ids, unpack_layer};
+
+/// Media types of manifests and indexes we accept, most specific first.
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+const ACCEPT: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
+/// Manifests and configs are small; anything bigger is not one.
+const MAX_METADATA_BYTES: usize = 4 << 20;
+
+/// How pulls behave.
+#[derive(Debug, Clone)]
+pub struct PullConfig {
+    /// Registries (`host` or `host:port`) reached over plain HTTP.
+    pub insecure_registries: Vec<String>,
+    /// Layers downloaded and unpacked at once, per pull.
+    pub max_concurrent_layers: usize,
+    /// Longest wait for one request's response, or for the next chunk of a blob.
+    pub request_timeout: Duration,
+    /// Longest wait to connect to a registry.
+    pub connect_timeout: Duration,
+    /// Limits for unpacking layers.
+    pub unpack: UnpackOptions,
+    /// References whose images are pinned (exempt from the kubelet's image GC), e.g. the
+    /// sandbox image.
+    pub pinned_images: Vec<String>,
+}
+
+impl Default for PullConfig {
+    fn default() -> Self {
+        PullConfig {
+            insecure_registries: Vec::new(),
+            max_concurrent_layers: 3,
+            request_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
+            unpack: UnpackOptions::default(),
+            pinned_images: Vec::new(),
+        }
+    }
+}
+
+/// Credentials for one pull, as the CRI `AuthConfig` carries them.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct PullAuth {
+    /// User name for basic auth.
+    pub username: String,
+    /// Password for basic auth.
+    pub password: String,
+    /// `base64(username:password)`, used when username and password are empty.
+    pub auth: String,
+    /// A bearer token for the registry.
+    pub registry_token: String,
+}
+
+impl std::fmt::Debug for PullAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PullAuth")
+            .field("username", &self.username)
+            .field(
+                "password",
+                &(!self.password.is_empty()).then_some("<redacted>"),
+            )
+            .field("auth", &(!self.auth.is_empty()).then_some("<redacted>"))
+            .field(
+                "registry_token",
+                &(!self.registry_token.is_empty()).then_some("<redacted>"),
+            )
+            .finish()
+    }
+}
+
+impl PullAuth {
+    /// Basic auth with a user name and password.
+    pub fn basic(username: impl Into<String>, password: impl Into<String>) -> Self {
+        PullAuth {
+            username: username.into(),
+            password: password.into(),
+            ..Default::default()
+        }
+    }
+
+    fn to_registry_auth(&self) -> Result<RegistryAuth, PullError> {
+        if !self.username.is_empty() || !self.password.is_empty() {
+            return Ok(RegistryAuth::Basic(
+                self.username.clone(),
+                self.password.clone(),
+            ));
+        }
+        if !self.auth.is_empty() {
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(self.auth.trim())
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or(PullError::BadAuth)?;
+            let (user, pass) = decoded.split_once(':').ok_or(PullError::BadAuth)?;
+            return Ok(RegistryAuth::Basic(user.to_string(), pass.to_string()));
+        }
+        if !self.registry_token.is_empty() {
+            return Ok(RegistryAuth::Bearer(self.registry_token.clone()));
+        }
+        Ok(RegistryAuth::Anonymous)
+    }
+}
+
+/// Why a pull failed. [`PullError::is_retryable`] says whether trying again may help.
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    /// The CRI `AuthConfig.auth` field is not base64 of `user:password`.
+    #[error("auth is not base64 of user:password")]
+    BadAuth,
+    /// The registry refused the credentials (or their absence).
+    #[error("registry refused access to {reference}")]
+    Unauthorized {
+        reference: String,
+        #[source]
+        source: OciDistributionError,
+    },
+    /// The registry has no such manifest.
+    #[error("{reference} not found at its registry")]
+    NotFound {
+        reference: String,
+        #[source]
+        source: OciDistributionError,
+    },
+    /// The index has no manifest for this platform.
+    #[error("{reference} has no image for {platform}")]
+    NoPlatform { reference: String, platform: String },
+    /// The manifest is of a kind we cannot use (schema 1, an artifact, malformed JSON).
+    #[error("{reference}: unsupported or malformed manifest: {detail}")]
+    BadManifest { reference: String, detail: String },
+    /// The registry could not be reached or failed mid-transfer.
+    #[error("fetch {what} of {reference}")]
+    Registry {
+        reference: String,
+        what: String,
+        #[source]
+        source: OciDistributionError,
+    },
+    /// A transfer broke off mid-stream.
+    #[error("fetch {what} of {reference}: transfer failed")]
+    Transfer {
+        reference: String,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The registry did not answer in time.
+    #[error("fetch {what} of {reference}: no response within {secs}s")]
+    Timeout {
+        reference: String,
+        what: String,
+        secs: u64,
+    },
+    /// A blob could not be stored (including digest or size mismatches).
+    #[error("store blob {digest} of {reference}")]
+    Store {
+        reference: String,
+        digest: String,
+        #[source]
+        source: StoreError,
+    },
+    /// A layer could not be unpacked (or was refused).
+    #[error("unpack layer {digest} of {reference}")]
+    Unpack {
+        reference: String,
+        digest: String,
+        #[source]
+        source: UnpackError,
+    },
+    /// A blocking task died.
+    #[error("pull of {reference}: worker task failed")]
+    Task {
+        reference: String,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}
+
+impl PullError {
+    /// Whether the failure may go away by itself (network, registry, timeouts, truncated or
+    /// corrupted transfers), as opposed to a bad reference, bad credentials or a bad image.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            PullError::Registry { source, .. } => match source {
+                OciDistributionError::RequestError(_) | OciDistributionError::IoError(_) => true,
+                OciDistributionError::ServerError { code, .. } => *code >= 500 || *code == 429,
+                _ => false,
+            },
+            PullError::Transfer { .. } | PullError::Timeout { .. } => true,
+            PullError::Store { source, .. } => matches!(
+                source,
+                StoreError::DigestMismatch { .. } | StoreError::SizeMismatch { .. }
+            ),
+            _ => false,
+        }
+    }
+
+    /// Whether the image (or reference) is at fault rather than the network or this node.
+    pub fn is_bad_image(&self) -> bool {
+        match self {
+            PullError::BadManifest { .. } => true,
+            PullError::Unpack { source, .. } => source.is_bad_layer(),
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Descriptor {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    digest: String,
+    size: u64,
+    #[serde(default)]
+    platform: Option<Platform>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Platform {
+    architecture: String,
+    os: String,
+    #[serde(default)]
+    variant: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Manifest {
+    #[serde(rename = "schemaVersion", default)]
+    schema_version: u32,
+    #[serde(rename = "mediaType", default)]
+    media_type: Option<String>,
+    #[serde(default)]
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+    #[serde(default)]
+    manifests: Option<Vec<Descriptor>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ImageConfig {
+    #[serde(default)]
+    config: Option<ContainerConfig>,
+    rootfs: RootFs,
+}
+
+#[derive(Debug, Deserialize)]
+struct ContainerConfig {
+    #[serde(rename = "User", default)]
+    user: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RootFs {
+    #[serde(default)]
+    diff_ids: Vec<String>,
+}
+
+/// The OCI name of this machine's architecture (and variant, where it matters).
+pub fn host_platform() -> (&'static str, Option<&'static str>) {
+    match std::env::consts::ARCH {
+        "x86_64" => ("amd64", None),
+        "aarch64" => ("arm64", Some("v8")),
+        "arm" => ("arm", Some("v7")),
+        "x86" => ("386", None),
+        "powerpc64" => ("ppc64le", None),
+        "riscv64" => ("riscv64", None),
+        "s390x" => ("s390x", None),
+        other => (other, None),
+    }
+}
+
+/// Picks `linux/<arch>` from an index, preferring an exact variant, then one without a variant.
+fn select_platform<'a>(
+    entries: &'a [Descriptor],
+    arch: &str,
+    variant: Option<&str>,
+) -> Option<&'a Descriptor> {
+    let matching = || {
+        entries.iter().filter(|d| {
+            d.platform
+                .as_ref()
+                .is_some_and(|p| p.os == "linux" && p.architecture == arch)
+        })
+    };
+    let variant_of = |d: &Descriptor| d.platform.as_ref().and_then(|p| p.variant.clone());
+    matching()
+        .find(|d| variant.is_some() && variant_of(d).as_deref() == variant)
+        .or_else(|| matching().find(|d| variant_of(d).is_none()))
+        .or_else(|| matching().next())
+}
+
+/// Splits a config `User` (`uid[:gid]` or `name[:group]`) into CRI's `uid` / `username`.
+fn user_of(user: &str) -> (Option<i64>, String) {
+    let name = user.split(':').next().unwrap_or("");
+    match name.parse::<i64>() {
+        Ok(uid) => (Some(uid), String::new()),
+        Err(_) => (None, name.to_string()),
+    }
+}
+
+/// What one pull needs.
+pub(crate) struct Puller {
+    pub store: Arc<Store>,
+    pub config: PullConfig,
+    /// Blobs fetched from registries (a metric, and how tests see that pulls were shared).
+    pub downloads: Arc<AtomicU64>,
+}
+
+impl Puller {
+    fn client(&self) -> oci_client::Client {
+        oci_client::Client::new(ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(self.config.insecure_registries.clone()),
+            read_timeout: Some(self.config.request_timeout),
+            connect_timeout: Some(self.config.connect_timeout),
+            // We select the platform ourselves (with variants) from the raw index.
+            platform_resolver: None,
+            ..Default::default()
+        })
+    }
+
+    async fn timed<T, E>(
+        &self,
+        reference: &Reference,
+        what: &str,
+        fut: impl Future<Output = Result<T, E>>,
+    ) -> Result<Result<T, E>, PullError> {
+        tokio::time::timeout(self.config.request_timeout, fut)
+            .await
+            .map_err(|_| PullError::Timeout {
+                reference: reference.to_string(),
+                what: what.to_string(),
+                secs: self.config.request_timeout.as_secs(),
+            })
+    }
+
+    /// Fetches a manifest or index by tag or digest, verified against the digest if pinned.
+    async fn manifest(
+        &self,
+        client: &oci_client::Client,
+        auth: &RegistryAuth,
+        reference: &Reference,
+    ) -> Result<(Vec<u8>, Digest), PullError> {
+        let oref = oci_reference(reference);
+        let what = "manifest";
+        let res = self
+            .timed(
+                reference,
+                what,
+                client.pull_manifest_raw(&oref, auth, ACCEPT),
+            )
+            .await?;
+        let (bytes, _) = res.map_err(|source| classify(reference, what, source))?;
+        if bytes.len() > MAX_METADATA_BYTES {
+            return Err(PullError::BadManifest {
+                reference: reference.to_string(),
+                detail: format!("{} bytes", bytes.len()),
+            });
+        }
+        let digest = Digest::sha256_of(&bytes);
+        if let Some(want) = reference.digest()
+            && *want != digest
+        {
+            return Err(PullError::Store {
+                reference: reference.to_string(),
+                digest: want.to_string(),
+                source: StoreError::DigestMismatch {
+                    expected: want.to_string(),
+                    actual: digest.to_string(),
+                },
+            });
+        }
+        Ok((bytes.to_vec(), digest))
+    }
+
+    /// Streams one blob into the store unless it is there already; returns whether it fetched.
+    async fn blob(
+        &self,
+        client: &oci_client::Client,
+        reference: &Reference,
+        digest: &Digest,
+        media_type: &str,
+        size: u64,
+    ) -> Result<bool, PullError> {
+        if self.store.has_blob(digest, size) {
+            return Ok(false);
+        }
+        let store_err = |source| PullError::Store {
+            reference: reference.to_string(),
+            digest: digest.to_string(),
+            source,
+        };
+        let what = format!("blob {digest}");
+        let desc = oci_client::manifest::OciDescriptor {
+            media_type: media_type.to_string(),
+            digest: digest.to_string(),
+            size: i64::try_from(size).unwrap_or(i64::MAX),
+            ..Default::default()
+        };
+        let oref = oci_reference(reference);
+        let mut stream = self
+            .timed(reference, &what, client.pull_blob_stream(&oref, &desc))
+            .await?
+            .map_err(|source| classify(reference, &what, source))?;
+        self.downloads.fetch_add(1, Ordering::Relaxed);
+        let writer = self
+            .store
+            .blob_writer(digest, Some(size))
+            .map_err(store_err)?;
+        // Disk writes happen on a blocking thread fed by a channel. If this future is dropped,
+        // the channel closes without `Done` and the writer's drop deletes the temp file.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(16);
+        let write_task = tokio::task::spawn_blocking(move || {
+            let mut writer = writer;
+            while let Some(chunk) = rx.blocking_recv() {
+                match chunk {
+                    Chunk::Data(bytes) => writer.write(&bytes)?,
+                    Chunk::Done => return writer.commit().map(|()| true),
+                }
+            }
+            Ok(false)
+        });
+        let send = |chunk| {
+            let tx = tx.clone();
+            async move { tx.send(chunk).await.is_ok() }
+        };
+        loop {
+            let next = tokio::time::timeout(self.config.request_timeout, stream.next()).await;
+            let chunk = match next {
+                Err(_) => {
+                    return Err(PullError::Timeout {
+                        reference: reference.to_string(),
+                        what,
+                        secs: self.config.request_timeout.as_secs(),
+                    });
+                }
+                Ok(None) => Chunk::Done,
+                Ok(Some(Err(source))) => {
+                    return Err(PullError::Transfer {
+                        reference: reference.to_string(),
+                        what,
+                        source,
+                    });
+                }
+                Ok(Some(Ok(bytes))) => Chunk::Data(bytes),
+            };
+            let done = matches!(chunk, Chunk::Done);
+            // A closed channel means the writer failed; its result says why.
+            if !send(chunk).await || done {
+                break;
+            }
+        }
+        drop(tx);
+        match write_task.await {
+            Ok(Ok(true)) => Ok(true),
+            Ok(Ok(false)) => Err(PullError::Transfer {
+                reference: reference.to_string(),
+                what,
+                source: std::io::ErrorKind::UnexpectedEof.into(),
+            }),
+            Ok(Err(e)) => Err(store_err(e)),
+            Err(source) => Err(PullError::Task {
+                reference: reference.to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Pulls `reference` and publishes its record; returns the image ID.
+    pub async fn pull(&self, reference: &Reference, auth: &PullAuth) -> Result<String, PullError> {
+        let started = tokio::time::Instant::now();
+        let rauth = auth.to_registry_auth()?;
+        let client = self.client();
+        let bad = |detail: String| PullError::BadManifest {
+            reference: reference.to_string(),
+            detail,
+        };
+        // Resolve the tag (or digest) to a manifest, following an index to our platform.
+        let (top_bytes, top_digest) = self.manifest(&client, &rauth, reference).await?;
+        let top: Manifest = serde_json::from_slice(&top_bytes).map_err(|e| bad(e.to_string()))?;
+        check_media_type(&top).map_err(&bad)?;
+        let mut blobs = vec![top_digest.clone()];
+        let pinned = reference.with_digest(top_digest.clone());
+        let (manifest, manifest_digest) = if let Some(entries) = &top.manifests {
+            let (arch, variant) = host_platform();
+            let entry =
+                select_platform(entries, arch, variant).ok_or_else(|| PullError::NoPlatform {
+                    reference: reference.to_string(),
+                    platform: format!("linux/{arch}"),
+                })?;
+            let digest = Digest::parse(&entry.digest)
+                .ok_or_else(|| bad(format!("index entry digest {:?}", entry.digest)))?;
+            let (bytes, digest) = self
+                .manifest(&client, &rauth, &reference.with_digest(digest))
+                .await?;
+            let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+            check_media_type(&m).map_err(&bad)?;
+            if m.manifests.is_some() {
+                return Err(bad("index entry is itself an index".into()));
+            }
+            self.store_small(reference, &digest, &bytes).await?;
+            blobs.push(digest.clone());
+            (m, digest)
+        } else {
+            (top, top_digest.clone())
+        };
+        self.store_small(reference, &top_digest, &top_bytes).await?;
+
+        // The config names the image (its digest is the image ID) and the layers' diffIDs.
+        let config_desc = manifest
+            .config
+            .as_ref()
+            .ok_or_else(|| bad("no config".into()))?;
+        let config_digest = Digest::parse(&config_desc.digest)
+            .ok_or_else(|| bad(format!("config digest {:?}", config_desc.digest)))?;
+        if config_desc.size as usize > MAX_METADATA_BYTES {
+            return Err(bad(format!("config of {} bytes", config_desc.size)));
+        }
+        self.blob(
+            &client,
+            &pinned,
+            &config_digest,
+            &config_desc.media_type,
+            config_desc.size,
+        )
+        .await?;
+        let store = self.store.clone();
+        let cd = config_digest.clone();
+        let config_bytes = tokio::task::spawn_blocking(move || store.read_blob(&cd))
+            .await
+            .map_err(|source| PullError::Task {
+                reference: reference.to_string(),
+                source,
+            })?
+            .map_err(|source| PullError::Store {
+                reference: reference.to_string(),
+                digest: config_digest.to_string(),
+                source,
+            })?;
+        let config: ImageConfig =
+            serde_json::from_slice(&config_bytes).map_err(|e| bad(format!("config: {e}")))?;
+        blobs.push(config_digest.clone());
+        if config.rootfs.diff_ids.len() != manifest.layers.len() {
+            return Err(bad(format!(
+                "{} layers but {} diffIDs",
+                manifest.layers.len(),
+                config.rootfs.diff_ids.len()
+            )));
+        }
+        let diff_ids = config
+            .rootfs
+            .diff_ids
+            .iter()
+            .map(|d| Digest::parse(d).ok_or_else(|| bad(format!("diffID {d:?}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let chains = chain_ids(&diff_ids);
+        let mut layers = Vec::new();
+        for ((desc, diff_id), chain_id) in manifest.layers.iter().zip(&diff_ids).zip(&chains) {
+            let digest = Digest::parse(&desc.digest)
+                .ok_or_else(|| bad(format!("layer digest {:?}", desc.digest)))?;
+            blobs.push(digest.clone());
+            layers.push(LayerRecord {
+                digest: digest.to_string(),
+                media_type: desc.media_type.clone(),
+                size: desc.size,
+                diff_id: diff_id.to_string(),
+                chain_id: chain_id.to_string(),
+            });
+        }
+
+        // Layers: fetch and unpack concurrently; each layer's snapshot holds only its own diff,
+        // so no layer waits for its parent.
+        let fetches: Vec<_> = layers
+            .iter()
+            .map(|l| self.layer(&client, &pinned, l).boxed())
+            .collect();
+        futures::stream::iter(fetches)
+            .buffer_unordered(self.config.max_concurrent_layers.max(1))
+            .try_collect::<Vec<()>>()
+            .await?;
+
+        let user = config
+            .config
+            .as_ref()
+            .and_then(|c| c.user.clone())
+            .unwrap_or_default();
+        let (uid, username) = user_of(&user);
+        let size = config_desc.size + layers.iter().map(|l| l.size).sum::<u64>();
+        let record = ImageRecord {
+            id: config_digest.to_string(),
+            // With both tag and digest the digest decides what is pulled, so the tag (which the
+            // registry may point elsewhere) is not claimed.
+            repo_tags: match reference.digest() {
+                Some(_) => Vec::new(),
+                None => reference.repo_tag().into_iter().collect(),
+            },
+            repo_digests: vec![reference.repo_digest(&top_digest)],
+            size,
+            manifest_digest: manifest_digest.to_string(),
+            layers,
+            blobs: blobs.iter().map(ToString::to_string).collect(),
+            pinned: self
+                .config
+                .pinned_images
+                .iter()
+                .any(|p| Reference::parse(p).is_ok_and(|p| p == *reference)),
+            username,
+            uid,
+        };
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.publish(record))
+            .await
+            .map_err(|source| PullError::Task {
+                reference: reference.to_string(),
+                source,
+            })?
+            .map_err(|source| PullError::Store {
+                reference: reference.to_string(),
+                digest: config_digest.to_string(),
+                source,
+            })?;
+        tracing::info!(
+            image = %reference,
+            id = %config_digest,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "image pulled"
+        );
+        Ok(config_digest.to_string())
+    }
+
+    async fn store_small(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+        bytes: &[u8],
+    ) -> Result<(), PullError> {
+        if self.store.has_blob(digest, bytes.len() as u64) {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        let (d, b) = (digest.clone(), bytes.to_vec());
+        tokio::task::spawn_blocking(move || store.write_blob(&d, &b))
+            .await
+            .map_err(|source| PullError::Task {
+                reference: reference.to_string(),
+                source,
+            })?
+            .map_err(|source| PullError::Store {
+                reference: reference.to_string(),
+                digest: digest.to_string(),
+                source,
+            })
+    }
+
+    /// Makes sure one layer's blob and snapshot exist.
+    async fn layer(
+        &self,
+        client: &oci_client::Client,
+        reference: &Reference,
+        layer: &LayerRecord,
+    ) -> Result<(), PullError> {
+        let parse = |s: &str| {
+            Digest::parse(s).ok_or_else(|| PullError::BadManifest {
+                reference: reference.to_string(),
+                detail: format!("digest {s:?}"),
+            })
+        };
+        let digest = parse(&layer.digest)?;
+        let chain_id = parse(&layer.chain_id)?;
+        let diff_id = parse(&layer.diff_id)?;
+        let fetched = self
+            .blob(client, reference, &digest, &layer.media_type, layer.size)
+            .await?;
+        if self.store.has_snapshot(&chain_id) {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        let opts = self.config.unpack;
+        let media_type = layer.media_type.clone();
+        let d = digest.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            // A blob that was already here is checked before use; a fresh one was checked
+            // as it was written.
+            if !fetched && let Err(e) = store.verify_blob(&d) {
+                // Drop the damaged copy so that a retry fetches it again.
+                store.discard_blob(&d);
+                return Err(Err(e));
+            }
+            let blob = store.blob_path(&d).map_err(Err)?;
+            unpack_layer(
+                &blob,
+                &media_type,
+                &diff_id,
+                &store.snapshot_root(),
+                &chain_id,
+                &opts,
+            )
+            .map_err(Ok)
+        })
+        .await
+        .map_err(|source| PullError::Task {
+            reference: reference.to_string(),
+            source,
+        })?;
+        match res {
+            Ok(_) => Ok(()),
+            Err(Ok(source)) => Err(PullError::Unpack {
+                reference: reference.to_string(),
+                digest: digest.to_string(),
+                source,
+            }),
+            Err(Err(source)) => Err(PullError::Store {
+                reference: reference.to_string(),
+                digest: digest.to_string(),
+                source,
+            }),
+        }
+    }
+}
+
+enum Chunk {
+    Data(bytes::Bytes),
+    Done,
+}
+
+fn check_media_type(m: &Manifest) -> Result<(), String> {
+    if m.schema_version != 2 {
+        return Err(format!("schema version {}", m.schema_version));
+    }
+    match m.media_type.as_deref() {
+        None | Some(OCI_MANIFEST | OCI_INDEX | DOCKER_MANIFEST | DOCKER_LIST) => Ok(()),
+        Some(other) => Err(format!("media type {other}")),
+    }
+}
+
+fn oci_reference(r: &Reference) -> oci_client::Reference {
+    match (r.digest(), r.tag()) {
+        (Some(d), _) => oci_client::Reference::with_digest(
+            r.domain().to_string(),
+            r.path().to_string(),
+            d.to_string(),
+        ),
+        (None, tag) => oci_client::Reference::with_tag(
+            r.domain().to_string(),
+            r.path().to_string(),
+            tag.unwrap_or(super::reference::DEFAULT_TAG).to_string(),
+        ),
+    }
+}
+
+fn classify(reference: &Reference, what: &str, source: OciDistributionError) -> PullError {
+    let reference = reference.to_string();
+    match &source {
+        OciDistributionError::AuthenticationFailure(_)
+        | OciDistributionError::UnauthorizedError { .. } => {
+            PullError::Unauthorized { reference, source }
+        }
+        OciDistributionError::ImageManifestNotFoundError(_) => {
+            PullError::NotFound { reference, source }
+        }
+        OciDistributionError::ServerError {
+            code: 401 | 403, ..
+        } => PullError::Unauthorized { reference, source },
+        OciDistributionError::ServerError { code: 404, .. } => {
+            PullError::NotFound { reference, source }
+        }
+        OciDistributionError::RegistryError { envelope, .. }
+            if envelope.errors.iter().any(|e| {
+                use oci_client::errors::OciErrorCode::*;
+                matches!(e.code, Unauthorized | Denied)
+            }) =>
+        {
+            PullError::Unauthorized { reference, source }
+        }
+        OciDistributionError::RegistryError { envelope, .. }
+            if envelope.errors.iter().any(|e| {
+                use oci_client::errors::OciErrorCode::*;
+                matches!(
+                    e.code,
+                    ManifestUnknown | NameUnknown | BlobUnknown | NotFound
+                )
+            }) =>
+        {
+            PullError::NotFound { reference, source }
+        }
+        _ => PullError::Registry {
+            reference,
+            what: what.to_string(),
+            source,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc(arch: &str, variant: Option<&str>, digest: &str) -> Descriptor {
+        Descriptor {
+            media_type: OCI_MANIFEST.into(),
+            digest: digest.into(),
+            size: 1,
+            platform: Some(Platform {
+                architecture: arch.into(),
+                os: "linux".into(),
+                variant: variant.map(Into::into),
+            }),
+        }
+    }
+
+    #[test]
+    fn platform_selection_prefers_exact_variant_then_none() {
+        let entries = vec![
+            desc("arm64", None, "a"),
+            desc("arm64", Some("v8"), "b"),
+            desc("amd64", None, "c"),
+            Descriptor {
+                platform: Some(Platform {
+                    architecture: "amd64".into(),
+                    os: "windows".into(),
+                    variant: None,
+                }),
+                ..desc("amd64", None, "w")
+            },
+        ];
+        let pick = |a, v| select_platform(&entries, a, v).map(|d| d.digest.as_str());
+        assert_eq!(pick("arm64", Some("v8")), Some("b"));
+        assert_eq!(pick("arm64", Some("v9")), Some("a"));
+        assert_eq!(pick("amd64", None), Some("c"));
+        assert_eq!(pick("s390x", None), None);
+    }
+
+    #[test]
+    fn auth_config_forms() {
+        assert!(matches!(
+            PullAuth::default().to_registry_auth(),
+            Ok(RegistryAuth::Anonymous)
+        ));
+        let basic = PullAuth::basic("u", "p").to_registry_auth();
+        assert!(matches!(basic, Ok(RegistryAuth::Basic(u, p)) if u == "u" && p == "p"));
+        let auth = PullAuth {
+            auth: base64::engine::general_purpose::STANDARD.encode("strake:pa:ss"),
+            ..Default::default()
+        };
+        assert!(
+            matches!(auth.to_registry_auth(), Ok(RegistryAuth::Basic(u, p)) if u == "strake" && p == "pa:ss")
+        );
+        let bad = PullAuth {
+            auth: "!!".into(),
+            ..Default::default()
+        };
+        assert!(matches!(bad.to_registry_auth(), Err(PullError::BadAuth)));
+        let token = PullAuth {
+            registry_token: "t".into(),
+            ..Default::default()
+        };
+        assert!(matches!(token.to_registry_auth(), Ok(RegistryAuth::Bearer(t)) if t == "t"));
+        assert!(!format!("{:?}", PullAuth::basic("u", "secret")).contains("secret"));
+    }
+
+    #[test]
+    fn config_user_to_cri_uid_and_username() {
+        assert_eq!(user_of(""), (None, String::new()));
+        assert_eq!(user_of("1000"), (Some(1000), String::new()));
+        assert_eq!(user_of("65534:65534"), (Some(65534), String::new()));
+        assert_eq!(user_of("nobody:nogroup"), (None, "nobody".to_string()));
+    }
+}
