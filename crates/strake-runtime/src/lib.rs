@@ -9,12 +9,15 @@
 //! Status (issue #3): Version, Status, RuntimeConfig and the pod sandbox RPCs are served; the
 //! container, image, streaming and stats RPCs answer `Unimplemented` until their parts are wired.
 
+pub mod cgroups;
 pub mod cni;
 pub mod config;
 pub mod image;
 pub mod monitor;
+pub mod runc;
 pub mod sandbox;
 pub mod server;
+pub mod spec;
 pub mod state;
 
 use std::sync::Arc;

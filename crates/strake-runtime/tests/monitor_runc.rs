@@ -89,11 +89,13 @@ impl Bundle {
         let raw = w.as_raw_fd();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_strake-monitor"));
         cmd.args(args.to_args());
-        // SAFETY: setsid and dup2 are async-signal-safe.
+        // SAFETY: setsid, dup2 and fcntl are async-signal-safe.
         unsafe {
             cmd.pre_exec(move || {
                 libc::setsid();
-                if libc::dup2(raw, 3) < 0 {
+                // dup2 onto itself would keep close-on-exec: clear it instead.
+                let rc = if raw == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(raw, 3) };
+                if rc < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
