@@ -69,6 +69,8 @@ pub struct FileConfig {
     pub register_with_taints: Option<Vec<TaintSpec>>,
     pub port: Option<u16>,
     pub healthz_port: Option<u16>,
+    pub pod_logs_dir: Option<PathBuf>,
+    pub cgroup_root: Option<String>,
 }
 
 /// A taint in the configuration file.
@@ -99,6 +101,10 @@ pub struct Config {
     pub node_lease_duration: Duration,
     pub port: u16,
     pub healthz_port: u16,
+    /// Where container logs go (`<dir>/<ns>_<pod>_<uid>/<container>/<n>.log`).
+    pub pod_logs_dir: std::path::PathBuf,
+    /// Parent of the `kubepods` cgroup tree ("" = the hierarchy's root, as upstream's "/").
+    pub cgroup_root: String,
 }
 
 /// The configuration is invalid.
@@ -259,6 +265,15 @@ impl Config {
             node_lease_duration: Duration::from_secs(u64::from(
                 file.node_lease_duration_seconds.unwrap_or(40),
             )),
+            pod_logs_dir: file
+                .pod_logs_dir
+                .clone()
+                .unwrap_or_else(|| "/var/log/pods".into()),
+            cgroup_root: file
+                .cgroup_root
+                .clone()
+                .map(|r| if r == "/" { String::new() } else { r })
+                .unwrap_or_default(),
             port: file.port.unwrap_or(10250),
             healthz_port: file.healthz_port.unwrap_or(10248),
         })

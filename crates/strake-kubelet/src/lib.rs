@@ -7,13 +7,18 @@
 //! Node object as a pure function of [`machine`] facts, [`config`] and health) and [`runtime`]
 //! (the CRI connection).
 //!
-//! Status (issue #5): node registration, Lease, node status and conditions are done; pods are
-//! not run yet, and without a kubeconfig (standalone mode) there is nothing to do yet.
+//! Status (issue #5): node registration, Lease, node status and conditions; pods bound to the
+//! node run through CRI (sandbox, images per pull policy, containers, restart with backoff,
+//! status, graceful deletion). Not yet: init containers, probes, volumes, static pods.
 
 pub mod config;
 pub mod heartbeat;
 pub mod machine;
 pub mod node;
+pub mod pod_spec;
+pub mod pod_status;
+pub mod pod_worker;
+pub mod pods;
 pub mod runtime;
 
 use std::time::Duration;
@@ -88,13 +93,35 @@ impl App {
                 node,
                 self.config.node_lease_duration,
             ));
+            let pods_client = main_client.clone();
             let status = tokio::spawn(heartbeat::status_loop(
                 main_client,
                 self.runtime.clone(),
                 self.config.clone(),
                 self.machine.clone(),
             ));
-            let _ = tokio::join!(lease, status);
+            let runtime_name = loop {
+                match self.runtime.health().await {
+                    Ok(h) => break h.version.split("://").next().unwrap_or("cri").to_string(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "container runtime not reachable yet");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            };
+            let ctx = pod_worker::Context {
+                client: pods_client,
+                runtime: self.runtime.clone(),
+                config: self.config.clone(),
+                host_ip: self
+                    .config
+                    .node_ip
+                    .map(|ip| ip.to_string())
+                    .unwrap_or_default(),
+                runtime_name,
+            };
+            let pods = tokio::spawn(pods::run(ctx));
+            let _ = tokio::join!(lease, status, pods);
         };
         tokio::select! {
             _ = shutdown => tracing::info!("shutting down; pods keep running"),

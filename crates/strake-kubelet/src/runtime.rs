@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use strake_types::cri;
+use strake_types::cri::image_service_client::ImageServiceClient;
 use strake_types::cri::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -28,6 +29,7 @@ pub enum RuntimeError {
 #[derive(Clone, Debug)]
 pub struct Runtime {
     runtime: RuntimeServiceClient<Channel>,
+    images: ImageServiceClient<Channel>,
     timeout: Duration,
 }
 
@@ -61,7 +63,8 @@ impl Runtime {
                 }
             }));
         Ok(Runtime {
-            runtime: RuntimeServiceClient::new(channel),
+            runtime: RuntimeServiceClient::new(channel.clone()),
+            images: ImageServiceClient::new(channel),
             timeout,
         })
     }
@@ -71,12 +74,34 @@ impl Runtime {
         rpc: &'static str,
         fut: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     ) -> Result<T, RuntimeError> {
-        match tokio::time::timeout(self.timeout, fut).await {
+        self.call_with(rpc, None, fut).await
+    }
+
+    /// The RuntimeService client with this runtime's per-call timeout applied by [`Runtime::call`].
+    pub fn runtime_client(&self) -> RuntimeServiceClient<Channel> {
+        self.runtime.clone()
+    }
+
+    /// The ImageService client.
+    pub fn image_client(&self) -> ImageServiceClient<Channel> {
+        self.images.clone()
+    }
+
+    /// Runs one CRI call with a timeout (`long` for pulls and stops, which legitimately take
+    /// longer than the default).
+    pub async fn call_with<T>(
+        &self,
+        rpc: &'static str,
+        long: Option<Duration>,
+        fut: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, RuntimeError> {
+        let timeout = long.unwrap_or(self.timeout);
+        match tokio::time::timeout(timeout, fut).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
             Ok(Err(source)) => Err(RuntimeError::Call { rpc, source }),
             Err(_) => Err(RuntimeError::Timeout {
                 rpc,
-                secs: self.timeout.as_secs(),
+                secs: timeout.as_secs(),
             }),
         }
     }

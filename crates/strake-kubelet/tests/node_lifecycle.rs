@@ -13,22 +13,10 @@ use strake_integration::containerd::Containerd;
 use strake_integration::control_plane::{ControlPlane, Options};
 use strake_integration::process::pid_alive;
 
-const NODE: &str = "strake-node-0";
+mod common;
+use common::wait_for;
 
-async fn wait_for<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while tokio::time::Instant::now() < deadline {
-        if let Some(v) = f().await {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    panic!("timed out after {secs} s waiting for {what}");
-}
+const NODE: &str = "strake-node-0";
 
 fn ready(node: &Node) -> Option<(String, String, String)> {
     let c = node

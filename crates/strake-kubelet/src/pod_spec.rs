@@ -1,0 +1,551 @@
+//! Pod spec -> CRI configuration: pure functions, the kubelet's rules as upstream applies them.
+
+use std::collections::HashMap;
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+use strake_types::cri;
+
+use crate::config::Config;
+
+/// Label keys the kubelet puts on CRI objects to find them again (upstream's names).
+pub mod labels {
+    pub const POD_NAME: &str = "io.kubernetes.pod.name";
+    pub const POD_NAMESPACE: &str = "io.kubernetes.pod.namespace";
+    pub const POD_UID: &str = "io.kubernetes.pod.uid";
+    pub const CONTAINER_NAME: &str = "io.kubernetes.container.name";
+    /// Annotation holding the container's restart count.
+    pub const RESTART_COUNT: &str = "io.kubernetes.container.restartCount";
+}
+
+/// A pod's QoS class, as the API server and kubelet derive it from requests and limits.
+pub fn qos_class(pod: &Pod) -> &'static str {
+    let containers: Vec<&Container> = pod.spec.iter().flat_map(|s| s.containers.iter()).collect();
+    let mut any = false;
+    let mut guaranteed = !containers.is_empty();
+    for c in &containers {
+        let res = c.resources.clone().unwrap_or_default();
+        let req = res.requests.unwrap_or_default();
+        let lim = res.limits.unwrap_or_default();
+        if !req.is_empty() || !lim.is_empty() {
+            any = true;
+        }
+        for r in ["cpu", "memory"] {
+            match (lim.get(r), req.get(r)) {
+                (Some(l), Some(q)) if l == q => {}
+                (Some(_), None) => {} // requests default to limits
+                _ => guaranteed = false,
+            }
+        }
+    }
+    if !any {
+        "BestEffort"
+    } else if guaranteed {
+        "Guaranteed"
+    } else {
+        "Burstable"
+    }
+}
+
+/// The pod's cgroup parent under `cgroup_root` with the cgroupfs driver:
+/// `<root>/kubepods[/burstable|/besteffort]/pod<uid>`.
+pub fn pod_cgroup_parent(cgroup_root: &str, qos: &str, uid: &str) -> String {
+    let root = cgroup_root.trim_end_matches('/');
+    let class = match qos {
+        "Guaranteed" => String::new(),
+        other => format!("/{}", other.to_lowercase()),
+    };
+    format!("{root}/kubepods{class}/pod{uid}")
+}
+
+fn meta(pod: &Pod) -> (String, String, String) {
+    let m = &pod.metadata;
+    (
+        m.name.clone().unwrap_or_default(),
+        m.namespace.clone().unwrap_or_else(|| "default".into()),
+        m.uid.clone().unwrap_or_default(),
+    )
+}
+
+/// DNS configuration for a pod (`dnsPolicy` ClusterFirst / Default / None).
+pub fn dns_config(pod: &Pod, config: &Config) -> Option<cri::DnsConfig> {
+    let spec = pod.spec.as_ref()?;
+    let (_, ns, _) = meta(pod);
+    let policy = spec.dns_policy.as_deref().unwrap_or("ClusterFirst");
+    let host_network = spec.host_network.unwrap_or(false);
+    let mut dns = match policy {
+        "ClusterFirst" if !host_network && !config.cluster_dns.is_empty() => cri::DnsConfig {
+            servers: config.cluster_dns.iter().map(ToString::to_string).collect(),
+            searches: if config.cluster_domain.is_empty() {
+                Vec::new()
+            } else {
+                let d = &config.cluster_domain;
+                vec![format!("{ns}.svc.{d}"), format!("svc.{d}"), d.clone()]
+            },
+            options: vec!["ndots:5".into()],
+        },
+        "ClusterFirstWithHostNet" if !config.cluster_dns.is_empty() => cri::DnsConfig {
+            servers: config.cluster_dns.iter().map(ToString::to_string).collect(),
+            searches: Vec::new(),
+            options: vec!["ndots:5".into()],
+        },
+        "None" => cri::DnsConfig::default(),
+        // Default (or ClusterFirst without cluster DNS): the node's resolv.conf.
+        _ => return None,
+    };
+    if let Some(c) = &spec.dns_config {
+        dns.servers
+            .extend(c.nameservers.clone().unwrap_or_default());
+        dns.searches.extend(c.searches.clone().unwrap_or_default());
+        for o in c.options.iter().flatten() {
+            let name = o.name.clone().unwrap_or_default();
+            dns.options
+                .retain(|x| x.split(':').next() != Some(name.as_str()));
+            dns.options.push(match &o.value {
+                Some(v) => format!("{name}:{v}"),
+                None => name,
+            });
+        }
+    }
+    Some(dns)
+}
+
+/// RunPodSandbox's configuration.
+pub fn sandbox_config(pod: &Pod, config: &Config, attempt: u32) -> cri::PodSandboxConfig {
+    let (name, ns, uid) = meta(pod);
+    let spec = pod.spec.clone().unwrap_or_default();
+    let mut labels: HashMap<String, String> = pod
+        .metadata
+        .labels
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    labels.insert(labels::POD_NAME.into(), name.clone());
+    labels.insert(labels::POD_NAMESPACE.into(), ns.clone());
+    labels.insert(labels::POD_UID.into(), uid.clone());
+    let node_mode = |on: Option<bool>| {
+        if on.unwrap_or(false) {
+            cri::NamespaceMode::Node as i32
+        } else {
+            cri::NamespaceMode::Pod as i32
+        }
+    };
+    let port_mappings = spec
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter(|p| p.host_port.unwrap_or(0) > 0)
+        .map(|p| cri::PortMapping {
+            protocol: match p.protocol.as_deref() {
+                Some("UDP") => cri::Protocol::Udp as i32,
+                Some("SCTP") => cri::Protocol::Sctp as i32,
+                _ => cri::Protocol::Tcp as i32,
+            },
+            container_port: p.container_port,
+            host_port: p.host_port.unwrap_or(0),
+            host_ip: p.host_ip.clone().unwrap_or_default(),
+        })
+        .collect();
+    let hostname = spec
+        .hostname
+        .clone()
+        .unwrap_or_else(|| name.chars().take(63).collect());
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.clone(),
+            uid: uid.clone(),
+            namespace: ns.clone(),
+            attempt,
+        }),
+        hostname: if spec.host_network.unwrap_or(false) {
+            String::new()
+        } else {
+            hostname
+        },
+        log_directory: config
+            .pod_logs_dir
+            .join(format!("{ns}_{name}_{uid}"))
+            .display()
+            .to_string(),
+        dns_config: dns_config(pod, config),
+        port_mappings,
+        labels,
+        annotations: pod
+            .metadata
+            .annotations
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            cgroup_parent: pod_cgroup_parent(&config.cgroup_root, qos_class(pod), &uid),
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    network: node_mode(spec.host_network),
+                    pid: if spec.host_pid.unwrap_or(false) {
+                        cri::NamespaceMode::Node as i32
+                    } else if spec.share_process_namespace.unwrap_or(false) {
+                        cri::NamespaceMode::Pod as i32
+                    } else {
+                        cri::NamespaceMode::Container as i32
+                    },
+                    ipc: node_mode(spec.host_ipc),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        windows: None,
+    }
+}
+
+/// Why a container's configuration cannot be made (CreateContainerConfigError).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ContainerConfigError {
+    #[error("env var {name}: {reason}")]
+    Env { name: String, reason: String },
+}
+
+/// `$(VAR)` expansion as the kubelet does it: defined names expand, `$$` escapes, undefined
+/// references stay as written.
+pub fn expand(input: &str, vars: &HashMap<String, String>) -> String {
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        if let Some(stripped) = after.strip_prefix('$') {
+            out.push('$');
+            rest = stripped;
+        } else if let Some(body) = after.strip_prefix('(') {
+            match body.find(')') {
+                Some(end) => {
+                    let name = &body[..end];
+                    match vars.get(name) {
+                        Some(v) => out.push_str(v),
+                        None => {
+                            out.push_str("$(");
+                            out.push_str(name);
+                            out.push(')');
+                        }
+                    }
+                    rest = &body[end + 1..];
+                }
+                None => {
+                    out.push_str("$(");
+                    rest = body;
+                }
+            }
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The container's environment: literal values, `$(VAR)` references to earlier variables, and
+/// the downward-API fields the kubelet knows without other objects.
+pub fn env(
+    pod: &Pod,
+    c: &Container,
+    pod_ip: &str,
+    host_ip: &str,
+) -> Result<Vec<(String, String)>, ContainerConfigError> {
+    let (name, ns, uid) = meta(pod);
+    let node_name = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default();
+    let sa = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_default();
+    let mut vars: HashMap<String, String> = HashMap::new();
+    let mut out = Vec::new();
+    for e in c.env.iter().flatten() {
+        let value = if let Some(v) = &e.value {
+            expand(v, &vars)
+        } else if let Some(from) = &e.value_from {
+            if let Some(f) = &from.field_ref {
+                match f.field_path.as_str() {
+                    "metadata.name" => name.clone(),
+                    "metadata.namespace" => ns.clone(),
+                    "metadata.uid" => uid.clone(),
+                    "spec.nodeName" => node_name.clone(),
+                    "spec.serviceAccountName" => sa.clone(),
+                    "status.podIP" => pod_ip.to_string(),
+                    "status.hostIP" => host_ip.to_string(),
+                    other => {
+                        return Err(ContainerConfigError::Env {
+                            name: e.name.clone(),
+                            reason: format!("unsupported fieldRef {other}"),
+                        });
+                    }
+                }
+            } else {
+                return Err(ContainerConfigError::Env {
+                    name: e.name.clone(),
+                    reason:
+                        "configMapKeyRef, secretKeyRef and resourceFieldRef are not supported yet"
+                            .into(),
+                });
+            }
+        } else {
+            String::new()
+        };
+        vars.insert(e.name.clone(), value.clone());
+        out.push((e.name.clone(), value));
+    }
+    Ok(out)
+}
+
+/// CreateContainer's configuration for container `c` of `pod`.
+pub fn container_config(
+    pod: &Pod,
+    c: &Container,
+    attempt: u32,
+    image_ref: &str,
+    env: &[(String, String)],
+) -> cri::ContainerConfig {
+    let (name, ns, uid) = meta(pod);
+    let vars: HashMap<String, String> = env.iter().cloned().collect();
+    let labels = HashMap::from([
+        (labels::POD_NAME.to_string(), name),
+        (labels::POD_NAMESPACE.to_string(), ns),
+        (labels::POD_UID.to_string(), uid),
+        (labels::CONTAINER_NAME.to_string(), c.name.clone()),
+    ]);
+    let annotations = HashMap::from([(labels::RESTART_COUNT.to_string(), attempt.to_string())]);
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: c.name.clone(),
+            attempt,
+        }),
+        image: Some(cri::ImageSpec {
+            image: image_ref.to_string(),
+            user_specified_image: c.image.clone().unwrap_or_default(),
+            ..Default::default()
+        }),
+        command: c
+            .command
+            .iter()
+            .flatten()
+            .map(|s| expand(s, &vars))
+            .collect(),
+        args: c.args.iter().flatten().map(|s| expand(s, &vars)).collect(),
+        working_dir: c.working_dir.clone().unwrap_or_default(),
+        envs: env
+            .iter()
+            .map(|(k, v)| cri::KeyValue {
+                key: k.clone(),
+                value: v.clone().into_bytes(),
+            })
+            .collect(),
+        labels,
+        annotations,
+        log_path: format!("{}/{attempt}.log", c.name),
+        stdin: c.stdin.unwrap_or(false),
+        stdin_once: c.stdin_once.unwrap_or(false),
+        tty: c.tty.unwrap_or(false),
+        linux: Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                run_as_user: c
+                    .security_context
+                    .as_ref()
+                    .and_then(|s| s.run_as_user)
+                    .or_else(|| pod.spec.as_ref()?.security_context.as_ref()?.run_as_user)
+                    .map(|value| cri::Int64Value { value }),
+                privileged: c
+                    .security_context
+                    .as_ref()
+                    .and_then(|s| s.privileged)
+                    .unwrap_or(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Flags;
+    use k8s_openapi::api::core::v1::{
+        EnvVar, EnvVarSource, ObjectFieldSelector, PodSpec, ResourceRequirements,
+    };
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+    fn pod(containers: Vec<Container>) -> Pod {
+        let mut p = Pod::default();
+        p.metadata.name = Some("web".into());
+        p.metadata.namespace = Some("prod".into());
+        p.metadata.uid = Some("u-1".into());
+        p.spec = Some(PodSpec {
+            containers,
+            node_name: Some("n1".into()),
+            ..Default::default()
+        });
+        p
+    }
+
+    fn res(req: &[(&str, &str)], lim: &[(&str, &str)]) -> Option<ResourceRequirements> {
+        let m = |v: &[(&str, &str)]| {
+            Some(
+                v.iter()
+                    .map(|(k, q)| (k.to_string(), Quantity(q.to_string())))
+                    .collect(),
+            )
+        };
+        Some(ResourceRequirements {
+            requests: m(req),
+            limits: m(lim),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn qos_classes() {
+        let c = |r| Container {
+            name: "c".into(),
+            resources: r,
+            ..Default::default()
+        };
+        assert_eq!(qos_class(&pod(vec![c(None)])), "BestEffort");
+        assert_eq!(
+            qos_class(&pod(vec![c(res(&[("cpu", "1")], &[]))])),
+            "Burstable"
+        );
+        assert_eq!(
+            qos_class(&pod(vec![c(res(
+                &[("cpu", "1"), ("memory", "1Gi")],
+                &[("cpu", "1"), ("memory", "1Gi")]
+            ))])),
+            "Guaranteed"
+        );
+        assert_eq!(
+            qos_class(&pod(vec![c(res(&[], &[("cpu", "1"), ("memory", "1Gi")]))])),
+            "Guaranteed"
+        );
+        assert_eq!(
+            pod_cgroup_parent("", "Burstable", "u"),
+            "/kubepods/burstable/podu"
+        );
+        assert_eq!(
+            pod_cgroup_parent("rel", "Guaranteed", "u"),
+            "rel/kubepods/podu"
+        );
+    }
+
+    #[test]
+    fn cluster_first_dns() {
+        let mut config = Config::load(&Flags::default()).unwrap();
+        config.cluster_dns = vec!["10.96.0.10".parse().unwrap()];
+        config.cluster_domain = "cluster.local".into();
+        let d = dns_config(&pod(vec![]), &config).unwrap();
+        assert_eq!(d.servers, ["10.96.0.10"]);
+        assert_eq!(
+            d.searches,
+            [
+                "prod.svc.cluster.local",
+                "svc.cluster.local",
+                "cluster.local"
+            ]
+        );
+        assert_eq!(d.options, ["ndots:5"]);
+        config.cluster_dns.clear();
+        assert!(
+            dns_config(&pod(vec![]), &config).is_none(),
+            "no cluster DNS: the node's resolv.conf"
+        );
+    }
+
+    #[test]
+    fn var_expansion_follows_kubernetes_rules() {
+        let vars = HashMap::from([("A".to_string(), "x".to_string())]);
+        assert_eq!(expand("$(A)-$(B)-$$(A)-$", &vars), "x-$(B)-$(A)-$");
+        assert_eq!(expand("$(A", &vars), "$(A");
+    }
+
+    #[test]
+    fn env_resolves_field_refs_and_refuses_what_it_cannot_fetch() {
+        let field = |p: &str| {
+            Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: p.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+        };
+        let c = Container {
+            name: "c".into(),
+            env: Some(vec![
+                EnvVar {
+                    name: "POD".into(),
+                    value_from: field("metadata.name"),
+                    ..Default::default()
+                },
+                EnvVar {
+                    name: "IP".into(),
+                    value_from: field("status.podIP"),
+                    ..Default::default()
+                },
+                EnvVar {
+                    name: "GREETING".into(),
+                    value: Some("hi $(POD)".into()),
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        };
+        let env = env(&pod(vec![]), &c, "10.88.0.5", "10.213.0.10").unwrap();
+        assert_eq!(
+            env,
+            [
+                ("POD".into(), "web".into()),
+                ("IP".into(), "10.88.0.5".into()),
+                ("GREETING".into(), "hi web".into())
+            ]
+        );
+        let bad = Container {
+            name: "c".into(),
+            env: Some(vec![EnvVar {
+                name: "S".into(),
+                value_from: Some(EnvVarSource::default()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        assert!(super::env(&pod(vec![]), &bad, "", "").is_err());
+    }
+
+    #[test]
+    fn container_config_carries_identity_labels_and_log_path() {
+        let c = Container {
+            name: "app".into(),
+            image: Some("busybox".into()),
+            args: Some(vec!["$(X)".into()]),
+            ..Default::default()
+        };
+        let cfg = container_config(
+            &pod(vec![c.clone()]),
+            &c,
+            2,
+            "sha256:abc",
+            &[("X".into(), "1".into())],
+        );
+        assert_eq!(cfg.metadata.unwrap().attempt, 2);
+        assert_eq!(cfg.log_path, "app/2.log");
+        assert_eq!(cfg.args, ["1"]);
+        assert_eq!(cfg.labels[labels::CONTAINER_NAME], "app");
+        assert_eq!(cfg.labels[labels::POD_UID], "u-1");
+        assert_eq!(cfg.image.unwrap().user_specified_image, "busybox");
+    }
+}

@@ -1,0 +1,665 @@
+//! One worker per pod UID: drives the pod's desired spec against what the runtime has, through
+//! CRI, and reports the pod's status.
+//!
+//! A worker moves through explicit phases: *sync* (make the sandbox, pull images, create and
+//! start containers, restart exited ones per `restartPolicy` with backoff), *terminating* (the
+//! pod is being deleted: stop containers within the grace period, stop and remove the sandbox)
+//! and *terminated* (confirm the deletion to the API server and end). Everything the worker
+//! needs to know about the runtime it finds by the pod UID label, so a restarted kubelet adopts
+//! running pods and continues their restart counts.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use strake_types::cri;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::config::Config;
+use crate::pod_spec::{self, labels};
+use crate::pod_status::{self, Observed};
+use crate::runtime::Runtime;
+
+/// Restart backoff: 10 s doubling to 300 s; reset after 10 minutes of clean running.
+#[derive(Clone, Debug, Default)]
+pub struct Backoff {
+    delay: Option<Duration>,
+    until: Option<Instant>,
+}
+
+impl Backoff {
+    const INITIAL: Duration = Duration::from_secs(10);
+    const MAX: Duration = Duration::from_secs(300);
+    const RESET_AFTER: Duration = Duration::from_secs(600);
+
+    /// Records a failure at `now`; returns the delay before the next attempt.
+    pub fn fail(&mut self, now: Instant, ran_for: Duration) -> Duration {
+        let next = match self.delay {
+            Some(_) if ran_for >= Self::RESET_AFTER => Self::INITIAL,
+            Some(d) => (d * 2).min(Self::MAX),
+            None => Self::INITIAL,
+        };
+        self.delay = Some(next);
+        self.until = Some(now + next);
+        next
+    }
+
+    /// Whether an attempt may be made at `now`.
+    pub fn ready(&self, now: Instant) -> bool {
+        self.until.is_none_or(|u| now >= u)
+    }
+}
+
+/// Shared facts every pod worker needs.
+#[derive(Clone)]
+pub struct Context {
+    pub client: kube::Client,
+    pub runtime: Runtime,
+    pub config: Config,
+    pub host_ip: String,
+    pub runtime_name: String,
+}
+
+fn uid_filter(uid: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([(labels::POD_UID.to_string(), uid.to_string())])
+}
+
+struct Worker {
+    ctx: Context,
+    uid: String,
+    backoff: BTreeMap<String, Backoff>,
+    pull_backoff: BTreeMap<String, Backoff>,
+    waiting: BTreeMap<String, (String, String)>,
+    /// The exited container instance already counted per container name.
+    crashed: BTreeMap<String, String>,
+    last_status: Option<k8s_openapi::api::core::v1::PodStatus>,
+}
+
+/// Runs the worker of one pod until the pod is gone. `updates` carries the newest pod object,
+/// `None` once the pod was deleted from the API server.
+pub async fn run(ctx: Context, uid: String, mut updates: watch::Receiver<Option<Pod>>) {
+    let mut w = Worker {
+        ctx,
+        uid,
+        backoff: BTreeMap::new(),
+        pull_backoff: BTreeMap::new(),
+        waiting: BTreeMap::new(),
+        crashed: BTreeMap::new(),
+        last_status: None,
+    };
+    loop {
+        let pod = updates.borrow_and_update().clone();
+        match pod {
+            Some(p) if p.metadata.deletion_timestamp.is_none() => {
+                if let Err(e) = w.sync(&p).await {
+                    tracing::warn!(pod = %pod_key(&p), error = %e, "pod sync failed");
+                }
+            }
+            other => {
+                w.terminate(other.as_ref()).await;
+                return;
+            }
+        }
+        // Relist: re-check the runtime every second even without a spec change (PLEG).
+        let _ = tokio::time::timeout(Duration::from_secs(1), updates.changed()).await;
+    }
+}
+
+fn pod_key(p: &Pod) -> String {
+    format!(
+        "{}/{}",
+        p.metadata.namespace.as_deref().unwrap_or(""),
+        p.metadata.name.as_deref().unwrap_or("")
+    )
+}
+
+fn now_time() -> Time {
+    Time(Timestamp::now())
+}
+
+impl Worker {
+    async fn sandboxes(&self) -> Result<Vec<cri::PodSandbox>, crate::runtime::RuntimeError> {
+        let mut c = self.ctx.runtime.runtime_client();
+        let filter = cri::PodSandboxFilter {
+            label_selector: uid_filter(&self.uid).into_iter().collect(),
+            ..Default::default()
+        };
+        let resp = self
+            .ctx
+            .runtime
+            .call_with(
+                "ListPodSandbox",
+                None,
+                c.list_pod_sandbox(cri::ListPodSandboxRequest {
+                    filter: Some(filter),
+                }),
+            )
+            .await?;
+        Ok(resp.items)
+    }
+
+    async fn containers(&self) -> Result<Vec<cri::Container>, crate::runtime::RuntimeError> {
+        let mut c = self.ctx.runtime.runtime_client();
+        let filter = cri::ContainerFilter {
+            label_selector: uid_filter(&self.uid).into_iter().collect(),
+            ..Default::default()
+        };
+        let resp = self
+            .ctx
+            .runtime
+            .call_with(
+                "ListContainers",
+                None,
+                c.list_containers(cri::ListContainersRequest {
+                    filter: Some(filter),
+                }),
+            )
+            .await?;
+        Ok(resp.containers)
+    }
+
+    async fn ensure_sandbox(
+        &mut self,
+        pod: &Pod,
+    ) -> Result<(String, Vec<String>), crate::runtime::RuntimeError> {
+        let all = self.sandboxes().await?;
+        let ready = all
+            .iter()
+            .filter(|s| s.state == cri::PodSandboxState::SandboxReady as i32)
+            .max_by_key(|s| s.created_at);
+        let mut rt = self.ctx.runtime.runtime_client();
+        let id = match ready {
+            Some(s) => s.id.clone(),
+            None => {
+                // A new sandbox: the old ones (and their containers) go first.
+                for s in &all {
+                    let _ = self
+                        .ctx
+                        .runtime
+                        .call_with(
+                            "StopPodSandbox",
+                            Some(Duration::from_secs(60)),
+                            rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+                                pod_sandbox_id: s.id.clone(),
+                            }),
+                        )
+                        .await;
+                    let _ = self
+                        .ctx
+                        .runtime
+                        .call_with(
+                            "RemovePodSandbox",
+                            Some(Duration::from_secs(60)),
+                            rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                                pod_sandbox_id: s.id.clone(),
+                            }),
+                        )
+                        .await;
+                }
+                let attempt = all
+                    .iter()
+                    .filter_map(|s| s.metadata.as_ref().map(|m| m.attempt + 1))
+                    .max()
+                    .unwrap_or(0);
+                let config = pod_spec::sandbox_config(pod, &self.ctx.config, attempt);
+                let handler = String::new();
+                let resp = self
+                    .ctx
+                    .runtime
+                    .call_with(
+                        "RunPodSandbox",
+                        Some(Duration::from_secs(120)),
+                        rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+                            config: Some(config),
+                            runtime_handler: handler,
+                        }),
+                    )
+                    .await?;
+                tracing::info!(pod = %pod_key(pod), sandbox = %resp.pod_sandbox_id, "sandbox created");
+                resp.pod_sandbox_id
+            }
+        };
+        let status = self
+            .ctx
+            .runtime
+            .call_with(
+                "PodSandboxStatus",
+                None,
+                rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
+                    pod_sandbox_id: id.clone(),
+                    verbose: false,
+                }),
+            )
+            .await?;
+        let ips = status
+            .status
+            .and_then(|s| s.network)
+            .map(|n| {
+                std::iter::once(n.ip)
+                    .chain(n.additional_ips.into_iter().map(|p| p.ip))
+                    .filter(|ip| !ip.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((id, ips))
+    }
+
+    /// Pulls the image per `imagePullPolicy`; returns the image reference to create with.
+    async fn ensure_image(&mut self, c: &Container) -> Result<String, (String, String)> {
+        let image = c.image.clone().unwrap_or_default();
+        let policy = c.image_pull_policy.clone().unwrap_or_else(|| {
+            if image.ends_with(":latest") || !image.rsplit('/').next().unwrap_or("").contains(':') {
+                "Always".into()
+            } else {
+                "IfNotPresent".into()
+            }
+        });
+        let mut ic = self.ctx.runtime.image_client();
+        let spec = cri::ImageSpec {
+            image: image.clone(),
+            ..Default::default()
+        };
+        let present = self
+            .ctx
+            .runtime
+            .call_with(
+                "ImageStatus",
+                None,
+                ic.image_status(cri::ImageStatusRequest {
+                    image: Some(spec.clone()),
+                    verbose: false,
+                }),
+            )
+            .await
+            .ok()
+            .and_then(|r| r.image)
+            .map(|i| i.id);
+        match (policy.as_str(), present) {
+            ("Never", Some(id)) | ("IfNotPresent", Some(id)) => return Ok(id),
+            ("Never", None) => {
+                return Err((
+                    "ErrImageNeverPull".into(),
+                    format!("Container image \"{image}\" is not present with pull policy of Never"),
+                ));
+            }
+            _ => {}
+        }
+        let now = Instant::now();
+        if !self.pull_backoff.get(&c.name).is_none_or(|b| b.ready(now)) {
+            return Err((
+                "ImagePullBackOff".into(),
+                format!("Back-off pulling image \"{image}\""),
+            ));
+        }
+        match self
+            .ctx
+            .runtime
+            .call_with(
+                "PullImage",
+                Some(Duration::from_secs(600)),
+                ic.pull_image(cri::PullImageRequest {
+                    image: Some(spec),
+                    auth: None,
+                    sandbox_config: None,
+                }),
+            )
+            .await
+        {
+            Ok(r) => {
+                self.pull_backoff.remove(&c.name);
+                Ok(r.image_ref)
+            }
+            Err(e) => {
+                self.pull_backoff
+                    .entry(c.name.clone())
+                    .or_default()
+                    .fail(now, Duration::ZERO);
+                Err(("ErrImagePull".into(), e.to_string()))
+            }
+        }
+    }
+
+    async fn sync(&mut self, pod: &Pod) -> Result<(), crate::runtime::RuntimeError> {
+        let (sandbox_id, ips) = self.ensure_sandbox(pod).await?;
+        let spec = pod.spec.clone().unwrap_or_default();
+        let restart_policy = spec
+            .restart_policy
+            .clone()
+            .unwrap_or_else(|| "Always".into());
+        let containers = self.containers().await?;
+        let mut rt = self.ctx.runtime.runtime_client();
+        for c in &spec.containers {
+            let mine: Vec<&cri::Container> = containers
+                .iter()
+                .filter(|k| {
+                    k.pod_sandbox_id == sandbox_id
+                        && k.metadata.as_ref().is_some_and(|m| m.name == c.name)
+                })
+                .collect();
+            let newest = mine
+                .iter()
+                .max_by_key(|k| k.metadata.as_ref().map_or(0, |m| m.attempt))
+                .copied();
+            let attempt = match newest {
+                Some(k)
+                    if k.state == cri::ContainerState::ContainerRunning as i32
+                        || k.state == cri::ContainerState::ContainerCreated as i32 =>
+                {
+                    self.waiting.remove(&c.name);
+                    continue;
+                }
+                Some(k) => {
+                    let st = self
+                        .ctx
+                        .runtime
+                        .call_with(
+                            "ContainerStatus",
+                            None,
+                            rt.container_status(cri::ContainerStatusRequest {
+                                container_id: k.id.clone(),
+                                verbose: false,
+                            }),
+                        )
+                        .await?;
+                    let exit = st.status.as_ref().map_or(0, |s| s.exit_code);
+                    let restart = match restart_policy.as_str() {
+                        "Never" => false,
+                        "OnFailure" => exit != 0,
+                        _ => true,
+                    };
+                    if !restart {
+                        self.waiting.remove(&c.name);
+                        continue;
+                    }
+                    let ran = st.status.as_ref().map_or(Duration::ZERO, |s| {
+                        Duration::from_nanos((s.finished_at - s.started_at).max(0) as u64)
+                    });
+                    let now = Instant::now();
+                    // Each exited instance counts once against the backoff.
+                    if self.crashed.get(&c.name) != Some(&k.id) {
+                        self.crashed.insert(c.name.clone(), k.id.clone());
+                        let delay = self
+                            .backoff
+                            .entry(c.name.clone())
+                            .or_default()
+                            .fail(now, ran);
+                        self.waiting.insert(
+                            c.name.clone(),
+                            (
+                                "CrashLoopBackOff".into(),
+                                format!(
+                                    "back-off {}s restarting failed container={} pod={}",
+                                    delay.as_secs(),
+                                    c.name,
+                                    pod_key(pod)
+                                ),
+                            ),
+                        );
+                    }
+                    if !self.backoff.get(&c.name).is_none_or(|b| b.ready(now)) {
+                        continue;
+                    }
+                    k.metadata.as_ref().map_or(0, |m| m.attempt + 1)
+                }
+                None => 0,
+            };
+            let image_ref = match self.ensure_image(c).await {
+                Ok(r) => r,
+                Err(reason) => {
+                    self.waiting.insert(c.name.clone(), reason);
+                    continue;
+                }
+            };
+            let env = match pod_spec::env(
+                pod,
+                c,
+                ips.first().map_or("", String::as_str),
+                &self.ctx.host_ip,
+            ) {
+                Ok(e) => e,
+                Err(e) => {
+                    self.waiting.insert(
+                        c.name.clone(),
+                        ("CreateContainerConfigError".into(), e.to_string()),
+                    );
+                    continue;
+                }
+            };
+            let config = pod_spec::container_config(pod, c, attempt, &image_ref, &env);
+            let sandbox_config = pod_spec::sandbox_config(pod, &self.ctx.config, 0);
+            let created = self
+                .ctx
+                .runtime
+                .call_with(
+                    "CreateContainer",
+                    Some(Duration::from_secs(120)),
+                    rt.create_container(cri::CreateContainerRequest {
+                        pod_sandbox_id: sandbox_id.clone(),
+                        config: Some(config),
+                        sandbox_config: Some(sandbox_config),
+                    }),
+                )
+                .await;
+            let id = match created {
+                Ok(r) => r.container_id,
+                Err(e) => {
+                    self.waiting.insert(
+                        c.name.clone(),
+                        ("CreateContainerError".into(), e.to_string()),
+                    );
+                    continue;
+                }
+            };
+            if let Err(e) = self
+                .ctx
+                .runtime
+                .call_with(
+                    "StartContainer",
+                    Some(Duration::from_secs(120)),
+                    rt.start_container(cri::StartContainerRequest {
+                        container_id: id.clone(),
+                    }),
+                )
+                .await
+            {
+                self.waiting
+                    .insert(c.name.clone(), ("RunContainerError".into(), e.to_string()));
+                continue;
+            }
+            self.waiting.remove(&c.name);
+            tracing::info!(pod = %pod_key(pod), container = %c.name, attempt, "container started");
+        }
+        self.report(pod, &sandbox_id, Some(ips)).await
+    }
+
+    async fn observe(
+        &self,
+        sandbox_id: &str,
+        ips: Option<Vec<String>>,
+    ) -> Result<Observed, crate::runtime::RuntimeError> {
+        let mut rt = self.ctx.runtime.runtime_client();
+        let mut observed = Observed {
+            sandbox_ips: ips,
+            waiting: self.waiting.clone(),
+            runtime_name: self.ctx.runtime_name.clone(),
+            ..Default::default()
+        };
+        let mut by_name: BTreeMap<String, Vec<cri::ContainerStatus>> = BTreeMap::new();
+        for k in self
+            .containers()
+            .await?
+            .into_iter()
+            .filter(|k| k.pod_sandbox_id == sandbox_id)
+        {
+            let st = self
+                .ctx
+                .runtime
+                .call_with(
+                    "ContainerStatus",
+                    None,
+                    rt.container_status(cri::ContainerStatusRequest {
+                        container_id: k.id.clone(),
+                        verbose: false,
+                    }),
+                )
+                .await?;
+            if let Some(s) = st.status {
+                let name = s
+                    .metadata
+                    .as_ref()
+                    .map(|m| m.name.clone())
+                    .unwrap_or_default();
+                by_name.entry(name).or_default().push(s);
+            }
+        }
+        for (name, mut list) in by_name {
+            list.sort_by_key(|s| s.metadata.as_ref().map_or(0, |m| m.attempt));
+            if let Some(newest) = list.pop() {
+                observed.containers.insert(name.clone(), newest);
+            }
+            if let Some(prev) = list.pop() {
+                observed.previous.insert(name, prev);
+            }
+        }
+        Ok(observed)
+    }
+
+    async fn report(
+        &mut self,
+        pod: &Pod,
+        sandbox_id: &str,
+        ips: Option<Vec<String>>,
+    ) -> Result<(), crate::runtime::RuntimeError> {
+        let observed = self.observe(sandbox_id, ips).await?;
+        let status = pod_status::pod_status(pod, &observed, &self.ctx.host_ip, &now_time());
+        if self.last_status.as_ref() == Some(&status) {
+            return Ok(());
+        }
+        let api: Api<Pod> = Api::namespaced(
+            self.ctx.client.clone(),
+            pod.metadata.namespace.as_deref().unwrap_or("default"),
+        );
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let patch = serde_json::json!({ "status": status });
+        match api
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => self.last_status = Some(status),
+            Err(e) => tracing::warn!(pod = %pod_key(pod), error = %e, "pod status update failed"),
+        }
+        Ok(())
+    }
+
+    /// Stops everything of the pod (within its grace period), removes it from the runtime and
+    /// confirms the deletion to the API server.
+    async fn terminate(&mut self, pod: Option<&Pod>) {
+        let grace = pod
+            .and_then(|p| {
+                p.metadata
+                    .deletion_grace_period_seconds
+                    .or(p.spec.as_ref()?.termination_grace_period_seconds)
+            })
+            .unwrap_or(30)
+            .max(0);
+        let mut rt = self.ctx.runtime.runtime_client();
+        if let Ok(containers) = self.containers().await {
+            let stops = containers
+                .iter()
+                .filter(|k| k.state == cri::ContainerState::ContainerRunning as i32)
+                .map(|k| {
+                    let mut rt = rt.clone();
+                    let runtime = self.ctx.runtime.clone();
+                    let id = k.id.clone();
+                    async move {
+                        let _ = runtime
+                            .call_with(
+                                "StopContainer",
+                                Some(Duration::from_secs(grace as u64 + 30)),
+                                rt.stop_container(cri::StopContainerRequest {
+                                    container_id: id,
+                                    timeout: grace,
+                                }),
+                            )
+                            .await;
+                    }
+                });
+            futures::future::join_all(stops).await;
+        }
+        if let Ok(sandboxes) = self.sandboxes().await {
+            for s in sandboxes {
+                let _ = self
+                    .ctx
+                    .runtime
+                    .call_with(
+                        "StopPodSandbox",
+                        Some(Duration::from_secs(60)),
+                        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+                            pod_sandbox_id: s.id.clone(),
+                        }),
+                    )
+                    .await;
+                let _ = self
+                    .ctx
+                    .runtime
+                    .call_with(
+                        "RemovePodSandbox",
+                        Some(Duration::from_secs(60)),
+                        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                            pod_sandbox_id: s.id,
+                        }),
+                    )
+                    .await;
+            }
+        }
+        if let Some(p) = pod {
+            let api: Api<Pod> = Api::namespaced(
+                self.ctx.client.clone(),
+                p.metadata.namespace.as_deref().unwrap_or("default"),
+            );
+            let dp = DeleteParams {
+                grace_period_seconds: Some(0),
+                preconditions: p.metadata.uid.clone().map(|uid| kube::api::Preconditions {
+                    uid: Some(uid),
+                    resource_version: None,
+                }),
+                ..Default::default()
+            };
+            match api
+                .delete(p.metadata.name.as_deref().unwrap_or(""), &dp)
+                .await
+            {
+                Ok(_) => tracing::info!(pod = %pod_key(p), "pod terminated and deleted"),
+                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+                Err(e) => {
+                    tracing::warn!(pod = %pod_key(p), error = %e, "confirming pod deletion failed")
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_five_minutes_and_resets_after_a_clean_run() {
+        let t = Instant::now();
+        let mut b = Backoff::default();
+        assert!(b.ready(t));
+        assert_eq!(b.fail(t, Duration::ZERO), Duration::from_secs(10));
+        assert!(!b.ready(t + Duration::from_secs(5)));
+        assert!(b.ready(t + Duration::from_secs(10)));
+        assert_eq!(b.fail(t, Duration::ZERO), Duration::from_secs(20));
+        for _ in 0..10 {
+            b.fail(t, Duration::ZERO);
+        }
+        assert_eq!(b.fail(t, Duration::ZERO), Duration::from_secs(300));
+        assert_eq!(b.fail(t, Duration::from_secs(601)), Duration::from_secs(10));
+    }
+}

@@ -1,0 +1,84 @@
+//! Shared by the kubelet's integration tests: a node running strake-kubelet on containerd.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use strake_integration::containerd::Containerd;
+use strake_integration::control_plane::ControlPlane;
+use strake_integration::netns::NodeNs;
+
+/// Polls `f` every 250 ms until it yields a value; panics after `secs`.
+pub async fn wait_for<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while tokio::time::Instant::now() < deadline {
+        if let Some(v) = f().await {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("timed out after {secs} s waiting for {what}");
+}
+
+/// A test node: its namespace, containerd, and strake-kubelet. Dropped in that reverse order.
+pub struct KubeletNode {
+    pub kubelet_pid: u32,
+    pub dir: tempfile::TempDir,
+    pub containerd: Containerd,
+    pub ns: NodeNs,
+}
+
+impl KubeletNode {
+    /// Starts containerd and strake-kubelet (named `name`) on node number `index` of `cp`.
+    pub async fn start(cp: &ControlPlane, index: u8, name: &str, extra_config: &str) -> Self {
+        let mut ns = cp.net().add_node(index).expect("node namespace");
+        let containerd = Containerd::start(&mut ns, index).await.expect("containerd");
+        let kubeconfig = cp.node_kubeconfig(name).expect("node kubeconfig");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("kubelet.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n\
+                 nodeStatusUpdateFrequency: 1s\nnodeLeaseDurationSeconds: 8\n\
+                 cgroupRoot: {}\npodLogsDir: {}\n{extra_config}",
+                containerd.cgroup_parent(),
+                dir.path().join("pod-logs").display()
+            ),
+        )
+        .expect("kubelet config");
+        let args = [
+            format!("--kubeconfig={}", kubeconfig.display()),
+            format!("--config={}", config.display()),
+            format!("--hostname-override={name}"),
+            format!("--node-ip={}", ns.ip()),
+            format!("--container-runtime-endpoint={}", containerd.endpoint()),
+            format!("--root-dir={}", dir.path().join("root").display()),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let kubelet_pid = ns
+            .spawn(
+                "strake-kubelet",
+                Path::new(env!("CARGO_BIN_EXE_strake-kubelet")),
+                &args,
+                &dir.path().join("kubelet.log"),
+            )
+            .expect("start kubelet");
+        KubeletNode {
+            kubelet_pid,
+            dir,
+            containerd,
+            ns,
+        }
+    }
+
+    /// The kubelet's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("kubelet.log")).unwrap_or_default()
+    }
+}

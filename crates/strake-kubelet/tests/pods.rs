@@ -1,0 +1,210 @@
+//! strake-kubelet runs a Deployment's pods through containerd: Running and Ready with pod IPs,
+//! a deleted pod is replaced, scaling to zero stops and removes the containers, and a crashing
+//! container restarts with a rising restart count.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use strake_integration::control_plane::{ControlPlane, Options};
+use strake_integration::registry::Registry;
+
+mod common;
+use common::{KubeletNode, wait_for};
+
+const NODE: &str = "strake-pods-0";
+
+fn deployment(replicas: i32, image: &str) -> Deployment {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": { "name": "web" },
+        "spec": {
+            "replicas": replicas,
+            "selector": { "matchLabels": { "app": "web" } },
+            "template": {
+                "metadata": { "labels": { "app": "web" } },
+                "spec": {
+                    "terminationGracePeriodSeconds": 2,
+                    "containers": [{
+                        "name": "app",
+                        "image": image,
+                        "imagePullPolicy": "IfNotPresent",
+                        "command": ["/bin/sh", "-c", "echo started $(POD_NAME); trap 'exit 0' TERM; sleep 3600 & wait"],
+                        "env": [{ "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } }]
+                    }]
+                }
+            }
+        }
+    }))
+    .expect("deployment")
+}
+
+fn running_ready(p: &Pod) -> bool {
+    let st = p.status.clone().unwrap_or_default();
+    st.phase.as_deref() == Some("Running")
+        && st
+            .pod_ip
+            .as_deref()
+            .is_some_and(|ip| ip.starts_with("10.88."))
+        && st
+            .conditions
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployment_pods_run_are_replaced_and_scale_to_zero() {
+    let cp = ControlPlane::start(Options::default())
+        .await
+        .expect("control plane");
+    let registry = Registry::start(cp.net(), &cp.dir().join("registry")).expect("registry");
+    let client = cp.client().await.expect("client");
+    let node = KubeletNode::start(&cp, 0, NODE, "").await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    wait_for("node registered", 60, || async {
+        nodes.get_opt(NODE).await.ok().flatten()
+    })
+    .await;
+
+    let image = format!("{}/strake/busybox:1", registry.open_in_cluster());
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    // The default ServiceAccount appears shortly after the control plane starts.
+    wait_for("deployment created", 60, || async {
+        deployments
+            .create(&PostParams::default(), &deployment(3, &image))
+            .await
+            .ok()
+    })
+    .await;
+    let lp = ListParams::default().labels("app=web");
+    let running = wait_for("3 pods Running and Ready", 120, || async {
+        let list = pods.list(&lp).await.ok()?;
+        let ok: Vec<Pod> = list.items.into_iter().filter(running_ready).collect();
+        (ok.len() == 3).then_some(ok)
+    })
+    .await;
+    let ips: std::collections::BTreeSet<String> = running
+        .iter()
+        .filter_map(|p| p.status.clone()?.pod_ip)
+        .collect();
+    assert_eq!(ips.len(), 3, "each pod has its own IP: {ips:?}");
+    for p in &running {
+        let st = p.status.clone().unwrap_or_default();
+        assert_eq!(st.host_ip.as_deref(), Some("10.213.0.10"));
+        let c = &st.container_statuses.unwrap_or_default()[0];
+        assert!(
+            c.container_id
+                .as_deref()
+                .is_some_and(|id| id.starts_with("containerd://")),
+            "{c:?}"
+        );
+        assert!(
+            c.image_id.starts_with("sha256:") || c.image_id.contains("@sha256:"),
+            "{}",
+            c.image_id
+        );
+    }
+
+    // The container saw its own pod name through the downward API.
+    let first = running[0].metadata.name.clone().unwrap_or_default();
+    let logs = wait_for("container log", 30, || async {
+        let out = node
+            .containerd
+            .crictl(&[
+                "ps",
+                "-q",
+                "--label",
+                &format!("io.kubernetes.pod.name={first}"),
+            ])
+            .ok()?;
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let out = node.containerd.crictl(&["logs", &id]).ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.contains("started").then_some(text)
+    })
+    .await;
+    assert!(logs.contains(&format!("started {first}")), "{logs}");
+
+    // Delete one pod: it terminates, and the ReplicaSet's replacement runs.
+    pods.delete(&first, &DeleteParams::default())
+        .await
+        .expect("delete pod");
+    wait_for("deleted pod gone and replaced", 120, || async {
+        let list = pods.list(&lp).await.ok()?;
+        let gone = list
+            .items
+            .iter()
+            .all(|p| p.metadata.name.as_deref() != Some(first.as_str()));
+        (gone && list.items.iter().filter(|p| running_ready(p)).count() == 3).then_some(())
+    })
+    .await;
+
+    // Scale to zero: every pod goes, and the runtime has nothing of them left.
+    let patch = serde_json::json!({ "spec": { "replicas": 0 } });
+    deployments
+        .patch("web", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("scale to 0");
+    wait_for("pods gone", 120, || async {
+        pods.list(&lp).await.ok()?.items.is_empty().then_some(())
+    })
+    .await;
+    wait_for("runtime empty", 60, || async {
+        let out = node.containerd.crictl(&["pods", "-q"]).ok()?;
+        let ps = node.containerd.crictl(&["ps", "-a", "-q"]).ok()?;
+        (out.stdout.is_empty() && ps.stdout.is_empty()).then_some(())
+    })
+    .await;
+    drop(node);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashing_container_restarts_with_backoff_and_reports_why() {
+    let cp = ControlPlane::start(Options::default())
+        .await
+        .expect("control plane");
+    let registry = Registry::start(cp.net(), &cp.dir().join("registry")).expect("registry");
+    let client = cp.client().await.expect("client");
+    let node = KubeletNode::start(&cp, 0, NODE, "").await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    wait_for("node registered", 60, || async {
+        nodes.get_opt(NODE).await.ok().flatten()
+    })
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": "crasher" },
+        "spec": {
+            "nodeName": NODE,
+            "containers": [{
+                "name": "app",
+                "image": format!("{}/strake/busybox:1", registry.open_in_cluster()),
+                "command": ["/bin/sh", "-c", "echo boom; exit 3"]
+            }]
+        }
+    }))
+    .expect("pod");
+    wait_for("pod created", 60, || async {
+        pods.create(&PostParams::default(), &pod).await.ok()
+    })
+    .await;
+    let status = wait_for("restartCount >= 1 and CrashLoopBackOff", 90, || async {
+        let p = pods.get("crasher").await.ok()?;
+        let c = p.status?.container_statuses?.into_iter().next()?;
+        let waiting = c.state.clone()?.waiting?.reason?;
+        (c.restart_count >= 1 && waiting == "CrashLoopBackOff").then_some(c)
+    })
+    .await;
+    let last = status
+        .last_state
+        .and_then(|s| s.terminated)
+        .expect("last state terminated");
+    assert_eq!(last.exit_code, 3);
+    assert_eq!(last.reason.as_deref(), Some("Error"));
+    assert!(node.log().contains("container started"));
+    drop(node);
+}
