@@ -94,7 +94,11 @@ impl Bundle {
             cmd.pre_exec(move || {
                 libc::setsid();
                 // dup2 onto itself would keep close-on-exec: clear it instead.
-                let rc = if raw == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(raw, 3) };
+                let rc = if raw == 3 {
+                    libc::fcntl(3, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(raw, 3)
+                };
                 if rc < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
