@@ -3,9 +3,20 @@
 //! It watches Services and EndpointSlices and programs nftables (tables `ip strake-proxy` and
 //! `ip6 strake-proxy`) so that ClusterIP, NodePort and LoadBalancer traffic reaches ready endpoints.
 //!
-//! Status: the workspace, flags and logging are in place; the daemon's work is tracked in
-//! issue #4. Until it lands, [`run`] refuses to start with an error saying so, rather
-//! than pretending to serve.
+//! Start reading at [`model::build`] (API objects -> validated model), then
+//! [`nft::ruleset::Ruleset::build`] (model -> desired nftables state, a pure function), then
+//! [`nft::sync::Syncer`] (desired versus last applied -> one nft transaction) and the [`nft::Nft`]
+//! seam that runs the `nft` program.
+//!
+//! Status: the pure core and the data plane are in place and tested; the watch loop, health and
+//! metrics servers are tracked in issue #4. Until they land, [`run`] refuses to start with an
+//! error saying so, rather than pretending to serve.
+
+pub mod config;
+pub mod model;
+pub mod nft;
+#[cfg(test)]
+mod testutil;
 
 /// Why the daemon stopped.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,434 @@
+//! Getting the desired [`Ruleset`] into the kernel: one atomic `nft -f` transaction per sync.
+//!
+//! The [`Syncer`] remembers what it last applied successfully. A partial sync sends only the
+//! difference between that and the desired state; a full sync (the first one, the one after a
+//! failure, a periodic one, or one whose difference cannot be expressed, such as a changed set
+//! declaration) replaces both tables in one transaction (`add table`, `delete table`, then the
+//! whole content), so no packet ever sees a half-written table. The kernel's ruleset is never
+//! listed to compute a sync.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use crate::nft::ruleset::{Chain, Ruleset, Set, Table, table_ref};
+use crate::nft::{Nft, NftError};
+
+/// Map and set elements per `add element` / `delete element` command; keeps lines (and nft's
+/// parser buffers) bounded for huge maps while staying in the same transaction.
+pub const ELEMENT_CHUNK: usize = 1000;
+
+/// A sync that did not reach the kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// `nft` refused or could not run the transaction; the kernel keeps its previous ruleset
+    /// and the next sync is a full one.
+    #[error("apply {} ruleset ({bytes} bytes)", if *.full { "full" } else { "partial" })]
+    ApplyRuleset {
+        /// Whether this was a full sync.
+        full: bool,
+        /// Size of the script.
+        bytes: usize,
+        /// Why it failed.
+        #[source]
+        source: NftError,
+    },
+}
+
+/// What one sync did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Whether both tables were rewritten.
+    pub full: bool,
+    /// Size of the script sent (0 when nothing changed and nothing was sent).
+    pub bytes: usize,
+    /// Commands in the script.
+    pub commands: usize,
+}
+
+/// Keeps the last applied ruleset and turns desired states into nft transactions.
+#[derive(Debug, Default)]
+pub struct Syncer {
+    applied: Option<Ruleset>,
+}
+
+impl Syncer {
+    /// A syncer that has applied nothing yet (its first sync is full).
+    pub fn new() -> Self {
+        Syncer { applied: None }
+    }
+
+    /// The ruleset last applied successfully, if the kernel is known to hold it.
+    pub fn applied(&self) -> Option<&Ruleset> {
+        self.applied.as_ref()
+    }
+
+    /// Forgets the applied state, so that the next sync is full (e.g. on a period).
+    pub fn force_full(&mut self) {
+        self.applied = None;
+    }
+
+    /// The script that would bring the kernel from the last applied state to `desired`, and
+    /// whether it is a full rewrite. An empty script means nothing to do.
+    pub fn plan(&self, desired: &Ruleset) -> (String, bool) {
+        match &self.applied {
+            Some(applied) => match partial_script(applied, desired) {
+                Some(script) => (script, false),
+                None => (full_script(desired), true),
+            },
+            None => (full_script(desired), true),
+        }
+    }
+
+    /// Applies `desired` through `nft` as one transaction. On failure the applied state is
+    /// forgotten, so the next sync is full.
+    pub fn sync(&mut self, nft: &dyn Nft, desired: Ruleset) -> Result<SyncReport, SyncError> {
+        let (script, full) = self.plan(&desired);
+        let commands = script.lines().count();
+        if script.is_empty() {
+            return Ok(SyncReport {
+                full,
+                bytes: 0,
+                commands: 0,
+            });
+        }
+        match nft.apply(&script) {
+            Ok(()) => {
+                self.applied = Some(desired);
+                Ok(SyncReport {
+                    full,
+                    bytes: script.len(),
+                    commands,
+                })
+            }
+            Err(source) => {
+                self.applied = None;
+                Err(SyncError::ApplyRuleset {
+                    full,
+                    bytes: script.len(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// A script that replaces both tables with `desired`.
+pub fn full_script(desired: &Ruleset) -> String {
+    let mut out = String::with_capacity(estimate(desired));
+    for table in desired.tables() {
+        let t = table_ref(table.family);
+        // `add` first so that `delete` cannot fail on a missing table.
+        let _ = writeln!(out, "add table {t}");
+        let _ = writeln!(out, "delete table {t}");
+        let _ = writeln!(out, "add table {t}");
+        for (name, set) in &table.sets {
+            add_set(&mut out, &t, name, set);
+        }
+        for (name, chain) in &table.chains {
+            add_chain(&mut out, &t, name, chain);
+        }
+        for (name, set) in &table.sets {
+            add_elements(&mut out, &t, name, set.elements.iter());
+        }
+        for (name, chain) in &table.chains {
+            add_rules(&mut out, &t, name, chain);
+        }
+    }
+    out
+}
+
+fn estimate(desired: &Ruleset) -> usize {
+    desired
+        .tables()
+        .iter()
+        .map(|t| {
+            t.chains.len() * 160
+                + t.sets
+                    .values()
+                    .map(|s| s.elements.len() * 80)
+                    .sum::<usize>()
+        })
+        .sum()
+}
+
+/// The difference between two states as one script, or `None` when only a full sync can
+/// express it (a base chain or a set declaration changed).
+pub fn partial_script(applied: &Ruleset, desired: &Ruleset) -> Option<String> {
+    let mut out = String::new();
+    for (old, new) in applied.tables().into_iter().zip(desired.tables()) {
+        table_diff(&mut out, old, new)?;
+    }
+    Some(out)
+}
+
+fn table_diff(out: &mut String, old: &Table, new: &Table) -> Option<()> {
+    let t = table_ref(new.family);
+    // Declarations that changed in place cannot be patched (and happen only on config change).
+    for (name, set) in &new.sets {
+        if let Some(prev) = old.sets.get(name)
+            && (prev.spec != set.spec || prev.kind != set.kind)
+        {
+            return None;
+        }
+    }
+    for (name, chain) in &new.chains {
+        if let Some(prev) = old.chains.get(name)
+            && prev.base != chain.base
+        {
+            return None;
+        }
+    }
+
+    let added_chains: Vec<(&String, &Chain)> = new
+        .chains
+        .iter()
+        .filter(|(n, _)| !old.chains.contains_key(*n))
+        .collect();
+    let changed_chains: Vec<(&String, &Chain)> = new
+        .chains
+        .iter()
+        .filter(|(n, c)| old.chains.get(*n).is_some_and(|p| p.rules != c.rules))
+        .collect();
+    let removed_chains: Vec<&String> = old
+        .chains
+        .keys()
+        .filter(|n| !new.chains.contains_key(*n))
+        .collect();
+
+    // 1. New sets and chains, empty, so everything below can refer to them.
+    for (name, set) in &new.sets {
+        if !old.sets.contains_key(name) {
+            add_set(out, &t, name, set);
+        }
+    }
+    for (name, chain) in &added_chains {
+        add_chain(out, &t, name, chain);
+    }
+    // 2. Empty changed and doomed chains: drops their references to other objects.
+    for (name, _) in &changed_chains {
+        let _ = writeln!(out, "flush chain {t} {name}");
+    }
+    for name in &removed_chains {
+        let _ = writeln!(out, "flush chain {t} {name}");
+    }
+    // 3. Elements: removed and changed ones out, new and changed ones in.
+    for (name, set) in &new.sets {
+        let empty = BTreeMap::new();
+        let old_elements = old.sets.get(name).map(|s| &s.elements).unwrap_or(&empty);
+        let gone = old_elements
+            .iter()
+            .filter(|(k, v)| set.elements.get(*k) != Some(*v))
+            .map(|(k, _)| k);
+        delete_elements(out, &t, name, gone);
+        let fresh = set
+            .elements
+            .iter()
+            .filter(|(k, v)| old_elements.get(*k) != Some(*v));
+        add_elements(out, &t, name, fresh);
+    }
+    // 4. Rules of new and changed chains.
+    for (name, chain) in added_chains.iter().chain(&changed_chains) {
+        add_rules(out, &t, name, chain);
+    }
+    // 5. Removed sets and maps: the rules that used them were flushed above; removing the
+    //    maps drops their references to chains...
+    for (name, set) in &old.sets {
+        if !new.sets.contains_key(name) {
+            let _ = writeln!(out, "delete {} {t} {name}", set.kind.keyword());
+        }
+    }
+    // 6. ...so that nothing refers to removed chains any more.
+    for name in &removed_chains {
+        let _ = writeln!(out, "delete chain {t} {name}");
+    }
+    Some(())
+}
+
+fn add_set(out: &mut String, t: &str, name: &str, set: &Set) {
+    let _ = writeln!(
+        out,
+        "add {} {t} {name} {{ {} }}",
+        set.kind.keyword(),
+        set.spec
+    );
+}
+
+fn add_chain(out: &mut String, t: &str, name: &str, chain: &Chain) {
+    match &chain.base {
+        Some(base) => {
+            let _ = writeln!(out, "add chain {t} {name} {{ {base} }}");
+        }
+        None => {
+            let _ = writeln!(out, "add chain {t} {name}");
+        }
+    }
+}
+
+fn add_rules(out: &mut String, t: &str, name: &str, chain: &Chain) {
+    for rule in &chain.rules {
+        let _ = writeln!(out, "add rule {t} {name} {rule}");
+    }
+}
+
+fn add_elements<'a>(
+    out: &mut String,
+    t: &str,
+    name: &str,
+    elements: impl Iterator<Item = (&'a String, &'a String)>,
+) {
+    write_elements(out, "add", t, name, elements, true);
+}
+
+fn delete_elements<'a>(
+    out: &mut String,
+    t: &str,
+    name: &str,
+    keys: impl Iterator<Item = &'a String>,
+) {
+    let empty = String::new();
+    write_elements(out, "delete", t, name, keys.map(|k| (k, &empty)), false);
+}
+
+fn write_elements<'a>(
+    out: &mut String,
+    verb: &str,
+    t: &str,
+    name: &str,
+    elements: impl Iterator<Item = (&'a String, &'a String)>,
+    with_values: bool,
+) {
+    let mut in_line = 0;
+    for (key, value) in elements {
+        if in_line == 0 {
+            let _ = write!(out, "{verb} element {t} {name} {{ ");
+        } else {
+            out.push_str(", ");
+        }
+        out.push_str(key);
+        if with_values && !value.is_empty() {
+            out.push_str(" : ");
+            out.push_str(value);
+        }
+        in_line += 1;
+        if in_line == ELEMENT_CHUNK {
+            out.push_str(" }\n");
+            in_line = 0;
+        }
+    }
+    if in_line > 0 {
+        out.push_str(" }\n");
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::nft::RecordingNft;
+    use crate::testutil::{config, model_of, simple};
+
+    fn ruleset(b_endpoints: &[&str]) -> Ruleset {
+        let (a, sa) = simple("default", "a", "10.96.0.1", &["10.244.1.1"]);
+        let (b, sb) = simple("default", "b", "10.96.0.2", b_endpoints);
+        Ruleset::build(&model_of(&[a, b], &[sa, sb]), &config())
+    }
+
+    #[test]
+    fn first_sync_is_full_then_only_differences_are_sent() {
+        let nft = RecordingNft::default();
+        let mut syncer = Syncer::new();
+        let report = syncer.sync(&nft, ruleset(&["10.244.2.1"])).unwrap();
+        assert!(report.full);
+        let scripts = nft.scripts();
+        assert!(scripts[0].starts_with(
+            "add table ip strake-proxy\ndelete table ip strake-proxy\nadd table ip strake-proxy\n"
+        ));
+        assert!(scripts[0].contains("delete table ip6 strake-proxy\n"));
+
+        // Nothing changed: nothing sent.
+        let report = syncer.sync(&nft, ruleset(&["10.244.2.1"])).unwrap();
+        assert_eq!((report.full, report.bytes), (false, 0));
+        assert_eq!(nft.scripts().len(), 1);
+
+        // One endpoint replaced in b.
+        let report = syncer.sync(&nft, ruleset(&["10.244.2.2"])).unwrap();
+        assert!(!report.full);
+        let script = nft.scripts()[1].clone();
+        let expected = "\
+add chain ip strake-proxy ep-default/b/tcp/http__10.244.2.2/8080
+flush chain ip strake-proxy svc-default/b/tcp/http
+flush chain ip strake-proxy ep-default/b/tcp/http__10.244.2.1/8080
+add rule ip strake-proxy ep-default/b/tcp/http__10.244.2.2/8080 ip saddr 10.244.2.2 jump mark-for-masquerade
+add rule ip strake-proxy ep-default/b/tcp/http__10.244.2.2/8080 meta l4proto tcp dnat to 10.244.2.2:8080
+add rule ip strake-proxy svc-default/b/tcp/http ip daddr 10.96.0.2 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
+add rule ip strake-proxy svc-default/b/tcp/http goto ep-default/b/tcp/http__10.244.2.2/8080
+delete chain ip strake-proxy ep-default/b/tcp/http__10.244.2.1/8080
+";
+        assert_eq!(script, expected);
+    }
+
+    #[test]
+    fn losing_all_endpoints_moves_the_service_to_reject() {
+        let nft = RecordingNft::default();
+        let mut syncer = Syncer::new();
+        syncer.sync(&nft, ruleset(&["10.244.2.1"])).unwrap();
+        syncer.sync(&nft, ruleset(&[])).unwrap();
+        let script = nft.scripts()[1].clone();
+        let pos = |needle: &str| {
+            script
+                .find(needle)
+                .unwrap_or_else(|| panic!("{needle:?} not in\n{script}"))
+        };
+        // The map element pointing at the chain goes before the chain does.
+        assert!(
+            pos("delete element ip strake-proxy service-ips { 10.96.0.2 . tcp . 80 }")
+                < pos("delete chain ip strake-proxy svc-default/b/tcp/http")
+        );
+        pos(
+            "add element ip strake-proxy no-endpoint-services { 10.96.0.2 . tcp . 80 : goto reject-chain }",
+        );
+        assert!(!script.contains("default/a/"));
+    }
+
+    #[test]
+    fn a_failed_apply_makes_the_next_sync_full() {
+        let nft = RecordingNft::default();
+        let mut syncer = Syncer::new();
+        syncer.sync(&nft, ruleset(&["10.244.2.1"])).unwrap();
+        nft.fail_next
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let err = syncer.sync(&nft, ruleset(&["10.244.2.2"])).unwrap_err();
+        assert!(matches!(err, SyncError::ApplyRuleset { full: false, .. }));
+        assert!(syncer.applied().is_none());
+        let report = syncer.sync(&nft, ruleset(&["10.244.2.2"])).unwrap();
+        assert!(report.full);
+    }
+
+    #[test]
+    fn changed_set_declaration_forces_full_sync() {
+        let mut a = ruleset(&["10.244.2.1"]);
+        let b = a.clone();
+        if let Some(set) = a.v4.sets.get_mut("cluster-ips") {
+            set.spec = "type ipv4_addr ; flags interval ;".into();
+        }
+        assert!(partial_script(&b, &a).is_none());
+    }
+
+    #[test]
+    fn huge_element_lists_are_chunked() {
+        let mut out = String::new();
+        let elements: BTreeMap<String, String> = (0..2500)
+            .map(|i| (format!("tcp . {}", 10000 + i), "drop".to_string()))
+            .collect();
+        add_elements(
+            &mut out,
+            "ip strake-proxy",
+            "service-nodeports",
+            elements.iter(),
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[0].matches(" : drop").count(), ELEMENT_CHUNK);
+        assert_eq!(lines[2].matches(" : drop").count(), 500);
+    }
+}
