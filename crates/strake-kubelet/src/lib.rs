@@ -19,6 +19,7 @@ pub mod pod_spec;
 pub mod pod_status;
 pub mod pod_worker;
 pub mod pods;
+pub mod prober;
 pub mod runtime;
 
 use std::time::Duration;

@@ -24,6 +24,10 @@ pub struct Observed {
     pub waiting: BTreeMap<String, (String, String)>,
     /// The runtime's name for container IDs (`containerd`, `strake`).
     pub runtime_name: String,
+    /// Running containers whose readiness probe has not (or no longer) succeeded.
+    pub unready: std::collections::BTreeSet<String>,
+    /// Running containers whose startup probe has not succeeded yet.
+    pub not_started: std::collections::BTreeSet<String>,
 }
 
 fn time_ns(ns: i64) -> Option<Time> {
@@ -121,6 +125,8 @@ pub fn pod_status(pod: &Pod, observed: &Observed, host_ip: &str, now: &Time) -> 
             });
         }
         let running = state.running.is_some();
+        let started = running && !observed.not_started.contains(&c.name);
+        let ready = started && !observed.unready.contains(&c.name);
         // While waiting to restart, the last run is the newest instance; otherwise the one before.
         let last = if state.waiting.is_some() && cur.is_some() {
             cur
@@ -132,8 +138,8 @@ pub fn pod_status(pod: &Pod, observed: &Observed, host_ip: &str, now: &Time) -> 
             image: c.image.clone().unwrap_or_default(),
             image_id: cur.map(|s| s.image_ref.clone()).unwrap_or_default(),
             container_id: cur.map(|s| format!("{}://{}", observed.runtime_name, s.id)),
-            ready: running,
-            started: Some(running),
+            ready,
+            started: Some(started),
             restart_count: cur.map_or(0, restart_count),
             state: Some(state),
             last_state: Some(last.map_or_else(ContainerState::default, |l| {
@@ -284,6 +290,31 @@ mod tests {
             .find(|c| c.type_ == "Ready")
             .unwrap();
         assert_eq!(ready.status, "True");
+    }
+
+    #[test]
+    fn readiness_and_startup_gate_ready() {
+        let mut o = observed(Some(cs(cri::ContainerState::ContainerRunning, 0, 0)));
+        o.unready.insert("app".into());
+        let s = pod_status(&pod("Always"), &o, "", &now());
+        assert_eq!(s.phase.as_deref(), Some("Running"));
+        assert!(!s.container_statuses.unwrap()[0].ready);
+        let ready = s
+            .conditions
+            .unwrap()
+            .into_iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_deref()),
+            ("False", Some("ContainersNotReady"))
+        );
+        let mut o = observed(Some(cs(cri::ContainerState::ContainerRunning, 0, 0)));
+        o.not_started.insert("app".into());
+        let c = &pod_status(&pod("Always"), &o, "", &now())
+            .container_statuses
+            .unwrap()[0];
+        assert_eq!((c.started, c.ready), (Some(false), false));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use crate::config::Config;
 use crate::pod_spec::{self, labels};
 use crate::pod_status::{self, Observed};
+use crate::prober::{self, Action, ProbeState, Timing};
 use crate::runtime::Runtime;
 
 /// Restart backoff: 10 s doubling to 300 s; reset after 10 minutes of clean running.
@@ -76,6 +77,8 @@ struct Worker {
     waiting: BTreeMap<String, (String, String)>,
     /// The exited container instance already counted per container name.
     crashed: BTreeMap<String, String>,
+    /// Probe states per (container ID, kind).
+    probes: BTreeMap<(String, &'static str), ProbeState>,
     last_status: Option<k8s_openapi::api::core::v1::PodStatus>,
 }
 
@@ -89,6 +92,7 @@ pub async fn run(ctx: Context, uid: String, mut updates: watch::Receiver<Option<
         pull_backoff: BTreeMap::new(),
         waiting: BTreeMap::new(),
         crashed: BTreeMap::new(),
+        probes: BTreeMap::new(),
         last_status: None,
     };
     loop {
@@ -473,11 +477,142 @@ impl Worker {
             self.waiting.remove(&c.name);
             tracing::info!(pod = %pod_key(pod), container = %c.name, attempt, "container started");
         }
+        self.probe(pod, &sandbox_id, &ips).await?;
         self.report(pod, &sandbox_id, Some(ips)).await
+    }
+
+    /// Runs the probes that are due on running containers; a failed liveness or startup probe
+    /// stops the container (the sync then restarts it per the restart policy).
+    async fn probe(
+        &mut self,
+        pod: &Pod,
+        sandbox_id: &str,
+        ips: &[String],
+    ) -> Result<(), crate::runtime::RuntimeError> {
+        let spec = pod.spec.clone().unwrap_or_default();
+        let grace = spec.termination_grace_period_seconds.unwrap_or(30);
+        let pod_ip = ips.first().cloned().unwrap_or_default();
+        let mut rt = self.ctx.runtime.runtime_client();
+        let running: Vec<cri::Container> = self
+            .containers()
+            .await?
+            .into_iter()
+            .filter(|k| {
+                k.pod_sandbox_id == sandbox_id
+                    && k.state == cri::ContainerState::ContainerRunning as i32
+            })
+            .collect();
+        let live: std::collections::BTreeSet<String> =
+            running.iter().map(|k| k.id.clone()).collect();
+        self.probes.retain(|(id, _), _| live.contains(id));
+        for k in running {
+            let Some(c) = spec
+                .containers
+                .iter()
+                .find(|c| k.metadata.as_ref().is_some_and(|m| m.name == c.name))
+            else {
+                continue;
+            };
+            let ports: Vec<(String, i32)> = c
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| Some((p.name.clone()?, p.container_port)))
+                .collect();
+            // CRI reports creation time; the probe clock starts with the container.
+            let age = Duration::from_nanos(
+                (Timestamp::now().as_nanosecond() - i128::from(k.created_at)).max(0) as u64,
+            );
+            let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+            let startup_done = c.startup_probe.is_none()
+                || self
+                    .probes
+                    .get(&(k.id.clone(), "startup"))
+                    .is_some_and(|p| p.result == Some(true));
+            for (kind, probe) in [
+                ("startup", &c.startup_probe),
+                ("liveness", &c.liveness_probe),
+                ("readiness", &c.readiness_probe),
+            ] {
+                let Some(probe) = probe else { continue };
+                if kind != "startup" && !startup_done {
+                    continue;
+                }
+                if kind == "startup" && startup_done {
+                    continue;
+                }
+                let state = self
+                    .probes
+                    .entry((k.id.clone(), kind))
+                    .or_insert_with(|| ProbeState::new(Timing::of(probe), started));
+                let now = Instant::now();
+                if !state.due(now) {
+                    continue;
+                }
+                let timeout = state.timing.timeout;
+                let outcome = match prober::action(probe, &pod_ip, &ports) {
+                    Action::Exec(cmd) => self
+                        .ctx
+                        .runtime
+                        .call_with(
+                            "ExecSync",
+                            Some(timeout + Duration::from_secs(2)),
+                            rt.exec_sync(cri::ExecSyncRequest {
+                                container_id: k.id.clone(),
+                                cmd,
+                                timeout: timeout.as_secs() as i64,
+                            }),
+                        )
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| {
+                            if r.exit_code == 0 {
+                                Ok(())
+                            } else {
+                                Err(format!("command exited with {}", r.exit_code))
+                            }
+                        }),
+                    Action::Http {
+                        host,
+                        port,
+                        path,
+                        headers,
+                        ..
+                    } => prober::http_get(&host, port, &path, &headers, timeout).await,
+                    Action::Tcp { host, port } => prober::tcp(&host, port, timeout).await,
+                    Action::Unsupported(why) => Err(why),
+                };
+                let state = self
+                    .probes
+                    .get_mut(&(k.id.clone(), kind))
+                    .expect("inserted above");
+                let verdict = state.record(Instant::now(), outcome.is_ok());
+                if let Err(why) = &outcome {
+                    tracing::debug!(pod = %pod_key(pod), container = %c.name, kind, reason = %why, "probe failed");
+                }
+                if verdict == Some(false) && kind != "readiness" {
+                    tracing::info!(pod = %pod_key(pod), container = %c.name, kind, "probe failed; restarting container");
+                    let _ = self
+                        .ctx
+                        .runtime
+                        .call_with(
+                            "StopContainer",
+                            Some(Duration::from_secs(grace.max(0) as u64 + 30)),
+                            rt.stop_container(cri::StopContainerRequest {
+                                container_id: k.id.clone(),
+                                timeout: grace,
+                            }),
+                        )
+                        .await;
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn observe(
         &self,
+        pod: &Pod,
         sandbox_id: &str,
         ips: Option<Vec<String>>,
     ) -> Result<Observed, crate::runtime::RuntimeError> {
@@ -525,6 +660,23 @@ impl Worker {
                 observed.previous.insert(name, prev);
             }
         }
+        // Probe verdicts of the current instances: no verdict yet counts as failing.
+        for c in pod.spec.iter().flat_map(|sp| sp.containers.iter()) {
+            let Some(id) = observed.containers.get(&c.name).map(|s| s.id.clone()) else {
+                continue;
+            };
+            let passed = |kind: &'static str| {
+                self.probes
+                    .get(&(id.clone(), kind))
+                    .is_some_and(|p| p.result == Some(true))
+            };
+            if c.startup_probe.is_some() && !passed("startup") {
+                observed.not_started.insert(c.name.clone());
+            }
+            if c.readiness_probe.is_some() && !passed("readiness") {
+                observed.unready.insert(c.name.clone());
+            }
+        }
         Ok(observed)
     }
 
@@ -534,7 +686,7 @@ impl Worker {
         sandbox_id: &str,
         ips: Option<Vec<String>>,
     ) -> Result<(), crate::runtime::RuntimeError> {
-        let observed = self.observe(sandbox_id, ips).await?;
+        let observed = self.observe(pod, sandbox_id, ips).await?;
         let status = pod_status::pod_status(pod, &observed, &self.ctx.host_ip, &now_time());
         if self.last_status.as_ref() == Some(&status) {
             return Ok(());

@@ -208,3 +208,78 @@ async fn a_crashing_container_restarts_with_backoff_and_reports_why() {
     assert!(node.log().contains("container started"));
     drop(node);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_flips_ready_and_a_failing_liveness_probe_restarts() {
+    let cp = ControlPlane::start(Options::default())
+        .await
+        .expect("control plane");
+    let registry = Registry::start(cp.net(), &cp.dir().join("registry")).expect("registry");
+    let client = cp.client().await.expect("client");
+    let node = KubeletNode::start(&cp, 0, NODE, "").await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    wait_for("node registered", 60, || async {
+        nodes.get_opt(NODE).await.ok().flatten()
+    })
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let exec_probe = |cmd: &str| serde_json::json!({ "exec": { "command": ["/bin/sh", "-c", cmd] }, "periodSeconds": 1, "failureThreshold": 1 });
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": "probed" },
+        "spec": {
+            "nodeName": NODE,
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "app",
+                "image": format!("{}/strake/busybox:1", registry.open_in_cluster()),
+                "command": ["/bin/sh", "-c", "touch /tmp/ready; trap 'exit 0' TERM; sleep 3600 & wait"],
+                "readinessProbe": exec_probe("test -f /tmp/ready"),
+                "livenessProbe": exec_probe("test ! -f /tmp/die")
+            }]
+        }
+    }))
+    .expect("pod");
+    wait_for("pod created", 60, || async {
+        pods.create(&PostParams::default(), &pod).await.ok()
+    })
+    .await;
+    let ready_is = |want: bool| {
+        let pods = pods.clone();
+        async move {
+            let p = pods.get("probed").await.ok()?;
+            let c = p.status?.container_statuses?.into_iter().next()?;
+            (c.ready == want && c.state?.running.is_some()).then_some(c.restart_count)
+        }
+    };
+    wait_for("Ready", 60, || ready_is(true)).await;
+    let in_container = |cmd: &str| {
+        let out = node
+            .containerd
+            .crictl(&["ps", "-q", "--name", "app", "--state", "running"])
+            .expect("crictl ps");
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        node.containerd
+            .crictl(&["exec", "--sync", &id, "/bin/sh", "-c", cmd])
+            .expect("crictl exec");
+    };
+    in_container("rm /tmp/ready");
+    wait_for("not Ready after the readiness probe fails", 30, || {
+        ready_is(false)
+    })
+    .await;
+    in_container("touch /tmp/ready");
+    let restarts = wait_for("Ready again", 30, || ready_is(true)).await;
+    assert_eq!(restarts, 0, "readiness failures must not restart");
+
+    in_container("touch /tmp/die");
+    wait_for("restarted by the liveness probe", 60, || async {
+        let p = pods.get("probed").await.ok()?;
+        let c = p.status?.container_statuses?.into_iter().next()?;
+        (c.restart_count >= 1).then_some(())
+    })
+    .await;
+    assert!(node.log().contains("probe failed; restarting container"));
+    drop(node);
+}
