@@ -54,13 +54,13 @@ fn running_ready(p: &Pod) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deployment_pods_run_are_replaced_and_scale_to_zero() {
+async fn deployment_pods_run_survive_a_kubelet_restart_are_replaced_and_scale_to_zero() {
     let cp = ControlPlane::start(Options::default())
         .await
         .expect("control plane");
     let registry = Registry::start(cp.net(), &cp.dir().join("registry")).expect("registry");
     let client = cp.client().await.expect("client");
-    let node = KubeletNode::start(&cp, 0, NODE, "").await;
+    let mut node = KubeletNode::start(&cp, 0, NODE, "").await;
     let nodes: Api<Node> = Api::all(client.clone());
     wait_for("node registered", 60, || async {
         nodes.get_opt(NODE).await.ok().flatten()
@@ -126,6 +126,44 @@ async fn deployment_pods_run_are_replaced_and_scale_to_zero() {
     })
     .await;
     assert!(logs.contains(&format!("started {first}")), "{logs}");
+
+    // A kubelet killed and started again adopts the running pods: no container restarts.
+    let ids_before = node
+        .containerd
+        .crictl(&["ps", "-q"])
+        .expect("crictl ps")
+        .stdout;
+    node.restart_kubelet();
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    let ids_after = node
+        .containerd
+        .crictl(&["ps", "-q"])
+        .expect("crictl ps")
+        .stdout;
+    assert_eq!(
+        String::from_utf8_lossy(&ids_before),
+        String::from_utf8_lossy(&ids_after),
+        "containers changed across a kubelet restart"
+    );
+    let list = pods.list(&lp).await.expect("list");
+    assert!(
+        list.items.iter().all(running_ready),
+        "pods not Running/Ready after kubelet restart"
+    );
+    for p in &list.items {
+        let c = &p
+            .status
+            .clone()
+            .unwrap_or_default()
+            .container_statuses
+            .unwrap_or_default()[0];
+        assert_eq!(
+            c.restart_count,
+            0,
+            "{} restarted",
+            p.metadata.name.clone().unwrap_or_default()
+        );
+    }
 
     // Delete one pod: it terminates, and the ReplicaSet's replacement runs.
     pods.delete(&first, &DeleteParams::default())

@@ -28,6 +28,7 @@ where
 /// A test node: its namespace, containerd, and strake-kubelet. Dropped in that reverse order.
 pub struct KubeletNode {
     pub kubelet_pid: u32,
+    args: Vec<String>,
     pub dir: tempfile::TempDir,
     pub containerd: Containerd,
     pub ns: NodeNs,
@@ -60,21 +61,41 @@ impl KubeletNode {
             format!("--container-runtime-endpoint={}", containerd.endpoint()),
             format!("--root-dir={}", dir.path().join("root").display()),
         ];
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let kubelet_pid = ns
+        let mut node = KubeletNode {
+            kubelet_pid: 0,
+            args: args.to_vec(),
+            dir,
+            containerd,
+            ns,
+        };
+        node.spawn_kubelet();
+        node
+    }
+
+    fn spawn_kubelet(&mut self) {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        self.kubelet_pid = self
+            .ns
             .spawn(
                 "strake-kubelet",
                 Path::new(env!("CARGO_BIN_EXE_strake-kubelet")),
                 &args,
-                &dir.path().join("kubelet.log"),
+                &self.dir.path().join("kubelet.log"),
             )
             .expect("start kubelet");
-        KubeletNode {
-            kubelet_pid,
-            dir,
-            containerd,
-            ns,
+    }
+
+    /// Kills the kubelet with SIGKILL (no chance to clean up) and starts a new one.
+    pub fn restart_kubelet(&mut self) {
+        // SAFETY: kill(2) on the kubelet this test started.
+        unsafe { libc::kill(self.kubelet_pid as libc::pid_t, libc::SIGKILL) };
+        for _ in 0..100 {
+            if !strake_integration::process::pid_alive(self.kubelet_pid) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
+        self.spawn_kubelet();
     }
 
     /// The kubelet's log so far (for failure messages).
