@@ -99,62 +99,101 @@ fn condition(
     }
 }
 
+fn container_status(
+    c: &k8s_openapi::api::core::v1::Container,
+    observed: &Observed,
+) -> ContainerStatus {
+    let cur = observed.containers.get(&c.name);
+    let mut state = cur.map_or_else(ContainerState::default, |s| {
+        state_of(s, &observed.runtime_name)
+    });
+    if let Some((reason, message)) = observed.waiting.get(&c.name) {
+        state = ContainerState {
+            waiting: Some(ContainerStateWaiting {
+                reason: Some(reason.clone()),
+                message: Some(message.clone()),
+            }),
+            ..Default::default()
+        };
+    } else if cur.is_none() {
+        state.waiting = Some(ContainerStateWaiting {
+            reason: Some("ContainerCreating".into()),
+            message: None,
+        });
+    }
+    let running = state.running.is_some();
+    let started = running && !observed.not_started.contains(&c.name);
+    let ready = started && !observed.unready.contains(&c.name);
+    // While waiting to restart, the last run is the newest instance; otherwise the one before.
+    let last = if state.waiting.is_some() && cur.is_some() {
+        cur
+    } else {
+        observed.previous.get(&c.name)
+    };
+    ContainerStatus {
+        name: c.name.clone(),
+        image: c.image.clone().unwrap_or_default(),
+        image_id: cur.map(|s| s.image_ref.clone()).unwrap_or_default(),
+        container_id: cur.map(|s| format!("{}://{}", observed.runtime_name, s.id)),
+        ready,
+        started: Some(started),
+        restart_count: cur.map_or(0, restart_count),
+        state: Some(state),
+        last_state: Some(last.map_or_else(ContainerState::default, |l| {
+            state_of(l, &observed.runtime_name)
+        })),
+        ..Default::default()
+    }
+}
+
 /// The pod's status as the kubelet posts it.
 pub fn pod_status(pod: &Pod, observed: &Observed, host_ip: &str, now: &Time) -> PodStatus {
     let spec = pod.spec.clone().unwrap_or_default();
     let old = pod.status.clone().unwrap_or_default();
     let prev_conditions = old.conditions.clone().unwrap_or_default();
-    let mut statuses = Vec::new();
-    for c in &spec.containers {
-        let cur = observed.containers.get(&c.name);
-        let mut state = cur.map_or_else(ContainerState::default, |s| {
-            state_of(s, &observed.runtime_name)
+    let statuses: Vec<ContainerStatus> = spec
+        .containers
+        .iter()
+        .map(|c| container_status(c, observed))
+        .collect();
+    let init_statuses: Vec<ContainerStatus> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| container_status(c, observed))
+        .collect();
+    // Initialized: every regular init container completed, every sidecar started.
+    let initialized = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .zip(&init_statuses)
+        .all(|(c, st)| {
+            let state = st.state.clone().unwrap_or_default();
+            if c.restart_policy.as_deref() == Some("Always") {
+                st.started == Some(true)
+            } else {
+                state.terminated.is_some_and(|t| t.exit_code == 0)
+            }
         });
-        if let Some((reason, message)) = observed.waiting.get(&c.name) {
-            state = ContainerState {
-                waiting: Some(ContainerStateWaiting {
-                    reason: Some(reason.clone()),
-                    message: Some(message.clone()),
-                }),
-                ..Default::default()
-            };
-        } else if cur.is_none() {
-            state.waiting = Some(ContainerStateWaiting {
-                reason: Some("ContainerCreating".into()),
-                message: None,
-            });
-        }
-        let running = state.running.is_some();
-        let started = running && !observed.not_started.contains(&c.name);
-        let ready = started && !observed.unready.contains(&c.name);
-        // While waiting to restart, the last run is the newest instance; otherwise the one before.
-        let last = if state.waiting.is_some() && cur.is_some() {
-            cur
-        } else {
-            observed.previous.get(&c.name)
-        };
-        statuses.push(ContainerStatus {
-            name: c.name.clone(),
-            image: c.image.clone().unwrap_or_default(),
-            image_id: cur.map(|s| s.image_ref.clone()).unwrap_or_default(),
-            container_id: cur.map(|s| format!("{}://{}", observed.runtime_name, s.id)),
-            ready,
-            started: Some(started),
-            restart_count: cur.map_or(0, restart_count),
-            state: Some(state),
-            last_state: Some(last.map_or_else(ContainerState::default, |l| {
-                state_of(l, &observed.runtime_name)
-            })),
-            ..Default::default()
-        });
-    }
     let all_ready = !statuses.is_empty() && statuses.iter().all(|s| s.ready);
     let terminated: Vec<i32> = statuses
         .iter()
         .filter_map(|s| s.state.as_ref()?.terminated.as_ref().map(|t| t.exit_code))
         .collect();
     let restart_policy = spec.restart_policy.as_deref().unwrap_or("Always");
-    let phase = if statuses
+    let init_failed = restart_policy == "Never"
+        && init_statuses.iter().any(|st| {
+            st.state
+                .as_ref()
+                .and_then(|s| s.terminated.as_ref())
+                .is_some_and(|t| t.exit_code != 0)
+        });
+    let phase = if init_failed {
+        "Failed"
+    } else if !initialized {
+        "Pending"
+    } else if statuses
         .iter()
         .any(|s| s.state.as_ref().is_some_and(|st| st.running.is_some()))
     {
@@ -192,7 +231,13 @@ pub fn pod_status(pod: &Pod, observed: &Observed, host_ip: &str, now: &Time) -> 
                 &prev_conditions,
                 now,
             ),
-            condition("Initialized", true, None, &prev_conditions, now),
+            condition(
+                "Initialized",
+                initialized,
+                (!initialized).then_some("ContainersNotInitialized"),
+                &prev_conditions,
+                now,
+            ),
             condition("Ready", all_ready, containers_reason, &prev_conditions, now),
             condition(
                 "ContainersReady",
@@ -214,6 +259,7 @@ pub fn pod_status(pod: &Pod, observed: &Observed, host_ip: &str, now: &Time) -> 
             .then(|| pod_ips.iter().map(|ip| PodIP { ip: ip.clone() }).collect()),
         start_time: old.start_time.clone().or_else(|| Some(now.clone())),
         container_statuses: Some(statuses),
+        init_container_statuses: (!init_statuses.is_empty()).then_some(init_statuses),
         qos_class: Some(crate::pod_spec::qos_class(pod).into()),
         ..Default::default()
     }

@@ -55,6 +55,15 @@ impl Backoff {
     }
 }
 
+/// Where one container stands after a sync step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Running,
+    Completed,
+    Failed,
+    Waiting,
+}
+
 /// Shared facts every pod worker needs.
 #[derive(Clone)]
 pub struct Context {
@@ -335,150 +344,192 @@ impl Worker {
             .clone()
             .unwrap_or_else(|| "Always".into());
         let containers = self.containers().await?;
-        let mut rt = self.ctx.runtime.runtime_client();
-        for c in &spec.containers {
-            let mine: Vec<&cri::Container> = containers
-                .iter()
-                .filter(|k| {
-                    k.pod_sandbox_id == sandbox_id
-                        && k.metadata.as_ref().is_some_and(|m| m.name == c.name)
-                })
-                .collect();
-            let newest = mine
-                .iter()
-                .max_by_key(|k| k.metadata.as_ref().map_or(0, |m| m.attempt))
-                .copied();
-            let attempt = match newest {
-                Some(k)
-                    if k.state == cri::ContainerState::ContainerRunning as i32
-                        || k.state == cri::ContainerState::ContainerCreated as i32 =>
-                {
-                    self.waiting.remove(&c.name);
-                    continue;
-                }
-                Some(k) => {
-                    let st = self
-                        .ctx
-                        .runtime
-                        .call_with(
-                            "ContainerStatus",
-                            None,
-                            rt.container_status(cri::ContainerStatusRequest {
-                                container_id: k.id.clone(),
-                                verbose: false,
-                            }),
-                        )
-                        .await?;
-                    let exit = st.status.as_ref().map_or(0, |s| s.exit_code);
-                    let restart = match restart_policy.as_str() {
-                        "Never" => false,
-                        "OnFailure" => exit != 0,
-                        _ => true,
-                    };
-                    if !restart {
-                        self.waiting.remove(&c.name);
-                        continue;
-                    }
-                    let ran = st.status.as_ref().map_or(Duration::ZERO, |s| {
-                        Duration::from_nanos((s.finished_at - s.started_at).max(0) as u64)
-                    });
-                    let now = Instant::now();
-                    // Each exited instance counts once against the backoff.
-                    if self.crashed.get(&c.name) != Some(&k.id) {
-                        self.crashed.insert(c.name.clone(), k.id.clone());
-                        let delay = self
-                            .backoff
-                            .entry(c.name.clone())
-                            .or_default()
-                            .fail(now, ran);
-                        self.waiting.insert(
-                            c.name.clone(),
-                            (
-                                "CrashLoopBackOff".into(),
-                                format!(
-                                    "back-off {}s restarting failed container={} pod={}",
-                                    delay.as_secs(),
-                                    c.name,
-                                    pod_key(pod)
-                                ),
-                            ),
-                        );
-                    }
-                    if !self.backoff.get(&c.name).is_none_or(|b| b.ready(now)) {
-                        continue;
-                    }
-                    k.metadata.as_ref().map_or(0, |m| m.attempt + 1)
-                }
-                None => 0,
+        // Init containers in order: a regular one must complete before the next starts; a
+        // sidecar (restartPolicy Always) must be running. App containers wait for all of them.
+        let mut initialized = true;
+        for c in spec.init_containers.iter().flatten() {
+            let sidecar = c.restart_policy.as_deref() == Some("Always");
+            let mode = if sidecar {
+                "Always"
+            } else if restart_policy == "Never" {
+                "Never"
+            } else {
+                "OnFailure"
             };
-            let image_ref = match self.ensure_image(c).await {
-                Ok(r) => r,
-                Err(reason) => {
-                    self.waiting.insert(c.name.clone(), reason);
-                    continue;
-                }
-            };
-            let env = match pod_spec::env(
-                pod,
-                c,
-                ips.first().map_or("", String::as_str),
-                &self.ctx.host_ip,
-            ) {
-                Ok(e) => e,
-                Err(e) => {
-                    self.waiting.insert(
-                        c.name.clone(),
-                        ("CreateContainerConfigError".into(), e.to_string()),
-                    );
-                    continue;
-                }
-            };
-            let config = pod_spec::container_config(pod, c, attempt, &image_ref, &env);
-            let sandbox_config = pod_spec::sandbox_config(pod, &self.ctx.config, 0);
-            let created = self
-                .ctx
-                .runtime
-                .call_with(
-                    "CreateContainer",
-                    Some(Duration::from_secs(120)),
-                    rt.create_container(cri::CreateContainerRequest {
-                        pod_sandbox_id: sandbox_id.clone(),
-                        config: Some(config),
-                        sandbox_config: Some(sandbox_config),
-                    }),
-                )
-                .await;
-            let id = match created {
-                Ok(r) => r.container_id,
-                Err(e) => {
-                    self.waiting.insert(
-                        c.name.clone(),
-                        ("CreateContainerError".into(), e.to_string()),
-                    );
-                    continue;
-                }
-            };
-            if let Err(e) = self
-                .ctx
-                .runtime
-                .call_with(
-                    "StartContainer",
-                    Some(Duration::from_secs(120)),
-                    rt.start_container(cri::StartContainerRequest {
-                        container_id: id.clone(),
-                    }),
-                )
-                .await
+            match self
+                .step(pod, &sandbox_id, &ips, c, &containers, mode)
+                .await?
             {
-                self.waiting
-                    .insert(c.name.clone(), ("RunContainerError".into(), e.to_string()));
-                continue;
+                Step::Running if sidecar => {}
+                Step::Completed if !sidecar => {}
+                _ => {
+                    initialized = false;
+                    break;
+                }
             }
-            self.waiting.remove(&c.name);
-            tracing::info!(pod = %pod_key(pod), container = %c.name, attempt, "container started");
+        }
+        if initialized {
+            for c in &spec.containers {
+                self.step(pod, &sandbox_id, &ips, c, &containers, &restart_policy)
+                    .await?;
+            }
+        } else {
+            for c in &spec.containers {
+                self.waiting
+                    .insert(c.name.clone(), ("PodInitializing".into(), String::new()));
+            }
         }
         self.probe(pod, &sandbox_id, &ips).await?;
         self.report(pod, &sandbox_id, Some(ips)).await
+    }
+
+    /// Brings one container towards running under restart mode `mode` (Always, OnFailure,
+    /// Never): creates and starts it when it has no instance, restarts an exited instance after
+    /// its backoff when the mode says so.
+    async fn step(
+        &mut self,
+        pod: &Pod,
+        sandbox_id: &str,
+        ips: &[String],
+        c: &Container,
+        containers: &[cri::Container],
+        mode: &str,
+    ) -> Result<Step, crate::runtime::RuntimeError> {
+        let mut rt = self.ctx.runtime.runtime_client();
+        let newest = containers
+            .iter()
+            .filter(|k| {
+                k.pod_sandbox_id == sandbox_id
+                    && k.metadata.as_ref().is_some_and(|m| m.name == c.name)
+            })
+            .max_by_key(|k| k.metadata.as_ref().map_or(0, |m| m.attempt));
+        let attempt = match newest {
+            Some(k)
+                if k.state == cri::ContainerState::ContainerRunning as i32
+                    || k.state == cri::ContainerState::ContainerCreated as i32 =>
+            {
+                self.waiting.remove(&c.name);
+                return Ok(Step::Running);
+            }
+            Some(k) => {
+                let st = self
+                    .ctx
+                    .runtime
+                    .call_with(
+                        "ContainerStatus",
+                        None,
+                        rt.container_status(cri::ContainerStatusRequest {
+                            container_id: k.id.clone(),
+                            verbose: false,
+                        }),
+                    )
+                    .await?;
+                let exit = st.status.as_ref().map_or(0, |s| s.exit_code);
+                let restart = match mode {
+                    "Never" => false,
+                    "OnFailure" => exit != 0,
+                    _ => true,
+                };
+                if !restart {
+                    self.waiting.remove(&c.name);
+                    return Ok(if exit == 0 {
+                        Step::Completed
+                    } else {
+                        Step::Failed
+                    });
+                }
+                let ran = st.status.as_ref().map_or(Duration::ZERO, |s| {
+                    Duration::from_nanos((s.finished_at - s.started_at).max(0) as u64)
+                });
+                let now = Instant::now();
+                // Each exited instance counts once against the backoff.
+                if self.crashed.get(&c.name) != Some(&k.id) {
+                    self.crashed.insert(c.name.clone(), k.id.clone());
+                    let delay = self
+                        .backoff
+                        .entry(c.name.clone())
+                        .or_default()
+                        .fail(now, ran);
+                    let message = format!(
+                        "back-off {}s restarting failed container={} pod={}",
+                        delay.as_secs(),
+                        c.name,
+                        pod_key(pod)
+                    );
+                    self.waiting
+                        .insert(c.name.clone(), ("CrashLoopBackOff".into(), message));
+                }
+                if !self.backoff.get(&c.name).is_none_or(|b| b.ready(now)) {
+                    return Ok(Step::Waiting);
+                }
+                k.metadata.as_ref().map_or(0, |m| m.attempt + 1)
+            }
+            None => 0,
+        };
+        let image_ref = match self.ensure_image(c).await {
+            Ok(r) => r,
+            Err(reason) => {
+                self.waiting.insert(c.name.clone(), reason);
+                return Ok(Step::Waiting);
+            }
+        };
+        let env = match pod_spec::env(
+            pod,
+            c,
+            ips.first().map_or("", String::as_str),
+            &self.ctx.host_ip,
+        ) {
+            Ok(e) => e,
+            Err(e) => {
+                self.waiting.insert(
+                    c.name.clone(),
+                    ("CreateContainerConfigError".into(), e.to_string()),
+                );
+                return Ok(Step::Waiting);
+            }
+        };
+        let config = pod_spec::container_config(pod, c, attempt, &image_ref, &env);
+        let sandbox_config = pod_spec::sandbox_config(pod, &self.ctx.config, 0);
+        let created = self
+            .ctx
+            .runtime
+            .call_with(
+                "CreateContainer",
+                Some(Duration::from_secs(120)),
+                rt.create_container(cri::CreateContainerRequest {
+                    pod_sandbox_id: sandbox_id.to_string(),
+                    config: Some(config),
+                    sandbox_config: Some(sandbox_config),
+                }),
+            )
+            .await;
+        let id = match created {
+            Ok(r) => r.container_id,
+            Err(e) => {
+                self.waiting.insert(
+                    c.name.clone(),
+                    ("CreateContainerError".into(), e.to_string()),
+                );
+                return Ok(Step::Waiting);
+            }
+        };
+        if let Err(e) = self
+            .ctx
+            .runtime
+            .call_with(
+                "StartContainer",
+                Some(Duration::from_secs(120)),
+                rt.start_container(cri::StartContainerRequest { container_id: id }),
+            )
+            .await
+        {
+            self.waiting
+                .insert(c.name.clone(), ("RunContainerError".into(), e.to_string()));
+            return Ok(Step::Waiting);
+        }
+        self.waiting.remove(&c.name);
+        tracing::info!(pod = %pod_key(pod), container = %c.name, attempt, "container started");
+        Ok(Step::Running)
     }
 
     /// Runs the probes that are due on running containers; a failed liveness or startup probe
@@ -719,14 +770,45 @@ impl Worker {
             .unwrap_or(30)
             .max(0);
         let mut rt = self.ctx.runtime.runtime_client();
+        // App containers first, then sidecars (newest-declared first), as upstream terminates.
+        let sidecars: Vec<String> = pod
+            .and_then(|p| p.spec.as_ref()?.init_containers.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| c.restart_policy.as_deref() == Some("Always"))
+            .map(|c| c.name)
+            .collect();
         if let Ok(containers) = self.containers().await {
-            let stops = containers
+            let running: Vec<&cri::Container> = containers
                 .iter()
                 .filter(|k| k.state == cri::ContainerState::ContainerRunning as i32)
-                .map(|k| {
+                .collect();
+            let name_of = |k: &cri::Container| {
+                k.metadata
+                    .as_ref()
+                    .map(|m| m.name.clone())
+                    .unwrap_or_default()
+            };
+            let mut waves: Vec<Vec<String>> = vec![
+                running
+                    .iter()
+                    .filter(|k| !sidecars.contains(&name_of(k)))
+                    .map(|k| k.id.clone())
+                    .collect(),
+            ];
+            for sidecar in sidecars.iter().rev() {
+                waves.push(
+                    running
+                        .iter()
+                        .filter(|k| &name_of(k) == sidecar)
+                        .map(|k| k.id.clone())
+                        .collect(),
+                );
+            }
+            for wave in waves {
+                let stops = wave.into_iter().map(|id| {
                     let mut rt = rt.clone();
                     let runtime = self.ctx.runtime.clone();
-                    let id = k.id.clone();
                     async move {
                         let _ = runtime
                             .call_with(
@@ -740,7 +822,8 @@ impl Worker {
                             .await;
                     }
                 });
-            futures::future::join_all(stops).await;
+                futures::future::join_all(stops).await;
+            }
         }
         if let Ok(sandboxes) = self.sandboxes().await {
             for s in sandboxes {

@@ -321,3 +321,97 @@ async fn readiness_flips_ready_and_a_failing_liveness_probe_restarts() {
     assert!(node.log().contains("probe failed; restarting container"));
     drop(node);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_containers_run_in_order_and_a_sidecar_starts_first_and_outlives_the_app() {
+    let cp = ControlPlane::start(Options::default())
+        .await
+        .expect("control plane");
+    let registry = Registry::start(cp.net(), &cp.dir().join("registry")).expect("registry");
+    let client = cp.client().await.expect("client");
+    let node = KubeletNode::start(&cp, 0, NODE, "").await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    wait_for("node registered", 60, || async {
+        nodes.get_opt(NODE).await.ok().flatten()
+    })
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let image = format!("{}/strake/busybox:1", registry.open_in_cluster());
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": "staged" },
+        "spec": {
+            "nodeName": NODE,
+            "terminationGracePeriodSeconds": 1,
+            "initContainers": [
+                { "name": "init-a", "image": image, "command": ["/bin/sh", "-c", "sleep 1"] },
+                { "name": "sidecar", "image": image, "restartPolicy": "Always",
+                  "command": ["/bin/sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"] },
+                { "name": "init-b", "image": image, "command": ["/bin/sh", "-c", "sleep 1"] }
+            ],
+            "containers": [{ "name": "app", "image": image, "command": ["/bin/sh", "-c", "sleep 1; exit 1"] }]
+        }
+    }))
+    .expect("pod");
+    wait_for("pod created", 60, || async {
+        pods.create(&PostParams::default(), &pod).await.ok()
+    })
+    .await;
+    let status = wait_for(
+        "app restarted while the sidecar keeps running",
+        90,
+        || async {
+            let st = pods.get("staged").await.ok()?.status?;
+            let app = st
+                .container_statuses
+                .clone()?
+                .into_iter()
+                .find(|c| c.name == "app")?;
+            (app.restart_count >= 1).then_some(st)
+        },
+    )
+    .await;
+    let init = status
+        .init_container_statuses
+        .clone()
+        .expect("init container statuses");
+    let find = |n: &str| {
+        init.iter()
+            .find(|c| c.name == n)
+            .cloned()
+            .unwrap_or_else(|| panic!("{n} missing"))
+    };
+    let (a, side, b) = (find("init-a"), find("sidecar"), find("init-b"));
+    let done = |c: &k8s_openapi::api::core::v1::ContainerStatus| {
+        c.state
+            .clone()
+            .and_then(|s| s.terminated)
+            .unwrap_or_else(|| panic!("{} not terminated", c.name))
+    };
+    let (ta, tb) = (done(&a), done(&b));
+    assert_eq!((ta.exit_code, tb.exit_code), (0, 0));
+    let side_run = side
+        .state
+        .clone()
+        .and_then(|s| s.running)
+        .expect("sidecar running");
+    assert_eq!(
+        side.restart_count, 0,
+        "the sidecar outlives the app's restarts"
+    );
+    // Order: init-a finished before the sidecar started, which started before init-b.
+    assert!(
+        ta.finished_at.clone().expect("finish").0 <= side_run.started_at.clone().expect("start").0
+    );
+    assert!(
+        side_run.started_at.clone().expect("start").0 <= tb.started_at.clone().expect("start").0
+    );
+    let initialized = status
+        .conditions
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c.type_ == "Initialized");
+    assert_eq!(initialized.map(|c| c.status).as_deref(), Some("True"));
+    drop(node);
+}
