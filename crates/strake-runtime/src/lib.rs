@@ -4,14 +4,16 @@
 //! registries, builds pod sandboxes with CNI and runs containers through runc or another OCI runtime.
 //!
 //! Start reading at [`App`] (recover state, then serve), then [`server`] (RPC -> parts),
-//! [`sandbox`] (namespaces, pause process, CNI via [`cni`]), [`image`], [`spec`] and [`runc`].
+//! [`sandbox`] (namespaces, pause process, CNI via [`cni`]), [`image`], [`container`] (rootfs,
+//! bundle from [`spec`], [`monitor`], lifecycle through [`runc`]).
 //!
-//! Status (issue #3): Version, Status, RuntimeConfig and the pod sandbox RPCs are served; the
-//! container, image, streaming and stats RPCs answer `Unimplemented` until their parts are wired.
+//! Status (issue #3): Version, Status, RuntimeConfig, the pod sandbox, container and image RPCs
+//! are served; the streaming and stats RPCs answer `Unimplemented` until their parts are wired.
 
 pub mod cgroups;
 pub mod cni;
 pub mod config;
+pub mod container;
 pub mod image;
 pub mod monitor;
 pub mod runc;
@@ -22,11 +24,14 @@ pub mod state;
 
 use std::sync::Arc;
 
+use strake_types::cri::image_service_server::ImageServiceServer;
 use strake_types::cri::runtime_service_server::RuntimeServiceServer;
 
 use crate::config::Config;
+use crate::container::{ContainerMap, ContainerPaths, Containers};
+use crate::image::{ImageService, PullConfig};
 use crate::sandbox::{SandboxPaths, Sandboxes};
-use crate::server::RuntimeServer;
+use crate::server::{CgroupDriverKind, ImageServer, RuntimeServer};
 
 /// Why the daemon could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +39,15 @@ pub enum Error {
     /// State could not be recovered.
     #[error("recover pod sandboxes")]
     Recover(#[source] sandbox::SandboxError),
+    /// Containers could not be recovered.
+    #[error("recover containers")]
+    RecoverContainers(#[source] container::ContainerError),
+    /// A recovery task died.
+    #[error("recovery task failed")]
+    Task(#[source] tokio::task::JoinError),
+    /// The image store could not be opened.
+    #[error("open the image store")]
+    Images(#[source] image::ImageError),
     /// The socket could not be prepared or bound.
     #[error("listen on {path}")]
     Listen {
@@ -51,11 +65,31 @@ pub enum Error {
 pub struct App {
     config: Config,
     runtime: RuntimeServer,
+    images: ImageServer,
 }
 
 impl App {
-    /// Recovers every sandbox from the state directory (before anything is served).
-    pub fn build(config: Config) -> Result<Self, Error> {
+    /// Recovers images, sandboxes and containers from the state directory (before anything is
+    /// served).
+    pub async fn build(config: Config) -> Result<Self, Error> {
+        let containers: ContainerMap = Default::default();
+        let in_use = containers.clone();
+        let images = ImageService::open(
+            config.state_dir.join("images"),
+            PullConfig {
+                insecure_registries: config.insecure_registries.clone(),
+                ..Default::default()
+            },
+            move |image_id: &str| {
+                in_use
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .values()
+                    .any(|c| c.record.image_id == image_id)
+            },
+        )
+        .await
+        .map_err(Error::Images)?;
         let cni = cni::Cni::new(config.cni_conf_dir.clone(), config.cni_bin_dirs.clone());
         let sandboxes = Sandboxes::recover(
             SandboxPaths {
@@ -66,12 +100,34 @@ impl App {
             cni,
         )
         .map_err(Error::Recover)?;
+        let driver = match config.cgroup_driver {
+            CgroupDriverKind::Cgroupfs => cgroups::CgroupDriver::Cgroupfs,
+            CgroupDriverKind::Systemd => cgroups::CgroupDriver::Systemd,
+        };
+        let container_paths = ContainerPaths {
+            state_dir: config.state_dir.join("containers"),
+            runtime_dir: config.run_dir.join("oci"),
+            monitor_binary: sibling_binary(&config.pause_binary, "strake-monitor"),
+        };
+        let handlers = config.runtime_handlers.clone();
+        let containers = tokio::task::spawn_blocking(move || {
+            Containers::recover(container_paths, handlers, driver, containers)
+        })
+        .await
+        .map_err(Error::Task)?
+        .map_err(Error::RecoverContainers)?;
         let runtime = RuntimeServer {
             sandboxes: Arc::new(sandboxes),
+            containers: Arc::new(containers),
+            images: images.clone(),
             handlers: config.runtime_handlers.clone(),
             cgroup_driver: config.cgroup_driver,
         };
-        Ok(App { config, runtime })
+        Ok(App {
+            config,
+            runtime,
+            images: ImageServer { images },
+        })
     }
 
     /// Serves CRI on the configured unix socket (mode 0660) until `shutdown` completes.
@@ -108,10 +164,25 @@ impl App {
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
         tonic::transport::Server::builder()
             .add_service(RuntimeServiceServer::new(self.runtime))
+            .add_service(ImageServiceServer::new(self.images))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
             .map_err(Error::Serve)?;
         let _ = std::fs::remove_file(&path);
         Ok(())
     }
+}
+
+/// `strake-monitor` is installed next to `strake-pause` (and both next to the daemon).
+fn sibling_binary(pause: &std::path::Path, name: &str) -> std::path::PathBuf {
+    [
+        pause.parent().map(|d| d.join(name)),
+        std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join(name))),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|p| p.exists())
+    .unwrap_or_else(|| std::path::PathBuf::from("/usr/local/bin").join(name))
 }

@@ -18,7 +18,7 @@ fn main() -> anyhow::Result<()> {
     let config = Config::load(&cli.flags)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let app = App::build(config)?;
+        let app = App::build(config).await?;
         app.run(async {
             let mut term =
                 match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -13,7 +13,10 @@ use strake_types::cri;
 use tonic::codegen::tokio_stream;
 use tonic::{Request, Response, Status};
 
+use crate::container::{Container, ContainerError, Containers, ImageFacts};
+use crate::image::{ErrorCode, ImageError, ImageService};
 use crate::sandbox::{Sandbox, SandboxError, Sandboxes};
+use crate::spec::ImageProcessConfig;
 
 /// The name the runtime reports in Version.
 pub const RUNTIME_NAME: &str = "strake";
@@ -39,6 +42,10 @@ pub enum CgroupDriverKind {
 pub struct RuntimeServer {
     /// Pod sandboxes.
     pub sandboxes: Arc<Sandboxes>,
+    /// Containers.
+    pub containers: Arc<Containers>,
+    /// Images, for CreateContainer.
+    pub images: ImageService,
     /// OCI runtime binaries by RuntimeClass handler name.
     pub handlers: BTreeMap<String, std::path::PathBuf>,
     /// The cgroup driver reported by RuntimeConfig.
@@ -69,6 +76,46 @@ pub fn status_of(e: SandboxError) -> Status {
     }
 }
 
+/// The gRPC status for a container error.
+pub fn container_status_of(e: ContainerError) -> Status {
+    let msg = error_chain(&e);
+    match e {
+        ContainerError::InvalidArgument(_) => Status::invalid_argument(msg),
+        ContainerError::Spec { ref source, .. } => match source {
+            crate::spec::SpecError::ReadUserDatabase { .. }
+            | crate::spec::SpecError::LoadSeccompProfile { .. }
+            | crate::spec::SpecError::ReadMountinfo { .. }
+            | crate::spec::SpecError::StatDevice { .. } => Status::internal(msg),
+            _ => Status::invalid_argument(msg),
+        },
+        ContainerError::NotFound(_)
+        | ContainerError::SandboxNotFound(_)
+        | ContainerError::ImageNotFound(_) => Status::not_found(msg),
+        ContainerError::NameTaken { .. } => Status::already_exists(msg),
+        ContainerError::WrongState { .. } | ContainerError::SandboxNotReady(_) => {
+            Status::failed_precondition(msg)
+        }
+        ContainerError::ExecTimeout { .. } => Status::deadline_exceeded(msg),
+        ContainerError::Create { .. }
+        | ContainerError::Runtime { .. }
+        | ContainerError::Teardown { .. }
+        | ContainerError::State { .. } => Status::internal(msg),
+    }
+}
+
+/// The gRPC status for an image error.
+pub fn image_status_of(e: ImageError) -> Status {
+    let msg = error_chain(&e);
+    match e.code() {
+        ErrorCode::InvalidArgument => Status::invalid_argument(msg),
+        ErrorCode::NotFound => Status::not_found(msg),
+        ErrorCode::PermissionDenied => Status::permission_denied(msg),
+        ErrorCode::FailedPrecondition => Status::failed_precondition(msg),
+        ErrorCode::Unavailable => Status::unavailable(msg),
+        ErrorCode::Internal => Status::internal(msg),
+    }
+}
+
 /// `error: cause: cause`, the whole chain for the kubelet's event messages.
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -88,6 +135,82 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| Status::internal(format!("worker failed: {e}")))?
         .map_err(status_of)
+}
+
+async fn blocking_container<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ContainerError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("worker failed: {e}")))?
+        .map_err(container_status_of)
+}
+
+fn container_item(c: &Container) -> cri::Container {
+    cri::Container {
+        id: c.record.id.clone(),
+        pod_sandbox_id: c.record.sandbox_id.clone(),
+        metadata: c.config.metadata.clone(),
+        image: c.config.image.clone(),
+        image_ref: c.record.image_ref.clone(),
+        state: c.state() as i32,
+        created_at: c.record.created_at_ns,
+        labels: c.config.labels.clone(),
+        annotations: c.config.annotations.clone(),
+        image_id: c.record.image_id.clone(),
+    }
+}
+
+fn container_status(c: &Container) -> cri::ContainerStatus {
+    let exit = c.record.exit.clone();
+    cri::ContainerStatus {
+        id: c.record.id.clone(),
+        metadata: c.config.metadata.clone(),
+        state: c.state() as i32,
+        created_at: c.record.created_at_ns,
+        started_at: c.record.started_at_ns,
+        finished_at: exit.as_ref().map_or(0, |e| e.finished_at_ns),
+        exit_code: exit.as_ref().map_or(0, |e| e.exit_code),
+        image: c.config.image.clone(),
+        image_ref: c.record.image_ref.clone(),
+        reason: exit.as_ref().map(|e| e.reason.clone()).unwrap_or_default(),
+        message: exit.map(|e| e.message).unwrap_or_default(),
+        labels: c.config.labels.clone(),
+        annotations: c.config.annotations.clone(),
+        mounts: c.config.mounts.clone(),
+        log_path: c.record.log_path.display().to_string(),
+        resources: c
+            .config
+            .linux
+            .as_ref()
+            .and_then(|l| l.resources.clone())
+            .map(|linux| cri::ContainerResources {
+                linux: Some(linux),
+                windows: None,
+            }),
+        image_id: c.record.image_id.clone(),
+        user: None,
+        stop_signal: 0,
+    }
+}
+
+fn container_matches(c: &Container, filter: Option<&cri::ContainerFilter>) -> bool {
+    let Some(f) = filter else { return true };
+    if !f.id.is_empty() && !c.record.id.starts_with(&f.id) {
+        return false;
+    }
+    if !f.pod_sandbox_id.is_empty() && !c.record.sandbox_id.starts_with(&f.pod_sandbox_id) {
+        return false;
+    }
+    if f.state
+        .as_ref()
+        .is_some_and(|st| st.state != c.state() as i32)
+    {
+        return false;
+    }
+    f.label_selector
+        .iter()
+        .all(|(k, v)| c.config.labels.get(k) == Some(v))
 }
 
 fn sandbox_state(sb: &Sandbox) -> i32 {
@@ -292,6 +415,17 @@ impl cri::runtime_service_server::RuntimeService for RuntimeServer {
         request: Request<cri::StopPodSandboxRequest>,
     ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
         let id = request.into_inner().pod_sandbox_id;
+        // The containers go first, killed at once as containerd does.
+        if let Ok(sb) = self.sandboxes.get(&id) {
+            let containers = self.containers.clone();
+            blocking_container(move || {
+                for c in containers.of_sandbox(&sb.record.id) {
+                    containers.stop(&c, std::time::Duration::ZERO)?;
+                }
+                Ok(())
+            })
+            .await?;
+        }
         let sandboxes = self.sandboxes.clone();
         blocking(move || sandboxes.stop(&id)).await?;
         Ok(Response::new(cri::StopPodSandboxResponse {}))
@@ -301,6 +435,16 @@ impl cri::runtime_service_server::RuntimeService for RuntimeServer {
         request: Request<cri::RemovePodSandboxRequest>,
     ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
         let id = request.into_inner().pod_sandbox_id;
+        if let Ok(sb) = self.sandboxes.get(&id) {
+            let containers = self.containers.clone();
+            blocking_container(move || {
+                for c in containers.of_sandbox(&sb.record.id) {
+                    containers.remove(&c)?;
+                }
+                Ok(())
+            })
+            .await?;
+        }
         let sandboxes = self.sandboxes.clone();
         blocking(move || sandboxes.remove(&id)).await?;
         Ok(Response::new(cri::RemovePodSandboxResponse {}))
@@ -369,63 +513,166 @@ impl cri::runtime_service_server::RuntimeService for RuntimeServer {
     }
     async fn create_container(
         &self,
-        _request: Request<cri::CreateContainerRequest>,
+        request: Request<cri::CreateContainerRequest>,
     ) -> Result<Response<cri::CreateContainerResponse>, Status> {
-        Err(not_yet("CreateContainer"))
+        let req = request.into_inner();
+        let config = req
+            .config
+            .ok_or_else(|| Status::invalid_argument("config is required"))?;
+        let image = config
+            .image
+            .as_ref()
+            .map(|i| i.image.clone())
+            .unwrap_or_default();
+        if image.is_empty() {
+            return Err(Status::invalid_argument("config.image.image is required"));
+        }
+        let record = self
+            .images
+            .status(&image)
+            .ok_or_else(|| container_status_of(ContainerError::ImageNotFound(image.clone())))?;
+        let blob = self
+            .images
+            .config(&record.id)
+            .await
+            .map_err(image_status_of)?;
+        let process = serde_json::from_slice::<oci_spec::image::ImageConfiguration>(&blob)
+            .map_err(|e| {
+                Status::failed_precondition(format!("image {image}: invalid config: {e}"))
+            })?
+            .config()
+            .as_ref()
+            .map(ImageProcessConfig::from)
+            .unwrap_or_default();
+        let lower_dirs = self.images.lower_dirs(&record.id).ok_or_else(|| {
+            Status::failed_precondition(format!("image {image}: layers are not unpacked"))
+        })?;
+        let facts = ImageFacts {
+            image_ref: record
+                .repo_digests
+                .first()
+                .cloned()
+                .unwrap_or_else(|| record.id.clone()),
+            id: record.id,
+            lower_dirs,
+            process,
+        };
+        let (containers, sandboxes) = (self.containers.clone(), self.sandboxes.clone());
+        let sandbox_id = req.pod_sandbox_id;
+        let container_id =
+            blocking_container(move || containers.create(&sandboxes, &sandbox_id, config, facts))
+                .await?;
+        Ok(Response::new(cri::CreateContainerResponse { container_id }))
     }
     async fn start_container(
         &self,
-        _request: Request<cri::StartContainerRequest>,
+        request: Request<cri::StartContainerRequest>,
     ) -> Result<Response<cri::StartContainerResponse>, Status> {
-        Err(not_yet("StartContainer"))
+        let id = request.into_inner().container_id;
+        let containers = self.containers.clone();
+        blocking_container(move || containers.start(&id)).await?;
+        Ok(Response::new(cri::StartContainerResponse {}))
     }
     async fn stop_container(
         &self,
-        _request: Request<cri::StopContainerRequest>,
+        request: Request<cri::StopContainerRequest>,
     ) -> Result<Response<cri::StopContainerResponse>, Status> {
-        Err(not_yet("StopContainer"))
+        let req = request.into_inner();
+        let timeout = std::time::Duration::from_secs(req.timeout.max(0) as u64);
+        let containers = self.containers.clone();
+        blocking_container(move || containers.stop(&req.container_id, timeout)).await?;
+        Ok(Response::new(cri::StopContainerResponse {}))
     }
     async fn remove_container(
         &self,
-        _request: Request<cri::RemoveContainerRequest>,
+        request: Request<cri::RemoveContainerRequest>,
     ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
-        Err(not_yet("RemoveContainer"))
+        let id = request.into_inner().container_id;
+        let containers = self.containers.clone();
+        blocking_container(move || containers.remove(&id)).await?;
+        Ok(Response::new(cri::RemoveContainerResponse {}))
     }
     async fn list_containers(
         &self,
         request: Request<cri::ListContainersRequest>,
     ) -> Result<Response<cri::ListContainersResponse>, Status> {
-        // No container can exist before CreateContainer is implemented: an empty list is the
-        // truthful answer, and the kubelet's relist depends on this call succeeding.
-        let _ = request;
-        Ok(Response::new(cri::ListContainersResponse {
-            containers: Vec::new(),
-        }))
+        let filter = request.into_inner().filter;
+        let containers = self.containers.clone();
+        let containers = blocking_container(move || {
+            Ok(containers
+                .list()
+                .iter()
+                .filter(|c| container_matches(c, filter.as_ref()))
+                .map(container_item)
+                .collect())
+        })
+        .await?;
+        Ok(Response::new(cri::ListContainersResponse { containers }))
     }
     type StreamContainersStream = ResponseStream<cri::StreamContainersResponse>;
     async fn stream_containers(
         &self,
-        _request: Request<cri::StreamContainersRequest>,
+        request: Request<cri::StreamContainersRequest>,
     ) -> Result<Response<Self::StreamContainersStream>, Status> {
-        Err(not_yet("StreamContainers"))
+        let filter = request.into_inner().filter;
+        let containers = self.containers.clone();
+        let items: Vec<cri::Container> = blocking_container(move || {
+            Ok(containers
+                .list()
+                .iter()
+                .filter(|c| container_matches(c, filter.as_ref()))
+                .map(container_item)
+                .collect())
+        })
+        .await?;
+        let chunks: Vec<Result<cri::StreamContainersResponse, Status>> = items
+            .chunks(STREAM_CHUNK)
+            .map(|c| {
+                Ok(cri::StreamContainersResponse {
+                    containers: c.to_vec(),
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
     async fn container_status(
         &self,
-        _request: Request<cri::ContainerStatusRequest>,
+        request: Request<cri::ContainerStatusRequest>,
     ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
-        Err(not_yet("ContainerStatus"))
+        let req = request.into_inner();
+        let containers = self.containers.clone();
+        let id = req.container_id;
+        let c = blocking_container(move || containers.get(&id)).await?;
+        let mut info = std::collections::HashMap::new();
+        if req.verbose {
+            let json = serde_json::to_string(&c.record).unwrap_or_default();
+            info.insert("info".to_string(), json);
+        }
+        Ok(Response::new(cri::ContainerStatusResponse {
+            status: Some(container_status(&c)),
+            info,
+        }))
     }
     async fn update_container_resources(
         &self,
-        _request: Request<cri::UpdateContainerResourcesRequest>,
+        request: Request<cri::UpdateContainerResourcesRequest>,
     ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
-        Err(not_yet("UpdateContainerResources"))
+        let req = request.into_inner();
+        let Some(linux) = req.linux else {
+            return Ok(Response::new(cri::UpdateContainerResourcesResponse {}));
+        };
+        let containers = self.containers.clone();
+        blocking_container(move || containers.update(&req.container_id, linux)).await?;
+        Ok(Response::new(cri::UpdateContainerResourcesResponse {}))
     }
     async fn reopen_container_log(
         &self,
-        _request: Request<cri::ReopenContainerLogRequest>,
+        request: Request<cri::ReopenContainerLogRequest>,
     ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
-        Err(not_yet("ReopenContainerLog"))
+        let id = request.into_inner().container_id;
+        let containers = self.containers.clone();
+        blocking_container(move || containers.reopen_log(&id)).await?;
+        Ok(Response::new(cri::ReopenContainerLogResponse {}))
     }
     type GetContainerEventsStream = ResponseStream<cri::ContainerEventResponse>;
     async fn get_container_events(
@@ -436,9 +683,19 @@ impl cri::runtime_service_server::RuntimeService for RuntimeServer {
     }
     async fn exec_sync(
         &self,
-        _request: Request<cri::ExecSyncRequest>,
+        request: Request<cri::ExecSyncRequest>,
     ) -> Result<Response<cri::ExecSyncResponse>, Status> {
-        Err(not_yet("ExecSync"))
+        let req = request.into_inner();
+        let timeout = (req.timeout > 0).then(|| std::time::Duration::from_secs(req.timeout as u64));
+        let containers = self.containers.clone();
+        let (stdout, stderr, exit_code) =
+            blocking_container(move || containers.exec_sync(&req.container_id, req.cmd, timeout))
+                .await?;
+        Ok(Response::new(cri::ExecSyncResponse {
+            stdout,
+            stderr,
+            exit_code,
+        }))
     }
     async fn exec(
         &self,
@@ -532,5 +789,118 @@ impl cri::runtime_service_server::RuntimeService for RuntimeServer {
         _request: Request<cri::RestorePodRequest>,
     ) -> Result<Response<cri::RestorePodResponse>, Status> {
         Err(not_yet("RestorePod"))
+    }
+}
+
+/// The ImageService implementation.
+#[derive(Clone, Debug)]
+pub struct ImageServer {
+    /// The image store and puller.
+    pub images: ImageService,
+}
+
+fn image_name(spec: Option<&cri::ImageSpec>) -> Result<String, Status> {
+    spec.map(|s| s.image.clone())
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| Status::invalid_argument("image.image is required"))
+}
+
+impl ImageServer {
+    fn list(&self, filter: Option<cri::ImageFilter>) -> Vec<cri::Image> {
+        let wanted = filter
+            .and_then(|f| f.image)
+            .map(|s| s.image)
+            .filter(|s| !s.is_empty())
+            .map(|s| self.images.status(&s).map(|r| r.id));
+        self.images
+            .list()
+            .iter()
+            .filter(|r| match &wanted {
+                None => true,
+                Some(id) => id.as_deref() == Some(r.id.as_str()),
+            })
+            .map(crate::image::cri::to_cri_image)
+            .collect()
+    }
+}
+
+#[tonic::async_trait]
+impl cri::image_service_server::ImageService for ImageServer {
+    async fn list_images(
+        &self,
+        request: Request<cri::ListImagesRequest>,
+    ) -> Result<Response<cri::ListImagesResponse>, Status> {
+        let images = self.list(request.into_inner().filter);
+        Ok(Response::new(cri::ListImagesResponse { images }))
+    }
+    type StreamImagesStream = ResponseStream<cri::StreamImagesResponse>;
+    async fn stream_images(
+        &self,
+        request: Request<cri::StreamImagesRequest>,
+    ) -> Result<Response<Self::StreamImagesStream>, Status> {
+        let images = self.list(request.into_inner().filter);
+        let chunks: Vec<Result<cri::StreamImagesResponse, Status>> = images
+            .chunks(STREAM_CHUNK)
+            .map(|c| Ok(cri::StreamImagesResponse { images: c.to_vec() }))
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+    async fn image_status(
+        &self,
+        request: Request<cri::ImageStatusRequest>,
+    ) -> Result<Response<cri::ImageStatusResponse>, Status> {
+        let req = request.into_inner();
+        let name = image_name(req.image.as_ref())?;
+        let record = self.images.status(&name);
+        let mut info = std::collections::HashMap::new();
+        if let (true, Some(r)) = (req.verbose, &record) {
+            info.insert(
+                "info".to_string(),
+                serde_json::json!({"manifestDigest": r.manifest_digest, "chainIDs": r.chain_ids().collect::<Vec<_>>()})
+                    .to_string(),
+            );
+        }
+        Ok(Response::new(cri::ImageStatusResponse {
+            image: record.as_ref().map(crate::image::cri::to_cri_image),
+            info,
+        }))
+    }
+    async fn pull_image(
+        &self,
+        request: Request<cri::PullImageRequest>,
+    ) -> Result<Response<cri::PullImageResponse>, Status> {
+        let req = request.into_inner();
+        let name = image_name(req.image.as_ref())?;
+        let auth = req
+            .auth
+            .as_ref()
+            .map(crate::image::PullAuth::from)
+            .unwrap_or_default();
+        let image_ref = self
+            .images
+            .pull(&name, &auth)
+            .await
+            .map_err(image_status_of)?;
+        tracing::info!(image = %name, id = %image_ref, "image pulled");
+        Ok(Response::new(cri::PullImageResponse { image_ref }))
+    }
+    async fn remove_image(
+        &self,
+        request: Request<cri::RemoveImageRequest>,
+    ) -> Result<Response<cri::RemoveImageResponse>, Status> {
+        let name = image_name(request.into_inner().image.as_ref())?;
+        self.images.remove(&name).await.map_err(image_status_of)?;
+        Ok(Response::new(cri::RemoveImageResponse {}))
+    }
+    async fn image_fs_info(
+        &self,
+        request: Request<cri::ImageFsInfoRequest>,
+    ) -> Result<Response<cri::ImageFsInfoResponse>, Status> {
+        let _ = request;
+        let info = self.images.fs_info().await.map_err(image_status_of)?;
+        Ok(Response::new(cri::ImageFsInfoResponse {
+            image_filesystems: vec![crate::image::cri::to_cri_usage(&info)],
+            container_filesystems: Vec::new(),
+        }))
     }
 }

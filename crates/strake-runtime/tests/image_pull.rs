@@ -17,31 +17,8 @@ struct Bed {
     _net: ClusterNet,
 }
 
-/// Keeps descriptor 3 open for the life of the test process. Works around a test-bed race in
-/// `integration/src/forward.rs`: when the forwarder's listener happens to be fd 3 itself,
-/// `dup2(fd, 3)` does nothing, the descriptor keeps close-on-exec, and the forwarder starts
-/// without its listener ("IO Safety violation" in its log; the registry never answers).
-/// Parallel tests make that likely: a finished test's runtime frees fd 3 and the next
-/// registry's listener gets it. Every test calls this first, before opening anything, so the
-/// first one takes fd 3 while it is still free.
-fn hold_fd3() {
-    use std::os::fd::AsRawFd;
-    static HELD: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
-    let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
-    if held.iter().any(|f| f.as_raw_fd() == 3) || Path::new("/proc/self/fd/3").exists() {
-        return;
-    }
-    if let Ok(f) = std::fs::File::open("/dev/null")
-        && f.as_raw_fd() == 3
-    {
-        held.push(f);
-    }
-}
-
-/// Runs a test body on its own runtime, after [`hold_fd3`] (so that is done before this
-/// thread's runtime opens descriptors of its own).
+/// Runs a test body on its own two-thread runtime.
 fn run(test: impl Future<Output = ()>) {
-    hold_fd3();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

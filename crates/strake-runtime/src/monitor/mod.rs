@@ -4,7 +4,8 @@
 //! daemon restarts. The monitor
 //! 1. becomes a child subreaper, so the container's init (whose parent, `runc create`, exits)
 //!    is reparented to it and its exit status is ours to collect;
-//! 2. runs `<oci-runtime> create` with the container's stdout and stderr on pipes it owns;
+//! 2. runs `<oci-runtime> create` (through [`crate::runc`], the only code that spawns it) with
+//!    the container's stdout and stderr on pipes it owns;
 //! 3. reports the outcome, one JSON [`Ready`] line, on the descriptor it was given (`--ready-fd`);
 //! 4. copies both pipes into the CRI log file (`<time> <stream> <P|F> <line>`), reopening it
 //!    on SIGUSR1 (ReopenContainerLog);
@@ -20,12 +21,12 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use serde::{Deserialize, Serialize};
 
 use self::log::{LineSplitter, Stream};
+use crate::runc::{CreateOptions, ProcessIo, Runc, RuncCli, RuncConfig, RuncError};
 
 /// What the monitor reports once `create` is done.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,20 +173,6 @@ fn open_log(path: &Path) -> std::io::Result<File> {
     File::options().create(true).append(true).open(path)
 }
 
-/// The OCI runtime's last error message from its JSON log, for `Ready::Failed`.
-fn runtime_error(log: &Path, fallback: &str) -> String {
-    std::fs::read_to_string(log)
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .rev()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .find(|v| v["level"] == "error" || v["level"] == "fatal")
-                .and_then(|v| v["msg"].as_str().map(String::from))
-        })
-        .unwrap_or_else(|| fallback.to_string())
-}
-
 /// Runs the monitor to the end of the container. Returns the process exit code of the monitor.
 pub fn run(args: Args) -> i32 {
     // SAFETY: the runtime handed us this descriptor for our sole use.
@@ -226,32 +213,35 @@ fn monitor(args: &Args, ready: &mut File) -> Result<(), String> {
 
     let (out_r, out_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
     let (err_r, err_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
-    let runtime_log = args.bundle.join("runtime-create.log");
-    let mut cmd = Command::new(&args.runtime);
-    cmd.arg("--root").arg(&args.runtime_root);
-    if args.systemd_cgroup {
-        cmd.arg("--systemd-cgroup");
-    }
-    cmd.arg("--log")
-        .arg(&runtime_log)
-        .args(["--log-format", "json", "create", "--bundle"]);
-    cmd.arg(&args.bundle)
-        .arg("--pid-file")
-        .arg(&args.pid_file)
-        .arg(&args.id);
-    let status = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(out_w))
-        .stderr(Stdio::from(err_w))
-        .status()
-        .map_err(|e| format!("run {}: {e}", args.runtime.display()))?;
-    // `cmd` still holds the write ends until dropped: drop it so EOF means the container is done.
-    drop(cmd);
-    if !status.success() {
-        let msg = runtime_error(
-            &runtime_log,
-            &format!("{} create exited with {status}", args.runtime.display()),
-        );
+    // Only the runc seam spawns the OCI runtime; its `create` waits for the runtime alone, the
+    // container's init keeping the pipes' write ends.
+    let runtime = RuncCli::new(RuncConfig {
+        binary: args.runtime.clone(),
+        root: Some(args.runtime_root.clone()),
+        systemd_cgroup: args.systemd_cgroup,
+        temp_dir: args.bundle.clone(),
+        env: Vec::new(),
+        global_args: Vec::new(),
+    });
+    let created = runtime.create(
+        &args.id,
+        &args.bundle,
+        CreateOptions {
+            pid_file: Some(args.pid_file.clone()),
+            console_socket: None,
+            no_pivot: false,
+            io: ProcessIo {
+                stdin: None,
+                stdout: Some(out_w),
+                stderr: Some(err_w),
+            },
+        },
+    );
+    if let Err(e) = created {
+        let msg = match e {
+            RuncError::CommandFailed { stderr, .. } if !stderr.is_empty() => stderr,
+            e => crate::image::error_chain(&e),
+        };
         let _ = writeln!(
             ready,
             "{}",

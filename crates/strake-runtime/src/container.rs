@@ -1,0 +1,1441 @@
+//! Containers: an overlay rootfs over the image's layers, an OCI bundle from [`crate::spec`], one
+//! `strake-monitor` per container that runs the OCI runtime's `create` and outlives the daemon,
+//! and the other lifecycle steps through the [`crate::runc`] seam.
+//!
+//! Each container has `<state>/containers/<id>/`: `container.json` (what was made, written
+//! atomically), `config.pb` (the CRI config), `upper/` and `work/` (the overlay's writable
+//! layers), `bundle/` (`config.json`, the mounted `rootfs/`, the init's PID file) and
+//! `exit.json`, which the monitor writes the moment the init is reaped. The state of a container
+//! is derived from those facts: no exit record and never started = Created, started = Running,
+//! exit record = Exited. A daemon that restarts reads the same files, so a container that exited
+//! while it was away reports its real exit code and a running one is left alone.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use strake_types::cri;
+
+use crate::cgroups::{CgroupDriver, CgroupLayout};
+use crate::monitor::{self, ExitRecord, Ready};
+use crate::runc::{ExecOptions, ProcessIo, Runc, RuncCli, RuncConfig, RuncError};
+use crate::sandbox::{Sandbox, Sandboxes, new_id, process_start_time};
+use crate::spec::{self, ImageProcessConfig, NodeOptions, Resolved, SandboxFacts, SpecError};
+use crate::state::write_atomic;
+
+/// The largest output ExecSync returns per stream (the rest is dropped, as CRI asks).
+const EXEC_OUTPUT_LIMIT: usize = 16 << 20;
+/// How long StopContainer waits for the exit record after SIGKILL.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// A failed container operation.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    /// The request lacks something it must carry or asks for something impossible.
+    #[error("invalid container request: {0}")]
+    InvalidArgument(String),
+    /// No container has this ID (or unique ID prefix).
+    #[error("container {0:?} not found")]
+    NotFound(String),
+    /// The pod sandbox named by the request does not exist.
+    #[error("pod sandbox {0:?} not found")]
+    SandboxNotFound(String),
+    /// The pod sandbox is stopped: its namespaces are gone.
+    #[error("pod sandbox {0} is not ready")]
+    SandboxNotReady(String),
+    /// The image named by the request is not in the store.
+    #[error("image {0:?} not found")]
+    ImageNotFound(String),
+    /// A container with the same name exists in the pod.
+    #[error("container name {name:?} is reserved by {id}")]
+    NameTaken { name: String, id: String },
+    /// The operation does not fit the container's state.
+    #[error("container {id} is {state}: cannot {op}")]
+    WrongState {
+        id: String,
+        state: &'static str,
+        op: &'static str,
+    },
+    /// The OCI spec could not be built from the request.
+    #[error("build the OCI spec of container {name}")]
+    Spec {
+        name: String,
+        #[source]
+        source: SpecError,
+    },
+    /// Creating the container failed at one step (what was made so far is removed again).
+    #[error("create container {name}: {step}")]
+    Create {
+        name: String,
+        step: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The OCI runtime failed.
+    #[error("{op} container {id}")]
+    Runtime {
+        op: &'static str,
+        id: String,
+        #[source]
+        source: RuncError,
+    },
+    /// ExecSync's command ran longer than its timeout (it was killed).
+    #[error("exec in container {id} timed out after {secs}s")]
+    ExecTimeout { id: String, secs: i64 },
+    /// Tearing the container down left something behind.
+    #[error("remove container {id}: {what}")]
+    Teardown { id: String, what: String },
+    /// Reading or writing container state failed.
+    #[error("container state {path}")]
+    State {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Result<T, E = ContainerError> = std::result::Result<T, E>;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ContainerError + '_ {
+    move |source| ContainerError::State {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// How the container ended, as ContainerStatus reports it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExitInfo {
+    pub exit_code: i32,
+    pub finished_at_ns: i64,
+    /// `Completed`, `Error` or `OOMKilled`.
+    pub reason: String,
+    pub message: String,
+}
+
+/// What the runtime made for one container, persisted as `container.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ContainerRecord {
+    pub id: String,
+    pub sandbox_id: String,
+    /// `k8s_<container>_<pod>_<namespace>_<uid>_<attempt>`: unique among live containers.
+    pub name: String,
+    /// The image as the request named it.
+    pub image: String,
+    /// The image's ID (`sha256:<config digest>`).
+    pub image_id: String,
+    /// A repo digest of the image, else its ID.
+    pub image_ref: String,
+    pub runtime_handler: String,
+    pub created_at_ns: i64,
+    /// 0 until started.
+    pub started_at_ns: i64,
+    /// The CRI log file (empty: the kubelet asked for none).
+    pub log_path: PathBuf,
+    /// The signal StopContainer sends first.
+    pub stop_signal: i32,
+    /// The monitor, with its start time to tell it from a recycled PID.
+    pub monitor_pid: Option<u32>,
+    pub monitor_start_time: Option<u64>,
+    /// The container's init.
+    pub init_pid: Option<u32>,
+    /// The memory cgroup file holding the `oom_kill` counter, found at create.
+    pub oom_file: Option<PathBuf>,
+    /// Whether the overlay rootfs is mounted.
+    pub rootfs_mounted: bool,
+    /// Set once the exit is known.
+    pub exit: Option<ExitInfo>,
+}
+
+/// A container: its record and its CRI configuration.
+#[derive(Clone, Debug)]
+pub struct Container {
+    pub record: ContainerRecord,
+    pub config: cri::ContainerConfig,
+}
+
+impl Container {
+    /// The CRI state.
+    pub fn state(&self) -> cri::ContainerState {
+        if self.record.exit.is_some() {
+            cri::ContainerState::ContainerExited
+        } else if self.record.started_at_ns > 0 {
+            cri::ContainerState::ContainerRunning
+        } else {
+            cri::ContainerState::ContainerCreated
+        }
+    }
+}
+
+fn state_name(s: cri::ContainerState) -> &'static str {
+    match s {
+        cri::ContainerState::ContainerCreated => "created",
+        cri::ContainerState::ContainerRunning => "running",
+        cri::ContainerState::ContainerExited => "exited",
+        cri::ContainerState::ContainerUnknown => "unknown",
+    }
+}
+
+/// The reserved name of a container, as the kubelet and containerd build it.
+pub fn container_name(c: &cri::ContainerMetadata, pod: &cri::PodSandboxMetadata) -> String {
+    format!(
+        "k8s_{}_{}_{}_{}_{}",
+        c.name, pod.name, pod.namespace, pod.uid, c.attempt
+    )
+}
+
+/// The reason ContainerStatus gives for an exit.
+pub fn exit_reason(exit_code: i32, oom_killed: bool) -> &'static str {
+    if oom_killed {
+        "OOMKilled"
+    } else if exit_code == 0 {
+        "Completed"
+    } else {
+        "Error"
+    }
+}
+
+/// containerd's `restrict_oom_score_adj`: a process may not lower its OOM score below its
+/// parent's without CAP_SYS_RESOURCE, so the container's is raised to the daemon's own.
+pub fn restrict_oom_score_adj(requested: i32, own: i32) -> i32 {
+    requested.max(own)
+}
+
+/// `linux.cgroupsPath` for a container. An absolute (or empty) parent goes through
+/// [`crate::cgroups::cgroups_path`]; a relative one stays relative under cgroupfs, which the OCI
+/// runtime resolves against its own cgroup (how a test keeps containers below its own cgroup).
+pub fn container_cgroups_path(driver: CgroupDriver, parent: &str, id: &str) -> String {
+    if driver == CgroupDriver::Cgroupfs && !parent.is_empty() && !parent.starts_with('/') {
+        format!("{}/{id}", parent.trim_end_matches('/'))
+    } else {
+        crate::cgroups::cgroups_path(driver, parent, id)
+    }
+}
+
+/// Image facts CreateContainer needs, looked up by the caller (the image service is async).
+#[derive(Clone, Debug)]
+pub struct ImageFacts {
+    /// The image ID.
+    pub id: String,
+    /// A repo digest, else the ID.
+    pub image_ref: String,
+    /// Overlay lower dirs, top layer first.
+    pub lower_dirs: Vec<PathBuf>,
+    /// The image config's process defaults.
+    pub process: ImageProcessConfig,
+}
+
+/// Where containers keep state and which programs they use.
+#[derive(Clone, Debug)]
+pub struct ContainerPaths {
+    /// `<state>/containers`.
+    pub state_dir: PathBuf,
+    /// `<run>/oci`: one `--root` per runtime handler, plus temporary files.
+    pub runtime_dir: PathBuf,
+    /// The `strake-monitor` binary.
+    pub monitor_binary: PathBuf,
+}
+
+/// The live containers by ID; shared with the image service's in-use check.
+pub type ContainerMap = Arc<Mutex<HashMap<String, Container>>>;
+
+/// Creates, tracks and removes containers.
+pub struct Containers {
+    paths: ContainerPaths,
+    handlers: BTreeMap<String, PathBuf>,
+    driver: CgroupDriver,
+    layout: Option<CgroupLayout>,
+    node: NodeOptions,
+    own_oom_score_adj: i32,
+    inner: ContainerMap,
+    ops: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+}
+
+impl std::fmt::Debug for Containers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Containers")
+            .field("paths", &self.paths)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock(map: &ContainerMap) -> std::sync::MutexGuard<'_, HashMap<String, Container>> {
+    // Every update is a single insert or remove: a panic cannot leave the map half-updated.
+    map.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn alive(pid: Option<u32>, start_time: Option<u64>) -> bool {
+    pid.is_some_and(|p| process_start_time(p).is_some_and(|t| Some(t) == start_time))
+}
+
+impl Containers {
+    /// Opens the container store and adopts every container recorded there (before serving).
+    pub fn recover(
+        paths: ContainerPaths,
+        handlers: BTreeMap<String, PathBuf>,
+        driver: CgroupDriver,
+        inner: ContainerMap,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(&paths.state_dir).map_err(io(&paths.state_dir))?;
+        std::fs::create_dir_all(paths.runtime_dir.join("tmp")).map_err(io(&paths.runtime_dir))?;
+        let layout = CgroupLayout::detect().ok();
+        let node = NodeOptions {
+            cgroup_namespace: layout.as_ref().is_some_and(CgroupLayout::is_v2),
+            apparmor_enabled: std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
+                .is_ok_and(|s| s.trim() == "Y"),
+            rlimits: Vec::new(),
+            bounding_capabilities: spec::current_bounding_capabilities(),
+        };
+        let own_oom_score_adj = std::fs::read_to_string("/proc/self/oom_score_adj")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let containers = Containers {
+            paths,
+            handlers,
+            driver,
+            layout,
+            node,
+            own_oom_score_adj,
+            inner,
+            ops: Mutex::new(HashMap::new()),
+        };
+        let mut count = 0;
+        for entry in std::fs::read_dir(&containers.paths.state_dir)
+            .map_err(io(&containers.paths.state_dir))?
+            .flatten()
+        {
+            let dir = entry.path();
+            match load(&dir) {
+                Ok(mut c) => {
+                    let id = c.record.id.clone();
+                    if c.record.monitor_pid.is_none() && c.record.exit.is_none() {
+                        // A create the previous daemon did not finish: it can only be removed.
+                        c.record.exit = Some(ExitInfo {
+                            exit_code: 255,
+                            finished_at_ns: now_ns(),
+                            reason: "Error".into(),
+                            message: "creation was interrupted by a restart of the runtime".into(),
+                        });
+                    }
+                    lock(&containers.inner).insert(id.clone(), c);
+                    // A container that exited while we were away: its exit record is read now.
+                    if let Err(e) = containers.refresh(&id) {
+                        tracing::warn!(container = %id, error = %e, "cannot refresh container");
+                    }
+                    count += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "skipping unreadable container record")
+                }
+            }
+        }
+        tracing::info!(count, "recovered containers");
+        Ok(containers)
+    }
+
+    fn dir(&self, id: &str) -> PathBuf {
+        self.paths.state_dir.join(id)
+    }
+
+    fn runc(&self, handler: &str) -> RuncCli {
+        let binary = self
+            .handlers
+            .get(handler)
+            .cloned()
+            .unwrap_or_else(|| PathBuf::from(handler));
+        RuncCli::new(RuncConfig {
+            binary,
+            root: Some(self.runtime_root(handler)),
+            systemd_cgroup: self.driver == CgroupDriver::Systemd,
+            temp_dir: self.paths.runtime_dir.join("tmp"),
+            env: Vec::new(),
+            global_args: Vec::new(),
+        })
+    }
+
+    fn runtime_root(&self, handler: &str) -> PathBuf {
+        self.paths.runtime_dir.join(handler)
+    }
+
+    /// Resolves a full ID or a unique prefix.
+    pub fn resolve(&self, id_or_prefix: &str) -> Result<String> {
+        let map = lock(&self.inner);
+        if map.contains_key(id_or_prefix) {
+            return Ok(id_or_prefix.to_string());
+        }
+        let mut matches = map
+            .keys()
+            .filter(|k| !id_or_prefix.is_empty() && k.starts_with(id_or_prefix));
+        match (matches.next(), matches.next()) {
+            (Some(id), None) => Ok(id.clone()),
+            _ => Err(ContainerError::NotFound(id_or_prefix.to_string())),
+        }
+    }
+
+    /// A copy of one container, its exit brought up to date.
+    pub fn get(&self, id_or_prefix: &str) -> Result<Container> {
+        let id = self.resolve(id_or_prefix)?;
+        self.refresh(&id)
+    }
+
+    /// Copies of all containers, exits brought up to date.
+    pub fn list(&self) -> Vec<Container> {
+        let ids: Vec<String> = lock(&self.inner).keys().cloned().collect();
+        ids.iter().filter_map(|id| self.refresh(id).ok()).collect()
+    }
+
+    /// IDs of the containers of one sandbox.
+    pub fn of_sandbox(&self, sandbox_id: &str) -> Vec<String> {
+        lock(&self.inner)
+            .values()
+            .filter(|c| c.record.sandbox_id == sandbox_id)
+            .map(|c| c.record.id.clone())
+            .collect()
+    }
+
+    /// Reads the exit record if the monitor wrote one since we last looked.
+    fn refresh(&self, id: &str) -> Result<Container> {
+        let mut c = lock(&self.inner)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ContainerError::NotFound(id.to_string()))?;
+        if c.record.exit.is_some() || c.record.monitor_pid.is_none() {
+            return Ok(c);
+        }
+        let exit_file = self.dir(id).join("exit.json");
+        let read = |p: &Path| -> Option<ExitRecord> {
+            serde_json::from_slice(&std::fs::read(p).ok()?).ok()
+        };
+        let exit = match read(&exit_file) {
+            Some(e) => {
+                // The cgroup stays until `delete`, so its OOM counter is still there.
+                let oom = c.record.oom_file.as_deref().is_some_and(oom_killed);
+                let message = match e.signal {
+                    Some(sig) => format!("killed by signal {sig}"),
+                    None => String::new(),
+                };
+                ExitInfo {
+                    exit_code: e.exit_code,
+                    finished_at_ns: e.finished_at_ns,
+                    reason: exit_reason(e.exit_code, oom).to_string(),
+                    message,
+                }
+            }
+            None if !alive(c.record.monitor_pid, c.record.monitor_start_time) => {
+                // The monitor writes the record before it exits: check once more, then give up.
+                match read(&exit_file) {
+                    Some(_) => return self.refresh(id),
+                    None => ExitInfo {
+                        exit_code: 255,
+                        finished_at_ns: now_ns(),
+                        reason: "Error".into(),
+                        message: "the container's monitor exited without recording its exit".into(),
+                    },
+                }
+            }
+            None => return Ok(c),
+        };
+        tracing::info!(container = %id, exit_code = exit.exit_code, reason = %exit.reason, "container exited");
+        c.record.exit = Some(exit);
+        self.save_record(&c)?;
+        Ok(c)
+    }
+
+    fn sandbox_facts(&self, sb: &Sandbox) -> SandboxFacts {
+        let r = &sb.record;
+        SandboxFacts {
+            id: r.id.clone(),
+            hostname: sb.config.hostname.clone(),
+            namespaces: spec::SandboxNamespaces {
+                network: r.netns.clone(),
+                ipc: r.ipcns.clone(),
+                uts: r.utsns.clone(),
+                pid: None,
+            },
+            hosts_path: Some(r.hosts_file.clone()),
+            resolv_conf_path: Some(r.resolv_file.clone()),
+            hostname_path: Some(r.hostname_file.clone()),
+            shm_path: Some(r.shm.clone()),
+        }
+    }
+
+    /// CreateContainer: makes everything, or nothing.
+    pub fn create(
+        &self,
+        sandboxes: &Sandboxes,
+        sandbox_id: &str,
+        mut config: cri::ContainerConfig,
+        image: ImageFacts,
+    ) -> Result<String> {
+        let meta = config
+            .metadata
+            .clone()
+            .ok_or_else(|| ContainerError::InvalidArgument("metadata is required".into()))?;
+        if meta.name.is_empty() {
+            return Err(ContainerError::InvalidArgument(
+                "metadata.name is required".into(),
+            ));
+        }
+        let sb = sandboxes
+            .get(sandbox_id)
+            .map_err(|_| ContainerError::SandboxNotFound(sandbox_id.to_string()))?;
+        if !sb.record.ready {
+            return Err(ContainerError::SandboxNotReady(sb.record.id));
+        }
+        let pod = sb.config.metadata.clone().unwrap_or_default();
+        let name = container_name(&meta, &pod);
+        let id = new_id().map_err(io(Path::new("/dev/urandom")))?;
+        // The sandbox holds no PID namespace of its own (the pause process shares the host's):
+        // POD mode means a namespace of the container's own until it does.
+        if let Some(ns) = config
+            .linux
+            .as_mut()
+            .and_then(|l| l.security_context.as_mut())
+            .and_then(|s| s.namespace_options.as_mut())
+            && ns.pid == cri::NamespaceMode::Pod as i32
+        {
+            ns.pid = cri::NamespaceMode::Container as i32;
+        }
+        if config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+            .and_then(|s| s.namespace_options.as_ref())
+            .is_none()
+        {
+            let linux = config.linux.get_or_insert_with(Default::default);
+            let sc = linux.security_context.get_or_insert_with(Default::default);
+            let host_network = sb.record.host_network;
+            sc.namespace_options = Some(cri::NamespaceOption {
+                network: if host_network {
+                    cri::NamespaceMode::Node as i32
+                } else {
+                    cri::NamespaceMode::Pod as i32
+                },
+                pid: cri::NamespaceMode::Container as i32,
+                ipc: if sb.record.ipcns.is_some() {
+                    cri::NamespaceMode::Pod as i32
+                } else {
+                    cri::NamespaceMode::Node as i32
+                },
+                ..Default::default()
+            });
+        }
+        let log_path = match sb.config.log_directory.as_str() {
+            "" => PathBuf::new(),
+            _ if config.log_path.is_empty() => PathBuf::new(),
+            dir => Path::new(dir).join(&config.log_path),
+        };
+        let dir = self.dir(&id);
+        let record = ContainerRecord {
+            id: id.clone(),
+            sandbox_id: sb.record.id.clone(),
+            name: name.clone(),
+            image: config
+                .image
+                .as_ref()
+                .map(|i| i.image.clone())
+                .unwrap_or_default(),
+            image_id: image.id.clone(),
+            image_ref: image.image_ref.clone(),
+            runtime_handler: sb.record.runtime_handler.clone(),
+            created_at_ns: now_ns(),
+            started_at_ns: 0,
+            log_path,
+            stop_signal: spec::stop_signal(&config, &image.process),
+            monitor_pid: None,
+            monitor_start_time: None,
+            init_pid: None,
+            oom_file: None,
+            rootfs_mounted: false,
+            exit: None,
+        };
+        // Reserve the name before the slow work, so a concurrent duplicate is refused at once.
+        {
+            let mut map = lock(&self.inner);
+            if let Some(other) = map.values().find(|c| c.record.name == name) {
+                return Err(ContainerError::NameTaken {
+                    name,
+                    id: other.record.id.clone(),
+                });
+            }
+            map.insert(
+                id.clone(),
+                Container {
+                    record: record.clone(),
+                    config: config.clone(),
+                },
+            );
+        }
+        let mut c = Container { record, config };
+        match self.make(&mut c, &sb, &image) {
+            Ok(()) => {
+                lock(&self.inner).insert(id.clone(), c);
+                tracing::info!(container = %id, name = %name, sandbox = %sb.record.id, "container created");
+                Ok(id)
+            }
+            Err(e) => {
+                let _ = self.teardown(&c.record);
+                lock(&self.inner).remove(&id);
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    fn make(&self, c: &mut Container, sb: &Sandbox, image: &ImageFacts) -> Result<()> {
+        let name = c.record.name.clone();
+        let step = |step: &'static str| {
+            let name = name.clone();
+            move |e: std::io::Error| ContainerError::Create {
+                name,
+                step,
+                source: Box::new(e),
+            }
+        };
+        let dir = self.dir(&c.record.id);
+        let bundle = dir.join("bundle");
+        let rootfs = bundle.join("rootfs");
+        for d in [dir.join("upper"), dir.join("work"), rootfs.clone()] {
+            std::fs::create_dir_all(&d).map_err(step("create directories"))?;
+        }
+        save(&dir, c)?;
+        mount_overlay(
+            &image.lower_dirs,
+            &dir.join("upper"),
+            &dir.join("work"),
+            &rootfs,
+        )
+        .map_err(step("mount rootfs"))?;
+        c.record.rootfs_mounted = true;
+        save(&dir, c)?;
+
+        let spec_err = |source| ContainerError::Spec {
+            name: name.clone(),
+            source,
+        };
+        let resolved = Resolved::resolve(&c.config, &image.process, &rootfs).map_err(spec_err)?;
+        let facts = self.sandbox_facts(sb);
+        let input = spec::SpecInput {
+            container_id: &c.record.id,
+            config: &c.config,
+            sandbox_config: &sb.config,
+            sandbox: &facts,
+            image: &image.process,
+            image_name: &c.record.image,
+            rootfs: &rootfs,
+            cgroup_driver: self.driver,
+            target_pid_namespace: None,
+            resolved: &resolved,
+            node: &self.node,
+        };
+        let mut oci = spec::build_spec(&input).map_err(spec_err)?;
+        if let Some(p) = oci.process_mut()
+            && let Some(adj) = p.oom_score_adj()
+        {
+            p.set_oom_score_adj(Some(restrict_oom_score_adj(adj, self.own_oom_score_adj)));
+        }
+        let parent = sb
+            .config
+            .linux
+            .as_ref()
+            .map(|l| l.cgroup_parent.as_str())
+            .unwrap_or_default();
+        if let Some(linux) = oci.linux_mut() {
+            linux.set_cgroups_path(Some(PathBuf::from(container_cgroups_path(
+                self.driver,
+                parent,
+                &c.record.id,
+            ))));
+        }
+        let json = serde_json::to_vec_pretty(&oci).map_err(|e| ContainerError::Create {
+            name: name.clone(),
+            step: "encode OCI spec",
+            source: Box::new(e),
+        })?;
+        write_atomic(&bundle.join("config.json"), &json).map_err(step("write OCI spec"))?;
+
+        let handler = c.record.runtime_handler.clone();
+        let runtime_root = self.runtime_root(&handler);
+        std::fs::create_dir_all(&runtime_root).map_err(step("create runtime root"))?;
+        let log_path = if c.record.log_path.as_os_str().is_empty() {
+            dir.join("discarded.log")
+        } else {
+            c.record.log_path.clone()
+        };
+        let args = monitor::Args {
+            id: c.record.id.clone(),
+            bundle: bundle.clone(),
+            runtime: self
+                .handlers
+                .get(&handler)
+                .cloned()
+                .unwrap_or_else(|| PathBuf::from(&handler)),
+            runtime_root,
+            systemd_cgroup: self.driver == CgroupDriver::Systemd,
+            log_path,
+            exit_file: dir.join("exit.json"),
+            pid_file: bundle.join("init.pid"),
+            ready_fd: 3,
+        };
+        let (pid, ready) = spawn_monitor(&self.paths.monitor_binary, &args, &dir)
+            .map_err(step("start monitor"))?;
+        c.record.monitor_pid = Some(pid);
+        c.record.monitor_start_time = process_start_time(pid);
+        save(&dir, c)?;
+        match ready {
+            Ready::Created { pid } => {
+                c.record.init_pid = Some(pid);
+                c.record.oom_file = self.oom_file(pid);
+                save(&dir, c)
+            }
+            Ready::Failed { error } => Err(ContainerError::Create {
+                name,
+                step: "create with the OCI runtime",
+                source: error.into(),
+            }),
+        }
+    }
+
+    /// The memory cgroup file with the `oom_kill` counter of the cgroup `pid` is in.
+    fn oom_file(&self, pid: u32) -> Option<PathBuf> {
+        let layout = self.layout.as_ref()?;
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        for line in text.lines() {
+            let mut parts = line.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            let rel = path.trim_start_matches('/');
+            if layout.is_v2() && controllers.is_empty() {
+                return Some(layout.unified.as_ref()?.join(rel).join("memory.events"));
+            }
+            if controllers.split(',').any(|c| c == "memory") {
+                return Some(
+                    layout
+                        .v1
+                        .get("memory")?
+                        .join(rel)
+                        .join("memory.oom_control"),
+                );
+            }
+        }
+        None
+    }
+
+    /// Persists and publishes a changed record, unless the container was removed meanwhile.
+    fn save_record(&self, c: &Container) -> Result<()> {
+        let mut map = lock(&self.inner);
+        let Some(slot) = map.get_mut(&c.record.id) else {
+            return Err(ContainerError::NotFound(c.record.id.clone()));
+        };
+        save(&self.dir(&c.record.id), c)?;
+        *slot = c.clone();
+        Ok(())
+    }
+
+    /// Serialises the lifecycle operations (start, stop, remove, update) of one container.
+    fn op_lock(&self, id: &str) -> Arc<Mutex<()>> {
+        self.ops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// StartContainer: runs the user process of a created container.
+    pub fn start(&self, id_or_prefix: &str) -> Result<()> {
+        let id = self.resolve(id_or_prefix)?;
+        let op = self.op_lock(&id);
+        let _op = op.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = self.get(&id)?;
+        let state = c.state();
+        if state != cri::ContainerState::ContainerCreated {
+            return Err(ContainerError::WrongState {
+                id: c.record.id,
+                state: state_name(state),
+                op: "start",
+            });
+        }
+        let id = c.record.id.clone();
+        self.runc(&c.record.runtime_handler)
+            .start(&id)
+            .map_err(|source| ContainerError::Runtime {
+                op: "start",
+                id: id.clone(),
+                source,
+            })?;
+        c.record.started_at_ns = now_ns();
+        self.save_record(&c)?;
+        tracing::info!(container = %id, "container started");
+        Ok(())
+    }
+
+    fn wait_exit(&self, id: &str, timeout: Duration) -> Result<bool> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.refresh(id)?.record.exit.is_some() {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// StopContainer: the stop signal, up to `timeout` for the exit, then SIGKILL. Idempotent.
+    pub fn stop(&self, id_or_prefix: &str, timeout: Duration) -> Result<()> {
+        let id = self.resolve(id_or_prefix)?;
+        let op = self.op_lock(&id);
+        let _op = op.lock().unwrap_or_else(|e| e.into_inner());
+        self.stop_locked(&id, timeout)
+    }
+
+    fn stop_locked(&self, id: &str, timeout: Duration) -> Result<()> {
+        let c = self.get(id)?;
+        let id = c.record.id.clone();
+        if c.record.exit.is_some() || c.record.monitor_pid.is_none() {
+            return Ok(());
+        }
+        let runc = self.runc(&c.record.runtime_handler);
+        if !timeout.is_zero() && c.state() == cri::ContainerState::ContainerRunning {
+            if let Err(e) = runc.kill(&id, c.record.stop_signal, false) {
+                tracing::debug!(container = %id, error = %e, "stop signal not delivered");
+            }
+            if self.wait_exit(&id, timeout)? {
+                return Ok(());
+            }
+        }
+        let killed = runc.kill(&id, libc::SIGKILL, false);
+        if self.wait_exit(&id, KILL_WAIT)? {
+            return Ok(());
+        }
+        match killed {
+            Err(source) => Err(ContainerError::Runtime {
+                op: "kill",
+                id,
+                source,
+            }),
+            Ok(()) => Err(ContainerError::Teardown {
+                id,
+                what: "no exit after SIGKILL".into(),
+            }),
+        }
+    }
+
+    /// Undoes what a record says exists; returns what failed.
+    fn teardown(&self, r: &ContainerRecord) -> Vec<String> {
+        let mut failed = Vec::new();
+        // Even without a monitor on record: a crash between spawning it and recording it
+        // leaves a container the runtime knows.
+        let runc = self.runc(&r.runtime_handler);
+        if let Err(e) = runc.delete(&r.id, true)
+            && runc.state(&r.id).is_ok()
+        {
+            failed.push(format!("delete: {e}"));
+        }
+        if r.rootfs_mounted
+            && let Err(e) = unmount(&self.dir(&r.id).join("bundle/rootfs"))
+        {
+            failed.push(format!("unmount rootfs: {e}"));
+        }
+        failed
+    }
+
+    /// RemoveContainer: kills it if needed and forgets it; a missing container is fine.
+    pub fn remove(&self, id_or_prefix: &str) -> Result<()> {
+        let id = match self.resolve(id_or_prefix) {
+            Ok(id) => id,
+            Err(ContainerError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let op = self.op_lock(&id);
+        let _op = op.lock().unwrap_or_else(|e| e.into_inner());
+        let c = match self.get(&id) {
+            Ok(c) => c,
+            // Removed by a concurrent call while we waited.
+            Err(ContainerError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if c.record.exit.is_none() && c.record.monitor_pid.is_some() {
+            self.stop_locked(&id, Duration::ZERO)?;
+        }
+        let c = self.refresh(&id)?;
+        let failed = self.teardown(&c.record);
+        if !failed.is_empty() {
+            return Err(ContainerError::Teardown {
+                id,
+                what: failed.join("; "),
+            });
+        }
+        lock(&self.inner).remove(&id);
+        self.ops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        let dir = self.dir(&id);
+        std::fs::remove_dir_all(&dir)
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(io(&dir))?;
+        tracing::info!(container = %id, "container removed");
+        Ok(())
+    }
+
+    /// UpdateContainerResources: `runc update`, and the stored config follows.
+    pub fn update(
+        &self,
+        id_or_prefix: &str,
+        resources: cri::LinuxContainerResources,
+    ) -> Result<()> {
+        let id = self.resolve(id_or_prefix)?;
+        let op = self.op_lock(&id);
+        let _op = op.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = self.get(&id)?;
+        if c.record.exit.is_none() {
+            self.runc(&c.record.runtime_handler)
+                .update(&id, &linux_resources(&resources))
+                .map_err(|source| ContainerError::Runtime {
+                    op: "update",
+                    id: id.clone(),
+                    source,
+                })?;
+        }
+        c.config
+            .linux
+            .get_or_insert_with(Default::default)
+            .resources = Some(resources);
+        self.save_record(&c)
+    }
+
+    /// ReopenContainerLog: asks the monitor to reopen the log file.
+    pub fn reopen_log(&self, id_or_prefix: &str) -> Result<()> {
+        let c = self.get(id_or_prefix)?;
+        let state = c.state();
+        if state != cri::ContainerState::ContainerRunning
+            || !alive(c.record.monitor_pid, c.record.monitor_start_time)
+        {
+            return Err(ContainerError::WrongState {
+                id: c.record.id,
+                state: state_name(state),
+                op: "reopen its log",
+            });
+        }
+        if let Some(pid) = c.record.monitor_pid {
+            // SAFETY: kill(2) on our own monitor (PID and start time checked just above).
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGUSR1) };
+        }
+        Ok(())
+    }
+
+    /// ExecSync: runs `cmd` in the container and collects its output and exit code.
+    pub fn exec_sync(
+        &self,
+        id_or_prefix: &str,
+        cmd: Vec<String>,
+        timeout: Option<Duration>,
+    ) -> Result<(Vec<u8>, Vec<u8>, i32)> {
+        let c = self.get(id_or_prefix)?;
+        let id = c.record.id.clone();
+        let state = c.state();
+        if state != cri::ContainerState::ContainerRunning {
+            return Err(ContainerError::WrongState {
+                id,
+                state: state_name(state),
+                op: "exec",
+            });
+        }
+        if cmd.is_empty() {
+            return Err(ContainerError::InvalidArgument("cmd is required".into()));
+        }
+        let bundle = self.dir(&id).join("bundle");
+        let spec_path = bundle.join("config.json");
+        let spec: oci_spec::runtime::Spec = serde_json::from_slice(
+            &std::fs::read(&spec_path).map_err(io(&spec_path))?,
+        )
+        .map_err(|e| ContainerError::State {
+            path: spec_path.clone(),
+            source: e.into(),
+        })?;
+        let mut process = spec.process().clone().unwrap_or_default();
+        process.set_args(Some(cmd)).set_terminal(Some(false));
+        let tmp = self.paths.runtime_dir.join("tmp");
+        let pid_file = tempfile::Builder::new()
+            .prefix("exec-pid-")
+            .tempfile_in(&tmp)
+            .map_err(io(&tmp))?
+            .into_temp_path();
+        let (out_r, out_w) = pipe().map_err(io(&tmp))?;
+        let (err_r, err_w) = pipe().map_err(io(&tmp))?;
+        let collect = |r: OwnedFd| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let mut out = Vec::new();
+                let mut f = std::fs::File::from(r);
+                let mut buf = [0u8; 16 * 1024];
+                loop {
+                    match f.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            let room = EXEC_OUTPUT_LIMIT.saturating_sub(out.len());
+                            out.extend_from_slice(&buf[..n.min(room)]);
+                        }
+                    }
+                }
+                let _ = tx.send(out);
+            });
+            rx
+        };
+        let (out_rx, err_rx) = (collect(out_r), collect(err_r));
+        let runc = self.runc(&c.record.runtime_handler);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        {
+            let id = id.clone();
+            let pid_path = pid_file.to_path_buf();
+            std::thread::spawn(move || {
+                let r = runc.exec(
+                    &id,
+                    &process,
+                    ExecOptions {
+                        detach: false,
+                        pid_file: Some(pid_path),
+                        console_socket: None,
+                        io: ProcessIo {
+                            stdin: None,
+                            stdout: Some(out_w),
+                            stderr: Some(err_w),
+                        },
+                    },
+                );
+                let _ = done_tx.send(r);
+            });
+        }
+        let result = match timeout {
+            Some(t) => done_rx.recv_timeout(t).ok(),
+            None => done_rx.recv().ok(),
+        };
+        let Some(result) = result else {
+            if let Some(pid) = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok())
+            {
+                // SAFETY: kill(2) on the exec'd process the runtime just reported.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            return Err(ContainerError::ExecTimeout {
+                id,
+                secs: timeout.map_or(0, |t| t.as_secs() as i64),
+            });
+        };
+        let status = result.map_err(|source| ContainerError::Runtime {
+            op: "exec in",
+            id: id.clone(),
+            source,
+        })?;
+        // Background children of the command may hold the pipes: do not wait for them long.
+        let grace = Duration::from_secs(1);
+        let stdout = out_rx.recv_timeout(grace).unwrap_or_default();
+        let stderr = err_rx.recv_timeout(grace).unwrap_or_default();
+        let code = status.code().unwrap_or_else(|| {
+            use std::os::unix::process::ExitStatusExt;
+            128 + status.signal().unwrap_or(0)
+        });
+        Ok((stdout, stderr, code))
+    }
+}
+
+/// CRI resources -> OCI resources for `update` (what build_spec sets at create).
+pub fn linux_resources(r: &cri::LinuxContainerResources) -> oci_spec::runtime::LinuxResources {
+    use oci_spec::runtime::{LinuxCpu, LinuxMemory, LinuxResources};
+    let mut cpu = LinuxCpu::default();
+    if r.cpu_shares > 0 {
+        cpu.set_shares(Some(r.cpu_shares as u64));
+    }
+    if r.cpu_quota != 0 {
+        cpu.set_quota(Some(r.cpu_quota));
+    }
+    if r.cpu_period > 0 {
+        cpu.set_period(Some(r.cpu_period as u64));
+    }
+    if !r.cpuset_cpus.is_empty() {
+        cpu.set_cpus(Some(r.cpuset_cpus.clone()));
+    }
+    if !r.cpuset_mems.is_empty() {
+        cpu.set_mems(Some(r.cpuset_mems.clone()));
+    }
+    let mut memory = LinuxMemory::default();
+    if r.memory_limit_in_bytes > 0 {
+        memory.set_limit(Some(r.memory_limit_in_bytes));
+        let swap = if r.memory_swap_limit_in_bytes > 0 {
+            r.memory_swap_limit_in_bytes
+        } else {
+            r.memory_limit_in_bytes
+        };
+        memory.set_swap(Some(swap));
+    }
+    let mut out = LinuxResources::default();
+    out.set_cpu(Some(cpu)).set_memory(Some(memory));
+    if !r.unified.is_empty() {
+        out.set_unified(Some(r.unified.clone()));
+    }
+    out
+}
+
+/// Whether the `oom_kill` counter in a cgroup's `memory.oom_control` (v1) or `memory.events`
+/// (v2) is non-zero.
+fn oom_killed(file: &Path) -> bool {
+    std::fs::read_to_string(file).is_ok_and(|text| {
+        text.lines()
+            .filter_map(|l| l.split_once(' '))
+            .any(|(k, v)| k == "oom_kill" && v.trim().parse::<u64>().is_ok_and(|n| n > 0))
+    })
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array on success.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Starts the monitor in its own session with the report pipe on fd 3 and waits for its report.
+fn spawn_monitor(binary: &Path, args: &monitor::Args, dir: &Path) -> std::io::Result<(u32, Ready)> {
+    let (r, w) = pipe()?;
+    let raw = w.as_raw_fd();
+    let stderr = std::fs::File::create(dir.join("monitor.log"))?;
+    let mut cmd = Command::new(binary);
+    cmd.args(args.to_args())
+        .env_clear()
+        .env("PATH", crate::runc::DEFAULT_PATH)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    // SAFETY: setsid and dup2 are async-signal-safe; dup2 clears FD_CLOEXEC on the copy.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            if libc::dup2(raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    drop(cmd);
+    drop(w);
+    let pid = child.id();
+    let mut line = String::new();
+    let read = BufReader::new(std::fs::File::from(r)).read_line(&mut line);
+    // The daemon reaps its monitors while it lives; after a restart init does.
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+    read?;
+    let ready = serde_json::from_str(line.trim()).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("monitor report {line:?}: {e}"),
+        )
+    })?;
+    Ok((pid, ready))
+}
+
+fn cstring(p: &Path) -> std::io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+}
+
+fn mount_overlay(
+    lower: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+) -> std::io::Result<()> {
+    if lower.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the image has no layers",
+        ));
+    }
+    let lowers: Vec<String> = lower.iter().map(|p| p.display().to_string()).collect();
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lowers.join(":"),
+        upper.display(),
+        work.display()
+    );
+    let data = std::ffi::CString::new(options)?;
+    let t = cstring(target)?;
+    // SAFETY: valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            c"overlay".as_ptr(),
+            t.as_ptr(),
+            c"overlay".as_ptr(),
+            0,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Unmounts `path`; a path that is missing or not a mount is fine.
+fn unmount(path: &Path) -> std::io::Result<()> {
+    let Ok(p) = cstring(path) else { return Ok(()) };
+    // SAFETY: valid NUL-terminated path.
+    let rc = unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::ENOENT) => Ok(()),
+        _ => Err(err),
+    }
+}
+
+fn save(dir: &Path, c: &Container) -> Result<()> {
+    let json_path = dir.join("container.json");
+    let json = serde_json::to_vec_pretty(&c.record).map_err(|e| ContainerError::State {
+        path: json_path.clone(),
+        source: e.into(),
+    })?;
+    let pb = dir.join("config.pb");
+    write_atomic(&pb, &c.config.encode_to_vec()).map_err(io(&pb))?;
+    write_atomic(&json_path, &json).map_err(io(&json_path))
+}
+
+fn load(dir: &Path) -> Result<Container> {
+    let json_path = dir.join("container.json");
+    let json = std::fs::read(&json_path).map_err(io(&json_path))?;
+    let record: ContainerRecord =
+        serde_json::from_slice(&json).map_err(|e| ContainerError::State {
+            path: json_path.clone(),
+            source: e.into(),
+        })?;
+    let pb_path = dir.join("config.pb");
+    let pb = std::fs::read(&pb_path).map_err(io(&pb_path))?;
+    let config =
+        cri::ContainerConfig::decode(pb.as_slice()).map_err(|e| ContainerError::State {
+            path: pb_path,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })?;
+    Ok(Container { record, config })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_reasons_and_oom_score_follow_containerd() {
+        let c = cri::ContainerMetadata {
+            name: "app".into(),
+            attempt: 1,
+        };
+        let p = cri::PodSandboxMetadata {
+            name: "web".into(),
+            namespace: "prod".into(),
+            uid: "u1".into(),
+            attempt: 0,
+        };
+        assert_eq!(container_name(&c, &p), "k8s_app_web_prod_u1_1");
+        assert_eq!(exit_reason(0, false), "Completed");
+        assert_eq!(exit_reason(3, false), "Error");
+        assert_eq!(exit_reason(137, true), "OOMKilled");
+        assert_eq!(restrict_oom_score_adj(-998, 0), 0);
+        assert_eq!(restrict_oom_score_adj(1000, -500), 1000);
+    }
+
+    #[test]
+    fn relative_cgroup_parents_stay_relative_under_cgroupfs() {
+        assert_eq!(
+            container_cgroups_path(CgroupDriver::Cgroupfs, "strake-tb-1-0", "c1"),
+            "strake-tb-1-0/c1"
+        );
+        assert_eq!(
+            container_cgroups_path(CgroupDriver::Cgroupfs, "/kubepods/pod1", "c1"),
+            "/kubepods/pod1/c1"
+        );
+        assert_eq!(
+            container_cgroups_path(CgroupDriver::Cgroupfs, "", "c1"),
+            "/strake/c1"
+        );
+    }
+
+    #[test]
+    fn update_resources_map_to_oci() {
+        let r = linux_resources(&cri::LinuxContainerResources {
+            cpu_shares: 512,
+            memory_limit_in_bytes: 64 << 20,
+            ..Default::default()
+        });
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["cpu"], serde_json::json!({"shares": 512}));
+        assert_eq!(
+            json["memory"],
+            serde_json::json!({"limit": 67108864, "swap": 67108864})
+        );
+    }
+
+    fn record(id: &str, monitor_pid: Option<u32>, monitor_start_time: Option<u64>) -> Container {
+        Container {
+            record: ContainerRecord {
+                id: id.into(),
+                sandbox_id: "s".into(),
+                name: format!("k8s_{id}"),
+                image: "busybox".into(),
+                image_id: "sha256:ab".into(),
+                image_ref: "sha256:ab".into(),
+                runtime_handler: "runc".into(),
+                created_at_ns: 1,
+                started_at_ns: 2,
+                log_path: PathBuf::new(),
+                stop_signal: 15,
+                monitor_pid,
+                monitor_start_time,
+                init_pid: None,
+                oom_file: None,
+                rootfs_mounted: false,
+                exit: None,
+            },
+            config: cri::ContainerConfig::default(),
+        }
+    }
+
+    #[test]
+    fn recovery_reads_exits_recorded_while_the_daemon_was_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("containers");
+        let me = std::process::id();
+        let alive_monitor = record("running", Some(me), process_start_time(me));
+        let exited = record("exited", Some(u32::MAX - 1), Some(1));
+        let vanished = record("vanished", Some(u32::MAX - 1), Some(1));
+        let interrupted = record("interrupted", None, None);
+        for c in [&alive_monitor, &exited, &vanished, &interrupted] {
+            let d = state.join(&c.record.id);
+            std::fs::create_dir_all(&d).unwrap();
+            save(&d, c).unwrap();
+        }
+        let exit = ExitRecord {
+            exit_code: 3,
+            signal: None,
+            finished_at_ns: 42,
+        };
+        std::fs::write(
+            state.join("exited/exit.json"),
+            serde_json::to_vec(&exit).unwrap(),
+        )
+        .unwrap();
+        let containers = Containers::recover(
+            ContainerPaths {
+                state_dir: state.clone(),
+                runtime_dir: dir.path().join("oci"),
+                monitor_binary: "/nonexistent".into(),
+            },
+            BTreeMap::new(),
+            CgroupDriver::Cgroupfs,
+            ContainerMap::default(),
+        )
+        .unwrap();
+        let running = containers.get("running").unwrap();
+        assert_eq!(running.state(), cri::ContainerState::ContainerRunning);
+        let e = containers.get("exited").unwrap().record.exit.unwrap();
+        assert_eq!(
+            (e.exit_code, e.finished_at_ns, e.reason.as_str()),
+            (3, 42, "Error")
+        );
+        // Persisted: a second recovery reads the same exit without the exit file.
+        std::fs::remove_file(state.join("exited/exit.json")).unwrap();
+        let again = load(&state.join("exited")).unwrap();
+        assert_eq!(again.record.exit.map(|e| e.exit_code), Some(3));
+        assert_eq!(
+            containers
+                .get("vanished")
+                .unwrap()
+                .record
+                .exit
+                .unwrap()
+                .exit_code,
+            255
+        );
+        assert_eq!(
+            containers.get("interrupted").unwrap().state(),
+            cri::ContainerState::ContainerExited
+        );
+        assert_eq!(containers.list().len(), 4);
+        assert!(matches!(
+            containers.get("nope"),
+            Err(ContainerError::NotFound(_))
+        ));
+        // Prefixes resolve when unique.
+        assert_eq!(containers.resolve("run").unwrap(), "running");
+    }
+
+    #[test]
+    fn record_and_config_round_trip_through_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Container {
+            record: ContainerRecord {
+                id: "c".into(),
+                sandbox_id: "s".into(),
+                name: "n".into(),
+                image: "busybox".into(),
+                image_id: "sha256:ab".into(),
+                image_ref: "sha256:ab".into(),
+                runtime_handler: "runc".into(),
+                created_at_ns: 1,
+                started_at_ns: 2,
+                log_path: "/l".into(),
+                stop_signal: 15,
+                monitor_pid: Some(3),
+                monitor_start_time: Some(4),
+                init_pid: Some(5),
+                oom_file: None,
+                rootfs_mounted: true,
+                exit: Some(ExitInfo {
+                    exit_code: 3,
+                    finished_at_ns: 6,
+                    reason: "Error".into(),
+                    message: String::new(),
+                }),
+            },
+            config: cri::ContainerConfig {
+                log_path: "app/0.log".into(),
+                ..Default::default()
+            },
+        };
+        save(dir.path(), &c).unwrap();
+        let back = load(dir.path()).unwrap();
+        assert_eq!(back.record, c.record);
+        assert_eq!(back.config, c.config);
+        assert_eq!(back.state(), cri::ContainerState::ContainerExited);
+    }
+}
