@@ -29,6 +29,7 @@ pub mod paths;
 pub mod pki;
 pub mod process;
 pub mod registry;
+pub mod strake_runtime;
 
 /// An error of the test bed, with enough context to act on.
 #[derive(Debug, thiserror::Error)]

@@ -103,6 +103,26 @@ pub fn testbed_exe() -> Result<PathBuf> {
     existing(dir.join("strake-testbed"))
 }
 
+/// A binary of this workspace (`strake-runtime`, `strake-pause`, ...) from the same target
+/// directory as the running test. `cargo test --workspace` builds them all; a single-package
+/// run may need `cargo build -p <package>` first, which the error says.
+pub fn workspace_bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().map_err(crate::io_err("locate", "current executable"))?;
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .unwrap_or(std::path::Path::new("."));
+    let path = dir.join(name);
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(Error::Invalid(format!(
+            "{} is missing: run `cargo build --workspace --bins` first",
+            path.display()
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,4 +1,4 @@
-//! strake-kubelet runs a Deployment's pods through containerd: Running and Ready with pod IPs,
+//! strake-kubelet runs a Deployment's pods through containerd and through strake-runtime: Running and Ready with pod IPs,
 //! a deleted pod is replaced, scaling to zero stops and removes the containers, and a crashing
 //! container restarts with a rising restart count.
 
@@ -9,7 +9,7 @@ use strake_integration::control_plane::{ControlPlane, Options};
 use strake_integration::registry::Registry;
 
 mod common;
-use common::{KubeletNode, wait_for};
+use common::{KubeletNode, RuntimeKind, wait_for};
 
 const NODE: &str = "strake-pods-0";
 
@@ -54,13 +54,23 @@ fn running_ready(p: &Pod) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deployment_pods_run_survive_a_kubelet_restart_are_replaced_and_scale_to_zero() {
+async fn deployment_on_containerd_runs_survives_a_kubelet_restart_is_replaced_and_scales_to_zero() {
+    deployment_scenario(RuntimeKind::Containerd).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployment_on_strake_runtime_runs_survives_a_kubelet_restart_is_replaced_and_scales_to_zero()
+ {
+    deployment_scenario(RuntimeKind::Strake).await;
+}
+
+async fn deployment_scenario(kind: RuntimeKind) {
     let cp = ControlPlane::start(Options::default())
         .await
         .expect("control plane");
     let registry = Registry::start(cp.net(), &cp.dir().join("registry")).expect("registry");
     let client = cp.client().await.expect("client");
-    let mut node = KubeletNode::start(&cp, 0, NODE, "").await;
+    let mut node = KubeletNode::start_on(&cp, 0, NODE, "", kind).await;
     let nodes: Api<Node> = Api::all(client.clone());
     wait_for("node registered", 60, || async {
         nodes.get_opt(NODE).await.ok().flatten()
@@ -97,7 +107,7 @@ async fn deployment_pods_run_survive_a_kubelet_restart_are_replaced_and_scale_to
         assert!(
             c.container_id
                 .as_deref()
-                .is_some_and(|id| id.starts_with("containerd://")),
+                .is_some_and(|id| id.starts_with(node.runtime.id_scheme())),
             "{c:?}"
         );
         assert!(
@@ -111,7 +121,7 @@ async fn deployment_pods_run_survive_a_kubelet_restart_are_replaced_and_scale_to
     let first = running[0].metadata.name.clone().unwrap_or_default();
     let logs = wait_for("container log", 30, || async {
         let out = node
-            .containerd
+            .runtime
             .crictl(&[
                 "ps",
                 "-q",
@@ -120,7 +130,7 @@ async fn deployment_pods_run_survive_a_kubelet_restart_are_replaced_and_scale_to
             ])
             .ok()?;
         let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let out = node.containerd.crictl(&["logs", &id]).ok()?;
+        let out = node.runtime.crictl(&["logs", &id]).ok()?;
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         text.contains("started").then_some(text)
     })
@@ -129,14 +139,14 @@ async fn deployment_pods_run_survive_a_kubelet_restart_are_replaced_and_scale_to
 
     // A kubelet killed and started again adopts the running pods: no container restarts.
     let ids_before = node
-        .containerd
+        .runtime
         .crictl(&["ps", "-q"])
         .expect("crictl ps")
         .stdout;
     node.restart_kubelet();
     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     let ids_after = node
-        .containerd
+        .runtime
         .crictl(&["ps", "-q"])
         .expect("crictl ps")
         .stdout;
@@ -190,8 +200,8 @@ async fn deployment_pods_run_survive_a_kubelet_restart_are_replaced_and_scale_to
     })
     .await;
     wait_for("runtime empty", 60, || async {
-        let out = node.containerd.crictl(&["pods", "-q"]).ok()?;
-        let ps = node.containerd.crictl(&["ps", "-a", "-q"]).ok()?;
+        let out = node.runtime.crictl(&["pods", "-q"]).ok()?;
+        let ps = node.runtime.crictl(&["ps", "-a", "-q"]).ok()?;
         (out.stdout.is_empty() && ps.stdout.is_empty()).then_some(())
     })
     .await;
@@ -294,11 +304,11 @@ async fn readiness_flips_ready_and_a_failing_liveness_probe_restarts() {
     wait_for("Ready", 60, || ready_is(true)).await;
     let in_container = |cmd: &str| {
         let out = node
-            .containerd
+            .runtime
             .crictl(&["ps", "-q", "--name", "app", "--state", "running"])
             .expect("crictl ps");
         let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        node.containerd
+        node.runtime
             .crictl(&["exec", "--sync", &id, "/bin/sh", "-c", cmd])
             .expect("crictl exec");
     };

@@ -1,4 +1,4 @@
-//! Shared by the kubelet's integration tests: a node running strake-kubelet on containerd.
+//! Shared by the kubelet's integration tests: a node running strake-kubelet on containerd or strake-runtime.
 
 #![allow(dead_code)]
 
@@ -8,6 +8,7 @@ use std::time::Duration;
 use strake_integration::containerd::Containerd;
 use strake_integration::control_plane::ControlPlane;
 use strake_integration::netns::NodeNs;
+use strake_integration::strake_runtime::StrakeRuntime;
 
 /// Polls `f` every 250 ms until it yields a value; panics after `secs`.
 pub async fn wait_for<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
@@ -25,20 +26,91 @@ where
     panic!("timed out after {secs} s waiting for {what}");
 }
 
-/// A test node: its namespace, containerd, and strake-kubelet. Dropped in that reverse order.
+/// Which CRI runtime a test node uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuntimeKind {
+    Containerd,
+    Strake,
+}
+
+/// The node's running CRI runtime.
+pub enum NodeRuntime {
+    Containerd(Containerd),
+    Strake(StrakeRuntime),
+}
+
+impl NodeRuntime {
+    pub fn endpoint(&self) -> String {
+        match self {
+            NodeRuntime::Containerd(c) => c.endpoint(),
+            NodeRuntime::Strake(s) => s.endpoint(),
+        }
+    }
+
+    pub fn cgroup_parent(&self) -> &str {
+        match self {
+            NodeRuntime::Containerd(c) => c.cgroup_parent(),
+            NodeRuntime::Strake(s) => s.cgroup_parent(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        match self {
+            NodeRuntime::Containerd(c) => c.pid(),
+            NodeRuntime::Strake(s) => s.pid(),
+        }
+    }
+
+    pub fn crictl(&self, args: &[&str]) -> strake_integration::Result<std::process::Output> {
+        match self {
+            NodeRuntime::Containerd(c) => c.crictl(args),
+            NodeRuntime::Strake(s) => s.crictl(args),
+        }
+    }
+
+    /// The prefix of container IDs in pod status (`containerd://`, `strake://`).
+    pub fn id_scheme(&self) -> &'static str {
+        match self {
+            NodeRuntime::Containerd(_) => "containerd://",
+            NodeRuntime::Strake(_) => "strake://",
+        }
+    }
+}
+
+/// A test node: its namespace, a CRI runtime, and strake-kubelet. Dropped in that reverse order.
 pub struct KubeletNode {
     pub kubelet_pid: u32,
     args: Vec<String>,
     pub dir: tempfile::TempDir,
-    pub containerd: Containerd,
+    pub runtime: NodeRuntime,
     pub ns: NodeNs,
 }
 
 impl KubeletNode {
     /// Starts containerd and strake-kubelet (named `name`) on node number `index` of `cp`.
     pub async fn start(cp: &ControlPlane, index: u8, name: &str, extra_config: &str) -> Self {
+        Self::start_on(cp, index, name, extra_config, RuntimeKind::Containerd).await
+    }
+
+    /// Starts the given runtime and strake-kubelet on node number `index` of `cp`.
+    pub async fn start_on(
+        cp: &ControlPlane,
+        index: u8,
+        name: &str,
+        extra_config: &str,
+        kind: RuntimeKind,
+    ) -> Self {
         let mut ns = cp.net().add_node(index).expect("node namespace");
-        let containerd = Containerd::start(&mut ns, index).await.expect("containerd");
+        let runtime = match kind {
+            RuntimeKind::Containerd => NodeRuntime::Containerd(
+                Containerd::start(&mut ns, index).await.expect("containerd"),
+            ),
+            RuntimeKind::Strake => NodeRuntime::Strake(
+                StrakeRuntime::start(&mut ns, index)
+                    .await
+                    .expect("strake-runtime"),
+            ),
+        };
         let kubeconfig = cp.node_kubeconfig(name).expect("node kubeconfig");
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("kubelet.yaml");
@@ -48,7 +120,7 @@ impl KubeletNode {
                 "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n\
                  nodeStatusUpdateFrequency: 1s\nnodeLeaseDurationSeconds: 8\n\
                  cgroupRoot: {}\npodLogsDir: {}\n{extra_config}",
-                containerd.cgroup_parent(),
+                runtime.cgroup_parent(),
                 dir.path().join("pod-logs").display()
             ),
         )
@@ -58,14 +130,14 @@ impl KubeletNode {
             format!("--config={}", config.display()),
             format!("--hostname-override={name}"),
             format!("--node-ip={}", ns.ip()),
-            format!("--container-runtime-endpoint={}", containerd.endpoint()),
+            format!("--container-runtime-endpoint={}", runtime.endpoint()),
             format!("--root-dir={}", dir.path().join("root").display()),
         ];
         let mut node = KubeletNode {
             kubelet_pid: 0,
             args: args.to_vec(),
             dir,
-            containerd,
+            runtime,
             ns,
         };
         node.spawn_kubelet();
