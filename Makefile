@@ -8,8 +8,8 @@ CARGO ?= cargo
 # Integration suites each start real control planes; two at a time fit this machine size.
 TEST_THREADS ?= 2
 
-.PHONY: help build release lint fmt test unit-test integration-test testbed testbed-packages \
-        testbed-upstream testbed-images testbed-env testbed-up clean-testbed-cache
+.PHONY: help build release lint fmt test unit-test integration-test critest bench testbed \
+        testbed-packages testbed-upstream testbed-images testbed-env testbed-up clean-testbed-cache
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -35,6 +35,13 @@ unit-test: testbed-packages ## Unit tests only (no root, no test bed)
 
 integration-test: testbed ## Integration tests against the real test bed (root)
 	$(CARGO) test -p strake-integration -- --test-threads=$(TEST_THREADS)
+
+critest: testbed ## critest conformance (non-streaming) against strake-runtime: minutes long
+	$(CARGO) test -p strake-runtime --test cri_container critest_conformance -- --ignored --nocapture
+
+bench: testbed ## Benchmarks side by side with the upstream peers (release builds); see docs/PERFORMANCE.md
+	$(CARGO) build --release -p strake-runtime -p strake-integration --bins
+	./target/release/strake-bench runtime --pods 20
 
 testbed: testbed-packages testbed-upstream testbed-images ## Install and build everything the tests need (idempotent)
 

@@ -95,12 +95,18 @@ pub fn testbed_exe() -> Result<PathBuf> {
     if exe.file_name().is_some_and(|n| n == "strake-testbed") {
         return Ok(exe);
     }
-    // Test binaries live in target/<profile>/deps, binaries in target/<profile>.
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .unwrap_or(std::path::Path::new("."));
-    existing(dir.join("strake-testbed"))
+    existing(beside_current_exe(&exe, "strake-testbed"))
+}
+
+/// `name` in the directory of binaries that `exe` belongs to: binaries live in
+/// `target/<profile>`, test binaries in `target/<profile>/deps`.
+fn beside_current_exe(exe: &std::path::Path, name: &str) -> PathBuf {
+    let dir = exe.parent().unwrap_or(std::path::Path::new("."));
+    let here = dir.join(name);
+    if here.exists() || dir.file_name().is_none_or(|n| n != "deps") {
+        return here;
+    }
+    dir.parent().unwrap_or(dir).join(name)
 }
 
 /// A binary of this workspace (`strake-runtime`, `strake-pause`, ...) from the same target
@@ -108,11 +114,7 @@ pub fn testbed_exe() -> Result<PathBuf> {
 /// run may need `cargo build -p <package>` first, which the error says.
 pub fn workspace_bin(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().map_err(crate::io_err("locate", "current executable"))?;
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .unwrap_or(std::path::Path::new("."));
-    let path = dir.join(name);
+    let path = beside_current_exe(&exe, name);
     if path.exists() {
         Ok(path)
     } else {
