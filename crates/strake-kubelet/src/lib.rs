@@ -12,6 +12,7 @@
 //! status, graceful deletion). Not yet: init containers, probes, volumes, static pods.
 
 pub mod config;
+pub mod healthz;
 pub mod heartbeat;
 pub mod machine;
 pub mod node;
@@ -39,6 +40,13 @@ pub enum Error {
         path: std::path::PathBuf,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The health endpoint could not be bound.
+    #[error("bind healthz on {addr}")]
+    Healthz {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
     },
     /// Standalone mode (no kubeconfig) needs static pods, which are not implemented yet.
     #[error("standalone mode (no --kubeconfig) is not implemented yet (issue #5)")]
@@ -84,6 +92,14 @@ impl App {
         let Some(kubeconfig) = self.config.kubeconfig.clone() else {
             return Err(Error::Standalone);
         };
+        let healthz_addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.config.healthz_port));
+        let listener = healthz::bind(healthz_addr)
+            .await
+            .map_err(|source| Error::Healthz {
+                addr: healthz_addr,
+                source,
+            })?;
+        tokio::spawn(healthz::serve(listener));
         let main_client = client(&kubeconfig).await?;
         // Lease renewals get their own connection so nothing else can hold them up.
         let lease_client = client(&kubeconfig).await?;

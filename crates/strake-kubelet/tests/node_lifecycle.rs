@@ -122,6 +122,16 @@ async fn node_registers_ready_renews_its_lease_and_goes_not_ready() {
         Some("yes")
     );
 
+    // The health endpoint answers on the node's loopback, at upstream's port.
+    let out = node_ns
+        .ns()
+        .run(
+            "curl",
+            &["-s", "--max-time", "3", "http://127.0.0.1:10248/healthz"],
+        )
+        .expect("healthz");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok");
+
     // The Lease exists, is held by the node, and is renewed.
     let first = wait_for("lease", 20, || async {
         leases.get_opt(NODE).await.ok().flatten()
