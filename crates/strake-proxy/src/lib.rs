@@ -3,31 +3,185 @@
 //! It watches Services and EndpointSlices and programs nftables (tables `ip strake-proxy` and
 //! `ip6 strake-proxy`) so that ClusterIP, NodePort and LoadBalancer traffic reaches ready endpoints.
 //!
-//! Start reading at [`model::build`] (API objects -> validated model), then
-//! [`nft::ruleset::Ruleset::build`] (model -> desired nftables state, a pure function), then
-//! [`nft::sync::Syncer`] (desired versus last applied -> one nft transaction) and the [`nft::Nft`]
-//! seam that runs the `nft` program.
-//!
-//! Status: the pure core and the data plane are in place and tested; the watch loop, health and
-//! metrics servers are tracked in issue #4. Until they land, [`run`] refuses to start with an
-//! error saying so, rather than pretending to serve.
+//! Start reading at [`App`] (flags -> running daemon), then [`proxier`] (watchers and the sync
+//! loop), [`model::build`] (API objects -> validated model), [`nft::ruleset::Ruleset::build`]
+//! (model -> desired nftables state, a pure function), [`nft::sync::Syncer`] (desired versus
+//! last applied -> one nft transaction) and the [`nft::Nft`] seam that runs the `nft` program.
+//! [`server`] answers `/healthz`, `/livez`, `/metrics` and `/proxyMode` on its own thread, where
+//! [`healthcheck`] also serves the health-check node ports of `externalTrafficPolicy: Local`.
 
 pub mod config;
+pub mod health;
+pub mod healthcheck;
+pub mod metrics;
 pub mod model;
 pub mod nft;
+pub mod proxier;
+pub mod server;
 #[cfg(test)]
 mod testutil;
 
-/// Why the daemon stopped.
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::config::DaemonConfig;
+use crate::health::Health;
+use crate::healthcheck::HealthCheckPorts;
+use crate::metrics::Metrics;
+use crate::nft::{Nft, NftCommand, NftError};
+use crate::proxier::{Tracker, WarningReporter};
+use crate::server::{ServerHandle, Shared};
+
+/// Why the daemon could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The daemon's serving loop is not built yet.
-    #[error("strake-proxy cannot serve yet: its implementation is tracked in issue #4")]
-    NotBuilt,
+    /// No Kubernetes client could be built from the kubeconfig.
+    #[error("build a Kubernetes client (kubeconfig {kubeconfig:?})")]
+    Client {
+        /// The kubeconfig used, if one was named.
+        kubeconfig: Option<std::path::PathBuf>,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The health or metrics address could not be bound.
+    #[error("serve health on {health} and metrics on {metrics}")]
+    Serve {
+        /// `--healthz-bind-address`.
+        health: std::net::SocketAddr,
+        /// `--metrics-bind-address`.
+        metrics: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `--cleanup` could not remove the tables.
+    #[error("remove the proxy's nftables tables")]
+    Cleanup {
+        /// Why.
+        #[source]
+        source: NftError,
+    },
 }
 
-/// Runs the daemon until it is told to stop.
-pub fn run() -> Result<(), Error> {
-    tracing::error!(issue = 4, "not built yet");
-    Err(Error::NotBuilt)
+/// The daemon, built and ready to run.
+pub struct App {
+    config: DaemonConfig,
+    client: kube::Client,
+    nft: Arc<dyn Nft>,
+    shared: Shared,
+    servers: ServerHandle,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("config", &self.config)
+            .field("servers", &self.servers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// Builds the API client and starts the health and metrics servers.
+    pub async fn build(config: DaemonConfig) -> Result<Self, Error> {
+        Self::build_with(config, Arc::new(NftCommand::new())).await
+    }
+
+    /// Like [`App::build`], with another [`Nft`].
+    pub async fn build_with(config: DaemonConfig, nft: Arc<dyn Nft>) -> Result<Self, Error> {
+        let client = client(&config).await?;
+        let shared = Shared {
+            health: Arc::new(Health::new(2 * config.sync_period)),
+            metrics: Arc::new(Metrics::default()),
+        };
+        // Nothing is programmed yet: unhealthy if the first sync does not come in time.
+        shared.health.queued(tokio::time::Instant::now());
+        let servers = server::start(
+            config.healthz_bind_address,
+            config.metrics_bind_address,
+            shared.clone(),
+        )
+        .map_err(|source| Error::Serve {
+            health: config.healthz_bind_address,
+            metrics: config.metrics_bind_address,
+            source,
+        })?;
+        tracing::info!(
+            node = %config.proxy.node_name,
+            healthz = %servers.health_addr,
+            metrics = %servers.metrics_addr,
+            "strake-proxy started"
+        );
+        Ok(App {
+            config,
+            client,
+            nft,
+            shared,
+            servers,
+        })
+    }
+
+    /// Where the health server listens (useful with port 0).
+    pub fn health_addr(&self) -> std::net::SocketAddr {
+        self.servers.health_addr
+    }
+
+    /// Where the metrics server listens.
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        self.servers.metrics_addr
+    }
+
+    /// Watches and syncs until `shutdown` completes. Rules stay in place on exit, as with
+    /// kube-proxy: traffic keeps flowing across a restart.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let tracker = Arc::new(Tracker::new(
+            self.shared.health.clone(),
+            self.shared.metrics.clone(),
+        ));
+        let (stores, tasks) = proxier::watch(&self.client, &self.config.proxy.node_name, &tracker);
+        let warnings =
+            WarningReporter::new(Some(self.client.clone()), &self.config.proxy.node_name);
+        let health_checks =
+            HealthCheckPorts::new(self.servers.runtime(), self.shared.health.clone());
+        proxier::sync_loop(
+            &self.config,
+            stores,
+            tracker,
+            self.nft.clone(),
+            warnings,
+            Some(health_checks),
+            shutdown,
+        )
+        .await;
+        for task in tasks {
+            task.abort();
+        }
+        tracing::info!("strake-proxy stopped");
+        Ok(())
+    }
+}
+
+/// Removes the proxy's own nftables tables (`--cleanup`); no API server needed.
+pub fn cleanup(nft: &dyn Nft) -> Result<(), Error> {
+    nft::sync::cleanup(nft).map_err(|source| Error::Cleanup { source })?;
+    tracing::info!("removed tables ip/ip6 {}", nft::TABLE);
+    Ok(())
+}
+
+async fn client(config: &DaemonConfig) -> Result<kube::Client, Error> {
+    let err = |source: Box<dyn std::error::Error + Send + Sync>| Error::Client {
+        kubeconfig: config.kubeconfig.clone(),
+        source,
+    };
+    let kube_config = match &config.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| err(Box::new(e)))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| err(Box::new(e)))?
+        }
+        None => kube::Config::infer().await.map_err(|e| err(Box::new(e)))?,
+    };
+    kube::Client::try_from(kube_config).map_err(|e| err(Box::new(e)))
 }

@@ -1,10 +1,15 @@
 //! `strake-proxy`: parses flags, sets up logging and hands over to the library.
 
 use clap::Parser;
+use strake_proxy::App;
+use strake_proxy::config::{DaemonConfig, Flags};
+use strake_proxy::nft::NftCommand;
 
 #[derive(Parser)]
 #[command(name = "strake-proxy", version, about)]
 struct Cli {
+    #[command(flatten)]
+    flags: Flags,
     #[command(flatten)]
     log: strake_types::logging::LogArgs,
 }
@@ -12,6 +17,29 @@ struct Cli {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     cli.log.init()?;
-    strake_proxy::run()?;
-    Ok(())
+    let config = DaemonConfig::load(&cli.flags)?;
+    if config.cleanup {
+        strake_proxy::cleanup(&NftCommand::new())?;
+        return Ok(());
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let app = App::build(config).await?;
+        app.run(async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot watch SIGTERM");
+                        return std::future::pending().await;
+                    }
+                };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        })
+        .await?;
+        anyhow::Ok(())
+    })
 }

@@ -298,9 +298,9 @@ impl std::fmt::Display for Warning {
 
 /// Builds the model from the API objects (the own Node once it has been seen). Objects that cannot be used are skipped and
 /// reported in the returned warnings; the rest is always built.
-pub fn build(
-    services: &[Service],
-    slices: &[EndpointSlice],
+pub fn build<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
     node: Option<&Node>,
     config: &Config,
 ) -> (Model, Vec<Warning>) {

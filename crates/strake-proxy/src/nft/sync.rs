@@ -10,8 +10,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use crate::model::IpFamily;
 use crate::nft::ruleset::{Chain, Ruleset, Set, Table, table_ref};
-use crate::nft::{Nft, NftError};
+use crate::nft::{Nft, NftError, TABLE, family_keyword};
 
 /// Map and set elements per `add element` / `delete element` command; keeps lines (and nft's
 /// parser buffers) bounded for huge maps while staying in the same transaction.
@@ -135,6 +136,22 @@ pub fn full_script(desired: &Ruleset) -> String {
         }
     }
     out
+}
+
+/// A script that removes the proxy's own tables (and nothing else), whether or not they exist.
+pub fn cleanup_script() -> String {
+    let mut out = String::new();
+    for family in [IpFamily::V4, IpFamily::V6] {
+        let t = format!("{} {TABLE}", family_keyword(family));
+        let _ = writeln!(out, "add table {t}");
+        let _ = writeln!(out, "delete table {t}");
+    }
+    out
+}
+
+/// Removes the proxy's own tables (`--cleanup`) in one transaction.
+pub fn cleanup(nft: &dyn Nft) -> Result<(), NftError> {
+    nft.apply(&cleanup_script())
 }
 
 fn estimate(desired: &Ruleset) -> usize {
@@ -412,6 +429,15 @@ delete chain ip strake-proxy ep-default/b/tcp/http__10.244.2.1/8080
             set.spec = "type ipv4_addr ; flags interval ;".into();
         }
         assert!(partial_script(&b, &a).is_none());
+    }
+
+    #[test]
+    fn cleanup_removes_only_our_tables() {
+        assert_eq!(
+            cleanup_script(),
+            "add table ip strake-proxy\ndelete table ip strake-proxy\n\
+             add table ip6 strake-proxy\ndelete table ip6 strake-proxy\n"
+        );
     }
 
     #[test]

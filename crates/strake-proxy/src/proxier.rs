@@ -1,0 +1,729 @@
+//! The running proxy: reflectors on Services, EndpointSlices and the own Node feed a change
+//! tracker; the sync loop turns the stores into rules (`model::build` -> `Ruleset::build` ->
+//! `Syncer::sync`) no more often than `--min-sync-period`, at least every `--sync-period`, with
+//! a full sync at start, after a failure and every [`FULL_SYNC_PERIOD`].
+//!
+//! An API outage only stops the change feed: the stores keep their last state, the kernel keeps
+//! the last ruleset, and the watchers' relist on reconnect counts as a change.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, ObjectReference, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::config::DaemonConfig;
+use crate::health::Health;
+use crate::healthcheck::{self, HealthCheckPorts};
+use crate::metrics::Metrics;
+use crate::model::{self, HEADLESS_LABEL, NodeInfo, SERVICE_PROXY_NAME_LABEL, Warning};
+use crate::nft::Nft;
+use crate::nft::ruleset::Ruleset;
+use crate::nft::sync::Syncer;
+
+/// How often a full sync rewrites both tables even when nothing failed (upstream: 1 hour).
+pub const FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
+/// The shortest wait before retrying a failed sync.
+pub const FAILURE_RETRY_MIN: Duration = Duration::from_secs(1);
+/// How long one object's warning stays quiet after it was logged and reported as an Event.
+pub const WARNING_QUIET_PERIOD: Duration = Duration::from_secs(600);
+/// At most this many Events are published per sync; the rest are only logged.
+pub const EVENTS_PER_SYNC: usize = 10;
+/// Annotation on EndpointSlices: when the change that produced them was triggered.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+/// Trigger times kept per sync for the network programming metric (older ones are dropped).
+const MAX_TRIGGER_TIMES: usize = 4096;
+
+/// Changes not yet programmed.
+#[derive(Debug, Default)]
+struct Pending {
+    dirty: bool,
+    trigger_times: Vec<Timestamp>,
+}
+
+/// What the watch task and the sync loop share.
+#[derive(Debug)]
+pub struct Tracker {
+    pending: Mutex<Pending>,
+    notify: Notify,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+}
+
+/// What kind of object changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A Service.
+    Service,
+    /// An EndpointSlice.
+    EndpointSlice,
+    /// The own Node.
+    Node,
+}
+
+impl Tracker {
+    /// A tracker reporting to `health` and `metrics`.
+    pub fn new(health: Arc<Health>, metrics: Arc<Metrics>) -> Self {
+        Tracker {
+            pending: Mutex::default(),
+            notify: Notify::new(),
+            health,
+            metrics,
+        }
+    }
+
+    fn pending<T>(&self, f: impl FnOnce(&mut Pending) -> T) -> T {
+        f(&mut self.pending.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Records a change of `kind` (with the EndpointSlice's trigger time, if any).
+    pub fn changed(&self, kind: Kind, trigger: Option<Timestamp>) {
+        self.pending(|p| {
+            p.dirty = true;
+            if let Some(t) = trigger
+                && p.trigger_times.len() < MAX_TRIGGER_TIMES
+            {
+                p.trigger_times.push(t);
+            }
+        });
+        self.metrics.update(|v| {
+            match kind {
+                Kind::Service => v.service_changes += 1,
+                Kind::EndpointSlice => v.endpoint_changes += 1,
+                Kind::Node => {}
+            }
+            v.last_queued_timestamp = unix_now();
+        });
+        self.health.queued(Instant::now());
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> Vec<Timestamp> {
+        self.pending(|p| {
+            p.dirty = false;
+            std::mem::take(&mut p.trigger_times)
+        })
+    }
+
+    fn put_back(&self, mut times: Vec<Timestamp>) {
+        self.pending(|p| {
+            p.dirty = true;
+            times.truncate(MAX_TRIGGER_TIMES.saturating_sub(p.trigger_times.len()));
+            p.trigger_times.extend(times);
+        });
+    }
+
+    fn is_dirty(&self) -> bool {
+        self.pending(|p| p.dirty)
+    }
+}
+
+fn unix_now() -> f64 {
+    Timestamp::now().as_millisecond() as f64 / 1000.0
+}
+
+fn trigger_time(slice: &EndpointSlice) -> Option<Timestamp> {
+    slice
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(TRIGGER_TIME_ANNOTATION)?
+        .parse()
+        .ok()
+}
+
+/// The reflector stores the sync loop reads.
+#[derive(Clone)]
+pub struct Stores {
+    /// Services.
+    pub services: Store<Service>,
+    /// EndpointSlices.
+    pub slices: Store<EndpointSlice>,
+    /// The own Node (at most one object).
+    pub node: Store<Node>,
+}
+
+/// Label selector of upstream kube-proxy's informers: objects of other proxies and headless
+/// Services are none of ours.
+fn selector() -> String {
+    format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}")
+}
+
+/// Drives one reflector, reporting its changes to `tracker`, until the stream ends.
+async fn drive<K>(
+    stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    kind: Kind,
+    tracker: Arc<Tracker>,
+    trigger: fn(&K) -> Option<Timestamp>,
+) {
+    let mut stream = pin!(stream);
+    let mut failing = false;
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) => {
+                failing = false;
+                tracker.changed(kind, trigger(&obj));
+            }
+            // A (re)list replaced the store: whatever changed meanwhile is in it now.
+            Ok(watcher::Event::InitDone) => {
+                if failing {
+                    tracing::info!(?kind, "watch recovered");
+                }
+                failing = false;
+                tracker.changed(kind, None);
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+            Err(e) => {
+                // The watcher retries with backoff; rules stay as they are meanwhile.
+                if !failing {
+                    tracing::warn!(?kind, error = %e, "watch failed; keeping the current rules");
+                } else {
+                    tracing::debug!(?kind, error = %e, "watch still failing");
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
+/// Starts the three reflectors; their tasks end with the returned handles.
+pub fn watch(
+    client: &Client,
+    node_name: &str,
+    tracker: &Arc<Tracker>,
+) -> (Stores, Vec<tokio::task::JoinHandle<()>>) {
+    let config = watcher::Config::default().labels(&selector());
+    let (services, writer) = reflector::store();
+    let stream = reflector::reflector(
+        writer,
+        watcher(Api::<Service>::all(client.clone()), config.clone()),
+    )
+    .default_backoff();
+    let svc_task = tokio::spawn(drive(stream, Kind::Service, tracker.clone(), |_| None));
+
+    let (slices, writer) = reflector::store();
+    let stream = reflector::reflector(
+        writer,
+        watcher(Api::<EndpointSlice>::all(client.clone()), config),
+    )
+    .default_backoff();
+    let slice_task = tokio::spawn(drive(
+        stream,
+        Kind::EndpointSlice,
+        tracker.clone(),
+        trigger_time,
+    ));
+
+    let (node, writer) = reflector::store();
+    let config = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+    let stream = reflector::reflector(writer, watcher(Api::<Node>::all(client.clone()), config))
+        .default_backoff();
+    // Node status is rewritten often (heartbeats); only what the model reads is a change.
+    let mut last: Option<NodeInfo> = None;
+    let stream = stream.filter(move |event| {
+        let keep = match event {
+            Ok(watcher::Event::Apply(node) | watcher::Event::InitApply(node)) => {
+                let info = NodeInfo::from_node(node);
+                let changed = last.as_ref() != Some(&info);
+                last = Some(info);
+                changed
+            }
+            _ => true,
+        };
+        futures::future::ready(keep)
+    });
+    let node_task = tokio::spawn(drive(stream, Kind::Node, tracker.clone(), |_| None));
+    (
+        Stores {
+            services,
+            slices,
+            node,
+        },
+        vec![svc_task, slice_task, node_task],
+    )
+}
+
+/// Turns model warnings into log lines and (best effort, rate-limited) Events.
+pub struct WarningReporter {
+    recorder: Option<Recorder>,
+    last: HashMap<(&'static str, String, String, &'static str), Instant>,
+}
+
+impl WarningReporter {
+    /// Reports through `client` as `strake-proxy` on `node_name`; `None` only logs.
+    pub fn new(client: Option<Client>, node_name: &str) -> Self {
+        WarningReporter {
+            recorder: client.map(|c| {
+                Recorder::new(
+                    c,
+                    Reporter {
+                        controller: "strake-proxy".into(),
+                        instance: Some(node_name.to_string()),
+                    },
+                )
+            }),
+            last: HashMap::new(),
+        }
+    }
+
+    /// Logs and reports the warnings not reported within [`WARNING_QUIET_PERIOD`]; returns how
+    /// many were new.
+    pub fn report(&mut self, warnings: &[Warning], stores: Option<&Stores>) -> usize {
+        let now = Instant::now();
+        self.last
+            .retain(|_, at| now.saturating_duration_since(*at) < WARNING_QUIET_PERIOD);
+        let mut fresh = 0;
+        for w in warnings {
+            let key = (w.kind, w.namespace.clone(), w.name.clone(), w.reason);
+            if self.last.contains_key(&key) {
+                continue;
+            }
+            self.last.insert(key, now);
+            fresh += 1;
+            tracing::warn!(
+                kind = w.kind,
+                namespace = %w.namespace,
+                name = %w.name,
+                reason = w.reason,
+                "{}", w.message
+            );
+            let Some(recorder) = &self.recorder else {
+                continue;
+            };
+            if fresh > EVENTS_PER_SYNC {
+                continue;
+            }
+            let reference = object_reference(w, stores);
+            let event = KubeEvent {
+                type_: EventType::Warning,
+                reason: w.reason.to_string(),
+                note: Some(format!("skipped by strake-proxy: {}", w.message)),
+                action: "Skip".into(),
+                secondary: None,
+            };
+            let recorder = recorder.clone();
+            let (kind, ns, name) = (w.kind, w.namespace.clone(), w.name.clone());
+            tokio::spawn(async move {
+                if let Err(e) = recorder.publish(&event, &reference).await {
+                    tracing::debug!(kind, namespace = %ns, name = %name, error = %e, "cannot publish Event");
+                }
+            });
+        }
+        fresh
+    }
+}
+
+fn object_reference(w: &Warning, stores: Option<&Stores>) -> ObjectReference {
+    let key = |name: &str, ns: &str| (name.to_string(), ns.to_string());
+    let (name, ns) = key(&w.name, &w.namespace);
+    let (api_version, uid) = match w.kind {
+        "Service" => (
+            <Service as k8s_openapi::Resource>::API_VERSION,
+            stores.and_then(|s| {
+                s.services
+                    .get(&ObjectRef::new(&name).within(&ns))
+                    .and_then(|o| o.metadata.uid.clone())
+            }),
+        ),
+        _ => (
+            <EndpointSlice as k8s_openapi::Resource>::API_VERSION,
+            stores.and_then(|s| {
+                s.slices
+                    .get(&ObjectRef::new(&name).within(&ns))
+                    .and_then(|o| o.metadata.uid.clone())
+            }),
+        ),
+    };
+    ObjectReference {
+        api_version: Some(api_version.to_string()),
+        kind: Some(w.kind.to_string()),
+        name: Some(name),
+        namespace: Some(ns),
+        uid,
+        ..ObjectReference::default()
+    }
+}
+
+/// The sync loop's clock-driven decisions, apart from I/O (unit-tested with paused time).
+#[derive(Debug)]
+pub struct Schedule {
+    min_sync_period: Duration,
+    sync_period: Duration,
+    last_sync: Option<Instant>,
+    last_full: Option<Instant>,
+    failed: bool,
+}
+
+impl Schedule {
+    /// A schedule whose first sync is due at once.
+    pub fn new(min_sync_period: Duration, sync_period: Duration) -> Self {
+        Schedule {
+            min_sync_period,
+            sync_period,
+            last_sync: None,
+            last_full: None,
+            failed: false,
+        }
+    }
+
+    /// When the next sync is due, given whether changes are pending.
+    pub fn next(&self, dirty: bool) -> Instant {
+        let Some(last) = self.last_sync else {
+            return Instant::now();
+        };
+        if self.failed {
+            // Not faster than once a second, even with `--min-sync-period=0`: a broken nft
+            // would otherwise be retried in a tight loop.
+            last + self.min_sync_period.max(FAILURE_RETRY_MIN)
+        } else if dirty {
+            last + self.min_sync_period
+        } else {
+            last + self.sync_period
+        }
+    }
+
+    /// Whether the sync starting now must rewrite everything.
+    pub fn needs_full(&self, now: Instant) -> bool {
+        self.failed
+            || self
+                .last_full
+                .is_none_or(|t| now.saturating_duration_since(t) >= FULL_SYNC_PERIOD)
+    }
+
+    /// Records a sync that started at `started`.
+    pub fn record(&mut self, started: Instant, ok: bool, full: bool) {
+        self.last_sync = Some(started);
+        self.failed = !ok;
+        if ok && full {
+            self.last_full = Some(started);
+        }
+    }
+}
+
+/// Runs syncs until `shutdown` completes. Waits for the Service and EndpointSlice stores to be
+/// listed first, so that a restart never programs an empty ruleset over a good one.
+pub async fn sync_loop(
+    config: &DaemonConfig,
+    stores: Stores,
+    tracker: Arc<Tracker>,
+    nft: Arc<dyn Nft>,
+    mut warnings: WarningReporter,
+    mut health_checks: Option<HealthCheckPorts>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut shutdown = pin!(shutdown);
+    let ready = async {
+        let _ = stores.services.wait_until_ready().await;
+        let _ = stores.slices.wait_until_ready().await;
+    };
+    tokio::select! {
+        _ = &mut shutdown => return,
+        _ = ready => {}
+    }
+    tracing::info!(
+        services = stores.services.len(),
+        endpoint_slices = stores.slices.len(),
+        "initial list done"
+    );
+    let mut schedule = Schedule::new(config.min_sync_period, config.sync_period);
+    let mut syncer = Some(Syncer::new());
+    loop {
+        let due = schedule.next(tracker.is_dirty());
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tokio::time::sleep_until(due) => {}
+            // A change may bring the due time forward (from the period to the minimum).
+            _ = tracker.notify.notified(), if !tracker.is_dirty() => continue,
+        }
+        let started = Instant::now();
+        let mut current = syncer.take().unwrap_or_default();
+        if schedule.needs_full(started) {
+            current.force_full();
+        }
+        let trigger_times = tracker.take();
+        let services = stores.services.state();
+        let slices = stores.slices.state();
+        let node = stores.node.state().into_iter().next();
+        let proxy = config.proxy.clone();
+        let nft = nft.clone();
+        let job = tokio::task::spawn_blocking(move || {
+            let (model, warnings) = model::build(
+                services.iter().map(|s| s.as_ref()),
+                slices.iter().map(|s| s.as_ref()),
+                node.as_deref(),
+                &proxy,
+            );
+            let ruleset = Ruleset::build(&model, &proxy);
+            let result = current.sync(nft.as_ref(), ruleset);
+            let hc = healthcheck::desired(&model);
+            (current, result, warnings, model.services.len(), hc)
+        })
+        .await;
+        let took = started.elapsed();
+        let (back, result, model_warnings, ports, hc) = match job {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::error!(error = %e, "sync task panicked");
+                tracker.put_back(trigger_times);
+                tracker.health.failed(Instant::now());
+                schedule.record(started, false, false);
+                continue;
+            }
+        };
+        syncer = Some(back);
+        warnings.report(&model_warnings, Some(&stores));
+        if let Some(health_checks) = health_checks.as_mut() {
+            health_checks.sync(hc);
+        }
+        match result {
+            Ok(report) => {
+                let wall = Timestamp::now();
+                tracker.metrics.observe_sync(
+                    report.full,
+                    took,
+                    wall.as_millisecond() as f64 / 1000.0,
+                );
+                tracker.metrics.update(|v| {
+                    for t in &trigger_times {
+                        let secs = wall.duration_since(*t).as_secs_f64();
+                        if secs >= 0.0 {
+                            v.network_programming_duration.observe(secs);
+                        }
+                    }
+                });
+                tracker.health.synced(started, wall);
+                schedule.record(started, true, report.full);
+                tracing::debug!(
+                    full = report.full,
+                    bytes = report.bytes,
+                    commands = report.commands,
+                    service_ports = ports,
+                    took_ms = took.as_millis() as u64,
+                    "synced"
+                );
+                if report.full {
+                    tracing::info!(
+                        service_ports = ports,
+                        bytes = report.bytes,
+                        took_ms = took.as_millis() as u64,
+                        "full sync done"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, source = %error_chain(&e), "sync failed; keeping the last rules, retrying with a full sync");
+                tracker.metrics.update(|v| v.sync_failures += 1);
+                tracker.put_back(trigger_times);
+                tracker.health.failed(Instant::now());
+                schedule.record(started, false, false);
+            }
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = Vec::new();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push(s.to_string());
+        cur = s.source();
+    }
+    out.join(": ")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_batches_changes_and_syncs_periodically() {
+        let min = Duration::from_secs(1);
+        let period = Duration::from_secs(30);
+        let mut s = Schedule::new(min, period);
+        let t0 = Instant::now();
+        assert!(s.next(false) >= t0);
+        assert!(s.needs_full(t0));
+        s.record(t0, true, true);
+        assert!(!s.needs_full(t0));
+        // Idle: the next sync is the periodic one; a change brings it to min-sync-period.
+        assert_eq!(s.next(false), t0 + period);
+        assert_eq!(s.next(true), t0 + min);
+        // A failure retries after min-sync-period, and in full.
+        let t1 = t0 + Duration::from_secs(5);
+        s.record(t1, false, false);
+        assert_eq!(s.next(false), t1 + FAILURE_RETRY_MIN);
+        assert!(s.needs_full(t1));
+        s.record(t1 + min, true, true);
+        assert!(!s.needs_full(t1 + min));
+        // A full sync every FULL_SYNC_PERIOD.
+        assert!(s.needs_full(t1 + min + FULL_SYNC_PERIOD));
+    }
+
+    #[test]
+    fn tracker_counts_changes_and_keeps_trigger_times_until_programmed() {
+        let health = Arc::new(Health::new(Duration::from_secs(60)));
+        let metrics = Arc::new(Metrics::default());
+        let t = Tracker::new(health, metrics.clone());
+        let ts: Timestamp = "2024-01-01T00:00:00Z".parse().unwrap();
+        t.changed(Kind::Service, None);
+        t.changed(Kind::EndpointSlice, Some(ts));
+        t.changed(Kind::EndpointSlice, None);
+        let v = metrics.snapshot();
+        assert_eq!((v.service_changes, v.endpoint_changes), (1, 2));
+        assert!(t.is_dirty());
+        let taken = t.take();
+        assert_eq!(taken, vec![ts]);
+        assert!(!t.is_dirty());
+        t.put_back(taken);
+        assert!(t.is_dirty());
+        assert_eq!(t.take().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn warnings_are_reported_once_per_quiet_period() {
+        let mut r = WarningReporter::new(None, "node-a");
+        let w = Warning {
+            kind: "Service",
+            namespace: "default".into(),
+            name: "bad".into(),
+            reason: "InvalidClusterIP",
+            message: "nope".into(),
+        };
+        assert_eq!(r.report(std::slice::from_ref(&w), None), 1);
+        assert_eq!(r.report(std::slice::from_ref(&w), None), 0);
+    }
+
+    /// Waits (real time, up to 5 s) until `f` holds.
+    async fn eventually(what: &str, f: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[tokio::test]
+    async fn sync_loop_syncs_full_then_batches_changes_and_retries_failures_in_full() {
+        use crate::nft::RecordingNft;
+        use crate::testutil::{config, simple};
+
+        let (services, mut svc_writer) = reflector::store::<Service>();
+        let (slices, mut slice_writer) = reflector::store::<EndpointSlice>();
+        let (node, _node_writer) = reflector::store::<Node>();
+        let stores = Stores {
+            services,
+            slices,
+            node,
+        };
+        let health = Arc::new(Health::new(Duration::from_secs(60)));
+        let metrics = Arc::new(Metrics::default());
+        let tracker = Arc::new(Tracker::new(health.clone(), metrics.clone()));
+        let nft = Arc::new(RecordingNft::default());
+        let daemon = DaemonConfig {
+            proxy: config(),
+            kubeconfig: None,
+            sync_period: Duration::from_secs(30),
+            min_sync_period: Duration::from_millis(200),
+            healthz_bind_address: "127.0.0.1:0".parse().unwrap(),
+            metrics_bind_address: "127.0.0.1:0".parse().unwrap(),
+            cleanup: false,
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = {
+            let (stores, tracker, nft) = (stores.clone(), tracker.clone(), nft.clone());
+            tokio::spawn(async move {
+                sync_loop(
+                    &daemon,
+                    stores,
+                    tracker,
+                    nft,
+                    WarningReporter::new(None, "node-a"),
+                    None,
+                    async {
+                        let _ = stopped.await;
+                    },
+                )
+                .await;
+            })
+        };
+
+        // Nothing is programmed before the initial lists are complete.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(nft.scripts().is_empty());
+        let (a, sa) = simple("default", "a", "10.96.0.1", &["10.244.1.1"]);
+        svc_writer.apply_watcher_event(&watcher::Event::Init);
+        svc_writer.apply_watcher_event(&watcher::Event::InitApply(a));
+        svc_writer.apply_watcher_event(&watcher::Event::InitDone);
+        slice_writer.apply_watcher_event(&watcher::Event::Init);
+        slice_writer.apply_watcher_event(&watcher::Event::InitApply(sa));
+        slice_writer.apply_watcher_event(&watcher::Event::InitDone);
+        eventually("the first sync", || nft.scripts().len() == 1).await;
+        assert!(nft.scripts()[0].contains("delete table ip strake-proxy"));
+        assert!(nft.scripts()[0].contains("10.244.1.1"));
+
+        // Three changes in a burst: one partial sync, after min-sync-period.
+        for ip in ["10.244.1.2", "10.244.1.3", "10.244.1.4"] {
+            let (_, slice) = simple("default", "a", "10.96.0.1", &[ip]);
+            slice_writer.apply_watcher_event(&watcher::Event::Apply(slice));
+            tracker.changed(Kind::EndpointSlice, None);
+        }
+        eventually("the batched sync", || nft.scripts().len() == 2).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let scripts = nft.scripts();
+        assert_eq!(scripts.len(), 2, "{scripts:#?}");
+        assert!(!scripts[1].contains("delete table"), "{}", scripts[1]);
+        assert!(scripts[1].contains("10.244.1.4") && !scripts[1].contains("10.244.1.2"));
+        assert_eq!(metrics.snapshot().endpoint_changes, 3);
+
+        // A failed sync: unhealthy, retried in full, healthy again.
+        nft.fail_next
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let (_, slice) = simple("default", "a", "10.96.0.1", &["10.244.1.5"]);
+        slice_writer.apply_watcher_event(&watcher::Event::Apply(slice));
+        tracker.changed(Kind::EndpointSlice, None);
+        eventually("the failure", || metrics.snapshot().sync_failures == 1).await;
+        let wall = Timestamp::now();
+        assert!(!health.report(Instant::now(), wall).healthy);
+        eventually("the retry", || nft.scripts().len() == 3).await;
+        assert!(nft.scripts()[2].contains("delete table ip strake-proxy"));
+        assert!(nft.scripts()[2].contains("10.244.1.5"));
+        eventually("health to recover", || {
+            health.report(Instant::now(), Timestamp::now()).healthy
+        })
+        .await;
+
+        let _ = stop.send(());
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[test]
+    fn reads_trigger_time_annotation() {
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": { "annotations": { TRIGGER_TIME_ANNOTATION: "2024-05-01T10:00:00Z" } },
+            "addressType": "IPv4",
+            "endpoints": [],
+        }))
+        .unwrap();
+        assert_eq!(
+            trigger_time(&slice),
+            Some("2024-05-01T10:00:00Z".parse().unwrap())
+        );
+    }
+}
