@@ -22,6 +22,7 @@ pub mod pod_worker;
 pub mod pods;
 pub mod prober;
 pub mod runtime;
+pub mod volumes;
 
 use std::time::Duration;
 
@@ -127,6 +128,7 @@ impl App {
                 }
             };
             let ctx = pod_worker::Context {
+                volumes: volumes::Volumes::new(&self.config.root_dir, pods_client.clone()),
                 client: pods_client,
                 runtime: self.runtime.clone(),
                 config: self.config.clone(),

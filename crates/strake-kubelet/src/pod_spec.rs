@@ -311,6 +311,7 @@ pub fn container_config(
     attempt: u32,
     image_ref: &str,
     env: &[(String, String)],
+    mounts: Vec<cri::Mount>,
 ) -> cri::ContainerConfig {
     let (name, ns, uid) = meta(pod);
     let vars: HashMap<String, String> = env.iter().cloned().collect();
@@ -349,6 +350,7 @@ pub fn container_config(
         labels,
         annotations,
         log_path: format!("{}/{attempt}.log", c.name),
+        mounts,
         stdin: c.stdin.unwrap_or(false),
         stdin_once: c.stdin_once.unwrap_or(false),
         tty: c.tty.unwrap_or(false),
@@ -540,6 +542,7 @@ mod tests {
             2,
             "sha256:abc",
             &[("X".into(), "1".into())],
+            vec![],
         );
         assert_eq!(cfg.metadata.unwrap().attempt, 2);
         assert_eq!(cfg.log_path, "app/2.log");

@@ -55,6 +55,9 @@ impl Backoff {
     }
 }
 
+/// How often API-backed volumes are re-read.
+const VOLUME_REFRESH: Duration = Duration::from_secs(5);
+
 /// Where one container stands after a sync step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Step {
@@ -68,6 +71,7 @@ enum Step {
 #[derive(Clone)]
 pub struct Context {
     pub client: kube::Client,
+    pub volumes: crate::volumes::Volumes,
     pub runtime: Runtime,
     pub config: Config,
     pub host_ip: String,
@@ -86,6 +90,9 @@ struct Worker {
     waiting: BTreeMap<String, (String, String)>,
     /// The exited container instance already counted per container name.
     crashed: BTreeMap<String, String>,
+    /// Host paths of the pod's volumes, and when they were last refreshed.
+    volume_paths: BTreeMap<String, std::path::PathBuf>,
+    volumes_refreshed: Option<Instant>,
     /// Probe states per (container ID, kind).
     probes: BTreeMap<(String, &'static str), ProbeState>,
     last_status: Option<k8s_openapi::api::core::v1::PodStatus>,
@@ -102,6 +109,8 @@ pub async fn run(ctx: Context, uid: String, mut updates: watch::Receiver<Option<
         waiting: BTreeMap::new(),
         crashed: BTreeMap::new(),
         probes: BTreeMap::new(),
+        volume_paths: BTreeMap::new(),
+        volumes_refreshed: None,
         last_status: None,
     };
     loop {
@@ -343,6 +352,33 @@ impl Worker {
             .restart_policy
             .clone()
             .unwrap_or_else(|| "Always".into());
+        // Volumes first, refreshed every few seconds so that ConfigMap and Secret changes and
+        // token rotation reach the files.
+        if self
+            .volumes_refreshed
+            .is_none_or(|t| t.elapsed() >= VOLUME_REFRESH)
+        {
+            match self.ctx.volumes.prepare(pod).await {
+                Ok(paths) => {
+                    self.volume_paths = paths;
+                    self.volumes_refreshed = Some(Instant::now());
+                }
+                Err(e) if self.volumes_refreshed.is_none() => {
+                    tracing::warn!(pod = %pod_key(pod), error = %e, "volumes not ready");
+                    for c in spec
+                        .init_containers
+                        .iter()
+                        .flatten()
+                        .chain(&spec.containers)
+                    {
+                        self.waiting
+                            .insert(c.name.clone(), ("ContainerCreating".into(), e.to_string()));
+                    }
+                    return self.report(pod, &sandbox_id, Some(ips)).await;
+                }
+                Err(e) => tracing::warn!(pod = %pod_key(pod), error = %e, "volume refresh failed"),
+            }
+        }
         let containers = self.containers().await?;
         // Init containers in order: a regular one must complete before the next starts; a
         // sidecar (restartPolicy Always) must be running. App containers wait for all of them.
@@ -488,7 +524,17 @@ impl Worker {
                 return Ok(Step::Waiting);
             }
         };
-        let config = pod_spec::container_config(pod, c, attempt, &image_ref, &env);
+        let mounts = match crate::volumes::container_mounts(pod, c, &self.volume_paths) {
+            Ok(m) => m,
+            Err(e) => {
+                self.waiting.insert(
+                    c.name.clone(),
+                    ("CreateContainerConfigError".into(), e.to_string()),
+                );
+                return Ok(Step::Waiting);
+            }
+        };
+        let config = pod_spec::container_config(pod, c, attempt, &image_ref, &env, mounts);
         let sandbox_config = pod_spec::sandbox_config(pod, &self.ctx.config, 0);
         let created = self
             .ctx
@@ -851,6 +897,7 @@ impl Worker {
                     .await;
             }
         }
+        self.ctx.volumes.cleanup(&self.uid);
         if let Some(p) = pod {
             let api: Api<Pod> = Api::namespaced(
                 self.ctx.client.clone(),

@@ -1,0 +1,745 @@
+//! Pod volumes that need no plugin: emptyDir, hostPath, configMap, secret, downwardAPI and
+//! projected (service-account token via TokenRequest, configMap, secret, downwardAPI).
+//!
+//! Each volume lives under `<root>/pods/<uid>/volumes/<kind>/<name>`. Files of API-backed volumes
+//! are published atomically as upstream's atomic writer does: a fresh `..<timestamp>` directory,
+//! the `..data` symlink swapped onto it by rename, and one symlink per top-level key through
+//! `..data`, so a reader never sees half an update. Refreshing rewrites only what changed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, DownwardAPIVolumeFile, KeyToPath, Pod, Secret, ServiceAccount, Volume,
+};
+use kube::api::{Api, PostParams};
+use strake_types::cri;
+
+/// A volume could not be prepared (the pod waits, with this as the reason's message).
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("volume {volume:?}: {reason}")]
+    Invalid { volume: String, reason: String },
+    #[error("volume {volume:?}: {what} {name:?} not found")]
+    Missing {
+        volume: String,
+        what: &'static str,
+        name: String,
+    },
+    #[error("volume {volume:?}: API request failed")]
+    Api {
+        volume: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("volume {volume:?}: {op} {path}")]
+    Io {
+        volume: String,
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Files = BTreeMap<String, (Vec<u8>, u32)>;
+
+/// Checks a relative path from the API (key path, subPath): no absolute paths, no `..`.
+pub fn safe_relative(p: &str) -> bool {
+    !p.is_empty()
+        && Path::new(p)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+}
+
+/// Publishes `files` under `dir` atomically (see the module docs). Returns whether anything
+/// changed.
+pub fn write_atomic_dir(dir: &Path, files: &Files) -> std::io::Result<bool> {
+    std::fs::create_dir_all(dir)?;
+    let data = dir.join("..data");
+    let unchanged = files.iter().all(|(k, (bytes, mode))| {
+        let p = data.join(k);
+        std::fs::read(&p).is_ok_and(|b| &b == bytes)
+            && std::fs::metadata(&p).is_ok_and(|m| m.permissions().mode() & 0o7777 == *mode)
+    });
+    let current_tops: Vec<String> = std::fs::read_dir(dir)?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(String::from))
+        .filter(|n| !n.starts_with(".."))
+        .collect();
+    let wanted_tops: std::collections::BTreeSet<String> = files
+        .keys()
+        .filter_map(|k| k.split('/').next().map(String::from))
+        .collect();
+    if unchanged
+        && data.exists()
+        && current_tops.iter().all(|t| wanted_tops.contains(t))
+        && wanted_tops.iter().all(|t| current_tops.contains(t))
+    {
+        return Ok(false);
+    }
+    let stamp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let version = format!("..{stamp}");
+    let vdir = dir.join(&version);
+    std::fs::create_dir_all(&vdir)?;
+    std::fs::set_permissions(&vdir, std::fs::Permissions::from_mode(0o755))?;
+    for (k, (bytes, mode)) in files {
+        let p = vdir.join(k);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&p, bytes)?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode))?;
+    }
+    let old = std::fs::read_link(&data).ok();
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&version, &tmp)?;
+    std::fs::rename(&tmp, &data)?;
+    for top in &wanted_tops {
+        let link = dir.join(top);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(Path::new("..data").join(top), &link)?;
+        }
+    }
+    for top in current_tops.iter().filter(|t| !wanted_tops.contains(*t)) {
+        let _ = std::fs::remove_file(dir.join(top));
+    }
+    if let Some(old) = old.filter(|o| o != Path::new(&version)) {
+        let _ = std::fs::remove_dir_all(dir.join(old));
+    }
+    Ok(true)
+}
+
+/// Labels or annotations in the downward API's file format: `key="value"` lines, sorted.
+pub fn format_map(m: &BTreeMap<String, String>) -> String {
+    m.iter().map(|(k, v)| format!("{k}={v:?}\n")).collect()
+}
+
+fn downward_value(
+    pod: &Pod,
+    f: &DownwardAPIVolumeFile,
+    volume: &str,
+) -> Result<Vec<u8>, VolumeError> {
+    let invalid = |reason: String| VolumeError::Invalid {
+        volume: volume.into(),
+        reason,
+    };
+    let Some(field) = &f.field_ref else {
+        return Err(invalid(format!("{}: only fieldRef is supported", f.path)));
+    };
+    let m = &pod.metadata;
+    Ok(match field.field_path.as_str() {
+        "metadata.name" => m.name.clone().unwrap_or_default().into_bytes(),
+        "metadata.namespace" => m.namespace.clone().unwrap_or_default().into_bytes(),
+        "metadata.uid" => m.uid.clone().unwrap_or_default().into_bytes(),
+        "metadata.labels" => format_map(&m.labels.clone().unwrap_or_default()).into_bytes(),
+        "metadata.annotations" => {
+            format_map(&m.annotations.clone().unwrap_or_default()).into_bytes()
+        }
+        other => return Err(invalid(format!("unsupported fieldRef {other}"))),
+    })
+}
+
+/// Selects `items` (or all keys) of a key/value source into files with their modes.
+fn select(
+    volume: &str,
+    data: BTreeMap<String, Vec<u8>>,
+    items: Option<&Vec<KeyToPath>>,
+    default_mode: u32,
+    prefix: &str,
+    files: &mut Files,
+) -> Result<(), VolumeError> {
+    let invalid = |reason: String| VolumeError::Invalid {
+        volume: volume.into(),
+        reason,
+    };
+    match items {
+        Some(items) if !items.is_empty() => {
+            for it in items {
+                let bytes = data
+                    .get(&it.key)
+                    .ok_or_else(|| invalid(format!("key {:?} not found", it.key)))?;
+                if !safe_relative(&it.path) {
+                    return Err(invalid(format!("invalid path {:?}", it.path)));
+                }
+                let mode = it.mode.map_or(default_mode, |m| m as u32);
+                files.insert(format!("{prefix}{}", it.path), (bytes.clone(), mode));
+            }
+        }
+        _ => {
+            for (k, v) in data {
+                files.insert(format!("{prefix}{k}"), (v, default_mode));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Issued tokens per (pod UID, volume/audience): the token, when issued, when it expires.
+type TokenCache = HashMap<(String, String), (Vec<u8>, SystemTime, SystemTime)>;
+
+/// Prepares and refreshes the volumes of pods.
+#[derive(Clone)]
+pub struct Volumes {
+    root: PathBuf,
+    client: kube::Client,
+    tokens: std::sync::Arc<std::sync::Mutex<TokenCache>>,
+}
+
+impl Volumes {
+    /// Volumes under `<root_dir>/pods`.
+    pub fn new(root_dir: &Path, client: kube::Client) -> Self {
+        Volumes {
+            root: root_dir.join("pods"),
+            client,
+            tokens: Default::default(),
+        }
+    }
+
+    fn pod_dir(&self, pod: &Pod) -> PathBuf {
+        self.root.join(pod.metadata.uid.clone().unwrap_or_default())
+    }
+
+    /// Makes (or refreshes) every volume of `pod`; returns each volume's host path.
+    pub async fn prepare(&self, pod: &Pod) -> Result<BTreeMap<String, PathBuf>, VolumeError> {
+        let ns = pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let mut out = BTreeMap::new();
+        for v in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
+            let path = self.prepare_one(pod, &ns, v).await?;
+            out.insert(v.name.clone(), path);
+        }
+        Ok(out)
+    }
+
+    async fn prepare_one(&self, pod: &Pod, ns: &str, v: &Volume) -> Result<PathBuf, VolumeError> {
+        let name = v.name.as_str();
+        let io = |op: &'static str, path: &Path| {
+            let (volume, path) = (name.to_string(), path.to_path_buf());
+            move |source| VolumeError::Io {
+                volume,
+                op,
+                path,
+                source,
+            }
+        };
+        let invalid = |reason: &str| VolumeError::Invalid {
+            volume: name.into(),
+            reason: reason.into(),
+        };
+        let dir = |kind: &str| self.pod_dir(pod).join("volumes").join(kind).join(name);
+        if let Some(e) = &v.empty_dir {
+            let d = dir("kubernetes.io~empty-dir");
+            if !d.exists() {
+                std::fs::create_dir_all(&d).map_err(io("create", &d))?;
+                std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777))
+                    .map_err(io("chmod", &d))?;
+                if e.medium.as_deref() == Some("Memory") {
+                    let size = e
+                        .size_limit
+                        .as_ref()
+                        .map(|q| format!(",size={}", q.0.trim_end_matches('i')))
+                        .unwrap_or_default();
+                    mount_tmpfs(&d, &format!("mode=0777{size}"))
+                        .map_err(io("mount tmpfs on", &d))?;
+                }
+            }
+            return Ok(d);
+        }
+        if let Some(h) = &v.host_path {
+            let p = PathBuf::from(&h.path);
+            let t = h.type_.as_deref().unwrap_or("");
+            let meta = std::fs::metadata(&p);
+            let ok = match t {
+                "" => true,
+                "DirectoryOrCreate" => {
+                    if meta.is_err() {
+                        std::fs::create_dir_all(&p).map_err(io("create", &p))?;
+                        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))
+                            .map_err(io("chmod", &p))?;
+                    }
+                    std::fs::metadata(&p).is_ok_and(|m| m.is_dir())
+                }
+                "Directory" => meta.is_ok_and(|m| m.is_dir()),
+                "FileOrCreate" => {
+                    if meta.is_err() {
+                        std::fs::File::create(&p).map_err(io("create", &p))?;
+                    }
+                    std::fs::metadata(&p).is_ok_and(|m| m.is_file())
+                }
+                "File" => meta.is_ok_and(|m| m.is_file()),
+                "Socket" => {
+                    meta.is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                }
+                "CharDevice" => meta
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_char_device(&m.file_type())),
+                "BlockDevice" => meta
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type())),
+                other => return Err(invalid(&format!("unknown hostPath type {other:?}"))),
+            };
+            if !ok {
+                return Err(invalid(&format!("hostPath {} is not of type {t}", h.path)));
+            }
+            return Ok(p);
+        }
+        let mut files = Files::new();
+        let kind = if let Some(c) = &v.config_map {
+            let default_mode = c.default_mode.map_or(0o644, |m| m as u32);
+            if let Some(data) = self
+                .config_map(ns, &c.name, c.optional.unwrap_or(false), name)
+                .await?
+            {
+                select(name, data, c.items.as_ref(), default_mode, "", &mut files)?;
+            }
+            "kubernetes.io~configmap"
+        } else if let Some(s) = &v.secret {
+            let default_mode = s.default_mode.map_or(0o644, |m| m as u32);
+            let sname = s.secret_name.clone().unwrap_or_default();
+            if let Some(data) = self
+                .secret(ns, &sname, s.optional.unwrap_or(false), name)
+                .await?
+            {
+                select(name, data, s.items.as_ref(), default_mode, "", &mut files)?;
+            }
+            "kubernetes.io~secret"
+        } else if let Some(d) = &v.downward_api {
+            let default_mode = d.default_mode.map_or(0o644, |m| m as u32);
+            for f in d.items.iter().flatten() {
+                if !safe_relative(&f.path) {
+                    return Err(invalid(&format!("invalid path {:?}", f.path)));
+                }
+                files.insert(
+                    f.path.clone(),
+                    (
+                        downward_value(pod, f, name)?,
+                        f.mode.map_or(default_mode, |m| m as u32),
+                    ),
+                );
+            }
+            "kubernetes.io~downward-api"
+        } else if let Some(p) = &v.projected {
+            let default_mode = p.default_mode.map_or(0o644, |m| m as u32);
+            for src in p.sources.iter().flatten() {
+                if let Some(c) = &src.config_map {
+                    if let Some(data) = self
+                        .config_map(ns, &c.name, c.optional.unwrap_or(false), name)
+                        .await?
+                    {
+                        select(name, data, c.items.as_ref(), default_mode, "", &mut files)?;
+                    }
+                } else if let Some(s) = &src.secret {
+                    if let Some(data) = self
+                        .secret(ns, &s.name, s.optional.unwrap_or(false), name)
+                        .await?
+                    {
+                        select(name, data, s.items.as_ref(), default_mode, "", &mut files)?;
+                    }
+                } else if let Some(d) = &src.downward_api {
+                    for f in d.items.iter().flatten() {
+                        if !safe_relative(&f.path) {
+                            return Err(invalid(&format!("invalid path {:?}", f.path)));
+                        }
+                        files.insert(
+                            f.path.clone(),
+                            (
+                                downward_value(pod, f, name)?,
+                                f.mode.map_or(default_mode, |m| m as u32),
+                            ),
+                        );
+                    }
+                } else if let Some(t) = &src.service_account_token {
+                    if !safe_relative(&t.path) {
+                        return Err(invalid(&format!("invalid path {:?}", t.path)));
+                    }
+                    let token = self
+                        .token(
+                            pod,
+                            ns,
+                            name,
+                            t.audience.clone(),
+                            t.expiration_seconds.unwrap_or(3600),
+                        )
+                        .await?;
+                    // Upstream writes tokens 0600 when the pod sets no fsGroup; 0644 by default.
+                    files.insert(t.path.clone(), (token, default_mode));
+                } else if src.cluster_trust_bundle.is_some() || src.pod_certificate.is_some() {
+                    return Err(invalid(
+                        "clusterTrustBundle and podCertificate projections are not supported yet",
+                    ));
+                }
+            }
+            "kubernetes.io~projected"
+        } else {
+            return Err(invalid(
+                "volume type not supported by strake-kubelet (emptyDir, hostPath, configMap, secret, downwardAPI and projected are)",
+            ));
+        };
+        let d = dir(kind);
+        write_atomic_dir(&d, &files).map_err(io("write", &d))?;
+        Ok(d)
+    }
+
+    async fn config_map(
+        &self,
+        ns: &str,
+        cm: &str,
+        optional: bool,
+        volume: &str,
+    ) -> Result<Option<BTreeMap<String, Vec<u8>>>, VolumeError> {
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
+        match api.get_opt(cm).await.map_err(|source| VolumeError::Api {
+            volume: volume.into(),
+            source,
+        })? {
+            Some(c) => {
+                let mut data: BTreeMap<String, Vec<u8>> = c
+                    .data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.into_bytes()))
+                    .collect();
+                data.extend(
+                    c.binary_data
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| (k, v.0)),
+                );
+                Ok(Some(data))
+            }
+            None if optional => Ok(None),
+            None => Err(VolumeError::Missing {
+                volume: volume.into(),
+                what: "configmap",
+                name: cm.into(),
+            }),
+        }
+    }
+
+    async fn secret(
+        &self,
+        ns: &str,
+        s: &str,
+        optional: bool,
+        volume: &str,
+    ) -> Result<Option<BTreeMap<String, Vec<u8>>>, VolumeError> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        match api.get_opt(s).await.map_err(|source| VolumeError::Api {
+            volume: volume.into(),
+            source,
+        })? {
+            Some(sec) => {
+                let mut data: BTreeMap<String, Vec<u8>> = sec
+                    .string_data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.into_bytes()))
+                    .collect();
+                data.extend(
+                    sec.data
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| (k, v.0)),
+                );
+                Ok(Some(data))
+            }
+            None if optional => Ok(None),
+            None => Err(VolumeError::Missing {
+                volume: volume.into(),
+                what: "secret",
+                name: s.into(),
+            }),
+        }
+    }
+
+    /// A bound service-account token, requested again once 80% of its lifetime has passed.
+    async fn token(
+        &self,
+        pod: &Pod,
+        ns: &str,
+        volume: &str,
+        audience: Option<String>,
+        expiration: i64,
+    ) -> Result<Vec<u8>, VolumeError> {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let key = (
+            uid.clone(),
+            format!("{volume}/{}", audience.clone().unwrap_or_default()),
+        );
+        let now = SystemTime::now();
+        if let Some((t, issued, exp)) = self
+            .tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            let life = exp.duration_since(*issued).unwrap_or_default();
+            if now < *issued + life.mul_f64(0.8) {
+                return Ok(t.clone());
+            }
+        }
+        let sa = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".into());
+        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
+        let req = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                audiences: audience.map(|a| vec![a]),
+                expiration_seconds: Some(expiration.max(600)),
+                bound_object_ref: Some(BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: pod.metadata.name.clone(),
+                    uid: Some(uid),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let resp = api
+            .create_token_request(&sa, &PostParams::default(), &req)
+            .await
+            .map_err(|source| VolumeError::Api {
+                volume: volume.into(),
+                source,
+            })?;
+        let status = resp.status.ok_or_else(|| VolumeError::Invalid {
+            volume: volume.into(),
+            reason: "TokenRequest returned no token".into(),
+        })?;
+        let exp = status
+            .expiration_timestamp
+            .map_or(now + Duration::from_secs(600), |t| {
+                SystemTime::UNIX_EPOCH + Duration::from_secs(t.0.as_second().max(0) as u64)
+            });
+        let token = status.token.unwrap_or_default().into_bytes();
+        self.tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, (token.clone(), now, exp));
+        Ok(token)
+    }
+
+    /// Unmounts and removes everything of the pod with this UID.
+    pub fn cleanup(&self, uid: &str) {
+        let dir = self.root.join(uid);
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        for m in mounts.lines().filter_map(|l| l.split_whitespace().nth(1)) {
+            if Path::new(m).starts_with(&dir) {
+                let _ = umount(Path::new(m));
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        self.tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(u, _), _| u != uid);
+    }
+}
+
+fn mount_tmpfs(dst: &Path, options: &str) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let d = std::ffi::CString::new(dst.as_os_str().as_bytes())?;
+    let o = std::ffi::CString::new(options)?;
+    // SAFETY: valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            d.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            o.as_ptr().cast(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn umount(p: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes())?;
+    // SAFETY: valid NUL-terminated path.
+    let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The CRI mounts of container `c`, given each volume's host path.
+pub fn container_mounts(
+    pod: &Pod,
+    c: &Container,
+    volumes: &BTreeMap<String, PathBuf>,
+) -> Result<Vec<cri::Mount>, VolumeError> {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let mut out = Vec::new();
+    for m in c.volume_mounts.iter().flatten() {
+        let host = volumes.get(&m.name).ok_or_else(|| VolumeError::Invalid {
+            volume: m.name.clone(),
+            reason: format!("mounted by container {} but not defined in the pod", c.name),
+        })?;
+        let mut host = host.clone();
+        if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
+            if !safe_relative(sub) {
+                return Err(VolumeError::Invalid {
+                    volume: m.name.clone(),
+                    reason: format!("invalid subPath {sub:?}"),
+                });
+            }
+            host = host.join(sub);
+            if !host.exists() {
+                std::fs::create_dir_all(&host).map_err(|source| VolumeError::Io {
+                    volume: m.name.clone(),
+                    op: "create",
+                    path: host.clone(),
+                    source,
+                })?;
+            }
+        }
+        // API-backed volumes are read-only inside containers, as upstream mounts them.
+        let api_backed = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == m.name)
+            .is_some_and(|v| {
+                v.config_map.is_some()
+                    || v.secret.is_some()
+                    || v.downward_api.is_some()
+                    || v.projected.is_some()
+            });
+        let propagation = match m.mount_propagation.as_deref() {
+            Some("HostToContainer") => cri::MountPropagation::PropagationHostToContainer,
+            Some("Bidirectional") => cri::MountPropagation::PropagationBidirectional,
+            _ => cri::MountPropagation::PropagationPrivate,
+        };
+        out.push(cri::Mount {
+            container_path: m.mount_path.clone(),
+            host_path: host.display().to_string(),
+            readonly: m.read_only.unwrap_or(false) || api_backed,
+            propagation: propagation as i32,
+            ..Default::default()
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(entries: &[(&str, &str, u32)]) -> Files {
+        entries
+            .iter()
+            .map(|(k, v, m)| (k.to_string(), (v.as_bytes().to_vec(), *m)))
+            .collect()
+    }
+
+    #[test]
+    fn atomic_writer_publishes_through_data_symlink_and_updates_in_place() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(
+            write_atomic_dir(
+                d.path(),
+                &files(&[("a", "1", 0o644), ("sub/b", "2", 0o600)])
+            )
+            .unwrap()
+        );
+        assert_eq!(std::fs::read_to_string(d.path().join("a")).unwrap(), "1");
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("sub/b")).unwrap(),
+            "2"
+        );
+        let mode = std::fs::metadata(d.path().join("sub/b"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(
+            std::fs::read_link(d.path().join("a")).unwrap(),
+            Path::new("..data/a")
+        );
+        assert!(
+            !write_atomic_dir(
+                d.path(),
+                &files(&[("a", "1", 0o644), ("sub/b", "2", 0o600)])
+            )
+            .unwrap(),
+            "unchanged"
+        );
+        assert!(write_atomic_dir(d.path(), &files(&[("a", "changed", 0o644)])).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("a")).unwrap(),
+            "changed"
+        );
+        assert!(!d.path().join("sub").exists(), "removed key's link is gone");
+        let versions = std::fs::read_dir(d.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.starts_with("..") && n != "..data"
+            })
+            .count();
+        assert_eq!(versions, 1, "old versions are removed");
+    }
+
+    #[test]
+    fn relative_paths_are_checked() {
+        assert!(safe_relative("a/b"));
+        assert!(!safe_relative("../a"));
+        assert!(!safe_relative("/etc"));
+        assert!(!safe_relative("a/../../b"));
+        assert!(!safe_relative(""));
+    }
+
+    #[test]
+    fn downward_api_map_format() {
+        let m = BTreeMap::from([
+            ("b".to_string(), "2".to_string()),
+            ("a".to_string(), "x\"y".to_string()),
+        ]);
+        assert_eq!(format_map(&m), "a=\"x\\\"y\"\nb=\"2\"\n");
+    }
+
+    #[test]
+    fn items_select_keys_with_modes_and_refuse_missing_keys() {
+        let data = BTreeMap::from([
+            ("k".to_string(), b"v".to_vec()),
+            ("other".to_string(), b"o".to_vec()),
+        ]);
+        let mut f = Files::new();
+        let items = vec![KeyToPath {
+            key: "k".into(),
+            path: "dir/file".into(),
+            mode: Some(0o400),
+            user: None,
+        }];
+        select("v", data.clone(), Some(&items), 0o644, "", &mut f).unwrap();
+        assert_eq!(f.get("dir/file"), Some(&(b"v".to_vec(), 0o400)));
+        assert_eq!(f.len(), 1);
+        let bad = vec![KeyToPath {
+            key: "nope".into(),
+            path: "x".into(),
+            mode: None,
+            user: None,
+        }];
+        assert!(select("v", data, Some(&bad), 0o644, "", &mut Files::new()).is_err());
+    }
+}
