@@ -352,6 +352,31 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_parses() {
+        let text = include_str!("../../../manifests/kubelet/config.yaml");
+        let file: FileConfig = serde_saphyr::from_str(text).unwrap();
+        let c = Config::merge(
+            &Flags {
+                hostname_override: Some("n".into()),
+                ..Default::default()
+            },
+            file,
+        )
+        .unwrap();
+        assert_eq!(
+            c.container_runtime_endpoint,
+            "unix:///run/strake/runtime.sock"
+        );
+        assert_eq!(
+            c.pod_manifest_path,
+            Some(PathBuf::from("/etc/kubernetes/manifests"))
+        );
+        assert_eq!(c.node_status_report_frequency, Duration::from_secs(300));
+        assert_eq!(c.cgroup_root, "");
+        assert_eq!(c.cluster_dns, vec!["10.96.0.10".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
     fn go_durations() {
         assert_eq!(parse_go_duration("10s"), Some(Duration::from_secs(10)));
         assert_eq!(parse_go_duration("1m30s"), Some(Duration::from_secs(90)));
