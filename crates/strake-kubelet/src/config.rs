@@ -71,6 +71,7 @@ pub struct FileConfig {
     pub healthz_port: Option<u16>,
     pub pod_logs_dir: Option<PathBuf>,
     pub cgroup_root: Option<String>,
+    pub file_check_frequency: Option<String>,
 }
 
 /// A taint in the configuration file.
@@ -105,6 +106,8 @@ pub struct Config {
     pub pod_logs_dir: std::path::PathBuf,
     /// Parent of the `kubepods` cgroup tree ("" = the hierarchy's root, as upstream's "/").
     pub cgroup_root: String,
+    /// How often the static pod directory is re-read.
+    pub file_check_frequency: Duration,
 }
 
 /// The configuration is invalid.
@@ -261,6 +264,11 @@ impl Config {
                 "nodeStatusReportFrequency",
                 file.node_status_report_frequency,
                 300,
+            )?,
+            file_check_frequency: duration(
+                "fileCheckFrequency",
+                file.file_check_frequency.clone(),
+                20,
             )?,
             node_lease_duration: Duration::from_secs(u64::from(
                 file.node_lease_duration_seconds.unwrap_or(40),

@@ -8,8 +8,9 @@
 //! (the CRI connection).
 //!
 //! Status (issue #5): node registration, Lease, node status and conditions; pods bound to the
-//! node run through CRI (sandbox, images per pull policy, containers, restart with backoff,
-//! status, graceful deletion). Not yet: init containers, probes, volumes, static pods.
+//! node and static pods (standalone or mirrored) run through CRI with init containers,
+//! sidecars, probes, volumes, restart backoff, status and graceful deletion. Not yet: the HTTPS
+//! API on 10250, stats, eviction, image and container GC.
 
 pub mod config;
 pub mod healthz;
@@ -22,6 +23,7 @@ pub mod pod_worker;
 pub mod pods;
 pub mod prober;
 pub mod runtime;
+pub mod static_pods;
 pub mod volumes;
 
 use std::time::Duration;
@@ -49,8 +51,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// Standalone mode (no kubeconfig) needs static pods, which are not implemented yet.
-    #[error("standalone mode (no --kubeconfig) is not implemented yet (issue #5)")]
+    /// Neither an API server nor a static pod directory: nothing to do.
+    #[error("give --kubeconfig, or --pod-manifest-path for standalone mode")]
     Standalone,
 }
 
@@ -90,9 +92,6 @@ impl App {
 
     /// Registers the node and keeps its Lease and status up to date until `shutdown`.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
-        let Some(kubeconfig) = self.config.kubeconfig.clone() else {
-            return Err(Error::Standalone);
-        };
         let healthz_addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.config.healthz_port));
         let listener = healthz::bind(healthz_addr)
             .await
@@ -101,23 +100,32 @@ impl App {
                 source,
             })?;
         tokio::spawn(healthz::serve(listener));
-        let main_client = client(&kubeconfig).await?;
-        // Lease renewals get their own connection so nothing else can hold them up.
-        let lease_client = client(&kubeconfig).await?;
+        // Without a kubeconfig the kubelet runs standalone: static pods only, nothing reported.
+        let clients = match &self.config.kubeconfig {
+            // Lease renewals get their own connection so nothing else can hold them up.
+            Some(kc) => Some((client(kc).await?, client(kc).await?)),
+            None => None,
+        };
+        if clients.is_none() && self.config.pod_manifest_path.is_none() {
+            return Err(Error::Standalone);
+        }
         let work = async {
-            let node = heartbeat::register(main_client.clone(), &self.config, &self.machine).await;
-            let lease = tokio::spawn(heartbeat::lease_loop(
-                lease_client,
-                node,
-                self.config.node_lease_duration,
-            ));
-            let pods_client = main_client.clone();
-            let status = tokio::spawn(heartbeat::status_loop(
-                main_client,
-                self.runtime.clone(),
-                self.config.clone(),
-                self.machine.clone(),
-            ));
+            let mut tasks = Vec::new();
+            if let Some((main_client, lease_client)) = &clients {
+                let node =
+                    heartbeat::register(main_client.clone(), &self.config, &self.machine).await;
+                tasks.push(tokio::spawn(heartbeat::lease_loop(
+                    lease_client.clone(),
+                    node,
+                    self.config.node_lease_duration,
+                )));
+                tasks.push(tokio::spawn(heartbeat::status_loop(
+                    main_client.clone(),
+                    self.runtime.clone(),
+                    self.config.clone(),
+                    self.machine.clone(),
+                )));
+            }
             let runtime_name = loop {
                 match self.runtime.health().await {
                     Ok(h) => break h.version.split("://").next().unwrap_or("cri").to_string(),
@@ -127,9 +135,10 @@ impl App {
                     }
                 }
             };
+            let api = clients.as_ref().map(|(c, _)| c.clone());
             let ctx = pod_worker::Context {
-                volumes: volumes::Volumes::new(&self.config.root_dir, pods_client.clone()),
-                client: pods_client,
+                volumes: volumes::Volumes::new(&self.config.root_dir, api.clone()),
+                client: api.clone(),
                 runtime: self.runtime.clone(),
                 config: self.config.clone(),
                 host_ip: self
@@ -139,8 +148,17 @@ impl App {
                     .unwrap_or_default(),
                 runtime_name,
             };
-            let pods = tokio::spawn(pods::run(ctx));
-            let _ = tokio::join!(lease, status, pods);
+            if let Some(dir) = self.config.pod_manifest_path.clone() {
+                tasks.push(tokio::spawn(static_pods::run(
+                    ctx.clone(),
+                    dir,
+                    self.config.file_check_frequency,
+                )));
+            }
+            if let Some(api) = api {
+                tasks.push(tokio::spawn(pods::run(ctx, api)));
+            }
+            futures::future::join_all(tasks).await;
         };
         tokio::select! {
             _ = shutdown => tracing::info!("shutting down; pods keep running"),

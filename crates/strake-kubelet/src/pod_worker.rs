@@ -70,7 +70,8 @@ enum Step {
 /// Shared facts every pod worker needs.
 #[derive(Clone)]
 pub struct Context {
-    pub client: kube::Client,
+    /// `None` in standalone mode (static pods only, no API server).
+    pub client: Option<kube::Client>,
     pub volumes: crate::volumes::Volumes,
     pub runtime: Runtime,
     pub config: Config,
@@ -113,6 +114,9 @@ pub async fn run(ctx: Context, uid: String, mut updates: watch::Receiver<Option<
         volumes_refreshed: None,
         last_status: None,
     };
+    // The last pod object seen: a pod that vanished (deleted from the API, or its static
+    // manifest removed) is still terminated with its own spec and grace period.
+    let mut last: Option<Pod> = None;
     loop {
         let pod = updates.borrow_and_update().clone();
         match pod {
@@ -120,9 +124,10 @@ pub async fn run(ctx: Context, uid: String, mut updates: watch::Receiver<Option<
                 if let Err(e) = w.sync(&p).await {
                     tracing::warn!(pod = %pod_key(&p), error = %e, "pod sync failed");
                 }
+                last = Some(p);
             }
             other => {
-                w.terminate(other.as_ref()).await;
+                w.terminate(other.as_ref().or(last.as_ref())).await;
                 return;
             }
         }
@@ -788,11 +793,25 @@ impl Worker {
         if self.last_status.as_ref() == Some(&status) {
             return Ok(());
         }
-        let api: Api<Pod> = Api::namespaced(
-            self.ctx.client.clone(),
-            pod.metadata.namespace.as_deref().unwrap_or("default"),
-        );
+        let Some(client) = self.ctx.client.clone() else {
+            // Standalone: nobody to report to.
+            self.last_status = Some(status);
+            return Ok(());
+        };
+        let ns = pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
         let name = pod.metadata.name.clone().unwrap_or_default();
+        if crate::static_pods::is_static(pod)
+            && let Err(e) =
+                crate::static_pods::ensure_mirror(&client, pod, &self.ctx.config.node_name).await
+        {
+            tracing::warn!(pod = %pod_key(pod), error = %e, "mirror pod not created");
+            return Ok(());
+        }
         let patch = serde_json::json!({ "status": status });
         match api
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -898,28 +917,33 @@ impl Worker {
             }
         }
         self.ctx.volumes.cleanup(&self.uid);
-        if let Some(p) = pod {
-            let api: Api<Pod> = Api::namespaced(
-                self.ctx.client.clone(),
-                p.metadata.namespace.as_deref().unwrap_or("default"),
-            );
-            let dp = DeleteParams {
-                grace_period_seconds: Some(0),
-                preconditions: p.metadata.uid.clone().map(|uid| kube::api::Preconditions {
-                    uid: Some(uid),
-                    resource_version: None,
-                }),
-                ..Default::default()
-            };
-            match api
-                .delete(p.metadata.name.as_deref().unwrap_or(""), &dp)
-                .await
-            {
-                Ok(_) => tracing::info!(pod = %pod_key(p), "pod terminated and deleted"),
-                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
-                Err(e) => {
-                    tracing::warn!(pod = %pod_key(p), error = %e, "confirming pod deletion failed")
-                }
+        let (Some(p), Some(client)) = (pod, self.ctx.client.clone()) else {
+            return;
+        };
+        let api: Api<Pod> =
+            Api::namespaced(client, p.metadata.namespace.as_deref().unwrap_or("default"));
+        // A static pod's API object is its mirror: delete it by name, whatever its UID.
+        let uid = if crate::static_pods::is_static(p) {
+            None
+        } else {
+            p.metadata.uid.clone()
+        };
+        let dp = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: uid.map(|uid| kube::api::Preconditions {
+                uid: Some(uid),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        match api
+            .delete(p.metadata.name.as_deref().unwrap_or(""), &dp)
+            .await
+        {
+            Ok(_) => tracing::info!(pod = %pod_key(p), "pod terminated and deleted"),
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Err(e) => {
+                tracing::warn!(pod = %pod_key(p), error = %e, "confirming pod deletion failed")
             }
         }
     }

@@ -11,8 +11,8 @@ use tokio::sync::watch;
 use crate::pod_worker::{self, Context};
 
 /// Runs until the watch ends (it does not: the watcher retries through API outages).
-pub async fn run(ctx: Context) {
-    let pods: Api<Pod> = Api::all(ctx.client.clone());
+pub async fn run(ctx: Context, client: kube::Client) {
+    let pods: Api<Pod> = Api::all(client);
     let selector = format!("spec.nodeName={}", ctx.config.node_name);
     let stream = watcher(pods, watcher::Config::default().fields(&selector));
     futures::pin_mut!(stream);
@@ -61,7 +61,16 @@ pub async fn run(ctx: Context) {
     }
 }
 
-fn dispatch(ctx: &Context, workers: &mut HashMap<String, watch::Sender<Option<Pod>>>, pod: Pod) {
+/// Hands `pod` to its worker, starting one for a new UID.
+pub fn dispatch(
+    ctx: &Context,
+    workers: &mut HashMap<String, watch::Sender<Option<Pod>>>,
+    pod: Pod,
+) {
+    // Mirror pods are the API's view of static pods, which run from their manifests.
+    if crate::static_pods::is_mirror(&pod) {
+        return;
+    }
     let Some(uid) = pod.metadata.uid.clone() else {
         return;
     };

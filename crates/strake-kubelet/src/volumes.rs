@@ -188,18 +188,26 @@ type TokenCache = HashMap<(String, String), (Vec<u8>, SystemTime, SystemTime)>;
 #[derive(Clone)]
 pub struct Volumes {
     root: PathBuf,
-    client: kube::Client,
+    client: Option<kube::Client>,
     tokens: std::sync::Arc<std::sync::Mutex<TokenCache>>,
 }
 
 impl Volumes {
     /// Volumes under `<root_dir>/pods`.
-    pub fn new(root_dir: &Path, client: kube::Client) -> Self {
+    pub fn new(root_dir: &Path, client: Option<kube::Client>) -> Self {
         Volumes {
             root: root_dir.join("pods"),
             client,
             tokens: Default::default(),
         }
+    }
+
+    /// The API client; static pods without an API server cannot use API-backed volumes.
+    fn api(&self, volume: &str) -> Result<kube::Client, VolumeError> {
+        self.client.clone().ok_or_else(|| VolumeError::Invalid {
+            volume: volume.into(),
+            reason: "needs the API server, and this kubelet runs standalone".into(),
+        })
     }
 
     fn pod_dir(&self, pod: &Pod) -> PathBuf {
@@ -395,7 +403,7 @@ impl Volumes {
         optional: bool,
         volume: &str,
     ) -> Result<Option<BTreeMap<String, Vec<u8>>>, VolumeError> {
-        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
+        let api: Api<ConfigMap> = Api::namespaced(self.api(volume)?, ns);
         match api.get_opt(cm).await.map_err(|source| VolumeError::Api {
             volume: volume.into(),
             source,
@@ -431,7 +439,7 @@ impl Volumes {
         optional: bool,
         volume: &str,
     ) -> Result<Option<BTreeMap<String, Vec<u8>>>, VolumeError> {
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        let api: Api<Secret> = Api::namespaced(self.api(volume)?, ns);
         match api.get_opt(s).await.map_err(|source| VolumeError::Api {
             volume: volume.into(),
             source,
@@ -491,7 +499,7 @@ impl Volumes {
             .as_ref()
             .and_then(|s| s.service_account_name.clone())
             .unwrap_or_else(|| "default".into());
-        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
+        let api: Api<ServiceAccount> = Api::namespaced(self.api(volume)?, ns);
         let req = TokenRequest {
             spec: Some(TokenRequestSpec {
                 audiences: audience.map(|a| vec![a]),

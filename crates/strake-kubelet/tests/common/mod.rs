@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use strake_integration::containerd::Containerd;
 use strake_integration::control_plane::ControlPlane;
-use strake_integration::netns::NodeNs;
+use strake_integration::netns::{ClusterNet, NodeNs};
 use strake_integration::strake_runtime::StrakeRuntime;
 
 /// Polls `f` every 250 ms until it yields a value; panics after `secs`.
@@ -100,7 +100,30 @@ impl KubeletNode {
         extra_config: &str,
         kind: RuntimeKind,
     ) -> Self {
-        let mut ns = cp.net().add_node(index).expect("node namespace");
+        let ns = cp.net().add_node(index).expect("node namespace");
+        let kubeconfig = cp.node_kubeconfig(name).expect("node kubeconfig");
+        Self::start_in(ns, index, name, extra_config, kind, Some(&kubeconfig)).await
+    }
+
+    /// Starts containerd and a standalone strake-kubelet (no API server) on node `index` of `net`.
+    pub async fn start_standalone(
+        net: &ClusterNet,
+        index: u8,
+        name: &str,
+        extra_config: &str,
+    ) -> Self {
+        let ns = net.add_node(index).expect("node namespace");
+        Self::start_in(ns, index, name, extra_config, RuntimeKind::Containerd, None).await
+    }
+
+    async fn start_in(
+        mut ns: NodeNs,
+        index: u8,
+        name: &str,
+        extra_config: &str,
+        kind: RuntimeKind,
+        kubeconfig: Option<&Path>,
+    ) -> Self {
         let runtime = match kind {
             RuntimeKind::Containerd => NodeRuntime::Containerd(
                 Containerd::start(&mut ns, index).await.expect("containerd"),
@@ -111,7 +134,6 @@ impl KubeletNode {
                     .expect("strake-runtime"),
             ),
         };
-        let kubeconfig = cp.node_kubeconfig(name).expect("node kubeconfig");
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("kubelet.yaml");
         std::fs::write(
@@ -125,14 +147,16 @@ impl KubeletNode {
             ),
         )
         .expect("kubelet config");
-        let args = [
-            format!("--kubeconfig={}", kubeconfig.display()),
+        let mut args = vec![
             format!("--config={}", config.display()),
             format!("--hostname-override={name}"),
             format!("--node-ip={}", ns.ip()),
             format!("--container-runtime-endpoint={}", runtime.endpoint()),
             format!("--root-dir={}", dir.path().join("root").display()),
         ];
+        if let Some(kc) = kubeconfig {
+            args.push(format!("--kubeconfig={}", kc.display()));
+        }
         let mut node = KubeletNode {
             kubelet_pid: 0,
             args: args.to_vec(),
