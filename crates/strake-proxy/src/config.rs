@@ -484,4 +484,30 @@ mod tests {
             Err(ConfigError::NodeName)
         ));
     }
+
+    #[test]
+    fn the_shipped_configmap_loads_with_the_daemons_loader() {
+        let cm: k8s_openapi::api::core::v1::ConfigMap =
+            serde_saphyr::from_str(include_str!("../../../manifests/proxy/configmap.yaml"))
+                .unwrap();
+        let text = cm.data.unwrap().remove("config.conf").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.conf");
+        std::fs::write(&path, text).unwrap();
+        // As the DaemonSet runs it: the file plus the node name from the downward API.
+        let flags = Flags {
+            config: Some(path),
+            hostname_override: Some("node-1".into()),
+            ..Flags::default()
+        };
+        let c = DaemonConfig::load(&flags).unwrap();
+        assert_eq!(c.proxy.node_name, "node-1");
+        assert_eq!(c.proxy.cluster_cidrs, ["10.244.0.0/16".parse().unwrap()]);
+        assert!(!c.proxy.masquerade_all);
+        assert_eq!(c.kubeconfig, None, "in-cluster credentials");
+        assert_eq!(c.sync_period, Duration::from_secs(30));
+        assert_eq!(c.min_sync_period, Duration::from_secs(1));
+        assert_eq!(c.healthz_bind_address.to_string(), "0.0.0.0:10256");
+        assert_eq!(c.metrics_bind_address.to_string(), "127.0.0.1:10249");
+    }
 }

@@ -6,11 +6,13 @@
 //! Start reading at [`App`] (flags -> running daemon), then [`proxier`] (watchers and the sync
 //! loop), [`model::build`] (API objects -> validated model), [`nft::ruleset::Ruleset::build`]
 //! (model -> desired nftables state, a pure function), [`nft::sync::Syncer`] (desired versus
-//! last applied -> one nft transaction) and the [`nft::Nft`] seam that runs the `nft` program.
+//! last applied -> one nft transaction) and the [`nft::Nft`] seam that runs the `nft` program;
+//! [`conntrack`] then deletes the UDP flows the new rules no longer produce.
 //! [`server`] answers `/healthz`, `/livez`, `/metrics` and `/proxyMode` on its own thread, where
 //! [`healthcheck`] also serves the health-check node ports of `externalTrafficPolicy: Local`.
 
 pub mod config;
+pub mod conntrack;
 pub mod health;
 pub mod healthcheck;
 pub mod metrics;
@@ -25,11 +27,12 @@ use std::future::Future;
 use std::sync::Arc;
 
 use crate::config::DaemonConfig;
+use crate::conntrack::{Conntrack, ConntrackCommand};
 use crate::health::Health;
 use crate::healthcheck::HealthCheckPorts;
 use crate::metrics::Metrics;
 use crate::nft::{Nft, NftCommand, NftError};
-use crate::proxier::{Tracker, WarningReporter};
+use crate::proxier::{Kernel, Tracker, WarningReporter};
 use crate::server::{ServerHandle, Shared};
 
 /// Why the daemon could not start or stopped.
@@ -69,6 +72,7 @@ pub struct App {
     config: DaemonConfig,
     client: kube::Client,
     nft: Arc<dyn Nft>,
+    conntrack: Arc<dyn Conntrack>,
     shared: Shared,
     servers: ServerHandle,
 }
@@ -117,9 +121,16 @@ impl App {
             config,
             client,
             nft,
+            conntrack: Arc::new(ConntrackCommand::new()),
             shared,
             servers,
         })
+    }
+
+    /// Uses another [`Conntrack`] for the stale UDP flow cleanup.
+    pub fn with_conntrack(mut self, conntrack: Arc<dyn Conntrack>) -> Self {
+        self.conntrack = conntrack;
+        self
     }
 
     /// Where the health server listens (useful with port 0).
@@ -148,7 +159,10 @@ impl App {
             &self.config,
             stores,
             tracker,
-            self.nft.clone(),
+            Kernel {
+                nft: self.nft.clone(),
+                conntrack: self.conntrack.clone(),
+            },
             warnings,
             Some(health_checks),
             shutdown,

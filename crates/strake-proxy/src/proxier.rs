@@ -1,7 +1,8 @@
 //! The running proxy: reflectors on Services, EndpointSlices and the own Node feed a change
 //! tracker; the sync loop turns the stores into rules (`model::build` -> `Ruleset::build` ->
-//! `Syncer::sync`) no more often than `--min-sync-period`, at least every `--sync-period`, with
-//! a full sync at start, after a failure and every [`FULL_SYNC_PERIOD`].
+//! `Syncer::sync`, then deletes [`conntrack::stale`] UDP flows) no more often than
+//! `--min-sync-period`, at least every `--sync-period`, with a full sync at start, after a
+//! failure and every [`FULL_SYNC_PERIOD`].
 //!
 //! An API outage only stops the change feed: the stores keep their last state, the kernel keeps
 //! the last ruleset, and the watchers' relist on reconnect counts as a change.
@@ -24,6 +25,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::DaemonConfig;
+use crate::conntrack::{self, Conntrack, UdpState};
 use crate::health::Health;
 use crate::healthcheck::{self, HealthCheckPorts};
 use crate::metrics::Metrics;
@@ -411,13 +413,22 @@ impl Schedule {
     }
 }
 
+/// The seams a sync writes the kernel's state through.
+#[derive(Clone)]
+pub struct Kernel {
+    /// nftables: the rules.
+    pub nft: Arc<dyn Nft>,
+    /// The connection tracking table: stale UDP flows.
+    pub conntrack: Arc<dyn Conntrack>,
+}
+
 /// Runs syncs until `shutdown` completes. Waits for the Service and EndpointSlice stores to be
 /// listed first, so that a restart never programs an empty ruleset over a good one.
 pub async fn sync_loop(
     config: &DaemonConfig,
     stores: Stores,
     tracker: Arc<Tracker>,
-    nft: Arc<dyn Nft>,
+    kernel: Kernel,
     mut warnings: WarningReporter,
     mut health_checks: Option<HealthCheckPorts>,
     shutdown: impl Future<Output = ()>,
@@ -438,6 +449,9 @@ pub async fn sync_loop(
     );
     let mut schedule = Schedule::new(config.min_sync_period, config.sync_period);
     let mut syncer = Some(Syncer::new());
+    // What the last successful sync programmed for UDP; `None` before the first one: a
+    // restart keeps the rules, so entries made before it are still right.
+    let mut udp: Option<UdpState> = None;
     loop {
         let due = schedule.next(tracker.is_dirty());
         tokio::select! {
@@ -456,7 +470,8 @@ pub async fn sync_loop(
         let slices = stores.slices.state();
         let node = stores.node.state().into_iter().next();
         let proxy = config.proxy.clone();
-        let nft = nft.clone();
+        let Kernel { nft, conntrack: ct } = kernel.clone();
+        let old_udp = udp.clone();
         let job = tokio::task::spawn_blocking(move || {
             let (model, warnings) = model::build(
                 services.iter().map(|s| s.as_ref()),
@@ -467,11 +482,26 @@ pub async fn sync_loop(
             let ruleset = Ruleset::build(&model, &proxy);
             let result = current.sync(nft.as_ref(), ruleset);
             let hc = healthcheck::desired(&model);
-            (current, result, warnings, model.services.len(), hc)
+            let new_udp = UdpState::of(&model);
+            // Only once the new rules are in: a deleted entry is re-made by the next packet.
+            if result.is_ok()
+                && let Some(old) = &old_udp
+            {
+                let stale = conntrack::stale(old, &new_udp);
+                if !stale.is_empty() {
+                    let failed = conntrack::clean(ct.as_ref(), &stale);
+                    tracing::debug!(
+                        deletions = stale.len(),
+                        failed,
+                        "cleaned stale UDP conntrack entries"
+                    );
+                }
+            }
+            (current, result, warnings, model.services.len(), hc, new_udp)
         })
         .await;
         let took = started.elapsed();
-        let (back, result, model_warnings, ports, hc) = match job {
+        let (back, result, model_warnings, ports, hc, new_udp) = match job {
             Ok(done) => done,
             Err(e) => {
                 tracing::error!(error = %e, "sync task panicked");
@@ -488,6 +518,7 @@ pub async fn sync_loop(
         }
         match result {
             Ok(report) => {
+                udp = Some(new_udp);
                 let wall = Timestamp::now();
                 tracker.metrics.observe_sync(
                     report.full,
@@ -633,6 +664,7 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let tracker = Arc::new(Tracker::new(health.clone(), metrics.clone()));
         let nft = Arc::new(RecordingNft::default());
+        let conntrack = Arc::new(crate::conntrack::RecordingConntrack::default());
         let daemon = DaemonConfig {
             proxy: config(),
             kubeconfig: None,
@@ -645,12 +677,13 @@ mod tests {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = {
             let (stores, tracker, nft) = (stores.clone(), tracker.clone(), nft.clone());
+            let conntrack = conntrack.clone();
             tokio::spawn(async move {
                 sync_loop(
                     &daemon,
                     stores,
                     tracker,
-                    nft,
+                    Kernel { nft, conntrack },
                     WarningReporter::new(None, "node-a"),
                     None,
                     async {
@@ -688,6 +721,8 @@ mod tests {
         assert!(!scripts[1].contains("delete table"), "{}", scripts[1]);
         assert!(scripts[1].contains("10.244.1.4") && !scripts[1].contains("10.244.1.2"));
         assert_eq!(metrics.snapshot().endpoint_changes, 3);
+        // TCP only: no conntrack cleanup.
+        assert!(conntrack.deleted().is_empty());
 
         // A failed sync: unhealthy, retried in full, healthy again.
         nft.fail_next
@@ -705,6 +740,107 @@ mod tests {
             health.report(Instant::now(), Timestamp::now()).healthy
         })
         .await;
+
+        let _ = stop.send(());
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn sync_loop_deletes_flows_of_removed_udp_endpoints_after_the_rules_change() {
+        use crate::conntrack::{Deletion, RecordingConntrack};
+        use crate::nft::RecordingNft;
+        use crate::testutil::{config, ep, service, slice};
+
+        let dns = service(
+            "default",
+            "dns",
+            serde_json::json!({ "clusterIP": "10.96.0.53", "ports": [{ "port": 53, "protocol": "UDP" }] }),
+        );
+        let dns_slice = |ips: &[&str]| {
+            let eps: Vec<_> = ips.iter().map(|ip| ep(ip, "node-b", true)).collect();
+            slice(
+                "default",
+                "dns",
+                "dns-1",
+                "IPv4",
+                serde_json::json!([{ "port": 5353, "protocol": "UDP" }]),
+                serde_json::json!(eps),
+            )
+        };
+        let (services, mut svc_writer) = reflector::store::<Service>();
+        let (slices, mut slice_writer) = reflector::store::<EndpointSlice>();
+        let (node, _node_writer) = reflector::store::<Node>();
+        let stores = Stores {
+            services,
+            slices,
+            node,
+        };
+        let health = Arc::new(Health::new(Duration::from_secs(60)));
+        let tracker = Arc::new(Tracker::new(health, Arc::new(Metrics::default())));
+        let nft = Arc::new(RecordingNft::default());
+        let conntrack = Arc::new(RecordingConntrack::default());
+        let daemon = DaemonConfig {
+            proxy: config(),
+            kubeconfig: None,
+            sync_period: Duration::from_secs(30),
+            min_sync_period: Duration::from_millis(50),
+            healthz_bind_address: "127.0.0.1:0".parse().unwrap(),
+            metrics_bind_address: "127.0.0.1:0".parse().unwrap(),
+            cleanup: false,
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = {
+            let kernel = Kernel {
+                nft: nft.clone(),
+                conntrack: conntrack.clone(),
+            };
+            let (stores, tracker) = (stores.clone(), tracker.clone());
+            tokio::spawn(async move {
+                sync_loop(
+                    &daemon,
+                    stores,
+                    tracker,
+                    kernel,
+                    WarningReporter::new(None, "node-a"),
+                    None,
+                    async {
+                        let _ = stopped.await;
+                    },
+                )
+                .await;
+            })
+        };
+        svc_writer.apply_watcher_event(&watcher::Event::Init);
+        svc_writer.apply_watcher_event(&watcher::Event::InitApply(dns));
+        svc_writer.apply_watcher_event(&watcher::Event::InitDone);
+        slice_writer.apply_watcher_event(&watcher::Event::Init);
+        slice_writer.apply_watcher_event(&watcher::Event::InitApply(dns_slice(&[
+            "10.244.1.1",
+            "10.244.1.2",
+        ])));
+        slice_writer.apply_watcher_event(&watcher::Event::InitDone);
+        eventually("the first sync", || nft.scripts().len() == 1).await;
+        // After a (re)start the kernel's entries match the kept rules: nothing is deleted.
+        assert!(conntrack.deleted().is_empty());
+
+        slice_writer.apply_watcher_event(&watcher::Event::Apply(dns_slice(&["10.244.1.2"])));
+        tracker.changed(Kind::EndpointSlice, None);
+        eventually("the cleanup", || !conntrack.deleted().is_empty()).await;
+        assert_eq!(
+            nft.scripts().len(),
+            2,
+            "deleted after the new rules were applied"
+        );
+        assert_eq!(
+            conntrack.deleted(),
+            [Deletion::ReplyFrom {
+                ip: "10.244.1.1".parse().unwrap(),
+                port: 5353
+            }]
+        );
 
         let _ = stop.send(());
         tokio::time::timeout(Duration::from_secs(5), task)

@@ -12,6 +12,10 @@
 //! Pods have a /32 address and a default route via the node, so pod-to-pod traffic (and the
 //! replies of DNATed connections) is routed through the node namespace, where conntrack undoes
 //! the DNAT; no `br_netfilter` is needed. The proxy's tables live in the node namespace.
+//!
+//! UDP tests use this test binary itself as a tiny UDP server and client (re-executed inside a
+//! namespace through `nsenter`, see `udp_helper`): the client keeps its source port, so every
+//! datagram belongs to one conntrack flow, which is what stale-flow cleanup is about.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -24,6 +28,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::{Value, json};
 use strake_proxy::config::Config;
+use strake_proxy::conntrack::{self, ConntrackCommand, Deletion, UdpState};
 use strake_proxy::model::{self, IpFamily};
 use strake_proxy::nft::ruleset::Ruleset;
 use strake_proxy::nft::sync::Syncer;
@@ -158,7 +163,7 @@ struct World {
     backends: Vec<(Ns, String)>,
     client: Ns,
     external: Ns,
-    _node: Ns,
+    node: Ns,
     _www: tempfile::TempDir,
     nft: NftCommand,
 }
@@ -305,7 +310,7 @@ impl World {
             backends: list,
             client,
             external,
-            _node: node,
+            node,
             _www: www,
             nft,
         };
@@ -824,4 +829,225 @@ fn partial_syncs_reach_the_same_tables_as_a_full_sync() {
         "{listing}"
     );
     assert!(!listing.contains("eps-svc-default/shrink"), "{listing}");
+}
+
+/// Set when this test binary is re-executed inside a namespace as a tiny UDP server or client
+/// (busybox has no UDP client that keeps its source port; see [`udp_helper`]).
+const UDP_HELPER_ENV: &str = "SPROXY_UDP_HELPER";
+/// What the UDP client prints before the reply it got.
+const UDP_REPLY: &str = "udp-reply:";
+
+/// A no-op in a normal run. Re-executed with `SPROXY_UDP_HELPER` set, it is either
+/// `serve NAME PORT` (answers every datagram with NAME, until killed) or `send SRC DST`
+/// (one datagram from the fixed address SRC, so that every send is the same conntrack flow;
+/// prints the reply or the error).
+#[test]
+fn udp_helper() {
+    let Ok(spec) = std::env::var(UDP_HELPER_ENV) else {
+        return;
+    };
+    let words: Vec<&str> = spec.split_whitespace().collect();
+    match words.as_slice() {
+        ["serve", name, port] => {
+            let sock = std::net::UdpSocket::bind(format!("0.0.0.0:{port}")).unwrap();
+            let mut buf = [0u8; 512];
+            loop {
+                let (_, from) = sock.recv_from(&mut buf).unwrap();
+                let _ = sock.send_to(name.as_bytes(), from);
+            }
+        }
+        ["send", src, dst] => {
+            let sock = std::net::UdpSocket::bind(src).unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            sock.send_to(b"ping", dst).unwrap();
+            let mut buf = [0u8; 512];
+            match sock.recv(&mut buf) {
+                Ok(n) => println!("{UDP_REPLY}{}", String::from_utf8_lossy(&buf[..n])),
+                Err(e) => println!("{UDP_REPLY}error {e}"),
+            }
+        }
+        _ => panic!("bad {UDP_HELPER_ENV}: {spec}"),
+    }
+}
+
+/// This test binary, run as the UDP helper `spec` inside `ns`.
+fn udp_helper_command(ns: &Ns, spec: &str) -> Command {
+    let mut cmd = ns.command(std::env::current_exe().unwrap().to_str().unwrap());
+    cmd.args(["--exact", "udp_helper", "--nocapture", "--test-threads=1"])
+        .env(UDP_HELPER_ENV, spec)
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// One datagram from the client pod's fixed source port to `dst`: the reply's body.
+fn udp_send(client: &Ns, dst: &str) -> String {
+    let out = udp_helper_command(client, &format!("send 10.244.0.20:40053 {dst}"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        // libtest prints "test udp_helper ... " on the same line.
+        .find_map(|l| l.split_once(UDP_REPLY).map(|(_, reply)| reply))
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            panic!(
+                "no reply line: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
+fn dns_service() -> Service {
+    service(
+        "dns",
+        json!({ "clusterIP": CLUSTER_IP, "clusterIPs": [CLUSTER_IP], "ports": [{ "name": "dns", "port": 53, "protocol": "UDP" }] }),
+    )
+}
+
+fn dns_slice(ips: &[&str]) -> EndpointSlice {
+    let endpoints: Vec<Value> = ips
+        .iter()
+        .map(|ip| json!({ "addresses": [ip], "nodeName": "node-b", "conditions": { "ready": true } }))
+        .collect();
+    serde_json::from_value(json!({
+        "metadata": { "namespace": "default", "name": "dns-1", "labels": { "kubernetes.io/service-name": "dns" } },
+        "addressType": "IPv4",
+        "ports": [{ "name": "dns", "port": 5353, "protocol": "UDP" }],
+        "endpoints": endpoints,
+    }))
+    .unwrap()
+}
+
+#[test]
+fn udp_flow_to_a_removed_endpoint_is_deleted_and_the_next_datagram_reaches_a_live_one() {
+    let world = World::build(2);
+    let (ip0, ip1) = (world.backends[0].1.as_str(), world.backends[1].1.as_str());
+    // Declared after the world: stopped before its namespaces go.
+    let _udp_servers: Vec<Proc> = world
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, (ns, _))| {
+            let cmd = udp_helper_command(ns, &format!("serve backend-{i} 5353"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            Proc(cmd)
+        })
+        .collect();
+    let svc = dns_service();
+    let model_with = |ips: &[&str]| {
+        let (model, warnings) = model::build(
+            std::slice::from_ref(&svc),
+            &[dns_slice(ips)],
+            None,
+            &world.config(),
+        );
+        assert!(warnings.is_empty(), "{warnings:?}");
+        model
+    };
+    let dst = format!("{CLUSTER_IP}:53");
+    let mut syncer = Syncer::new();
+    let before = model_with(&[ip0]);
+    syncer
+        .sync(&world.nft, Ruleset::build(&before, &world.config()))
+        .unwrap();
+    // The servers may still be starting.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut reply = udp_send(&world.client, &dst);
+    while reply != "backend-0" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        reply = udp_send(&world.client, &dst);
+    }
+    assert_eq!(reply, "backend-0");
+
+    // backend-0 leaves the service: the rules change, but the flow's conntrack entry still
+    // DNATs the client's datagrams to it.
+    let after = model_with(&[ip1]);
+    syncer
+        .sync(&world.nft, Ruleset::build(&after, &world.config()))
+        .unwrap();
+    assert_eq!(udp_send(&world.client, &dst), "backend-0", "stale flow");
+
+    let deletions = conntrack::stale(&UdpState::of(&before), &UdpState::of(&after));
+    assert_eq!(
+        deletions,
+        [Deletion::ReplyFrom {
+            ip: ip0.parse().unwrap(),
+            port: 5353
+        }]
+    );
+    let ct = ConntrackCommand::in_netns(world.node.path()).with_program("/usr/sbin/conntrack");
+    assert_eq!(conntrack::clean(&ct, &deletions), 0);
+    // Deleting again finds nothing, which is not an error.
+    assert_eq!(conntrack::clean(&ct, &deletions), 0);
+    for _ in 0..5 {
+        assert_eq!(udp_send(&world.client, &dst), "backend-1");
+    }
+    // Nothing of the flow to backend-0 is left in the node's table.
+    let listing = run(world
+        .node
+        .command("/usr/sbin/conntrack")
+        .args(["-L", "-p", "udp"]));
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(!listing.contains(&format!("src={ip0} ")), "{listing}");
+    assert!(listing.contains(&format!("src={ip1} ")), "{listing}");
+}
+
+#[test]
+fn udp_flow_cached_before_the_service_had_endpoints_is_deleted_when_it_gets_one() {
+    let world = World::build(1);
+    let ip0 = world.backends[0].1.as_str();
+    let (ns0, _) = &world.backends[0];
+    let _udp_server = Proc(
+        udp_helper_command(ns0, "serve backend-0 5353")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let dst = format!("{CLUSTER_IP}:53");
+    // The proxy's tables are in place (with their NAT hooks), but there is no Service yet:
+    // nothing rewrites the datagram, the node routes it out to the external host (nothing
+    // listens there) and conntrack remembers the flow as one without NAT. (Without any NAT
+    // hook at that moment the kernel would bind NAT on the next packet instead.)
+    let mut syncer = Syncer::new();
+    world.sync(&mut syncer, &[], &[]);
+    let reply = udp_send(&world.client, &dst);
+    assert!(reply.starts_with("error"), "{reply}");
+
+    let svc = dns_service();
+    let (model, warnings) = model::build(
+        std::slice::from_ref(&svc),
+        &[dns_slice(&[ip0])],
+        None,
+        &world.config(),
+    );
+    assert!(warnings.is_empty(), "{warnings:?}");
+    syncer
+        .sync(&world.nft, Ruleset::build(&model, &world.config()))
+        .unwrap();
+    // The rules are in, but the remembered flow bypasses them.
+    let reply = udp_send(&world.client, &dst);
+    assert!(reply.starts_with("error"), "stale flow: {reply}");
+
+    let deletions = conntrack::stale(&UdpState::default(), &UdpState::of(&model));
+    assert_eq!(
+        deletions,
+        [Deletion::To {
+            ip: CLUSTER_IP.parse().unwrap(),
+            port: 53
+        }]
+    );
+    let ct = ConntrackCommand::in_netns(world.node.path()).with_program("/usr/sbin/conntrack");
+    assert_eq!(conntrack::clean(&ct, &deletions), 0);
+    // The server may still be starting.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut reply = udp_send(&world.client, &dst);
+    while reply != "backend-0" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        reply = udp_send(&world.client, &dst);
+    }
+    assert_eq!(reply, "backend-0");
 }
