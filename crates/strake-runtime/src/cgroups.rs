@@ -162,6 +162,66 @@ impl CgroupLayout {
         }
     }
 
+    /// The cgroup a process is in, from its `/proc/<pid>/cgroup` text, with `below` appended
+    /// (empty for the process's own cgroup; a relative cgroup parent resolves the way the OCI
+    /// runtime resolves it, against the runtime's own cgroup).
+    pub fn cgroup_of_process(&self, proc_cgroup: &str, below: &str) -> ContainerCgroup {
+        let mut v2 = None;
+        let mut by_controller = BTreeMap::new();
+        for line in proc_cgroup.lines() {
+            let mut parts = line.splitn(3, ':');
+            let (Some(_), Some(controllers), Some(path)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let rel = Path::new(path.trim_start_matches('/')).join(below.trim_start_matches('/'));
+            if controllers.is_empty() {
+                v2 = Some(rel);
+            } else {
+                for c in controllers.split(',') {
+                    by_controller.insert(c.to_string(), rel.clone());
+                }
+            }
+        }
+        match (&self.mode, &self.unified, v2) {
+            (CgroupMode::Unified, Some(root), Some(rel)) => ContainerCgroup::V2(root.join(rel)),
+            _ => ContainerCgroup::V1(
+                self.v1
+                    .iter()
+                    .filter_map(|(c, root)| Some((c.clone(), root.join(by_controller.get(c)?))))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// The cgroup of a pod's `cgroup_parent` as the OCI runtime places containers below it.
+    /// `own_cgroup` is the daemon's `/proc/self/cgroup` (the monitors and the runtime inherit
+    /// it), against which a relative cgroupfs parent resolves. `None` for an empty parent: the
+    /// containers then share a default parent with other pods.
+    pub fn pod_cgroup(
+        &self,
+        driver: CgroupDriver,
+        parent: &str,
+        own_cgroup: &str,
+    ) -> Option<ContainerCgroup> {
+        let parent = parent.trim_end_matches('/');
+        if parent.is_empty() {
+            return None;
+        }
+        Some(match driver {
+            CgroupDriver::Cgroupfs if !parent.starts_with('/') => {
+                self.cgroup_of_process(own_cgroup, parent)
+            }
+            CgroupDriver::Cgroupfs => self.container_cgroup(driver, parent),
+            CgroupDriver::Systemd => {
+                let slice = parent.rsplit('/').next().unwrap_or(parent);
+                let dir = expand_slice(slice);
+                self.container_cgroup(CgroupDriver::Cgroupfs, &dir.to_string_lossy())
+            }
+        })
+    }
+
     /// Every distinct hierarchy root (v1 mount points and the cgroup2 mount), for callers that
     /// must create or clean a directory in each.
     pub fn hierarchy_roots(&self) -> Vec<PathBuf> {
@@ -383,6 +443,64 @@ impl ContainerCgroup {
     }
 }
 
+impl ContainerCgroup {
+    /// Whether the cgroup has been created (in any hierarchy).
+    pub fn exists(&self) -> bool {
+        match self {
+            ContainerCgroup::V2(dir) => dir.is_dir(),
+            ContainerCgroup::V1(dirs) => dirs.values().any(|d| d.is_dir()),
+        }
+    }
+
+    /// `memory.stat` as a map, `None` without a memory controller.
+    pub fn memory_stat(&self) -> Result<Option<BTreeMap<String, u64>>, CgroupError> {
+        let path = match self {
+            ContainerCgroup::V2(dir) => dir.join("memory.stat"),
+            ContainerCgroup::V1(dirs) => match dirs.get("memory") {
+                Some(dir) => dir.join("memory.stat"),
+                None => return Ok(None),
+            },
+        };
+        let text = read_trimmed(&path)?;
+        Ok(Some(
+            text.lines()
+                .filter_map(|l| l.split_once(' '))
+                .filter_map(|(k, v)| Some((k.to_string(), v.trim().parse().ok()?)))
+                .collect(),
+        ))
+    }
+
+    /// Swap in use and the swap limit (`None` = unlimited), when the kernel accounts swap
+    /// (`memory.swap.*` on v2, `memory.memsw.*` minus memory on v1).
+    pub fn swap(&self) -> Option<(u64, Option<u64>)> {
+        let read = |p: PathBuf| -> Option<String> { read_trimmed(&p).ok() };
+        match self {
+            ContainerCgroup::V2(dir) => {
+                let used = read(dir.join("memory.swap.current"))?.parse().ok()?;
+                let max = read(dir.join("memory.swap.max"))?;
+                Some((used, max.parse().ok()))
+            }
+            ContainerCgroup::V1(dirs) => {
+                let dir = dirs.get("memory")?;
+                let memsw: u64 = read(dir.join("memory.memsw.usage_in_bytes"))?
+                    .parse()
+                    .ok()?;
+                let mem: u64 = read(dir.join("memory.usage_in_bytes"))?.parse().ok()?;
+                Some((memsw.saturating_sub(mem), None))
+            }
+        }
+    }
+
+    /// Tasks in the cgroup and its descendants (`pids.current`), `None` without the controller.
+    pub fn pids(&self) -> Option<u64> {
+        let dir = match self {
+            ContainerCgroup::V2(dir) => dir,
+            ContainerCgroup::V1(dirs) => dirs.get("pids")?,
+        };
+        read_trimmed(&dir.join("pids.current")).ok()?.parse().ok()
+    }
+}
+
 /// The value of `key` in a flat keyed file (`key value` per line).
 fn keyed_value(path: &Path, key: &str) -> Result<Option<u64>, CgroupError> {
     let text = read_trimmed(path)?;
@@ -544,6 +662,89 @@ mod tests {
                 "/sys/fs/cgroup/kubepods.slice/kubepods-pod1.slice/strake-c1.scope"
             ))
         );
+    }
+
+    #[test]
+    fn process_cgroups_and_pod_parents_resolve_like_the_oci_runtime() {
+        let hybrid = CgroupLayout::from_mountinfo(HYBRID).unwrap();
+        let proc_cgroup = "\
+4:memory:/process_api/abc
+3:cpu,cpuacct:/
+1:name=systemd:/user.slice
+0::/user.slice
+";
+        let ContainerCgroup::V1(dirs) = hybrid.cgroup_of_process(proc_cgroup, "strake-tb-1-0")
+        else {
+            panic!("hybrid hosts keep controllers on v1");
+        };
+        assert_eq!(
+            dirs["memory"],
+            PathBuf::from("/sys/fs/cgroup/memory/process_api/abc/strake-tb-1-0")
+        );
+        assert_eq!(
+            dirs["cpuacct"],
+            PathBuf::from("/sys/fs/cgroup/cpu,cpuacct/strake-tb-1-0")
+        );
+        assert_eq!(
+            hybrid.pod_cgroup(CgroupDriver::Cgroupfs, "strake-tb-1-0", proc_cgroup),
+            Some(ContainerCgroup::V1(dirs))
+        );
+        assert_eq!(
+            hybrid.pod_cgroup(CgroupDriver::Cgroupfs, "", proc_cgroup),
+            None
+        );
+        let ContainerCgroup::V1(abs) = hybrid
+            .pod_cgroup(CgroupDriver::Cgroupfs, "/kubepods/pod1/", proc_cgroup)
+            .unwrap()
+        else {
+            panic!("v1");
+        };
+        assert_eq!(
+            abs["memory"],
+            PathBuf::from("/sys/fs/cgroup/memory/kubepods/pod1")
+        );
+
+        let unified = CgroupLayout::from_mountinfo(UNIFIED).unwrap();
+        assert_eq!(
+            unified.cgroup_of_process("0::/kubepods.slice/strake-c1.scope\n", ""),
+            ContainerCgroup::V2(PathBuf::from(
+                "/sys/fs/cgroup/kubepods.slice/strake-c1.scope"
+            ))
+        );
+        assert_eq!(
+            unified.pod_cgroup(
+                CgroupDriver::Systemd,
+                "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-podabc.slice",
+                ""
+            ),
+            Some(ContainerCgroup::V2(PathBuf::from(
+                "/sys/fs/cgroup/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-podabc.slice"
+            )))
+        );
+    }
+
+    #[test]
+    fn memory_stat_swap_and_pids_per_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write("memory.stat", "anon 5\npgfault 7\n");
+        write("memory.swap.current", "10\n");
+        write("memory.swap.max", "max\n");
+        write("pids.current", "4\n");
+        let v2 = ContainerCgroup::V2(dir.path().to_path_buf());
+        assert_eq!(v2.memory_stat().unwrap().unwrap()["pgfault"], 7);
+        assert_eq!(v2.swap(), Some((10, None)));
+        assert_eq!(v2.pids(), Some(4));
+
+        let v1dir = tempfile::tempdir().unwrap();
+        std::fs::write(v1dir.path().join("memory.memsw.usage_in_bytes"), "300\n").unwrap();
+        std::fs::write(v1dir.path().join("memory.usage_in_bytes"), "200\n").unwrap();
+        let v1 = ContainerCgroup::V1(BTreeMap::from([(
+            "memory".to_string(),
+            v1dir.path().to_path_buf(),
+        )]));
+        assert_eq!(v1.swap(), Some((100, None)));
+        assert_eq!(v1.pids(), None);
     }
 
     #[test]

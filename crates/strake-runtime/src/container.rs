@@ -23,7 +23,7 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use strake_types::cri;
 
-use crate::cgroups::{CgroupDriver, CgroupLayout};
+use crate::cgroups::{CgroupDriver, CgroupLayout, ContainerCgroup};
 use crate::monitor::{self, ExitRecord, Ready};
 use crate::runc::{ExecOptions, ProcessIo, Runc, RuncCli, RuncConfig, RuncError};
 use crate::sandbox::{Sandbox, Sandboxes, new_id, process_start_time};
@@ -249,6 +249,21 @@ pub struct ContainerPaths {
     pub monitor_binary: PathBuf,
 }
 
+/// How many lifecycle events a slow GetContainerEvents subscriber may fall behind before it
+/// misses some (it then sees a gap, as with containerd).
+const EVENT_BACKLOG: usize = 1024;
+
+/// A container lifecycle transition, published to GetContainerEvents subscribers.
+#[derive(Clone, Debug)]
+pub struct ContainerEvent {
+    /// The container as the transition left it (a subscriber may look later, when it has
+    /// moved on).
+    pub container: Box<Container>,
+    pub kind: cri::ContainerEventType,
+    /// When the transition happened, nanoseconds since the epoch.
+    pub at_ns: i64,
+}
+
 /// The live containers by ID; shared with the image service's in-use check.
 pub type ContainerMap = Arc<Mutex<HashMap<String, Container>>>;
 
@@ -262,6 +277,7 @@ pub struct Containers {
     own_oom_score_adj: i32,
     inner: ContainerMap,
     ops: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    events: tokio::sync::broadcast::Sender<ContainerEvent>,
 }
 
 impl std::fmt::Debug for Containers {
@@ -312,6 +328,7 @@ impl Containers {
             own_oom_score_adj,
             inner,
             ops: Mutex::new(HashMap::new()),
+            events: tokio::sync::broadcast::channel(EVENT_BACKLOG).0,
         };
         let mut count = 0;
         for entry in std::fs::read_dir(&containers.paths.state_dir)
@@ -349,6 +366,59 @@ impl Containers {
 
     fn dir(&self, id: &str) -> PathBuf {
         self.paths.state_dir.join(id)
+    }
+
+    /// Lifecycle events from now on (created, started, stopped, deleted).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<ContainerEvent> {
+        self.events.subscribe()
+    }
+
+    fn emit(&self, c: &Container, kind: cri::ContainerEventType, at_ns: i64) {
+        // No subscriber is not an error: events are only for those listening.
+        let _ = self.events.send(ContainerEvent {
+            container: Box::new(c.clone()),
+            kind,
+            at_ns,
+        });
+    }
+
+    /// The overlay's writable (upper) directory of a container.
+    pub fn upper_dir(&self, id: &str) -> PathBuf {
+        self.dir(id).join("upper")
+    }
+
+    /// The host's cgroup hierarchy, if it could be read.
+    pub fn layout(&self) -> Option<&CgroupLayout> {
+        self.layout.as_ref()
+    }
+
+    /// The cgroup driver containers are created with.
+    pub fn driver(&self) -> CgroupDriver {
+        self.driver
+    }
+
+    /// The cgroup of a container whose init lives (created or running), read from the init's
+    /// `/proc/<pid>/cgroup` so that relative cgroup parents resolve as the OCI runtime did.
+    pub fn cgroup(&self, c: &Container) -> Option<ContainerCgroup> {
+        if c.record.exit.is_some() {
+            return None;
+        }
+        let pid = c.record.init_pid?;
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        Some(self.layout.as_ref()?.cgroup_of_process(&text, ""))
+    }
+
+    /// Reads the exit records the monitors wrote since we last looked, so that STOPPED events
+    /// go out without waiting for a status call (the exit watcher calls this periodically).
+    pub fn poll_exits(&self) {
+        let live: Vec<String> = lock(&self.inner)
+            .values()
+            .filter(|c| c.record.exit.is_none() && c.record.monitor_pid.is_some())
+            .map(|c| c.record.id.clone())
+            .collect();
+        for id in live {
+            let _ = self.refresh(&id);
+        }
     }
 
     fn runc(&self, handler: &str) -> RuncCli {
@@ -449,9 +519,23 @@ impl Containers {
             }
             None => return Ok(c),
         };
-        tracing::info!(container = %id, exit_code = exit.exit_code, reason = %exit.reason, "container exited");
+        let at_ns = exit.finished_at_ns;
+        let (exit_code, reason) = (exit.exit_code, exit.reason.clone());
         c.record.exit = Some(exit);
-        self.save_record(&c)?;
+        {
+            // Concurrent refreshes may both read the exit: only the first records and reports it.
+            let mut map = lock(&self.inner);
+            let Some(slot) = map.get_mut(id) else {
+                return Err(ContainerError::NotFound(id.to_string()));
+            };
+            if slot.record.exit.is_some() {
+                return Ok(slot.clone());
+            }
+            save(&self.dir(id), &c)?;
+            *slot = c.clone();
+        }
+        tracing::info!(container = %id, exit_code, reason = %reason, "container exited");
+        self.emit(&c, cri::ContainerEventType::ContainerStoppedEvent, at_ns);
         Ok(c)
     }
 
@@ -584,7 +668,12 @@ impl Containers {
         let mut c = Container { record, config };
         match self.make(&mut c, &sb, &image) {
             Ok(()) => {
-                lock(&self.inner).insert(id.clone(), c);
+                lock(&self.inner).insert(id.clone(), c.clone());
+                self.emit(
+                    &c,
+                    cri::ContainerEventType::ContainerCreatedEvent,
+                    c.record.created_at_ns,
+                );
                 tracing::info!(container = %id, name = %name, sandbox = %sb.record.id, "container created");
                 Ok(id)
             }
@@ -780,6 +869,11 @@ impl Containers {
             })?;
         c.record.started_at_ns = now_ns();
         self.save_record(&c)?;
+        self.emit(
+            &c,
+            cri::ContainerEventType::ContainerStartedEvent,
+            c.record.started_at_ns,
+        );
         tracing::info!(container = %id, "container started");
         Ok(())
     }
@@ -897,6 +991,7 @@ impl Containers {
                 }
             })
             .map_err(io(&dir))?;
+        self.emit(&c, cri::ContainerEventType::ContainerDeletedEvent, now_ns());
         tracing::info!(container = %id, "container removed");
         Ok(())
     }
@@ -1397,6 +1492,50 @@ mod tests {
         ));
         // Prefixes resolve when unique.
         assert_eq!(containers.resolve("run").unwrap(), "running");
+    }
+
+    #[test]
+    fn the_exit_watcher_reports_each_exit_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("containers");
+        let me = std::process::id();
+        let c = record("watched", Some(me), process_start_time(me));
+        let d = state.join("watched");
+        std::fs::create_dir_all(&d).unwrap();
+        save(&d, &c).unwrap();
+        let containers = Containers::recover(
+            ContainerPaths {
+                state_dir: state.clone(),
+                runtime_dir: dir.path().join("oci"),
+                monitor_binary: "/nonexistent".into(),
+            },
+            BTreeMap::new(),
+            CgroupDriver::Cgroupfs,
+            ContainerMap::default(),
+        )
+        .unwrap();
+        let mut events = containers.subscribe();
+        containers.poll_exits();
+        assert!(events.try_recv().is_err(), "no exit yet");
+        let exit = ExitRecord {
+            exit_code: 0,
+            signal: None,
+            finished_at_ns: 42,
+        };
+        std::fs::write(d.join("exit.json"), serde_json::to_vec(&exit).unwrap()).unwrap();
+        containers.poll_exits();
+        let e = events.try_recv().unwrap();
+        assert_eq!(e.kind, cri::ContainerEventType::ContainerStoppedEvent);
+        assert_eq!(e.at_ns, 42);
+        assert_eq!(
+            e.container.state(),
+            cri::ContainerState::ContainerExited,
+            "the event carries the state it reports"
+        );
+        // Later looks (the watcher again, a status call) do not report it again.
+        containers.poll_exits();
+        containers.get("watched").unwrap();
+        assert!(events.try_recv().is_err());
     }
 
     #[test]

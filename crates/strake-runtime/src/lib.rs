@@ -5,10 +5,13 @@
 //!
 //! Start reading at [`App`] (recover state, then serve), then [`server`] (RPC -> parts),
 //! [`sandbox`] (namespaces, pause process, CNI via [`cni`]), [`image`], [`container`] (rootfs,
-//! bundle from [`spec`], [`monitor`], lifecycle through [`runc`]).
+//! bundle from [`spec`], [`monitor`], lifecycle through [`runc`]), [`stats`] (cgroups,
+//! writable layer, pod network).
 //!
 //! Status (issue #3): Version, Status, RuntimeConfig, the pod sandbox, container and image RPCs
-//! are served; the streaming and stats RPCs answer `Unimplemented` until their parts are wired.
+//! are served, with container and pod stats ([`stats`]) and GetContainerEvents (fed by
+//! [`container`]'s transitions and the exit watcher); the streaming RPCs (Exec, Attach,
+//! PortForward) and the metrics RPCs answer `Unimplemented`.
 
 pub mod cgroups;
 pub mod cni;
@@ -21,6 +24,7 @@ pub mod sandbox;
 pub mod server;
 pub mod spec;
 pub mod state;
+pub mod stats;
 
 use std::sync::Arc;
 
@@ -66,6 +70,7 @@ pub struct App {
     config: Config,
     runtime: RuntimeServer,
     images: ImageServer,
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl App {
@@ -116,17 +121,21 @@ impl App {
         .await
         .map_err(Error::Task)?
         .map_err(Error::RecoverContainers)?;
+        let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
         let runtime = RuntimeServer {
             sandboxes: Arc::new(sandboxes),
             containers: Arc::new(containers),
             images: images.clone(),
             handlers: config.runtime_handlers.clone(),
             cgroup_driver: config.cgroup_driver,
+            cpu_samples: Default::default(),
+            stopping: stopping_rx,
         };
         Ok(App {
             config,
             runtime,
             images: ImageServer { images },
+            stopping,
         })
     }
 
@@ -162,14 +171,40 @@ impl App {
             .map_err(listen_err)?;
         tracing::info!(socket = %path.display(), "serving CRI");
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-        tonic::transport::Server::builder()
+        let watcher = tokio::spawn(watch_exits(self.runtime.containers.clone()));
+        let stopping = self.stopping;
+        let shutdown = async move {
+            shutdown.await;
+            // Ends the event streams, which would otherwise hold the graceful shutdown open.
+            let _ = stopping.send(true);
+        };
+        let served = tonic::transport::Server::builder()
             .add_service(RuntimeServiceServer::new(self.runtime))
             .add_service(ImageServiceServer::new(self.images))
             .serve_with_incoming_shutdown(incoming, shutdown)
-            .await
-            .map_err(Error::Serve)?;
+            .await;
+        watcher.abort();
+        served.map_err(Error::Serve)?;
         let _ = std::fs::remove_file(&path);
         Ok(())
+    }
+}
+
+/// How often the exit watcher looks for exits the monitors recorded.
+const EXIT_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The exit watcher: the monitors record exits in files (they outlive the daemon, so they cannot
+/// call it), and this turns each new record into a container's Exited state and a STOPPED event
+/// without waiting for a status call.
+async fn watch_exits(containers: Arc<Containers>) {
+    let mut tick = tokio::time::interval(EXIT_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let c = containers.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || c.poll_exits()).await {
+            tracing::warn!(error = %e, "exit watcher pass failed");
+        }
     }
 }
 

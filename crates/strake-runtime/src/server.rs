@@ -17,6 +17,7 @@ use crate::container::{Container, ContainerError, Containers, ImageFacts};
 use crate::image::{ErrorCode, ImageError, ImageService};
 use crate::sandbox::{Sandbox, SandboxError, Sandboxes};
 use crate::spec::ImageProcessConfig;
+use crate::stats::{CpuSampler, POD_SAMPLE_PREFIX, container_stats, pod_stats};
 
 /// The name the runtime reports in Version.
 pub const RUNTIME_NAME: &str = "strake";
@@ -50,6 +51,11 @@ pub struct RuntimeServer {
     pub handlers: BTreeMap<String, std::path::PathBuf>,
     /// The cgroup driver reported by RuntimeConfig.
     pub cgroup_driver: CgroupDriverKind,
+    /// Previous CPU readings, for the stats' `usage_nano_cores`.
+    pub cpu_samples: Arc<CpuSampler>,
+    /// Turns true when the daemon shuts down: open GetContainerEvents streams end then, or the
+    /// server's graceful shutdown would wait for them forever.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 fn not_yet(rpc: &str) -> Status {
@@ -268,6 +274,120 @@ fn sandbox_status(sb: &Sandbox) -> cri::PodSandboxStatus {
     }
 }
 
+fn container_stats_matches(c: &Container, filter: Option<&cri::ContainerStatsFilter>) -> bool {
+    container_matches(
+        c,
+        filter
+            .map(|f| cri::ContainerFilter {
+                id: f.id.clone(),
+                pod_sandbox_id: f.pod_sandbox_id.clone(),
+                label_selector: f.label_selector.clone(),
+                state: None,
+            })
+            .as_ref(),
+    )
+}
+
+fn pod_stats_matches(sb: &Sandbox, filter: Option<&cri::PodSandboxStatsFilter>) -> bool {
+    matches_filter(
+        sb,
+        filter
+            .map(|f| cri::PodSandboxFilter {
+                id: f.id.clone(),
+                label_selector: f.label_selector.clone(),
+                state: None,
+            })
+            .as_ref(),
+    )
+}
+
+/// The statuses of a pod's containers, as PodSandboxStatus and container events carry them.
+fn containers_statuses(containers: &Containers, sandbox_id: &str) -> Vec<cri::ContainerStatus> {
+    containers
+        .of_sandbox(sandbox_id)
+        .iter()
+        .filter_map(|id| containers.get(id).ok())
+        .map(|c| container_status(&c))
+        .collect()
+}
+
+fn event_response(
+    containers: &Containers,
+    sandboxes: &Sandboxes,
+    e: crate::container::ContainerEvent,
+) -> cri::ContainerEventResponse {
+    let c = &e.container;
+    let (id, sandbox_id) = (&c.record.id, &c.record.sandbox_id);
+    // The others as they are now; this one as the transition left it (and gone once deleted).
+    let mut statuses: Vec<cri::ContainerStatus> = containers_statuses(containers, sandbox_id)
+        .into_iter()
+        .filter(|s| &s.id != id)
+        .collect();
+    if e.kind != cri::ContainerEventType::ContainerDeletedEvent {
+        statuses.push(container_status(c));
+    }
+    cri::ContainerEventResponse {
+        pod_sandbox_status: sandboxes.get(sandbox_id).ok().map(|sb| sandbox_status(&sb)),
+        containers_statuses: statuses,
+        container_id: id.clone(),
+        container_event_type: e.kind as i32,
+        created_at: e.at_ns,
+    }
+}
+
+impl RuntimeServer {
+    /// ListContainerStats and StreamContainerStats.
+    async fn all_container_stats(
+        &self,
+        filter: Option<cri::ContainerStatsFilter>,
+    ) -> Result<Vec<cri::ContainerStats>, Status> {
+        self.forget_stale_samples();
+        let (containers, samples) = (self.containers.clone(), self.cpu_samples.clone());
+        blocking_container(move || {
+            let timestamp = now_ns();
+            Ok(containers
+                .list()
+                .iter()
+                .filter(|c| container_stats_matches(c, filter.as_ref()))
+                .map(|c| container_stats(&containers, &samples, c, timestamp))
+                .collect())
+        })
+        .await
+    }
+
+    /// ListPodSandboxStats and StreamPodSandboxStats.
+    async fn all_pod_stats(
+        &self,
+        filter: Option<cri::PodSandboxStatsFilter>,
+    ) -> Result<Vec<cri::PodSandboxStats>, Status> {
+        self.forget_stale_samples();
+        let pods: Vec<Sandbox> = self
+            .sandboxes
+            .list()
+            .into_iter()
+            .filter(|sb| pod_stats_matches(sb, filter.as_ref()))
+            .collect();
+        let (containers, samples) = (self.containers.clone(), self.cpu_samples.clone());
+        blocking_container(move || {
+            let timestamp = now_ns();
+            Ok(pods
+                .iter()
+                .map(|sb| pod_stats(&containers, &samples, sb, timestamp))
+                .collect())
+        })
+        .await
+    }
+
+    /// Drops CPU readings of containers and pods that are gone.
+    fn forget_stale_samples(&self) {
+        self.cpu_samples
+            .retain(|k| match k.strip_prefix(POD_SAMPLE_PREFIX) {
+                Some(pod) => self.sandboxes.get(pod).is_ok(),
+                None => self.containers.resolve(k).is_ok(),
+            });
+    }
+}
+
 fn matches_filter(sb: &Sandbox, filter: Option<&cri::PodSandboxFilter>) -> bool {
     let Some(f) = filter else { return true };
     if !f.id.is_empty() && !sb.record.id.starts_with(&f.id) {
@@ -460,10 +580,16 @@ impl cri::runtime_service_server::RuntimeService for RuntimeServer {
             let json = serde_json::to_string(&sb.record).unwrap_or_default();
             info.insert("info".to_string(), json);
         }
+        // The kubelet's Evented PLEG reads the containers from a non-verbose status call, so
+        // they are always included.
+        let containers = self.containers.clone();
+        let sandbox_id = sb.record.id.clone();
+        let containers_statuses =
+            blocking_container(move || Ok(containers_statuses(&containers, &sandbox_id))).await?;
         Ok(Response::new(cri::PodSandboxStatusResponse {
             status: Some(sandbox_status(&sb)),
             info,
-            containers_statuses: Vec::new(),
+            containers_statuses,
             timestamp: now_ns(),
         }))
     }
@@ -677,9 +803,42 @@ impl cri::runtime_service_server::RuntimeService for RuntimeServer {
     type GetContainerEventsStream = ResponseStream<cri::ContainerEventResponse>;
     async fn get_container_events(
         &self,
-        _request: Request<cri::GetEventsRequest>,
+        request: Request<cri::GetEventsRequest>,
     ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
-        Err(not_yet("GetContainerEvents"))
+        let _ = request;
+        let rx = self.containers.subscribe();
+        let state = (
+            rx,
+            self.stopping.clone(),
+            self.containers.clone(),
+            self.sandboxes.clone(),
+        );
+        let stream = futures::stream::unfold(
+            state,
+            |(mut rx, mut stopping, containers, sandboxes)| async move {
+                loop {
+                    let received = tokio::select! {
+                        r = rx.recv() => r,
+                        _ = stopping.wait_for(|s| *s) => return None,
+                    };
+                    match received {
+                        Ok(event) => {
+                            let (c, s) = (containers.clone(), sandboxes.clone());
+                            let response =
+                                tokio::task::spawn_blocking(move || event_response(&c, &s, event))
+                                    .await
+                                    .map_err(|e| Status::internal(format!("worker failed: {e}")));
+                            return Some((response, (rx, stopping, containers, sandboxes)));
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                            tracing::warn!(missed, "a container events subscriber fell behind");
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
     }
     async fn exec_sync(
         &self,
@@ -717,41 +876,81 @@ impl cri::runtime_service_server::RuntimeService for RuntimeServer {
     }
     async fn container_stats(
         &self,
-        _request: Request<cri::ContainerStatsRequest>,
+        request: Request<cri::ContainerStatsRequest>,
     ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
-        Err(not_yet("ContainerStats"))
+        let id = request.into_inner().container_id;
+        let (containers, samples) = (self.containers.clone(), self.cpu_samples.clone());
+        let stats = blocking_container(move || {
+            let c = containers.get(&id)?;
+            Ok(container_stats(&containers, &samples, &c, now_ns()))
+        })
+        .await?;
+        Ok(Response::new(cri::ContainerStatsResponse {
+            stats: Some(stats),
+        }))
     }
     async fn list_container_stats(
         &self,
-        _request: Request<cri::ListContainerStatsRequest>,
+        request: Request<cri::ListContainerStatsRequest>,
     ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
-        Err(not_yet("ListContainerStats"))
+        let stats = self
+            .all_container_stats(request.into_inner().filter)
+            .await?;
+        Ok(Response::new(cri::ListContainerStatsResponse { stats }))
     }
     type StreamContainerStatsStream = ResponseStream<cri::StreamContainerStatsResponse>;
     async fn stream_container_stats(
         &self,
-        _request: Request<cri::StreamContainerStatsRequest>,
+        request: Request<cri::StreamContainerStatsRequest>,
     ) -> Result<Response<Self::StreamContainerStatsStream>, Status> {
-        Err(not_yet("StreamContainerStats"))
+        let stats = self
+            .all_container_stats(request.into_inner().filter)
+            .await?;
+        let chunks: Vec<Result<cri::StreamContainerStatsResponse, Status>> = stats
+            .chunks(STREAM_CHUNK)
+            .map(|c| {
+                Ok(cri::StreamContainerStatsResponse {
+                    container_stats: c.to_vec(),
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
     async fn pod_sandbox_stats(
         &self,
-        _request: Request<cri::PodSandboxStatsRequest>,
+        request: Request<cri::PodSandboxStatsRequest>,
     ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
-        Err(not_yet("PodSandboxStats"))
+        let id = request.into_inner().pod_sandbox_id;
+        let sb = self.sandboxes.get(&id).map_err(status_of)?;
+        let (containers, samples) = (self.containers.clone(), self.cpu_samples.clone());
+        let stats =
+            blocking_container(move || Ok(pod_stats(&containers, &samples, &sb, now_ns()))).await?;
+        Ok(Response::new(cri::PodSandboxStatsResponse {
+            stats: Some(stats),
+        }))
     }
     async fn list_pod_sandbox_stats(
         &self,
-        _request: Request<cri::ListPodSandboxStatsRequest>,
+        request: Request<cri::ListPodSandboxStatsRequest>,
     ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
-        Err(not_yet("ListPodSandboxStats"))
+        let stats = self.all_pod_stats(request.into_inner().filter).await?;
+        Ok(Response::new(cri::ListPodSandboxStatsResponse { stats }))
     }
     type StreamPodSandboxStatsStream = ResponseStream<cri::StreamPodSandboxStatsResponse>;
     async fn stream_pod_sandbox_stats(
         &self,
-        _request: Request<cri::StreamPodSandboxStatsRequest>,
+        request: Request<cri::StreamPodSandboxStatsRequest>,
     ) -> Result<Response<Self::StreamPodSandboxStatsStream>, Status> {
-        Err(not_yet("StreamPodSandboxStats"))
+        let stats = self.all_pod_stats(request.into_inner().filter).await?;
+        let chunks: Vec<Result<cri::StreamPodSandboxStatsResponse, Status>> = stats
+            .chunks(STREAM_CHUNK)
+            .map(|c| {
+                Ok(cri::StreamPodSandboxStatsResponse {
+                    pod_sandbox_stats: c.to_vec(),
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
     async fn list_metric_descriptors(
         &self,

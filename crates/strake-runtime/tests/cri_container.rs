@@ -856,7 +856,7 @@ fn logs_reopen_on_request_and_bad_requests_get_clear_codes() {
 /// critest's conformance specs (streaming excluded: a separate issue) against a daemon in a
 /// node namespace, with the test bed's images standing in for upstream's. Prints the summary
 /// for the issue note; run with `cargo test --test cri_container critest -- --ignored
-/// --nocapture`.
+/// --nocapture` (`STRAKE_CRITEST_FOCUS=<regexp>` narrows the specs, e.g. to `stats`).
 #[test]
 #[ignore = "minutes long; run by hand for the issue note"]
 fn critest_conformance() {
@@ -885,7 +885,10 @@ fn critest_conformance() {
         ])
         .arg(&images)
         .args([
-            "--ginkgo.focus=Conformance",
+            &format!(
+                "--ginkgo.focus={}",
+                std::env::var("STRAKE_CRITEST_FOCUS").unwrap_or_else(|_| "Conformance".into())
+            ),
             "--ginkgo.skip=Streaming|exec|attach|portforward|PortForward|Exec|Attach",
             "--ginkgo.no-color",
         ])
