@@ -10,6 +10,7 @@
 //! exit record = Exited. A daemon that restarts reads the same files, so a container that exited
 //! while it was away reports its real exit code and a running one is left alone.
 
+use crate::mount::{mount_overlay, unmount};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -1255,65 +1256,6 @@ fn spawn_monitor(binary: &Path, args: &monitor::Args, dir: &Path) -> std::io::Re
         )
     })?;
     Ok((pid, ready))
-}
-
-fn cstring(p: &Path) -> std::io::Result<std::ffi::CString> {
-    use std::os::unix::ffi::OsStrExt;
-    std::ffi::CString::new(p.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
-}
-
-fn mount_overlay(
-    lower: &[PathBuf],
-    upper: &Path,
-    work: &Path,
-    target: &Path,
-) -> std::io::Result<()> {
-    if lower.is_empty() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "the image has no layers",
-        ));
-    }
-    let lowers: Vec<String> = lower.iter().map(|p| p.display().to_string()).collect();
-    let options = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lowers.join(":"),
-        upper.display(),
-        work.display()
-    );
-    let data = std::ffi::CString::new(options)?;
-    let t = cstring(target)?;
-    // SAFETY: valid NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            c"overlay".as_ptr(),
-            t.as_ptr(),
-            c"overlay".as_ptr(),
-            0,
-            data.as_ptr().cast(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// Unmounts `path`; a path that is missing or not a mount is fine.
-fn unmount(path: &Path) -> std::io::Result<()> {
-    let Ok(p) = cstring(path) else { return Ok(()) };
-    // SAFETY: valid NUL-terminated path.
-    let rc = unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::EINVAL) | Some(libc::ENOENT) => Ok(()),
-        _ => Err(err),
-    }
 }
 
 fn save(dir: &Path, c: &Container) -> Result<()> {

@@ -19,6 +19,7 @@ pub mod config;
 pub mod container;
 pub mod image;
 pub mod monitor;
+mod mount;
 pub mod runc;
 pub mod sandbox;
 pub mod server;

@@ -13,7 +13,6 @@
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::net::IpAddr;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -25,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use strake_types::cri;
 
 use crate::cni::{Attachment, Cni, PortMapping, RuntimeConfig};
+use crate::mount::{bind_mount, mount_tmpfs, unmount};
 use crate::state::write_atomic;
 
 /// A failed sandbox operation.
@@ -163,68 +163,6 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
     let (_, rest) = stat.rsplit_once(") ")?;
     // `rest` starts at field 3 (state); the start time is field 22.
     rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-fn cstring(p: &Path) -> std::io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
-}
-
-fn bind_mount(src: &Path, dst: &Path) -> std::io::Result<()> {
-    std::fs::File::create(dst)?;
-    let (s, d) = (cstring(src)?, cstring(dst)?);
-    // SAFETY: both are valid NUL-terminated paths; a bind mount takes no data argument.
-    let rc = unsafe {
-        libc::mount(
-            s.as_ptr(),
-            d.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND,
-            std::ptr::null(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-fn mount_tmpfs(dst: &Path, options: &str) -> std::io::Result<()> {
-    std::fs::create_dir_all(dst)?;
-    let (d, o) = (cstring(dst)?, CString::new(options)?);
-    let fstype = c"tmpfs";
-    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-    // SAFETY: valid NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            c"shm".as_ptr(),
-            d.as_ptr(),
-            fstype.as_ptr(),
-            flags,
-            o.as_ptr().cast(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// Unmounts `path` if something is mounted there; missing paths and non-mounts are fine.
-fn unmount(path: &Path) -> std::io::Result<()> {
-    let Ok(p) = cstring(path) else { return Ok(()) };
-    // SAFETY: valid NUL-terminated path.
-    let rc = unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::EINVAL) | Some(libc::ENOENT) => Ok(()),
-        _ => Err(err),
-    }
 }
 
 fn kill_and_reap(pid: u32, start_time: Option<u64>) {
