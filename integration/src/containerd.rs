@@ -6,7 +6,6 @@
 //! test bed's registry only; the sandbox image is `strake/pause:1` from it.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use crate::cgroup::CgroupParent;
@@ -209,38 +208,14 @@ state = "{state}"
 
     /// Runs `crictl` against this containerd.
     pub fn crictl(&self, args: &[&str]) -> Result<std::process::Output> {
-        let endpoint = self.endpoint();
-        process::run(
-            Command::new(paths::cri_tools_bin("crictl")?)
-                .args([
-                    "--runtime-endpoint",
-                    &endpoint,
-                    "--image-endpoint",
-                    &endpoint,
-                    "--timeout",
-                    "60s",
-                ])
-                .args(args),
-        )
+        crate::cri::crictl(&self.endpoint(), args)
     }
 }
 
 impl Drop for Containerd {
     fn drop(&mut self) {
         // Pods first, through CRI, so that shims and containers end and release their mounts.
-        if process::pid_alive(self.pid) {
-            if let Err(e) = self.crictl(&["rmp", "--force", "--all"]) {
-                tracing::warn!(error = %e, "cannot remove containerd's pods");
-            }
-            // SAFETY: kill(2) on the PID of the containerd this guard started.
-            unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
-            for _ in 0..100 {
-                if !process::pid_alive(self.pid) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
+        crate::cri::shut_down("containerd", self.pid, &self.endpoint());
         // Debugging aid: STRAKE_KEEP_CONTAINERD_LOG=1 keeps the log of the last instance.
         if std::env::var_os("STRAKE_KEEP_CONTAINERD_LOG").is_some() {
             let _ = std::fs::copy(

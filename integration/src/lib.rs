@@ -23,6 +23,7 @@
 pub mod cgroup;
 pub mod containerd;
 pub mod control_plane;
+pub mod cri;
 pub mod forward;
 pub mod netns;
 pub mod paths;

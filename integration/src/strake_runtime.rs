@@ -2,7 +2,6 @@
 //! test can run one scenario on either runtime.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use crate::cgroup::CgroupParent;
@@ -115,37 +114,13 @@ impl StrakeRuntime {
 
     /// Runs `crictl` against this runtime.
     pub fn crictl(&self, args: &[&str]) -> Result<std::process::Output> {
-        let endpoint = self.endpoint();
-        process::run(
-            Command::new(paths::cri_tools_bin("crictl")?)
-                .args([
-                    "--runtime-endpoint",
-                    &endpoint,
-                    "--image-endpoint",
-                    &endpoint,
-                    "--timeout",
-                    "60s",
-                ])
-                .args(args),
-        )
+        crate::cri::crictl(&self.endpoint(), args)
     }
 }
 
 impl Drop for StrakeRuntime {
     fn drop(&mut self) {
-        if process::pid_alive(self.pid) {
-            if let Err(e) = self.crictl(&["rmp", "--force", "--all"]) {
-                tracing::warn!(error = %e, "cannot remove strake-runtime's pods");
-            }
-            // SAFETY: kill(2) on the daemon this guard started.
-            unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
-            for _ in 0..100 {
-                if !process::pid_alive(self.pid) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
+        crate::cri::shut_down("strake-runtime", self.pid, &self.endpoint());
         unmount_below(self.dir.path());
     }
 }
