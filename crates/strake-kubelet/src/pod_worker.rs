@@ -684,10 +684,9 @@ impl Worker {
                     Action::Tcp { host, port } => prober::tcp(&host, port, timeout).await,
                     Action::Unsupported(why) => Err(why),
                 };
-                let state = self
-                    .probes
-                    .get_mut(&(k.id.clone(), kind))
-                    .expect("inserted above");
+                let Some(state) = self.probes.get_mut(&(k.id.clone(), kind)) else {
+                    continue;
+                };
                 let verdict = state.record(Instant::now(), outcome.is_ok());
                 if let Err(why) = &outcome {
                     tracing::debug!(pod = %pod_key(pod), container = %c.name, kind, reason = %why, "probe failed");
