@@ -248,11 +248,56 @@ pub fn expand(input: &str, vars: &HashMap<String, String>) -> String {
 
 /// The container's environment: literal values, `$(VAR)` references to earlier variables, and
 /// the downward-API fields the kubelet knows without other objects.
+/// The ConfigMaps and Secrets a container's environment refers to, fetched beforehand
+/// (`None` = does not exist), so that [`env`] stays a pure function.
+#[derive(Clone, Debug, Default)]
+pub struct EnvSources {
+    pub config_maps:
+        std::collections::BTreeMap<String, Option<std::collections::BTreeMap<String, String>>>,
+    pub secrets:
+        std::collections::BTreeMap<String, Option<std::collections::BTreeMap<String, String>>>,
+}
+
+impl EnvSources {
+    /// Names of the ConfigMaps and Secrets container `c` refers to.
+    pub fn wanted(c: &Container) -> (Vec<String>, Vec<String>) {
+        let mut cms = Vec::new();
+        let mut secrets = Vec::new();
+        for e in c.env.iter().flatten() {
+            if let Some(from) = &e.value_from {
+                if let Some(r) = &from.config_map_key_ref {
+                    cms.push(r.name.clone());
+                }
+                if let Some(r) = &from.secret_key_ref {
+                    secrets.push(r.name.clone());
+                }
+            }
+        }
+        for f in c.env_from.iter().flatten() {
+            if let Some(r) = &f.config_map_ref {
+                cms.push(r.name.clone());
+            }
+            if let Some(r) = &f.secret_ref {
+                secrets.push(r.name.clone());
+            }
+        }
+        cms.sort();
+        cms.dedup();
+        secrets.sort();
+        secrets.dedup();
+        (cms, secrets)
+    }
+}
+
+/// The container's environment: `envFrom` sources first, then `env` entries (literal values
+/// with `$(VAR)` expansion, downward-API fields, ConfigMap and Secret keys), as upstream orders
+/// them; later names override earlier ones.
 pub fn env(
     pod: &Pod,
     c: &Container,
     pod_ip: &str,
     host_ip: &str,
+    sources: &EnvSources,
 ) -> Result<Vec<(String, String)>, ContainerConfigError> {
     let (name, ns, uid) = meta(pod);
     let node_name = pod
@@ -266,8 +311,84 @@ pub fn env(
         .and_then(|s| s.service_account_name.clone())
         .unwrap_or_default();
     let mut vars: HashMap<String, String> = HashMap::new();
-    let mut out = Vec::new();
+    let mut out: Vec<(String, String)> = Vec::new();
+    let set = |out: &mut Vec<(String, String)>,
+               vars: &mut HashMap<String, String>,
+               k: String,
+               v: String| {
+        out.retain(|(n, _)| *n != k);
+        vars.insert(k.clone(), v.clone());
+        out.push((k, v));
+    };
+    for f in c.env_from.iter().flatten() {
+        let prefix = f.prefix.clone().unwrap_or_default();
+        let (kind, name, optional, data) = if let Some(r) = &f.config_map_ref {
+            (
+                "configmap",
+                r.name.clone(),
+                r.optional.unwrap_or(false),
+                sources.config_maps.get(&r.name).cloned().flatten(),
+            )
+        } else if let Some(r) = &f.secret_ref {
+            (
+                "secret",
+                r.name.clone(),
+                r.optional.unwrap_or(false),
+                sources.secrets.get(&r.name).cloned().flatten(),
+            )
+        } else {
+            continue;
+        };
+        match data {
+            Some(d) => {
+                for (k, v) in d {
+                    set(&mut out, &mut vars, format!("{prefix}{k}"), v);
+                }
+            }
+            None if optional => {}
+            None => {
+                return Err(ContainerConfigError::Env {
+                    name: format!("envFrom {kind}"),
+                    reason: format!("{kind} {name:?} not found"),
+                });
+            }
+        }
+    }
     for e in c.env.iter().flatten() {
+        if let Some(from) = &e.value_from {
+            let keyed = if let Some(r) = &from.config_map_key_ref {
+                Some((
+                    "configmap",
+                    &r.name,
+                    &r.key,
+                    r.optional.unwrap_or(false),
+                    sources.config_maps.get(&r.name).cloned().flatten(),
+                ))
+            } else {
+                from.secret_key_ref.as_ref().map(|r| {
+                    (
+                        "secret",
+                        &r.name,
+                        &r.key,
+                        r.optional.unwrap_or(false),
+                        sources.secrets.get(&r.name).cloned().flatten(),
+                    )
+                })
+            };
+            if let Some((kind, name, key, optional, data)) = keyed {
+                match data.and_then(|d| d.get(key).cloned()) {
+                    Some(v) => set(&mut out, &mut vars, e.name.clone(), v),
+                    None if optional => {}
+                    None => {
+                        return Err(ContainerConfigError::Env {
+                            name: e.name.clone(),
+                            reason: format!("key {key:?} of {kind} {name:?} not found"),
+                        });
+                    }
+                }
+                continue;
+            }
+        }
         let value = if let Some(v) = &e.value {
             expand(v, &vars)
         } else if let Some(from) = &e.value_from {
@@ -290,16 +411,13 @@ pub fn env(
             } else {
                 return Err(ContainerConfigError::Env {
                     name: e.name.clone(),
-                    reason:
-                        "configMapKeyRef, secretKeyRef and resourceFieldRef are not supported yet"
-                            .into(),
+                    reason: "resourceFieldRef is not supported yet".into(),
                 });
             }
         } else {
             String::new()
         };
-        vars.insert(e.name.clone(), value.clone());
-        out.push((e.name.clone(), value));
+        set(&mut out, &mut vars, e.name.clone(), value);
     }
     Ok(out)
 }
@@ -507,7 +625,14 @@ mod tests {
             ]),
             ..Default::default()
         };
-        let env = env(&pod(vec![]), &c, "10.88.0.5", "10.213.0.10").unwrap();
+        let env = env(
+            &pod(vec![]),
+            &c,
+            "10.88.0.5",
+            "10.213.0.10",
+            &EnvSources::default(),
+        )
+        .unwrap();
         assert_eq!(
             env,
             [
@@ -525,7 +650,103 @@ mod tests {
             }]),
             ..Default::default()
         };
-        assert!(super::env(&pod(vec![]), &bad, "", "").is_err());
+        assert!(super::env(&pod(vec![]), &bad, "", "", &EnvSources::default()).is_err());
+    }
+
+    #[test]
+    fn env_from_configmaps_and_secrets_with_prefix_optional_and_override() {
+        use k8s_openapi::api::core::v1::{
+            ConfigMapEnvSource, ConfigMapKeySelector, EnvFromSource, SecretKeySelector,
+        };
+        let mut sources = EnvSources::default();
+        sources.config_maps.insert(
+            "cfg".into(),
+            Some(
+                [
+                    ("A".to_string(), "1".to_string()),
+                    ("B".to_string(), "2".to_string()),
+                ]
+                .into(),
+            ),
+        );
+        sources.secrets.insert(
+            "sec".into(),
+            Some([("pw".to_string(), "s3cr3t".to_string())].into()),
+        );
+        sources.config_maps.insert("gone".into(), None);
+        let c = Container {
+            name: "c".into(),
+            env_from: Some(vec![EnvFromSource {
+                config_map_ref: Some(ConfigMapEnvSource {
+                    name: "cfg".into(),
+                    optional: None,
+                }),
+                prefix: Some("P_".into()),
+                ..Default::default()
+            }]),
+            env: Some(vec![
+                EnvVar {
+                    name: "PASSWORD".into(),
+                    value_from: Some(EnvVarSource {
+                        secret_key_ref: Some(SecretKeySelector {
+                            name: "sec".into(),
+                            key: "pw".into(),
+                            optional: None,
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                EnvVar {
+                    name: "P_A".into(),
+                    value: Some("override $(P_B)".into()),
+                    ..Default::default()
+                },
+                EnvVar {
+                    name: "MAYBE".into(),
+                    value_from: Some(EnvVarSource {
+                        config_map_key_ref: Some(ConfigMapKeySelector {
+                            name: "gone".into(),
+                            key: "k".into(),
+                            optional: Some(true),
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        };
+        assert_eq!(
+            EnvSources::wanted(&c),
+            (
+                vec!["cfg".to_string(), "gone".to_string()],
+                vec!["sec".to_string()]
+            )
+        );
+        let e: HashMap<String, String> = env(&pod(vec![]), &c, "", "", &sources)
+            .unwrap()
+            .into_iter()
+            .collect();
+        assert_eq!(e["P_B"], "2");
+        assert_eq!(e["PASSWORD"], "s3cr3t");
+        assert_eq!(
+            e["P_A"], "override 2",
+            "env overrides envFrom and expands earlier names"
+        );
+        assert!(!e.contains_key("MAYBE"), "optional and missing: unset");
+        let mut strict = c.clone();
+        if let Some(v) = strict.env.as_mut() {
+            v[2].value_from
+                .as_mut()
+                .unwrap()
+                .config_map_key_ref
+                .as_mut()
+                .unwrap()
+                .optional = Some(false);
+        }
+        let err = env(&pod(vec![]), &strict, "", "", &sources).unwrap_err();
+        assert!(err.to_string().contains("not found"), "{err}");
     }
 
     #[test]

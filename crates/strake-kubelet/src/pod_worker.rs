@@ -514,11 +514,22 @@ impl Worker {
                 return Ok(Step::Waiting);
             }
         };
+        let sources = match self.env_sources(pod, c).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.waiting.insert(
+                    c.name.clone(),
+                    ("CreateContainerConfigError".into(), e.to_string()),
+                );
+                return Ok(Step::Waiting);
+            }
+        };
         let env = match pod_spec::env(
             pod,
             c,
             ips.first().map_or("", String::as_str),
             &self.ctx.host_ip,
+            &sources,
         ) {
             Ok(e) => e,
             Err(e) => {
@@ -581,6 +592,49 @@ impl Worker {
         self.waiting.remove(&c.name);
         tracing::info!(pod = %pod_key(pod), container = %c.name, attempt, "container started");
         Ok(Step::Running)
+    }
+
+    /// Fetches the ConfigMaps and Secrets container `c`'s environment refers to (each
+    /// individually, as the Node authorizer allows).
+    async fn env_sources(
+        &self,
+        pod: &Pod,
+        c: &Container,
+    ) -> Result<pod_spec::EnvSources, kube::Error> {
+        let mut sources = pod_spec::EnvSources::default();
+        let (cms, secrets) = pod_spec::EnvSources::wanted(c);
+        let Some(client) = self.ctx.client.clone() else {
+            return Ok(sources);
+        };
+        let ns = pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let cm_api: Api<k8s_openapi::api::core::v1::ConfigMap> =
+            Api::namespaced(client.clone(), &ns);
+        for name in cms {
+            let data = cm_api
+                .get_opt(&name)
+                .await?
+                .map(|cm| cm.data.unwrap_or_default());
+            sources.config_maps.insert(name, data);
+        }
+        let secret_api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client, &ns);
+        for name in secrets {
+            let data = secret_api.get_opt(&name).await?.map(|s| {
+                let mut d: BTreeMap<String, String> = s.string_data.unwrap_or_default();
+                d.extend(
+                    s.data
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned())),
+                );
+                d
+            });
+            sources.secrets.insert(name, data);
+        }
+        Ok(sources)
     }
 
     /// Runs the probes that are due on running containers; a failed liveness or startup probe

@@ -1,4 +1,5 @@
-//! Pod volumes through strake-kubelet on containerd: ConfigMap, Secret, downwardAPI, emptyDir
+//! Pod volumes and environment through strake-kubelet on containerd: ConfigMap, Secret,
+//! downwardAPI, emptyDir
 //! and the projected service-account token appear in the container with the right content and
 //! modes, and a ConfigMap change reaches the file.
 
@@ -56,6 +57,11 @@ async fn configmap_secret_downward_api_and_token_volumes_appear_and_update() {
                 "name": "app",
                 "image": format!("{}/strake/busybox:1", registry.open_in_cluster()),
                 "command": ["/bin/sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"],
+                "env": [
+                    { "name": "FROM_CM", "valueFrom": { "configMapKeyRef": { "name": "app-config", "key": "greeting" } } },
+                    { "name": "FROM_SECRET", "valueFrom": { "secretKeyRef": { "name": "app-secret", "key": "password" } } }
+                ],
+                "envFrom": [{ "configMapRef": { "name": "app-config" }, "prefix": "CM_" }],
                 "volumeMounts": [
                     { "name": "config", "mountPath": "/etc/config" },
                     { "name": "secret", "mountPath": "/etc/secret" },
@@ -97,6 +103,11 @@ async fn configmap_secret_downward_api_and_token_volumes_appear_and_update() {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
     assert_eq!(exec("cat /etc/config/greeting"), "hello");
+    assert_eq!(
+        exec("echo $FROM_CM $FROM_SECRET $CM_greeting"),
+        "hello s3cr3t hello",
+        "env from ConfigMap and Secret"
+    );
     assert_eq!(exec("cat /etc/secret/password"), "s3cr3t");
     assert_eq!(
         exec("stat -L -c %a /etc/secret/password"),
