@@ -1,7 +1,3 @@
-//! `strake-bench`: measurements of Strake side by side with its upstream peer, in one run on
-//! one machine. `make bench` runs it with release builds; results go to stdout as a Markdown
-//! table (and `docs/PERFORMANCE.md` quotes them). Nothing here asserts a speed: it measures.
-//!
 //! `strake-bench runtime [--pods N]`: strake-runtime versus containerd (same runc, same CNI
 //! plugins, same local registry, each in its own test-bed node namespace):
 //! - pull of `strake/multilayer:1` (cold, then the image removed again), 3 times;
@@ -269,11 +265,8 @@ fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
 
-fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) != Some("runtime") {
-        bail!("usage: strake-bench runtime [--pods N]");
-    }
+/// `strake-bench runtime [--pods N]`.
+pub fn run(args: &[String]) -> anyhow::Result<()> {
     let pods: u32 = args
         .iter()
         .position(|a| a == "--pods")
