@@ -25,6 +25,7 @@ pub mod containerd;
 pub mod control_plane;
 pub mod cri;
 pub mod forward;
+pub mod kubelet;
 pub mod netns;
 pub mod paths;
 pub mod pki;

@@ -70,7 +70,9 @@ async fn deployment_scenario(kind: RuntimeKind) {
         .expect("control plane");
     let registry = Registry::start(cp.net(), &cp.dir().join("registry")).expect("registry");
     let client = cp.client().await.expect("client");
-    let mut node = KubeletNode::start_on(&cp, 0, NODE, "", kind).await;
+    let mut node = KubeletNode::start_on(&cp, 0, NODE, "", kind)
+        .await
+        .expect("start node");
     let nodes: Api<Node> = Api::all(client.clone());
     wait_for("node registered", 60, || async {
         nodes.get_opt(NODE).await.ok().flatten()
@@ -143,7 +145,7 @@ async fn deployment_scenario(kind: RuntimeKind) {
         .crictl(&["ps", "-q"])
         .expect("crictl ps")
         .stdout;
-    node.restart_kubelet();
+    node.restart_kubelet().expect("restart kubelet");
     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     let ids_after = node
         .runtime
@@ -215,7 +217,9 @@ async fn a_crashing_container_restarts_with_backoff_and_reports_why() {
         .expect("control plane");
     let registry = Registry::start(cp.net(), &cp.dir().join("registry")).expect("registry");
     let client = cp.client().await.expect("client");
-    let node = KubeletNode::start(&cp, 0, NODE, "").await;
+    let node = KubeletNode::start(&cp, 0, NODE, "")
+        .await
+        .expect("start node");
     let nodes: Api<Node> = Api::all(client.clone());
     wait_for("node registered", 60, || async {
         nodes.get_opt(NODE).await.ok().flatten()
@@ -264,7 +268,9 @@ async fn readiness_flips_ready_and_a_failing_liveness_probe_restarts() {
         .expect("control plane");
     let registry = Registry::start(cp.net(), &cp.dir().join("registry")).expect("registry");
     let client = cp.client().await.expect("client");
-    let node = KubeletNode::start(&cp, 0, NODE, "").await;
+    let node = KubeletNode::start(&cp, 0, NODE, "")
+        .await
+        .expect("start node");
     let nodes: Api<Node> = Api::all(client.clone());
     wait_for("node registered", 60, || async {
         nodes.get_opt(NODE).await.ok().flatten()
@@ -339,7 +345,9 @@ async fn init_containers_run_in_order_and_a_sidecar_starts_first_and_outlives_th
         .expect("control plane");
     let registry = Registry::start(cp.net(), &cp.dir().join("registry")).expect("registry");
     let client = cp.client().await.expect("client");
-    let node = KubeletNode::start(&cp, 0, NODE, "").await;
+    let node = KubeletNode::start(&cp, 0, NODE, "")
+        .await
+        .expect("start node");
     let nodes: Api<Node> = Api::all(client.clone());
     wait_for("node registered", 60, || async {
         nodes.get_opt(NODE).await.ok().flatten()

@@ -31,7 +31,9 @@ async fn a_static_pod_runs_with_no_api_server_and_goes_with_its_manifest() {
         "staticPodPath: {}\nfileCheckFrequency: 1s\n",
         manifests.display()
     );
-    let node = KubeletNode::start_standalone(&net, 0, "lonely", &extra).await;
+    let node = KubeletNode::start_standalone(&net, 0, "lonely", &extra)
+        .await
+        .expect("start node");
     wait_for("static pod container running", 90, || async {
         let out = node
             .runtime
@@ -70,7 +72,9 @@ async fn a_static_pod_is_mirrored_to_the_api_server() {
         "staticPodPath: {}\nfileCheckFrequency: 1s\n",
         manifests.display()
     );
-    let node = KubeletNode::start(&cp, 0, "mirrored", &extra).await;
+    let node = KubeletNode::start(&cp, 0, "mirrored", &extra)
+        .await
+        .expect("start node");
     let nodes: Api<Node> = Api::all(client.clone());
     wait_for("node registered", 60, || async {
         nodes.get_opt("mirrored").await.ok().flatten()

@@ -20,7 +20,9 @@ async fn configmap_secret_downward_api_and_token_volumes_appear_and_update() {
         .expect("control plane");
     let registry = Registry::start(cp.net(), &cp.dir().join("registry")).expect("registry");
     let client = cp.client().await.expect("client");
-    let node = KubeletNode::start(&cp, 0, NODE, "").await;
+    let node = KubeletNode::start(&cp, 0, NODE, "")
+        .await
+        .expect("start node");
     let nodes: Api<Node> = Api::all(client.clone());
     wait_for("node registered", 60, || async {
         nodes.get_opt(NODE).await.ok().flatten()

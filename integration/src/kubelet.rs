@@ -1,0 +1,223 @@
+//! A Strake node under test: a node namespace, a CRI runtime (containerd or strake-runtime) and
+//! strake-kubelet, started together and torn down in reverse order when dropped.
+//!
+//! Used by strake-kubelet's integration tests, the benchmarks and `strake-testbed demo`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::containerd::Containerd;
+use crate::control_plane::ControlPlane;
+use crate::netns::{ClusterNet, NodeNs};
+use crate::strake_runtime::StrakeRuntime;
+use crate::{Result, paths, process};
+
+/// Which CRI runtime a node uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuntimeKind {
+    /// Debian's containerd with its CRI plugin (the upstream peer).
+    Containerd,
+    /// strake-runtime from this workspace.
+    Strake,
+}
+
+/// The node's running CRI runtime.
+#[derive(Debug)]
+pub enum NodeRuntime {
+    /// containerd.
+    Containerd(Containerd),
+    /// strake-runtime.
+    Strake(StrakeRuntime),
+}
+
+impl NodeRuntime {
+    /// Starts a runtime of `kind` in `ns`, node number `index`.
+    pub async fn start(kind: RuntimeKind, ns: &mut NodeNs, index: u8) -> Result<Self> {
+        Ok(match kind {
+            RuntimeKind::Containerd => NodeRuntime::Containerd(Containerd::start(ns, index).await?),
+            RuntimeKind::Strake => NodeRuntime::Strake(StrakeRuntime::start(ns, index).await?),
+        })
+    }
+
+    /// The CRI endpoint (`unix:///...`).
+    pub fn endpoint(&self) -> String {
+        match self {
+            NodeRuntime::Containerd(c) => c.endpoint(),
+            NodeRuntime::Strake(s) => s.endpoint(),
+        }
+    }
+
+    /// The cgroup parent (relative to the hierarchy roots) its pods live under.
+    pub fn cgroup_parent(&self) -> &str {
+        match self {
+            NodeRuntime::Containerd(c) => c.cgroup_parent(),
+            NodeRuntime::Strake(s) => s.cgroup_parent(),
+        }
+    }
+
+    /// The daemon's PID.
+    pub fn pid(&self) -> u32 {
+        match self {
+            NodeRuntime::Containerd(c) => c.pid(),
+            NodeRuntime::Strake(s) => s.pid(),
+        }
+    }
+
+    /// Runs crictl against this runtime.
+    pub fn crictl(&self, args: &[&str]) -> Result<std::process::Output> {
+        match self {
+            NodeRuntime::Containerd(c) => c.crictl(args),
+            NodeRuntime::Strake(s) => s.crictl(args),
+        }
+    }
+
+    /// The prefix of container IDs in pod status (`containerd://`, `strake://`).
+    pub fn id_scheme(&self) -> &'static str {
+        match self {
+            NodeRuntime::Containerd(_) => "containerd://",
+            NodeRuntime::Strake(_) => "strake://",
+        }
+    }
+}
+
+/// A node: its namespace, a CRI runtime, and strake-kubelet. Dropped in that reverse order
+/// (fields drop in declaration order: the kubelet's process belongs to `ns`, which is dropped
+/// last, after the runtime has removed its pods).
+pub struct KubeletNode {
+    /// strake-kubelet's PID.
+    pub kubelet_pid: u32,
+    args: Vec<String>,
+    /// The kubelet's directory: config, root dir, pod logs, its log file.
+    pub dir: tempfile::TempDir,
+    /// The node's CRI runtime.
+    pub runtime: NodeRuntime,
+    /// The node's network namespace.
+    pub ns: NodeNs,
+}
+
+impl std::fmt::Debug for KubeletNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeletNode")
+            .field("kubelet_pid", &self.kubelet_pid)
+            .field("runtime", &self.runtime)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubeletNode {
+    /// Starts containerd and strake-kubelet (named `name`) on node number `index` of `cp`.
+    /// `extra_config` is appended to the KubeletConfiguration YAML.
+    pub async fn start(
+        cp: &ControlPlane,
+        index: u8,
+        name: &str,
+        extra_config: &str,
+    ) -> Result<Self> {
+        Self::start_on(cp, index, name, extra_config, RuntimeKind::Containerd).await
+    }
+
+    /// Starts the given runtime and strake-kubelet on node number `index` of `cp`.
+    pub async fn start_on(
+        cp: &ControlPlane,
+        index: u8,
+        name: &str,
+        extra_config: &str,
+        kind: RuntimeKind,
+    ) -> Result<Self> {
+        let ns = cp.net().add_node(index)?;
+        let kubeconfig = cp.node_kubeconfig(name)?;
+        Self::start_in(ns, index, name, extra_config, kind, Some(&kubeconfig)).await
+    }
+
+    /// Starts containerd and a standalone strake-kubelet (no API server) on node `index` of `net`.
+    pub async fn start_standalone(
+        net: &ClusterNet,
+        index: u8,
+        name: &str,
+        extra_config: &str,
+    ) -> Result<Self> {
+        let ns = net.add_node(index)?;
+        Self::start_in(ns, index, name, extra_config, RuntimeKind::Containerd, None).await
+    }
+
+    async fn start_in(
+        mut ns: NodeNs,
+        index: u8,
+        name: &str,
+        extra_config: &str,
+        kind: RuntimeKind,
+        kubeconfig: Option<&Path>,
+    ) -> Result<Self> {
+        let runtime = NodeRuntime::start(kind, &mut ns, index).await?;
+        let dir = tempfile::Builder::new()
+            .prefix("strake-kubelet-")
+            .tempdir()
+            .map_err(crate::io_err("create", std::env::temp_dir()))?;
+        let config = dir.path().join("kubelet.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n\
+                 nodeStatusUpdateFrequency: 1s\nnodeLeaseDurationSeconds: 8\n\
+                 cgroupRoot: {}\npodLogsDir: {}\n{extra_config}",
+                runtime.cgroup_parent(),
+                dir.path().join("pod-logs").display()
+            ),
+        )
+        .map_err(crate::io_err("write", &config))?;
+        let mut args = vec![
+            format!("--config={}", config.display()),
+            format!("--hostname-override={name}"),
+            format!("--node-ip={}", ns.ip()),
+            format!("--container-runtime-endpoint={}", runtime.endpoint()),
+            format!("--root-dir={}", dir.path().join("root").display()),
+        ];
+        if let Some(kc) = kubeconfig {
+            args.push(format!("--kubeconfig={}", kc.display()));
+        }
+        let mut node = KubeletNode {
+            kubelet_pid: 0,
+            args,
+            dir,
+            runtime,
+            ns,
+        };
+        node.spawn_kubelet()?;
+        Ok(node)
+    }
+
+    fn spawn_kubelet(&mut self) -> Result<()> {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let log = self.log_path();
+        self.kubelet_pid = self.ns.spawn(
+            "strake-kubelet",
+            &paths::workspace_bin("strake-kubelet")?,
+            &args,
+            &log,
+        )?;
+        Ok(())
+    }
+
+    /// Kills the kubelet with SIGKILL (no chance to clean up) and starts a new one.
+    pub fn restart_kubelet(&mut self) -> Result<()> {
+        // SAFETY: kill(2) on the kubelet this guard started.
+        unsafe { libc::kill(self.kubelet_pid as libc::pid_t, libc::SIGKILL) };
+        for _ in 0..100 {
+            if !process::pid_alive(self.kubelet_pid) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.spawn_kubelet()
+    }
+
+    /// Where the kubelet logs.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("kubelet.log")
+    }
+
+    /// The kubelet's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+}
