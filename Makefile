@@ -8,11 +8,15 @@ CARGO ?= cargo
 # Integration suites each start real control planes; two at a time fit this machine size.
 TEST_THREADS ?= 2
 
-.PHONY: help build release lint fmt test unit-test integration-test critest bench testbed \
+.PHONY: help demo build release lint fmt test unit-test integration-test critest bench testbed \
         testbed-packages testbed-upstream testbed-images testbed-env testbed-up clean-testbed-cache
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
+
+demo: testbed ## Run a Strake node on a real control plane and serve a Deployment behind a Service
+	$(CARGO) build --release --bins
+	./target/release/strake-testbed demo $(DEMO_ARGS)
 
 build: testbed-packages ## Build every crate (debug)
 	$(CARGO) build --workspace --all-targets

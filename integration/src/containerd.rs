@@ -31,6 +31,10 @@ impl std::fmt::Debug for Containerd {
     }
 }
 
+/// The range every test node's pod subnet ([`pod_subnet`]) is carved from (a proxy's
+/// `clusterCIDR`).
+pub const POD_SUPERNET: &str = "10.88.0.0/16";
+
 /// The pod subnet each test node's CNI bridge hands addresses from.
 pub fn pod_subnet(node_index: u8) -> String {
     format!("10.88.{node_index}.0/24")

@@ -24,6 +24,7 @@ pub mod cgroup;
 pub mod containerd;
 pub mod control_plane;
 pub mod cri;
+pub mod demo;
 pub mod forward;
 pub mod kubelet;
 pub mod netns;

@@ -3,6 +3,9 @@
 //! - `strake-testbed up`: starts a control plane and the local registries, writes their
 //!   coordinates to `/run/strake-testbed/env` (read by `make testbed-env`) and keeps them running
 //!   until interrupted, then removes everything it made.
+//! - `strake-testbed demo [--keep]`: a whole Strake node (strake-runtime, strake-kubelet,
+//!   strake-proxy) serving a Deployment behind a Service on the test bed (`make demo`; see
+//!   `strake_integration::demo`).
 //! - `strake-testbed forward`: the loopback forwarder the test bed starts inside a namespace
 //!   (see `strake_integration::forward`); not meant to be run by hand.
 
@@ -35,6 +38,12 @@ enum Cmd {
         #[arg(long, default_value = "/run/strake-testbed/env")]
         env_file: PathBuf,
     },
+    /// Run a Strake node on the test bed and serve a Deployment behind a Service through it.
+    Demo {
+        /// Keep everything running after the demo until Ctrl-C or SIGTERM.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Forward connections accepted on the inherited descriptor 3 to an address.
     #[command(hide = true)]
     Forward {
@@ -47,7 +56,10 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // The control plane's readiness poll logs every refused attempt as an error.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("info,kube_client::client::builder=off")
+                }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -57,7 +69,36 @@ fn main() -> anyhow::Result<()> {
             no_controllers,
             env_file,
         } => up(!no_controllers, env_file),
+        Cmd::Demo { keep } => demo(keep),
     }
+}
+
+fn demo(keep: bool) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let mut out = std::io::stdout();
+        let (demo, _report) = strake_integration::demo::run(&mut out).await?;
+        if keep {
+            println!(
+                "\nstill running; in another shell:\n  export KUBECONFIG={}\n  \
+                 kubectl get nodes,pods,svc -o wide\nCtrl-C to stop",
+                demo.cp.kubeconfig().display()
+            );
+            wait_for_signal().await?;
+        }
+        println!("tearing down ...");
+        drop(demo);
+        anyhow::Ok(())
+    })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
 }
 
 fn up(controllers: bool, env_file: PathBuf) -> anyhow::Result<()> {
@@ -101,11 +142,7 @@ fn up(controllers: bool, env_file: PathBuf) -> anyhow::Result<()> {
             "test bed up (logs in {}); Ctrl-C to stop",
             cp.dir().display()
         );
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+        wait_for_signal().await?;
         eprintln!("stopping ...");
         let _ = std::fs::remove_file(&env_file);
         drop(registry);
