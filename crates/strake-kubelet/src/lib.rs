@@ -22,6 +22,7 @@ pub mod pod_status;
 pub mod pod_worker;
 pub mod pods;
 pub mod prober;
+pub mod resources;
 pub mod runtime;
 pub mod static_pods;
 pub mod volumes;

@@ -256,6 +256,8 @@ pub struct EnvSources {
         std::collections::BTreeMap<String, Option<std::collections::BTreeMap<String, String>>>,
     pub secrets:
         std::collections::BTreeMap<String, Option<std::collections::BTreeMap<String, String>>>,
+    /// What `limits.*` of a `resourceFieldRef` default to; this machine's when `None`.
+    pub node: Option<crate::resources::NodeAllocatable>,
 }
 
 impl EnvSources {
@@ -408,10 +410,20 @@ pub fn env(
                         });
                     }
                 }
+            } else if let Some(sel) = &from.resource_field_ref {
+                let node = sources
+                    .node
+                    .unwrap_or_else(crate::resources::NodeAllocatable::of_this_machine);
+                crate::resources::field_value(sel, c, &node).map_err(|reason| {
+                    ContainerConfigError::Env {
+                        name: e.name.clone(),
+                        reason,
+                    }
+                })?
             } else {
                 return Err(ContainerConfigError::Env {
                     name: e.name.clone(),
-                    reason: "resourceFieldRef is not supported yet".into(),
+                    reason: "valueFrom names no source".into(),
                 });
             }
         } else {
@@ -473,6 +485,13 @@ pub fn container_config(
         stdin_once: c.stdin_once.unwrap_or(false),
         tty: c.tty.unwrap_or(false),
         linux: Some(cri::LinuxContainerConfig {
+            resources: Some(crate::resources::linux_resources(
+                c,
+                qos_class(pod),
+                crate::resources::NodeAllocatable::of_this_machine()
+                    .memory
+                    .clamp(0, u64::MAX as i128) as u64,
+            )),
             security_context: Some(cri::LinuxContainerSecurityContext {
                 run_as_user: c
                     .security_context

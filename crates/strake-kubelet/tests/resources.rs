@@ -1,0 +1,108 @@
+//! Requests and limits reach the container: cgroup CPU quota and shares and the memory limit
+//! as the kernel enforces them, and `resourceFieldRef` environment values, on strake-runtime.
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, PostParams};
+use strake_integration::control_plane::{ControlPlane, Options};
+use strake_integration::registry::Registry;
+
+mod common;
+use common::{KubeletNode, RuntimeKind, wait_for};
+
+const NODE: &str = "strake-resources-0";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_become_cgroup_settings_and_resource_field_refs() {
+    let cp = ControlPlane::start(Options::default())
+        .await
+        .expect("control plane");
+    let registry = Registry::start(cp.net(), &cp.dir().join("registry")).expect("registry");
+    let client = cp.client().await.expect("client");
+    let node = KubeletNode::start_on(&cp, 0, NODE, "", RuntimeKind::Strake)
+        .await
+        .expect("start node");
+    let nodes: Api<Node> = Api::all(client.clone());
+    wait_for("node registered", 60, || async {
+        nodes.get_opt(NODE).await.ok().flatten()
+    })
+    .await;
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": "limited" },
+        "spec": {
+            "nodeName": NODE,
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "app",
+                "image": format!("{}/strake/busybox:1", registry.open_in_cluster()),
+                "command": ["/bin/sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"],
+                "resources": {
+                    "requests": { "cpu": "250m", "memory": "32Mi" },
+                    "limits": { "cpu": "500m", "memory": "64Mi" }
+                },
+                "env": [
+                    { "name": "CPU_LIMIT_M", "valueFrom": { "resourceFieldRef": { "resource": "limits.cpu", "divisor": "1m" } } },
+                    { "name": "CPU_LIMIT", "valueFrom": { "resourceFieldRef": { "resource": "limits.cpu" } } },
+                    { "name": "MEM_REQUEST_MI", "valueFrom": { "resourceFieldRef": { "resource": "requests.memory", "divisor": "1Mi" } } },
+                    { "name": "MEM_LIMIT", "valueFrom": { "resourceFieldRef": { "resource": "limits.memory" } } }
+                ]
+            }]
+        }
+    }))
+    .expect("pod");
+    // The default ServiceAccount appears shortly after the control plane starts.
+    wait_for("pod created", 60, || async {
+        pods.create(&PostParams::default(), &pod).await.ok()
+    })
+    .await;
+    let mut id = String::new();
+    for _ in 0..360 {
+        let out = node
+            .runtime
+            .crictl(&["ps", "-q", "--name", "app", "--state", "running"])
+            .expect("crictl ps");
+        id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !id.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    if id.is_empty() {
+        let status = pods.get("limited").await.map(|p| p.status);
+        let log = node.log();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        panic!(
+            "the container never ran: {status:?}\nkubelet log (last lines first):\n{}",
+            tail.join("\n")
+        );
+    }
+    let exec = |cmd: &str| -> String {
+        let out = node
+            .runtime
+            .crictl(&["exec", "--sync", &id, "/bin/sh", "-c", cmd])
+            .expect("crictl exec");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(
+        exec("echo $CPU_LIMIT_M $CPU_LIMIT $MEM_REQUEST_MI $MEM_LIMIT"),
+        format!("500 1 32 {}", 64 << 20),
+        "kubelet log:\n{}",
+        node.log()
+    );
+    // The container's own cgroup, as the kernel applies it (v1 and v2 layouts).
+    let memory = exec(
+        "cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max",
+    );
+    assert_eq!(memory, (64u64 << 20).to_string());
+    let quota = exec(
+        "cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us 2>/dev/null || cut -d' ' -f1 /sys/fs/cgroup/cpu.max",
+    );
+    assert_eq!(quota, "50000");
+    let weight =
+        exec("cat /sys/fs/cgroup/cpu/cpu.shares 2>/dev/null || cat /sys/fs/cgroup/cpu.weight");
+    // 250m -> 256 shares (v1), or the same converted to a v2 weight.
+    assert!(weight == "256" || weight == "10", "cpu weight {weight}");
+}
