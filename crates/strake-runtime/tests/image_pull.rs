@@ -230,6 +230,25 @@ fn protected_image_needs_credentials() {
     });
 }
 
+#[test]
+fn a_pull_in_flight_is_not_shared_with_other_credentials() {
+    run(async {
+        let bed = Bed::start();
+        let reference = format!("{}/strake/protected:1", bed.registry.protected_local());
+        let svc = bed.service("store").await;
+        let good = PullAuth::basic(registry::USER, registry::PASSWORD);
+        let anonymous = PullAuth::default();
+        // Started together: the anonymous pull must not ride on the authorised one.
+        let (with, without) = tokio::join!(
+            svc.pull(&reference, &good),
+            svc.pull(&reference, &anonymous)
+        );
+        with.expect("pull with credentials");
+        let err = without.expect_err("an anonymous pull joined the authorised one");
+        assert_eq!(err.code(), ErrorCode::PermissionDenied, "{err:?}");
+    });
+}
+
 /// A tiny base64 encoder, so the test does not need a crate for it.
 mod base64_auth {
     pub fn encode(s: &str) -> String {

@@ -127,8 +127,26 @@ pub struct ImageFsInfo {
 type PullResult = Result<String, Arc<PullError>>;
 type PullFuture = BoxFuture<'static, PullResult>;
 type SharedPull = Shared<PullFuture>;
-/// In-flight pulls by normalised reference: a generation number and the shared future.
+/// In-flight pulls by normalised reference and credentials: a generation number and the
+/// shared future.
 type InFlight = HashMap<String, (u64, WeakShared<PullFuture>)>;
+
+/// The in-flight key of a pull: the reference and a digest of the credentials (so that the
+/// map never holds them in the clear).
+fn flight_key(reference: &str, auth: &PullAuth) -> String {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    for part in [
+        &auth.username,
+        &auth.password,
+        &auth.auth,
+        &auth.registry_token,
+    ] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    format!("{reference} {}", hex::encode(h.finalize()))
+}
 
 /// The image service: pull, list, status, remove, fs info.
 #[derive(Clone)]
@@ -189,7 +207,10 @@ impl ImageService {
     pub async fn pull(&self, image: &str, auth: &PullAuth) -> Result<String, ImageError> {
         let reference =
             Reference::parse(image).map_err(|source| ImageError::InvalidReference { source })?;
-        let key = reference.to_string();
+        let name = reference.to_string();
+        // Only a caller with the same credentials may join a pull in flight: a pull that
+        // succeeds with one pod's credentials proves nothing about another pod's (or none).
+        let key = flight_key(&name, auth);
         let shared = {
             let mut map = self
                 .inner
@@ -198,7 +219,7 @@ impl ImageService {
                 .unwrap_or_else(|e| e.into_inner());
             match map.get(&key).and_then(|(_, weak)| weak.upgrade()) {
                 Some(running) => {
-                    tracing::debug!(image = %key, "joining pull in flight");
+                    tracing::debug!(image = %name, "joining pull in flight");
                     running
                 }
                 None => {
@@ -213,7 +234,7 @@ impl ImageService {
             }
         };
         shared.await.map_err(|source| ImageError::Pull {
-            reference: key,
+            reference: name,
             source,
         })
     }
@@ -236,7 +257,7 @@ impl ImageService {
                 map.remove(&key);
             }
             if let Err(e) = &result {
-                tracing::warn!(image = %key, error = %error_chain(&**e), "image pull failed");
+                tracing::warn!(image = %reference, error = %error_chain(&**e), "image pull failed");
             }
             result
         }
