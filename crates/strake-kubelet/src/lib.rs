@@ -13,6 +13,7 @@
 //! API on 10250, stats, eviction, image and container GC.
 
 pub mod config;
+pub mod credentials;
 pub mod healthz;
 pub mod heartbeat;
 pub mod machine;

@@ -506,7 +506,6 @@ pub fn container_config(
                     .unwrap_or(false),
                 ..Default::default()
             }),
-            ..Default::default()
         }),
         ..Default::default()
     }

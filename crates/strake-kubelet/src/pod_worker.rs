@@ -97,6 +97,8 @@ struct Worker {
     /// Probe states per (container ID, kind).
     probes: BTreeMap<(String, &'static str), ProbeState>,
     last_status: Option<k8s_openapi::api::core::v1::PodStatus>,
+    /// The pod's RuntimeClass and its handler, once resolved.
+    runtime_class: Option<(String, String)>,
 }
 
 /// Runs the worker of one pod until the pod is gone. `updates` carries the newest pod object,
@@ -113,6 +115,7 @@ pub async fn run(ctx: Context, uid: String, mut updates: watch::Receiver<Option<
         volume_paths: BTreeMap::new(),
         volumes_refreshed: None,
         last_status: None,
+        runtime_class: None,
     };
     // The last pod object seen: a pod that vanished (deleted from the API, or its static
     // manifest removed) is still terminated with its own spec and grace period.
@@ -192,6 +195,7 @@ impl Worker {
     async fn ensure_sandbox(
         &mut self,
         pod: &Pod,
+        handler: &str,
     ) -> Result<(String, Vec<String>), crate::runtime::RuntimeError> {
         let all = self.sandboxes().await?;
         let ready = all
@@ -233,7 +237,6 @@ impl Worker {
                     .max()
                     .unwrap_or(0);
                 let config = pod_spec::sandbox_config(pod, &self.ctx.config, attempt);
-                let handler = String::new();
                 let resp = self
                     .ctx
                     .runtime
@@ -242,7 +245,7 @@ impl Worker {
                         Some(Duration::from_secs(120)),
                         rt.run_pod_sandbox(cri::RunPodSandboxRequest {
                             config: Some(config),
-                            runtime_handler: handler,
+                            runtime_handler: handler.to_string(),
                         }),
                     )
                     .await?;
@@ -275,8 +278,93 @@ impl Worker {
         Ok((id, ips))
     }
 
+    /// The CRI runtime handler of the pod's `runtimeClassName` (the RuntimeClass's `handler`);
+    /// empty for the runtime's default. Resolved once per pod, like upstream's informer cache.
+    async fn runtime_handler(&mut self, pod: &Pod) -> Result<String, String> {
+        let Some(class) = pod.spec.as_ref().and_then(|s| s.runtime_class_name.clone()) else {
+            return Ok(String::new());
+        };
+        if let Some((name, handler)) = &self.runtime_class
+            && *name == class
+        {
+            return Ok(handler.clone());
+        }
+        let Some(client) = self.ctx.client.clone() else {
+            return Err(format!(
+                "RuntimeClass {class:?} cannot be resolved without an API server"
+            ));
+        };
+        let api: Api<k8s_openapi::api::node::v1::RuntimeClass> = Api::all(client);
+        match api.get_opt(&class).await {
+            Ok(Some(rc)) => {
+                self.runtime_class = Some((class, rc.handler.clone()));
+                Ok(rc.handler)
+            }
+            Ok(None) => Err(format!("RuntimeClass {class:?} not found")),
+            Err(e) => Err(format!("RuntimeClass {class:?}: {e}")),
+        }
+    }
+
+    /// Credentials for pulling `image` from the pod's `imagePullSecrets` (each Secret fetched
+    /// individually, as the Node authorizer allows), in the order to try them. A missing or
+    /// malformed Secret is skipped with a warning, like upstream.
+    async fn pull_auths(&self, pod: &Pod, image: &str) -> Vec<cri::AuthConfig> {
+        let names: Vec<String> = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.image_pull_secrets.iter().flatten())
+            .map(|r| r.name.clone())
+            .collect();
+        let Some(client) = self.ctx.client.clone() else {
+            return Vec::new();
+        };
+        if names.is_empty() {
+            return Vec::new();
+        }
+        let ns = pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client, &ns);
+        let mut entries = Vec::new();
+        for name in names {
+            let secret = match api.get_opt(&name).await {
+                Ok(Some(s)) => s,
+                Ok(None) => {
+                    tracing::warn!(pod = %pod_key(pod), secret = %name, "image pull secret not found");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %pod_key(pod), secret = %name, error = %e, "image pull secret not fetched");
+                    continue;
+                }
+            };
+            let data: BTreeMap<String, Vec<u8>> = secret
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.0))
+                .chain(
+                    secret
+                        .string_data
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| (k, v.into_bytes())),
+                )
+                .collect();
+            match crate::credentials::entries_of_secret(&name, secret.type_.as_deref(), &data) {
+                Ok(e) => entries.push(e),
+                Err(e) => {
+                    tracing::warn!(pod = %pod_key(pod), error = %e, "image pull secret skipped")
+                }
+            }
+        }
+        crate::credentials::auth_configs(image, &entries)
+    }
+
     /// Pulls the image per `imagePullPolicy`; returns the image reference to create with.
-    async fn ensure_image(&mut self, c: &Container) -> Result<String, (String, String)> {
+    async fn ensure_image(&mut self, pod: &Pod, c: &Container) -> Result<String, (String, String)> {
         let image = c.image.clone().unwrap_or_default();
         let policy = c.image_pull_policy.clone().unwrap_or_else(|| {
             if image.ends_with(":latest") || !image.rsplit('/').next().unwrap_or("").contains(':') {
@@ -322,20 +410,39 @@ impl Worker {
                 format!("Back-off pulling image \"{image}\""),
             ));
         }
-        match self
-            .ctx
-            .runtime
-            .call_with(
-                "PullImage",
-                Some(Duration::from_secs(600)),
-                ic.pull_image(cri::PullImageRequest {
-                    image: Some(spec),
-                    auth: None,
-                    sandbox_config: None,
-                }),
-            )
-            .await
-        {
+        // Each matching credential in turn, then anonymously when none matched (upstream's
+        // order); the last error is the one reported.
+        let auths = self.pull_auths(pod, &image).await;
+        let attempts: Vec<Option<cri::AuthConfig>> = if auths.is_empty() {
+            vec![None]
+        } else {
+            auths.into_iter().map(Some).collect()
+        };
+        let mut result = None;
+        for auth in attempts {
+            let r = self
+                .ctx
+                .runtime
+                .call_with(
+                    "PullImage",
+                    Some(Duration::from_secs(600)),
+                    ic.pull_image(cri::PullImageRequest {
+                        image: Some(spec.clone()),
+                        auth,
+                        sandbox_config: None,
+                    }),
+                )
+                .await;
+            let ok = r.is_ok();
+            result = Some(r);
+            if ok {
+                break;
+            }
+        }
+        let Some(result) = result else {
+            return Err(("ErrImagePull".into(), "no pull attempted".into()));
+        };
+        match result {
             Ok(r) => {
                 self.pull_backoff.remove(&c.name);
                 Ok(r.image_ref)
@@ -345,14 +452,51 @@ impl Worker {
                     .entry(c.name.clone())
                     .or_default()
                     .fail(now, Duration::ZERO);
-                Err(("ErrImagePull".into(), e.to_string()))
+                Err(("ErrImagePull".into(), e.detail()))
             }
         }
     }
 
     async fn sync(&mut self, pod: &Pod) -> Result<(), crate::runtime::RuntimeError> {
-        let (sandbox_id, ips) = self.ensure_sandbox(pod).await?;
         let spec = pod.spec.clone().unwrap_or_default();
+        let handler = match self.runtime_handler(pod).await {
+            Ok(h) => h,
+            Err(message) => {
+                // No sandbox without its runtime: every container waits, with the reason.
+                tracing::warn!(pod = %pod_key(pod), %message, "cannot create the pod sandbox");
+                for c in spec
+                    .init_containers
+                    .iter()
+                    .flatten()
+                    .chain(&spec.containers)
+                {
+                    self.waiting.insert(
+                        c.name.clone(),
+                        ("ContainerCreating".into(), message.clone()),
+                    );
+                }
+                return self.report(pod, "", None).await;
+            }
+        };
+        let (sandbox_id, ips) = match self.ensure_sandbox(pod, &handler).await {
+            Ok(s) => s,
+            Err(e) => {
+                let message = format!("Failed to create pod sandbox: {}", e.detail());
+                for c in spec
+                    .init_containers
+                    .iter()
+                    .flatten()
+                    .chain(&spec.containers)
+                {
+                    self.waiting.insert(
+                        c.name.clone(),
+                        ("ContainerCreating".into(), message.clone()),
+                    );
+                }
+                self.report(pod, "", None).await?;
+                return Err(e);
+            }
+        };
         let restart_policy = spec
             .restart_policy
             .clone()
@@ -507,7 +651,7 @@ impl Worker {
             }
             None => 0,
         };
-        let image_ref = match self.ensure_image(c).await {
+        let image_ref = match self.ensure_image(pod, c).await {
             Ok(r) => r,
             Err(reason) => {
                 self.waiting.insert(c.name.clone(), reason);

@@ -25,6 +25,18 @@ pub enum RuntimeError {
     Timeout { rpc: &'static str, secs: u64 },
 }
 
+impl RuntimeError {
+    /// The error with the runtime's own words, for the messages users read in pod status.
+    pub fn detail(&self) -> String {
+        match self {
+            RuntimeError::Call { rpc, source } => {
+                format!("CRI {rpc} failed: {}", source.message())
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
 /// A lazily connecting CRI client: a runtime that is down now may be up on the next call.
 #[derive(Clone, Debug)]
 pub struct Runtime {

@@ -1,0 +1,179 @@
+//! Pods name what the runtime needs: `imagePullSecrets` (a Docker config Secret) let the kubelet
+//! pull from the test bed's protected registry, which refuses the same pull without them, and
+//! `runtimeClassName` reaches the runtime as the RuntimeClass's handler (a known handler runs,
+//! an unknown one is refused by the runtime with the pod told why). On strake-runtime. (A pod
+//! naming a RuntimeClass that does not exist is refused by the API server's admission.)
+
+use base64::Engine as _;
+use k8s_openapi::api::core::v1::{ContainerStateWaiting, Node, Pod, Secret};
+use k8s_openapi::api::node::v1::RuntimeClass;
+use kube::api::{Api, PostParams};
+use strake_integration::control_plane::{ControlPlane, Options};
+use strake_integration::registry::{self, Registry};
+
+mod common;
+use common::{KubeletNode, RuntimeKind, wait_for};
+
+const NODE: &str = "strake-pull-0";
+
+fn pod(name: &str, image: &str, extra: serde_json::Value) -> Pod {
+    let mut spec = serde_json::json!({
+        "nodeName": NODE,
+        "terminationGracePeriodSeconds": 1,
+        "containers": [{
+            "name": "app",
+            "image": image,
+            "imagePullPolicy": "Always",
+            "command": ["/bin/sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]
+        }]
+    });
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+        spec.extend(extra.clone());
+    }
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": { "name": name }, "spec": spec
+    }))
+    .expect("pod")
+}
+
+fn waiting(p: &Pod) -> Option<ContainerStateWaiting> {
+    p.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .first()?
+        .state
+        .as_ref()?
+        .waiting
+        .clone()
+}
+
+fn running(p: &Pod) -> bool {
+    p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_secrets_and_runtime_classes_reach_the_runtime() {
+    let cp = ControlPlane::start(Options::default())
+        .await
+        .expect("control plane");
+    let registry = Registry::start(cp.net(), &cp.dir().join("registry")).expect("registry");
+    let client = cp.client().await.expect("client");
+    let node = KubeletNode::start_on(&cp, 0, NODE, "", RuntimeKind::Strake)
+        .await
+        .expect("start node");
+    let nodes: Api<Node> = Api::all(client.clone());
+    wait_for("node registered", 60, || async {
+        nodes.get_opt(NODE).await.ok().flatten()
+    })
+    .await;
+
+    let protected = format!("{}/strake/protected:1", registry.protected_in_cluster());
+    let open = format!("{}/strake/busybox:1", registry.open_in_cluster());
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!(
+        "{}:{}",
+        registry::USER,
+        registry::PASSWORD
+    ));
+    let config = serde_json::json!({
+        "auths": { registry.protected_in_cluster().to_string(): { "auth": auth } }
+    });
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "regcred" },
+        "type": "kubernetes.io/dockerconfigjson",
+        "stringData": { ".dockerconfigjson": config.to_string() }
+    }))
+    .expect("secret");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("create secret");
+    let classes: Api<RuntimeClass> = Api::all(client.clone());
+    for (name, handler) in [("plain", "runc"), ("bogus", "no-such-handler")] {
+        let rc: RuntimeClass = serde_json::from_value(serde_json::json!({
+            "apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
+            "metadata": { "name": name }, "handler": handler
+        }))
+        .expect("runtime class");
+        classes
+            .create(&PostParams::default(), &rc)
+            .await
+            .expect("create runtime class");
+    }
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let all = [
+        pod(
+            "with-secret",
+            &protected,
+            serde_json::json!({ "imagePullSecrets": [{ "name": "regcred" }] }),
+        ),
+        pod("without-secret", &protected, serde_json::json!({})),
+        pod(
+            "plain-class",
+            &open,
+            serde_json::json!({ "runtimeClassName": "plain" }),
+        ),
+        pod(
+            "bogus-class",
+            &open,
+            serde_json::json!({ "runtimeClassName": "bogus" }),
+        ),
+    ];
+    // The default ServiceAccount appears shortly after the control plane starts.
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(client.clone(), "default");
+    wait_for("the default ServiceAccount", 60, || async {
+        sas.get_opt("default").await.ok().flatten()
+    })
+    .await;
+    for p in &all {
+        pods.create(&PostParams::default(), p)
+            .await
+            .unwrap_or_else(|e| panic!("create {:?}: {e}", p.metadata.name));
+    }
+    let get = |name: &'static str| {
+        let pods = pods.clone();
+        async move { pods.get(name).await.ok() }
+    };
+    let log = || node.log();
+
+    wait_for("the pod with the pull secret Running", 90, || async {
+        get("with-secret").await.filter(running)
+    })
+    .await;
+    let refused = wait_for("the pod without the secret failing to pull", 90, || async {
+        // ErrImagePull right after each attempt, ImagePullBackOff in between.
+        waiting(&get("without-secret").await?)
+            .filter(|w| w.reason.as_deref() == Some("ErrImagePull"))
+    })
+    .await;
+    // The registry's refusal, in the runtime's words, reaches the pod.
+    let message = refused.message.unwrap_or_default();
+    assert!(message.contains("PullImage failed: "), "{message}");
+
+    wait_for("the pod of RuntimeClass plain Running", 90, || async {
+        get("plain-class").await.filter(running)
+    })
+    .await;
+    let bogus = wait_for("the unknown handler refused", 90, || async {
+        waiting(&get("bogus-class").await?).filter(|w| {
+            w.message
+                .as_deref()
+                .is_some_and(|m| m.contains("no-such-handler"))
+        })
+    })
+    .await;
+    assert_eq!(
+        bogus.reason.as_deref(),
+        Some("ContainerCreating"),
+        "{}",
+        log()
+    );
+    // The bogus handler's pod never got a sandbox: two pods run (with-secret, plain-class)
+    // and the one without credentials has a sandbox but no container.
+    let out = node.runtime.crictl(&["pods", "-q"]).expect("crictl pods");
+    let sandboxes = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert_eq!(sandboxes, 3, "{}", log());
+}
