@@ -40,7 +40,7 @@ unit-test: testbed-packages ## Unit tests only (no root, no test bed)
 integration-test: testbed ## Integration tests against the real test bed (root)
 	$(CARGO) test -p strake-integration -- --test-threads=$(TEST_THREADS)
 
-critest: testbed ## critest conformance (non-streaming) against strake-runtime: minutes long
+critest: testbed ## critest conformance (streaming included) against strake-runtime: minutes long
 	$(CARGO) test -p strake-runtime --test cri_container critest_conformance -- --ignored --nocapture
 
 bench: testbed ## Benchmarks side by side with the upstream peers (release builds); see docs/PERFORMANCE.md

@@ -8,6 +8,13 @@ use serde::Deserialize;
 
 use crate::server::{CgroupDriverKind, DEFAULT_HANDLER};
 
+/// containerd's default streaming server address.
+pub const DEFAULT_STREAM_ADDRESS: &str = "127.0.0.1";
+
+/// containerd's default `stream_idle_timeout` (upstream's streaming server default too).
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: std::time::Duration =
+    std::time::Duration::from_secs(4 * 3600);
+
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/strake/runtime.toml";
 
@@ -46,6 +53,62 @@ pub struct Flags {
     /// The `strake-pause` binary (default: next to this executable).
     #[arg(long)]
     pub pause_binary: Option<PathBuf>,
+    /// Address of the streaming server (exec, attach, port-forward); containerd's
+    /// `stream_server_address`, default 127.0.0.1 (the kubelet proxies streams).
+    #[arg(long)]
+    pub stream_address: Option<String>,
+    /// Port of the streaming server; containerd's `stream_server_port`, default 0 (random).
+    #[arg(long)]
+    pub stream_port: Option<u16>,
+    /// Close streaming connections idle this long (Go duration, e.g. `4h`, `30m`; `0`:
+    /// never); containerd's `stream_idle_timeout`, default 4h.
+    #[arg(long, value_parser = parse_duration)]
+    pub stream_idle_timeout: Option<std::time::Duration>,
+}
+
+/// A Go duration (`4h`, `1h30m`, `90s`, `500ms`, `0`), as containerd's configuration writes
+/// them.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    let bad = || format!("invalid duration {s:?} (e.g. 4h, 30m, 1h30m, 90s)");
+    let mut total = 0f64;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let n = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let value: f64 = rest[..n].parse().map_err(|_| bad())?;
+        rest = &rest[n..];
+        let u = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let secs = match &rest[..u] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return Err(bad()),
+        };
+        total += value * secs;
+        rest = &rest[u..];
+    }
+    std::time::Duration::try_from_secs_f64(total).map_err(|_| bad())
+}
+
+fn de_duration<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<std::time::Duration>, D::Error> {
+    let s: Option<String> = Option::deserialize(d)?;
+    s.map(|s| parse_duration(&s).map_err(serde::de::Error::custom))
+        .transpose()
 }
 
 fn parse_handler(s: &str) -> Result<(String, PathBuf), String> {
@@ -71,6 +134,10 @@ pub struct FileConfig {
     pub insecure_registries: Option<Vec<String>>,
     pub cgroup_driver: Option<CgroupDriverKind>,
     pub pause_binary: Option<PathBuf>,
+    pub stream_server_address: Option<String>,
+    pub stream_server_port: Option<u16>,
+    #[serde(default, deserialize_with = "de_duration")]
+    pub stream_idle_timeout: Option<std::time::Duration>,
 }
 
 /// The effective configuration.
@@ -85,6 +152,10 @@ pub struct Config {
     pub insecure_registries: Vec<String>,
     pub cgroup_driver: CgroupDriverKind,
     pub pause_binary: PathBuf,
+    pub stream_server_address: String,
+    pub stream_server_port: u16,
+    /// Zero: never.
+    pub stream_idle_timeout: std::time::Duration,
 }
 
 /// The configuration could not be read.
@@ -171,6 +242,16 @@ impl Config {
                 .clone()
                 .or(file.pause_binary)
                 .unwrap_or_else(default_pause_binary),
+            stream_server_address: flags
+                .stream_address
+                .clone()
+                .or(file.stream_server_address)
+                .unwrap_or_else(|| DEFAULT_STREAM_ADDRESS.into()),
+            stream_server_port: flags.stream_port.or(file.stream_server_port).unwrap_or(0),
+            stream_idle_timeout: flags
+                .stream_idle_timeout
+                .or(file.stream_idle_timeout)
+                .unwrap_or(DEFAULT_STREAM_IDLE_TIMEOUT),
         }
     }
 }
@@ -200,6 +281,47 @@ mod tests {
         assert_eq!(c.runtime_handlers["runc"], PathBuf::from("runc"));
         assert_eq!(c.runtime_handlers["crun"], PathBuf::from("crun"));
         assert_eq!(c.cgroup_driver, CgroupDriverKind::Cgroupfs);
+        assert_eq!(c.stream_server_address, "127.0.0.1");
+        assert_eq!(c.stream_server_port, 0);
+        assert_eq!(c.stream_idle_timeout, DEFAULT_STREAM_IDLE_TIMEOUT);
+    }
+
+    #[test]
+    fn durations_parse_like_go() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("4h"), Ok(Duration::from_secs(14400)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        for bad in ["", "4", "h", "4d", "-1s", "1h x"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        let file: FileConfig = toml::from_str("stream_idle_timeout = \"30m\"").unwrap();
+        assert_eq!(file.stream_idle_timeout, Some(Duration::from_secs(1800)));
+        assert!(toml::from_str::<FileConfig>("stream_idle_timeout = \"soon\"").is_err());
+    }
+
+    #[test]
+    fn stream_server_settings_come_from_flags_or_the_file() {
+        let file: FileConfig =
+            toml::from_str("stream_server_address = \"10.0.0.5\"\nstream_server_port = 10010\n")
+                .unwrap();
+        let c = Config::merge(&Flags::default(), file.clone());
+        assert_eq!(
+            (c.stream_server_address.as_str(), c.stream_server_port),
+            ("10.0.0.5", 10010)
+        );
+        let flags = Flags {
+            stream_address: Some("::1".into()),
+            stream_port: Some(1),
+            ..Default::default()
+        };
+        let c = Config::merge(&flags, file);
+        assert_eq!(
+            (c.stream_server_address.as_str(), c.stream_server_port),
+            ("::1", 1)
+        );
     }
 
     #[test]

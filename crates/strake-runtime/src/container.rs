@@ -35,6 +35,8 @@ use crate::state::write_atomic;
 const EXEC_OUTPUT_LIMIT: usize = 16 << 20;
 /// How long StopContainer waits for the exit record after SIGKILL.
 const KILL_WAIT: Duration = Duration::from_secs(10);
+/// The monitor's attach socket, in the container's state directory.
+const ATTACH_SOCKET: &str = "attach";
 
 /// A failed container operation.
 #[derive(Debug, thiserror::Error)]
@@ -781,6 +783,10 @@ impl Containers {
             exit_file: dir.join("exit.json"),
             pid_file: bundle.join("init.pid"),
             ready_fd: 3,
+            stdin: c.config.stdin,
+            stdin_once: c.config.stdin_once,
+            tty: c.config.tty,
+            attach_socket: Some(dir.join(ATTACH_SOCKET)),
         };
         let (pid, ready) = spawn_monitor(&self.paths.monitor_binary, &args, &dir)
             .map_err(step("start monitor"))?;
@@ -1043,13 +1049,14 @@ impl Containers {
         Ok(())
     }
 
-    /// ExecSync: runs `cmd` in the container and collects its output and exit code.
-    pub fn exec_sync(
+    /// The process of an exec in a running container: the container's own with `cmd` and
+    /// `terminal` (errors: not found, not running, empty command).
+    fn exec_process(
         &self,
         id_or_prefix: &str,
         cmd: Vec<String>,
-        timeout: Option<Duration>,
-    ) -> Result<(Vec<u8>, Vec<u8>, i32)> {
+        terminal: bool,
+    ) -> Result<(Container, oci_spec::runtime::Process)> {
         let c = self.get(id_or_prefix)?;
         let id = c.record.id.clone();
         let state = c.state();
@@ -1073,7 +1080,68 @@ impl Containers {
             source: e.into(),
         })?;
         let mut process = spec.process().clone().unwrap_or_default();
-        process.set_args(Some(cmd)).set_terminal(Some(false));
+        process.set_args(Some(cmd)).set_terminal(Some(terminal));
+        Ok((c, process))
+    }
+
+    /// Exec for the streaming server: runs `cmd` in the running container on the given stdio
+    /// and waits for it; returns its exit code. With `tty` the stdio must be a terminal: the
+    /// OCI runtime gives the process a terminal of its own and relays between the two.
+    pub fn exec_streaming(
+        &self,
+        id_or_prefix: &str,
+        cmd: Vec<String>,
+        tty: bool,
+        stdio: ProcessIo,
+    ) -> Result<i32> {
+        let (c, process) = self.exec_process(id_or_prefix, cmd, tty)?;
+        let id = c.record.id.clone();
+        let status = self
+            .runc(&c.record.runtime_handler)
+            .exec(
+                &id,
+                &process,
+                ExecOptions {
+                    detach: false,
+                    pid_file: None,
+                    console_socket: None,
+                    io: stdio,
+                },
+            )
+            .map_err(|source| ContainerError::Runtime {
+                op: "exec in",
+                id,
+                source,
+            })?;
+        Ok(status.code().unwrap_or_else(|| {
+            use std::os::unix::process::ExitStatusExt;
+            128 + status.signal().unwrap_or(0)
+        }))
+    }
+
+    /// The attach socket of a running container's monitor.
+    pub fn attach_socket(&self, id_or_prefix: &str) -> Result<PathBuf> {
+        let c = self.get(id_or_prefix)?;
+        let state = c.state();
+        if state != cri::ContainerState::ContainerRunning {
+            return Err(ContainerError::WrongState {
+                id: c.record.id,
+                state: state_name(state),
+                op: "attach to",
+            });
+        }
+        Ok(self.dir(&c.record.id).join(ATTACH_SOCKET))
+    }
+
+    /// ExecSync: runs `cmd` in the container and collects its output and exit code.
+    pub fn exec_sync(
+        &self,
+        id_or_prefix: &str,
+        cmd: Vec<String>,
+        timeout: Option<Duration>,
+    ) -> Result<(Vec<u8>, Vec<u8>, i32)> {
+        let (c, process) = self.exec_process(id_or_prefix, cmd, false)?;
+        let id = c.record.id.clone();
         let tmp = self.paths.runtime_dir.join("tmp");
         let pid_file = tempfile::Builder::new()
             .prefix("exec-pid-")

@@ -10,8 +10,8 @@
 //!
 //! Status (issue #3): Version, Status, RuntimeConfig, the pod sandbox, container and image RPCs
 //! are served, with container and pod stats ([`stats`]) and GetContainerEvents (fed by
-//! [`container`]'s transitions and the exit watcher); the streaming RPCs (Exec, Attach,
-//! PortForward) and the metrics RPCs answer `Unimplemented`.
+//! [`container`]'s transitions and the exit watcher); Exec, Attach and PortForward hand out
+//! URLs of the [`streaming`] server; the metrics RPCs answer `Unimplemented`.
 
 pub mod cgroups;
 pub mod cni;
@@ -26,6 +26,7 @@ pub mod server;
 pub mod spec;
 pub mod state;
 pub mod stats;
+pub mod streaming;
 
 use std::sync::Arc;
 
@@ -60,6 +61,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The streaming server could not listen.
+    #[error("start the streaming server")]
+    Streaming(#[source] streaming::ListenError),
     /// The gRPC server failed.
     #[error("serve CRI")]
     Serve(#[source] tonic::transport::Error),
@@ -123,9 +127,19 @@ impl App {
         .map_err(Error::Task)?
         .map_err(Error::RecoverContainers)?;
         let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
+        let (sandboxes, containers) = (Arc::new(sandboxes), Arc::new(containers));
+        let streaming = streaming::StreamServer::bind(
+            &config.stream_server_address,
+            config.stream_server_port,
+            config.stream_idle_timeout,
+            containers.clone(),
+            sandboxes.clone(),
+        )
+        .map_err(Error::Streaming)?;
         let runtime = RuntimeServer {
-            sandboxes: Arc::new(sandboxes),
-            containers: Arc::new(containers),
+            sandboxes,
+            containers,
+            streaming: Arc::new(streaming),
             images: images.clone(),
             handlers: config.runtime_handlers.clone(),
             cgroup_driver: config.cgroup_driver,
@@ -173,6 +187,7 @@ impl App {
         tracing::info!(socket = %path.display(), "serving CRI");
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
         let watcher = tokio::spawn(watch_exits(self.runtime.containers.clone()));
+        let streaming = tokio::spawn(self.runtime.streaming.clone().serve());
         let stopping = self.stopping;
         let shutdown = async move {
             shutdown.await;
@@ -185,6 +200,7 @@ impl App {
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
         watcher.abort();
+        streaming.abort();
         served.map_err(Error::Serve)?;
         let _ = std::fs::remove_file(&path);
         Ok(())

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::io::Write;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 
@@ -402,7 +402,27 @@ impl RuncCli {
         let printable = printable(&args);
         tracing::debug!(runtime = %self.config.binary.display(), args = ?printable, "oci runtime");
         let stdio = |fd: Option<OwnedFd>| fd.map_or_else(Stdio::null, Stdio::from);
+        // A terminal as stdin (a streaming exec with a tty) becomes the runtime's controlling
+        // terminal, in a session of its own: resizing the terminal then signals the runtime
+        // (SIGWINCH), which resizes the process's own terminal.
+        // SAFETY: isatty on a descriptor we own.
+        let tty_stdin = io
+            .stdin
+            .as_ref()
+            .is_some_and(|fd| unsafe { libc::isatty(fd.as_raw_fd()) } == 1);
         let mut cmd = self.command(&args);
+        if tty_stdin {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setsid and ioctl are async-signal-safe; fd 0 is the terminal by then.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.stdin(stdio(io.stdin))
             .stdout(stdio(io.stdout))
             .stderr(stdio(io.stderr));

@@ -18,6 +18,7 @@ use crate::image::{ErrorCode, ImageError, ImageService};
 use crate::sandbox::{Sandbox, SandboxError, Sandboxes};
 use crate::spec::ImageProcessConfig;
 use crate::stats::{CpuSampler, POD_SAMPLE_PREFIX, container_stats, pod_stats};
+use crate::streaming::{Pending, StreamServer};
 
 /// The name the runtime reports in Version.
 pub const RUNTIME_NAME: &str = "strake";
@@ -56,6 +57,8 @@ pub struct RuntimeServer {
     /// Turns true when the daemon shuts down: open GetContainerEvents streams end then, or the
     /// server's graceful shutdown would wait for them forever.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// The streaming server that Exec, Attach and PortForward hand URLs of.
+    pub streaming: Arc<StreamServer>,
 }
 
 fn not_yet(rpc: &str) -> Status {
@@ -335,7 +338,52 @@ fn event_response(
     }
 }
 
+/// Upstream's checks of an exec or attach request.
+fn check_stdio(
+    container_id: &str,
+    tty: bool,
+    stdin: bool,
+    stdout: bool,
+    stderr: bool,
+) -> Result<(), Status> {
+    if container_id.is_empty() {
+        return Err(Status::invalid_argument("missing required container_id"));
+    }
+    if tty && stderr {
+        // A terminal has one output: stderr cannot be told apart.
+        return Err(Status::invalid_argument(
+            "tty and stderr cannot both be true",
+        ));
+    }
+    if !stdin && !stdout && !stderr {
+        return Err(Status::invalid_argument(
+            "one of stdin, stdout, or stderr must be set",
+        ));
+    }
+    Ok(())
+}
+
 impl RuntimeServer {
+    /// The full ID of a running container (NotFound, FailedPrecondition otherwise).
+    fn running_container(&self, id: &str, op: &'static str) -> Result<String, Status> {
+        let c = self.containers.get(id).map_err(container_status_of)?;
+        let state = c.state();
+        if state != cri::ContainerState::ContainerRunning {
+            return Err(Status::failed_precondition(format!(
+                "container {} is not running ({state:?}): cannot {op} it",
+                c.record.id
+            )));
+        }
+        Ok(c.record.id)
+    }
+
+    /// Parks a streaming request; its URL.
+    fn park(&self, req: Pending) -> Result<String, Status> {
+        self.streaming
+            .url_for(req)
+            .map_err(|e| Status::resource_exhausted(e.to_string()))
+    }
+
     /// ListContainerStats and StreamContainerStats.
     async fn all_container_stats(
         &self,
@@ -858,21 +906,58 @@ impl cri::runtime_service_server::RuntimeService for RuntimeServer {
     }
     async fn exec(
         &self,
-        _request: Request<cri::ExecRequest>,
+        request: Request<cri::ExecRequest>,
     ) -> Result<Response<cri::ExecResponse>, Status> {
-        Err(not_yet("Exec"))
+        let req = request.into_inner();
+        check_stdio(
+            &req.container_id,
+            req.tty,
+            req.stdin,
+            req.stdout,
+            req.stderr,
+        )?;
+        if req.cmd.is_empty() {
+            return Err(Status::invalid_argument("cmd is required"));
+        }
+        let mut req = req;
+        req.container_id = self.running_container(&req.container_id, "exec in")?;
+        let url = self.park(Pending::Exec(req))?;
+        Ok(Response::new(cri::ExecResponse { url }))
     }
     async fn attach(
         &self,
-        _request: Request<cri::AttachRequest>,
+        request: Request<cri::AttachRequest>,
     ) -> Result<Response<cri::AttachResponse>, Status> {
-        Err(not_yet("Attach"))
+        let mut req = request.into_inner();
+        check_stdio(
+            &req.container_id,
+            req.tty,
+            req.stdin,
+            req.stdout,
+            req.stderr,
+        )?;
+        req.container_id = self.running_container(&req.container_id, "attach to")?;
+        let url = self.park(Pending::Attach(req))?;
+        Ok(Response::new(cri::AttachResponse { url }))
     }
     async fn port_forward(
         &self,
-        _request: Request<cri::PortForwardRequest>,
+        request: Request<cri::PortForwardRequest>,
     ) -> Result<Response<cri::PortForwardResponse>, Status> {
-        Err(not_yet("PortForward"))
+        let mut req = request.into_inner();
+        if req.pod_sandbox_id.is_empty() {
+            return Err(Status::invalid_argument("missing required pod_sandbox_id"));
+        }
+        let sb = self.sandboxes.get(&req.pod_sandbox_id).map_err(status_of)?;
+        if sandbox_state(&sb) != cri::PodSandboxState::SandboxReady as i32 {
+            return Err(Status::failed_precondition(format!(
+                "pod sandbox {} is not ready",
+                sb.record.id
+            )));
+        }
+        req.pod_sandbox_id = sb.record.id.clone();
+        let url = self.park(Pending::PortForward(req))?;
+        Ok(Response::new(cri::PortForwardResponse { url }))
     }
     async fn container_stats(
         &self,

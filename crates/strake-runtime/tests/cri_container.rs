@@ -853,10 +853,11 @@ fn logs_reopen_on_request_and_bad_requests_get_clear_codes() {
     drop(node);
 }
 
-/// critest's conformance specs (streaming excluded: a separate issue) against a daemon in a
-/// node namespace, with the test bed's images standing in for upstream's. Prints the summary
+/// critest's conformance specs (streaming included, critest itself in the node namespace)
+/// against a daemon in a node namespace, with the test bed's images standing in for upstream's. Prints the summary
 /// for the issue note; run with `cargo test --test cri_container critest -- --ignored
-/// --nocapture` (`STRAKE_CRITEST_FOCUS=<regexp>` narrows the specs, e.g. to `stats`).
+/// --nocapture` (`STRAKE_CRITEST_FOCUS=<regexp>` narrows the specs, e.g. to `stats`;
+/// `STRAKE_CRITEST_ARGS` adds critest flags, e.g. `--websocket-exec`).
 #[test]
 #[ignore = "minutes long; run by hand for the issue note"]
 fn critest_conformance() {
@@ -875,7 +876,11 @@ fn critest_conformance() {
     .expect("images file");
     let rt = Runtime::start(&mut node, dir, Vec::new());
     let endpoint = format!("unix://{}", rt.socket.display());
-    let out = Command::new(paths::cri_tools_bin("critest").expect("critest"))
+    // In the node namespace: the streaming specs reach the runtime's streaming server on the
+    // node's loopback.
+    let out = node
+        .ns()
+        .command(paths::cri_tools_bin("critest").expect("critest"))
         .args([
             "--runtime-endpoint",
             &endpoint,
@@ -889,9 +894,14 @@ fn critest_conformance() {
                 "--ginkgo.focus={}",
                 std::env::var("STRAKE_CRITEST_FOCUS").unwrap_or_else(|_| "Conformance".into())
             ),
-            "--ginkgo.skip=Streaming|exec|attach|portforward|PortForward|Exec|Attach",
             "--ginkgo.no-color",
         ])
+        // e.g. `--websocket-exec --websocket-attach --websocket-portforward`
+        .args(
+            std::env::var("STRAKE_CRITEST_ARGS")
+                .unwrap_or_default()
+                .split_whitespace(),
+        )
         .output()
         .expect("run critest");
     let text = String::from_utf8_lossy(&out.stdout);

@@ -85,6 +85,10 @@ impl Bundle {
             exit_file: self.path("exit.json"),
             pid_file: self.path("init.pid"),
             ready_fd: 3,
+            stdin: false,
+            stdin_once: false,
+            tty: false,
+            attach_socket: None,
         };
         let raw = w.as_raw_fd();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_strake-monitor"));

@@ -9,11 +9,15 @@
 //! 3. reports the outcome, one JSON [`Ready`] line, on the descriptor it was given (`--ready-fd`);
 //! 4. copies both pipes into the CRI log file (`<time> <stream> <P|F> <line>`), reopening it
 //!    on SIGUSR1 (ReopenContainerLog);
-//! 5. records the container's exit durably in `--exit-file` ([`ExitRecord`], written atomically)
+//! 5. serves an attach socket ([`attach`]): output goes to attached clients too, their input
+//!    to the container's stdin (a pipe it holds with `--stdin`) or terminal (`--tty`: the
+//!    master `runc create --console-socket` hands over), their sizes to the terminal;
+//! 6. records the container's exit durably in `--exit-file` ([`ExitRecord`], written atomically)
 //!    the moment it is reaped, then drains the pipes and exits.
 //!
 //! Everything is single-threaded, blocking and libc-only, so a monitor costs little memory.
 
+pub mod attach;
 pub mod log;
 
 use std::ffi::OsString;
@@ -61,6 +65,14 @@ pub struct Args {
     pub exit_file: PathBuf,
     pub pid_file: PathBuf,
     pub ready_fd: RawFd,
+    /// Keep the container's stdin open on a pipe (CRI `stdin`).
+    pub stdin: bool,
+    /// Close the container's stdin when the first attached client's input ends.
+    pub stdin_once: bool,
+    /// The container has a terminal (CRI `tty`).
+    pub tty: bool,
+    /// Where to serve the attach socket.
+    pub attach_socket: Option<PathBuf>,
 }
 
 impl Args {
@@ -69,19 +81,27 @@ impl Args {
         let mut it = args.into_iter();
         let mut get = std::collections::HashMap::new();
         let mut systemd_cgroup = false;
+        let (mut stdin, mut stdin_once, mut tty) = (false, false, false);
         while let Some(a) = it.next() {
             let a = a.to_string_lossy().into_owned();
-            if a == "--systemd-cgroup" {
-                systemd_cgroup = true;
-                continue;
-            }
-            let key = a
-                .strip_prefix("--")
-                .ok_or_else(|| format!("unexpected argument {a:?}"))?
-                .to_string();
-            let value = it.next().ok_or_else(|| format!("--{key} needs a value"))?;
-            get.insert(key, value);
+            let switch = match a.as_str() {
+                "--systemd-cgroup" => &mut systemd_cgroup,
+                "--stdin" => &mut stdin,
+                "--stdin-once" => &mut stdin_once,
+                "--tty" => &mut tty,
+                _ => {
+                    let key = a
+                        .strip_prefix("--")
+                        .ok_or_else(|| format!("unexpected argument {a:?}"))?
+                        .to_string();
+                    let value = it.next().ok_or_else(|| format!("--{key} needs a value"))?;
+                    get.insert(key, value);
+                    continue;
+                }
+            };
+            *switch = true;
         }
+        let attach_socket = get.remove("attach-socket").map(PathBuf::from);
         let mut take = |k: &str| get.remove(k).ok_or_else(|| format!("--{k} is required"));
         let args = Args {
             id: take("id")?.to_string_lossy().into_owned(),
@@ -96,6 +116,10 @@ impl Args {
                 .to_string_lossy()
                 .parse()
                 .map_err(|e| format!("--ready-fd: {e}"))?,
+            stdin,
+            stdin_once,
+            tty,
+            attach_socket,
         };
         if let Some(k) = get.keys().next() {
             return Err(format!("unknown flag --{k}"));
@@ -118,8 +142,19 @@ impl Args {
         push("exit-file", self.exit_file.as_os_str());
         push("pid-file", self.pid_file.as_os_str());
         push("ready-fd", self.ready_fd.to_string().as_ref());
-        if self.systemd_cgroup {
-            v.push("--systemd-cgroup".into());
+        if let Some(p) = &self.attach_socket {
+            v.push("--attach-socket".into());
+            v.push(p.into());
+        }
+        for (on, flag) in [
+            (self.systemd_cgroup, "--systemd-cgroup"),
+            (self.stdin, "--stdin"),
+            (self.stdin_once, "--stdin-once"),
+            (self.tty, "--tty"),
+        ] {
+            if on {
+                v.push(flag.into());
+            }
         }
         v
     }
@@ -211,8 +246,47 @@ fn monitor(args: &Args, ready: &mut File) -> Result<(), String> {
     handle(libc::SIGCHLD);
     handle(libc::SIGUSR1);
 
-    let (out_r, out_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
-    let (err_r, err_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
+    // Output: two pipes, or the terminal's master (which runc sends while `create` runs).
+    let mut io = ProcessIo::default();
+    let mut outputs: Vec<(File, LineSplitter, bool, attach::Message)> = Vec::new();
+    let mut stdin_w: Option<File> = None;
+    let mut console = None;
+    if args.tty {
+        let path = std::env::temp_dir().join(format!(
+            "strake-console-{}-{}.sock",
+            std::process::id(),
+            now_ns()
+        ));
+        let listener = attach::listen_console(&path).map_err(|e| format!("console socket: {e}"))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let got = attach::accept(listener.as_raw_fd()).and_then(|c| attach::recv_fd(&c));
+            let _ = tx.send(got);
+        });
+        console = Some((path, rx));
+    } else {
+        let (out_r, out_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
+        let (err_r, err_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
+        io.stdout = Some(out_w);
+        io.stderr = Some(err_w);
+        outputs.push((
+            File::from(out_r),
+            LineSplitter::new(Stream::Stdout),
+            true,
+            attach::Message::Stdout(Vec::new()),
+        ));
+        outputs.push((
+            File::from(err_r),
+            LineSplitter::new(Stream::Stderr),
+            true,
+            attach::Message::Stderr(Vec::new()),
+        ));
+        if args.stdin {
+            let (in_r, in_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
+            io.stdin = Some(in_r);
+            stdin_w = Some(File::from(in_w));
+        }
+    }
     // Only the runc seam spawns the OCI runtime; its `create` waits for the runtime alone, the
     // container's init keeping the pipes' write ends.
     let runtime = RuncCli::new(RuncConfig {
@@ -228,15 +302,30 @@ fn monitor(args: &Args, ready: &mut File) -> Result<(), String> {
         &args.bundle,
         CreateOptions {
             pid_file: Some(args.pid_file.clone()),
-            console_socket: None,
+            console_socket: console.as_ref().map(|(p, _)| p.clone()),
             no_pivot: false,
-            io: ProcessIo {
-                stdin: None,
-                stdout: Some(out_w),
-                stderr: Some(err_w),
-            },
+            io,
         },
     );
+    let mut master: Option<File> = None;
+    if let Some((path, rx)) = console {
+        let _ = std::fs::remove_file(&path);
+        if created.is_ok() {
+            let fd = rx
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .map_err(|_| "no terminal from the OCI runtime".to_string())?
+                .map_err(|e| format!("receive the terminal: {e}"))?;
+            let f = File::from(fd);
+            let dup = f.try_clone().map_err(|e| format!("dup terminal: {e}"))?;
+            outputs.push((
+                f,
+                LineSplitter::new(Stream::Stdout),
+                true,
+                attach::Message::Stdout(Vec::new()),
+            ));
+            master = Some(dup);
+        }
+    }
     if let Err(e) = created {
         let msg = match e {
             RuncError::CommandFailed { stderr, .. } if !stderr.is_empty() => stderr,
@@ -254,16 +343,20 @@ fn monitor(args: &Args, ready: &mut File) -> Result<(), String> {
         .trim()
         .parse()
         .map_err(|e| format!("parse {}: {e}", args.pid_file.display()))?;
+    let listener = match &args.attach_socket {
+        Some(p) => {
+            Some(attach::listen(p).map_err(|e| format!("attach socket {}: {e}", p.display()))?)
+        }
+        None => None,
+    };
     let line =
         serde_json::to_string(&Ready::Created { pid: pid as u32 }).map_err(|e| e.to_string())?;
     writeln!(ready, "{line}").map_err(|e| format!("report ready: {e}"))?;
 
     let mut log =
         open_log(&args.log_path).map_err(|e| format!("open {}: {e}", args.log_path.display()))?;
-    let mut streams = [
-        (File::from(out_r), LineSplitter::new(Stream::Stdout), true),
-        (File::from(err_r), LineSplitter::new(Stream::Stderr), true),
-    ];
+    let mut clients: Vec<OwnedFd> = Vec::new();
+    let mut stdin_done = false;
     let mut exited = false;
     let mut buf = vec![0u8; 32 * 1024];
     loop {
@@ -280,23 +373,25 @@ fn monitor(args: &Args, ready: &mut File) -> Result<(), String> {
             // SAFETY: waitpid with WNOHANG on any child.
             while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
         }
-        if exited && streams.iter().all(|s| !s.2) {
+        if exited && outputs.iter().all(|s| !s.2) {
+            if let Some(p) = &args.attach_socket {
+                let _ = std::fs::remove_file(p);
+            }
             return Ok(());
         }
-        let mut fds: Vec<libc::pollfd> = streams
+        let mut fds: Vec<libc::pollfd> = outputs
             .iter()
             .filter(|s| s.2)
-            .map(|s| libc::pollfd {
-                fd: s.0.as_raw_fd(),
+            .map(|s| s.0.as_raw_fd())
+            .chain(listener.iter().map(|l| l.as_raw_fd()))
+            .chain(clients.iter().map(|c| c.as_raw_fd()))
+            .chain([wake_r.as_raw_fd()])
+            .map(|fd| libc::pollfd {
+                fd,
                 events: libc::POLLIN,
                 revents: 0,
             })
             .collect();
-        fds.push(libc::pollfd {
-            fd: wake_r.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        });
         // SAFETY: `fds` is a valid array of pollfd for its length.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
         if n < 0 {
@@ -306,17 +401,66 @@ fn monitor(args: &Args, ready: &mut File) -> Result<(), String> {
             }
             continue;
         }
+        let revents = |fd: RawFd| fds.iter().find(|p| p.fd == fd).map_or(0, |p| p.revents);
         let mut drain = [0u8; 64];
         // SAFETY: reading into a local buffer from our own non-blocking pipe.
         while unsafe { libc::read(wake_r.as_raw_fd(), drain.as_mut_ptr().cast(), drain.len()) } > 0
         {
         }
-        for (file, splitter, open) in streams.iter_mut().filter(|s| s.2) {
-            let pfd = fds
-                .iter()
-                .find(|p| p.fd == file.as_raw_fd())
-                .map_or(0, |p| p.revents);
-            if pfd == 0 {
+        if let Some(l) = &listener
+            && revents(l.as_raw_fd()) != 0
+            && let Ok(c) = attach::accept(l.as_raw_fd())
+        {
+            clients.push(c);
+        }
+        let mut gone = Vec::new();
+        for c in &clients {
+            let r = revents(c.as_raw_fd());
+            if r == 0 {
+                continue;
+            }
+            match attach::recv_packet(c.as_raw_fd()) {
+                Ok(Some(p)) => match attach::Message::decode(&p) {
+                    Some(attach::Message::Stdin(data)) if !stdin_done => {
+                        let target = if args.tty {
+                            master.as_mut()
+                        } else {
+                            stdin_w.as_mut()
+                        };
+                        if let Some(t) = target {
+                            let _ = t.write_all(&data);
+                        }
+                    }
+                    Some(attach::Message::StdinEof) if args.stdin_once && !stdin_done => {
+                        stdin_done = true;
+                        if args.tty {
+                            if let Some(m) = master.as_mut() {
+                                let _ = m.write_all(&[0x04]);
+                            }
+                        } else {
+                            stdin_w = None;
+                        }
+                    }
+                    Some(attach::Message::Resize(w, h)) => {
+                        if let Some(m) = &master {
+                            let ws = libc::winsize {
+                                ws_row: h,
+                                ws_col: w,
+                                ws_xpixel: 0,
+                                ws_ypixel: 0,
+                            };
+                            // SAFETY: TIOCSWINSZ reads a winsize from the pointer.
+                            unsafe { libc::ioctl(m.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+                        }
+                    }
+                    _ => {}
+                },
+                Ok(None) | Err(_) => gone.push(c.as_raw_fd()),
+            }
+        }
+        clients.retain(|c| !gone.contains(&c.as_raw_fd()));
+        for (file, splitter, open, kind) in outputs.iter_mut().filter(|s| s.2) {
+            if revents(file.as_raw_fd()) == 0 {
                 continue;
             }
             match file.read(&mut buf) {
@@ -328,9 +472,24 @@ fn monitor(args: &Args, ready: &mut File) -> Result<(), String> {
                     if let Err(e) = splitter.feed(&buf[..n], now_ns(), &mut log) {
                         eprintln!("strake-monitor: write log: {e}");
                     }
+                    if !clients.is_empty() {
+                        let msg = match kind {
+                            attach::Message::Stderr(_) => {
+                                attach::Message::Stderr(buf[..n].to_vec())
+                            }
+                            _ => attach::Message::Stdout(buf[..n].to_vec()),
+                        };
+                        let packet = msg.encode();
+                        // A client too slow to take the packet misses it (the log has it);
+                        // one whose connection failed is dropped.
+                        clients.retain(|c| {
+                            attach::send_packet(c.as_raw_fd(), &packet, libc::MSG_DONTWAIT).is_ok()
+                        });
+                    }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => {
+                    // A terminal's master reads EIO once the container closed its side.
                     *open = false;
                     let _ = splitter.finish(now_ns(), &mut log);
                 }
@@ -390,6 +549,10 @@ mod tests {
             exit_file: "/e".into(),
             pid_file: "/p".into(),
             ready_fd: 3,
+            stdin: true,
+            stdin_once: false,
+            tty: true,
+            attach_socket: Some("/a".into()),
         };
         assert_eq!(Args::parse(a.to_args()).unwrap(), a);
         assert!(Args::parse(vec!["--id".into()]).is_err());
