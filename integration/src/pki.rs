@@ -140,6 +140,18 @@ impl Pki {
         self.issue(file, common_name, groups, &[], false)
     }
 
+    /// Issues a serving certificate for `common_name` valid for `sans` (DNS names or IP
+    /// addresses), written as `<file>.crt/.key` (a kubelet's 10250, which the API server
+    /// verifies against the CA).
+    pub fn issue_server(
+        &self,
+        file: &str,
+        common_name: &str,
+        sans: &[String],
+    ) -> Result<CertFiles> {
+        self.issue(file, common_name, &[], sans, true)
+    }
+
     fn issue(
         &self,
         file: &str,

@@ -47,6 +47,31 @@ pub struct Flags {
     /// Cluster domain.
     #[arg(long)]
     pub cluster_domain: Option<String>,
+    /// Address the HTTPS API listens on (default 0.0.0.0).
+    #[arg(long)]
+    pub address: Option<IpAddr>,
+    /// Port of the HTTPS API (default 10250).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Serving certificate of the HTTPS API; without it a self-signed one is generated into
+    /// `<root-dir>/pki`.
+    #[arg(long)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// Key of `--tls-cert-file`.
+    #[arg(long)]
+    pub tls_private_key_file: Option<PathBuf>,
+    /// CA bundle that client certificates of the HTTPS API are verified against.
+    #[arg(long)]
+    pub client_ca_file: Option<PathBuf>,
+    /// Allow anonymous requests to the HTTPS API (user `system:anonymous`).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub anonymous_auth: Option<bool>,
+    /// Authenticate bearer tokens with TokenReview.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub authentication_token_webhook: Option<bool>,
+    /// `AlwaysAllow` or `Webhook` (SubjectAccessReview).
+    #[arg(long)]
+    pub authorization_mode: Option<String>,
 }
 
 /// The KubeletConfiguration fields Strake reads (others are ignored, as the kubelet ignores
@@ -72,6 +97,93 @@ pub struct FileConfig {
     pub pod_logs_dir: Option<PathBuf>,
     pub cgroup_root: Option<String>,
     pub file_check_frequency: Option<String>,
+    pub address: Option<IpAddr>,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_private_key_file: Option<PathBuf>,
+    pub authentication: Option<FileAuthentication>,
+    pub authorization: Option<FileAuthorization>,
+}
+
+/// `authentication` of the configuration file.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FileAuthentication {
+    pub x509: Option<FileX509>,
+    pub webhook: Option<FileAuthnWebhook>,
+    pub anonymous: Option<FileAnonymous>,
+}
+
+/// `authentication.x509`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FileX509 {
+    #[serde(rename = "clientCAFile")]
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// `authentication.webhook`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FileAuthnWebhook {
+    pub enabled: Option<bool>,
+    #[serde(rename = "cacheTTL")]
+    pub cache_ttl: Option<String>,
+}
+
+/// `authentication.anonymous`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FileAnonymous {
+    pub enabled: Option<bool>,
+}
+
+/// `authorization` of the configuration file.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FileAuthorization {
+    pub mode: Option<String>,
+    pub webhook: Option<FileAuthzWebhook>,
+}
+
+/// `authorization.webhook`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FileAuthzWebhook {
+    #[serde(rename = "cacheAuthorizedTTL")]
+    pub cache_authorized_ttl: Option<String>,
+    #[serde(rename = "cacheUnauthorizedTTL")]
+    pub cache_unauthorized_ttl: Option<String>,
+}
+
+/// How requests to the HTTPS API are authenticated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Authentication {
+    /// Client certificates signed by this CA bundle authenticate as CN (user) and O (groups).
+    pub client_ca_file: Option<PathBuf>,
+    /// Bearer tokens are checked with TokenReview.
+    pub webhook: bool,
+    /// How long TokenReview answers are cached.
+    pub webhook_cache_ttl: Duration,
+    /// Requests without credentials run as `system:anonymous`; otherwise they get 401.
+    pub anonymous: bool,
+}
+
+/// How authenticated requests to the HTTPS API are authorized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthorizationMode {
+    AlwaysAllow,
+    /// SubjectAccessReview against the API server.
+    Webhook,
+}
+
+/// Authorization of the HTTPS API.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Authorization {
+    pub mode: AuthorizationMode,
+    /// How long an "allowed" answer is cached.
+    pub cache_authorized_ttl: Duration,
+    /// How long a "denied" answer is cached.
+    pub cache_unauthorized_ttl: Duration,
 }
 
 /// A taint in the configuration file.
@@ -108,6 +220,13 @@ pub struct Config {
     pub cgroup_root: String,
     /// How often the static pod directory is re-read.
     pub file_check_frequency: Duration,
+    /// Address of the HTTPS API.
+    pub address: IpAddr,
+    /// Serving certificate and key of the HTTPS API (self-signed into `<root-dir>/pki` if none).
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_private_key_file: Option<PathBuf>,
+    pub authentication: Authentication,
+    pub authorization: Authorization,
 }
 
 /// The configuration is invalid.
@@ -177,6 +296,74 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
+/// Authentication: flags over the file over upstream's defaults, which differ between a
+/// kubelet started with a configuration file (anonymous off, webhook on, as
+/// `kubelet.config.k8s.io/v1beta1` defaults) and one started with flags only (anonymous on,
+/// webhook off).
+fn authentication(flags: &Flags, file: &FileConfig) -> Result<Authentication, ConfigError> {
+    let from_file = flags.config.is_some();
+    let f = file.authentication.clone().unwrap_or_default();
+    let ttl = f.webhook.as_ref().and_then(|w| w.cache_ttl.clone());
+    Ok(Authentication {
+        client_ca_file: flags
+            .client_ca_file
+            .clone()
+            .or(f.x509.and_then(|x| x.client_ca_file)),
+        webhook: flags
+            .authentication_token_webhook
+            .or(f.webhook.and_then(|w| w.enabled))
+            .unwrap_or(from_file),
+        webhook_cache_ttl: go_duration_or("authentication.webhook.cacheTTL", ttl, 120)?,
+        anonymous: flags
+            .anonymous_auth
+            .or(f.anonymous.and_then(|a| a.enabled))
+            .unwrap_or(!from_file),
+    })
+}
+
+/// Authorization: `Webhook` by default with a configuration file, `AlwaysAllow` without.
+fn authorization(flags: &Flags, file: &FileConfig) -> Result<Authorization, ConfigError> {
+    let f = file.authorization.clone().unwrap_or_default();
+    let mode = flags.authorization_mode.clone().or(f.mode);
+    let mode = match mode.as_deref() {
+        Some("AlwaysAllow") => AuthorizationMode::AlwaysAllow,
+        Some("Webhook") => AuthorizationMode::Webhook,
+        None if flags.config.is_some() => AuthorizationMode::Webhook,
+        None => AuthorizationMode::AlwaysAllow,
+        Some(other) => {
+            return Err(ConfigError::Invalid {
+                what: "authorization mode",
+                value: other.to_string(),
+            });
+        }
+    };
+    let w = f.webhook.unwrap_or_default();
+    Ok(Authorization {
+        mode,
+        cache_authorized_ttl: go_duration_or(
+            "authorization.webhook.cacheAuthorizedTTL",
+            w.cache_authorized_ttl,
+            300,
+        )?,
+        cache_unauthorized_ttl: go_duration_or(
+            "authorization.webhook.cacheUnauthorizedTTL",
+            w.cache_unauthorized_ttl,
+            30,
+        )?,
+    })
+}
+
+fn go_duration_or(
+    what: &'static str,
+    v: Option<String>,
+    default_secs: u64,
+) -> Result<Duration, ConfigError> {
+    match v {
+        Some(s) => parse_go_duration(&s).ok_or(ConfigError::Invalid { what, value: s }),
+        None => Ok(Duration::from_secs(default_secs)),
+    }
+}
+
 impl Config {
     /// Flags over the file over upstream's defaults.
     pub fn load(flags: &Flags) -> Result<Self, ConfigError> {
@@ -224,6 +411,8 @@ impl Config {
                 .map(|t| parse_taint(t))
                 .collect::<Result<_, _>>()?
         };
+        let authn = authentication(flags, &file)?;
+        let authz = authorization(flags, &file)?;
         Ok(Config {
             kubeconfig: flags.kubeconfig.clone(),
             node_name: flags
@@ -282,7 +471,18 @@ impl Config {
                 .clone()
                 .map(|r| if r == "/" { String::new() } else { r })
                 .unwrap_or_default(),
-            port: file.port.unwrap_or(10250),
+            port: flags.port.or(file.port).unwrap_or(10250),
+            address: flags
+                .address
+                .or(file.address)
+                .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+            tls_cert_file: flags.tls_cert_file.clone().or(file.tls_cert_file.clone()),
+            tls_private_key_file: flags
+                .tls_private_key_file
+                .clone()
+                .or(file.tls_private_key_file.clone()),
+            authentication: authn,
+            authorization: authz,
             healthz_port: file.healthz_port.unwrap_or(10248),
         })
     }
@@ -382,6 +582,108 @@ mod tests {
         assert_eq!(c.node_status_report_frequency, Duration::from_secs(300));
         assert_eq!(c.cgroup_root, "");
         assert_eq!(c.cluster_dns, vec!["10.96.0.10".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn api_security_defaults_follow_upstream_with_and_without_a_config_file() {
+        let flags_only = Config::merge(&Flags::default(), FileConfig::default()).unwrap();
+        assert!(flags_only.authentication.anonymous);
+        assert!(!flags_only.authentication.webhook);
+        assert_eq!(
+            flags_only.authorization.mode,
+            AuthorizationMode::AlwaysAllow
+        );
+        assert_eq!(flags_only.address, "0.0.0.0".parse::<IpAddr>().unwrap());
+        let with_file = Flags {
+            config: Some("/k.yaml".into()),
+            ..Default::default()
+        };
+        let c = Config::merge(&with_file, FileConfig::default()).unwrap();
+        assert!(!c.authentication.anonymous);
+        assert!(c.authentication.webhook);
+        assert_eq!(c.authentication.webhook_cache_ttl, Duration::from_secs(120));
+        assert_eq!(c.authorization.mode, AuthorizationMode::Webhook);
+        assert_eq!(
+            c.authorization.cache_authorized_ttl,
+            Duration::from_secs(300)
+        );
+        assert_eq!(
+            c.authorization.cache_unauthorized_ttl,
+            Duration::from_secs(30)
+        );
+    }
+
+    #[test]
+    fn api_security_fields_parse_from_the_file_and_flags_win() {
+        let file: FileConfig = serde_saphyr::from_str(
+            "address: 127.0.0.1\nport: 11250\ntlsCertFile: /c.crt\ntlsPrivateKeyFile: /c.key\n\
+             authentication:\n  x509: {clientCAFile: /ca.crt}\n  webhook: {enabled: false, cacheTTL: 5s}\n\
+             \x20 anonymous: {enabled: true}\nauthorization:\n  mode: AlwaysAllow\n\
+             \x20 webhook: {cacheAuthorizedTTL: 1m, cacheUnauthorizedTTL: 2s}\n",
+        )
+        .unwrap();
+        let flags = Flags {
+            config: Some("/k.yaml".into()),
+            anonymous_auth: Some(false),
+            ..Default::default()
+        };
+        let c = Config::merge(&flags, file).unwrap();
+        assert_eq!(c.address, "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(c.port, 11250);
+        assert_eq!(c.tls_cert_file, Some(PathBuf::from("/c.crt")));
+        assert_eq!(c.tls_private_key_file, Some(PathBuf::from("/c.key")));
+        assert_eq!(
+            c.authentication.client_ca_file,
+            Some(PathBuf::from("/ca.crt"))
+        );
+        assert!(!c.authentication.webhook);
+        assert!(!c.authentication.anonymous, "the flag wins");
+        assert_eq!(c.authentication.webhook_cache_ttl, Duration::from_secs(5));
+        assert_eq!(c.authorization.mode, AuthorizationMode::AlwaysAllow);
+        assert_eq!(
+            c.authorization.cache_authorized_ttl,
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            c.authorization.cache_unauthorized_ttl,
+            Duration::from_secs(2)
+        );
+        let bad = Flags {
+            authorization_mode: Some("Node".into()),
+            ..Default::default()
+        };
+        assert!(Config::merge(&bad, FileConfig::default()).is_err());
+    }
+
+    #[test]
+    fn boolean_flags_take_go_style_values() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            flags: Flags,
+        }
+        let f = Cli::try_parse_from([
+            "k",
+            "--anonymous-auth=false",
+            "--authentication-token-webhook",
+            "--authorization-mode=Webhook",
+            "--port=11250",
+            "--address=127.0.0.1",
+            "--client-ca-file=/ca.crt",
+        ])
+        .unwrap()
+        .flags;
+        assert_eq!(f.anonymous_auth, Some(false));
+        assert_eq!(f.authentication_token_webhook, Some(true));
+        let c = Config::merge(&f, FileConfig::default()).unwrap();
+        assert!(!c.authentication.anonymous && c.authentication.webhook);
+        assert_eq!(c.authorization.mode, AuthorizationMode::Webhook);
+        assert_eq!(c.port, 11250);
+        assert_eq!(
+            c.authentication.client_ca_file,
+            Some(PathBuf::from("/ca.crt"))
+        );
     }
 
     #[test]

@@ -9,8 +9,9 @@
 //!
 //! Status (issue #5): node registration, Lease, node status and conditions; pods bound to the
 //! node and static pods (standalone or mirrored) run through CRI with init containers,
-//! sidecars, probes, volumes, restart backoff, status and graceful deletion. Not yet: the HTTPS
-//! API on 10250, stats, eviction, image and container GC.
+//! sidecars, probes, volumes, restart backoff, status and graceful deletion; the HTTPS API on
+//! 10250 ([`server`]: logs, exec/attach/port-forward, stats, metrics). Not yet: eviction, image
+//! and container GC.
 
 pub mod config;
 pub mod credentials;
@@ -25,6 +26,7 @@ pub mod pods;
 pub mod prober;
 pub mod resources;
 pub mod runtime;
+pub mod server;
 pub mod static_pods;
 pub mod volumes;
 
@@ -53,6 +55,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The HTTPS API (10250) could not start.
+    #[error("kubelet API")]
+    Server(#[source] server::ServerError),
     /// Neither an API server nor a static pod directory: nothing to do.
     #[error("give --kubeconfig, or --pod-manifest-path for standalone mode")]
     Standalone,
@@ -111,6 +116,16 @@ impl App {
         if clients.is_none() && self.config.pod_manifest_path.is_none() {
             return Err(Error::Standalone);
         }
+        // The API's reviews and pod watch get their own connection too.
+        let api_client = match &self.config.kubeconfig {
+            Some(kc) => Some(client(kc).await?),
+            None => None,
+        };
+        let server = server::Server::bind(&self.config, self.runtime.clone(), api_client)
+            .await
+            .map_err(Error::Server)?;
+        tracing::info!(addr = ?server.local_addr().ok(), "kubelet API listening");
+        let server_task = tokio::spawn(server.serve());
         let work = async {
             let mut tasks = Vec::new();
             if let Some((main_client, lease_client)) = &clients {
@@ -166,6 +181,7 @@ impl App {
             _ = shutdown => tracing::info!("shutting down; pods keep running"),
             _ = work => {}
         }
+        server_task.abort();
         Ok(())
     }
 }
