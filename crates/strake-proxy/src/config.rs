@@ -66,6 +66,39 @@ pub struct Flags {
     /// Remove the proxy's own nftables tables and exit.
     #[arg(long)]
     pub cleanup: bool,
+    /// How rules reach the kernel: `netlink` (nf_tables messages, one batch per sync) or
+    /// `nft` (the `nft` program, much slower at scale; for diagnosis). Strake's own flag.
+    #[arg(long, value_enum, default_value_t)]
+    pub nft_backend: NftBackend,
+}
+
+/// The [`crate::nft::Nft`] implementation the daemon uses (`--nft-backend`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum NftBackend {
+    /// [`crate::nft::netlink::NftNetlink`]: nf_tables netlink batches.
+    #[default]
+    Netlink,
+    /// [`crate::nft::NftCommand`]: `nft -f` with the same scripts.
+    Nft,
+}
+
+impl std::fmt::Display for NftBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NftBackend::Netlink => "netlink",
+            NftBackend::Nft => "nft",
+        })
+    }
+}
+
+impl NftBackend {
+    /// The backend, programming the caller's network namespace.
+    pub fn build(self) -> std::sync::Arc<dyn crate::nft::Nft> {
+        match self {
+            NftBackend::Netlink => std::sync::Arc::new(crate::nft::netlink::NftNetlink::new()),
+            NftBackend::Nft => std::sync::Arc::new(crate::nft::NftCommand::new()),
+        }
+    }
 }
 
 /// The KubeProxyConfiguration fields Strake reads; others are ignored.
@@ -134,6 +167,8 @@ pub struct DaemonConfig {
     pub metrics_bind_address: SocketAddr,
     /// Remove own tables and exit.
     pub cleanup: bool,
+    /// How rules reach the kernel.
+    pub nft_backend: NftBackend,
 }
 
 /// A configuration that cannot be used.
@@ -305,6 +340,7 @@ impl DaemonConfig {
                 DEFAULT_METRICS_BIND_ADDRESS,
             )?,
             cleanup: flags.cleanup,
+            nft_backend: flags.nft_backend,
         })
     }
 }
@@ -454,14 +490,17 @@ mod tests {
         assert_eq!(c.sync_period, Duration::from_secs(60));
         assert_eq!(c.min_sync_period, Duration::from_millis(500));
         assert_eq!(c.metrics_bind_address.to_string(), "0.0.0.0:10249");
+        assert_eq!(c.nft_backend, NftBackend::Netlink);
         let cli = <Cli as clap::Parser>::try_parse_from([
             "strake-proxy",
             "--masquerade-all=false",
             "--cleanup",
+            "--nft-backend=nft",
         ])
         .unwrap();
         assert_eq!(cli.flags.masquerade_all, Some(false));
         assert!(cli.flags.cleanup);
+        assert_eq!(cli.flags.nft_backend, NftBackend::Nft);
     }
 
     #[test]

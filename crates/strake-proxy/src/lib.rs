@@ -6,7 +6,8 @@
 //! Start reading at [`App`] (flags -> running daemon), then [`proxier`] (watchers and the sync
 //! loop), [`model::build`] (API objects -> validated model), [`nft::ruleset::Ruleset::build`]
 //! (model -> desired nftables state, a pure function), [`nft::sync::Syncer`] (desired versus
-//! last applied -> one nft transaction) and the [`nft::Nft`] seam that runs the `nft` program;
+//! last applied -> one nft transaction) and the [`nft::Nft`] seam that takes it to the kernel
+//! ([`nft::netlink`] by default, or the `nft` program);
 //! [`conntrack`] then deletes the UDP flows the new rules no longer produce.
 //! [`server`] answers `/healthz`, `/livez`, `/metrics` and `/proxyMode` on its own thread, where
 //! [`healthcheck`] also serves the health-check node ports of `externalTrafficPolicy: Local`.
@@ -31,7 +32,7 @@ use crate::conntrack::{Conntrack, ConntrackCommand};
 use crate::health::Health;
 use crate::healthcheck::HealthCheckPorts;
 use crate::metrics::Metrics;
-use crate::nft::{Nft, NftCommand, NftError};
+use crate::nft::{Nft, NftError};
 use crate::proxier::{Kernel, Tracker, WarningReporter};
 use crate::server::{ServerHandle, Shared};
 
@@ -89,7 +90,8 @@ impl std::fmt::Debug for App {
 impl App {
     /// Builds the API client and starts the health and metrics servers.
     pub async fn build(config: DaemonConfig) -> Result<Self, Error> {
-        Self::build_with(config, Arc::new(NftCommand::new())).await
+        let nft = config.nft_backend.build();
+        Self::build_with(config, nft).await
     }
 
     /// Like [`App::build`], with another [`Nft`].

@@ -3,7 +3,6 @@
 use clap::Parser;
 use strake_proxy::App;
 use strake_proxy::config::{DaemonConfig, Flags};
-use strake_proxy::nft::NftCommand;
 
 #[derive(Parser)]
 #[command(name = "strake-proxy", version, about)]
@@ -19,7 +18,7 @@ fn main() -> anyhow::Result<()> {
     cli.log.init()?;
     let config = DaemonConfig::load(&cli.flags)?;
     if config.cleanup {
-        strake_proxy::cleanup(&NftCommand::new())?;
+        strake_proxy::cleanup(config.nft_backend.build().as_ref())?;
         return Ok(());
     }
     let rt = tokio::runtime::Runtime::new()?;

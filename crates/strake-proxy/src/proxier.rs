@@ -666,6 +666,7 @@ mod tests {
         let nft = Arc::new(RecordingNft::default());
         let conntrack = Arc::new(crate::conntrack::RecordingConntrack::default());
         let daemon = DaemonConfig {
+            nft_backend: crate::config::NftBackend::default(),
             proxy: config(),
             kubeconfig: None,
             sync_period: Duration::from_secs(30),
@@ -783,6 +784,7 @@ mod tests {
         let nft = Arc::new(RecordingNft::default());
         let conntrack = Arc::new(RecordingConntrack::default());
         let daemon = DaemonConfig {
+            nft_backend: crate::config::NftBackend::default(),
             proxy: config(),
             kubeconfig: None,
             sync_period: Duration::from_secs(30),

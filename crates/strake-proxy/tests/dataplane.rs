@@ -30,9 +30,10 @@ use serde_json::{Value, json};
 use strake_proxy::config::Config;
 use strake_proxy::conntrack::{self, ConntrackCommand, Deletion, UdpState};
 use strake_proxy::model::{self, IpFamily};
+use strake_proxy::nft::netlink::NftNetlink;
 use strake_proxy::nft::ruleset::Ruleset;
 use strake_proxy::nft::sync::Syncer;
-use strake_proxy::nft::{Nft, NftCommand, TABLE};
+use strake_proxy::nft::{Nft, TABLE};
 
 const PREFIX: &str = "sproxy";
 const NODE_NAME: &str = "node-a";
@@ -165,7 +166,7 @@ struct World {
     external: Ns,
     node: Ns,
     _www: tempfile::TempDir,
-    nft: NftCommand,
+    nft: NftNetlink,
 }
 
 impl World {
@@ -304,7 +305,7 @@ impl World {
             servers.push(Proc(child));
             list.push((ns, ip));
         }
-        let nft = NftCommand::in_netns(node.path()).with_program("/usr/sbin/nft");
+        let nft = NftNetlink::in_netns(node.path()).with_list_program("/usr/sbin/nft");
         let world = World {
             _servers: servers,
             backends: list,
@@ -705,7 +706,7 @@ fn slice(svc: &str, family: &str, endpoints: &[(&str, &str)]) -> EndpointSlice {
 fn partial_syncs_reach_the_same_tables_as_a_full_sync() {
     sweep_stale();
     let node = Ns::create("sync");
-    let nft = NftCommand::in_netns(node.path()).with_program("/usr/sbin/nft");
+    let nft = NftNetlink::in_netns(node.path()).with_list_program("/usr/sbin/nft");
     let config = Config {
         node_name: NODE_NAME.into(),
         cluster_cidrs: vec![

@@ -1,17 +1,24 @@
 //! The nftables data plane: the desired ruleset ([`ruleset`]), the transactions that get it
-//! into the kernel ([`sync`]) and the [`Nft`] seam, the only code that runs the `nft` program.
+//! into the kernel ([`sync`]) and the [`Nft`] seam, the only code that touches the kernel's
+//! rules: [`netlink::NftNetlink`] (the default) or [`NftCommand`] (the `nft` program).
 //!
-//! Scripts are nft's text syntax fed to `nft -f`, not the `nftables` crate's JSON (`nft -j -f`).
-//! Measured with `examples/syntax_bench.rs` at 10k Services x 10 endpoints (nft 1.0.6): the text
-//! full sync is generated in 0.07 s (45 MB) and loaded in 6.7 s; the JSON document for the same
-//! per-Service objects (fewer fixed ones) takes 0.48 s to build (91 MB) and 10.8 s to load. JSON
-//! also cannot express what the ruleset needs: the crate has no `verdict` set type and nft 1.0.6's
-//! JSON parser refuses a numgen-keyed named map ("unqualified type integer").
+//! Transactions are written in nft's text syntax, whichever backend carries them: `nft -f`
+//! reads it directly, and the netlink backend compiles that (small, fixed) vocabulary into
+//! nf_tables messages the way nft linearises it, so both leave identical tables.
 //!
-//! The `nft` program costs ~0.35-0.5 s per run at that size whatever the change, because it
-//! dumps the table's chains and sets before applying a script; one-change syncs in milliseconds
-//! need nftables netlink messages sent directly, behind this same [`Nft`] seam.
+//! Why not the `nftables` crate's JSON (`nft -j -f`): measured with `examples/syntax_bench.rs`
+//! at 10k Services x 10 endpoints (nft 1.0.6), the text full sync is generated in 0.07 s
+//! (45 MB) and loaded in 6.7 s; the JSON document for the same per-Service objects (fewer fixed
+//! ones) takes 0.48 s to build (91 MB) and 10.8 s to load. JSON also cannot express what the
+//! ruleset needs: the crate has no `verdict` set type and nft 1.0.6's JSON parser refuses a
+//! numgen-keyed named map ("unqualified type integer").
+//!
+//! Why netlink by default: the `nft` program costs ~0.35-0.5 s per run at that size whatever
+//! the change, because it dumps the table's chains and sets before applying a script, and
+//! spends most of the 6.7 s of a full load in its own parser and evaluator. The netlink
+//! backend sends one batch per sync and lists nothing (figures in [`netlink`]).
 
+pub mod netlink;
 pub mod ruleset;
 pub mod sync;
 
@@ -56,6 +63,28 @@ pub enum NftError {
         /// Why it did not.
         #[source]
         source: std::io::Error,
+    },
+    /// The script holds a command the netlink backend cannot encode; nothing was sent.
+    #[error("encode the transaction as netlink messages")]
+    Encode {
+        /// The offending line.
+        #[source]
+        source: netlink::encode::EncodeError,
+    },
+    /// The netlink socket could not be opened, written or read.
+    #[error("netlink: {op}")]
+    Netlink {
+        /// What was being done.
+        op: &'static str,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel refused the transaction; it applied none of it.
+    #[error("the kernel refused the transaction: {}", netlink::describe(refusals))]
+    Rejected {
+        /// Each refused command, in batch order.
+        refusals: Vec<netlink::Refusal>,
     },
 }
 

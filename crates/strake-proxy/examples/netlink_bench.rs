@@ -1,0 +1,296 @@
+//! The cost of a sync from "the proxier decides to sync" to "the kernel has it", through the
+//! netlink backend (or `nft -f` with `--text`), for N Services x M endpoints, inside a
+//! throwaway network namespace (needs root; never touches the caller's namespace).
+//!
+//! `cargo run --release -p strake-proxy --example netlink_bench -- [SERVICES] [ENDPOINTS] [--text]`
+//!
+//! Each step runs the daemon's whole pipeline (`model::build` -> `Ruleset::build` ->
+//! `Syncer::sync`): a full sync, then partial ones for one endpoint added, one removed, one
+//! Service added (5 rounds each, median shown), then a forced full sync over the full table.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde_json::json;
+use strake_proxy::config::Config;
+use strake_proxy::model;
+use strake_proxy::nft::netlink::NftNetlink;
+use strake_proxy::nft::netlink::encode::{self, Layouts};
+use strake_proxy::nft::ruleset::Ruleset;
+use strake_proxy::nft::sync::{Syncer, full_script};
+use strake_proxy::nft::{Nft, NftCommand};
+
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn service(i: u32) -> Service {
+    let ip = format!("10.96.{}.{}", 1 + i / 250, 1 + i % 250);
+    serde_json::from_value(json!({
+        "metadata": { "namespace": "default", "name": format!("svc-{i}") },
+        "spec": { "clusterIP": ip, "clusterIPs": [ip], "ports": [{ "name": "http", "port": 80 }] },
+    }))
+    .unwrap()
+}
+
+fn endpoint_ip(n: u32) -> String {
+    format!(
+        "10.{}.{}.{}",
+        128 + n / 62_500,
+        (n / 250) % 250,
+        1 + n % 250
+    )
+}
+
+fn slice(i: u32, endpoints: u32) -> EndpointSlice {
+    let eps: Vec<_> = (0..endpoints)
+        .map(|e| json!({ "addresses": [endpoint_ip(i * endpoints + e)], "nodeName": "n1" }))
+        .collect();
+    serde_json::from_value(json!({
+        "metadata": { "namespace": "default", "name": format!("svc-{i}-1"), "labels": { "kubernetes.io/service-name": format!("svc-{i}") } },
+        "addressType": "IPv4",
+        "ports": [{ "name": "http", "port": 8080 }],
+        "endpoints": eps,
+    }))
+    .unwrap()
+}
+
+/// CPU time (user + system) of the calling thread: the kernel's work on a netlink batch runs
+/// inside our `sendmsg`, so it is counted here too. Less disturbed than wall time on a busy
+/// machine (a `nft -f` child's time is not counted: compare those by wall time).
+fn cpu() -> Duration {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// Times each `apply` of the backend it wraps: (wall, CPU).
+struct Timed<'a> {
+    inner: &'a dyn Nft,
+    last: std::sync::Mutex<(Duration, Duration)>,
+}
+
+impl Nft for Timed<'_> {
+    fn apply(&self, script: &str) -> Result<(), strake_proxy::nft::NftError> {
+        let (t, c) = (Instant::now(), cpu());
+        let result = self.inner.apply(script);
+        *self.last.lock().unwrap() = (t.elapsed(), cpu() - c);
+        result
+    }
+
+    fn list_table(
+        &self,
+        family: strake_proxy::model::IpFamily,
+        name: &str,
+    ) -> Result<String, strake_proxy::nft::NftError> {
+        self.inner.list_table(family, name)
+    }
+}
+
+struct Bench<'a> {
+    config: Config,
+    nft: &'a Timed<'a>,
+    syncer: Syncer,
+}
+
+impl Bench<'_> {
+    /// One pass of the daemon's sync pipeline.
+    fn sync(&mut self, svcs: &[Service], slices: &[EndpointSlice]) -> Sample {
+        let (t, c) = (Instant::now(), cpu());
+        let (m, w) = model::build(svcs, slices, None, &self.config);
+        assert!(w.is_empty(), "{:?}", &w[..w.len().min(3)]);
+        let r = Ruleset::build(&m, &self.config);
+        *self.nft.last.lock().unwrap() = (Duration::ZERO, Duration::ZERO);
+        let report = self.syncer.sync(self.nft, r).unwrap();
+        let (apply, apply_cpu) = *self.nft.last.lock().unwrap();
+        Sample {
+            total: t.elapsed(),
+            total_cpu: cpu() - c,
+            apply,
+            apply_cpu,
+            bytes: report.bytes,
+            full: report.full,
+        }
+    }
+}
+
+/// One sync: wall and CPU time of the whole pipeline and of the backend's apply.
+#[derive(Clone, Copy)]
+struct Sample {
+    total: Duration,
+    total_cpu: Duration,
+    apply: Duration,
+    apply_cpu: Duration,
+    bytes: usize,
+    full: bool,
+}
+
+impl std::fmt::Display for Sample {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "total {:.1?} (cpu {:.1?}), of which apply {:.1?} (cpu {:.1?}); {} bytes of script",
+            self.total, self.total_cpu, self.apply, self.apply_cpu, self.bytes
+        )
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let text = args.iter().any(|a| a == "--text");
+    let mut nums = args.iter().filter_map(|a| a.parse::<u32>().ok());
+    let services = nums.next().unwrap_or(10_000);
+    let endpoints = nums.next().unwrap_or(10);
+
+    let ns = Netns(format!("sproxy-bench-{}", std::process::id()));
+    assert!(
+        Command::new("ip")
+            .args(["netns", "add", &ns.0])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let path = format!("/run/netns/{}", ns.0);
+    let backend: Box<dyn Nft> = if text {
+        Box::new(NftCommand::in_netns(&path).with_program("/usr/sbin/nft"))
+    } else {
+        Box::new(NftNetlink::in_netns(&path).with_list_program("/usr/sbin/nft"))
+    };
+    let nft = Timed {
+        inner: backend.as_ref(),
+        last: std::sync::Mutex::new((Duration::ZERO, Duration::ZERO)),
+    };
+    let mut bench = Bench {
+        config: Config {
+            node_name: "n1".into(),
+            cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+            masquerade_all: false,
+        },
+        nft: &nft,
+        syncer: Syncer::new(),
+    };
+    let mut svcs: Vec<Service> = (0..services).map(service).collect();
+    let mut slices: Vec<EndpointSlice> = (0..services).map(|i| slice(i, endpoints)).collect();
+    println!(
+        "{services} Services x {endpoints} endpoints, backend {}",
+        if text { "nft -f" } else { "netlink" }
+    );
+
+    let first = bench.sync(&svcs, &slices);
+    assert!(first.full);
+    println!("full sync (empty table): {first}");
+    if !text {
+        let (m, _) = model::build(&svcs, &slices, None, &bench.config);
+        let r = Ruleset::build(&m, &bench.config);
+        let t = Instant::now();
+        let script = full_script(&r);
+        let t_script = t.elapsed();
+        let t = Instant::now();
+        let batch = encode::compile(&script, 1, &mut Layouts::new()).unwrap();
+        println!(
+            "  of a full sync: script {t_script:?}, netlink encoding {:?} ({} bytes, {} messages)",
+            t.elapsed(),
+            batch.bytes.len(),
+            batch.lines.len()
+        );
+    }
+
+    if !text {
+        // What the kernel charges for tiny transactions on a table this size.
+        for (what, script) in [
+            (
+                "add a set element",
+                "add element ip strake-proxy cluster-ips { 10.99.0.1 }\n",
+            ),
+            ("add an empty chain", "add chain ip strake-proxy probe\n"),
+            ("add a rule: drop", "add rule ip strake-proxy probe drop\n"),
+            (
+                "add a rule: jump",
+                "add rule ip strake-proxy probe jump mark-for-masquerade\n",
+            ),
+            (
+                "flush and delete the chain",
+                "flush chain ip strake-proxy probe\ndelete chain ip strake-proxy probe\n",
+            ),
+            (
+                "delete the set element",
+                "delete element ip strake-proxy cluster-ips { 10.99.0.1 }\n",
+            ),
+        ] {
+            let (t, c) = (Instant::now(), cpu());
+            backend.apply(script).unwrap();
+            println!(
+                "  kernel probe, {what}: {:.1?} (cpu {:.1?})",
+                t.elapsed(),
+                cpu() - c
+            );
+        }
+    }
+
+    let rounds = 5;
+    let last = (services - 1) as usize;
+    let report = |name: &str, samples: Vec<Sample>| {
+        assert!(
+            samples.iter().all(|s| !s.full),
+            "{name}: a partial sync was full"
+        );
+        let m = |f: fn(&Sample) -> Duration| median(samples.iter().map(f).collect());
+        let sample = Sample {
+            total: m(|s| s.total),
+            total_cpu: m(|s| s.total_cpu),
+            apply: m(|s| s.apply),
+            apply_cpu: m(|s| s.apply_cpu),
+            bytes: samples[0].bytes,
+            full: false,
+        };
+        println!("{name}: {sample}; medians of {rounds}");
+    };
+
+    let mut added = Vec::new();
+    let mut removed = Vec::new();
+    for round in 0..rounds {
+        // One endpoint added to the last Service...
+        let eps = slices[last].endpoints.as_mut().unwrap();
+        eps.push(
+            serde_json::from_value(
+                json!({ "addresses": [format!("10.255.{round}.1")], "nodeName": "n1" }),
+            )
+            .unwrap(),
+        );
+        added.push(bench.sync(&svcs, &slices));
+        // ...and removed again.
+        slices[last].endpoints.as_mut().unwrap().pop();
+        removed.push(bench.sync(&svcs, &slices));
+    }
+    report("one endpoint added", added);
+    report("one endpoint removed", removed);
+
+    let mut new_service = Vec::new();
+    for round in 0..rounds as u32 {
+        let i = services + round;
+        svcs.push(service(i));
+        slices.push(slice(i, endpoints));
+        new_service.push(bench.sync(&svcs, &slices));
+    }
+    report("one Service added", new_service);
+
+    bench.syncer.force_full();
+    let again = bench.sync(&svcs, &slices);
+    assert!(again.full);
+    println!("full sync (replacing a full table): {again}");
+}
