@@ -45,6 +45,8 @@ pub struct Report {
     pub cluster_ip_answers: BTreeMap<String, usize>,
     /// The answer to a request sent to the NodePort from outside the node.
     pub node_port_answer: String,
+    /// The first pod's log, read through the API server and strake-kubelet's API.
+    pub log: String,
 }
 
 /// Everything the demo started; dropping it tears the demo down in reverse order.
@@ -165,6 +167,16 @@ pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<(Demo, Report)>
     for (name, ip) in &report.pods {
         say(out, format!("pod {name} Running and Ready at {ip}"));
     }
+    // `kubectl logs`: the API server asks strake-kubelet's 10250, which reads the log file
+    // strake-runtime's monitor writes.
+    if let Some(first) = report.pods.keys().next() {
+        let log = pods
+            .logs(first, &kube::api::LogParams::default())
+            .await
+            .context("pod logs through the kubelet API")?;
+        report.log = log.trim().to_string();
+        say(out, format!("kubectl logs {first}: {}", report.log));
+    }
 
     let url = format!("http://{}/", report.cluster_ip);
     // The EndpointSlice controller adds pods as they become ready, and strake-proxy programs
@@ -266,7 +278,7 @@ fn proxy_log(node: &KubeletNode) -> String {
 fn deployment(image: &str) -> Deployment {
     // Each pod writes its own name into its web root and serves it on 8080.
     let script = "mkdir -p /tmp/www && echo \"hello from $(POD_NAME)\" > /tmp/www/index.html \
-                  && exec httpd -f -p 8080 -h /tmp/www";
+                  && echo \"$(POD_NAME) serving on :8080\" && exec httpd -f -p 8080 -h /tmp/www";
     serde_json::from_value(serde_json::json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",

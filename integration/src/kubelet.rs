@@ -116,7 +116,8 @@ impl KubeletNode {
         Self::start_on(cp, index, name, extra_config, RuntimeKind::Containerd).await
     }
 
-    /// Starts the given runtime and strake-kubelet on node number `index` of `cp`.
+    /// Starts the given runtime and strake-kubelet on node number `index` of `cp`, its
+    /// 10250 serving a certificate of the cluster CA.
     pub async fn start_on(
         cp: &ControlPlane,
         index: u8,
@@ -126,7 +127,21 @@ impl KubeletNode {
     ) -> Result<Self> {
         let ns = cp.net().add_node(index)?;
         let kubeconfig = cp.node_kubeconfig(name)?;
-        Self::start_in(ns, index, name, extra_config, kind, Some(&kubeconfig)).await
+        // The API server verifies the kubelet's serving certificate (logs, exec, port-forward
+        // go through 10250), and the kubelet accepts client certificates of the cluster CA.
+        let serving = cp.pki().issue_server(
+            &format!("kubelet-serving-{name}"),
+            name,
+            &[name.to_string(), ns.ip().to_string()],
+        )?;
+        let config = format!(
+            "tlsCertFile: {}\ntlsPrivateKeyFile: {}\nauthentication:\n  x509:\n    clientCAFile: {}\n\
+             {extra_config}",
+            serving.cert.display(),
+            serving.key.display(),
+            cp.pki().ca.cert.display(),
+        );
+        Self::start_in(ns, index, name, &config, kind, Some(&kubeconfig)).await
     }
 
     /// Starts containerd and a standalone strake-kubelet (no API server) on node `index` of `net`.

@@ -39,5 +39,7 @@ async fn demo_serves_a_deployment_behind_a_service() {
         );
     }
     assert!(report.node_port > 0, "{report:?}");
+    let first = report.pods.keys().next().expect("a pod");
+    assert_eq!(report.log, format!("{first} serving on :8080"));
     drop(running);
 }

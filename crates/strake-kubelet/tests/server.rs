@@ -28,26 +28,10 @@ fn node_ip(index: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 213, 0, 10 + index)
 }
 
-/// Starts a node whose 10250 serves a certificate from the cluster CA (the API server verifies
-/// it) and accepts client certificates from the same CA.
+/// Starts a node on containerd (streaming goes through containerd's streaming server); the
+/// test bed gives its 10250 a certificate of the cluster CA, which the API server verifies.
 async fn start_node(cp: &ControlPlane, index: u8, name: &str, extra: &str) -> KubeletNode {
-    let ip = node_ip(index);
-    let serving = cp
-        .pki()
-        .issue_server(
-            &format!("kubelet-serving-{name}"),
-            name,
-            &[name.to_string(), ip.to_string()],
-        )
-        .expect("serving certificate");
-    let config = format!(
-        "tlsCertFile: {}\ntlsPrivateKeyFile: {}\nauthentication:\n  x509:\n    clientCAFile: {}\n{extra}",
-        serving.cert.display(),
-        serving.key.display(),
-        cp.pki().ca.cert.display(),
-    );
-    // Streaming goes through containerd's streaming server.
-    KubeletNode::start_on(cp, index, name, &config, RuntimeKind::Containerd)
+    KubeletNode::start_on(cp, index, name, extra, RuntimeKind::Containerd)
         .await
         .expect("start node")
 }
