@@ -225,7 +225,10 @@ mod tests {
         ));
         let entries =
             entries_of_secret("regcred", Some("kubernetes.io/dockerconfigjson"), &data).unwrap();
-        let got = auth_configs("10.213.0.1:5001/strake/protected:1", std::slice::from_ref(&entries));
+        let got = auth_configs(
+            "10.213.0.1:5001/strake/protected:1",
+            std::slice::from_ref(&entries),
+        );
         let users: Vec<&str> = got.iter().map(|a| a.username.as_str()).collect();
         assert_eq!(users, ["u2", "u1"], "longest path first, auth decoded");
         assert_eq!(got[0].password, "p2");
@@ -249,7 +252,10 @@ mod tests {
             br#"{"reg.io": {"username": "old", "password": "p"}}"#.to_vec(),
         )]);
         let e = entries_of_secret("old", Some("kubernetes.io/dockercfg"), &data).unwrap();
-        assert_eq!(auth_configs("reg.io/x", std::slice::from_ref(&e))[0].username, "old");
+        assert_eq!(
+            auth_configs("reg.io/x", std::slice::from_ref(&e))[0].username,
+            "old"
+        );
         assert!(
             entries_of_secret("opaque", Some("Opaque"), &data)
                 .unwrap()
