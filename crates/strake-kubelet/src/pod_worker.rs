@@ -880,6 +880,11 @@ impl Worker {
                         ..
                     } => prober::http_get(&host, port, &path, &headers, timeout).await,
                     Action::Tcp { host, port } => prober::tcp(&host, port, timeout).await,
+                    Action::Grpc {
+                        host,
+                        port,
+                        service,
+                    } => prober::grpc(&host, port, &service, timeout).await,
                     Action::Unsupported(why) => Err(why),
                 };
                 let Some(state) = self.probes.get_mut(&(k.id.clone(), kind)) else {
