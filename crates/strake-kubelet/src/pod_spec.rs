@@ -258,6 +258,71 @@ pub struct EnvSources {
         std::collections::BTreeMap<String, Option<std::collections::BTreeMap<String, String>>>,
     /// What `limits.*` of a `resourceFieldRef` default to; this machine's when `None`.
     pub node: Option<crate::resources::NodeAllocatable>,
+    /// The Services whose environment variables the container gets (see [`service_env`]).
+    pub services: Vec<k8s_openapi::api::core::v1::Service>,
+}
+
+/// Docker-links-style environment variables for Services, as upstream injects them: for each
+/// Service with a cluster IP, `<NAME>_SERVICE_HOST`, `<NAME>_SERVICE_PORT` (first port),
+/// `<NAME>_SERVICE_PORT_<PORT NAME>`, `<NAME>_PORT` and per port `<NAME>_PORT_<port>_<PROTO>`
+/// with its `_PROTO`, `_PORT` and `_ADDR`. Names are upper-cased with `-` as `_`.
+pub fn service_env(services: &[k8s_openapi::api::core::v1::Service]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut sorted: Vec<&k8s_openapi::api::core::v1::Service> = services.iter().collect();
+    sorted.sort_by_key(|s| s.metadata.name.clone());
+    for svc in sorted {
+        let Some(spec) = &svc.spec else { continue };
+        let ip = spec.cluster_ip.clone().unwrap_or_default();
+        if ip.is_empty() || ip == "None" {
+            continue;
+        }
+        let name = svc
+            .metadata
+            .name
+            .clone()
+            .unwrap_or_default()
+            .to_uppercase()
+            .replace('-', "_");
+        let ports = spec.ports.clone().unwrap_or_default();
+        let Some(first) = ports.first() else { continue };
+        let host = if ip.contains(':') {
+            format!("[{ip}]")
+        } else {
+            ip.clone()
+        };
+        out.push((format!("{name}_SERVICE_HOST"), ip.clone()));
+        out.push((format!("{name}_SERVICE_PORT"), first.port.to_string()));
+        for p in &ports {
+            if let Some(pn) = p.name.as_deref().filter(|n| !n.is_empty()) {
+                out.push((
+                    format!(
+                        "{name}_SERVICE_PORT_{}",
+                        pn.to_uppercase().replace('-', "_")
+                    ),
+                    p.port.to_string(),
+                ));
+            }
+        }
+        let proto = |p: &k8s_openapi::api::core::v1::ServicePort| {
+            p.protocol.clone().unwrap_or_else(|| "TCP".into())
+        };
+        out.push((
+            format!("{name}_PORT"),
+            format!("{}://{host}:{}", proto(first).to_lowercase(), first.port),
+        ));
+        for p in &ports {
+            let pr = proto(p);
+            let prefix = format!("{name}_PORT_{}_{}", p.port, pr.to_uppercase());
+            out.push((
+                prefix.clone(),
+                format!("{}://{host}:{}", pr.to_lowercase(), p.port),
+            ));
+            out.push((format!("{prefix}_PROTO"), pr.to_lowercase()));
+            out.push((format!("{prefix}_PORT"), p.port.to_string()));
+            out.push((format!("{prefix}_ADDR"), ip.clone()));
+        }
+    }
+    out
 }
 
 impl EnvSources {
@@ -322,6 +387,10 @@ pub fn env(
         vars.insert(k.clone(), v.clone());
         out.push((k, v));
     };
+    // Service variables first: the container's own variables override and can refer to them.
+    for (k, v) in service_env(&sources.services) {
+        set(&mut out, &mut vars, k, v);
+    }
     for f in c.env_from.iter().flatten() {
         let prefix = f.prefix.clone().unwrap_or_default();
         let (kind, name, optional, data) = if let Some(r) = &f.config_map_ref {
@@ -519,6 +588,7 @@ mod tests {
         EnvVar, EnvVarSource, ObjectFieldSelector, PodSpec, ResourceRequirements,
     };
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use std::collections::BTreeMap;
 
     fn pod(containers: Vec<Container>) -> Pod {
         let mut p = Pod::default();
@@ -765,6 +835,43 @@ mod tests {
         }
         let err = env(&pod(vec![]), &strict, "", "", &sources).unwrap_err();
         assert!(err.to_string().contains("not found"), "{err}");
+    }
+
+    #[test]
+    fn service_links_follow_upstream_names() {
+        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "my-db" },
+            "spec": { "clusterIP": "10.96.0.20", "ports": [
+                { "name": "sql", "port": 5432, "protocol": "TCP" },
+                { "port": 53, "protocol": "UDP" }
+            ]}
+        }))
+        .unwrap();
+        let headless: k8s_openapi::api::core::v1::Service =
+            serde_json::from_value(serde_json::json!({
+                "metadata": { "name": "headless" },
+                "spec": { "clusterIP": "None", "ports": [{ "port": 80 }] }
+            }))
+            .unwrap();
+        let env: BTreeMap<String, String> = service_env(&[svc, headless]).into_iter().collect();
+        let want: BTreeMap<String, String> = [
+            ("MY_DB_SERVICE_HOST", "10.96.0.20"),
+            ("MY_DB_SERVICE_PORT", "5432"),
+            ("MY_DB_SERVICE_PORT_SQL", "5432"),
+            ("MY_DB_PORT", "tcp://10.96.0.20:5432"),
+            ("MY_DB_PORT_5432_TCP", "tcp://10.96.0.20:5432"),
+            ("MY_DB_PORT_5432_TCP_PROTO", "tcp"),
+            ("MY_DB_PORT_5432_TCP_PORT", "5432"),
+            ("MY_DB_PORT_5432_TCP_ADDR", "10.96.0.20"),
+            ("MY_DB_PORT_53_UDP", "udp://10.96.0.20:53"),
+            ("MY_DB_PORT_53_UDP_PROTO", "udp"),
+            ("MY_DB_PORT_53_UDP_PORT", "53"),
+            ("MY_DB_PORT_53_UDP_ADDR", "10.96.0.20"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(env, want);
     }
 
     #[test]

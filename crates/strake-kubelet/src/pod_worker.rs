@@ -764,6 +764,7 @@ impl Worker {
                 .map(|cm| cm.data.unwrap_or_default());
             sources.config_maps.insert(name, data);
         }
+        sources.services = self.services(&client, pod, &ns).await?;
         let secret_api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client, &ns);
         for name in secrets {
             let data = secret_api.get_opt(&name).await?.map(|s| {
@@ -779,6 +780,36 @@ impl Worker {
             sources.secrets.insert(name, data);
         }
         Ok(sources)
+    }
+
+    /// The Services whose variables a container of `pod` gets: the `kubernetes` Service of
+    /// the default namespace always, and with `enableServiceLinks` (the default) every Service
+    /// of the pod's namespace, like upstream.
+    async fn services(
+        &self,
+        client: &kube::Client,
+        pod: &Pod,
+        ns: &str,
+    ) -> Result<Vec<k8s_openapi::api::core::v1::Service>, kube::Error> {
+        use k8s_openapi::api::core::v1::Service;
+        let links = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.enable_service_links)
+            .unwrap_or(true);
+        let mut out: Vec<Service> = Vec::new();
+        if links {
+            let api: Api<Service> = Api::namespaced(client.clone(), ns);
+            out = api.list(&kube::api::ListParams::default()).await?.items;
+        }
+        if ns != "default" || !links {
+            let api: Api<Service> = Api::namespaced(client.clone(), "default");
+            if let Some(k) = api.get_opt("kubernetes").await? {
+                out.retain(|s| s.metadata.name.as_deref() != Some("kubernetes"));
+                out.push(k);
+            }
+        }
+        Ok(out)
     }
 
     /// Runs the probes that are due on running containers; a failed liveness or startup probe

@@ -1,5 +1,6 @@
 //! Requests and limits reach the container: cgroup CPU quota and shares and the memory limit
-//! as the kernel enforces them, and `resourceFieldRef` environment values, on strake-runtime.
+//! as the kernel enforces them, `resourceFieldRef` environment values and Service links, on
+//! strake-runtime.
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, PostParams};
@@ -91,6 +92,11 @@ async fn limits_become_cgroup_settings_and_resource_field_refs() {
         format!("500 1 32 {}", 64 << 20),
         "kubelet log:\n{}",
         node.log()
+    );
+    // Service links: the API server's own Service, as upstream injects it.
+    assert_eq!(
+        exec("echo $KUBERNETES_SERVICE_HOST $KUBERNETES_SERVICE_PORT $KUBERNETES_PORT"),
+        "10.96.0.1 443 tcp://10.96.0.1:443"
     );
     // The container's own cgroup, as the kernel applies it (v1 and v2 layouts).
     let memory = exec(
