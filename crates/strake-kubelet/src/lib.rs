@@ -15,6 +15,7 @@
 
 pub mod config;
 pub mod credentials;
+pub mod events;
 pub mod healthz;
 pub mod heartbeat;
 pub mod machine;

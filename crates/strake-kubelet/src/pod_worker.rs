@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::Config;
+use crate::events::Kind;
 use crate::pod_spec::{self, labels};
 use crate::pod_status::{self, Observed};
 use crate::prober::{self, Action, ProbeState, Timing};
@@ -99,11 +100,13 @@ struct Worker {
     last_status: Option<k8s_openapi::api::core::v1::PodStatus>,
     /// The pod's RuntimeClass and its handler, once resolved.
     runtime_class: Option<(String, String)>,
+    events: crate::events::Events,
 }
 
 /// Runs the worker of one pod until the pod is gone. `updates` carries the newest pod object,
 /// `None` once the pod was deleted from the API server.
 pub async fn run(ctx: Context, uid: String, mut updates: watch::Receiver<Option<Pod>>) {
+    let events = crate::events::Events::new(ctx.client.clone(), &ctx.config.node_name);
     let mut w = Worker {
         ctx,
         uid,
@@ -116,6 +119,7 @@ pub async fn run(ctx: Context, uid: String, mut updates: watch::Receiver<Option<
         volumes_refreshed: None,
         last_status: None,
         runtime_class: None,
+        events,
     };
     // The last pod object seen: a pod that vanished (deleted from the API, or its static
     // manifest removed) is still terminated with its own spec and grace period.
@@ -394,7 +398,16 @@ impl Worker {
             .and_then(|r| r.image)
             .map(|i| i.id);
         match (policy.as_str(), present) {
-            ("Never", Some(id)) | ("IfNotPresent", Some(id)) => return Ok(id),
+            ("Never", Some(id)) | ("IfNotPresent", Some(id)) => {
+                self.events.emit(
+                    pod,
+                    Some(&c.name),
+                    Kind::Normal,
+                    "Pulled",
+                    format!("Container image \"{image}\" already present on machine"),
+                );
+                return Ok(id);
+            }
             ("Never", None) => {
                 return Err((
                     "ErrImageNeverPull".into(),
@@ -413,6 +426,14 @@ impl Worker {
         // Each matching credential in turn, then anonymously when none matched (upstream's
         // order); the last error is the one reported.
         let auths = self.pull_auths(pod, &image).await;
+        self.events.emit(
+            pod,
+            Some(&c.name),
+            Kind::Normal,
+            "Pulling",
+            format!("Pulling image \"{image}\""),
+        );
+        let pull_started = Instant::now();
         let attempts: Vec<Option<cri::AuthConfig>> = if auths.is_empty() {
             vec![None]
         } else {
@@ -445,6 +466,16 @@ impl Worker {
         match result {
             Ok(r) => {
                 self.pull_backoff.remove(&c.name);
+                self.events.emit(
+                    pod,
+                    Some(&c.name),
+                    Kind::Normal,
+                    "Pulled",
+                    format!(
+                        "Successfully pulled image \"{image}\" in {:.3}s",
+                        pull_started.elapsed().as_secs_f64()
+                    ),
+                );
                 Ok(r.image_ref)
             }
             Err(e) => {
@@ -452,6 +483,13 @@ impl Worker {
                     .entry(c.name.clone())
                     .or_default()
                     .fail(now, Duration::ZERO);
+                self.events.emit(
+                    pod,
+                    Some(&c.name),
+                    Kind::Warning,
+                    "Failed",
+                    format!("Failed to pull image \"{image}\": {}", e.detail()),
+                );
                 Err(("ErrImagePull".into(), e.detail()))
             }
         }
@@ -482,6 +520,13 @@ impl Worker {
             Ok(s) => s,
             Err(e) => {
                 let message = format!("Failed to create pod sandbox: {}", e.detail());
+                self.events.emit(
+                    pod,
+                    None,
+                    Kind::Warning,
+                    "FailedCreatePodSandBox",
+                    message.clone(),
+                );
                 for c in spec
                     .init_containers
                     .iter()
@@ -641,6 +686,17 @@ impl Worker {
                         c.name,
                         pod_key(pod)
                     );
+                    self.events.emit(
+                        pod,
+                        Some(&c.name),
+                        Kind::Warning,
+                        "BackOff",
+                        format!(
+                            "Back-off restarting failed container {} in pod {}",
+                            c.name,
+                            pod_key(pod)
+                        ),
+                    );
                     self.waiting
                         .insert(c.name.clone(), ("CrashLoopBackOff".into(), message));
                 }
@@ -710,8 +766,24 @@ impl Worker {
             )
             .await;
         let id = match created {
-            Ok(r) => r.container_id,
+            Ok(r) => {
+                self.events.emit(
+                    pod,
+                    Some(&c.name),
+                    Kind::Normal,
+                    "Created",
+                    format!("Created container: {}", c.name),
+                );
+                r.container_id
+            }
             Err(e) => {
+                self.events.emit(
+                    pod,
+                    Some(&c.name),
+                    Kind::Warning,
+                    "Failed",
+                    format!("Error: {}", e.detail()),
+                );
                 self.waiting.insert(
                     c.name.clone(),
                     ("CreateContainerError".into(), e.to_string()),
@@ -729,10 +801,24 @@ impl Worker {
             )
             .await
         {
+            self.events.emit(
+                pod,
+                Some(&c.name),
+                Kind::Warning,
+                "Failed",
+                format!("Error: {}", e.detail()),
+            );
             self.waiting
                 .insert(c.name.clone(), ("RunContainerError".into(), e.to_string()));
             return Ok(Step::Waiting);
         }
+        self.events.emit(
+            pod,
+            Some(&c.name),
+            Kind::Normal,
+            "Started",
+            format!("Started container {}", c.name),
+        );
         self.waiting.remove(&c.name);
         tracing::info!(pod = %pod_key(pod), container = %c.name, attempt, "container started");
         Ok(Step::Running)
@@ -924,8 +1010,27 @@ impl Worker {
                 let verdict = state.record(Instant::now(), outcome.is_ok());
                 if let Err(why) = &outcome {
                     tracing::debug!(pod = %pod_key(pod), container = %c.name, kind, reason = %why, "probe failed");
+                    let mut probe_name = kind.to_string();
+                    probe_name[..1].make_ascii_uppercase();
+                    self.events.emit(
+                        pod,
+                        Some(&c.name),
+                        Kind::Warning,
+                        "Unhealthy",
+                        format!("{probe_name} probe failed: {why}"),
+                    );
                 }
                 if verdict == Some(false) && kind != "readiness" {
+                    self.events.emit(
+                        pod,
+                        Some(&c.name),
+                        Kind::Normal,
+                        "Killing",
+                        format!(
+                            "Container {} failed {kind} probe, will be restarted",
+                            c.name
+                        ),
+                    );
                     tracing::info!(pod = %pod_key(pod), container = %c.name, kind, "probe failed; restarting container");
                     let _ = self
                         .ctx

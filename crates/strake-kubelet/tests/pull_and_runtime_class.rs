@@ -2,7 +2,8 @@
 //! pull from the test bed's protected registry, which refuses the same pull without them, and
 //! `runtimeClassName` reaches the runtime as the RuntimeClass's handler (a known handler runs,
 //! an unknown one is refused by the runtime with the pod told why). On strake-runtime. (A pod
-//! naming a RuntimeClass that does not exist is refused by the API server's admission.)
+//! naming a RuntimeClass that does not exist is refused by the API server's admission.) The
+//! kubelet's Events tell the same story.
 
 use base64::Engine as _;
 use k8s_openapi::api::core::v1::{ContainerStateWaiting, Node, Pod, Secret};
@@ -139,19 +140,59 @@ async fn pull_secrets_and_runtime_classes_reach_the_runtime() {
     };
     let log = || node.log();
 
+    // Events tell the story, as `kubectl describe pod` shows it.
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), "default");
+    let reasons = |pod: &'static str| {
+        let events = events.clone();
+        async move {
+            let list = events.list(&Default::default()).await.ok()?;
+            Some(
+                list.items
+                    .into_iter()
+                    .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(pod))
+                    .filter(|e| e.reporting_controller.as_deref() == Some("kubelet"))
+                    .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+
     wait_for("the pod with the pull secret Running", 90, || async {
         get("with-secret").await.filter(running)
     })
     .await;
-    let refused = wait_for("the pod without the secret failing to pull", 90, || async {
-        // ErrImagePull right after each attempt, ImagePullBackOff in between.
-        waiting(&get("without-secret").await?)
-            .filter(|w| w.reason.as_deref() == Some("ErrImagePull"))
+    wait_for("Pulling, Pulled, Created, Started events", 30, || async {
+        let r = reasons("with-secret").await?;
+        ["Pulling", "Pulled", "Created", "Started"]
+            .iter()
+            .all(|want| r.iter().any(|(reason, _)| reason == want))
+            .then_some(())
     })
     .await;
-    // The registry's refusal, in the runtime's words, reaches the pod.
-    let message = refused.message.unwrap_or_default();
-    assert!(message.contains("PullImage failed: "), "{message}");
+    let refused = wait_for("the pod without the secret failing to pull", 90, || async {
+        // ErrImagePull right after each attempt, ImagePullBackOff in between.
+        waiting(&get("without-secret").await?).filter(|w| {
+            matches!(
+                w.reason.as_deref(),
+                Some("ErrImagePull" | "ImagePullBackOff")
+            )
+        })
+    })
+    .await;
+    assert!(!refused.message.unwrap_or_default().is_empty());
+    // The registry's refusal, in the runtime's words.
+    wait_for("a Failed event for the refused pull", 30, || async {
+        let r = reasons("without-secret").await?;
+        r.iter()
+            .any(|(reason, note)| {
+                reason == "Failed"
+                    && note.starts_with("Failed to pull image")
+                    && note.contains("PullImage failed: ")
+            })
+            .then_some(())
+    })
+    .await;
 
     wait_for("the pod of RuntimeClass plain Running", 90, || async {
         get("plain-class").await.filter(running)
@@ -171,6 +212,15 @@ async fn pull_secrets_and_runtime_classes_reach_the_runtime() {
         "{}",
         log()
     );
+    wait_for("a FailedCreatePodSandBox event", 30, || async {
+        let r = reasons("bogus-class").await?;
+        r.iter()
+            .any(|(reason, note)| {
+                reason == "FailedCreatePodSandBox" && note.contains("no-such-handler")
+            })
+            .then_some(())
+    })
+    .await;
     // The bogus handler's pod never got a sandbox: two pods run (with-secret, plain-class)
     // and the one without credentials has a sandbox but no container.
     let out = node.runtime.crictl(&["pods", "-q"]).expect("crictl pods");
