@@ -44,8 +44,10 @@ critest: testbed ## critest conformance (streaming included) against strake-runt
 	$(CARGO) test -p strake-runtime --test cri_container critest_conformance -- --ignored --nocapture
 
 bench: testbed ## Benchmarks side by side with the upstream peers (release builds); see docs/PERFORMANCE.md
-	$(CARGO) build --release -p strake-runtime -p strake-integration --bins
+	$(CARGO) build --release -p strake-runtime -p strake-proxy -p strake-kubelet -p strake-integration --bins
 	./target/release/strake-bench runtime --pods 20
+	./target/release/strake-bench proxy --services 1000,10000,30000 --endpoints 2,10
+	./target/release/strake-bench kubelet --pods 30,100 --steady-secs 60
 
 testbed: testbed-packages testbed-upstream testbed-images ## Install and build everything the tests need (idempotent)
 

@@ -58,7 +58,7 @@ impl Drop for CgroupParent {
 
 /// Removes an (empty of processes) cgroup tree, children first. cgroup directories hold only
 /// virtual files, which rmdir removes with them.
-fn remove_tree(dir: &Path) {
+pub(crate) fn remove_tree(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.filter_map(|e| e.ok()) {
             if e.file_type().is_ok_and(|t| t.is_dir()) {
@@ -72,7 +72,7 @@ fn remove_tree(dir: &Path) {
 }
 
 /// (mount point, our cgroup path in it) for every mounted cgroup hierarchy, v1 and v2.
-fn own_cgroups() -> Vec<(PathBuf, String)> {
+pub(crate) fn own_cgroups() -> Vec<(PathBuf, String)> {
     let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     let mut out = Vec::new();

@@ -26,6 +26,7 @@ pub mod control_plane;
 pub mod cri;
 pub mod demo;
 pub mod forward;
+pub mod kube_proxy;
 pub mod kubelet;
 pub mod netns;
 pub mod paths;
@@ -33,6 +34,7 @@ pub mod pki;
 pub mod process;
 pub mod registry;
 pub mod strake_runtime;
+pub mod upstream_kubelet;
 
 /// An error of the test bed, with enough context to act on.
 #[derive(Debug, thiserror::Error)]

@@ -4,12 +4,16 @@
 //!
 //! One subcommand per daemon, each in its own module:
 //! - `runtime`: strake-runtime versus containerd ([`runtime`]).
+//! - `kubelet`: strake-kubelet versus the upstream kubelet ([`kubelet`]).
+//! - `proxy`: strake-proxy versus kube-proxy in nftables mode ([`proxy`]).
 
+mod kubelet;
+mod proxy;
 mod runtime;
 
 use anyhow::bail;
 
-const USAGE: &str = "usage: strake-bench <runtime> [OPTIONS]\n  runtime [--pods N]";
+const USAGE: &str = "usage: strake-bench <runtime> [OPTIONS]\n  runtime [--pods N]\n  proxy [--services 1000,10000,30000] [--endpoints 2,10] [--timeout SECS] [--probes N] [--proxies kube-proxy,strake-proxy]\n  kubelet [--pods 30,100] [--steady-secs 60] [--concurrency 10] [--logs DIR] [--only kubelet|strake-kubelet]";
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -18,6 +22,8 @@ fn main() -> anyhow::Result<()> {
     };
     match command.as_str() {
         "runtime" => runtime::run(rest),
+        "proxy" => proxy::run(rest),
+        "kubelet" => kubelet::run(rest),
         other => bail!("unknown benchmark {other:?}\n{USAGE}"),
     }
 }
