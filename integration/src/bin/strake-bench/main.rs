@@ -13,7 +13,7 @@ mod runtime;
 
 use anyhow::bail;
 
-const USAGE: &str = "usage: strake-bench <runtime> [OPTIONS]\n  runtime [--pods N]\n  proxy [--services 1000,10000,30000] [--endpoints 2,10] [--timeout SECS] [--probes N] [--proxies kube-proxy,strake-proxy]\n  kubelet [--pods 30,100] [--steady-secs 60] [--concurrency 10] [--logs DIR] [--only kubelet|strake-kubelet]";
+const USAGE: &str = "usage: strake-bench <runtime|proxy|kubelet> [OPTIONS]\n  runtime [--pods N]\n  proxy [--services 1000,10000,30000] [--endpoints 2,10] [--timeout SECS] [--probes N] [--proxies kube-proxy,strake-proxy]\n  kubelet [--pods 30,100] [--steady-secs 60] [--concurrency 10] [--logs DIR] [--only kubelet|strake-kubelet]";
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
