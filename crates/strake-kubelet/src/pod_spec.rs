@@ -503,6 +503,72 @@ pub fn env(
     Ok(out)
 }
 
+/// The container's Linux security context from its own and the pod's `securityContext`, as
+/// upstream's kubelet translates them: user and group (container first, then pod),
+/// supplemental groups with `fsGroup`, capabilities, privileged, read-only root filesystem,
+/// `allowPrivilegeEscalation: false` as no_new_privs, and the seccomp profile (Unconfined
+/// unless one is given, upstream's default without `seccompDefault`; Localhost profiles
+/// under `<root-dir>/seccomp`).
+pub fn linux_security_context(
+    pod: &Pod,
+    c: &Container,
+    seccomp_root: &std::path::Path,
+) -> cri::LinuxContainerSecurityContext {
+    use cri::security_profile::ProfileType;
+    let psc = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.security_context.clone())
+        .unwrap_or_default();
+    let csc = c.security_context.clone().unwrap_or_default();
+    let mut groups: Vec<i64> = psc.supplemental_groups.clone().unwrap_or_default();
+    if let Some(g) = psc.fs_group
+        && !groups.contains(&g)
+    {
+        groups.push(g);
+    }
+    let seccomp = csc.seccomp_profile.clone().or(psc.seccomp_profile.clone());
+    let seccomp = Some(match seccomp {
+        Some(p) if p.type_ == "RuntimeDefault" => cri::SecurityProfile {
+            profile_type: ProfileType::RuntimeDefault as i32,
+            localhost_ref: String::new(),
+        },
+        Some(p) if p.type_ == "Localhost" => cri::SecurityProfile {
+            profile_type: ProfileType::Localhost as i32,
+            localhost_ref: seccomp_root
+                .join(p.localhost_profile.unwrap_or_default())
+                .display()
+                .to_string(),
+        },
+        _ => cri::SecurityProfile {
+            profile_type: ProfileType::Unconfined as i32,
+            localhost_ref: String::new(),
+        },
+    });
+    let caps = csc.capabilities.clone().unwrap_or_default();
+    cri::LinuxContainerSecurityContext {
+        capabilities: Some(cri::Capability {
+            add_capabilities: caps.add.unwrap_or_default(),
+            drop_capabilities: caps.drop.unwrap_or_default(),
+            ..Default::default()
+        }),
+        privileged: csc.privileged.unwrap_or(false),
+        run_as_user: csc
+            .run_as_user
+            .or(psc.run_as_user)
+            .map(|value| cri::Int64Value { value }),
+        run_as_group: csc
+            .run_as_group
+            .or(psc.run_as_group)
+            .map(|value| cri::Int64Value { value }),
+        readonly_rootfs: csc.read_only_root_filesystem.unwrap_or(false),
+        supplemental_groups: groups,
+        no_new_privs: csc.allow_privilege_escalation == Some(false),
+        seccomp,
+        ..Default::default()
+    }
+}
+
 /// CreateContainer's configuration for container `c` of `pod`.
 pub fn container_config(
     pod: &Pod,
@@ -511,6 +577,7 @@ pub fn container_config(
     image_ref: &str,
     env: &[(String, String)],
     mounts: Vec<cri::Mount>,
+    seccomp_root: &std::path::Path,
 ) -> cri::ContainerConfig {
     let (name, ns, uid) = meta(pod);
     let vars: HashMap<String, String> = env.iter().cloned().collect();
@@ -561,20 +628,7 @@ pub fn container_config(
                     .memory
                     .clamp(0, u64::MAX as i128) as u64,
             )),
-            security_context: Some(cri::LinuxContainerSecurityContext {
-                run_as_user: c
-                    .security_context
-                    .as_ref()
-                    .and_then(|s| s.run_as_user)
-                    .or_else(|| pod.spec.as_ref()?.security_context.as_ref()?.run_as_user)
-                    .map(|value| cri::Int64Value { value }),
-                privileged: c
-                    .security_context
-                    .as_ref()
-                    .and_then(|s| s.privileged)
-                    .unwrap_or(false),
-                ..Default::default()
-            }),
+            security_context: Some(linux_security_context(pod, c, seccomp_root)),
         }),
         ..Default::default()
     }
@@ -838,6 +892,58 @@ mod tests {
     }
 
     #[test]
+    fn security_context_merges_container_over_pod() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "p" },
+            "spec": {
+                "securityContext": {
+                    "runAsUser": 1000, "runAsGroup": 2000, "supplementalGroups": [4000],
+                    "fsGroup": 5000, "seccompProfile": { "type": "RuntimeDefault" }
+                },
+                "containers": [{
+                    "name": "c",
+                    "securityContext": {
+                        "runAsUser": 1001, "readOnlyRootFilesystem": true,
+                        "allowPrivilegeEscalation": false,
+                        "capabilities": { "add": ["NET_ADMIN"], "drop": ["ALL"] }
+                    }
+                }]
+            }
+        }))
+        .unwrap();
+        let c = pod.spec.as_ref().unwrap().containers[0].clone();
+        let root = std::path::Path::new("/var/lib/kubelet/seccomp");
+        let sc = linux_security_context(&pod, &c, root);
+        assert_eq!(sc.run_as_user.map(|v| v.value), Some(1001));
+        assert_eq!(sc.run_as_group.map(|v| v.value), Some(2000));
+        assert_eq!(sc.supplemental_groups, vec![4000, 5000]);
+        assert!(sc.readonly_rootfs && sc.no_new_privs && !sc.privileged);
+        let caps = sc.capabilities.unwrap();
+        assert_eq!(
+            (caps.add_capabilities, caps.drop_capabilities),
+            (vec!["NET_ADMIN".to_string()], vec!["ALL".to_string()])
+        );
+        assert_eq!(
+            sc.seccomp.unwrap().profile_type,
+            cri::security_profile::ProfileType::RuntimeDefault as i32
+        );
+        // Nothing set: root's defaults, no_new_privs off, Unconfined.
+        let bare: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "p" }, "spec": { "containers": [{ "name": "c" }] }
+        }))
+        .unwrap();
+        let sc = linux_security_context(&bare, &bare.spec.as_ref().unwrap().containers[0], root);
+        assert_eq!(
+            (sc.run_as_user, sc.no_new_privs, sc.readonly_rootfs),
+            (None, false, false)
+        );
+        assert_eq!(
+            sc.seccomp.unwrap().profile_type,
+            cri::security_profile::ProfileType::Unconfined as i32
+        );
+    }
+
+    #[test]
     fn service_links_follow_upstream_names() {
         let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(serde_json::json!({
             "metadata": { "name": "my-db" },
@@ -889,6 +995,7 @@ mod tests {
             "sha256:abc",
             &[("X".into(), "1".into())],
             vec![],
+            std::path::Path::new("/var/lib/kubelet/seccomp"),
         );
         assert_eq!(cfg.metadata.unwrap().attempt, 2);
         assert_eq!(cfg.log_path, "app/2.log");

@@ -750,7 +750,15 @@ impl Worker {
                 return Ok(Step::Waiting);
             }
         };
-        let config = pod_spec::container_config(pod, c, attempt, &image_ref, &env, mounts);
+        let config = pod_spec::container_config(
+            pod,
+            c,
+            attempt,
+            &image_ref,
+            &env,
+            mounts,
+            &self.ctx.config.root_dir.join("seccomp"),
+        );
         let sandbox_config = pod_spec::sandbox_config(pod, &self.ctx.config, 0);
         let created = self
             .ctx

@@ -112,3 +112,96 @@ async fn limits_become_cgroup_settings_and_resource_field_refs() {
     // 250m -> 256 shares (v1), or the same converted to a v2 weight.
     assert!(weight == "256" || weight == "10", "cpu weight {weight}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_context_reaches_the_container() {
+    let cp = ControlPlane::start(Options::default())
+        .await
+        .expect("control plane");
+    let registry = Registry::start(cp.net(), &cp.dir().join("registry")).expect("registry");
+    let client = cp.client().await.expect("client");
+    let node = KubeletNode::start_on(&cp, 0, NODE, "", RuntimeKind::Strake)
+        .await
+        .expect("start node");
+    let nodes: Api<Node> = Api::all(client.clone());
+    wait_for("node registered", 60, || async {
+        nodes.get_opt(NODE).await.ok().flatten()
+    })
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": "secure" },
+        "spec": {
+            "nodeName": NODE,
+            "terminationGracePeriodSeconds": 1,
+            "securityContext": { "runAsUser": 1000, "runAsGroup": 3000, "supplementalGroups": [4000] },
+            "containers": [{
+                "name": "app",
+                "image": format!("{}/strake/busybox:1", registry.open_in_cluster()),
+                "command": ["/bin/sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"],
+                "securityContext": {
+                    "runAsUser": 1001,
+                    "readOnlyRootFilesystem": true,
+                    "allowPrivilegeEscalation": false,
+                    "capabilities": { "drop": ["ALL"] }
+                }
+            }]
+        }
+    }))
+    .expect("pod");
+    wait_for("pod created", 60, || async {
+        pods.create(&PostParams::default(), &pod).await.ok()
+    })
+    .await;
+    let id = wait_for("the container running", 90, || async {
+        let out = node
+            .runtime
+            .crictl(&["ps", "-q", "--name", "app", "--state", "running"])
+            .ok()?;
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (!id.is_empty()).then_some(id)
+    })
+    .await;
+    // The container's main process, as the kernel sees it.
+    let out = node
+        .runtime
+        .crictl(&[
+            "exec",
+            "--sync",
+            &id,
+            "/bin/sh",
+            "-c",
+            "grep -E '^(Uid|Gid|Groups|NoNewPrivs|CapEff):' /proc/1/status; \
+             awk '$5 == \"/\" { print \"root\", substr($6, 1, 2) }' /proc/1/mountinfo",
+        ])
+        .expect("crictl exec");
+    let status = String::from_utf8_lossy(&out.stdout).to_string();
+    let field = |name: &str| -> Vec<String> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(
+        field("Uid").first().map(String::as_str),
+        Some("1001"),
+        "{status}"
+    );
+    assert_eq!(
+        field("Gid").first().map(String::as_str),
+        Some("3000"),
+        "{status}"
+    );
+    assert!(field("Groups").contains(&"4000".to_string()), "{status}");
+    assert_eq!(field("NoNewPrivs"), ["1"], "{status}");
+    assert_eq!(field("CapEff"), ["0000000000000000"], "{status}");
+    assert!(
+        status.contains("root ro"),
+        "read-only root filesystem: {status}"
+    );
+}
