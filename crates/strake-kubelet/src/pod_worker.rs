@@ -1200,6 +1200,18 @@ impl Worker {
                     .map(|m| m.name.clone())
                     .unwrap_or_default()
             };
+            if let Some(pod) = pod {
+                for k in &running {
+                    let name = name_of(k);
+                    self.events.emit(
+                        pod,
+                        Some(&name),
+                        Kind::Normal,
+                        "Killing",
+                        format!("Stopping container {name}"),
+                    );
+                }
+            }
             let mut waves: Vec<Vec<String>> = vec![
                 running
                     .iter()

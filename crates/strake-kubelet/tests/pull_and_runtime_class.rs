@@ -226,4 +226,16 @@ async fn pull_secrets_and_runtime_classes_reach_the_runtime() {
     let out = node.runtime.crictl(&["pods", "-q"]).expect("crictl pods");
     let sandboxes = String::from_utf8_lossy(&out.stdout).lines().count();
     assert_eq!(sandboxes, 3, "{}", log());
+
+    // Deleting a pod stops its containers, with an event saying so.
+    pods.delete("plain-class", &Default::default())
+        .await
+        .expect("delete pod");
+    wait_for("a Killing event", 30, || async {
+        let r = reasons("plain-class").await?;
+        r.iter()
+            .any(|(reason, note)| reason == "Killing" && note == "Stopping container app")
+            .then_some(())
+    })
+    .await;
 }
