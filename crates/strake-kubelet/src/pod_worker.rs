@@ -750,6 +750,20 @@ impl Worker {
                 return Ok(Step::Waiting);
             }
         };
+        if let Err(message) = self.verify_non_root(pod, c, &image_ref).await {
+            self.events.emit(
+                pod,
+                Some(&c.name),
+                Kind::Warning,
+                "Failed",
+                format!("Error: {message}"),
+            );
+            self.waiting.insert(
+                c.name.clone(),
+                ("CreateContainerConfigError".into(), message),
+            );
+            return Ok(Step::Waiting);
+        }
         let config = pod_spec::container_config(
             pod,
             c,
@@ -830,6 +844,66 @@ impl Worker {
         self.waiting.remove(&c.name);
         tracing::info!(pod = %pod_key(pod), container = %c.name, attempt, "container started");
         Ok(Step::Running)
+    }
+
+    /// `runAsNonRoot`: the user the container will run as (its `runAsUser`, else the pod's,
+    /// else the image's) must be known and not 0, as upstream verifies before creating it.
+    async fn verify_non_root(&self, pod: &Pod, c: &Container, image: &str) -> Result<(), String> {
+        let psc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+        let csc = c.security_context.as_ref();
+        let wanted = csc
+            .and_then(|s| s.run_as_non_root)
+            .or_else(|| psc.and_then(|s| s.run_as_non_root))
+            .unwrap_or(false);
+        if !wanted {
+            return Ok(());
+        }
+        let explicit = csc
+            .and_then(|s| s.run_as_user)
+            .or_else(|| psc.and_then(|s| s.run_as_user));
+        let uid = match explicit {
+            Some(uid) => uid,
+            None => {
+                let mut ic = self.ctx.runtime.image_client();
+                let status = self
+                    .ctx
+                    .runtime
+                    .call_with(
+                        "ImageStatus",
+                        None,
+                        ic.image_status(cri::ImageStatusRequest {
+                            image: Some(cri::ImageSpec {
+                                image: image.to_string(),
+                                ..Default::default()
+                            }),
+                            verbose: false,
+                        }),
+                    )
+                    .await
+                    .map_err(|e| e.detail())?;
+                let img = status.image.unwrap_or_default();
+                match (img.uid, img.username.as_str()) {
+                    (Some(u), _) => u.value,
+                    (None, "") => 0,
+                    (None, name) => {
+                        return Err(format!(
+                            "container has runAsNonRoot and image has non-numeric user ({name}), \
+                             cannot verify user is non-root (pod: \"{}\", container: {})",
+                            pod_key(pod),
+                            c.name
+                        ));
+                    }
+                }
+            }
+        };
+        if uid == 0 {
+            return Err(format!(
+                "container has runAsNonRoot and image will run as root (pod: \"{}\", container: {})",
+                pod_key(pod),
+                c.name
+            ));
+        }
+        Ok(())
     }
 
     /// Fetches the ConfigMaps and Secrets container `c`'s environment refers to (each

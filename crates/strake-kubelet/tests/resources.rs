@@ -204,4 +204,43 @@ async fn security_context_reaches_the_container() {
         status.contains("root ro"),
         "read-only root filesystem: {status}"
     );
+
+    // runAsNonRoot with an image that runs as root: refused before the container exists.
+    let rooted: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": "rooted" },
+        "spec": {
+            "nodeName": NODE,
+            "terminationGracePeriodSeconds": 1,
+            "securityContext": { "runAsNonRoot": true },
+            "containers": [{
+                "name": "root",
+                "image": format!("{}/strake/busybox:1", registry.open_in_cluster()),
+                "command": ["sleep", "3600"]
+            }]
+        }
+    }))
+    .expect("pod");
+    pods.create(&PostParams::default(), &rooted)
+        .await
+        .expect("create pod");
+    let waiting = wait_for("runAsNonRoot refused", 60, || async {
+        let p = pods.get("rooted").await.ok()?;
+        let w = p
+            .status?
+            .container_statuses?
+            .first()?
+            .state
+            .as_ref()?
+            .waiting
+            .clone()?;
+        (w.reason.as_deref() == Some("CreateContainerConfigError")).then_some(w)
+    })
+    .await;
+    let message = waiting.message.unwrap_or_default();
+    assert!(
+        message.starts_with("container has runAsNonRoot and image will run as root"),
+        "{message}"
+    );
 }
