@@ -357,7 +357,13 @@ fn object_reference(w: &Warning, stores: Option<&Stores>) -> ObjectReference {
     }
 }
 
+/// Syncs allowed back to back before `--min-sync-period` spaces them (upstream's
+/// bounded-frequency runner allows a burst of two).
+const SYNC_BURST: u32 = 2;
+
 /// The sync loop's clock-driven decisions, apart from I/O (unit-tested with paused time).
+/// Changes are synced at most at the rate of one per `--min-sync-period`, with a burst of
+/// [`SYNC_BURST`] (a token bucket, as upstream's kube-proxy does).
 #[derive(Debug)]
 pub struct Schedule {
     min_sync_period: Duration,
@@ -365,6 +371,8 @@ pub struct Schedule {
     last_sync: Option<Instant>,
     last_full: Option<Instant>,
     failed: bool,
+    /// Tokens in the bucket at `last_sync` (after that sync took its own).
+    tokens: f64,
 }
 
 impl Schedule {
@@ -376,6 +384,7 @@ impl Schedule {
             last_sync: None,
             last_full: None,
             failed: false,
+            tokens: f64::from(SYNC_BURST),
         }
     }
 
@@ -389,7 +398,9 @@ impl Schedule {
             // would otherwise be retried in a tight loop.
             last + self.min_sync_period.max(FAILURE_RETRY_MIN)
         } else if dirty {
-            last + self.min_sync_period
+            // When the bucket, refilled at one token per min-sync-period, holds one again.
+            let missing = (1.0 - self.tokens).max(0.0);
+            last + self.min_sync_period.mul_f64(missing)
         } else {
             last + self.sync_period
         }
@@ -405,6 +416,15 @@ impl Schedule {
 
     /// Records a sync that started at `started`.
     pub fn record(&mut self, started: Instant, ok: bool, full: bool) {
+        let refilled = match self.last_sync {
+            None => f64::from(SYNC_BURST),
+            Some(_) if self.min_sync_period.is_zero() => f64::from(SYNC_BURST),
+            Some(last) => {
+                let elapsed = started.saturating_duration_since(last);
+                self.tokens + elapsed.as_secs_f64() / self.min_sync_period.as_secs_f64()
+            }
+        };
+        self.tokens = (refilled.min(f64::from(SYNC_BURST)) - 1.0).max(0.0);
         self.last_sync = Some(started);
         self.failed = !ok;
         if ok && full {
@@ -588,9 +608,20 @@ mod tests {
         assert!(s.needs_full(t0));
         s.record(t0, true, true);
         assert!(!s.needs_full(t0));
-        // Idle: the next sync is the periodic one; a change brings it to min-sync-period.
+        // Idle: the next sync is the periodic one; a change right after a sync goes out at
+        // once (a burst of two), a third waits for the bucket to refill (min-sync-period).
         assert_eq!(s.next(false), t0 + period);
+        assert_eq!(s.next(true), t0);
+        s.record(t0, true, false);
         assert_eq!(s.next(true), t0 + min);
+        s.record(t0 + min, true, false);
+        assert_eq!(s.next(true), t0 + 2 * min);
+        // After a quiet spell the bucket is full again: two at once.
+        let t = t0 + 10 * min;
+        s.record(t, true, false);
+        assert_eq!(s.next(true), t);
+        let mut s = Schedule::new(min, period);
+        s.record(t0, true, true);
         // A failure retries after min-sync-period, and in full.
         let t1 = t0 + Duration::from_secs(5);
         s.record(t1, false, false);
