@@ -559,6 +559,16 @@ impl Worker {
                 }
                 Err(e) if self.volumes_refreshed.is_none() => {
                     tracing::warn!(pod = %pod_key(pod), error = %e, "volumes not ready");
+                    let message = e.to_string();
+                    let known = spec.containers.first().is_some_and(|c| {
+                        self.waiting
+                            .get(&c.name)
+                            .is_some_and(|(_, m)| *m == message)
+                    });
+                    if !known {
+                        self.events
+                            .emit(pod, None, Kind::Warning, "FailedMount", message);
+                    }
                     for c in spec
                         .init_containers
                         .iter()
@@ -717,10 +727,7 @@ impl Worker {
         let sources = match self.env_sources(pod, c).await {
             Ok(s) => s,
             Err(e) => {
-                self.waiting.insert(
-                    c.name.clone(),
-                    ("CreateContainerConfigError".into(), e.to_string()),
-                );
+                self.config_error(pod, c, e.to_string());
                 return Ok(Step::Waiting);
             }
         };
@@ -733,35 +740,19 @@ impl Worker {
         ) {
             Ok(e) => e,
             Err(e) => {
-                self.waiting.insert(
-                    c.name.clone(),
-                    ("CreateContainerConfigError".into(), e.to_string()),
-                );
+                self.config_error(pod, c, e.to_string());
                 return Ok(Step::Waiting);
             }
         };
         let mounts = match crate::volumes::container_mounts(pod, c, &self.volume_paths) {
             Ok(m) => m,
             Err(e) => {
-                self.waiting.insert(
-                    c.name.clone(),
-                    ("CreateContainerConfigError".into(), e.to_string()),
-                );
+                self.config_error(pod, c, e.to_string());
                 return Ok(Step::Waiting);
             }
         };
         if let Err(message) = self.verify_non_root(pod, c, &image_ref).await {
-            self.events.emit(
-                pod,
-                Some(&c.name),
-                Kind::Warning,
-                "Failed",
-                format!("Error: {message}"),
-            );
-            self.waiting.insert(
-                c.name.clone(),
-                ("CreateContainerConfigError".into(), message),
-            );
+            self.config_error(pod, c, message);
             return Ok(Step::Waiting);
         }
         let config = pod_spec::container_config(
@@ -844,6 +835,28 @@ impl Worker {
         self.waiting.remove(&c.name);
         tracing::info!(pod = %pod_key(pod), container = %c.name, attempt, "container started");
         Ok(Step::Running)
+    }
+
+    /// A container whose configuration cannot be made: CreateContainerConfigError with the
+    /// reason, and a Warning event saying so (once per distinct message).
+    fn config_error(&mut self, pod: &Pod, c: &Container, message: String) {
+        let known = self
+            .waiting
+            .get(&c.name)
+            .is_some_and(|(r, m)| r == "CreateContainerConfigError" && *m == message);
+        if !known {
+            self.events.emit(
+                pod,
+                Some(&c.name),
+                Kind::Warning,
+                "Failed",
+                format!("Error: {message}"),
+            );
+        }
+        self.waiting.insert(
+            c.name.clone(),
+            ("CreateContainerConfigError".into(), message),
+        );
     }
 
     /// `runAsNonRoot`: the user the container will run as (its `runAsUser`, else the pod's,

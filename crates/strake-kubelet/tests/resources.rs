@@ -243,4 +243,95 @@ async fn security_context_reaches_the_container() {
         message.starts_with("container has runAsNonRoot and image will run as root"),
         "{message}"
     );
+    // ... with a Warning event saying why.
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), "default");
+    let has_event = |pod: &'static str, reason: &'static str, note: String| {
+        let events = events.clone();
+        async move {
+            let list = events.list(&Default::default()).await.ok()?;
+            list.items
+                .iter()
+                .any(|e| {
+                    e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(pod)
+                        && e.reason.as_deref() == Some(reason)
+                        && e.type_.as_deref() == Some("Warning")
+                        && e.note.as_deref().is_some_and(|n| n.contains(&note))
+                })
+                .then_some(())
+        }
+    };
+    // Bad references: a missing ConfigMap key in the environment, a missing ConfigMap as a
+    // volume. Each pod waits with a clear reason and an event; nothing else is held up.
+    for (name, extra) in [
+        (
+            "no-env-source",
+            serde_json::json!({ "env": [{ "name": "X", "valueFrom": { "configMapKeyRef": { "name": "absent", "key": "k" } } }] }),
+        ),
+        (
+            "no-volume-source",
+            serde_json::json!({ "volumeMounts": [{ "name": "cfg", "mountPath": "/cfg" }] }),
+        ),
+    ] {
+        let mut container = serde_json::json!({
+            "name": "app",
+            "image": format!("{}/strake/busybox:1", registry.open_in_cluster()),
+            "command": ["sleep", "3600"]
+        });
+        if let (Some(c), Some(e)) = (container.as_object_mut(), extra.as_object()) {
+            c.extend(e.clone());
+        }
+        let mut spec = serde_json::json!({
+            "nodeName": NODE, "terminationGracePeriodSeconds": 1, "containers": [container]
+        });
+        if name == "no-volume-source" {
+            spec["volumes"] =
+                serde_json::json!([{ "name": "cfg", "configMap": { "name": "absent" } }]);
+        }
+        let p: Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": { "name": name }, "spec": spec
+        }))
+        .expect("pod");
+        pods.create(&PostParams::default(), &p)
+            .await
+            .expect("create pod");
+    }
+    wait_for("the missing env source reported", 60, || async {
+        let p = pods.get("no-env-source").await.ok()?;
+        let w = p
+            .status?
+            .container_statuses?
+            .first()?
+            .state
+            .as_ref()?
+            .waiting
+            .clone()?;
+        (w.reason.as_deref() == Some("CreateContainerConfigError")
+            && w.message
+                .as_deref()
+                .is_some_and(|m| m.contains("\"absent\" not found")))
+        .then_some(())
+    })
+    .await;
+    wait_for("its Failed event", 30, || {
+        has_event("no-env-source", "Failed", "\"absent\" not found".into())
+    })
+    .await;
+    wait_for("the FailedMount event", 60, || {
+        has_event("no-volume-source", "FailedMount", "absent".into())
+    })
+    .await;
+    wait_for("the Failed event", 30, || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("rooted")
+                    && e.reason.as_deref() == Some("Failed")
+                    && e.type_.as_deref() == Some("Warning")
+                    && e.note.as_deref() == Some(&*format!("Error: {message}"))
+            })
+            .then_some(())
+    })
+    .await;
 }
