@@ -20,6 +20,7 @@ pub mod healthz;
 pub mod heartbeat;
 pub mod machine;
 pub mod node;
+pub mod pleg;
 pub mod pod_spec;
 pub mod pod_status;
 pub mod pod_worker;
@@ -165,7 +166,12 @@ impl App {
                     .map(|ip| ip.to_string())
                     .unwrap_or_default(),
                 runtime_name,
+                nudges: pleg::Nudges::default(),
             };
+            tasks.push(tokio::spawn(pleg::run(
+                self.runtime.clone(),
+                ctx.nudges.clone(),
+            )));
             if let Some(dir) = self.config.pod_manifest_path.clone() {
                 tasks.push(tokio::spawn(static_pods::run(
                     ctx.clone(),

@@ -78,6 +78,8 @@ pub struct Context {
     pub config: Config,
     pub host_ip: String,
     pub runtime_name: String,
+    /// Wake-ups from the runtime's container events ([`crate::pleg`]).
+    pub nudges: crate::pleg::Nudges,
 }
 
 fn uid_filter(uid: &str) -> BTreeMap<String, String> {
@@ -124,6 +126,7 @@ pub async fn run(ctx: Context, uid: String, mut updates: watch::Receiver<Option<
     // The last pod object seen: a pod that vanished (deleted from the API, or its static
     // manifest removed) is still terminated with its own spec and grace period.
     let mut last: Option<Pod> = None;
+    let nudge = w.ctx.nudges.register(&w.uid);
     loop {
         let pod = updates.borrow_and_update().clone();
         match pod {
@@ -135,11 +138,17 @@ pub async fn run(ctx: Context, uid: String, mut updates: watch::Receiver<Option<
             }
             other => {
                 w.terminate(other.as_ref().or(last.as_ref())).await;
+                w.ctx.nudges.unregister(&w.uid);
                 return;
             }
         }
-        // Relist: re-check the runtime every second even without a spec change (PLEG).
-        let _ = tokio::time::timeout(Duration::from_secs(1), updates.changed()).await;
+        // Relist: re-check the runtime every second even without a spec change (PLEG), and at
+        // once when the runtime reports an event of this pod.
+        tokio::select! {
+            _ = updates.changed() => {}
+            _ = nudge.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     }
 }
 

@@ -164,6 +164,13 @@ async fn security_context_reaches_the_container() {
         (!id.is_empty()).then_some(id)
     })
     .await;
+    // strake-runtime offers container events; the kubelet follows them (evented PLEG).
+    assert!(
+        node.log()
+            .contains("following the runtime's container events"),
+        "{}",
+        node.log()
+    );
     // The container's main process, as the kernel sees it.
     let out = node
         .runtime
