@@ -80,9 +80,9 @@ impl NodeRuntime {
     }
 }
 
-/// A node: its namespace, a CRI runtime, and strake-kubelet. Dropped in that reverse order
-/// (fields drop in declaration order: the kubelet's process belongs to `ns`, which is dropped
-/// last, after the runtime has removed its pods).
+/// A node: its namespace, a CRI runtime, and strake-kubelet. Dropped in that reverse order:
+/// the kubelet is stopped first, then the runtime removes its pods and stops, then the
+/// namespace goes.
 pub struct KubeletNode {
     /// strake-kubelet's PID.
     pub kubelet_pid: u32,
@@ -93,6 +93,16 @@ pub struct KubeletNode {
     pub runtime: NodeRuntime,
     /// The node's network namespace.
     pub ns: NodeNs,
+}
+
+impl Drop for KubeletNode {
+    fn drop(&mut self) {
+        // The kubelet goes first: while it runs it would recreate the pods the runtime's guard
+        // removes, and those would outlive the runtime.
+        if self.kubelet_pid != 0 {
+            self.stop_kubelet(Duration::from_secs(5));
+        }
+    }
 }
 
 impl std::fmt::Debug for KubeletNode {
@@ -211,6 +221,24 @@ impl KubeletNode {
             &log,
         )?;
         Ok(())
+    }
+
+    /// Stops the kubelet (SIGTERM, then SIGKILL after `grace`) and waits until it is gone.
+    fn stop_kubelet(&self, grace: Duration) {
+        // SAFETY: kill(2) on the kubelet this guard started.
+        unsafe { libc::kill(self.kubelet_pid as libc::pid_t, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + grace;
+        while process::pid_alive(self.kubelet_pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(self.kubelet_pid as libc::pid_t, libc::SIGKILL) };
+        for _ in 0..100 {
+            if !process::pid_alive(self.kubelet_pid) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Kills the kubelet with SIGKILL (no chance to clean up) and starts a new one.
