@@ -6,14 +6,13 @@
 //! kubelet's Events tell the same story.
 
 use base64::Engine as _;
-use k8s_openapi::api::core::v1::{ContainerStateWaiting, Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{ContainerStateWaiting, Pod, Secret};
 use k8s_openapi::api::node::v1::RuntimeClass;
 use kube::api::{Api, PostParams};
-use strake_integration::control_plane::{ControlPlane, Options};
-use strake_integration::registry::{self, Registry};
+use strake_integration::registry;
 
 mod common;
-use common::{KubeletNode, RuntimeKind, wait_for};
+use common::{Cluster, RuntimeKind, wait_for};
 
 const NODE: &str = "strake-pull-0";
 
@@ -55,19 +54,8 @@ fn running(p: &Pod) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_secrets_and_runtime_classes_reach_the_runtime() {
-    let cp = ControlPlane::start(Options::default())
-        .await
-        .expect("control plane");
-    let registry = Registry::start(cp.net(), &cp.dir().join("registry")).expect("registry");
-    let client = cp.client().await.expect("client");
-    let node = KubeletNode::start_on(&cp, 0, NODE, "", RuntimeKind::Strake)
-        .await
-        .expect("start node");
-    let nodes: Api<Node> = Api::all(client.clone());
-    wait_for("node registered", 60, || async {
-        nodes.get_opt(NODE).await.ok().flatten()
-    })
-    .await;
+    let cluster = Cluster::start(NODE, RuntimeKind::Strake).await;
+    let (client, registry, node) = (&cluster.client, &cluster.registry, &cluster.node);
 
     let protected = format!("{}/strake/protected:1", registry.protected_in_cluster());
     let open = format!("{}/strake/busybox:1", registry.open_in_cluster());

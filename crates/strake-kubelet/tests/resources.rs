@@ -2,31 +2,18 @@
 //! as the kernel enforces them, `resourceFieldRef` environment values and Service links, on
 //! strake-runtime.
 
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
-use strake_integration::control_plane::{ControlPlane, Options};
-use strake_integration::registry::Registry;
 
 mod common;
-use common::{KubeletNode, RuntimeKind, wait_for};
+use common::{Cluster, RuntimeKind, wait_for};
 
 const NODE: &str = "strake-resources-0";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_become_cgroup_settings_and_resource_field_refs() {
-    let cp = ControlPlane::start(Options::default())
-        .await
-        .expect("control plane");
-    let registry = Registry::start(cp.net(), &cp.dir().join("registry")).expect("registry");
-    let client = cp.client().await.expect("client");
-    let node = KubeletNode::start_on(&cp, 0, NODE, "", RuntimeKind::Strake)
-        .await
-        .expect("start node");
-    let nodes: Api<Node> = Api::all(client.clone());
-    wait_for("node registered", 60, || async {
-        nodes.get_opt(NODE).await.ok().flatten()
-    })
-    .await;
+    let cluster = Cluster::start(NODE, RuntimeKind::Strake).await;
+    let (client, registry, node) = (&cluster.client, &cluster.registry, &cluster.node);
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let pod: Pod = serde_json::from_value(serde_json::json!({
@@ -115,19 +102,8 @@ async fn limits_become_cgroup_settings_and_resource_field_refs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn security_context_reaches_the_container() {
-    let cp = ControlPlane::start(Options::default())
-        .await
-        .expect("control plane");
-    let registry = Registry::start(cp.net(), &cp.dir().join("registry")).expect("registry");
-    let client = cp.client().await.expect("client");
-    let node = KubeletNode::start_on(&cp, 0, NODE, "", RuntimeKind::Strake)
-        .await
-        .expect("start node");
-    let nodes: Api<Node> = Api::all(client.clone());
-    wait_for("node registered", 60, || async {
-        nodes.get_opt(NODE).await.ok().flatten()
-    })
-    .await;
+    let cluster = Cluster::start(NODE, RuntimeKind::Strake).await;
+    let (client, registry, node) = (&cluster.client, &cluster.registry, &cluster.node);
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let pod: Pod = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1",

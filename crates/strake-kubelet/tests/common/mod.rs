@@ -23,3 +23,46 @@ where
     }
     panic!("timed out after {secs} s waiting for {what}");
 }
+
+/// A control plane (no controllers needed beyond the defaults), the local registry, an admin
+/// client and one node running strake-kubelet on `kind`, registered with the API server.
+/// Dropped in reverse order of the fields.
+pub struct Cluster {
+    pub node: KubeletNode,
+    pub client: kube::Client,
+    pub registry: strake_integration::registry::Registry,
+    pub cp: strake_integration::control_plane::ControlPlane,
+}
+
+impl Cluster {
+    /// Starts everything and waits until node `name` is registered.
+    pub async fn start(name: &str, kind: RuntimeKind) -> Cluster {
+        use strake_integration::control_plane::{ControlPlane, Options};
+        let cp = ControlPlane::start(Options::default())
+            .await
+            .expect("control plane");
+        let registry =
+            strake_integration::registry::Registry::start(cp.net(), &cp.dir().join("registry"))
+                .expect("registry");
+        let client = cp.client().await.expect("client");
+        let node = KubeletNode::start_on(&cp, 0, name, "", kind)
+            .await
+            .expect("start node");
+        let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
+        wait_for("node registered", 60, || async {
+            nodes.get_opt(name).await.ok().flatten()
+        })
+        .await;
+        Cluster {
+            node,
+            client,
+            registry,
+            cp,
+        }
+    }
+
+    /// `strake/busybox:1` as the node pulls it.
+    pub fn busybox(&self) -> String {
+        format!("{}/strake/busybox:1", self.registry.open_in_cluster())
+    }
+}
