@@ -511,17 +511,7 @@ impl Worker {
             Err(message) => {
                 // No sandbox without its runtime: every container waits, with the reason.
                 tracing::warn!(pod = %pod_key(pod), %message, "cannot create the pod sandbox");
-                for c in spec
-                    .init_containers
-                    .iter()
-                    .flatten()
-                    .chain(&spec.containers)
-                {
-                    self.waiting.insert(
-                        c.name.clone(),
-                        ("ContainerCreating".into(), message.clone()),
-                    );
-                }
+                self.all_creating(&spec, message);
                 return self.report(pod, "", None).await;
             }
         };
@@ -529,23 +519,9 @@ impl Worker {
             Ok(s) => s,
             Err(e) => {
                 let message = format!("Failed to create pod sandbox: {}", e.detail());
-                self.events.emit(
-                    pod,
-                    None,
-                    Kind::Warning,
-                    "FailedCreatePodSandBox",
-                    message.clone(),
-                );
-                for c in spec
-                    .init_containers
-                    .iter()
-                    .flatten()
-                    .chain(&spec.containers)
-                {
-                    self.waiting.insert(
-                        c.name.clone(),
-                        ("ContainerCreating".into(), message.clone()),
-                    );
+                if self.all_creating(&spec, message.clone()) {
+                    self.events
+                        .emit(pod, None, Kind::Warning, "FailedCreatePodSandBox", message);
                 }
                 self.report(pod, "", None).await?;
                 return Err(e);
@@ -569,23 +545,9 @@ impl Worker {
                 Err(e) if self.volumes_refreshed.is_none() => {
                     tracing::warn!(pod = %pod_key(pod), error = %e, "volumes not ready");
                     let message = e.to_string();
-                    let known = spec.containers.first().is_some_and(|c| {
-                        self.waiting
-                            .get(&c.name)
-                            .is_some_and(|(_, m)| *m == message)
-                    });
-                    if !known {
+                    if self.all_creating(&spec, message.clone()) {
                         self.events
                             .emit(pod, None, Kind::Warning, "FailedMount", message);
-                    }
-                    for c in spec
-                        .init_containers
-                        .iter()
-                        .flatten()
-                        .chain(&spec.containers)
-                    {
-                        self.waiting
-                            .insert(c.name.clone(), ("ContainerCreating".into(), e.to_string()));
                     }
                     return self.report(pod, &sandbox_id, Some(ips)).await;
                 }
@@ -844,6 +806,28 @@ impl Worker {
         self.waiting.remove(&c.name);
         tracing::info!(pod = %pod_key(pod), container = %c.name, attempt, "container started");
         Ok(Step::Running)
+    }
+
+    /// Every container of the pod waits as ContainerCreating with `message` (the pod cannot
+    /// get that far yet); returns whether the message is new, so that its event is sent once
+    /// rather than on every sync.
+    fn all_creating(
+        &mut self,
+        spec: &k8s_openapi::api::core::v1::PodSpec,
+        message: String,
+    ) -> bool {
+        let mut new = false;
+        for c in spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(&spec.containers)
+        {
+            let entry = ("ContainerCreating".to_string(), message.clone());
+            new |= self.waiting.get(&c.name) != Some(&entry);
+            self.waiting.insert(c.name.clone(), entry);
+        }
+        new
     }
 
     /// A container whose configuration cannot be made: CreateContainerConfigError with the
