@@ -99,18 +99,47 @@ pub struct SetLayout {
     pub key: Vec<KeyPart>,
     /// A verdict map.
     pub map: bool,
+    /// A data map's value components (empty for sets and verdict maps).
+    pub data: Vec<KeyPart>,
     /// Elements are prefixes (`flags interval`).
     pub interval: bool,
 }
 
 impl SetLayout {
     fn key_len(&self) -> usize {
-        if self.key.len() == 1 {
-            self.key[0].len()
-        } else {
-            self.key.iter().map(|p| (p.len() + 3) & !3).sum()
-        }
+        concat_len(&self.key)
     }
+}
+
+/// Length of a key or value of these components (each padded to 4 bytes when several).
+fn concat_len(parts: &[KeyPart]) -> usize {
+    if parts.len() == 1 {
+        parts[0].len()
+    } else {
+        parts.iter().map(|p| (p.len() + 3) & !3).sum()
+    }
+}
+
+/// nft's type id of a concatenation: 6 bits per component.
+fn concat_type(parts: &[KeyPart]) -> u32 {
+    parts.iter().fold(0u32, |acc, p| (acc << 6) | p.type_id())
+}
+
+/// The components of a `typeof` expression list, e.g. `ip daddr . th dport`.
+fn typeof_parts(text: &str, family: u8) -> Res<Vec<KeyPart>> {
+    text.split(" . ")
+        .map(|part| {
+            let words: Vec<&str> = part.split_whitespace().collect();
+            Ok(match (words.as_slice(), family) {
+                (["ip", "daddr" | "saddr"], AF_INET) => KeyPart::Ipv4,
+                (["ip6", "daddr" | "saddr"], AF_INET6) => KeyPart::Ipv6,
+                (["meta", "l4proto"], _) => KeyPart::Proto,
+                (["th", "dport"], _) => KeyPart::Service,
+                (["numgen", "random", "mod", _], _) => KeyPart::Integer,
+                _ => return Err(format!("unsupported typeof expression {part:?}")),
+            })
+        })
+        .collect()
 }
 
 /// Set layouts by (family, set name).
@@ -402,11 +431,12 @@ impl Encoder<'_> {
         Ok(())
     }
 
-    /// `add set|map`: `type K [. K ...] [: verdict] ; [flags F,F ;] [timeout Ns ;]` or
-    /// `typeof numgen random mod N : verdict ;`.
+    /// `add set|map`: `type K [. K ...] [: verdict] ; [flags F,F ;] [timeout Ns ;]`, or one of
+    /// the `typeof` declarations in [`TYPEOF_UDATA`] (verdict or data maps).
     fn set(&mut self, line: usize, family: u8, name: &str, map: bool, spec: &str) -> Res<()> {
         let mut key = Vec::new();
-        let mut typeof_numgen = false;
+        let mut data = Vec::new();
+        let mut typeof_udata: Option<&'static [u8]> = None;
         let mut verdict = false;
         let mut flags = 0u32;
         let mut timeout_ms = None;
@@ -414,22 +444,28 @@ impl Encoder<'_> {
             let (head, rest) = word(clause)?;
             match head {
                 "type" | "typeof" => {
-                    let (keys, data) = match rest.split_once(':') {
+                    let (keys, value) = match rest.split_once(':') {
                         Some((k, d)) => (k.trim(), Some(d.trim())),
                         None => (rest.trim(), None),
                     };
-                    match data {
+                    match value {
                         None => {}
                         Some("verdict") => verdict = true,
+                        Some(other) if head == "typeof" => {
+                            data = typeof_parts(other, family)?;
+                        }
                         Some(other) => return Err(format!("unsupported map data {other:?}")),
                     }
                     if head == "typeof" {
-                        let words: Vec<&str> = keys.split_whitespace().collect();
-                        if !matches!(words.as_slice(), ["numgen", "random", "mod", _]) {
-                            return Err(format!("unsupported typeof {keys:?}"));
-                        }
-                        typeof_numgen = true;
-                        key.push(KeyPart::Integer);
+                        let normalized = clause.split_whitespace().collect::<Vec<_>>().join(" ");
+                        typeof_udata = Some(
+                            TYPEOF_UDATA
+                                .iter()
+                                .find(|(spec, _)| *spec == normalized)
+                                .map(|(_, udata)| *udata)
+                                .ok_or_else(|| format!("unsupported typeof {keys:?}"))?,
+                        );
+                        key = typeof_parts(keys, family)?;
                     } else {
                         for part in keys.split(" . ") {
                             key.push(
@@ -463,30 +499,31 @@ impl Encoder<'_> {
         if key.is_empty() {
             return Err("set without a key type".into());
         }
-        if map != verdict {
-            return Err("only verdict maps are supported".into());
+        if map != (verdict || !data.is_empty()) {
+            return Err("a map needs a verdict or data type, a set neither".into());
         }
         if map {
             flags |= 0x8;
         }
         let layout = SetLayout {
             key,
-            map,
+            map: verdict,
+            data,
             interval: flags & 0x4 != 0,
         };
         let m = self.message(line, msg::NEWSET, NLM_F_CREATE, family);
         self.w.str(attr::SET_TABLE, TABLE);
         self.w.str(attr::SET_NAME, name);
         self.w.u32(attr::SET_FLAGS, flags);
-        let key_type = layout
-            .key
-            .iter()
-            .fold(0u32, |acc, p| (acc << 6) | p.type_id());
-        self.w.u32(attr::SET_KEY_TYPE, key_type);
+        self.w.u32(attr::SET_KEY_TYPE, concat_type(&layout.key));
         self.w.u32(attr::SET_KEY_LEN, layout.key_len() as u32);
-        if map {
+        if layout.map {
             self.w.u32(attr::SET_DATA_TYPE, 0xffff_ff00);
             self.w.u32(attr::SET_DATA_LEN, 0);
+        } else if !layout.data.is_empty() {
+            self.w.u32(attr::SET_DATA_TYPE, concat_type(&layout.data));
+            self.w
+                .u32(attr::SET_DATA_LEN, concat_len(&layout.data) as u32);
         }
         if let Some(ms) = timeout_ms {
             self.w.u64(attr::SET_TIMEOUT, ms);
@@ -495,10 +532,12 @@ impl Encoder<'_> {
         self.next_set_id += 1;
         // nft's user data: how to print the key (byte order, `typeof` expression). Without
         // it `nft list` would print these sets differently from the ones nft created.
-        let udata: &[u8] = if typeof_numgen {
-            &UDATA_TYPEOF_NUMGEN_VERDICT
+        let udata: &[u8] = if let Some(udata) = typeof_udata {
+            udata
         } else if map {
             &UDATA_TYPE_VERDICT_MAP
+        } else if layout.key.len() > 1 {
+            &UDATA_CONCAT_SET
         } else {
             &UDATA_BIG_ENDIAN_KEY
         };
@@ -520,9 +559,13 @@ impl Encoder<'_> {
                 Some((k, v)) => (k.trim(), Some(v.trim())),
                 None => (item, None),
             };
-            let data = match (layout.map, value, add) {
-                (true, Some(v), true) => Some(parse_verdict(v)?),
-                (true, None, true) => return Err(format!("map element {key:?} without a verdict")),
+            let is_map = layout.map || !layout.data.is_empty();
+            let data = match (is_map, value, add) {
+                (true, Some(v), true) if layout.map => {
+                    Some(ElementData::Verdict(parse_verdict(v)?))
+                }
+                (true, Some(v), true) => Some(ElementData::Value(encode_concat(&layout.data, v)?)),
+                (true, None, true) => return Err(format!("map element {key:?} without a value")),
                 (false, Some(_), _) => return Err(format!("set element {item:?} has a value")),
                 _ => None,
             };
@@ -559,8 +602,10 @@ impl Encoder<'_> {
                     self.w.u32(attr::SET_ELEM_FLAGS, e.flags);
                 }
                 self.w.data_value(attr::SET_ELEM_KEY, &e.key);
-                if let Some(v) = &e.data {
-                    self.w.data_verdict(attr::SET_ELEM_DATA, v);
+                match &e.data {
+                    Some(ElementData::Verdict(v)) => self.w.data_verdict(attr::SET_ELEM_DATA, v),
+                    Some(ElementData::Value(v)) => self.w.data_value(attr::SET_ELEM_DATA, v),
+                    None => {}
                 }
                 if e.open_interval && add {
                     self.w
@@ -586,18 +631,86 @@ const UDATA_TYPEOF_NUMGEN_VERDICT: [u8; 56] = [
     0, 4, 1, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 0x1a, 0, 4, 0x17, 0, 0, 0, 1, 0x12, 0, 4, 1, 0, 0, 0, 1,
     4, 1, 0, 0, 0, 2, 4, 0, 0, 0, 0, 4, 8, 0, 4, 1, 0, 0, 0, 1, 0, 6, 4, 0, 0, 0, 0,
 ];
+/// ... for `type A . B` sets.
+const UDATA_CONCAT_SET: [u8; 16] = [0, 4, 0, 0, 0, 0, 3, 8, 0, 4, 13, 0, 0, 0, 1, 0];
+/// ... for the `typeof` maps of the ruleset: endpoint maps keyed by a frontend and a slot.
+const UDATA_TYPEOF_ENDPOINTS_V4: [u8; 170] = [
+    0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 96, 0, 4, 13, 0, 0, 0, 1, 88, 0, 20, 0, 4, 7, 0, 0, 0,
+    1, 12, 0, 4, 12, 0, 0, 0, 1, 4, 12, 0, 0, 0, 1, 14, 0, 4, 9, 0, 0, 0, 1, 6, 0, 4, 16, 0, 0, 0,
+    2, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0, 3, 26, 0, 4, 23, 0, 0, 0,
+    1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0, 0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44,
+    0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 12, 0, 0, 0, 1, 4, 12, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0,
+    1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+];
+const UDATA_TYPEOF_ENDPOINTS_V6: [u8; 170] = [
+    0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 96, 0, 4, 13, 0, 0, 0, 1, 88, 0, 20, 0, 4, 7, 0, 0, 0,
+    1, 12, 0, 4, 13, 0, 0, 0, 1, 4, 9, 0, 0, 0, 1, 14, 0, 4, 9, 0, 0, 0, 1, 6, 0, 4, 16, 0, 0, 0,
+    2, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0, 3, 26, 0, 4, 23, 0, 0, 0,
+    1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0, 0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44,
+    0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 13, 0, 0, 0, 1, 4, 9, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0,
+    1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+];
+const UDATA_TYPEOF_NODEPORT_ENDPOINTS_V4: [u8; 148] = [
+    0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 74, 0, 4, 13, 0, 0, 0, 1, 66, 0, 14, 0, 4, 9, 0, 0, 0,
+    1, 6, 0, 4, 16, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0,
+    2, 26, 0, 4, 23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0, 0, 4, 52,
+    0, 4, 13, 0, 0, 0, 1, 44, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 12, 0, 0, 0, 1, 4, 12, 0, 0, 0,
+    1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+];
+const UDATA_TYPEOF_NODEPORT_ENDPOINTS_V6: [u8; 148] = [
+    0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 74, 0, 4, 13, 0, 0, 0, 1, 66, 0, 14, 0, 4, 9, 0, 0, 0,
+    1, 6, 0, 4, 16, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0,
+    2, 26, 0, 4, 23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0, 0, 4, 52,
+    0, 4, 13, 0, 0, 0, 1, 44, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 13, 0, 0, 0, 1, 4, 9, 0, 0, 0,
+    1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+];
+
+/// The `typeof` declarations the encoder knows, with the user data nft writes for each (so that
+/// `nft list` prints them as declared). Learned from `nft --debug=mnl`.
+const TYPEOF_UDATA: [(&str, &[u8]); 5] = [
+    (
+        "typeof numgen random mod 1 : verdict",
+        &UDATA_TYPEOF_NUMGEN_VERDICT,
+    ),
+    (
+        "typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport",
+        &UDATA_TYPEOF_ENDPOINTS_V4,
+    ),
+    (
+        "typeof ip6 daddr . meta l4proto . th dport . numgen random mod 1 : ip6 daddr . th dport",
+        &UDATA_TYPEOF_ENDPOINTS_V6,
+    ),
+    (
+        "typeof meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport",
+        &UDATA_TYPEOF_NODEPORT_ENDPOINTS_V4,
+    ),
+    (
+        "typeof meta l4proto . th dport . numgen random mod 1 : ip6 daddr . th dport",
+        &UDATA_TYPEOF_NODEPORT_ENDPOINTS_V6,
+    ),
+];
+
 /// Element user data nft writes for an interval open to the end of the address space.
 const UDATA_ELEM_INTERVAL_OPEN: [u8; 6] = [1, 4, 1, 0, 0, 0];
 
+/// A map element's value.
+#[derive(Debug, Clone)]
+enum ElementData {
+    /// A verdict map's verdict.
+    Verdict(Verdict),
+    /// A data map's value, encoded.
+    Value(Vec<u8>),
+}
+
 struct Element {
     key: Vec<u8>,
-    data: Option<Verdict>,
+    data: Option<ElementData>,
     flags: u32,
     open_interval: bool,
 }
 
 impl Element {
-    fn new(key: Vec<u8>, data: Option<Verdict>, flags: u32, open_interval: bool) -> Self {
+    fn new(key: Vec<u8>, data: Option<ElementData>, flags: u32, open_interval: bool) -> Self {
         Element {
             key,
             data,
@@ -608,13 +721,19 @@ impl Element {
 }
 
 fn encode_key(layout: &SetLayout, key: &str) -> Res<Vec<u8>> {
+    encode_concat(&layout.key, key)
+}
+
+/// A key or value of the components `layout`, e.g. `10.0.0.1 . tcp . 80`: each component
+/// padded to 4 bytes when there are several.
+fn encode_concat(layout: &[KeyPart], key: &str) -> Res<Vec<u8>> {
     let parts: Vec<&str> = key.split(" . ").map(str::trim).collect();
-    if parts.len() != layout.key.len() {
-        return Err(format!("key {key:?} does not match the set's type"));
+    if parts.len() != layout.len() {
+        return Err(format!("{key:?} does not match the set's type"));
     }
     let concat = parts.len() > 1;
-    let mut out = Vec::with_capacity(layout.key_len());
-    for (part, word) in layout.key.iter().zip(parts) {
+    let mut out = Vec::with_capacity(concat_len(layout));
+    for (part, word) in layout.iter().zip(parts) {
         let value = part
             .value(word)
             .ok_or_else(|| format!("{word:?} is not a valid {part:?}"))?;
@@ -992,21 +1111,24 @@ impl<'b> RuleParser<'_, 'b> {
         })
     }
 
-    /// `F . F . F vmap @map`, the first field already read.
+    /// `F . F . F vmap @map` or `F . F @set`, the first field already read.
     fn concat_vmap(&mut self, first: Field) -> Res<()> {
         let mut fields = vec![first];
         while self.peek() == Some(".") {
             self.pos += 1;
             fields.push(self.field()?);
         }
-        self.expect("vmap")?;
+        let verdict = self.peek() == Some("vmap");
+        if verdict {
+            self.pos += 1;
+        }
         let map = self.set_name()?;
         let mut offset = 0;
         for f in &fields {
             self.load(*f, concat_reg(offset));
             offset += (f.key_part().len() + 3) & !3;
         }
-        self.lookup(REG_1, &map, Some(REG_VERDICT), false);
+        self.lookup(REG_1, &map, verdict.then_some(REG_VERDICT), false);
         Ok(())
     }
 
@@ -1153,9 +1275,15 @@ impl<'b> RuleParser<'_, 'b> {
         Ok(())
     }
 
-    /// `dnat to ADDR:PORT` / `dnat to [ADDR]:PORT`.
+    /// `dnat to ADDR:PORT` / `dnat to [ADDR]:PORT`, or
+    /// `dnat ip|ip6 to F . F . numgen random mod N map @map` (the map's value: `ADDR . PORT`).
     fn dnat(&mut self) -> Res<()> {
         self.pos += 1;
+        if self.peek() == Some(self.ipx()) {
+            self.pos += 1;
+            self.expect("to")?;
+            return self.dnat_map();
+        }
         self.expect("to")?;
         let target = self.next()?;
         let addr: std::net::SocketAddr = target
@@ -1175,6 +1303,49 @@ impl<'b> RuleParser<'_, 'b> {
             w.u32(3, REG_1); // NFTA_NAT_REG_ADDR_MIN
             w.u32(5, REG_2); // NFTA_NAT_REG_PROTO_MIN
             w.u32(7, 0x2); // NFTA_NAT_FLAGS: NF_NAT_RANGE_PROTO_SPECIFIED
+        });
+        Ok(())
+    }
+
+    /// The key of `dnat ip|ip6 to KEY map @map`: fields and at most one `numgen random mod N`,
+    /// loaded into consecutive registers as a concatenation; the looked-up value's address
+    /// and port feed the nat expression.
+    fn dnat_map(&mut self) -> Res<()> {
+        let mut offset = 0;
+        loop {
+            if self.peek() == Some("numgen") {
+                self.pos += 1;
+                self.expect("random")?;
+                self.expect("mod")?;
+                let modulus = parse_u32(self.next()?)?;
+                let dreg = concat_reg(offset);
+                self.expr("numgen", |w| {
+                    w.u32(1, dreg); // NFTA_NG_DREG
+                    w.u32(2, modulus); // NFTA_NG_MODULUS
+                    w.u32(3, 1); // NFTA_NG_TYPE: NFT_NG_RANDOM
+                });
+                offset += 4;
+            } else {
+                let field = self.field()?;
+                self.load(field, concat_reg(offset));
+                offset += (field.key_part().len() + 3) & !3;
+            }
+            match self.next()? {
+                "." => continue,
+                "map" => break,
+                other => return Err(format!("expected . or map, found {other:?}")),
+            }
+        }
+        let map = self.set_name()?;
+        self.lookup(REG_1, &map, Some(REG_1), false);
+        let family = u32::from(self.family);
+        let addr_len = if self.family == AF_INET { 4 } else { 16 };
+        let proto_reg = concat_reg(addr_len);
+        self.expr("nat", |w| {
+            w.u32(1, 1); // NFTA_NAT_TYPE: NFT_NAT_DNAT
+            w.u32(2, family); // NFTA_NAT_FAMILY
+            w.u32(3, REG_1); // NFTA_NAT_REG_ADDR_MIN
+            w.u32(5, proto_reg); // NFTA_NAT_REG_PROTO_MIN
         });
         Ok(())
     }
