@@ -4,12 +4,13 @@
 //!
 //! `cargo run --release -p strake-proxy --example netlink_bench -- [SERVICES] [ENDPOINTS] [--text]`
 //!
-//! Each step runs the daemon's whole pipeline (`model::build` -> `Ruleset::build` ->
-//! `Syncer::sync`): a full sync, then partial ones for one endpoint added, one removed, one
+//! Each step runs the daemon's whole pipeline (`Programmer::sync`: the incremental model
+//! and ruleset, then the kernel): a full sync, then partial ones for one endpoint added, one removed, one
 //! Service added (5 rounds each, median shown), then a forced full sync over the full table.
 #![allow(clippy::unwrap_used)]
 
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Service;
@@ -20,8 +21,9 @@ use strake_proxy::model;
 use strake_proxy::nft::netlink::NftNetlink;
 use strake_proxy::nft::netlink::encode::{self, Layouts};
 use strake_proxy::nft::ruleset::Ruleset;
-use strake_proxy::nft::sync::{Syncer, full_script};
+use strake_proxy::nft::sync::full_script;
 use strake_proxy::nft::{Nft, NftCommand};
+use strake_proxy::programmer::Programmer;
 
 struct Netns(String);
 
@@ -100,18 +102,17 @@ impl Nft for Timed<'_> {
 struct Bench<'a> {
     config: Config,
     nft: &'a Timed<'a>,
-    syncer: Syncer,
+    programmer: Programmer,
 }
 
 impl Bench<'_> {
     /// One pass of the daemon's sync pipeline.
-    fn sync(&mut self, svcs: &[Service], slices: &[EndpointSlice]) -> Sample {
+    fn sync(&mut self, svcs: &[Arc<Service>], slices: &[Arc<EndpointSlice>]) -> Sample {
         let (t, c) = (Instant::now(), cpu());
-        let (m, w) = model::build(svcs, slices, None, &self.config);
-        assert!(w.is_empty(), "{:?}", &w[..w.len().min(3)]);
-        let r = Ruleset::build(&m, &self.config);
         *self.nft.last.lock().unwrap() = (Duration::ZERO, Duration::ZERO);
-        let report = self.syncer.sync(self.nft, r).unwrap();
+        let report = self.programmer.sync(self.nft, svcs, slices, None).unwrap();
+        let w = self.programmer.warnings();
+        assert!(w.is_empty(), "{:?}", &w[..w.len().min(3)]);
         let (apply, apply_cpu) = *self.nft.last.lock().unwrap();
         Sample {
             total: t.elapsed(),
@@ -175,17 +176,20 @@ fn main() {
         inner: backend.as_ref(),
         last: std::sync::Mutex::new((Duration::ZERO, Duration::ZERO)),
     };
-    let mut bench = Bench {
-        config: Config {
-            node_name: "n1".into(),
-            cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
-            masquerade_all: false,
-        },
-        nft: &nft,
-        syncer: Syncer::new(),
+    let config = Config {
+        node_name: "n1".into(),
+        cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+        masquerade_all: false,
     };
-    let mut svcs: Vec<Service> = (0..services).map(service).collect();
-    let mut slices: Vec<EndpointSlice> = (0..services).map(|i| slice(i, endpoints)).collect();
+    let mut bench = Bench {
+        programmer: Programmer::new(&config),
+        config,
+        nft: &nft,
+    };
+    let mut svcs: Vec<Arc<Service>> = (0..services).map(|i| Arc::new(service(i))).collect();
+    let mut slices: Vec<Arc<EndpointSlice>> = (0..services)
+        .map(|i| Arc::new(slice(i, endpoints)))
+        .collect();
     println!(
         "{services} Services x {endpoints} endpoints, backend {}",
         if text { "nft -f" } else { "netlink" }
@@ -195,7 +199,12 @@ fn main() {
     assert!(first.full);
     println!("full sync (empty table): {first}");
     if !text {
-        let (m, _) = model::build(&svcs, &slices, None, &bench.config);
+        let (m, _) = model::build(
+            svcs.iter().map(|s| s.as_ref()),
+            slices.iter().map(|s| s.as_ref()),
+            None,
+            &bench.config,
+        );
         let r = Ruleset::build(&m, &bench.config);
         let t = Instant::now();
         let script = full_script(&r);
@@ -265,7 +274,7 @@ fn main() {
     let mut removed = Vec::new();
     for round in 0..rounds {
         // One endpoint added to the last Service...
-        let eps = slices[last].endpoints.as_mut().unwrap();
+        let eps = Arc::make_mut(&mut slices[last]).endpoints.as_mut().unwrap();
         eps.push(
             serde_json::from_value(
                 json!({ "addresses": [format!("10.255.{round}.1")], "nodeName": "n1" }),
@@ -274,7 +283,11 @@ fn main() {
         );
         added.push(bench.sync(&svcs, &slices));
         // ...and removed again.
-        slices[last].endpoints.as_mut().unwrap().pop();
+        Arc::make_mut(&mut slices[last])
+            .endpoints
+            .as_mut()
+            .unwrap()
+            .pop();
         removed.push(bench.sync(&svcs, &slices));
     }
     report("one endpoint added", added);
@@ -283,13 +296,13 @@ fn main() {
     let mut new_service = Vec::new();
     for round in 0..rounds as u32 {
         let i = services + round;
-        svcs.push(service(i));
-        slices.push(slice(i, endpoints));
+        svcs.push(Arc::new(service(i)));
+        slices.push(Arc::new(slice(i, endpoints)));
         new_service.push(bench.sync(&svcs, &slices));
     }
     report("one Service added", new_service);
 
-    bench.syncer.force_full();
+    bench.programmer.force_full();
     let again = bench.sync(&svcs, &slices);
     assert!(again.full);
     println!("full sync (replacing a full table): {again}");

@@ -19,6 +19,7 @@ pub mod healthcheck;
 pub mod metrics;
 pub mod model;
 pub mod nft;
+pub mod programmer;
 pub mod proxier;
 pub mod server;
 #[cfg(test)]

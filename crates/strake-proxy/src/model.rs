@@ -305,74 +305,122 @@ pub fn build<'a>(
     config: &Config,
 ) -> (Model, Vec<Warning>) {
     let mut warnings = Vec::new();
-    let mut info = node.map(NodeInfo::from_node).unwrap_or_default();
-    // The configured name wins (`--hostname-override`), as upstream does.
-    info.name = config.node_name.clone();
     let mut model = Model {
         services: BTreeMap::new(),
-        node: info,
+        node: node_info(node, config),
     };
-    // Endpoints by (namespace, service name), merged over slices in name order.
-    let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
-    for slice in slices {
-        let labels = slice.metadata.labels.as_ref();
-        let label = |k: &str| labels.and_then(|l| l.get(k));
-        if label(SERVICE_PROXY_NAME_LABEL).is_some() || label(HEADLESS_LABEL).is_some() {
-            continue;
-        }
-        let Some(svc) = label(SERVICE_NAME_LABEL) else {
-            continue;
-        };
-        let ns = slice.metadata.namespace.clone().unwrap_or_default();
-        by_service.entry((ns, svc.clone())).or_default().push(slice);
-    }
-    for list in by_service.values_mut() {
-        list.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-    }
-
+    let by_service = group_slices(slices);
     for svc in services {
-        let ns = svc.metadata.namespace.clone().unwrap_or_default();
-        let name = svc.metadata.name.clone().unwrap_or_default();
-        let ports = match service_ports(svc, &ns, &name) {
-            Ok(Some(ports)) => ports,
-            Ok(None) => continue,
-            Err(w) => {
-                warnings.push(w);
-                continue;
-            }
-        };
         let slices = by_service
-            .get(&(ns.clone(), name.clone()))
+            .get(&object_key(&svc.metadata))
             .map(Vec::as_slice)
             .unwrap_or_default();
-        let mut endpoints: BTreeMap<(String, Protocol), BTreeMap<(IpAddr, u16), Endpoint>> =
-            BTreeMap::new();
-        for slice in slices {
-            match slice_endpoints(slice) {
-                Ok(list) => {
-                    for (port_name, proto, ep) in list {
-                        let entry = endpoints.entry((port_name, proto)).or_default();
-                        match entry.get(&(ep.ip, ep.port)) {
-                            // The same endpoint in two slices (e.g. while it moves): keep
-                            // the ready copy.
-                            Some(existing) if existing.ready || !ep.ready => {}
-                            _ => {
-                                entry.insert((ep.ip, ep.port), ep);
-                            }
-                        }
-                    }
-                }
-                Err(w) => warnings.push(w),
-            }
-        }
-        for mut port in ports {
-            if let Some(eps) = endpoints.get(&(port.id.port_name.clone(), port.id.protocol)) {
-                port.endpoints = eps.values().cloned().collect();
-            }
+        let (ports, mut w) = service_model(svc, slices);
+        warnings.append(&mut w);
+        for port in ports {
             model.services.insert(port.id.clone(), port);
         }
     }
     (model, warnings)
+}
+
+/// What the proxy knows of its node: the Node's addresses and zone, under the configured name
+/// (`--hostname-override` wins, as upstream).
+pub fn node_info(node: Option<&Node>, config: &Config) -> NodeInfo {
+    let mut info = node.map(NodeInfo::from_node).unwrap_or_default();
+    info.name = config.node_name.clone();
+    info
+}
+
+/// `(namespace, name)` of an object.
+pub fn object_key(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> (String, String) {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// The Service an EndpointSlice belongs to, `(namespace, service name)`, unless it is none of
+/// ours (another proxy's, headless, or without a Service).
+pub fn slice_service(slice: &EndpointSlice) -> Option<(String, String)> {
+    let labels = slice.metadata.labels.as_ref();
+    let label = |k: &str| labels.and_then(|l| l.get(k));
+    if label(SERVICE_PROXY_NAME_LABEL).is_some() || label(HEADLESS_LABEL).is_some() {
+        return None;
+    }
+    let svc = label(SERVICE_NAME_LABEL)?;
+    Some((
+        slice.metadata.namespace.clone().unwrap_or_default(),
+        svc.clone(),
+    ))
+}
+
+/// The EndpointSlices that are ours, by `(namespace, service name)`, each list in slice-name
+/// order (so that merging them is deterministic).
+pub fn group_slices<'a, S>(
+    slices: impl IntoIterator<Item = S>,
+) -> std::collections::HashMap<(String, String), Vec<S>>
+where
+    S: std::ops::Deref<Target = EndpointSlice> + 'a,
+{
+    let mut by_service: std::collections::HashMap<(String, String), Vec<S>> =
+        std::collections::HashMap::new();
+    for slice in slices {
+        if let Some(key) = slice_service(&slice) {
+            by_service.entry(key).or_default().push(slice);
+        }
+    }
+    for list in by_service.values_mut() {
+        list.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    }
+    by_service
+}
+
+/// The service ports of one Service with their endpoints merged from its `slices`, and what
+/// had to be left out.
+pub fn service_model<S>(svc: &Service, slices: &[S]) -> (Vec<ServicePort>, Vec<Warning>)
+where
+    S: std::ops::Deref<Target = EndpointSlice>,
+{
+    let mut warnings = Vec::new();
+    let (ns, name) = object_key(&svc.metadata);
+    let ports = match service_ports(svc, &ns, &name) {
+        Ok(Some(ports)) => ports,
+        Ok(None) => return (Vec::new(), warnings),
+        Err(w) => return (Vec::new(), vec![w]),
+    };
+    let mut endpoints: BTreeMap<(String, Protocol), BTreeMap<(IpAddr, u16), Endpoint>> =
+        BTreeMap::new();
+    for slice in slices {
+        match slice_endpoints(slice) {
+            Ok(list) => {
+                for (port_name, proto, ep) in list {
+                    let entry = endpoints.entry((port_name, proto)).or_default();
+                    match entry.get(&(ep.ip, ep.port)) {
+                        // The same endpoint in two slices (e.g. while it moves): keep
+                        // the ready copy.
+                        Some(existing) if existing.ready || !ep.ready => {}
+                        _ => {
+                            entry.insert((ep.ip, ep.port), ep);
+                        }
+                    }
+                }
+            }
+            Err(w) => warnings.push(w),
+        }
+    }
+    let ports = ports
+        .into_iter()
+        .map(|mut port| {
+            if let Some(eps) = endpoints.get(&(port.id.port_name.clone(), port.id.protocol)) {
+                port.endpoints = eps.values().cloned().collect();
+            }
+            port
+        })
+        .collect();
+    (ports, warnings)
 }
 
 fn warn(

@@ -1,6 +1,7 @@
 //! The running proxy: reflectors on Services, EndpointSlices and the own Node feed a change
-//! tracker; the sync loop turns the stores into rules (`model::build` -> `Ruleset::build` ->
-//! `Syncer::sync`, then deletes [`conntrack::stale`] UDP flows) no more often than
+//! tracker; the sync loop turns the stores into rules ([`Programmer::sync`], which re-derives
+//! only the changed Services and sends the kernel only their difference, then deletes
+//! [`conntrack::stale`] UDP flows) no more often than
 //! `--min-sync-period`, at least every `--sync-period`, with a full sync at start, after a
 //! failure and every [`FULL_SYNC_PERIOD`].
 //!
@@ -29,10 +30,9 @@ use crate::conntrack::{self, Conntrack, UdpState};
 use crate::health::Health;
 use crate::healthcheck::{self, HealthCheckPorts};
 use crate::metrics::Metrics;
-use crate::model::{self, HEADLESS_LABEL, NodeInfo, SERVICE_PROXY_NAME_LABEL, Warning};
+use crate::model::{HEADLESS_LABEL, NodeInfo, SERVICE_PROXY_NAME_LABEL, Warning};
 use crate::nft::Nft;
-use crate::nft::ruleset::Ruleset;
-use crate::nft::sync::Syncer;
+use crate::programmer::Programmer;
 
 /// How often a full sync rewrites both tables even when nothing failed (upstream: 1 hour).
 pub const FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
@@ -468,7 +468,7 @@ pub async fn sync_loop(
         "initial list done"
     );
     let mut schedule = Schedule::new(config.min_sync_period, config.sync_period);
-    let mut syncer = Some(Syncer::new());
+    let mut programmer = Some(Programmer::new(&config.proxy));
     // What the last successful sync programmed for UDP; `None` before the first one: a
     // restart keeps the rules, so entries made before it are still right.
     let mut udp: Option<UdpState> = None;
@@ -481,7 +481,10 @@ pub async fn sync_loop(
             _ = tracker.notify.notified(), if !tracker.is_dirty() => continue,
         }
         let started = Instant::now();
-        let mut current = syncer.take().unwrap_or_default();
+        // Lost only if a sync panicked: start over with a full sync.
+        let mut current = programmer
+            .take()
+            .unwrap_or_else(|| Programmer::new(&config.proxy));
         if schedule.needs_full(started) {
             current.force_full();
         }
@@ -489,20 +492,15 @@ pub async fn sync_loop(
         let services = stores.services.state();
         let slices = stores.slices.state();
         let node = stores.node.state().into_iter().next();
-        let proxy = config.proxy.clone();
         let Kernel { nft, conntrack: ct } = kernel.clone();
         let old_udp = udp.clone();
         let job = tokio::task::spawn_blocking(move || {
-            let (model, warnings) = model::build(
-                services.iter().map(|s| s.as_ref()),
-                slices.iter().map(|s| s.as_ref()),
-                node.as_deref(),
-                &proxy,
-            );
-            let ruleset = Ruleset::build(&model, &proxy);
-            let result = current.sync(nft.as_ref(), ruleset);
-            let hc = healthcheck::desired(&model);
-            let new_udp = UdpState::of(&model);
+            let result = current.sync(nft.as_ref(), &services, &slices, node.as_deref());
+            let model = current.model();
+            let hc = healthcheck::desired(model);
+            let new_udp = UdpState::of(model);
+            let ports = model.services.len();
+            let warnings = current.warnings();
             // Only once the new rules are in: a deleted entry is re-made by the next packet.
             if result.is_ok()
                 && let Some(old) = &old_udp
@@ -517,7 +515,7 @@ pub async fn sync_loop(
                     );
                 }
             }
-            (current, result, warnings, model.services.len(), hc, new_udp)
+            (current, result, warnings, ports, hc, new_udp)
         })
         .await;
         let took = started.elapsed();
@@ -531,7 +529,7 @@ pub async fn sync_loop(
                 continue;
             }
         };
-        syncer = Some(back);
+        programmer = Some(back);
         warnings.report(&model_warnings, Some(&stores));
         if let Some(health_checks) = health_checks.as_mut() {
             health_checks.sync(hc);

@@ -362,7 +362,7 @@ async fn follows_the_api_serves_health_and_metrics_and_cleans_up() {
         .unwrap();
     let api_done = started.elapsed();
     let programmed = bed.wait_rules("the Service's rules", |t| {
-        t.contains(SERVICE_ELEMENT) && t.contains("dnat to 10.244.0.12:80")
+        t.contains(SERVICE_ELEMENT) && t.contains(": 10.244.0.12 . 80")
     });
     eprintln!(
         "figure: Service + EndpointSlice created ({api_done:?}) -> rules programmed {programmed:?} later"
@@ -416,7 +416,7 @@ async fn follows_the_api_serves_health_and_metrics_and_cleans_up() {
         .await
         .unwrap();
     let programmed = bed.wait_rules("backend-0 gone from the rules", |t| {
-        !t.contains("dnat to 10.244.0.11:80")
+        !t.contains(": 10.244.0.11 . 80")
     });
     eprintln!("figure: endpoint removed -> rules programmed in {programmed:?}");
     bed.wait_traffic("traffic to leave backend-0", &["backend-1"], 10);

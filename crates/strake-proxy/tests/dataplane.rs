@@ -21,6 +21,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,7 @@ use strake_proxy::nft::netlink::NftNetlink;
 use strake_proxy::nft::ruleset::Ruleset;
 use strake_proxy::nft::sync::Syncer;
 use strake_proxy::nft::{Nft, TABLE};
+use strake_proxy::programmer::Programmer;
 
 const PREFIX: &str = "sproxy";
 const NODE_NAME: &str = "node-a";
@@ -818,18 +820,35 @@ fn partial_syncs_reach_the_same_tables_as_a_full_sync() {
         normalized(&node, IpFamily::V6),
     ];
     assert_eq!(partial, full);
+
+    // The daemon's incremental pipeline (claims per service port, deltas of the touched
+    // objects) reaches the same tables too.
+    let arcs = |v: Vec<EndpointSlice>| v.into_iter().map(Arc::new).collect::<Vec<_>>();
+    let svc_a: Vec<Arc<Service>> = services().into_iter().map(Arc::new).collect();
+    let svc_b = svc_a[..5].to_vec();
+    let (sl_a, sl_b) = (arcs(state_a.clone()), arcs(state_b.clone()));
+    let mut programmer = Programmer::new(&config);
+    assert!(programmer.sync(&nft, &svc_a, &sl_a, None).unwrap().full);
+    for (svcs, slices) in [(&svc_b, &sl_b), (&svc_a, &sl_a), (&svc_b, &sl_b)] {
+        assert!(!programmer.sync(&nft, svcs, slices, None).unwrap().full);
+    }
+    let incremental = [
+        normalized(&node, IpFamily::V4),
+        normalized(&node, IpFamily::V6),
+    ];
+    assert_eq!(incremental, full);
     // Sanity: the listing holds what we think it holds.
     let listing = nft.list_table(IpFamily::V4, TABLE).unwrap();
-    assert!(
-        listing.contains("ep-default/plain/tcp/80__10.244.1.3/8080"),
-        "{listing}"
-    );
+    // Plain services are map elements behind shared chains; affinity keeps per-endpoint ones.
+    assert!(listing.contains(": 10.244.1.3 . 8080"), "{listing}");
     assert!(!listing.contains("10.244.1.1"), "{listing}");
+    assert!(listing.contains("chain cluster-20 {"), "{listing}");
+    assert!(listing.contains("chain cluster-3 {"), "{listing}");
+    assert!(!listing.contains("10.244.5.4 "), "{listing}");
     assert!(
-        listing.contains("vmap @eps-svc-default/grow/tcp/80"),
+        listing.contains("chain ep-default/sticky/tcp/80__10.244.2.2/8080 {"),
         "{listing}"
     );
-    assert!(!listing.contains("eps-svc-default/shrink"), "{listing}");
 }
 
 /// Set when this test binary is re-executed inside a namespace as a tiny UDP server or client

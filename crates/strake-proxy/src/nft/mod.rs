@@ -95,6 +95,14 @@ pub trait Nft: Send + Sync {
 
     /// Lists one table in text syntax. For tests and diagnostics only: syncs never list.
     fn list_table(&self, family: IpFamily, name: &str) -> Result<String, NftError>;
+
+    /// Whether a partial sync may add rules that look up a `typeof` data map created by an
+    /// earlier transaction. `nft` 1.0.6 cannot: it rebuilds the map's value type from the
+    /// kernel and then refuses its `th dport` ("conflicting protocols specified"), so through
+    /// it such a sync (a new shared dispatch chain, i.e. a new endpoint count) is a full one.
+    fn rules_on_existing_data_maps(&self) -> bool {
+        true
+    }
 }
 
 /// The real [`Nft`]: runs the `nft` binary, optionally inside a network namespace.
@@ -205,6 +213,10 @@ impl NftCommand {
 impl Nft for NftCommand {
     fn apply(&self, script: &str) -> Result<(), NftError> {
         self.run(&["-f", "/dev/stdin"], Some(script)).map(drop)
+    }
+
+    fn rules_on_existing_data_maps(&self) -> bool {
+        false
     }
 
     fn list_table(&self, family: IpFamily, name: &str) -> Result<String, NftError> {

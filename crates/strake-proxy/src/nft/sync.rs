@@ -84,34 +84,45 @@ impl Syncer {
     /// Applies `desired` through `nft` (either backend) as one transaction. On failure the applied state is
     /// forgotten, so the next sync is full.
     pub fn sync(&mut self, nft: &dyn Nft, desired: Ruleset) -> Result<SyncReport, SyncError> {
-        let (script, full) = self.plan(&desired);
-        let commands = script.lines().count();
-        if script.is_empty() {
-            return Ok(SyncReport {
-                full,
-                bytes: 0,
-                commands: 0,
-            });
+        let (mut script, mut full) = self.plan(&desired);
+        if !full && !nft.rules_on_existing_data_maps() && adds_rules_using_data_maps(&script) {
+            script = full_script(&desired);
+            full = true;
         }
-        match nft.apply(&script) {
-            Ok(()) => {
-                self.applied = Some(desired);
-                Ok(SyncReport {
-                    full,
-                    bytes: script.len(),
-                    commands,
-                })
-            }
-            Err(source) => {
-                self.applied = None;
-                Err(SyncError::ApplyRuleset {
-                    full,
-                    bytes: script.len(),
-                    source,
-                })
-            }
-        }
+        let result = apply(nft, &script, full);
+        self.applied = result.is_ok().then_some(desired);
+        result
     }
+}
+
+/// Sends `script` (nothing when it is empty) as one transaction.
+pub fn apply(nft: &dyn Nft, script: &str, full: bool) -> Result<SyncReport, SyncError> {
+    if script.is_empty() {
+        return Ok(SyncReport {
+            full,
+            bytes: 0,
+            commands: 0,
+        });
+    }
+    match nft.apply(script) {
+        Ok(()) => Ok(SyncReport {
+            full,
+            bytes: script.len(),
+            commands: script.lines().count(),
+        }),
+        Err(source) => Err(SyncError::ApplyRuleset {
+            full,
+            bytes: script.len(),
+            source,
+        }),
+    }
+}
+
+/// Whether `script` adds a rule that looks a value up in a data map (`... map @name`).
+pub(crate) fn adds_rules_using_data_maps(script: &str) -> bool {
+    script
+        .lines()
+        .any(|line| line.starts_with("add rule ") && line.contains(" map @"))
 }
 
 /// A script that replaces both tables with `desired`.
@@ -392,7 +403,7 @@ mod tests {
     use crate::testutil::{config, model_of, simple};
 
     fn ruleset(b_endpoints: &[&str]) -> Ruleset {
-        let (a, sa) = simple("default", "a", "10.96.0.1", &["10.244.1.1"]);
+        let (a, sa) = simple("default", "a", "10.96.0.1", &["10.244.1.1", "10.244.1.3"]);
         let (b, sb) = simple("default", "b", "10.96.0.2", b_endpoints);
         Ruleset::build(&model_of(&[a, b], &[sa, sb]), &config())
     }
@@ -414,19 +425,15 @@ mod tests {
         assert_eq!((report.full, report.bytes), (false, 0));
         assert_eq!(nft.scripts().len(), 1);
 
-        // One endpoint replaced in b.
+        // One endpoint replaced in b: map elements only.
         let report = syncer.sync(&nft, ruleset(&["10.244.2.2"])).unwrap();
         assert!(!report.full);
         let script = nft.scripts()[1].clone();
         let expected = "\
-add chain ip strake-proxy ep-default/b/tcp/http__10.244.2.2/8080
-flush chain ip strake-proxy svc-default/b/tcp/http
-flush chain ip strake-proxy ep-default/b/tcp/http__10.244.2.1/8080
-add rule ip strake-proxy ep-default/b/tcp/http__10.244.2.2/8080 ip saddr 10.244.2.2 jump mark-for-masquerade
-add rule ip strake-proxy ep-default/b/tcp/http__10.244.2.2/8080 meta l4proto tcp dnat to 10.244.2.2:8080
-add rule ip strake-proxy svc-default/b/tcp/http ip daddr 10.96.0.2 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
-add rule ip strake-proxy svc-default/b/tcp/http goto ep-default/b/tcp/http__10.244.2.2/8080
-delete chain ip strake-proxy ep-default/b/tcp/http__10.244.2.1/8080
+delete element ip strake-proxy endpoints { 10.96.0.2 . tcp . 80 . 0 }
+add element ip strake-proxy endpoints { 10.96.0.2 . tcp . 80 . 0 : 10.244.2.2 . 8080 }
+delete element ip strake-proxy hairpin { 10.244.2.1 . 10.244.2.1 }
+add element ip strake-proxy hairpin { 10.244.2.2 . 10.244.2.2 }
 ";
         assert_eq!(script, expected);
     }
@@ -443,15 +450,16 @@ delete chain ip strake-proxy ep-default/b/tcp/http__10.244.2.1/8080
                 .find(needle)
                 .unwrap_or_else(|| panic!("{needle:?} not in\n{script}"))
         };
-        // The map element pointing at the chain goes before the chain does.
+        // The map element pointing at the (no longer used) shared chain goes before the
+        // chain does.
         assert!(
             pos("delete element ip strake-proxy service-ips { 10.96.0.2 . tcp . 80 }")
-                < pos("delete chain ip strake-proxy svc-default/b/tcp/http")
+                < pos("delete chain ip strake-proxy cluster-1")
         );
         pos(
             "add element ip strake-proxy no-endpoint-services { 10.96.0.2 . tcp . 80 : goto reject-chain }",
         );
-        assert!(!script.contains("default/a/"));
+        assert!(!script.contains("10.96.0.1 "));
     }
 
     #[test]

@@ -1,0 +1,388 @@
+//! The sync pipeline from API objects to the kernel, kept incremental: a sync costs in
+//! proportion to what changed, not to the number of Services.
+//!
+//! The [`Programmer`] remembers, per Service, the objects it last saw (by identity: the
+//! reflector store hands out a new `Arc` for every change) and the service ports it derived
+//! from them. A sync re-derives only the Services whose Service or EndpointSlice objects
+//! changed, replaces their ports' contributions in [`Rules`], and sends the kernel the
+//! difference of the touched objects alone. A full sync (the first one, after a failure, on
+//! the long period, or when the node's name or addresses change) writes the whole ruleset.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::config::Config;
+use crate::model::{self, Model, ServicePort, Warning};
+use crate::nft::Nft;
+use crate::nft::ruleset::Rules;
+use crate::nft::sync::{SyncError, SyncReport, apply, full_script, partial_script};
+
+type Key = (String, String);
+type Map<K, V> = foldhash::HashMap<K, V>;
+
+/// What was derived from one Service and its EndpointSlices.
+#[derive(Debug, Default)]
+struct Entry {
+    ports: Vec<ServicePort>,
+    warnings: Vec<Warning>,
+}
+
+/// The objects of the last sync, by identity (the `Arc`s are kept so that an address is
+/// never reused while it is remembered), and the Service each belongs to.
+#[derive(Debug, Default)]
+struct Seen<K> {
+    by_ptr: Map<usize, (Arc<K>, Option<Key>)>,
+}
+
+impl<K> Seen<K> {
+    /// Compares `now` with the last objects: calls `appeared` for each new one (with the key
+    /// `key_of` gives it) and `gone` for each one no longer there.
+    fn update(
+        &mut self,
+        now: &[Arc<K>],
+        key_of: impl Fn(&K) -> Option<Key>,
+        mut appeared: impl FnMut(&Arc<K>, &Option<Key>),
+        mut gone: impl FnMut(&Arc<K>, &Option<Key>),
+    ) {
+        let mut next = Map::with_capacity_and_hasher(now.len(), Default::default());
+        for obj in now {
+            let ptr = Arc::as_ptr(obj) as usize;
+            let entry = match self.by_ptr.remove(&ptr) {
+                Some(entry) => entry,
+                None => {
+                    let key = key_of(obj);
+                    appeared(obj, &key);
+                    (obj.clone(), key)
+                }
+            };
+            next.insert(ptr, entry);
+        }
+        for (_, (obj, key)) in self.by_ptr.drain() {
+            gone(&obj, &key);
+        }
+        self.by_ptr = next;
+    }
+}
+
+/// Keeps the model and the ruleset of the last sync, and brings the kernel to the next one.
+#[derive(Debug)]
+pub struct Programmer {
+    config: Config,
+    services: Seen<Service>,
+    slices: Seen<EndpointSlice>,
+    service_by_key: Map<Key, Arc<Service>>,
+    slices_by_key: Map<Key, Vec<Arc<EndpointSlice>>>,
+    entries: Map<Key, Entry>,
+    model: Model,
+    rules: Option<Rules>,
+    /// Whether the kernel holds what `rules` held after the last sync.
+    in_sync: bool,
+}
+
+impl Programmer {
+    /// Nothing seen or programmed yet: the first sync is full.
+    pub fn new(config: &Config) -> Self {
+        Programmer {
+            config: config.clone(),
+            services: Seen::default(),
+            slices: Seen::default(),
+            service_by_key: Map::default(),
+            slices_by_key: Map::default(),
+            entries: Map::default(),
+            model: Model {
+                services: Default::default(),
+                node: model::node_info(None, config),
+            },
+            rules: None,
+            in_sync: false,
+        }
+    }
+
+    /// Makes the next sync a full one.
+    pub fn force_full(&mut self) {
+        self.in_sync = false;
+    }
+
+    /// The model as of the last sync.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Objects left out of the model as of the last sync.
+    pub fn warnings(&self) -> Vec<Warning> {
+        let mut out: Vec<Warning> = self
+            .entries
+            .values()
+            .flat_map(|e| e.warnings.iter().cloned())
+            .collect();
+        out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        out
+    }
+
+    /// Updates the model from the current objects; returns how many service ports changed.
+    fn update_model(
+        &mut self,
+        services: &[Arc<Service>],
+        slices: &[Arc<EndpointSlice>],
+        node: Option<&Node>,
+    ) -> usize {
+        let node = model::node_info(node, &self.config);
+        if node != self.model.node {
+            // Endpoint locality and source ranges depend on the node: start over.
+            self.model.node = node;
+            self.rules = None;
+            self.in_sync = false;
+        }
+        let rebuild = self.rules.is_none();
+        let rules = self
+            .rules
+            .get_or_insert_with(|| Rules::new(&self.config, &self.model.node));
+
+        // Which Services need their ports derived again: those whose Service or any of
+        // whose EndpointSlices appeared, changed (a new object) or went away.
+        let mut dirty: foldhash::HashSet<Key> = Default::default();
+        let (by_key, dirty_ref) = (&mut self.service_by_key, &mut dirty);
+        let mut gone_services = Vec::new();
+        self.services.update(
+            services,
+            |svc| Some(model::object_key(&svc.metadata)),
+            |svc, key| {
+                if let Some(key) = key {
+                    by_key.insert(key.clone(), svc.clone());
+                    dirty_ref.insert(key.clone());
+                }
+            },
+            |svc, key| {
+                if let Some(key) = key {
+                    gone_services.push((svc.clone(), key.clone()));
+                }
+            },
+        );
+        for (svc, key) in gone_services {
+            if by_key.get(&key).is_some_and(|s| Arc::ptr_eq(s, &svc)) {
+                by_key.remove(&key);
+            }
+            dirty_ref.insert(key);
+        }
+        let slices_by_key = &mut self.slices_by_key;
+        let mut gone_slices = Vec::new();
+        self.slices.update(
+            slices,
+            model::slice_service,
+            |slice, key| {
+                if let Some(key) = key {
+                    slices_by_key
+                        .entry(key.clone())
+                        .or_default()
+                        .push(slice.clone());
+                    dirty_ref.insert(key.clone());
+                }
+            },
+            |slice, key| {
+                if let Some(key) = key {
+                    gone_slices.push((slice.clone(), key.clone()));
+                }
+            },
+        );
+        for (slice, key) in gone_slices {
+            if let Some(list) = slices_by_key.get_mut(&key) {
+                list.retain(|s| !Arc::ptr_eq(s, &slice));
+                if list.is_empty() {
+                    slices_by_key.remove(&key);
+                }
+            }
+            dirty_ref.insert(key);
+        }
+
+        if rebuild {
+            for entry in self.entries.values() {
+                for port in &entry.ports {
+                    if !dirty.contains(&(port.id.namespace.clone(), port.id.name.clone())) {
+                        rules.update(None, Some(port));
+                    }
+                }
+            }
+        }
+        let mut changed = 0;
+        for key in dirty {
+            let old = self.entries.remove(&key).unwrap_or_default();
+            let new = match self.service_by_key.get(&key) {
+                Some(svc) => {
+                    let mut slices = self.slices_by_key.get(&key).cloned().unwrap_or_default();
+                    slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+                    let (ports, warnings) = model::service_model(svc, &slices);
+                    Entry { ports, warnings }
+                }
+                None => Entry::default(),
+            };
+            let old_ports = if rebuild { &[][..] } else { &old.ports[..] };
+            for port in &old.ports {
+                if !new.ports.iter().any(|p| p.id == port.id) {
+                    self.model.services.remove(&port.id);
+                }
+            }
+            changed += replace_ports(&mut self.model, rules, old_ports, &new.ports);
+            if self.service_by_key.contains_key(&key) {
+                self.entries.insert(key, new);
+            }
+        }
+        changed
+    }
+
+    /// Brings the kernel to the ruleset of these objects: the difference since the last
+    /// successful sync, or everything when a full sync is due.
+    pub fn sync(
+        &mut self,
+        nft: &dyn Nft,
+        services: &[Arc<Service>],
+        slices: &[Arc<EndpointSlice>],
+        node: Option<&Node>,
+    ) -> Result<SyncReport, SyncError> {
+        self.update_model(services, slices, node);
+        let Some(rules) = self.rules.as_mut() else {
+            unreachable!("update_model always leaves rules");
+        };
+        let partial = if self.in_sync {
+            let (old, new) = rules.take_delta();
+            partial_script(&old, &new)
+                .filter(|script| nft.rules_on_existing_data_maps() || !adds_data_map_rules(script))
+        } else {
+            rules.discard_delta();
+            None
+        };
+        let (script, full) = match partial {
+            Some(script) => (script, false),
+            None => (full_script(&rules.materialize()), true),
+        };
+        let result = apply(nft, &script, full);
+        self.in_sync = result.is_ok();
+        result
+    }
+}
+
+fn adds_data_map_rules(script: &str) -> bool {
+    crate::nft::sync::adds_rules_using_data_maps(script)
+}
+
+/// Swaps one Service's ports `old` for `new` in the model and the rules; returns how many
+/// ports changed.
+fn replace_ports(
+    model: &mut Model,
+    rules: &mut Rules,
+    old: &[ServicePort],
+    new: &[ServicePort],
+) -> usize {
+    let mut changed = 0;
+    for port in old {
+        if !new.iter().any(|p| p.id == port.id) {
+            rules.update(Some(port), None);
+            model.services.remove(&port.id);
+            changed += 1;
+        }
+    }
+    for port in new {
+        let before = old.iter().find(|p| p.id == port.id);
+        if before != Some(port) {
+            rules.update(before, Some(port));
+            model.services.insert(port.id.clone(), port.clone());
+            changed += 1;
+        }
+    }
+    changed
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::nft::RecordingNft;
+    use crate::nft::ruleset::Ruleset;
+    use crate::testutil::{config, simple};
+
+    fn arcs<T>(v: Vec<T>) -> Vec<Arc<T>> {
+        v.into_iter().map(Arc::new).collect()
+    }
+
+    /// After any sequence of partial syncs, the rules equal a build from scratch.
+    #[test]
+    fn incremental_syncs_keep_the_same_rules_as_a_build_from_scratch() {
+        let cfg = config();
+        let nft = RecordingNft::default();
+        let mut p = Programmer::new(&cfg);
+        let (a, sa) = simple("default", "a", "10.96.0.1", &["10.244.1.1", "10.244.1.2"]);
+        let (b, sb) = simple("default", "b", "10.96.0.2", &["10.244.2.1"]);
+        let (c, sc) = simple("default", "c", "10.96.0.3", &["10.244.2.1", "10.244.3.1"]);
+        let (a, b, c) = (Arc::new(a), Arc::new(b), Arc::new(c));
+        let (sa, sb, sc) = (Arc::new(sa), Arc::new(sb), Arc::new(sc));
+        type Objects = (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>);
+        let steps: Vec<Objects> = vec![
+            (vec![a.clone(), b.clone()], vec![sa.clone(), sb.clone()]),
+            // c shares an endpoint (and so a hairpin element) with b.
+            (
+                vec![a.clone(), b.clone(), c.clone()],
+                vec![sa.clone(), sb.clone(), sc.clone()],
+            ),
+            // b goes away: the shared hairpin element stays for c.
+            (vec![a.clone(), c.clone()], vec![sa.clone(), sc.clone()]),
+            // a's endpoints change (a new slice object).
+            (
+                vec![a.clone(), c.clone()],
+                arcs(vec![
+                    simple("default", "a", "10.96.0.1", &["10.244.1.9"]).1,
+                    (*sc).clone(),
+                ]),
+            ),
+            (vec![], vec![]),
+        ];
+        for (i, (svcs, slices)) in steps.iter().enumerate() {
+            let report = p.sync(&nft, svcs, slices, None).unwrap();
+            assert_eq!(report.full, i == 0, "step {i}");
+            let (model, _) = model::build(
+                svcs.iter().map(|s| s.as_ref()),
+                slices.iter().map(|s| s.as_ref()),
+                None,
+                &cfg,
+            );
+            assert_eq!(p.model(), &model, "step {i}");
+            assert_eq!(
+                p.rules.as_ref().unwrap().materialize(),
+                Ruleset::build(&model, &cfg),
+                "step {i}"
+            );
+        }
+        let scripts = nft.scripts();
+        // Removing b keeps the hairpin element c still needs.
+        assert!(
+            !scripts[2].contains("hairpin { 10.244.2.1 . 10.244.2.1 }"),
+            "{}",
+            scripts[2]
+        );
+        assert!(
+            scripts[2]
+                .contains("delete element ip strake-proxy service-ips { 10.96.0.2 . tcp . 80 }")
+        );
+        // Unchanged objects cost nothing.
+        let report = p.sync(&nft, &[], &[], None).unwrap();
+        assert_eq!((report.full, report.bytes), (false, 0));
+    }
+
+    #[test]
+    fn a_failed_sync_makes_the_next_one_full() {
+        let cfg = config();
+        let nft = RecordingNft::default();
+        let mut p = Programmer::new(&cfg);
+        let (a, sa) = simple("default", "a", "10.96.0.1", &["10.244.1.1"]);
+        let (svcs, slices) = (arcs(vec![a]), arcs(vec![sa]));
+        assert!(p.sync(&nft, &svcs, &slices, None).unwrap().full);
+        nft.fail_next
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let (a2, sa2) = simple("default", "a", "10.96.0.1", &["10.244.1.2"]);
+        let (svcs, slices) = (arcs(vec![a2]), arcs(vec![sa2]));
+        assert!(p.sync(&nft, &svcs, &slices, None).is_err());
+        let report = p.sync(&nft, &svcs, &slices, None).unwrap();
+        assert!(report.full);
+        assert!(nft.scripts().last().unwrap().contains("10.244.1.2 . 8080"));
+    }
+}
