@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::image::mirror::{Endpoint, Mirrors, parse_mirror_flag};
 use crate::server::{CgroupDriverKind, DEFAULT_HANDLER};
 
 /// containerd's default streaming server address.
@@ -47,6 +48,11 @@ pub struct Flags {
     /// Registries reached over plain HTTP or without TLS verification (repeatable, `host[:port]`).
     #[arg(long = "insecure-registry")]
     pub insecure_registries: Vec<String>,
+    /// A mirror of a registry, `REGISTRY=ENDPOINT` with ENDPOINT `[http://|https://]host[:port]`
+    /// (repeatable; tried in the order given, before the registry itself). Flags for a
+    /// registry replace the file's mirrors of that registry.
+    #[arg(long = "registry-mirror", value_parser = parse_mirror_flag)]
+    pub registry_mirrors: Vec<(String, Endpoint)>,
     /// cgroup driver reported to the kubelet and used for containers.
     #[arg(long, value_enum)]
     pub cgroup_driver: Option<CgroupDriverKind>,
@@ -132,6 +138,8 @@ pub struct FileConfig {
     pub cni_bin_dirs: Option<Vec<PathBuf>>,
     pub runtime_handlers: Option<BTreeMap<String, PathBuf>>,
     pub insecure_registries: Option<Vec<String>>,
+    /// `[registry_mirrors]` table: registry host = list of endpoints.
+    pub registry_mirrors: Option<Mirrors>,
     pub cgroup_driver: Option<CgroupDriverKind>,
     pub pause_binary: Option<PathBuf>,
     pub stream_server_address: Option<String>,
@@ -150,6 +158,7 @@ pub struct Config {
     pub cni_bin_dirs: Vec<PathBuf>,
     pub runtime_handlers: BTreeMap<String, PathBuf>,
     pub insecure_registries: Vec<String>,
+    pub registry_mirrors: Mirrors,
     pub cgroup_driver: CgroupDriverKind,
     pub pause_binary: PathBuf,
     pub stream_server_address: String,
@@ -203,6 +212,16 @@ impl Config {
         handlers.extend(file.runtime_handlers.unwrap_or_default());
         handlers.extend(flags.runtime_handlers.iter().cloned());
         let non_empty = |v: &Vec<PathBuf>| (!v.is_empty()).then(|| v.clone());
+        let mut registry_mirrors = file.registry_mirrors.unwrap_or_default();
+        for registry in flags.registry_mirrors.iter().map(|(r, _)| r) {
+            registry_mirrors.remove(registry);
+        }
+        for (registry, endpoint) in &flags.registry_mirrors {
+            registry_mirrors
+                .entry(registry.clone())
+                .or_default()
+                .push(endpoint.clone());
+        }
         Config {
             listen: flags
                 .listen
@@ -233,6 +252,7 @@ impl Config {
             } else {
                 flags.insecure_registries.clone()
             },
+            registry_mirrors,
             cgroup_driver: flags
                 .cgroup_driver
                 .or(file.cgroup_driver)
@@ -352,6 +372,46 @@ mod tests {
             PathBuf::from("/opt/kata/bin/kata-runtime")
         );
         assert_eq!(c.runtime_handlers["runc"], PathBuf::from("/usr/sbin/runc"));
+    }
+
+    #[test]
+    fn registry_mirrors_from_the_file_and_flags() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            [registry_mirrors]
+            "registry.k8s.io" = ["http://10.0.0.1:5000", "https://mirror.example.com"]
+            "docker.io" = ["mirror.example.com"]
+            "#,
+        )
+        .unwrap();
+        let ep = |s| Endpoint::parse(s).unwrap();
+        let c = Config::merge(&Flags::default(), file.clone());
+        assert_eq!(
+            c.registry_mirrors["registry.k8s.io"],
+            [ep("http://10.0.0.1:5000"), ep("mirror.example.com")]
+        );
+        assert_eq!(c.registry_mirrors["docker.io"], [ep("mirror.example.com")]);
+        // Flags for a registry replace the file's list for it, in the order given.
+        let flags = Flags {
+            registry_mirrors: vec![
+                parse_mirror_flag("docker.io=http://10.0.0.2:5000").unwrap(),
+                parse_mirror_flag("gcr.io=http://10.0.0.3").unwrap(),
+                parse_mirror_flag("docker.io=http://10.0.0.4").unwrap(),
+            ],
+            ..Default::default()
+        };
+        let c = Config::merge(&flags, file);
+        assert_eq!(c.registry_mirrors.len(), 3);
+        assert_eq!(
+            c.registry_mirrors["docker.io"],
+            [ep("http://10.0.0.2:5000"), ep("http://10.0.0.4")]
+        );
+        assert_eq!(c.registry_mirrors["gcr.io"], [ep("http://10.0.0.3")]);
+        assert_eq!(c.registry_mirrors["registry.k8s.io"].len(), 2);
+        assert!(
+            toml::from_str::<FileConfig>("[registry_mirrors]\n\"x.io\" = [\"http://m/path\"]")
+                .is_err()
+        );
     }
 
     #[test]

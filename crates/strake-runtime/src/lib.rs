@@ -88,6 +88,7 @@ impl App {
             config.state_dir.join("images"),
             PullConfig {
                 insecure_registries: config.insecure_registries.clone(),
+                mirrors: config.registry_mirrors.clone(),
                 ..Default::default()
             },
             move |image_id: &str| {

@@ -1,7 +1,8 @@
 //! Pulls from a small in-test registry (plain HTTP/1.1 over loopback) that serves a real
 //! manifest, config and layer, and can misbehave on purpose: hang, reset the connection or send
 //! wrong bytes mid-layer (each must give a retryable error, no record and no blob, whole or
-//! partial), or demand a bearer token from its token endpoint. No root needed.
+//! partial), or demand a bearer token from its token endpoint; and serves as a mirror of
+//! another registry. No root needed.
 
 use std::io::Write;
 use std::path::Path;
@@ -9,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
-use strake_runtime::image::{Digest, ErrorCode, ImageService, PullAuth, PullConfig};
+use strake_runtime::image::{Digest, Endpoint, ErrorCode, ImageService, PullAuth, PullConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -331,5 +332,105 @@ async fn bearer_token_flow_with_basic_credentials_at_the_token_endpoint() {
         .await
         .expect("pull with a token");
     assert_eq!(id, Digest::sha256_of(&image.config).to_string());
+    server.abort();
+}
+
+/// A loopback port nothing listens on (bound, then released).
+async fn closed_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_serves_another_registrys_image_under_the_original_name() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let image = Arc::new(image());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let mirror = listener.local_addr().expect("addr");
+    let server = tokio::spawn(serve(
+        listener,
+        image.clone(),
+        Arc::new(AtomicU8::new(GOOD)),
+        false,
+    ));
+    // The registry itself and the first mirror refuse connections: the pull must go on to
+    // the second mirror, and never needs the registry.
+    let upstream = format!("127.0.0.1:{}", closed_port().await);
+    let dead_mirror = format!("http://127.0.0.1:{}", closed_port().await);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = PullConfig {
+        mirrors: [(
+            upstream.clone(),
+            vec![
+                Endpoint::parse(&dead_mirror).expect("endpoint"),
+                Endpoint::parse(&format!("http://{mirror}")).expect("endpoint"),
+            ],
+        )]
+        .into(),
+        request_timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let svc = ImageService::open(dir.path(), config, |_: &str| false)
+        .await
+        .expect("open");
+    let reference = format!("{upstream}/test/img:1");
+    let id = svc
+        .pull(&reference, &PullAuth::default())
+        .await
+        .unwrap_or_else(|e| panic!("pull: {}", strake_runtime::image::error_chain(&e)));
+    assert_eq!(id, Digest::sha256_of(&image.config).to_string());
+    // Named as asked (containerd does the same), never after the mirror.
+    let record = svc.status(&reference).expect("status by the original name");
+    assert_eq!(record.repo_tags, std::slice::from_ref(&reference));
+    assert_eq!(
+        record.repo_digests,
+        [format!(
+            "{upstream}/test/img@{}",
+            Digest::sha256_of(&image.manifest)
+        )]
+    );
+    assert!(svc.status(&format!("{mirror}/test/img:1")).is_none());
+    assert_eq!(svc.list().len(), 1);
+
+    // What no mirror has fails with the registry's own error (here: unreachable).
+    let err = svc
+        .pull(&format!("{upstream}/test/missing:1"), &PullAuth::default())
+        .await
+        .expect_err("pulled an image no endpoint has");
+    assert_eq!(err.code(), ErrorCode::Unavailable, "{err:?}");
+    server.abort();
+
+    // Credentials are the named registry's: a mirror that demands them (they would get a
+    // token here) is asked anonymously, refuses, and the pull goes on to the registry.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let guarded = listener.local_addr().expect("addr");
+    let server = tokio::spawn(serve(
+        listener,
+        image.clone(),
+        Arc::new(AtomicU8::new(GOOD)),
+        true,
+    ));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = PullConfig {
+        mirrors: [(
+            upstream.clone(),
+            vec![Endpoint::parse(&format!("http://{guarded}")).expect("endpoint")],
+        )]
+        .into(),
+        request_timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let svc = ImageService::open(dir.path(), config, |_: &str| false)
+        .await
+        .expect("open");
+    let auth = PullAuth {
+        auth: BASIC.to_string(),
+        ..Default::default()
+    };
+    let err = svc
+        .pull(&reference, &auth)
+        .await
+        .expect_err("the registry's credentials reached the mirror");
+    assert_eq!(err.code(), ErrorCode::Unavailable, "{err:?}");
     server.abort();
 }

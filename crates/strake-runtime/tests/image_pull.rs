@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use strake_integration::netns::ClusterNet;
 use strake_integration::registry::{self, Registry, TestImage};
-use strake_runtime::image::{ErrorCode, ImageService, PullAuth, PullConfig};
+use strake_runtime::image::{Endpoint, ErrorCode, ImageService, PullAuth, PullConfig};
 
 struct Bed {
     registry: Registry,
@@ -589,5 +589,62 @@ fn a_pull_killed_with_sigkill_leaves_nothing_half_visible() {
             }
         }
         assert!(killed_mid_pull > 0, "never caught a pull mid-write");
+    });
+}
+
+/// critest pulls `registry.k8s.io/pause:3.9` and `k8s.gcr.io/pause:3.9` and expects one image
+/// with both names; with both registries mirrored to the test bed's registry (which holds
+/// `pause:3.9`), that is what the store must show, and never the mirror's name.
+#[test]
+fn mirrored_registries_keep_their_names_and_share_one_image() {
+    run(async {
+        let bed = Bed::start();
+        let mirror = Endpoint::parse(&format!("http://{}", bed.registry.open_local()))
+            .expect("mirror endpoint");
+        let config = PullConfig {
+            mirrors: ["registry.k8s.io", "k8s.gcr.io"]
+                .into_iter()
+                .map(|r| (r.to_string(), vec![mirror.clone()]))
+                .collect(),
+            ..bed.config()
+        };
+        let svc = ImageService::open(bed.store_dir("mirrored"), config, |_: &str| false)
+            .await
+            .expect("open image service");
+        let mut ids = Vec::new();
+        for name in ["registry.k8s.io/pause:3.9", "k8s.gcr.io/pause:3.9"] {
+            let id = svc
+                .pull(name, &PullAuth::default())
+                .await
+                .unwrap_or_else(|e| {
+                    panic!("pull {name}: {}", strake_runtime::image::error_chain(&e))
+                });
+            ids.push(id);
+        }
+        assert_eq!(ids[0], ids[1], "one image from two registries");
+        let images = svc.list();
+        assert_eq!(images.len(), 1, "{images:?}");
+        let mut tags = images[0].repo_tags.clone();
+        tags.sort();
+        assert_eq!(tags, ["k8s.gcr.io/pause:3.9", "registry.k8s.io/pause:3.9"]);
+        let digest = bed.digest_of("pause:3.9");
+        let mut digests = images[0].repo_digests.clone();
+        digests.sort();
+        assert_eq!(
+            digests,
+            [
+                format!("k8s.gcr.io/pause@{digest}"),
+                format!("registry.k8s.io/pause@{digest}")
+            ]
+        );
+        assert_eq!(
+            svc.status(&format!("registry.k8s.io/pause@{digest}"))
+                .map(|r| r.id),
+            Some(ids[0].clone())
+        );
+        assert!(
+            svc.status(&format!("{}/pause:3.9", bed.registry.open_local()))
+                .is_none()
+        );
     });
 }

@@ -1,9 +1,10 @@
 //! The image subsystem behind the CRI ImageService: references ([`reference`]), the on-disk
 //! content store ([`store`]), layer unpacking into overlayfs lower dirs ([`unpack`]) and pulls
-//! from registries ([`pull`]). [`ImageService`] is the entry point; the gRPC layer maps
-//! [`ImageError::code`] onto status codes.
+//! from registries ([`pull`]) or their mirrors ([`mirror`]). [`ImageService`] is the entry
+//! point; the gRPC layer maps [`ImageError::code`] onto status codes.
 
 pub mod cri;
+pub mod mirror;
 pub mod pull;
 pub mod reference;
 pub mod store;
@@ -17,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared, WeakShared};
 
+pub use mirror::{Endpoint, EndpointError, Mirrors};
 pub use pull::{PullAuth, PullConfig, PullError};
 pub use reference::{Digest, Reference, ReferenceError};
 pub use store::{FsUsage, ImageRecord, StoreError};

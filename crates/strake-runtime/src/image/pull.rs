@@ -13,6 +13,7 @@ use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
 use serde::Deserialize;
 
+use super::mirror::{Endpoint, Mirrors, endpoints_for};
 use super::reference::{Digest, Reference};
 use super::store::{ImageRecord, LayerRecord, Store, StoreError};
 use super::unpack::{UnpackError, UnpackOptions, chain_ids, unpack_layer};
@@ -31,6 +32,8 @@ const MAX_METADATA_BYTES: usize = 4 << 20;
 pub struct PullConfig {
     /// Registries (`host` or `host:port`) reached over plain HTTP.
     pub insecure_registries: Vec<String>,
+    /// Mirrors by registry host, tried in order before the registry itself.
+    pub mirrors: Mirrors,
     /// Layers downloaded and unpacked at once, per pull.
     pub max_concurrent_layers: usize,
     /// Longest wait for one request's response, or for the next chunk of a blob.
@@ -48,6 +51,7 @@ impl Default for PullConfig {
     fn default() -> Self {
         PullConfig {
             insecure_registries: Vec::new(),
+            mirrors: Mirrors::new(),
             max_concurrent_layers: 3,
             request_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
@@ -327,8 +331,17 @@ pub(crate) struct Puller {
 
 impl Puller {
     fn client(&self) -> oci_client::Client {
+        let mut plain_http = self.config.insecure_registries.clone();
+        plain_http.extend(
+            self.config
+                .mirrors
+                .values()
+                .flatten()
+                .filter(|e| e.plain_http())
+                .map(|e| e.host().to_string()),
+        );
         oci_client::Client::new(ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(self.config.insecure_registries.clone()),
+            protocol: ClientProtocol::HttpsExcept(plain_http),
             read_timeout: Some(self.config.request_timeout),
             connect_timeout: Some(self.config.connect_timeout),
             // We select the platform ourselves (with variants) from the raw index.
@@ -357,9 +370,10 @@ impl Puller {
         &self,
         client: &oci_client::Client,
         auth: &RegistryAuth,
+        endpoint: &Endpoint,
         reference: &Reference,
     ) -> Result<(Vec<u8>, Digest), PullError> {
-        let oref = oci_reference(reference);
+        let oref = oci_reference(endpoint, reference);
         let what = "manifest";
         let res = self
             .timed(
@@ -391,10 +405,41 @@ impl Puller {
         Ok((bytes.to_vec(), digest))
     }
 
+    /// Fetches the manifest (or index) `reference` names from the first endpoint that has it:
+    /// the registry's mirrors in order, then the registry itself. If every endpoint fails, the
+    /// registry's own error is returned (the mirrors' are logged).
+    async fn resolve(
+        &self,
+        client: &oci_client::Client,
+        auth: &RegistryAuth,
+        reference: &Reference,
+    ) -> Result<(Endpoint, (Vec<u8>, Digest)), PullError> {
+        let mut endpoints = endpoints_for(&self.config.mirrors, reference.domain());
+        let last = endpoints
+            .pop()
+            .unwrap_or_else(|| Endpoint::registry(reference.domain()));
+        for endpoint in endpoints {
+            let auth = auth_for(&endpoint, reference, auth);
+            match self.manifest(client, &auth, &endpoint, reference).await {
+                Ok(found) => return Ok((endpoint, found)),
+                Err(e) => tracing::info!(
+                    image = %reference,
+                    %endpoint,
+                    error = %super::error_chain(&e),
+                    "mirror cannot serve the image, trying the next endpoint"
+                ),
+            }
+        }
+        let auth = auth_for(&last, reference, auth);
+        let found = self.manifest(client, &auth, &last, reference).await?;
+        Ok((last, found))
+    }
+
     /// Streams one blob into the store unless it is there already; returns whether it fetched.
     async fn blob(
         &self,
         client: &oci_client::Client,
+        endpoint: &Endpoint,
         reference: &Reference,
         digest: &Digest,
         media_type: &str,
@@ -415,7 +460,7 @@ impl Puller {
             size: i64::try_from(size).unwrap_or(i64::MAX),
             ..Default::default()
         };
-        let oref = oci_reference(reference);
+        let oref = oci_reference(endpoint, reference);
         let mut stream = self
             .timed(reference, &what, client.pull_blob_stream(&oref, &desc))
             .await?
@@ -493,8 +538,12 @@ impl Puller {
             reference: reference.to_string(),
             detail,
         };
-        // Resolve the tag (or digest) to a manifest, following an index to our platform.
-        let (top_bytes, top_digest) = self.manifest(&client, &rauth, reference).await?;
+        // Resolve the tag (or digest) at the first endpoint that knows it; everything else
+        // comes from that endpoint.
+        let (endpoint, (top_bytes, top_digest)) = self.resolve(&client, &rauth, reference).await?;
+        let endpoint = &endpoint;
+        let rauth = auth_for(endpoint, reference, &rauth);
+        // Follow an index to our platform.
         let top: Manifest = serde_json::from_slice(&top_bytes).map_err(|e| bad(e.to_string()))?;
         check_media_type(&top).map_err(&bad)?;
         let mut blobs = vec![top_digest.clone()];
@@ -509,7 +558,7 @@ impl Puller {
             let digest = Digest::parse(&entry.digest)
                 .ok_or_else(|| bad(format!("index entry digest {:?}", entry.digest)))?;
             let (bytes, digest) = self
-                .manifest(&client, &rauth, &reference.with_digest(digest))
+                .manifest(&client, &rauth, endpoint, &reference.with_digest(digest))
                 .await?;
             let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
             check_media_type(&m).map_err(&bad)?;
@@ -536,6 +585,7 @@ impl Puller {
         }
         self.blob(
             &client,
+            endpoint,
             &pinned,
             &config_digest,
             &config_desc.media_type,
@@ -590,7 +640,7 @@ impl Puller {
         // so no layer waits for its parent.
         let fetches: Vec<_> = layers
             .iter()
-            .map(|l| self.layer(&client, &pinned, l).boxed())
+            .map(|l| self.layer(&client, endpoint, &pinned, l).boxed())
             .collect();
         futures::stream::iter(fetches)
             .buffer_unordered(self.config.max_concurrent_layers.max(1))
@@ -640,6 +690,7 @@ impl Puller {
         tracing::info!(
             image = %reference,
             id = %config_digest,
+            endpoint = %endpoint,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "image pulled"
         );
@@ -674,6 +725,7 @@ impl Puller {
     async fn layer(
         &self,
         client: &oci_client::Client,
+        endpoint: &Endpoint,
         reference: &Reference,
         layer: &LayerRecord,
     ) -> Result<(), PullError> {
@@ -687,7 +739,14 @@ impl Puller {
         let chain_id = parse(&layer.chain_id)?;
         let diff_id = parse(&layer.diff_id)?;
         let fetched = self
-            .blob(client, reference, &digest, &layer.media_type, layer.size)
+            .blob(
+                client,
+                endpoint,
+                reference,
+                &digest,
+                &layer.media_type,
+                layer.size,
+            )
             .await?;
         if self.store.has_snapshot(&chain_id) {
             return Ok(());
@@ -751,15 +810,27 @@ fn check_media_type(m: &Manifest) -> Result<(), String> {
     }
 }
 
-fn oci_reference(r: &Reference) -> oci_client::Reference {
+/// The credentials a pull of `reference` presents to `endpoint`. The CRI request's credentials
+/// are for the registry the reference names (the kubelet picks them by that host), so a mirror
+/// gets none, as with containerd: they must not leak to another host.
+fn auth_for(endpoint: &Endpoint, reference: &Reference, auth: &RegistryAuth) -> RegistryAuth {
+    if endpoint.host() == reference.domain() {
+        auth.clone()
+    } else {
+        RegistryAuth::Anonymous
+    }
+}
+
+/// `r` as fetched from `endpoint`: the endpoint's host, `r`'s repository path, tag and digest.
+fn oci_reference(endpoint: &Endpoint, r: &Reference) -> oci_client::Reference {
     match (r.digest(), r.tag()) {
         (Some(d), _) => oci_client::Reference::with_digest(
-            r.domain().to_string(),
+            endpoint.host().to_string(),
             r.path().to_string(),
             d.to_string(),
         ),
         (None, tag) => oci_client::Reference::with_tag(
-            r.domain().to_string(),
+            endpoint.host().to_string(),
             r.path().to_string(),
             tag.unwrap_or(super::reference::DEFAULT_TAG).to_string(),
         ),
@@ -874,6 +945,16 @@ mod tests {
         };
         assert!(matches!(token.to_registry_auth(), Ok(RegistryAuth::Bearer(t)) if t == "t"));
         assert!(!format!("{:?}", PullAuth::basic("u", "secret")).contains("secret"));
+    }
+
+    #[test]
+    fn credentials_go_to_the_named_registry_only() {
+        let reference = Reference::parse("registry.k8s.io/pause:3.9").unwrap();
+        let basic = RegistryAuth::Basic("u".into(), "p".into());
+        let own = Endpoint::registry("registry.k8s.io");
+        let mirror = Endpoint::parse("http://10.0.0.1:5000").unwrap();
+        assert!(auth_for(&own, &reference, &basic) == basic);
+        assert!(auth_for(&mirror, &reference, &basic) == RegistryAuth::Anonymous);
     }
 
     #[test]

@@ -311,7 +311,7 @@ fn valid_tag(t: &str) -> bool {
 
 /// A host name (labels of `[a-zA-Z0-9-]`, not starting or ending with '-'), an IPv4 address
 /// or a bracketed IPv6 address, with an optional numeric port.
-fn valid_domain(d: &str) -> bool {
+pub(crate) fn valid_domain(d: &str) -> bool {
     let (host, port) = if let Some(rest) = d.strip_prefix('[') {
         let Some((v6, after)) = rest.split_once(']') else {
             return false;
