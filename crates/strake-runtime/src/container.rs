@@ -256,6 +256,9 @@ pub struct ContainerPaths {
 /// misses some (it then sees a gap, as with containerd).
 const EVENT_BACKLOG: usize = 1024;
 
+/// How long ReopenContainerLog waits for the monitor to reopen the log file.
+const REOPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A container lifecycle transition, published to GetContainerEvents subscribers.
 #[derive(Clone, Debug)]
 pub struct ContainerEvent {
@@ -898,12 +901,22 @@ impl Containers {
         }
     }
 
-    /// StopContainer: the stop signal, up to `timeout` for the exit, then SIGKILL. Idempotent.
+    /// StopContainer: the stop signal, up to `timeout` for the exit, then SIGKILL. Idempotent:
+    /// a missing container is fine (the CRI: "must not return an error if the container has
+    /// already been stopped", and one that is gone is).
     pub fn stop(&self, id_or_prefix: &str, timeout: Duration) -> Result<()> {
-        let id = self.resolve(id_or_prefix)?;
+        let id = match self.resolve(id_or_prefix) {
+            Ok(id) => id,
+            Err(ContainerError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
         let op = self.op_lock(&id);
         let _op = op.lock().unwrap_or_else(|e| e.into_inner());
-        self.stop_locked(&id, timeout)
+        match self.stop_locked(&id, timeout) {
+            // Removed by a concurrent call while we waited.
+            Err(ContainerError::NotFound(_)) if self.resolve(&id).is_err() => Ok(()),
+            other => other,
+        }
     }
 
     fn stop_locked(&self, id: &str, timeout: Duration) -> Result<()> {
@@ -1029,7 +1042,9 @@ impl Containers {
         self.save_record(&c)
     }
 
-    /// ReopenContainerLog: asks the monitor to reopen the log file.
+    /// ReopenContainerLog: asks the monitor to reopen the log file, and returns once it has (the
+    /// file exists again): the kubelet, and critest, look for the new file as soon as the call
+    /// returns.
     pub fn reopen_log(&self, id_or_prefix: &str) -> Result<()> {
         let c = self.get(id_or_prefix)?;
         let state = c.state();
@@ -1045,6 +1060,31 @@ impl Containers {
         if let Some(pid) = c.record.monitor_pid {
             // SAFETY: kill(2) on our own monitor (PID and start time checked just above).
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGUSR1) };
+        }
+        let log = &c.record.log_path;
+        if log.as_os_str().is_empty() {
+            return Ok(());
+        }
+        // The monitor reopens with O_CREAT as soon as the signal wakes it.
+        let deadline = Instant::now() + REOPEN_TIMEOUT;
+        while !log.exists() {
+            if !alive(c.record.monitor_pid, c.record.monitor_start_time) {
+                return Err(ContainerError::WrongState {
+                    id: c.record.id,
+                    state: "exited",
+                    op: "reopen its log",
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(ContainerError::State {
+                    path: log.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the container's monitor did not reopen its log",
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
         Ok(())
     }
@@ -1500,6 +1540,10 @@ mod tests {
             containers.get("nope"),
             Err(ContainerError::NotFound(_))
         ));
+        // StopContainer and RemoveContainer are idempotent: missing or exited is fine.
+        containers.stop("nope", Duration::ZERO).unwrap();
+        containers.remove("nope").unwrap();
+        containers.stop("exited", Duration::ZERO).unwrap();
         // Prefixes resolve when unique.
         assert_eq!(containers.resolve("run").unwrap(), "running");
     }

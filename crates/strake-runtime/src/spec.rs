@@ -94,6 +94,10 @@ pub enum SpecError {
     #[error("{what} {value} is out of range")]
     IdOutOfRange { what: &'static str, value: i64 },
     /// A user name not in the rootfs's `/etc/passwd`.
+    /// CRI: `run_as_group` only with `run_as_user` or `run_as_username`; else the runtime must
+    /// fail.
+    #[error("run_as_group {gid} is given without run_as_user or run_as_username")]
+    GroupWithoutUser { gid: i64 },
     #[error("user {name:?} not found in the image's /etc/passwd")]
     UnknownUser { name: String },
     /// A group name not in the rootfs's `/etc/group`.
@@ -1712,7 +1716,8 @@ fn id(what: &'static str, value: i64) -> Result<u32, SpecError> {
 /// 1. `run_as_username`, else `run_as_user`, else the image's `User` (`user[:group]`, each part
 ///    a number or a name looked up in the rootfs); nothing means root;
 /// 2. a UID without a group takes its primary GID from `/etc/passwd` (0 if it has no entry);
-/// 3. `run_as_group` overrides the GID;
+/// 3. `run_as_group` overrides the GID (and is an error without `run_as_user` or
+///    `run_as_username`, as the CRI requires);
 /// 4. groups: the GID, then (unless the supplemental groups policy is Strict) the `/etc/group`
 ///    groups listing the user as a member, then the CRI supplemental groups, without repeats.
 pub fn resolve_user(
@@ -1737,6 +1742,13 @@ pub fn resolve_user(
         Ok((entry.uid, entry.gid, Some(entry.name.clone())))
     };
 
+    if let Some(sc) = sc
+        && let Some(g) = &sc.run_as_group
+        && sc.run_as_user.is_none()
+        && sc.run_as_username.is_empty()
+    {
+        return Err(SpecError::GroupWithoutUser { gid: g.value });
+    }
     let (mut uid, mut gid, mut name) = (0, 0, db.user_by_uid(0).map(|e| e.name.clone()));
     match sc {
         Some(sc) if !sc.run_as_username.is_empty() => {
@@ -2083,6 +2095,17 @@ mod tests {
             resolve_user(Some(&strict), "", &db).unwrap(),
             ru(1000, 1000, &[1000, 5, 2000])
         );
+        // A group alone is refused (CRI), even though the image names a user.
+        let group_only = sc_with(|sc| sc.run_as_group = Some(cri::Int64Value { value: 1002 }));
+        assert!(matches!(
+            resolve_user(Some(&group_only), "app", &db),
+            Err(SpecError::GroupWithoutUser { gid: 1002 })
+        ));
+        let with_name = sc_with(|sc| {
+            sc.run_as_username = "nobody".into();
+            sc.run_as_group = Some(cri::Int64Value { value: 3000 });
+        });
+        assert_eq!(resolve_user(Some(&with_name), "", &db).unwrap().gid, 3000);
         let negative = sc_with(|sc| sc.run_as_user = Some(cri::Int64Value { value: -1 }));
         assert!(matches!(
             resolve_user(Some(&negative), "", &db),
