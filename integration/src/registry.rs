@@ -25,6 +25,20 @@ pub const OPEN_PORT: u16 = 5000;
 /// Port of the registry that requires credentials.
 pub const PROTECTED_PORT: u16 = 5001;
 
+/// Registries critest pulls from. The open registry holds local equivalents of those images
+/// under the same repository paths (`integration/testbed/README.md`), so a runtime that mirrors
+/// these registries to it runs critest offline.
+pub const CRITEST_REGISTRIES: &[&str] = &["registry.k8s.io", "k8s.gcr.io", "gcr.io"];
+
+/// strake-runtime's `--registry-mirror` flags that send pulls from [`CRITEST_REGISTRIES`] to
+/// the open registry (plain HTTP) as nodes see it.
+pub fn critest_mirror_flags() -> Vec<String> {
+    CRITEST_REGISTRIES
+        .iter()
+        .map(|r| format!("--registry-mirror={r}=http://{CLUSTER_GATEWAY}:{OPEN_PORT}"))
+        .collect()
+}
+
 /// One test image as listed in `images.txt`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TestImage {
@@ -200,6 +214,18 @@ mod tests {
         assert!(images[1].protected);
         assert_eq!(images[1].name, "strake/protected:1");
         assert_eq!(images[0].digest, "sha256:ab");
+    }
+
+    #[test]
+    fn critest_registries_are_mirrored_to_the_open_registry() {
+        assert_eq!(
+            critest_mirror_flags(),
+            [
+                "--registry-mirror=registry.k8s.io=http://10.213.0.1:5000",
+                "--registry-mirror=k8s.gcr.io=http://10.213.0.1:5000",
+                "--registry-mirror=gcr.io=http://10.213.0.1:5000",
+            ]
+        );
     }
 
     #[test]

@@ -8,6 +8,11 @@
 #     protected/   storage root of the registry that needs credentials (htpasswd below)
 #     htpasswd     bcrypt, user strake, password strake-test-password
 #     images.txt   "<open|protected> <repository>:<tag> <digest> <media type>", one per image
+#
+# Besides our own strake/* images, the open registry holds local equivalents of the images
+# critest's conformance specs pull (registry.k8s.io/e2e-test-images/..., registry.k8s.io/pause,
+# gcr.io/k8s-staging-cri-tools/test-image-*), under the same repository paths: a runtime that
+# mirrors those registries to it runs critest without the internet.
 #   $STRAKE_CACHE/images-current -> images-$KEY
 #
 # Images are made with umoci in an OCI layout, pushed with skopeo to temporary registries on
@@ -127,6 +132,41 @@ derive() {
     rm -rf "$b"
 }
 
+fill_pgrep() {
+    cat >"$1" <<'EOF'
+#!/bin/sh
+# pgrep PATTERN: the PIDs of the processes whose name matches the extended regular expression
+# PATTERN, one a line; exit status 1 if there is none. (The image's busybox has no pgrep.)
+[ $# -eq 1 ] || { echo "usage: pgrep PATTERN" >&2; exit 2; }
+status=1
+for d in /proc/[0-9]*; do
+    pid=${d#/proc/}
+    [ "$pid" != $$ ] || continue
+    read -r name 2>/dev/null <"$d/comm" || continue
+    if printf '%s\n' "$name" | grep -qE -- "$1"; then
+        echo "$pid"
+        status=0
+    fi
+done
+exit $status
+EOF
+    chmod 755 "$1"
+}
+fill_ipcs() {
+    cat >"$1" <<'EOF'
+#!/bin/sh
+# ipcs [-m|-q|-s|-a]: the System V IPC objects of this IPC namespace, as /proc/sysvipc lists
+# them (shared memory, message queues, semaphores). (The image's busybox has no ipcs.)
+case ${1:--a} in
+-m) cat /proc/sysvipc/shm ;;
+-q) cat /proc/sysvipc/msg ;;
+-s) cat /proc/sysvipc/sem ;;
+-a) cat /proc/sysvipc/shm /proc/sysvipc/msg /proc/sysvipc/sem ;;
+*) echo "usage: ipcs [-m|-q|-s|-a]" >&2; exit 2 ;;
+esac
+EOF
+    chmod 755 "$1"
+}
 fill_busybox() {
     local r=$1 a
     mkdir -p "$r"/{bin,dev,etc,proc,root,sys,tmp,var}
@@ -137,6 +177,11 @@ fill_busybox() {
         [ "$a" = busybox ] || ln -s busybox "$r/bin/$a"
     done
     [ -L "$r/bin/sh" ] || ln -s busybox "$r/bin/sh"
+    # Debian's busybox-static has neither pgrep nor ipcs; upstream's busybox images (critest's
+    # default container image among them) have both, and critest runs `pgrep sleep` and
+    # `ipcs -m`. Stand-ins over /proc.
+    [ -e "$r/bin/pgrep" ] || fill_pgrep "$r/bin/pgrep"
+    [ -e "$r/bin/ipcs" ] || fill_ipcs "$r/bin/ipcs"
     printf '%s\n' 'root:x:0:0:root:/root:/bin/sh' 'nobody:x:65534:65534:nobody:/nonexistent:/bin/false' \
         >"$r/etc/passwd"
     printf '%s\n' 'root:x:0:' 'nobody:x:65534:' >"$r/etc/group"
@@ -159,6 +204,19 @@ fill_http() {
     echo "strake http test" >"$1/www/index.html"
     printf '%s\n' '#!/bin/sh' "printf 'Content-Type: text/plain\\r\\n\\r\\n'" 'hostname' >"$1/www/cgi-bin/host"
     chmod 755 "$1/www/cgi-bin/host"
+}
+# cri-tools' images/image-test adds one empty file named after the image or tag (ADD $TEST $TEST).
+fill_marker() {
+    : >"$1/$MARKER"
+    chmod 644 "$1/$MARKER"
+}
+# The accounts of cri-tools' images/image-user (www-data, as busybox has it) and
+# images/image-predefined-group (default-user 1000 in group-defined-in-image 50000).
+fill_users() {
+    printf '%s\n' 'www-data:x:33:33:www-data:/var/www:/bin/false' \
+        'default-user:x:1000:1000:Linux User,,,:/home/default-user:/bin/sh' >>"$1/etc/passwd"
+    printf '%s\n' 'www-data:x:33:' 'default-user:x:1000:' 'group-defined-in-image:x:50000:default-user' \
+        >>"$1/etc/group"
 }
 fill_arch_host() { echo "$ARCH" >"$1/etc/strake-arch"; }
 fill_arch_other() { echo "$OTHER_ARCH" >"$1/etc/strake-arch"; }
@@ -189,14 +247,36 @@ umoci config --image "$L:multilayer" --no-history --clear=config.cmd \
 
 step "build strake/http and strake/pause"
 derive busybox http "web root" fill_http
-umoci config --image "$L:http" --no-history --clear=config.cmd --config.exposedports 8080/tcp \
-    --config.entrypoint /bin/busybox --config.entrypoint httpd --config.entrypoint -f \
-    --config.entrypoint -v --config.entrypoint -p --config.entrypoint 8080 \
-    --config.entrypoint -h --config.entrypoint /www
+# Port 80, as the web servers critest expects (nginx, httpd) listen on. The first log line names
+# the server, as httpd's own start-up message does (critest looks for "httpd" in the log).
+umoci config --image "$L:http" --no-history --clear=config.cmd --config.exposedports 80/tcp \
+    --config.entrypoint /bin/sh --config.entrypoint -c \
+    --config.entrypoint 'echo "httpd: serving /www on port 80"; exec /bin/busybox httpd -f -v -p 80 -h /www'
+# cri-tools' images/hostnet-nginx: the same web server on port 12003, for host-network pods.
+umoci tag --image "$L:http" hostnet-http
+umoci config --image "$L:hostnet-http" --no-history --clear=config.entrypoint \
+    --clear=config.exposedports --config.exposedports 12003/tcp \
+    --config.entrypoint /bin/sh --config.entrypoint -c \
+    --config.entrypoint 'echo "httpd: serving /www on port 12003"; exec /bin/busybox httpd -f -v -p 12003 -h /www'
 umoci tag --image "$L:busybox" pause
 umoci config --image "$L:pause" --no-history --clear=config.cmd \
     --config.entrypoint /bin/sh --config.entrypoint -c \
     --config.entrypoint "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait \$!; done"
+
+step "build critest's test images (cri-tools images/build, from strake/busybox)"
+CRITEST_MARKERS=(test all test-image-latest test-image-1 test-image-2 test-image-3 same-image)
+for MARKER in "${CRITEST_MARKERS[@]}"; do
+    derive busybox "critest-$MARKER" "add /$MARKER" fill_marker
+done
+derive busybox critest-users "add www-data, default-user, group-defined-in-image" fill_users
+# NAME=USER: the image's config.User.
+CRITEST_USERS=(uid=1002 username=www-data uid-group=1003:1004 username-group=www-data:1004
+    predefined-group=1000)
+for u in "${CRITEST_USERS[@]}"; do
+    umoci tag --image "$L:critest-users" "critest-user-${u%%=*}"
+    umoci config --image "$L:critest-user-${u%%=*}" --no-history --config.user "${u#*=}"
+done
+umoci rm --image "$L:critest-users"
 
 step "build strake/multiarch (index: linux/$ARCH, linux/$OTHER_ARCH)"
 derive busybox "multiarch-$ARCH" "mark $ARCH" fill_arch_host
@@ -222,7 +302,10 @@ step "check layers (root-owned entries, whiteouts)"
 # Every entry of every layer owned by 0/0 (runc runs these images as root). Listings are read
 # whole before matching: an early-exiting grep would break the pipe under pipefail.
 listing() { tar --numeric-owner -tvzf "$1"; }
-for t in busybox multilayer http pause "multiarch-$ARCH" "multiarch-$OTHER_ARCH"; do
+critest_tags=()
+for m in "${CRITEST_MARKERS[@]}"; do critest_tags+=("critest-$m"); done
+for u in "${CRITEST_USERS[@]}"; do critest_tags+=("critest-user-${u%%=*}"); done
+for t in busybox multilayer http hostnet-http pause "multiarch-$ARCH" "multiarch-$OTHER_ARCH" "${critest_tags[@]}"; do
     layers=$(layers_of "$t")
     while read -r f; do
         bad=$(listing "$f" | awk '$2 != "0/0"')
@@ -296,26 +379,56 @@ PROTECTED=$REG_ADDR
 CREDS="$USER_NAME:$USER_PASSWORD"
 
 step "push images"
-push() { # TAG REGISTRY REPO [skopeo options]
-    local tag=$1 reg=$2 repo=$3
-    shift 3
-    sk copy -q --preserve-digests --dest-tls-verify=false --dest-authfile "$NOAUTH" "$@" \
-        "oci:$L:$tag" "docker://$reg/$repo:1"
-}
-push busybox "$OPEN" strake/busybox
-push multilayer "$OPEN" strake/multilayer
-push multiarch "$OPEN" strake/multiarch --all
-push http "$OPEN" strake/http
-push pause "$OPEN" strake/pause
-push busybox "$PROTECTED" strake/protected --dest-creds "$CREDS"
+# "<open|protected> <layout tag> <repository>:<tag>": what is pushed where (and listed in
+# images.txt, in this order).
+C=k8s-staging-cri-tools # gcr.io/k8s-staging-cri-tools/... in critest
+IMAGES=(
+    "open busybox strake/busybox:1"
+    "open multilayer strake/multilayer:1"
+    "open multiarch strake/multiarch:1"
+    "open http strake/http:1"
+    "open pause strake/pause:1"
+    "protected busybox strake/protected:1"
+    # critest: registry.k8s.io/e2e-test-images/..., registry.k8s.io/pause and k8s.gcr.io/pause
+    "open busybox e2e-test-images/busybox:1.29-2"
+    "open http e2e-test-images/nginx:1.14-2"
+    "open http e2e-test-images/httpd:2.4.39-4"
+    "open pause pause:3.9"
+    # critest: gcr.io/k8s-staging-cri-tools/... (test-image-digest@sha256:9700f9a2... names
+    # upstream's bytes, which cannot be rebuilt: it is not here)
+    "open critest-test $C/test-image-tag:test"
+    "open critest-all $C/test-image-tag:all"
+    "open critest-test-image-latest $C/test-image-latest:latest"
+    "open critest-test-image-1 $C/test-image-1:latest"
+    "open critest-test-image-2 $C/test-image-2:latest"
+    "open critest-test-image-3 $C/test-image-3:latest"
+    "open critest-same-image $C/test-image-tags:1"
+    "open critest-same-image $C/test-image-tags:2"
+    "open critest-same-image $C/test-image-tags:3"
+    "open critest-user-uid $C/test-image-user-uid:latest"
+    "open critest-user-username $C/test-image-user-username:latest"
+    "open critest-user-uid-group $C/test-image-user-uid-group:latest"
+    "open critest-user-username-group $C/test-image-user-username-group:latest"
+    "open critest-user-predefined-group $C/test-image-predefined-group:latest"
+    "open hostnet-http $C/hostnet-nginx-$ARCH:latest"
+)
+for entry in "${IMAGES[@]}"; do
+    read -r which tag ref <<<"$entry"
+    opts=()
+    [ "$tag" != multiarch ] || opts=(--all)
+    if [ "$which" = open ]; then reg=$OPEN; else reg=$PROTECTED opts+=(--dest-creds "$CREDS"); fi
+    sk copy -q --preserve-digests --dest-tls-verify=false --dest-authfile "$NOAUTH" "${opts[@]}" \
+        "oci:$L:$tag" "docker://$reg/$ref"
+done
 
 step "check the registries and write images.txt"
-# head_manifest REGISTRY REPO [curl options]: "digest media-type" of REPO:1 as the registry serves it.
+# head_manifest REGISTRY REPO:TAG [curl options]: "digest media-type" of REPO:TAG as the registry
+# serves it.
 head_manifest() {
-    local reg=$1 repo=$2
+    local reg=$1 ref=$2
     shift 2
     curl -sfI "$@" -H "Accept: $OCI_INDEX" -H "Accept: $OCI_MANIFEST" \
-        "http://$reg/v2/$repo/manifests/1" | tr -d '\r' | awk -F': ' '
+        "http://$reg/v2/${ref%:*}/manifests/${ref##*:}" | tr -d '\r' | awk -F': ' '
         tolower($1) == "docker-content-digest" { d = $2 }
         tolower($1) == "content-type" { t = $2 }
         END { if (d == "" || t == "") exit 1; print d, t }'
@@ -326,20 +439,25 @@ if sk inspect --raw --tls-verify=false --authfile "$NOAUTH" "docker://$PROTECTED
     false
 fi
 : >"$WORK/images.txt"
-for entry in open:busybox open:multilayer open:multiarch open:http open:pause protected:protected; do
-    which=${entry%%:*} repo=strake/${entry#*:}
+for entry in "${IMAGES[@]}"; do
+    read -r which tag ref <<<"$entry"
     if [ "$which" = open ]; then
         reg=$OPEN auth=() curl_auth=()
     else
         reg=$PROTECTED auth=(--creds "$CREDS") curl_auth=(-u "$CREDS")
     fi
-    hm=$(head_manifest "$reg" "$repo" "${curl_auth[@]}")
+    hm=$(head_manifest "$reg" "$ref" "${curl_auth[@]}")
     read -r digest mtype <<<"$hm"
     # The raw manifest skopeo reads is the one the digest names.
-    raw=$(sk inspect --raw --tls-verify=false --authfile "$NOAUTH" "${auth[@]}" "docker://$reg/$repo:1" | sha256sum | cut -d' ' -f1)
-    [ "sha256:$raw" = "$digest" ] || { echo "$repo: registry says $digest, content is sha256:$raw" >&2; false; }
-    echo "$which $repo:1 $digest $mtype" >>"$WORK/images.txt"
+    raw=$(sk inspect --raw --tls-verify=false --authfile "$NOAUTH" "${auth[@]}" "docker://$reg/$ref" | sha256sum | cut -d' ' -f1)
+    [ "sha256:$raw" = "$digest" ] || { echo "$ref: registry says $digest, content is sha256:$raw" >&2; false; }
+    echo "$which $ref $digest $mtype" >>"$WORK/images.txt"
 done
+# Tags that name one image in cri-tools name one image here; distinct test images are distinct.
+same() { [ "$(awk -v r="$1" '$2 == r { print $3 }' "$WORK/images.txt")" = "$(awk -v r="$2" '$2 == r { print $3 }' "$WORK/images.txt")" ]; }
+same "$C/test-image-tags:1" "$C/test-image-tags:3" || { echo "$C/test-image-tags: tags differ" >&2; false; }
+! same "$C/test-image-1:latest" "$C/test-image-2:latest" || { echo "$C/test-image-1 = -2" >&2; false; }
+! same "$C/test-image-tag:test" "$C/test-image-tag:all" || { echo "$C/test-image-tag: test = all" >&2; false; }
 grep -q "^open strake/multiarch:1 $index_digest $OCI_INDEX\$" "$WORK/images.txt" \
     || { echo "strake/multiarch:1 is not the index built ($index_digest)" >&2; false; }
 for d in $(jq -r '.manifests[].digest' "$WORK/index.json"); do

@@ -11,7 +11,7 @@ use std::time::Duration;
 use strake_integration::cgroup::CgroupParent;
 use strake_integration::containerd::cni_conflist;
 use strake_integration::netns::{ClusterNet, NodeNs};
-use strake_integration::registry::{PASSWORD, Registry, USER};
+use strake_integration::registry::{self, PASSWORD, Registry, USER};
 use strake_integration::{paths, process};
 use strake_types::cri::image_service_client::ImageServiceClient;
 use strake_types::cri::runtime_service_client::RuntimeServiceClient;
@@ -45,7 +45,7 @@ impl Runtime {
         std::fs::create_dir_all(&cni).expect("cni dir");
         std::fs::write(
             cni.join("10-pods.conflist"),
-            cni_conflist(0, &d.join("ipam")),
+            conflist_with_portmap(&d.join("ipam")),
         )
         .expect("conflist");
         std::fs::write(d.join("runtime.toml"), "").expect("config");
@@ -258,6 +258,23 @@ fn mounts_below(dir: &Path) -> Vec<String> {
         .filter(|m| Path::new(m).starts_with(dir))
         .map(String::from)
         .collect()
+}
+
+/// The test bed's pod network plus `portmap` (nftables backend, in the node namespace), as a
+/// node that serves hostPorts configures it: the runtime hands it the sandbox's port mappings
+/// through the `portMappings` capability, and it also answers on the node's 127.0.0.1.
+fn conflist_with_portmap(ipam_dir: &Path) -> String {
+    let mut list: serde_json::Value =
+        serde_json::from_str(&cni_conflist(0, ipam_dir)).expect("test bed conflist");
+    list["plugins"]
+        .as_array_mut()
+        .expect("plugins")
+        .push(serde_json::json!({
+            "type": "portmap",
+            "backend": "nftables",
+            "capabilities": { "portMappings": true }
+        }));
+    list.to_string()
 }
 
 fn start_registry(net: &ClusterNet, dir: &Path) -> Registry {
@@ -666,6 +683,11 @@ fn logs_reopen_on_request_and_bad_requests_get_clear_codes() {
         })
         .await
         .expect("reopen");
+        // The new file is there when the call returns (critest checks at once).
+        assert!(
+            log.exists(),
+            "no new log file when ReopenContainerLog returned"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
         let fresh = std::fs::read_to_string(&log).unwrap_or_default();
         assert!(
@@ -853,28 +875,66 @@ fn logs_reopen_on_request_and_bad_requests_get_clear_codes() {
     drop(node);
 }
 
+/// The host's System V shared memory segments, by ID, with their size and attach count
+/// (`/proc/sysvipc/shm`).
+fn shm_segments() -> Vec<(i32, u64, u64)> {
+    let text = std::fs::read_to_string("/proc/sysvipc/shm").unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((
+                f.get(1)?.parse().ok()?,
+                f.get(3)?.parse().ok()?,
+                f.get(6)?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// Removes, on drop, the segments critest's HostIpc specs leave behind: new since the snapshot,
+/// of the size they ask `ipcmk -M` for (1 MiB), attached nowhere.
+struct CritestShm {
+    before: Vec<i32>,
+}
+
+impl CritestShm {
+    fn snapshot() -> Self {
+        CritestShm {
+            before: shm_segments().into_iter().map(|(id, _, _)| id).collect(),
+        }
+    }
+}
+
+impl Drop for CritestShm {
+    fn drop(&mut self) {
+        for (id, size, attached) in shm_segments() {
+            if !self.before.contains(&id) && size == 1 << 20 && attached == 0 {
+                // SAFETY: IPC_RMID on a segment ID just read; no buffer is passed.
+                unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) };
+            }
+        }
+    }
+}
+
 /// critest's conformance specs (streaming included, critest itself in the node namespace)
-/// against a daemon in a node namespace, with the test bed's images standing in for upstream's. Prints the summary
-/// for the issue note; run with `cargo test --test cri_container critest -- --ignored
+/// against a daemon in a node namespace. critest pulls its own images by their upstream names
+/// (`registry.k8s.io/...`, `gcr.io/k8s-staging-cri-tools/...`); the daemon mirrors those
+/// registries to the local one, which holds equivalents under the same paths. Prints the
+/// summary for the issue note; run with `cargo test --test cri_container critest -- --ignored
 /// --nocapture` (`STRAKE_CRITEST_FOCUS=<regexp>` narrows the specs, e.g. to `stats`;
 /// `STRAKE_CRITEST_ARGS` adds critest flags, e.g. `--websocket-exec`).
 #[test]
 #[ignore = "minutes long; run by hand for the issue note"]
 fn critest_conformance() {
+    // The HostIpc specs make shared memory segments on the host with `ipcmk` and leave them.
+    let _shm = CritestShm::snapshot();
     let net = ClusterNet::create().expect("cluster net");
     let regdir = tempfile::tempdir().expect("tempdir");
     let _registry = start_registry(&net, regdir.path());
     let mut node = net.add_node(0).expect("node");
     let dir = tempfile::tempdir().expect("tempdir");
-    let images = dir.path().join("test-images.yaml");
-    std::fs::write(
-        &images,
-        format!(
-            "defaultTestContainerImage: {BUSYBOX}\nwebServerTestImage: 10.213.0.1:5000/strake/http:1\n"
-        ),
-    )
-    .expect("images file");
-    let rt = Runtime::start(&mut node, dir, Vec::new());
+    let rt = Runtime::start(&mut node, dir, registry::critest_mirror_flags());
     let endpoint = format!("unix://{}", rt.socket.display());
     // In the node namespace: the streaming specs reach the runtime's streaming server on the
     // node's loopback.
@@ -886,9 +946,7 @@ fn critest_conformance() {
             &endpoint,
             "--image-endpoint",
             &endpoint,
-            "--test-images-file",
         ])
-        .arg(&images)
         .args([
             &format!(
                 "--ginkgo.focus={}",
