@@ -180,6 +180,7 @@ fn main() {
         node_name: "n1".into(),
         cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
         masquerade_all: false,
+        nodeport_addresses: Default::default(),
     };
     let mut bench = Bench {
         programmer: Programmer::new(&config),

@@ -283,6 +283,7 @@ fn main() {
         node_name: "node-a".into(),
         cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
         masquerade_all: false,
+        nodeport_addresses: Default::default(),
     };
     println!("{services} services x {endpoints} endpoints");
 

@@ -19,6 +19,66 @@ pub struct Config {
     pub cluster_cidrs: Vec<IpNet>,
     /// Masquerade all traffic to ClusterIPs (`--masquerade-all`).
     pub masquerade_all: bool,
+    /// Which local addresses accept NodePort traffic (`--nodeport-addresses`).
+    pub nodeport_addresses: NodePortAddresses,
+}
+
+/// The local addresses that accept NodePort traffic (`--nodeport-addresses`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// Every local address but loopback (upstream's `0.0.0.0/0,::/0`, or the keyword `all`).
+    #[default]
+    All,
+    /// Local addresses within `cidrs`, and with `primary` the node's primary address of each
+    /// family (its first InternalIP, else ExternalIP): upstream's nftables default.
+    Only {
+        /// CIDRs from the flag.
+        cidrs: Vec<IpNet>,
+        /// The keyword `primary` was given.
+        primary: bool,
+    },
+}
+
+impl NodePortAddresses {
+    /// Parses upstream's list: CIDRs and the keywords `primary` and `all`.
+    pub fn parse(values: &[String]) -> Result<Self, ConfigError> {
+        let mut cidrs = Vec::new();
+        let mut primary = false;
+        for value in values.iter().map(|v| v.trim()).filter(|v| !v.is_empty()) {
+            match value {
+                "primary" => primary = true,
+                "all" => return Ok(NodePortAddresses::All),
+                "localhost" => {
+                    return Err(invalid(
+                        "nodePortAddresses",
+                        value,
+                        "NodePorts on localhost are not supported (nor by upstream's nftables mode)",
+                    ));
+                }
+                cidr => cidrs.push(cidr.parse::<IpNet>().map_err(|e| {
+                    invalid(
+                        "nodePortAddresses",
+                        cidr,
+                        format!("{e}: expected a CIDR, primary or all"),
+                    )
+                })?),
+            }
+        }
+        let all4 = cidrs
+            .iter()
+            .any(|c| c.addr().is_ipv4() && c.prefix_len() == 0);
+        let all6 = cidrs
+            .iter()
+            .any(|c| c.addr().is_ipv6() && c.prefix_len() == 0);
+        Ok(match (cidrs.is_empty() && !primary, all4 && all6) {
+            (true, _) => NodePortAddresses::Only {
+                cidrs,
+                primary: true,
+            },
+            (_, true) => NodePortAddresses::All,
+            _ => NodePortAddresses::Only { cidrs, primary },
+        })
+    }
 }
 
 /// Upstream's `--sync-period` default.
@@ -63,6 +123,10 @@ pub struct Flags {
     /// Address (`ip:port`) of the metrics server (`/metrics`, `/proxyMode`).
     #[arg(long)]
     pub metrics_bind_address: Option<String>,
+    /// Local addresses that accept NodePort traffic, comma separated: CIDRs, `primary` (the
+    /// node's primary IPs, the default) or `all`.
+    #[arg(long, value_delimiter = ',')]
+    pub nodeport_addresses: Vec<String>,
     /// Remove the proxy's own nftables tables and exit.
     #[arg(long)]
     pub cleanup: bool,
@@ -120,6 +184,8 @@ pub struct FileConfig {
     pub healthz_bind_address: Option<String>,
     /// `ip:port` of the metrics server.
     pub metrics_bind_address: Option<String>,
+    /// CIDRs and keywords (`primary`, `all`) of the addresses accepting NodePort traffic.
+    pub node_port_addresses: Option<Vec<String>>,
     /// Proxy mode; only `nftables` (or empty) is accepted.
     pub mode: Option<String>,
     /// v1alpha2's mode-independent sync period (Go duration).
@@ -319,6 +385,14 @@ impl DaemonConfig {
                 node_name,
                 cluster_cidrs,
                 masquerade_all: flags.masquerade_all.or(nft.masquerade_all).unwrap_or(false),
+                // Unset: upstream's nftables default, the node's primary IPs.
+                nodeport_addresses: NodePortAddresses::parse(
+                    if flags.nodeport_addresses.is_empty() {
+                        file.node_port_addresses.as_deref().unwrap_or_default()
+                    } else {
+                        &flags.nodeport_addresses
+                    },
+                )?,
             },
             kubeconfig: flags.kubeconfig.clone().or(file
                 .client_connection
@@ -414,6 +488,55 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nodeport_addresses_default_to_primary_and_parse_cidrs_and_keywords() {
+        let parse = |v: &[&str]| {
+            NodePortAddresses::parse(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        };
+        let primary_only = NodePortAddresses::Only {
+            cidrs: vec![],
+            primary: true,
+        };
+        assert_eq!(parse(&[]).unwrap(), primary_only);
+        assert_eq!(parse(&["primary"]).unwrap(), primary_only);
+        assert_eq!(parse(&["all"]).unwrap(), NodePortAddresses::All);
+        assert_eq!(
+            parse(&["0.0.0.0/0", "::/0"]).unwrap(),
+            NodePortAddresses::All
+        );
+        assert_eq!(
+            parse(&["10.0.0.0/8", "primary"]).unwrap(),
+            NodePortAddresses::Only {
+                cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+                primary: true
+            }
+        );
+        assert!(parse(&["10.0.0.0/33"]).is_err());
+        assert!(parse(&["localhost"]).is_err());
+        // Flag, then file, then upstream's nftables default.
+        let file: FileConfig =
+            serde_saphyr::from_str("nodePortAddresses: [\"192.168.0.0/16\"]\n").unwrap();
+        let c = DaemonConfig::merge(&Flags::default(), file.clone(), || Some("n".into())).unwrap();
+        assert_eq!(
+            c.proxy.nodeport_addresses,
+            NodePortAddresses::Only {
+                cidrs: vec!["192.168.0.0/16".parse().unwrap()],
+                primary: false
+            }
+        );
+        let flags = Flags {
+            nodeport_addresses: vec!["all".into()],
+            ..Flags::default()
+        };
+        let c = DaemonConfig::merge(&flags, file, || Some("n".into())).unwrap();
+        assert_eq!(c.proxy.nodeport_addresses, NodePortAddresses::All);
+        let c = DaemonConfig::merge(&Flags::default(), FileConfig::default(), || {
+            Some("n".into())
+        })
+        .unwrap();
+        assert_eq!(c.proxy.nodeport_addresses, primary_only);
+    }
 
     #[test]
     fn go_durations() {

@@ -139,6 +139,8 @@ impl Programmer {
         let rules = self
             .rules
             .get_or_insert_with(|| Rules::new(&self.config, &self.model.node));
+        // A full sync writes everything: no need to note what changed.
+        rules.set_tracking(self.in_sync);
 
         // Which Services need their ports derived again: those whose Service or any of
         // whose EndpointSlices appeared, changed (a new object) or went away.
@@ -312,8 +314,12 @@ mod tests {
         let nft = RecordingNft::default();
         let mut p = Programmer::new(&cfg);
         let (a, sa) = simple("default", "a", "10.96.0.1", &["10.244.1.1", "10.244.1.2"]);
-        let (b, sb) = simple("default", "b", "10.96.0.2", &["10.244.2.1"]);
-        let (c, sc) = simple("default", "c", "10.96.0.3", &["10.244.2.1", "10.244.3.1"]);
+        // b and c share an endpoint on this node, so a hairpin element.
+        let (b, mut sb) = simple("default", "b", "10.96.0.2", &["10.244.2.1"]);
+        let (c, mut sc) = simple("default", "c", "10.96.0.3", &["10.244.2.1", "10.244.3.1"]);
+        for slice in [&mut sb, &mut sc] {
+            slice.endpoints.as_mut().unwrap()[0].node_name = Some(crate::testutil::NODE.into());
+        }
         let (a, b, c) = (Arc::new(a), Arc::new(b), Arc::new(c));
         let (sa, sb, sc) = (Arc::new(sa), Arc::new(sb), Arc::new(sc));
         type Objects = (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>);
@@ -353,6 +359,11 @@ mod tests {
             );
         }
         let scripts = nft.scripts();
+        assert!(
+            scripts[0].contains("add element ip strake-proxy hairpin { 10.244.2.1 . 10.244.2.1 }"),
+            "{}",
+            scripts[0]
+        );
         // Removing b keeps the hairpin element c still needs.
         assert!(
             !scripts[2].contains("hairpin { 10.244.2.1 . 10.244.2.1 }"),

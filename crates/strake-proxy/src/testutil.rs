@@ -17,6 +17,7 @@ pub fn config() -> Config {
             "fd00:244::/64".parse().expect("cidr"),
         ],
         masquerade_all: false,
+        nodeport_addresses: Default::default(),
     }
 }
 

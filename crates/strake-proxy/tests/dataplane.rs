@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::{Value, json};
-use strake_proxy::config::Config;
+use strake_proxy::config::{Config, NodePortAddresses};
 use strake_proxy::conntrack::{self, ConntrackCommand, Deletion, UdpState};
 use strake_proxy::model::{self, IpFamily};
 use strake_proxy::nft::netlink::NftNetlink;
@@ -342,6 +342,7 @@ impl World {
                 "fd00:244::/64".parse().unwrap(),
             ],
             masquerade_all: false,
+            nodeport_addresses: Default::default(),
         }
     }
 
@@ -515,11 +516,46 @@ fn node_port_serves_external_clients() {
 }
 
 #[test]
+fn nodeport_addresses_limit_the_local_addresses_that_accept_node_ports() {
+    let world = World::build(1);
+    let ips: Vec<&str> = world.backends.iter().map(|(_, ip)| ip.as_str()).collect();
+    let node_port_on = |config: &Config, addr: &str| {
+        let (model, _) = model::build(&[web_service(true)], &[web_slice(&ips)], None, config);
+        Syncer::new()
+            .sync(&world.nft, Ruleset::build(&model, config))
+            .unwrap();
+        http_get(&world.node, addr, NODE_PORT)
+    };
+    // Every local address by default (`all`): the external and the bridge address.
+    let all = world.config();
+    assert_eq!(node_port_on(&all, NODE_EXTERNAL_IP).unwrap(), "backend-0");
+    assert_eq!(node_port_on(&all, "10.244.0.1").unwrap(), "backend-0");
+    // Only the node's addresses in 192.168.77.0/24.
+    let mut only = world.config();
+    only.nodeport_addresses = NodePortAddresses::Only {
+        cidrs: vec!["192.168.77.0/24".parse().unwrap()],
+        primary: false,
+    };
+    assert_eq!(node_port_on(&only, NODE_EXTERNAL_IP).unwrap(), "backend-0");
+    let err = node_port_on(&only, "10.244.0.1").unwrap_err();
+    assert!(err.contains("refused"), "{err}");
+    assert_eq!(
+        http_get(&world.external, NODE_EXTERNAL_IP, NODE_PORT).unwrap(),
+        "backend-0"
+    );
+}
+
+#[test]
 fn hairpin_connection_lands_on_the_caller_and_gets_the_reply() {
     let world = World::build(2);
     let (own_ns, own_ip) = &world.backends[0];
     let mut syncer = Syncer::new();
-    world.sync(&mut syncer, &[web_service(false)], &[web_slice(&[own_ip])]);
+    // The backend runs on this node (hairpin traffic only ever comes from a local pod).
+    world.sync(
+        &mut syncer,
+        &[web_service(false)],
+        &[web_slice_on(&[(own_ip, NODE_NAME)])],
+    );
     // Masqueraded to the node's bridge address, or the reply would bypass the DNAT.
     let body = http_get_path(own_ns, CLUSTER_IP, 80, "/cgi-bin/ip").unwrap();
     assert_eq!(body, "backend-0 10.244.0.1");
@@ -716,6 +752,7 @@ fn partial_syncs_reach_the_same_tables_as_a_full_sync() {
             "fd00:244::/64".parse().unwrap(),
         ],
         masquerade_all: false,
+        nodeport_addresses: Default::default(),
     };
     let services = || {
         vec![

@@ -158,6 +158,7 @@ const SERVICE_IPS: &str = "service-ips";
 const ENDPOINTS: &str = "endpoints";
 const NODEPORT_ENDPOINTS: &str = "nodeport-endpoints";
 const HAIRPIN: &str = "hairpin";
+const NODEPORT_IPS: &str = "nodeport-ips";
 const SERVICE_NODEPORTS: &str = "service-nodeports";
 const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
 const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
@@ -241,6 +242,8 @@ struct Claims {
     touched_elements: [foldhash::HashMap<String, Option<String>>; SHARED_SETS.len()],
     touched_chains: foldhash::HashMap<String, Option<Chain>>,
     touched_sets: foldhash::HashMap<String, Option<Set>>,
+    /// Skip the bookkeeping of touched objects (a full sync follows).
+    untracked: bool,
 }
 
 fn first<T: Clone>(list: Option<&ClaimList<T>>) -> Option<T> {
@@ -259,24 +262,33 @@ impl Claims {
             match self.shared_chains.get_mut(&name) {
                 Some((_, users)) => *users += 1,
                 None => {
-                    self.touched_chains.entry(name.clone()).or_insert(None);
+                    if !self.untracked {
+                        self.touched_chains.entry(name.clone()).or_insert(None);
+                    }
                     self.shared_chains.insert(name, (chain, 1));
                 }
             }
         }
+        let track = !self.untracked;
         for (name, chain) in frag.chains {
-            let old = first(self.chains.get(&name));
-            self.touched_chains.entry(name.clone()).or_insert(old);
+            if track {
+                let old = first(self.chains.get(&name));
+                self.touched_chains.entry(name.clone()).or_insert(old);
+            }
             claim(self.chains.entry(name).or_default(), owner, chain);
         }
         for (name, set) in frag.sets {
-            let old = first(self.sets.get(&name));
-            self.touched_sets.entry(name.clone()).or_insert(old);
+            if track {
+                let old = first(self.sets.get(&name));
+                self.touched_sets.entry(name.clone()).or_insert(old);
+            }
             claim(self.sets.entry(name).or_default(), owner, set);
         }
         for (i, key, value) in frag.elements {
-            let old = first(self.elements[i].get(&key));
-            self.touched_elements[i].entry(key.clone()).or_insert(old);
+            if track {
+                let old = first(self.elements[i].get(&key));
+                self.touched_elements[i].entry(key.clone()).or_insert(old);
+            }
             claim(self.elements[i].entry(key).or_default(), owner, value);
         }
     }
@@ -284,50 +296,52 @@ impl Claims {
     fn remove(&mut self, owner: &Owner, frag: &Fragment) {
         fn drop_claim<T: Clone>(
             map: &mut foldhash::HashMap<String, ClaimList<T>>,
-            touched: &mut foldhash::HashMap<String, Option<T>>,
+            touched: Option<&mut foldhash::HashMap<String, Option<T>>>,
             name: &str,
             owner: &Owner,
         ) {
             let Some(list) = map.get_mut(name) else {
                 return;
             };
-            touched
-                .entry(name.to_string())
-                .or_insert_with(|| list.first().map(|(_, v)| v.clone()));
+            if let Some(touched) = touched {
+                touched
+                    .entry(name.to_string())
+                    .or_insert_with(|| list.first().map(|(_, v)| v.clone()));
+            }
             unclaim(list, owner);
             if list.is_empty() {
                 map.remove(name);
             }
         }
+        let track = !self.untracked;
         for name in frag.chains.keys() {
-            drop_claim(&mut self.chains, &mut self.touched_chains, name, owner);
+            let touched = track.then_some(&mut self.touched_chains);
+            drop_claim(&mut self.chains, touched, name, owner);
         }
         for name in frag.shared_chains.keys() {
             if let Some((chain, users)) = self.shared_chains.get_mut(name) {
                 *users -= 1;
                 if *users == 0 {
-                    let chain = chain.clone();
-                    self.touched_chains
-                        .entry(name.clone())
-                        .or_insert(Some(chain));
+                    if track {
+                        let chain = chain.clone();
+                        self.touched_chains
+                            .entry(name.clone())
+                            .or_insert(Some(chain));
+                    }
                     self.shared_chains.remove(name);
                 }
             }
         }
         for name in frag.sets.keys() {
-            drop_claim(&mut self.sets, &mut self.touched_sets, name, owner);
+            let touched = track.then_some(&mut self.touched_sets);
+            drop_claim(&mut self.sets, touched, name, owner);
         }
         for (i, key, _) in &frag.elements {
-            drop_claim(
-                &mut self.elements[*i],
-                &mut self.touched_elements[*i],
-                key,
-                owner,
-            );
+            let touched = track.then_some(&mut self.touched_elements[*i]);
+            drop_claim(&mut self.elements[*i], touched, key, owner);
         }
     }
 
-    /// The whole table as claimed now.
     /// Forgets what was touched (the whole table is about to be written anyway).
     fn discard_delta(&mut self) {
         self.touched_chains.clear();
@@ -337,6 +351,7 @@ impl Claims {
         }
     }
 
+    /// The whole table as claimed now.
     fn materialize(&self, family: IpFamily) -> Table {
         let mut table = Table {
             family,
@@ -459,7 +474,7 @@ impl Rules {
         let owner = fixed_owner();
         for (i, family) in [IpFamily::V4, IpFamily::V6].into_iter().enumerate() {
             let mut b = Builder::new(family, config);
-            b.fixed();
+            b.fixed(&node.ips);
             rules.claims[i].add(&owner, b.frag);
         }
         rules
@@ -499,6 +514,14 @@ impl Rules {
         Ruleset {
             v4: self.claims[0].materialize(IpFamily::V4),
             v6: self.claims[1].materialize(IpFamily::V6),
+        }
+    }
+
+    /// Whether to keep track of changes for [`Rules::take_delta`]; off while building for a
+    /// full sync, which needs none.
+    pub fn set_tracking(&mut self, on: bool) {
+        for c in &mut self.claims {
+            c.untracked = !on;
         }
     }
 
@@ -599,12 +622,53 @@ impl<'a> Builder<'a> {
     }
 
     /// The chains, sets and maps every table has, whatever the Services.
-    fn fixed(&mut self) {
+    /// What selects NodePort traffic (`--nodeport-addresses`): every local address but
+    /// loopback, or those in the set `nodeport-ips` (filled here), or nothing (`None`).
+    fn nodeport_match(&mut self, node_ips: &[IpAddr]) -> Option<String> {
+        let Words { ipx, loopback, .. } = self.words;
+        let local = format!("fib daddr type local {ipx} daddr != {loopback}");
+        let crate::config::NodePortAddresses::Only { cidrs, primary } =
+            &self.config.nodeport_addresses
+        else {
+            return Some(local);
+        };
+        let family = self.family;
+        let mut ranges: Vec<ipnet::IpNet> = cidrs
+            .iter()
+            .copied()
+            .filter(|c| family.contains(c.addr()))
+            .collect();
+        if *primary
+            && let Some(ip) = node_ips
+                .iter()
+                .copied()
+                .find(|ip| family.contains(*ip) && !ip.is_loopback())
+        {
+            ranges.push(ipnet::IpNet::from(ip));
+        }
+        if ranges.iter().any(|r| r.prefix_len() == 0) {
+            return Some(local);
+        }
+        if ranges.is_empty() {
+            return None;
+        }
+        self.set(
+            NODEPORT_IPS,
+            SetKind::Set,
+            format!("type {} ; flags interval ;", self.words.addr_type),
+        );
+        for range in outermost(ranges) {
+            self.element(NODEPORT_IPS, range, String::new());
+        }
+        Some(format!("{local} {ipx} daddr @{NODEPORT_IPS}"))
+    }
+
+    fn fixed(&mut self, node_ips: &[IpAddr]) {
         let Words {
             ipx,
             addr_type,
-            loopback,
             unreachable,
+            ..
         } = self.words;
         let addr_key = format!("type {addr_type} . inet_proto . inet_service : verdict ;");
         let port_key = "type inet_proto . inet_service : verdict ;".to_string();
@@ -708,15 +772,16 @@ impl<'a> Builder<'a> {
                 unreachable.to_string(),
             ],
         );
-        self.chain(
-            "services",
-            vec![
-                format!("{ipx} daddr . meta l4proto . th dport vmap @{SERVICE_IPS}"),
-                format!(
-                    "fib daddr type local {ipx} daddr != {loopback} meta l4proto . th dport vmap @{SERVICE_NODEPORTS}"
-                ),
-            ],
-        );
+        let nodeports = self.nodeport_match(node_ips);
+        let mut services = vec![format!(
+            "{ipx} daddr . meta l4proto . th dport vmap @{SERVICE_IPS}"
+        )];
+        if let Some(m) = &nodeports {
+            services.push(format!(
+                "{m} meta l4proto . th dport vmap @{SERVICE_NODEPORTS}"
+            ));
+        }
+        self.chain("services", services);
         self.chain(
             "firewall-check",
             vec![format!(
@@ -731,9 +796,10 @@ impl<'a> Builder<'a> {
         );
         self.chain(
             "nodeport-endpoints-check",
-            vec![format!(
-                "fib daddr type local {ipx} daddr != {loopback} meta l4proto . th dport vmap @{NO_ENDPOINT_NODEPORTS}"
-            )],
+            nodeports
+                .iter()
+                .map(|m| format!("{m} meta l4proto . th dport vmap @{NO_ENDPOINT_NODEPORTS}"))
+                .collect(),
         );
         self.chain(
             "cluster-ips-check",
@@ -964,15 +1030,7 @@ impl<'a> Builder<'a> {
             if node_allowed {
                 allowed.extend(lb_ips.iter().map(|ip| ipnet::IpNet::from(*ip)));
             }
-            // Interval sets refuse overlapping elements: keep only the outermost ranges.
-            allowed.sort_by_key(|r| (r.prefix_len(), r.addr()));
-            allowed.dedup();
-            let allowed: Vec<String> = allowed
-                .iter()
-                .enumerate()
-                .filter(|(i, r)| !allowed[..*i].iter().any(|outer| outer.contains(*r)))
-                .map(|(_, r)| r.to_string())
-                .collect();
+            let allowed = outermost(allowed);
             let fw_chain = format!("fw-{base}");
             // A named set, not an anonymous one (see `dispatch_rules`).
             self.set(
@@ -1104,8 +1162,17 @@ impl<'a> Builder<'a> {
     }
 
     /// Traffic from an endpoint to a Service that lands on the same endpoint is masqueraded
-    /// (`masquerading` looks up source and destination in this set).
+    /// (`masquerading` looks up source and destination in this set). Only an endpoint on this
+    /// node (or of unknown node) can send such traffic through this node: elsewhere its own
+    /// node does the DNAT.
     fn hairpin(&mut self, ep: &Endpoint) {
+        if ep
+            .node_name
+            .as_deref()
+            .is_some_and(|n| n != self.config.node_name)
+        {
+            return;
+        }
         self.element(HAIRPIN, format!("{0} . {0}", ep.ip), String::new());
     }
 
@@ -1167,6 +1234,18 @@ impl<'a> Builder<'a> {
         rules.push(format!("numgen random mod {} vmap @{map}", endpoints.len()));
         rules
     }
+}
+
+/// The ranges of `ranges` not inside another one: interval sets refuse overlapping elements.
+fn outermost(mut ranges: Vec<ipnet::IpNet>) -> Vec<String> {
+    ranges.sort_by_key(|r| (r.prefix_len(), r.addr()));
+    ranges.dedup();
+    ranges
+        .iter()
+        .enumerate()
+        .filter(|(i, r)| !ranges[..*i].iter().any(|outer| outer.contains(*r)))
+        .map(|(_, r)| r.to_string())
+        .collect()
 }
 
 /// Kinds of shared dispatch chain (see `Builder::plain_service`).
@@ -1264,7 +1343,8 @@ mod tests {
                 "dnat ip to ip daddr . meta l4proto . th dport . numgen random mod 2 map @endpoints",
             ]
         );
-        assert_eq!(elem(t, HAIRPIN, "10.244.1.1 . 10.244.1.1"), Some(""));
+        // The endpoints run on another node: no hairpin traffic can come through this one.
+        assert!(t.sets[HAIRPIN].elements.is_empty());
         assert_eq!(
             rules(t, "masquerading")[0],
             "ip saddr . ip daddr @hairpin masquerade fully-random"
@@ -1274,6 +1354,33 @@ mod tests {
         // A v4-only Service has nothing in the v6 table but the fixed objects.
         assert!(rs.v6.sets.values().all(|s| s.elements.is_empty()));
         assert!(!rs.v6.chains.keys().any(|c| is_shared(c)));
+    }
+
+    #[test]
+    fn local_endpoints_and_those_of_unknown_node_are_hairpin_candidates() {
+        let svc = service(
+            "default",
+            "web",
+            json!({ "clusterIP": "10.96.0.10", "ports": [{ "port": 80 }] }),
+        );
+        let sl = slice(
+            "default",
+            "web",
+            "web-1",
+            "IPv4",
+            json!([{ "port": 80 }]),
+            json!([
+                ep("10.244.1.1", NODE, true),
+                ep("10.244.1.2", "node-b", true),
+                { "addresses": ["10.244.1.3"] },
+            ]),
+        );
+        let rs = Ruleset::build(&model_of(&[svc], &[sl]), &config());
+        let hairpin: Vec<&String> = rs.v4.sets[HAIRPIN].elements.keys().collect();
+        assert_eq!(
+            hairpin,
+            ["10.244.1.1 . 10.244.1.1", "10.244.1.3 . 10.244.1.3"]
+        );
     }
 
     #[test]
@@ -1475,6 +1582,52 @@ mod tests {
     }
 
     #[test]
+    fn nodeport_addresses_select_the_addresses_of_node_ports() {
+        let rs = nodeport("Cluster", "node-b");
+        assert_eq!(
+            rules(&rs.v4, "services")[1],
+            "fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports"
+        );
+        assert!(!rs.v4.sets.contains_key(NODEPORT_IPS));
+
+        let mut cfg = config();
+        cfg.nodeport_addresses = crate::config::NodePortAddresses::Only {
+            cidrs: vec![
+                "192.168.0.0/16".parse().unwrap(),
+                "192.168.1.0/24".parse().unwrap(),
+            ],
+            primary: true,
+        };
+        let node = crate::model::NodeInfo {
+            name: NODE.into(),
+            ips: vec!["10.0.0.7".parse().unwrap()],
+            zone: None,
+        };
+        let mut rules_ = Rules::new(&cfg, &node);
+        let (svc, sl) = simple("default", "web", "10.96.0.10", &["10.244.1.1"]);
+        for port in model_of(&[svc], &[sl]).services.values() {
+            rules_.update(None, Some(port));
+        }
+        let rs = rules_.materialize();
+        let matcher = "fib daddr type local ip daddr != 127.0.0.0/8 ip daddr @nodeport-ips";
+        assert_eq!(
+            rules(&rs.v4, "services")[1],
+            format!("{matcher} meta l4proto . th dport vmap @service-nodeports")
+        );
+        assert_eq!(
+            rules(&rs.v4, "nodeport-endpoints-check"),
+            [format!(
+                "{matcher} meta l4proto . th dport vmap @no-endpoint-nodeports"
+            )]
+        );
+        let ips: Vec<&String> = rs.v4.sets[NODEPORT_IPS].elements.keys().collect();
+        assert_eq!(ips, ["10.0.0.7/32", "192.168.0.0/16"]);
+        // No IPv6 address is selected: no IPv6 NodePorts at all.
+        assert_eq!(rules(&rs.v6, "services").len(), 1);
+        assert!(rules(&rs.v6, "nodeport-endpoints-check").is_empty());
+    }
+
+    #[test]
     fn session_affinity_uses_per_endpoint_timeout_sets() {
         let svc = service(
             "default",
@@ -1507,7 +1660,7 @@ mod tests {
                 "meta l4proto tcp dnat to 10.244.1.1:80".to_string(),
             ]
         );
-        assert_eq!(elem(t, HAIRPIN, "10.244.1.1 . 10.244.1.1"), Some(""));
+        assert!(t.sets[HAIRPIN].elements.is_empty());
     }
 
     #[test]
@@ -1584,7 +1737,7 @@ mod tests {
                 "dnat ip6 to ip6 daddr . meta l4proto . th dport . numgen random mod 1 map @endpoints",
             ]
         );
-        assert_eq!(elem(&rs.v6, HAIRPIN, "fd00:244::1 . fd00:244::1"), Some(""));
+        assert!(rs.v6.sets[HAIRPIN].elements.is_empty());
         assert_eq!(
             elem(&rs.v4, SERVICE_IPS, "10.96.0.9 . tcp . 80"),
             Some("goto cluster-1")
@@ -1618,13 +1771,6 @@ mod tests {
                 }
             }
         }
-        assert_eq!(
-            changed,
-            [
-                "endpoints: +10.96.0.2 . tcp . 80 . 1",
-                "hairpin: +10.244.2.3 . 10.244.2.3",
-                "hairpin: -10.244.2.2 . 10.244.2.2",
-            ]
-        );
+        assert_eq!(changed, ["endpoints: +10.96.0.2 . tcp . 80 . 1"]);
     }
 }
