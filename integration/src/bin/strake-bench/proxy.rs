@@ -29,8 +29,9 @@
 //!   nftables notification adding its `service-ips` element (a netlink socket subscribed to
 //!   `NFNLGRP_NFTABLES` in the node namespace), then confirmed with `nft get element`.
 //! - one endpoint change: patch `s-0-1`, replacing one endpoint's address; timed to the first
-//!   notification carrying the new address, confirmed in the Service's dispatch chain (the
-//!   `goto` target of its `service-ips` element) with `nft list chain`.
+//!   notification carrying the new address, confirmed with `nft` in the Service's dispatch
+//!   chain (kube-proxy: the `goto` target of its `service-ips` element) or its elements of the
+//!   `endpoints` map (strake-proxy).
 //! - first-packet latency: median TCP connect time of `--probes` new connections from the node
 //!   namespace to the probe ClusterIP, DNATed to a listener on 10.250.0.1 (on the node
 //!   namespace's loopback): each connection is new to conntrack, so its SYN goes through the
@@ -979,9 +980,23 @@ impl Bench<'_> {
             .nth(1)
             .map(|c| c.trim_end_matches([',', '}']).to_string())
             .with_context(|| format!("no goto in {element:?}"))?;
-        let list_chain = || {
-            ns.nft(&["list", "chain", "ip", kind.table(), &chain])?
-                .map_err(|e| anyhow!("nft list chain {chain}: {e}"))
+        // kube-proxy names the endpoints in that chain; strake-proxy's shared chain looks
+        // them up in its `endpoints` map, keyed by the ClusterIP and a slot.
+        let frontend = format!("{} . tcp . 80 . ", service_ip(0));
+        let list_chain = || match kind {
+            Kind::KubeProxy => ns
+                .nft(&["list", "chain", "ip", kind.table(), &chain])?
+                .map_err(|e| anyhow!("nft list chain {chain}: {e}")),
+            Kind::Strake => ns
+                .nft(&["list", "map", "ip", kind.table(), "endpoints"])?
+                .map_err(|e| anyhow!("nft list map endpoints: {e}"))
+                .map(|listing| {
+                    listing
+                        .lines()
+                        .filter(|l| l.contains(&frontend))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                }),
         };
         let old_ip = endpoint_ip(0, m - 1).to_string();
         let before = list_chain()?;
@@ -1343,8 +1358,7 @@ mod tests {
                         { 0 : 10.128.0.1 . 8080, 1 : 10.128.0.2 . 8080 }";
         assert!(names_ip(upstream, "10.128.0.2"));
         assert!(!names_ip(upstream, "10.128.0.21"));
-        let strake =
-            "numgen random mod 2 vmap { 0 : goto ep-bench/s-0/tcp/http__10.128.0.21/8080 }";
+        let strake = "10.96.16.1 . tcp . 80 . 1 : 10.128.0.21 . 8080,";
         assert!(names_ip(strake, "10.128.0.21"));
         assert!(!names_ip(strake, "10.128.0.2"));
         let ip = Ipv4Addr::new(10, 127, 3, 1);
