@@ -69,6 +69,40 @@ fn http(ns: &NetNs, addr: &str, path: &str) -> Result<(String, String), String> 
     }
 }
 
+/// A TCP connection made from inside a network namespace (a thread entered it to connect;
+/// the socket stays in that namespace).
+struct Echo(std::io::BufReader<std::net::TcpStream>);
+
+impl Echo {
+    fn connect(ns: &NetNs, addr: &str) -> Echo {
+        let path = ns.path();
+        let addr: std::net::SocketAddr = addr.parse().unwrap();
+        let stream = std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).unwrap();
+            // SAFETY: setns(2) on an open namespace file; it affects this thread only.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap()
+        })
+        .join()
+        .unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        Echo(std::io::BufReader::new(stream))
+    }
+
+    /// Sends one line and reads the echoed line back.
+    fn round_trip(&mut self, line: &str) -> String {
+        use std::io::{BufRead as _, Write as _};
+        writeln!(self.0.get_mut(), "{line}").unwrap();
+        let mut back = String::new();
+        self.0.read_line(&mut back).unwrap();
+        back.trim_end().to_string()
+    }
+}
+
 /// The body of a GET to the ClusterIP from the client pod.
 fn via_service(client: &NetNs) -> Result<String, String> {
     http(client, &format!("{CLUSTER_IP}:80"), "/").map(|(_, body)| body)
@@ -150,7 +184,10 @@ fn web_service() -> Service {
         "metadata": { "name": "web", "namespace": "default" },
         "spec": {
             "clusterIP": CLUSTER_IP,
-            "ports": [{ "name": "http", "port": 80, "protocol": "TCP" }],
+            "ports": [
+                { "name": "http", "port": 80, "protocol": "TCP" },
+                { "name": "echo", "port": 7, "protocol": "TCP" },
+            ],
         },
     }))
     .unwrap()
@@ -174,7 +211,10 @@ fn web_slice(ips: &[&str]) -> EndpointSlice {
             },
         },
         "addressType": "IPv4",
-        "ports": [{ "name": "http", "port": 80, "protocol": "TCP" }],
+        "ports": [
+            { "name": "http", "port": 80, "protocol": "TCP" },
+            { "name": "echo", "port": 7007, "protocol": "TCP" },
+        ],
         "endpoints": endpoints,
     }))
     .unwrap()
@@ -274,6 +314,12 @@ impl Bed {
             cmd.args(["httpd", "-f", "-p", "80", "-h"]).arg(&www);
             servers.push(
                 Daemon::spawn(&format!("httpd-{i}"), cmd, &dir.path().join("httpd.log")).unwrap(),
+            );
+            // A TCP echo service for long-lived connections.
+            let mut cmd = ns.command("/bin/busybox");
+            cmd.args(["nc", "-ll", "-p", "7007", "-e", "/bin/cat"]);
+            servers.push(
+                Daemon::spawn(&format!("echo-{i}"), cmd, &dir.path().join("echo.log")).unwrap(),
             );
         }
 
@@ -377,6 +423,9 @@ async fn follows_the_api_serves_health_and_metrics_and_cleans_up() {
     // down, and the new process's first sync (full, one transaction) replaces them without a
     // gap: no request fails.
     let before = wait_first_sync(bed.node.ns(), &mut bed.proxy, None);
+    // An established connection through the ClusterIP, opened before the restart.
+    let mut echo = Echo::connect(&bed.client, &format!("{CLUSTER_IP}:7"));
+    assert_eq!(echo.round_trip("before the restart"), "before the restart");
     let done = std::sync::atomic::AtomicBool::new(false);
     let (ok, failed) = std::thread::scope(|s| {
         let hammer = s.spawn(|| {
@@ -399,6 +448,9 @@ async fn follows_the_api_serves_health_and_metrics_and_cleans_up() {
     });
     assert!(failed.is_empty() && ok > 10, "{ok} ok, failed: {failed:?}");
     eprintln!("figure: {ok} requests across a proxy restart, none failed");
+    // The connection opened before the restart still carries data both ways.
+    assert_eq!(echo.round_trip("after the restart"), "after the restart");
+    drop(echo);
 
     // One endpoint dropped: traffic follows.
     let mut slice = slices.get("web-1").await.unwrap();
