@@ -205,7 +205,11 @@ pub fn watch(
     node_name: &str,
     tracker: &Arc<Tracker>,
 ) -> (Stores, Vec<tokio::task::JoinHandle<()>>) {
-    let config = watcher::Config::default().labels(&selector());
+    // Initial lists from the API server's watch cache (`resourceVersion=0`), as upstream's
+    // informers do: one response instead of pages read from etcd.
+    let config = watcher::Config::default()
+        .labels(&selector())
+        .any_semantic();
     let (services, writer) = reflector::store();
     let stream = reflector::reflector(
         writer,
@@ -228,7 +232,9 @@ pub fn watch(
     ));
 
     let (node, writer) = reflector::store();
-    let config = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+    let config = watcher::Config::default()
+        .fields(&format!("metadata.name={node_name}"))
+        .any_semantic();
     let stream = reflector::reflector(writer, watcher(Api::<Node>::all(client.clone()), config))
         .default_backoff();
     // Node status is rewritten often (heartbeats); only what the model reads is a change.
