@@ -503,15 +503,57 @@ pub fn env(
     Ok(out)
 }
 
+/// The user an image runs as, from the runtime's ImageStatus: its `uid`, else its `username`;
+/// an image that names neither (or that the runtime does not know) runs as root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageUser {
+    /// A numeric user.
+    Uid(i64),
+    /// A user name the runtime resolves in the image's `/etc/passwd`.
+    Name(String),
+}
+
+impl Default for ImageUser {
+    fn default() -> Self {
+        ImageUser::Uid(0)
+    }
+}
+
+impl ImageUser {
+    /// The user of `image` as ImageStatus reports it (`None`: no such image).
+    pub fn of_image(image: Option<&cri::Image>) -> Self {
+        match image {
+            Some(cri::Image { uid: Some(uid), .. }) => ImageUser::Uid(uid.value),
+            Some(i) if !i.username.is_empty() => ImageUser::Name(i.username.clone()),
+            _ => ImageUser::default(),
+        }
+    }
+}
+
+/// The UID a container will run as when it sets `runAsUser` itself or through its pod.
+pub fn explicit_run_as_user(pod: &Pod, c: &Container) -> Option<i64> {
+    c.security_context
+        .as_ref()
+        .and_then(|s| s.run_as_user)
+        .or_else(|| {
+            pod.spec
+                .as_ref()
+                .and_then(|s| s.security_context.as_ref())
+                .and_then(|s| s.run_as_user)
+        })
+}
+
 /// The container's Linux security context from its own and the pod's `securityContext`, as
-/// upstream's kubelet translates them: user and group (container first, then pod),
-/// supplemental groups with `fsGroup`, capabilities, privileged, read-only root filesystem,
-/// `allowPrivilegeEscalation: false` as no_new_privs, and the seccomp profile (Unconfined
-/// unless one is given, upstream's default without `seccompDefault`; Localhost profiles
-/// under `<root-dir>/seccomp`).
+/// upstream's kubelet translates them: user and group (container first, then pod; without a
+/// `runAsUser` the image's user, so that a `runAsGroup` never reaches the runtime alone, which
+/// the CRI forbids), supplemental groups with `fsGroup`, capabilities, privileged, read-only
+/// root filesystem, `allowPrivilegeEscalation: false` as no_new_privs, and the seccomp profile
+/// (Unconfined unless one is given, upstream's default without `seccompDefault`; Localhost
+/// profiles under `<root-dir>/seccomp`).
 pub fn linux_security_context(
     pod: &Pod,
     c: &Container,
+    image_user: &ImageUser,
     seccomp_root: &std::path::Path,
 ) -> cri::LinuxContainerSecurityContext {
     use cri::security_profile::ProfileType;
@@ -545,6 +587,13 @@ pub fn linux_security_context(
             localhost_ref: String::new(),
         },
     });
+    // Upstream's order: the container's or pod's `runAsUser`, else the image's UID, else its
+    // user name.
+    let (run_as_user, run_as_username) = match (explicit_run_as_user(pod, c), image_user) {
+        (Some(uid), _) => (Some(uid), String::new()),
+        (None, ImageUser::Uid(uid)) => (Some(*uid), String::new()),
+        (None, ImageUser::Name(name)) => (None, name.clone()),
+    };
     let caps = csc.capabilities.clone().unwrap_or_default();
     cri::LinuxContainerSecurityContext {
         capabilities: Some(cri::Capability {
@@ -553,10 +602,8 @@ pub fn linux_security_context(
             ..Default::default()
         }),
         privileged: csc.privileged.unwrap_or(false),
-        run_as_user: csc
-            .run_as_user
-            .or(psc.run_as_user)
-            .map(|value| cri::Int64Value { value }),
+        run_as_user: run_as_user.map(|value| cri::Int64Value { value }),
+        run_as_username,
         run_as_group: csc
             .run_as_group
             .or(psc.run_as_group)
@@ -569,12 +616,15 @@ pub fn linux_security_context(
     }
 }
 
-/// CreateContainer's configuration for container `c` of `pod`.
+/// CreateContainer's configuration for container `c` of `pod` (`image_user`: the user of the
+/// image `image_ref`).
+#[allow(clippy::too_many_arguments)]
 pub fn container_config(
     pod: &Pod,
     c: &Container,
     attempt: u32,
     image_ref: &str,
+    image_user: &ImageUser,
     env: &[(String, String)],
     mounts: Vec<cri::Mount>,
     seccomp_root: &std::path::Path,
@@ -628,7 +678,7 @@ pub fn container_config(
                     .memory
                     .clamp(0, u64::MAX as i128) as u64,
             )),
-            security_context: Some(linux_security_context(pod, c, seccomp_root)),
+            security_context: Some(linux_security_context(pod, c, image_user, seccomp_root)),
         }),
         ..Default::default()
     }
@@ -913,8 +963,9 @@ mod tests {
         .unwrap();
         let c = pod.spec.as_ref().unwrap().containers[0].clone();
         let root = std::path::Path::new("/var/lib/kubelet/seccomp");
-        let sc = linux_security_context(&pod, &c, root);
+        let sc = linux_security_context(&pod, &c, &ImageUser::Name("www-data".into()), root);
         assert_eq!(sc.run_as_user.map(|v| v.value), Some(1001));
+        assert_eq!(sc.run_as_username, "");
         assert_eq!(sc.run_as_group.map(|v| v.value), Some(2000));
         assert_eq!(sc.supplemental_groups, vec![4000, 5000]);
         assert!(sc.readonly_rootfs && sc.no_new_privs && !sc.privileged);
@@ -927,19 +978,80 @@ mod tests {
             sc.seccomp.unwrap().profile_type,
             cri::security_profile::ProfileType::RuntimeDefault as i32
         );
-        // Nothing set: root's defaults, no_new_privs off, Unconfined.
+        // Nothing set: the image's user (root for an image without one), no_new_privs off,
+        // Unconfined.
         let bare: Pod = serde_json::from_value(serde_json::json!({
             "metadata": { "name": "p" }, "spec": { "containers": [{ "name": "c" }] }
         }))
         .unwrap();
-        let sc = linux_security_context(&bare, &bare.spec.as_ref().unwrap().containers[0], root);
+        let bare_c = &bare.spec.as_ref().unwrap().containers[0];
+        let sc = linux_security_context(&bare, bare_c, &ImageUser::default(), root);
         assert_eq!(
             (sc.run_as_user, sc.no_new_privs, sc.readonly_rootfs),
-            (None, false, false)
+            (Some(cri::Int64Value { value: 0 }), false, false)
         );
         assert_eq!(
             sc.seccomp.unwrap().profile_type,
             cri::security_profile::ProfileType::Unconfined as i32
+        );
+    }
+
+    #[test]
+    fn run_as_group_alone_runs_as_the_image_user() {
+        // A group without a user is invalid in the CRI: the user comes from the image, as
+        // upstream's kubelet fills it (ImageStatus `uid`, else `username`, else root).
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "p" },
+            "spec": {
+                "securityContext": { "runAsGroup": 1234 },
+                "containers": [{ "name": "c" }]
+            }
+        }))
+        .unwrap();
+        let c = &pod.spec.as_ref().unwrap().containers[0];
+        let root = std::path::Path::new("/var/lib/kubelet/seccomp");
+        let image = |uid: Option<i64>, username: &str| cri::Image {
+            uid: uid.map(|value| cri::Int64Value { value }),
+            username: username.into(),
+            ..Default::default()
+        };
+        let cases = [
+            Some(image(Some(1002), "")),
+            Some(image(None, "www-data")),
+            Some(image(None, "")),
+            None,
+        ];
+        let got: Vec<(Option<i64>, String, Option<i64>)> = cases
+            .iter()
+            .map(|img| {
+                let user = ImageUser::of_image(img.as_ref());
+                let sc = linux_security_context(&pod, c, &user, root);
+                (
+                    sc.run_as_user.map(|v| v.value),
+                    sc.run_as_username,
+                    sc.run_as_group.map(|v| v.value),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Some(1002), String::new(), Some(1234)),
+                (None, "www-data".to_string(), Some(1234)),
+                (Some(0), String::new(), Some(1234)),
+                (Some(0), String::new(), Some(1234)),
+            ]
+        );
+        // The container's own runAsUser wins over the image's user.
+        let mut own = c.clone();
+        own.security_context = Some(k8s_openapi::api::core::v1::SecurityContext {
+            run_as_user: Some(7),
+            ..Default::default()
+        });
+        let sc = linux_security_context(&pod, &own, &ImageUser::Name("www-data".into()), root);
+        assert_eq!(
+            (sc.run_as_user.map(|v| v.value), sc.run_as_username.as_str()),
+            (Some(7), "")
         );
     }
 
@@ -993,6 +1105,7 @@ mod tests {
             &c,
             2,
             "sha256:abc",
+            &ImageUser::default(),
             &[("X".into(), "1".into())],
             vec![],
             std::path::Path::new("/var/lib/kubelet/seccomp"),

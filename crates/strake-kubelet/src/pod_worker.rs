@@ -160,6 +160,45 @@ fn pod_key(p: &Pod) -> String {
     )
 }
 
+/// `runAsNonRoot`: the user the container will run as (its `runAsUser`, else the pod's, else
+/// the image's) must be known and not 0, as upstream verifies before creating it.
+fn verify_non_root(
+    pod: &Pod,
+    c: &Container,
+    image_user: &pod_spec::ImageUser,
+) -> Result<(), String> {
+    let psc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+    let wanted = c
+        .security_context
+        .as_ref()
+        .and_then(|s| s.run_as_non_root)
+        .or_else(|| psc.and_then(|s| s.run_as_non_root))
+        .unwrap_or(false);
+    if !wanted {
+        return Ok(());
+    }
+    let uid = match (pod_spec::explicit_run_as_user(pod, c), image_user) {
+        (Some(uid), _) => uid,
+        (None, pod_spec::ImageUser::Uid(uid)) => *uid,
+        (None, pod_spec::ImageUser::Name(name)) => {
+            return Err(format!(
+                "container has runAsNonRoot and image has non-numeric user ({name}), \
+                 cannot verify user is non-root (pod: \"{}\", container: {})",
+                pod_key(pod),
+                c.name
+            ));
+        }
+    };
+    if uid == 0 {
+        return Err(format!(
+            "container has runAsNonRoot and image will run as root (pod: \"{}\", container: {})",
+            pod_key(pod),
+            c.name
+        ));
+    }
+    Ok(())
+}
+
 fn now_time() -> Time {
     Time(Timestamp::now())
 }
@@ -722,7 +761,14 @@ impl Worker {
                 return Ok(Step::Waiting);
             }
         };
-        if let Err(message) = self.verify_non_root(pod, c, &image_ref).await {
+        let image_user = match self.image_user(&image_ref).await {
+            Ok(u) => u,
+            Err(message) => {
+                self.config_error(pod, c, message);
+                return Ok(Step::Waiting);
+            }
+        };
+        if let Err(message) = verify_non_root(pod, c, &image_user) {
             self.config_error(pod, c, message);
             return Ok(Step::Waiting);
         }
@@ -731,6 +777,7 @@ impl Worker {
             c,
             attempt,
             &image_ref,
+            &image_user,
             &env,
             mounts,
             &self.ctx.config.root_dir.join("seccomp"),
@@ -852,64 +899,27 @@ impl Worker {
         );
     }
 
-    /// `runAsNonRoot`: the user the container will run as (its `runAsUser`, else the pod's,
-    /// else the image's) must be known and not 0, as upstream verifies before creating it.
-    async fn verify_non_root(&self, pod: &Pod, c: &Container, image: &str) -> Result<(), String> {
-        let psc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
-        let csc = c.security_context.as_ref();
-        let wanted = csc
-            .and_then(|s| s.run_as_non_root)
-            .or_else(|| psc.and_then(|s| s.run_as_non_root))
-            .unwrap_or(false);
-        if !wanted {
-            return Ok(());
-        }
-        let explicit = csc
-            .and_then(|s| s.run_as_user)
-            .or_else(|| psc.and_then(|s| s.run_as_user));
-        let uid = match explicit {
-            Some(uid) => uid,
-            None => {
-                let mut ic = self.ctx.runtime.image_client();
-                let status = self
-                    .ctx
-                    .runtime
-                    .call_with(
-                        "ImageStatus",
-                        None,
-                        ic.image_status(cri::ImageStatusRequest {
-                            image: Some(cri::ImageSpec {
-                                image: image.to_string(),
-                                ..Default::default()
-                            }),
-                            verbose: false,
-                        }),
-                    )
-                    .await
-                    .map_err(|e| e.detail())?;
-                let img = status.image.unwrap_or_default();
-                match (img.uid, img.username.as_str()) {
-                    (Some(u), _) => u.value,
-                    (None, "") => 0,
-                    (None, name) => {
-                        return Err(format!(
-                            "container has runAsNonRoot and image has non-numeric user ({name}), \
-                             cannot verify user is non-root (pod: \"{}\", container: {})",
-                            pod_key(pod),
-                            c.name
-                        ));
-                    }
-                }
-            }
-        };
-        if uid == 0 {
-            return Err(format!(
-                "container has runAsNonRoot and image will run as root (pod: \"{}\", container: {})",
-                pod_key(pod),
-                c.name
-            ));
-        }
-        Ok(())
+    /// The user image `image` runs as, from ImageStatus (what upstream's kubelet asks before
+    /// every CreateContainer).
+    async fn image_user(&self, image: &str) -> Result<pod_spec::ImageUser, String> {
+        let mut ic = self.ctx.runtime.image_client();
+        let status = self
+            .ctx
+            .runtime
+            .call_with(
+                "ImageStatus",
+                None,
+                ic.image_status(cri::ImageStatusRequest {
+                    image: Some(cri::ImageSpec {
+                        image: image.to_string(),
+                        ..Default::default()
+                    }),
+                    verbose: false,
+                }),
+            )
+            .await
+            .map_err(|e| e.detail())?;
+        Ok(pod_spec::ImageUser::of_image(status.image.as_ref()))
     }
 
     /// Fetches the ConfigMaps and Secrets container `c`'s environment refers to (each
@@ -1405,5 +1415,29 @@ mod tests {
         }
         assert_eq!(b.fail(t, Duration::ZERO), Duration::from_secs(300));
         assert_eq!(b.fail(t, Duration::from_secs(601)), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn run_as_non_root_checks_the_explicit_user_then_the_image_user() {
+        use pod_spec::ImageUser;
+        let pod = |sc: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": { "name": "p", "namespace": "ns" },
+                "spec": { "securityContext": sc, "containers": [{ "name": "c" }] }
+            }))
+            .unwrap()
+        };
+        let check = |p: &Pod, user: ImageUser| {
+            verify_non_root(p, &p.spec.as_ref().unwrap().containers[0], &user)
+        };
+        let non_root = pod(serde_json::json!({ "runAsNonRoot": true }));
+        assert!(check(&non_root, ImageUser::Uid(1000)).is_ok());
+        let root = check(&non_root, ImageUser::default()).unwrap_err();
+        assert!(root.starts_with("container has runAsNonRoot and image will run as root"));
+        let named = check(&non_root, ImageUser::Name("www-data".into())).unwrap_err();
+        assert!(named.contains("non-numeric user (www-data)"), "{named}");
+        let explicit = pod(serde_json::json!({ "runAsNonRoot": true, "runAsUser": 1000 }));
+        assert!(check(&explicit, ImageUser::Name("www-data".into())).is_ok());
+        assert!(check(&pod(serde_json::json!({})), ImageUser::default()).is_ok());
     }
 }

@@ -188,6 +188,81 @@ async fn security_context_reaches_the_container() {
         "read-only root filesystem: {status}"
     );
 
+    // runAsGroup without runAsUser: the user is the image's (root, a UID, a name), as upstream
+    // fills it, so the runtime gets a group only with a user (the CRI refuses a group alone).
+    let open = registry.open_in_cluster();
+    let containers: Vec<serde_json::Value> = [
+        ("root", format!("{open}/strake/busybox:1")),
+        (
+            "uid",
+            format!("{open}/k8s-staging-cri-tools/test-image-user-uid:latest"),
+        ),
+        (
+            "name",
+            format!("{open}/k8s-staging-cri-tools/test-image-user-username:latest"),
+        ),
+    ]
+    .into_iter()
+    .map(|(name, image)| {
+        serde_json::json!({
+            "name": name,
+            "image": image,
+            "command": ["/bin/sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]
+        })
+    })
+    .collect();
+    let grouped: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": "grouped" },
+        "spec": {
+            "nodeName": NODE,
+            "terminationGracePeriodSeconds": 1,
+            "securityContext": { "runAsGroup": 1234 },
+            "containers": containers
+        }
+    }))
+    .expect("pod");
+    pods.create(&PostParams::default(), &grouped)
+        .await
+        .expect("create pod");
+    for (name, uid) in [("root", "0"), ("uid", "1002"), ("name", "33")] {
+        let id = wait_for(
+            &format!("container {name} of grouped running"),
+            90,
+            || async {
+                let out = node
+                    .runtime
+                    .crictl(&[
+                        "ps",
+                        "-q",
+                        "--name",
+                        &format!("^{name}$"),
+                        "--label",
+                        "io.kubernetes.pod.name=grouped",
+                        "--state",
+                        "running",
+                    ])
+                    .ok()?;
+                let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                (!id.is_empty()).then_some(id)
+            },
+        )
+        .await;
+        let out = node
+            .runtime
+            .crictl(&["exec", "--sync", &id, "/bin/sh", "-c", "id -u; id -g"])
+            .expect("crictl exec");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .collect::<Vec<_>>(),
+            [uid, "1234"],
+            "container {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     // runAsNonRoot with an image that runs as root: refused before the container exists.
     let rooted: Pod = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1",
