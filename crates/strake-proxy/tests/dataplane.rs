@@ -916,7 +916,22 @@ fn udp_helper() {
         ["send", src, dst] => {
             let sock = std::net::UdpSocket::bind(src).unwrap();
             sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-            sock.send_to(b"ping", dst).unwrap();
+            // Connected and with IP_RECVERR, so that an ICMP error (host-unreachable is not a
+            // "hard" one for UDP) comes back as the receive's error.
+            let on: libc::c_int = 1;
+            // SAFETY: setsockopt on an open socket with a valid int option value.
+            let rc = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&sock),
+                    libc::IPPROTO_IP,
+                    libc::IP_RECVERR,
+                    (&on as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0, "IP_RECVERR: {}", std::io::Error::last_os_error());
+            sock.connect(dst).unwrap();
+            sock.send(b"ping").unwrap();
             let mut buf = [0u8; 512];
             match sock.recv(&mut buf) {
                 Ok(n) => println!("{UDP_REPLY}{}", String::from_utf8_lossy(&buf[..n])),
@@ -938,7 +953,12 @@ fn udp_helper_command(ns: &Ns, spec: &str) -> Command {
 
 /// One datagram from the client pod's fixed source port to `dst`: the reply's body.
 fn udp_send(client: &Ns, dst: &str) -> String {
-    let out = udp_helper_command(client, &format!("send 10.244.0.20:40053 {dst}"))
+    udp_send_from(client, "10.244.0.20:40053", dst)
+}
+
+/// One datagram from `src` (in the client pod) to `dst`: the reply's body, or `error ...`.
+fn udp_send_from(client: &Ns, src: &str, dst: &str) -> String {
+    let out = udp_helper_command(client, &format!("send {src} {dst}"))
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -973,6 +993,79 @@ fn dns_slice(ips: &[&str]) -> EndpointSlice {
         "endpoints": endpoints,
     }))
     .unwrap()
+}
+
+/// The UDP servers `backend-<i>` on port 5353 of each backend, stopped on drop.
+fn udp_servers(world: &World) -> Vec<Proc> {
+    world
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, (ns, _))| {
+            let cmd = udp_helper_command(ns, &format!("serve backend-{i} 5353"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            Proc(cmd)
+        })
+        .collect()
+}
+
+#[test]
+fn udp_cluster_ip_spreads_rejects_when_empty_and_recovers() {
+    let world = World::build(2);
+    let ips: Vec<&str> = world.backends.iter().map(|(_, ip)| ip.as_str()).collect();
+    // Declared after the world: stopped before its namespaces go.
+    let _udp_servers = udp_servers(&world);
+    let svc = dns_service();
+    let sync = |syncer: &mut Syncer, ips: &[&str]| {
+        let (model, warnings) = model::build(
+            std::slice::from_ref(&svc),
+            &[dns_slice(ips)],
+            None,
+            &world.config(),
+        );
+        assert!(warnings.is_empty(), "{warnings:?}");
+        syncer
+            .sync(&world.nft, Ruleset::build(&model, &world.config()))
+            .unwrap();
+    };
+    let dst = format!("{CLUSTER_IP}:53");
+    let mut syncer = Syncer::new();
+    sync(&mut syncer, &ips);
+    // The servers may still be starting.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !udp_send_from(&world.client, "10.244.0.20:40999", &dst).starts_with("backend-") {
+        assert!(Instant::now() < deadline, "no UDP backend answers");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Each source port is a flow of its own: flows spread over both endpoints.
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for port in 41000..41024 {
+        let reply = udp_send_from(&world.client, &format!("10.244.0.20:{port}"), &dst);
+        *seen.entry(reply).or_default() += 1;
+    }
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        ["backend-0", "backend-1"],
+        "{seen:?}"
+    );
+
+    // No endpoints: an ICMP error at once, not silence.
+    sync(&mut syncer, &[]);
+    let reply = udp_send_from(&world.client, "10.244.0.20:42000", &dst);
+    assert!(
+        reply.starts_with("error") && reply.contains("No route to host"),
+        "{reply}"
+    );
+
+    // One endpoint again: served by it.
+    sync(&mut syncer, &ips[1..]);
+    for port in 42001..42005 {
+        let reply = udp_send_from(&world.client, &format!("10.244.0.20:{port}"), &dst);
+        assert_eq!(reply, "backend-1");
+    }
 }
 
 #[test]
