@@ -516,6 +516,58 @@ fn node_port_serves_external_clients() {
 }
 
 #[test]
+fn load_balancer_ip_serves_external_clients_within_its_source_ranges() {
+    let world = World::build(2);
+    let ips: Vec<&str> = world.backends.iter().map(|(_, ip)| ip.as_str()).collect();
+    const LB_IP: &str = "203.0.113.10";
+    // The load balancer (here: a route on the external host) sends its IP to the node.
+    world
+        .external
+        .ip(&["route", "add", LB_IP, "via", NODE_EXTERNAL_IP]);
+    let lb_service = |ranges: &[&str]| {
+        let mut svc = web_service(true);
+        let spec = svc.spec.as_mut().unwrap();
+        spec.type_ = Some("LoadBalancer".into());
+        spec.load_balancer_source_ranges = Some(ranges.iter().map(|r| r.to_string()).collect());
+        svc.status = Some(
+            serde_json::from_value(json!({ "loadBalancer": { "ingress": [{ "ip": LB_IP }] } }))
+                .unwrap(),
+        );
+        svc
+    };
+    let mut syncer = Syncer::new();
+    world.sync(&mut syncer, &[lb_service(&[])], &[web_slice(&ips)]);
+    let seen = spread(&world.external, LB_IP, 80, 20);
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        ["backend-0", "backend-1"],
+        "{seen:?}"
+    );
+    // Source ranges that leave the external host out: its connections are dropped.
+    world.sync(
+        &mut syncer,
+        &[lb_service(&["198.51.100.0/24"])],
+        &[web_slice(&ips)],
+    );
+    let err = http_get(&world.external, LB_IP, 80).unwrap_err();
+    assert!(err.contains("timed out"), "{err}");
+    // ...and ranges that hold it: served again.
+    world.sync(
+        &mut syncer,
+        &[lb_service(&[
+            "198.51.100.0/24",
+            &format!("{EXTERNAL_IP}/32"),
+        ])],
+        &[web_slice(&ips)],
+    );
+    assert!(
+        http_get(&world.external, LB_IP, 80)
+            .unwrap()
+            .starts_with("backend-")
+    );
+}
+
+#[test]
 fn nodeport_addresses_limit_the_local_addresses_that_accept_node_ports() {
     let world = World::build(1);
     let ips: Vec<&str> = world.backends.iter().map(|(_, ip)| ip.as_str()).collect();
