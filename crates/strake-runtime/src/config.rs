@@ -56,6 +56,10 @@ pub struct Flags {
     /// cgroup driver reported to the kubelet and used for containers.
     #[arg(long, value_enum)]
     pub cgroup_driver: Option<CgroupDriverKind>,
+    /// cgroup parent of pods whose RunPodSandbox names none (default: `/strake` with the
+    /// cgroupfs driver, `system.slice` with systemd).
+    #[arg(long)]
+    pub default_cgroup_parent: Option<String>,
     /// The `strake-pause` binary (default: next to this executable).
     #[arg(long)]
     pub pause_binary: Option<PathBuf>,
@@ -141,6 +145,7 @@ pub struct FileConfig {
     /// `[registry_mirrors]` table: registry host = list of endpoints.
     pub registry_mirrors: Option<Mirrors>,
     pub cgroup_driver: Option<CgroupDriverKind>,
+    pub default_cgroup_parent: Option<String>,
     pub pause_binary: Option<PathBuf>,
     pub stream_server_address: Option<String>,
     pub stream_server_port: Option<u16>,
@@ -160,6 +165,8 @@ pub struct Config {
     pub insecure_registries: Vec<String>,
     pub registry_mirrors: Mirrors,
     pub cgroup_driver: CgroupDriverKind,
+    /// Empty: the driver's default.
+    pub default_cgroup_parent: String,
     pub pause_binary: PathBuf,
     pub stream_server_address: String,
     pub stream_server_port: u16,
@@ -257,6 +264,11 @@ impl Config {
                 .cgroup_driver
                 .or(file.cgroup_driver)
                 .unwrap_or(CgroupDriverKind::Cgroupfs),
+            default_cgroup_parent: flags
+                .default_cgroup_parent
+                .clone()
+                .or(file.default_cgroup_parent)
+                .unwrap_or_default(),
             pause_binary: flags
                 .pause_binary
                 .clone()
@@ -287,6 +299,25 @@ fn default_pause_binary() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_cgroup_parent_comes_from_the_flag_or_the_file() {
+        let file: FileConfig = toml::from_str("default_cgroup_parent = \"/pods\"\n").unwrap();
+        let flags = Flags {
+            default_cgroup_parent: Some("/mine".into()),
+            ..Flags::default()
+        };
+        assert_eq!(
+            Config::merge(&flags, file.clone()).default_cgroup_parent,
+            "/mine"
+        );
+        assert_eq!(
+            Config::merge(&Flags::default(), file).default_cgroup_parent,
+            "/pods"
+        );
+        let c = Config::merge(&Flags::default(), FileConfig::default());
+        assert_eq!(c.default_cgroup_parent, "");
+    }
 
     #[test]
     fn defaults_follow_the_design() {

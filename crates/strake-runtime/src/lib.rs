@@ -144,6 +144,7 @@ impl App {
             images: images.clone(),
             handlers: config.runtime_handlers.clone(),
             cgroup_driver: config.cgroup_driver,
+            default_cgroup_parent: config.default_cgroup_parent.clone(),
             cpu_samples: Default::default(),
             stopping: stopping_rx,
         };

@@ -52,6 +52,8 @@ pub struct RuntimeServer {
     pub handlers: BTreeMap<String, std::path::PathBuf>,
     /// The cgroup driver reported by RuntimeConfig.
     pub cgroup_driver: CgroupDriverKind,
+    /// cgroup parent of sandboxes whose request names none (empty: the driver's default).
+    pub default_cgroup_parent: String,
     /// Previous CPU readings, for the stats' `usage_nano_cores`.
     pub cpu_samples: Arc<CpuSampler>,
     /// Turns true when the daemon shuts down: open GetContainerEvents streams end then, or the
@@ -561,9 +563,15 @@ impl cri::runtime_service_server::RuntimeService for RuntimeServer {
         request: Request<cri::RunPodSandboxRequest>,
     ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
         let req = request.into_inner();
-        let config = req
+        let mut config = req
             .config
             .ok_or_else(|| Status::invalid_argument("config is required"))?;
+        if !self.default_cgroup_parent.is_empty() {
+            let linux = config.linux.get_or_insert_with(Default::default);
+            if linux.cgroup_parent.is_empty() {
+                linux.cgroup_parent = self.default_cgroup_parent.clone();
+            }
+        }
         let handler = if req.runtime_handler.is_empty() {
             DEFAULT_HANDLER.to_string()
         } else {

@@ -934,7 +934,12 @@ fn critest_conformance() {
     let _registry = start_registry(&net, regdir.path());
     let mut node = net.add_node(0).expect("node");
     let dir = tempfile::tempdir().expect("tempdir");
-    let rt = Runtime::start(&mut node, dir, registry::critest_mirror_flags());
+    // critest's sandboxes name no cgroup parent: they go below the test's own (removed after
+    // the runtime stops), not into a shared `/strake`.
+    let cgroup = TestCgroup::new();
+    let mut flags = registry::critest_mirror_flags();
+    flags.push(format!("--default-cgroup-parent={}", cgroup.name()));
+    let rt = Runtime::start(&mut node, dir, flags);
     let endpoint = format!("unix://{}", rt.socket.display());
     // In the node namespace: the streaming specs reach the runtime's streaming server on the
     // node's loopback.
