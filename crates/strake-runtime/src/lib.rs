@@ -8,10 +8,11 @@
 //! bundle from [`spec`], [`monitor`], lifecycle through [`runc`]), [`stats`] (cgroups,
 //! writable layer, pod network).
 //!
-//! Status (issue #3): Version, Status, RuntimeConfig, the pod sandbox, container and image RPCs
-//! are served, with container and pod stats ([`stats`]) and GetContainerEvents (fed by
-//! [`container`]'s transitions and the exit watcher); Exec, Attach and PortForward hand out
-//! URLs of the [`streaming`] server; the metrics RPCs answer `Unimplemented`.
+//! Version, Status, RuntimeConfig, the pod sandbox, container and image RPCs are served, with
+//! container and pod stats ([`stats`]) and GetContainerEvents (fed by [`container`]'s
+//! transitions and the exit watcher); Exec, Attach and PortForward hand out URLs of the
+//! [`streaming`] server. The optional metrics, checkpoint and UpdatePodSandboxResources RPCs
+//! answer `Unimplemented`, as containerd 1.6 does.
 
 pub mod cgroups;
 pub mod cni;
