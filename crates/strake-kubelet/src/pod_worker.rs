@@ -430,21 +430,7 @@ impl Worker {
             image: image.clone(),
             ..Default::default()
         };
-        let present = self
-            .ctx
-            .runtime
-            .call_with(
-                "ImageStatus",
-                None,
-                ic.image_status(cri::ImageStatusRequest {
-                    image: Some(spec.clone()),
-                    verbose: false,
-                }),
-            )
-            .await
-            .ok()
-            .and_then(|r| r.image)
-            .map(|i| i.id);
+        let present = self.image_status(&image).await.ok().flatten().map(|i| i.id);
         match (policy.as_str(), present) {
             ("Never", Some(id)) | ("IfNotPresent", Some(id)) => {
                 self.events.emit(
@@ -902,6 +888,12 @@ impl Worker {
     /// The user image `image` runs as, from ImageStatus (what upstream's kubelet asks before
     /// every CreateContainer).
     async fn image_user(&self, image: &str) -> Result<pod_spec::ImageUser, String> {
+        let status = self.image_status(image).await?;
+        Ok(pod_spec::ImageUser::of_image(status.as_ref()))
+    }
+
+    /// The runtime's ImageStatus of `image` (`None`: not present).
+    async fn image_status(&self, image: &str) -> Result<Option<cri::Image>, String> {
         let mut ic = self.ctx.runtime.image_client();
         let status = self
             .ctx
@@ -919,7 +911,7 @@ impl Worker {
             )
             .await
             .map_err(|e| e.detail())?;
-        Ok(pod_spec::ImageUser::of_image(status.image.as_ref()))
+        Ok(status.image)
     }
 
     /// Fetches the ConfigMaps and Secrets container `c`'s environment refers to (each

@@ -1125,19 +1125,7 @@ fn udp_flow_to_a_removed_endpoint_is_deleted_and_the_next_datagram_reaches_a_liv
     let world = World::build(2);
     let (ip0, ip1) = (world.backends[0].1.as_str(), world.backends[1].1.as_str());
     // Declared after the world: stopped before its namespaces go.
-    let _udp_servers: Vec<Proc> = world
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, (ns, _))| {
-            let cmd = udp_helper_command(ns, &format!("serve backend-{i} 5353"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            Proc(cmd)
-        })
-        .collect();
+    let _udp_servers = udp_servers(&world);
     let svc = dns_service();
     let model_with = |ips: &[&str]| {
         let (model, warnings) = model::build(
@@ -1201,14 +1189,7 @@ fn udp_flow_to_a_removed_endpoint_is_deleted_and_the_next_datagram_reaches_a_liv
 fn udp_flow_cached_before_the_service_had_endpoints_is_deleted_when_it_gets_one() {
     let world = World::build(1);
     let ip0 = world.backends[0].1.as_str();
-    let (ns0, _) = &world.backends[0];
-    let _udp_server = Proc(
-        udp_helper_command(ns0, "serve backend-0 5353")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _udp_server = udp_servers(&world);
     let dst = format!("{CLUSTER_IP}:53");
     // The proxy's tables are in place (with their NAT hooks), but there is no Service yet:
     // nothing rewrites the datagram, the node routes it out to the external host (nothing

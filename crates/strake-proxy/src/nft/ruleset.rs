@@ -391,32 +391,41 @@ impl Claims {
             chains: BTreeMap::new(),
             sets: BTreeMap::new(),
         };
+        /// Puts each touched object that changed, as it was and as it is, into `old` and `new`.
+        fn changed<T: PartialEq>(
+            touched: impl Iterator<Item = (String, Option<T>)>,
+            now: impl Fn(&str) -> Option<T>,
+            old: &mut BTreeMap<String, T>,
+            new: &mut BTreeMap<String, T>,
+        ) {
+            for (name, before) in touched {
+                let after = now(&name);
+                if before == after {
+                    continue;
+                }
+                if let Some(v) = before {
+                    old.insert(name.clone(), v);
+                }
+                if let Some(v) = after {
+                    new.insert(name, v);
+                }
+            }
+        }
         let (mut old, mut new) = (empty(), empty());
-        let touched_chains: Vec<(String, Option<Chain>)> = self.touched_chains.drain().collect();
-        for (name, before) in touched_chains {
-            let now = self.chain_now(&name);
-            if before == now {
-                continue;
-            }
-            if let Some(c) = before {
-                old.chains.insert(name.clone(), c);
-            }
-            if let Some(c) = now {
-                new.chains.insert(name, c);
-            }
-        }
-        for (name, before) in self.touched_sets.drain() {
-            let now = first(self.sets.get(&name));
-            if before == now {
-                continue;
-            }
-            if let Some(s) = before {
-                old.sets.insert(name.clone(), s);
-            }
-            if let Some(s) = now {
-                new.sets.insert(name, s);
-            }
-        }
+        let touched_chains = std::mem::take(&mut self.touched_chains);
+        changed(
+            touched_chains.into_iter(),
+            |name| self.chain_now(name),
+            &mut old.chains,
+            &mut new.chains,
+        );
+        let touched_sets = std::mem::take(&mut self.touched_sets);
+        changed(
+            touched_sets.into_iter(),
+            |name| first(self.sets.get(name)),
+            &mut old.sets,
+            &mut new.sets,
+        );
         for (i, touched) in self.touched_elements.iter_mut().enumerate() {
             let name = SHARED_SETS[i];
             for (key, before) in touched.drain() {
