@@ -121,13 +121,13 @@ impl Programmer {
         out
     }
 
-    /// Updates the model from the current objects; returns how many service ports changed.
+    /// Updates the model, and the rules, from the current objects.
     fn update_model(
         &mut self,
         services: &[Arc<Service>],
         slices: &[Arc<EndpointSlice>],
         node: Option<&Node>,
-    ) -> usize {
+    ) {
         let node = model::node_info(node, &self.config);
         if node != self.model.node {
             // Endpoint locality and source ranges depend on the node: start over.
@@ -207,7 +207,6 @@ impl Programmer {
                 }
             }
         }
-        let mut changed = 0;
         for key in dirty {
             let old = self.entries.remove(&key).unwrap_or_default();
             let new = match self.service_by_key.get(&key) {
@@ -219,18 +218,12 @@ impl Programmer {
                 }
                 None => Entry::default(),
             };
-            let old_ports = if rebuild { &[][..] } else { &old.ports[..] };
-            for port in &old.ports {
-                if !new.ports.iter().any(|p| p.id == port.id) {
-                    self.model.services.remove(&port.id);
-                }
-            }
-            changed += replace_ports(&mut self.model, rules, old_ports, &new.ports);
+            // Rebuilt rules never held the old ports.
+            replace_ports(&mut self.model, rules, &old.ports, &new.ports, !rebuild);
             if self.service_by_key.contains_key(&key) {
                 self.entries.insert(key, new);
             }
         }
-        changed
     }
 
     /// Brings the kernel to the ruleset of these objects: the difference since the last
@@ -248,8 +241,10 @@ impl Programmer {
         };
         let partial = if self.in_sync {
             let (old, new) = rules.take_delta();
-            partial_script(&old, &new)
-                .filter(|script| nft.rules_on_existing_data_maps() || !adds_data_map_rules(script))
+            partial_script(&old, &new).filter(|script| {
+                nft.rules_on_existing_data_maps()
+                    || !crate::nft::sync::adds_rules_using_data_maps(script)
+            })
         } else {
             rules.discard_delta();
             None
@@ -264,35 +259,34 @@ impl Programmer {
     }
 }
 
-fn adds_data_map_rules(script: &str) -> bool {
-    crate::nft::sync::adds_rules_using_data_maps(script)
-}
-
-/// Swaps one Service's ports `old` for `new` in the model and the rules; returns how many
-/// ports changed.
+/// Swaps one Service's ports `old` for `new` in the model and the rules (`old_in_rules`:
+/// whether the rules hold `old`, or are being rebuilt and hold none of it).
 fn replace_ports(
     model: &mut Model,
     rules: &mut Rules,
     old: &[ServicePort],
     new: &[ServicePort],
-) -> usize {
-    let mut changed = 0;
+    old_in_rules: bool,
+) {
     for port in old {
         if !new.iter().any(|p| p.id == port.id) {
-            rules.update(Some(port), None);
+            if old_in_rules {
+                rules.update(Some(port), None);
+            }
             model.services.remove(&port.id);
-            changed += 1;
         }
     }
     for port in new {
         let before = old.iter().find(|p| p.id == port.id);
-        if before != Some(port) {
+        if !old_in_rules {
+            rules.update(None, Some(port));
+        } else if before != Some(port) {
             rules.update(before, Some(port));
+        }
+        if before != Some(port) {
             model.services.insert(port.id.clone(), port.clone());
-            changed += 1;
         }
     }
-    changed
 }
 
 #[cfg(test)]
