@@ -1548,8 +1548,9 @@ pub fn signal_number(name: &str) -> Option<i32> {
     let realtime = |base: i32, rest: &str| -> Option<i32> {
         let n = match rest.chars().next() {
             None => base,
-            Some('+') => base + rest[1..].parse::<i32>().ok()?,
-            Some('-') => base - rest[1..].parse::<i32>().ok()?,
+            // Checked: `RTMIN+2147483647` from an image config must not wrap into range.
+            Some('+') => base.checked_add(rest[1..].parse::<i32>().ok()?)?,
+            Some('-') => base.checked_sub(rest[1..].parse::<i32>().ok()?)?,
             Some(_) => return None,
         };
         (libc::SIGRTMIN()..=libc::SIGRTMAX())
@@ -3049,6 +3050,19 @@ mod tests {
         f.config.stop_signal = 0;
         f.image.stop_signal = "bogus".into();
         assert_eq!(stop_signal(&f.config, &f.image), libc::SIGTERM);
+        for junk in [
+            "SIGRTMIN+2147483647",
+            "RTMAX-2147483647",
+            "4294967311",
+            "1e3",
+        ] {
+            f.image.stop_signal = junk.into();
+            assert_eq!(stop_signal(&f.config, &f.image), libc::SIGTERM, "{junk}");
+        }
+        f.config.stop_signal = i32::MAX;
+        f.image.stop_signal = "SIGINT".into();
+        assert_eq!(stop_signal(&f.config, &f.image), libc::SIGINT);
+        f.config.stop_signal = 0;
 
         for (name, want) in [
             ("TERM", Some(15)),
@@ -3057,6 +3071,14 @@ mod tests {
             ("SIGRTMIN", Some(libc::SIGRTMIN())),
             ("RTMAX-1", Some(libc::SIGRTMAX() - 1)),
             ("SIGRTMIN+99", None),
+            // Overflowing or junk numbers give no signal (the caller's default), never a wrap.
+            ("SIGRTMIN+2147483647", None),
+            ("RTMAX--2147483648", None),
+            ("RTMAX-2147483647", None),
+            ("RTMIN+-5", None),
+            ("99999999999999999999", None),
+            ("-9", None),
+            ("SIGRTMIN+3x", None),
             ("0", None),
             ("", None),
         ] {
