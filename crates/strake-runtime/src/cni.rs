@@ -45,6 +45,9 @@ pub enum CniError {
     /// A plugin's result is not valid JSON of the expected shape.
     #[error("CNI plugin {plugin} returned an invalid result: {reason}")]
     BadResult { plugin: String, reason: String },
+    /// A `CNI_ARGS` value holds `;` or `=`, which would split it into pairs of its own.
+    #[error("CNI_ARGS value of {key} ({value:?}) contains ';' or '='")]
+    BadArgs { key: String, value: String },
 }
 
 /// The network configuration list the runtime uses.
@@ -226,6 +229,23 @@ impl Attachment {
             netns: netns.to_path_buf(),
             ifname: "eth0".into(),
             args,
+        }
+    }
+
+    /// Refuses values that `CNI_ARGS` cannot carry. The format (`K=V;K=V`) has no escape,
+    /// and API validation that keeps `;` and `=` out of pod names and namespaces does not bind
+    /// a CRI client: a value like `x;K8S_POD_NAMESPACE=kube-system` would forge a second pair.
+    fn check_args(&self) -> Result<(), CniError> {
+        match self
+            .args
+            .iter()
+            .find(|(k, v)| k.contains([';', '=']) || v.contains([';', '=']) || k.is_empty())
+        {
+            Some((key, value)) => Err(CniError::BadArgs {
+                key: key.clone(),
+                value: value.clone(),
+            }),
+            None => Ok(()),
         }
     }
 
@@ -422,6 +442,7 @@ impl<E: PluginExec> Cni<E> {
 
     /// ADD: attaches the sandbox; on failure, what was added is deleted again.
     pub fn add(&self, att: &Attachment, rc: &RuntimeConfig) -> Result<AddResult, CniError> {
+        att.check_args()?;
         let conf = self.config()?;
         let mut prev: Option<Value> = None;
         for (i, plugin) in conf.plugins.iter().enumerate() {
@@ -452,6 +473,11 @@ impl<E: PluginExec> Cni<E> {
         rc: &RuntimeConfig,
         prev: Option<&Value>,
     ) -> Result<(), CniError> {
+        if let Err(e) = att.check_args() {
+            // ADD refuses such arguments, so no plugin ever ran for this attachment.
+            tracing::debug!(error = %e, "CNI DEL skipped: nothing was added");
+            return Ok(());
+        }
         let conf = self.config()?;
         let mut first_error = None;
         for plugin in conf.plugins.iter().rev() {
@@ -470,6 +496,7 @@ impl<E: PluginExec> Cni<E> {
         rc: &RuntimeConfig,
         prev: &Value,
     ) -> Result<(), CniError> {
+        att.check_args()?;
         let conf = self.config()?;
         for plugin in &conf.plugins {
             self.run("CHECK", &conf, plugin, att, rc, Some(prev))?;
@@ -571,6 +598,30 @@ mod tests {
 
     fn att() -> Attachment {
         Attachment::pod("sb1", Path::new("/run/netns/sb1"), "default", "web", "u-1")
+    }
+
+    #[test]
+    fn cni_args_values_with_separators_are_refused_before_any_plugin_runs() {
+        let (_d, conf, bin) = setup(LIST);
+        let cni = Cni::with_exec(conf, vec![bin], Recorder::default());
+        let rc = RuntimeConfig::default();
+        for (namespace, name) in [
+            ("default", "web;K8S_POD_NAMESPACE=kube-system"),
+            ("a=b", "web"),
+            ("default;IgnoreUnknown=0", "web"),
+        ] {
+            let att = Attachment::pod("sb1", Path::new("/run/netns/sb1"), namespace, name, "u");
+            let err = cni
+                .add(&att, &rc)
+                .expect_err("separator in CNI_ARGS accepted");
+            assert!(matches!(err, CniError::BadArgs { .. }), "{err}");
+            assert!(err.to_string().contains("contains ';' or '='"), "{err}");
+            cni.check(&att, &rc, &Value::Null)
+                .expect_err("CHECK with a separator in CNI_ARGS");
+            // Nothing was added, so DEL has nothing to undo and succeeds.
+            cni.del(&att, &rc, None).expect("DEL");
+        }
+        assert!(cni.exec.calls.lock().unwrap().is_empty());
     }
 
     #[test]
