@@ -29,7 +29,7 @@ use crate::monitor::{self, ExitRecord, Ready};
 use crate::runc::{ExecOptions, ProcessIo, Runc, RuncCli, RuncConfig, RuncError};
 use crate::sandbox::{Sandbox, Sandboxes, new_id, process_start_time};
 use crate::spec::{self, ImageProcessConfig, NodeOptions, Resolved, SandboxFacts, SpecError};
-use crate::state::write_atomic;
+use crate::state::{MODE_PRIVATE, create_dir_mode, write_atomic};
 
 /// The largest output ExecSync returns per stream (the rest is dropped, as CRI asks).
 const EXEC_OUTPUT_LIMIT: usize = 16 << 20;
@@ -311,8 +311,15 @@ impl Containers {
         driver: CgroupDriver,
         inner: ContainerMap,
     ) -> Result<Self> {
-        std::fs::create_dir_all(&paths.state_dir).map_err(io(&paths.state_dir))?;
-        std::fs::create_dir_all(paths.runtime_dir.join("tmp")).map_err(io(&paths.runtime_dir))?;
+        // Root's alone: container roots, upper dirs and bundles sit below (fixed on start for
+        // state an older version made 0755).
+        for dir in [
+            &paths.state_dir,
+            &paths.runtime_dir,
+            &paths.runtime_dir.join("tmp"),
+        ] {
+            create_dir_mode(dir, MODE_PRIVATE).map_err(io(dir))?;
+        }
         let layout = CgroupLayout::detect().ok();
         let node = NodeOptions {
             cgroup_namespace: layout.as_ref().is_some_and(CgroupLayout::is_v2),
@@ -705,8 +712,16 @@ impl Containers {
         let dir = self.dir(&c.record.id);
         let bundle = dir.join("bundle");
         let rootfs = bundle.join("rootfs");
-        for d in [dir.join("upper"), dir.join("work"), rootfs.clone()] {
-            std::fs::create_dir_all(&d).map_err(step("create directories"))?;
+        // The upper dir's mode is the mode of the container's `/` (overlay shows the upper
+        // root), so 0755 whatever the umask; what holds it is root's alone.
+        for (d, mode) in [
+            (&dir, MODE_PRIVATE),
+            (&dir.join("upper"), 0o755),
+            (&dir.join("work"), MODE_PRIVATE),
+            (&bundle, MODE_PRIVATE),
+            (&rootfs, 0o755),
+        ] {
+            create_dir_mode(d, mode).map_err(step("create directories"))?;
         }
         save(&dir, c)?;
         mount_overlay(
@@ -766,7 +781,7 @@ impl Containers {
 
         let handler = c.record.runtime_handler.clone();
         let runtime_root = self.runtime_root(&handler);
-        std::fs::create_dir_all(&runtime_root).map_err(step("create runtime root"))?;
+        create_dir_mode(&runtime_root, MODE_PRIVATE).map_err(step("create runtime root"))?;
         let log_path = if c.record.log_path.as_os_str().is_empty() {
             dir.join("discarded.log")
         } else {

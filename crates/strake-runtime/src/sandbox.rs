@@ -25,7 +25,7 @@ use strake_types::cri;
 
 use crate::cni::{Attachment, Cni, PortMapping, RuntimeConfig};
 use crate::mount::{bind_mount, mount_tmpfs, unmount};
-use crate::state::write_atomic;
+use crate::state::{MODE_PRIVATE, create_dir_mode, write_atomic};
 
 /// A failed sandbox operation.
 #[derive(Debug, thiserror::Error)]
@@ -233,8 +233,11 @@ fn namespace_mode(config: &cri::PodSandboxConfig) -> (bool, bool) {
 impl Sandboxes {
     /// Opens the sandbox store and adopts every sandbox recorded there (before serving).
     pub fn recover(paths: SandboxPaths, cni: Cni) -> Result<Self> {
-        std::fs::create_dir_all(&paths.state_dir).map_err(io(&paths.state_dir))?;
-        std::fs::create_dir_all(&paths.run_dir).map_err(io(&paths.run_dir))?;
+        // Root's alone (fixed on start for state an older version made 0755): the files and
+        // mounts below reach containers through bind mounts runc makes as root.
+        for dir in [&paths.state_dir, &paths.run_dir] {
+            create_dir_mode(dir, MODE_PRIVATE).map_err(io(dir))?;
+        }
         let mut map = HashMap::new();
         for entry in std::fs::read_dir(&paths.state_dir)
             .map_err(io(&paths.state_dir))?
@@ -403,8 +406,10 @@ impl Sandboxes {
         };
         let state = self.paths.state_dir.join(&r.id);
         let run = self.paths.run_dir.join(&r.id);
-        std::fs::create_dir_all(&state).map_err(step("create state directory"))?;
-        std::fs::create_dir_all(run.join("ns")).map_err(step("create run directory"))?;
+        create_dir_mode(&state, MODE_PRIVATE).map_err(step("create state directory"))?;
+        for dir in [&run, &run.join("ns")] {
+            create_dir_mode(dir, MODE_PRIVATE).map_err(step("create run directory"))?;
+        }
         let hostname = if r.host_network {
             hostname_of_host()
         } else {
