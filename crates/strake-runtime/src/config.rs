@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::image::mirror::{Endpoint, Mirrors, parse_mirror_flag};
+use crate::image::{PullConfig, UnpackOptions, pull, unpack};
 use crate::server::{CgroupDriverKind, DEFAULT_HANDLER};
 
 /// containerd's default streaming server address.
@@ -151,6 +152,14 @@ pub struct FileConfig {
     pub stream_server_port: Option<u16>,
     #[serde(default, deserialize_with = "de_duration")]
     pub stream_idle_timeout: Option<std::time::Duration>,
+    /// containerd's key: a pull fails when no response or data came for this long.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub image_pull_progress_timeout: Option<std::time::Duration>,
+    #[serde(default, deserialize_with = "de_duration")]
+    pub image_pull_timeout: Option<std::time::Duration>,
+    pub image_max_unpacked_bytes: Option<u64>,
+    pub image_max_entries: Option<u64>,
+    pub image_max_path_depth: Option<usize>,
 }
 
 /// The effective configuration.
@@ -172,6 +181,16 @@ pub struct Config {
     pub stream_server_port: u16,
     /// Zero: never.
     pub stream_idle_timeout: std::time::Duration,
+    /// A pull fails when no response or blob data arrived for this long.
+    pub image_pull_progress_timeout: std::time::Duration,
+    /// A whole pull (manifests, every layer, unpacking) fails after this long.
+    pub image_pull_timeout: std::time::Duration,
+    /// Most uncompressed bytes of one image's layers together.
+    pub image_max_unpacked_bytes: u64,
+    /// Most tar entries of one image's layers together.
+    pub image_max_entries: u64,
+    /// Most path components of one layer entry.
+    pub image_max_path_depth: usize,
 }
 
 /// The configuration could not be read.
@@ -284,6 +303,43 @@ impl Config {
                 .stream_idle_timeout
                 .or(file.stream_idle_timeout)
                 .unwrap_or(DEFAULT_STREAM_IDLE_TIMEOUT),
+            // Zero would fail every pull at once: it means the default, as in containerd.
+            image_pull_progress_timeout: file
+                .image_pull_progress_timeout
+                .filter(|d| !d.is_zero())
+                .unwrap_or(pull::DEFAULT_PULL_PROGRESS_TIMEOUT),
+            image_pull_timeout: file
+                .image_pull_timeout
+                .filter(|d| !d.is_zero())
+                .unwrap_or(pull::DEFAULT_PULL_TIMEOUT),
+            image_max_unpacked_bytes: file
+                .image_max_unpacked_bytes
+                .unwrap_or(unpack::DEFAULT_MAX_UNPACKED_BYTES),
+            image_max_entries: file
+                .image_max_entries
+                .unwrap_or(unpack::DEFAULT_MAX_ENTRIES),
+            image_max_path_depth: file
+                .image_max_path_depth
+                .unwrap_or(unpack::DEFAULT_MAX_PATH_DEPTH),
+        }
+    }
+}
+
+impl Config {
+    /// How the image service pulls and unpacks, from this configuration.
+    pub fn pull_config(&self) -> PullConfig {
+        PullConfig {
+            insecure_registries: self.insecure_registries.clone(),
+            mirrors: self.registry_mirrors.clone(),
+            request_timeout: self.image_pull_progress_timeout,
+            pull_timeout: self.image_pull_timeout,
+            unpack: UnpackOptions {
+                max_size: self.image_max_unpacked_bytes,
+                max_entries: self.image_max_entries,
+                max_depth: self.image_max_path_depth,
+                ..Default::default()
+            },
+            ..Default::default()
         }
     }
 }
@@ -464,6 +520,44 @@ mod tests {
         let defaults = Config::merge(&Flags::default(), FileConfig::default());
         from_file.pause_binary = defaults.pause_binary.clone();
         assert_eq!(from_file, defaults);
+    }
+
+    #[test]
+    fn image_pull_limits_come_from_the_file() {
+        use std::time::Duration;
+        let c = Config::merge(&Flags::default(), FileConfig::default());
+        let p = c.pull_config();
+        assert_eq!(p.request_timeout, Duration::from_secs(60));
+        assert_eq!(p.pull_timeout, Duration::from_secs(1800));
+        assert_eq!(p.unpack.max_size, 16 << 30);
+        assert_eq!(p.unpack.max_entries, 1_000_000);
+        assert_eq!(p.unpack.max_depth, 128);
+        let file: FileConfig = toml::from_str(
+            r#"
+            image_pull_progress_timeout = "5m"
+            image_pull_timeout = "2h"
+            image_max_unpacked_bytes = 1048576
+            image_max_entries = 100
+            image_max_path_depth = 8
+            insecure_registries = ["127.0.0.1:5000"]
+            "#,
+        )
+        .unwrap();
+        let p = Config::merge(&Flags::default(), file).pull_config();
+        assert_eq!(p.request_timeout, Duration::from_secs(300));
+        assert_eq!(p.pull_timeout, Duration::from_secs(7200));
+        assert_eq!(
+            (p.unpack.max_size, p.unpack.max_entries, p.unpack.max_depth),
+            (1 << 20, 100, 8)
+        );
+        assert!(!p.unpack.allow_devices);
+        assert_eq!(p.insecure_registries, ["127.0.0.1:5000"]);
+        let zero: FileConfig = toml::from_str("image_pull_timeout = \"0\"").unwrap();
+        assert_eq!(
+            Config::merge(&Flags::default(), zero).image_pull_timeout,
+            Duration::from_secs(1800)
+        );
+        assert!(toml::from_str::<FileConfig>("image_max_entries = -1").is_err());
     }
 
     #[test]

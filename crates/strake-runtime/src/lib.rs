@@ -36,7 +36,7 @@ use strake_types::cri::runtime_service_server::RuntimeServiceServer;
 
 use crate::config::Config;
 use crate::container::{ContainerMap, ContainerPaths, Containers};
-use crate::image::{ImageService, PullConfig};
+use crate::image::ImageService;
 use crate::sandbox::{SandboxPaths, Sandboxes};
 use crate::server::{CgroupDriverKind, ImageServer, RuntimeServer};
 
@@ -52,6 +52,13 @@ pub enum Error {
     /// A recovery task died.
     #[error("recovery task failed")]
     Task(#[source] tokio::task::JoinError),
+    /// A state directory could not be created or its mode set.
+    #[error("prepare state directory {path}")]
+    StateDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// The image store could not be opened.
     #[error("open the image store")]
     Images(#[source] image::ImageError),
@@ -85,13 +92,20 @@ impl App {
     pub async fn build(config: Config) -> Result<Self, Error> {
         let containers: ContainerMap = Default::default();
         let in_use = containers.clone();
+        // The state roots: others may traverse them (as containerd's), the parts below that
+        // hold layers, container roots and bundles are root's alone (0700), fixed on every
+        // start for state an older version created 0755.
+        for dir in [&config.state_dir, &config.run_dir] {
+            state::create_dir_mode(dir, state::MODE_TRAVERSE).map_err(|source| {
+                Error::StateDir {
+                    path: dir.to_path_buf(),
+                    source,
+                }
+            })?;
+        }
         let images = ImageService::open(
             config.state_dir.join("images"),
-            PullConfig {
-                insecure_registries: config.insecure_registries.clone(),
-                mirrors: config.registry_mirrors.clone(),
-                ..Default::default()
-            },
+            config.pull_config(),
             move |image_id: &str| {
                 in_use
                     .lock()
@@ -192,8 +206,12 @@ impl App {
         let watcher = tokio::spawn(watch_exits(self.runtime.containers.clone()));
         let streaming = tokio::spawn(self.runtime.streaming.clone().serve());
         let stopping = self.stopping;
+        let images = self.images.images.clone();
         let shutdown = async move {
             shutdown.await;
+            // Pulls in flight would hold the graceful shutdown open (a slow registry, a long
+            // unpack): they are cancelled and clean up after themselves.
+            images.shutdown();
             // Ends the event streams, which would otherwise hold the graceful shutdown open.
             let _ = stopping.send(true);
         };

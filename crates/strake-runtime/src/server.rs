@@ -709,9 +709,10 @@ impl cri::runtime_service_server::RuntimeService for RuntimeServer {
         if image.is_empty() {
             return Err(Status::invalid_argument("config.image.image is required"));
         }
-        let record = self
+        // Reserved until the container is registered, so RemoveImage cannot slip in between.
+        let (record, _reserved) = self
             .images
-            .status(&image)
+            .reserve(&image)
             .ok_or_else(|| container_status_of(ContainerError::ImageNotFound(image.clone())))?;
         let blob = self
             .images

@@ -12,7 +12,7 @@ pub mod unpack;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
@@ -21,7 +21,7 @@ use futures::future::{BoxFuture, Shared, WeakShared};
 pub use mirror::{Endpoint, EndpointError, Mirrors};
 pub use pull::{PullAuth, PullConfig, PullError};
 pub use reference::{Digest, Reference, ReferenceError};
-pub use store::{FsUsage, ImageRecord, StoreError};
+pub use store::{FsUsage, ImageRecord, Lease, StoreError};
 pub use unpack::{UnpackError, UnpackOptions};
 
 /// The gRPC status an [`ImageError`] should become.
@@ -163,9 +163,10 @@ struct Inner {
     /// pull whose every caller went away is dropped (cancelled) rather than kept half-done.
     in_flight: Mutex<InFlight>,
     next_pull: AtomicU64,
-    /// Pulls hold it shared; removal (which collects unreferenced blobs) holds it exclusively,
-    /// so it never deletes what an unfinished pull wrote but has not published yet.
-    publish: tokio::sync::RwLock<()>,
+    /// Set by [`ImageService::shutdown`]: unpacks stop at their next read.
+    shutdown: Arc<AtomicBool>,
+    /// Wakes the pulls in flight at shutdown, so they end without waiting on the network.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for ImageService {
@@ -186,6 +187,7 @@ impl ImageService {
         // oci-client's reqwest is built without a default crypto provider: the workspace uses ring.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let root = root.into();
+        let shutdown = Arc::new(AtomicBool::new(false));
         let store = tokio::task::spawn_blocking(move || store::Store::open(root))
             .await
             .map_err(|source| ImageError::Task { source })?
@@ -196,11 +198,13 @@ impl ImageService {
                     store: Arc::new(store),
                     config,
                     downloads: Arc::new(AtomicU64::new(0)),
+                    shutdown: shutdown.clone(),
                 },
                 usage: Box::new(usage),
                 in_flight: Mutex::new(HashMap::new()),
                 next_pull: AtomicU64::new(0),
-                publish: tokio::sync::RwLock::new(()),
+                shutdown,
+                stopping: tokio::sync::watch::Sender::new(false),
             }),
         })
     }
@@ -250,10 +254,22 @@ impl ImageService {
     ) -> impl Future<Output = PullResult> + Send + 'static {
         let inner = self.inner.clone();
         async move {
-            let result = {
-                let _publish = inner.publish.read().await;
-                inner.puller.pull(&reference, &auth).await.map_err(Arc::new)
-            };
+            let deadline = inner.puller.config.pull_timeout;
+            let mut stopping = inner.stopping.subscribe();
+            // Dropping the pull (deadline, shutdown, every caller gone) cancels its unpacks.
+            let result = tokio::select! {
+                r = tokio::time::timeout(deadline, inner.puller.pull(&reference, &auth)) => match r {
+                    Ok(r) => r,
+                    Err(_) => Err(PullError::Deadline {
+                        reference: reference.to_string(),
+                        secs: deadline.as_secs(),
+                    }),
+                },
+                _ = stopping.wait_for(|s| *s) => Err(PullError::Cancelled {
+                    reference: reference.to_string(),
+                }),
+            }
+            .map_err(Arc::new);
             let mut map = inner.in_flight.lock().unwrap_or_else(|e| e.into_inner());
             if map.get(&key).is_some_and(|(n, _)| *n == id) {
                 map.remove(&key);
@@ -276,13 +292,27 @@ impl ImageService {
         self.inner.puller.store.resolve(image)
     }
 
+    /// The image `image` names, reserved against removal until the returned lease is dropped:
+    /// a container being created holds it until the container is registered (and from then
+    /// on [`ImageUsage`] answers for it), so RemoveImage cannot pull the layers from under it.
+    pub fn reserve(&self, image: &str) -> Option<(ImageRecord, Lease)> {
+        self.inner.puller.store.reserve(image)
+    }
+
+    /// Stops every pull in flight (they fail as cancelled, their partial content is removed)
+    /// and every later one, so that the daemon's shutdown does not wait on a registry or on a
+    /// long unpack.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.store(true, Ordering::SeqCst);
+        self.inner.stopping.send_replace(true);
+    }
+
     /// RemoveImage: removes the image and all its tags; a missing image is not an error.
     /// Refused while a container uses it.
     pub async fn remove(&self, image: &str) -> Result<(), ImageError> {
         let Some(record) = self.inner.puller.store.resolve(image) else {
             return Ok(());
         };
-        let _exclusive = self.inner.publish.write().await;
         let inner = self.inner.clone();
         let id = record.id.clone();
         tokio::task::spawn_blocking(move || {

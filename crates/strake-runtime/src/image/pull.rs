@@ -3,7 +3,7 @@
 //! the image record last.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -15,8 +15,8 @@ use serde::Deserialize;
 
 use super::mirror::{Endpoint, Mirrors, endpoints_for};
 use super::reference::{Digest, Reference};
-use super::store::{ImageRecord, LayerRecord, Store, StoreError};
-use super::unpack::{UnpackError, UnpackOptions, chain_ids, unpack_layer};
+use super::store::{ImageRecord, LayerRecord, Lease, Store, StoreError};
+use super::unpack::{Budget, UnpackError, UnpackOptions, chain_ids, unpack_layer};
 
 /// Media types of manifests and indexes we accept, most specific first.
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -27,6 +27,11 @@ const ACCEPT: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST]
 /// Manifests and configs are small; anything bigger is not one.
 const MAX_METADATA_BYTES: usize = 4 << 20;
 
+/// Default of [`PullConfig::request_timeout`] (`image_pull_progress_timeout`).
+pub const DEFAULT_PULL_PROGRESS_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default of [`PullConfig::pull_timeout`] (`image_pull_timeout`): 1 GiB at 5 Mbit/s fits.
+pub const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
 /// How pulls behave.
 #[derive(Debug, Clone)]
 pub struct PullConfig {
@@ -36,8 +41,11 @@ pub struct PullConfig {
     pub mirrors: Mirrors,
     /// Layers downloaded and unpacked at once, per pull.
     pub max_concurrent_layers: usize,
-    /// Longest wait for one request's response, or for the next chunk of a blob.
+    /// Longest wait for one request's response, or for the next chunk of a blob (progress).
     pub request_timeout: Duration,
+    /// Longest a whole pull may take, however steadily bytes arrive: a registry trickling a
+    /// byte a minute never trips [`Self::request_timeout`].
+    pub pull_timeout: Duration,
     /// Longest wait to connect to a registry.
     pub connect_timeout: Duration,
     /// Limits for unpacking layers.
@@ -53,7 +61,8 @@ impl Default for PullConfig {
             insecure_registries: Vec::new(),
             mirrors: Mirrors::new(),
             max_concurrent_layers: 3,
-            request_timeout: Duration::from_secs(60),
+            request_timeout: DEFAULT_PULL_PROGRESS_TIMEOUT,
+            pull_timeout: DEFAULT_PULL_TIMEOUT,
             connect_timeout: Duration::from_secs(10),
             unpack: UnpackOptions::default(),
             pinned_images: Vec::new(),
@@ -173,6 +182,12 @@ pub enum PullError {
         what: String,
         secs: u64,
     },
+    /// The whole pull took longer than its deadline.
+    #[error("pull of {reference} did not finish within {secs}s")]
+    Deadline { reference: String, secs: u64 },
+    /// The daemon is stopping.
+    #[error("pull of {reference} cancelled: the runtime is stopping")]
+    Cancelled { reference: String },
     /// A blob could not be stored (including digest or size mismatches).
     #[error("store blob {digest} of {reference}")]
     Store {
@@ -208,7 +223,10 @@ impl PullError {
                 OciDistributionError::ServerError { code, .. } => *code >= 500 || *code == 429,
                 _ => false,
             },
-            PullError::Transfer { .. } | PullError::Timeout { .. } => true,
+            PullError::Transfer { .. }
+            | PullError::Timeout { .. }
+            | PullError::Deadline { .. }
+            | PullError::Cancelled { .. } => true,
             PullError::Store { source, .. } => matches!(
                 source,
                 StoreError::DigestMismatch { .. } | StoreError::SizeMismatch { .. }
@@ -327,6 +345,18 @@ pub(crate) struct Puller {
     pub config: PullConfig,
     /// Blobs fetched from registries (a metric, and how tests see that pulls were shared).
     pub downloads: Arc<AtomicU64>,
+    /// The image service's shutdown flag (stops unpacks).
+    pub shutdown: Arc<AtomicBool>,
+}
+
+/// Cancels the unpacks of a pull when the pull's future is dropped: a blocking unpack thread
+/// cannot be aborted, but it checks the budget on every read.
+struct CancelOnDrop(Arc<Budget>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
 }
 
 impl Puller {
@@ -436,6 +466,7 @@ impl Puller {
     }
 
     /// Streams one blob into the store unless it is there already; returns whether it fetched.
+    #[allow(clippy::too_many_arguments)]
     async fn blob(
         &self,
         client: &oci_client::Client,
@@ -444,7 +475,9 @@ impl Puller {
         digest: &Digest,
         media_type: &str,
         size: u64,
+        lease: &Lease,
     ) -> Result<bool, PullError> {
+        lease.blob(digest);
         if self.store.has_blob(digest, size) {
             return Ok(false);
         }
@@ -533,6 +566,13 @@ impl Puller {
     pub async fn pull(&self, reference: &Reference, auth: &PullAuth) -> Result<String, PullError> {
         let started = tokio::time::Instant::now();
         let rauth = auth.to_registry_auth()?;
+        // Everything this pull finds or writes stays until its record is published.
+        let lease = self.store.lease();
+        let budget = Arc::new(Budget::with_shutdown(
+            &self.config.unpack,
+            self.shutdown.clone(),
+        ));
+        let _cancel = CancelOnDrop(budget.clone());
         let client = self.client();
         let bad = |detail: String| PullError::BadManifest {
             reference: reference.to_string(),
@@ -565,13 +605,14 @@ impl Puller {
             if m.manifests.is_some() {
                 return Err(bad("index entry is itself an index".into()));
             }
-            self.store_small(reference, &digest, &bytes).await?;
+            self.store_small(reference, &digest, &bytes, &lease).await?;
             blobs.push(digest.clone());
             (m, digest)
         } else {
             (top, top_digest.clone())
         };
-        self.store_small(reference, &top_digest, &top_bytes).await?;
+        self.store_small(reference, &top_digest, &top_bytes, &lease)
+            .await?;
 
         // The config names the image (its digest is the image ID) and the layers' diffIDs.
         let config_desc = manifest
@@ -590,6 +631,7 @@ impl Puller {
             &config_digest,
             &config_desc.media_type,
             config_desc.size,
+            &lease,
         )
         .await?;
         let store = self.store.clone();
@@ -640,7 +682,10 @@ impl Puller {
         // so no layer waits for its parent.
         let fetches: Vec<_> = layers
             .iter()
-            .map(|l| self.layer(&client, endpoint, &pinned, l).boxed())
+            .map(|l| {
+                self.layer(&client, endpoint, &pinned, l, &lease, &budget)
+                    .boxed()
+            })
             .collect();
         futures::stream::iter(fetches)
             .buffer_unordered(self.config.max_concurrent_layers.max(1))
@@ -702,7 +747,9 @@ impl Puller {
         reference: &Reference,
         digest: &Digest,
         bytes: &[u8],
+        lease: &Lease,
     ) -> Result<(), PullError> {
+        lease.blob(digest);
         if self.store.has_blob(digest, bytes.len() as u64) {
             return Ok(());
         }
@@ -728,6 +775,8 @@ impl Puller {
         endpoint: &Endpoint,
         reference: &Reference,
         layer: &LayerRecord,
+        lease: &Lease,
+        budget: &Arc<Budget>,
     ) -> Result<(), PullError> {
         let parse = |s: &str| {
             Digest::parse(s).ok_or_else(|| PullError::BadManifest {
@@ -746,13 +795,15 @@ impl Puller {
                 &digest,
                 &layer.media_type,
                 layer.size,
+                lease,
             )
             .await?;
+        lease.snapshot(&chain_id);
         if self.store.has_snapshot(&chain_id) {
             return Ok(());
         }
         let store = self.store.clone();
-        let opts = self.config.unpack;
+        let budget = budget.clone();
         let media_type = layer.media_type.clone();
         let d = digest.clone();
         let res = tokio::task::spawn_blocking(move || {
@@ -764,15 +815,19 @@ impl Puller {
                 return Err(Err(e));
             }
             let blob = store.blob_path(&d).map_err(Err)?;
-            unpack_layer(
+            let res = unpack_layer(
                 &blob,
                 &media_type,
                 &diff_id,
                 &store.snapshot_root(),
                 &chain_id,
-                &opts,
-            )
-            .map_err(Ok)
+                &budget,
+            );
+            if let Err(e @ UnpackError::Cancelled) = &res {
+                // Nobody may be left to report it: the pull's callers went away.
+                tracing::info!(layer = %d, error = %e, "layer unpack stopped, partial snapshot removed");
+            }
+            res.map_err(Ok)
         })
         .await
         .map_err(|source| PullError::Task {

@@ -10,13 +10,20 @@
 //! Every write goes to a `.tmp-*` sibling first and is renamed into place once complete and
 //! verified, so a crash leaves either nothing or a whole object; [`Store::open`] sweeps the
 //! leftovers. A record is written only after everything it names exists.
+//!
+//! What a pull has written or found but no record names yet is protected from removal by a
+//! [`Lease`] (containerd's design: content under a lease is not garbage), as is an image a
+//! container is being created from; so a removal never waits for a pull, nor a pull for a
+//! removal, and no lock is held across network I/O.
+//!
+//! The whole store is root's alone (mode 0700): layers hold the images' setuid files.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
@@ -131,6 +138,52 @@ pub struct FsUsage {
 pub struct Store {
     root: PathBuf,
     records: RwLock<HashMap<String, ImageRecord>>,
+    /// Lease counts by key (`blob:<hex>`, `snap:<hex>`, `image:<id>`). Lock order: `records`,
+    /// then `leases`.
+    leases: Mutex<HashMap<String, usize>>,
+}
+
+/// Keeps blobs, snapshots or an image from being removed while held (see the module doc).
+/// Keys are added as the holder comes to rely on them; all are released on drop.
+#[derive(Debug)]
+pub struct Lease {
+    store: Arc<Store>,
+    keys: Mutex<Vec<String>>,
+}
+
+impl Lease {
+    fn add(&self, key: String) {
+        *self.store.leases().entry(key.clone()).or_insert(0) += 1;
+        self.keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(key);
+    }
+
+    /// Protects the blob `digest` (take it before checking whether the blob exists).
+    pub fn blob(&self, digest: &Digest) {
+        self.add(format!("blob:{}", digest.hex()));
+    }
+
+    /// Protects the snapshot of `chain_id` (take it before checking whether it exists).
+    pub fn snapshot(&self, chain_id: &Digest) {
+        self.add(format!("snap:{}", chain_id.hex()));
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let keys = std::mem::take(&mut *self.keys.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut leases = self.store.leases();
+        for key in keys {
+            if let Some(n) = leases.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    leases.remove(&key);
+                }
+            }
+        }
+    }
 }
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -168,9 +221,17 @@ impl Store {
         let store = Store {
             root,
             records: RwLock::new(HashMap::new()),
+            leases: Mutex::new(HashMap::new()),
         };
+        // Root's alone, and corrected on every start (state of older versions was 0755).
+        let blobs = store.root.join("blobs");
+        for dir in [&store.root, &blobs] {
+            crate::state::create_dir_mode(dir, crate::state::MODE_PRIVATE)
+                .map_err(io_err("create", dir))?;
+        }
         for dir in [store.blob_dir(), store.snapshot_root(), store.record_dir()] {
-            std::fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+            crate::state::create_dir_mode(&dir, crate::state::MODE_PRIVATE)
+                .map_err(io_err("create", &dir))?;
             store.sweep_tmp(&dir)?;
         }
         let mut records = HashMap::new();
@@ -218,6 +279,31 @@ impl Store {
     /// The store's root directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        // Every update is one counter change: a panic cannot leave the map half-updated.
+        self.leases.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An empty lease, to be filled as a pull goes.
+    pub fn lease(self: &Arc<Self>) -> Lease {
+        Lease {
+            store: self.clone(),
+            keys: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Resolves `spec` as [`Self::resolve`] does and, in the same critical section, leases the
+    /// image, so that a removal cannot slip between the lookup and the caller's registration
+    /// of its use (a container being created). Removal refuses a leased image.
+    pub fn reserve(self: &Arc<Self>, spec: &str) -> Option<(ImageRecord, Lease)> {
+        let records = self.records.read().unwrap_or_else(|e| e.into_inner());
+        let record = resolve_in(&records, spec)?;
+        let lease = self.lease();
+        lease.add(format!("image:{}", record.id));
+        drop(records);
+        Some((record, lease))
     }
 
     fn blob_dir(&self) -> PathBuf {
@@ -402,44 +488,23 @@ impl Store {
     /// The image a CRI `ImageSpec.image` names: an image ID (`sha256:<hex>` or bare hex), a
     /// unique ID prefix, a repo tag or a repo digest (references are normalised first).
     pub fn resolve(&self, spec: &str) -> Option<ImageRecord> {
-        let records = self.records.read().unwrap_or_else(|e| e.into_inner());
-        if let Some(r) = records.get(spec) {
-            return Some(r.clone());
-        }
-        let hex_part = spec.strip_prefix("sha256:").unwrap_or(spec);
-        if !hex_part.is_empty() && hex_part.bytes().all(|b| b.is_ascii_hexdigit()) {
-            let want = format!("sha256:{}", hex_part.to_ascii_lowercase());
-            let mut found = records.values().filter(|r| r.id.starts_with(&want));
-            if let (Some(one), None) = (found.next(), found.next()) {
-                return Some(one.clone());
-            }
-            if spec.starts_with("sha256:") {
-                return None;
-            }
-        }
-        let reference = super::reference::Reference::parse(spec).ok()?;
-        let by_digest = reference.digest().map(|d| reference.repo_digest(d));
-        let by_tag = reference.repo_tag();
-        records
-            .values()
-            .find(|r| match &by_digest {
-                Some(d) => r.repo_digests.contains(d),
-                None => by_tag.as_ref().is_some_and(|t| r.repo_tags.contains(t)),
-            })
-            .cloned()
+        resolve_in(
+            &self.records.read().unwrap_or_else(|e| e.into_inner()),
+            spec,
+        )
     }
 
     /// Removes the image `id` unless `in_use` says a container uses it, then deletes blobs and
     /// snapshots no remaining image needs. Returns whether the image existed.
     ///
-    /// The caller must keep pulls from running concurrently (they may have written blobs that
-    /// no record names yet); the image service does so with its publish lock.
+    /// Content that pulls in flight rely on is leased and kept; an image reserved for a
+    /// container being created counts as in use.
     pub fn remove(&self, id: &str, in_use: &dyn Fn(&str) -> bool) -> Result<bool, StoreError> {
         let mut records = self.records.write().unwrap_or_else(|e| e.into_inner());
         if !records.contains_key(id) {
             return Ok(false);
         }
-        if in_use(id) {
+        if in_use(id) || self.leases().contains_key(&format!("image:{id}")) {
             return Err(StoreError::InUse { id: id.to_string() });
         }
         let path = self.record_path(id)?;
@@ -466,9 +531,9 @@ impl Store {
             .flat_map(|r| r.chain_ids())
             .filter_map(|d| d.strip_prefix("sha256:").map(str::to_string))
             .collect();
-        for (dir, keep, is_dir) in [
-            (self.blob_dir(), &keep_blobs, false),
-            (self.snapshot_root(), &keep_snaps, true),
+        for (dir, keep, kind) in [
+            (self.blob_dir(), &keep_blobs, "blob"),
+            (self.snapshot_root(), &keep_snaps, "snap"),
         ] {
             for entry in std::fs::read_dir(&dir).map_err(io_err("read", &dir))? {
                 let entry = entry.map_err(io_err("read", &dir))?;
@@ -477,13 +542,23 @@ impl Store {
                     continue;
                 }
                 let path = entry.path();
+                // Out of sight first, under the lease lock (a rename is quick): a pull leases
+                // before it looks, so it either sees the content gone or keeps it.
+                let doomed = dir.join(tmp_name(&name));
+                {
+                    let leases = self.leases();
+                    if leases.contains_key(&format!("{kind}:{name}")) {
+                        continue;
+                    }
+                    std::fs::rename(&path, &doomed).map_err(io_err("rename", &path))?;
+                }
                 tracing::debug!(path = %path.display(), "removing unreferenced image data");
-                let res = if is_dir {
-                    std::fs::remove_dir_all(&path)
+                let res = if kind == "snap" {
+                    std::fs::remove_dir_all(&doomed)
                 } else {
-                    std::fs::remove_file(&path)
+                    std::fs::remove_file(&doomed)
                 };
-                res.map_err(io_err("remove", &path))?;
+                res.map_err(io_err("remove", &doomed))?;
             }
         }
         Ok(())
@@ -520,6 +595,34 @@ impl Store {
         }
         Ok(usage)
     }
+}
+
+/// [`Store::resolve`] over the records.
+fn resolve_in(records: &HashMap<String, ImageRecord>, spec: &str) -> Option<ImageRecord> {
+    if let Some(r) = records.get(spec) {
+        return Some(r.clone());
+    }
+    let hex_part = spec.strip_prefix("sha256:").unwrap_or(spec);
+    if !hex_part.is_empty() && hex_part.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let want = format!("sha256:{}", hex_part.to_ascii_lowercase());
+        let mut found = records.values().filter(|r| r.id.starts_with(&want));
+        if let (Some(one), None) = (found.next(), found.next()) {
+            return Some(one.clone());
+        }
+        if spec.starts_with("sha256:") {
+            return None;
+        }
+    }
+    let reference = super::reference::Reference::parse(spec).ok()?;
+    let by_digest = reference.digest().map(|d| reference.repo_digest(d));
+    let by_tag = reference.repo_tag();
+    records
+        .values()
+        .find(|r| match &by_digest {
+            Some(d) => r.repo_digests.contains(d),
+            None => by_tag.as_ref().is_some_and(|t| r.repo_tags.contains(t)),
+        })
+        .cloned()
 }
 
 fn merge(into: &mut Vec<String>, from: &[String]) {
@@ -762,6 +865,89 @@ mod tests {
         // And survives a reopen.
         let store = Store::open(dir.path()).expect("reopen");
         assert_eq!(store.resolve("x:2").map(|r| r.id), Some(b.to_string()));
+    }
+
+    #[test]
+    fn a_reserved_image_cannot_be_removed_until_the_reservation_ends() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store::open(dir.path()).expect("open"));
+        let id = Digest::sha256_of(b"img");
+        store.write_blob(&id, b"img").expect("blob");
+        store
+            .publish(record(&id, &["docker.io/library/x:1"], &[&id]))
+            .expect("publish");
+        // CreateContainer's lookup and its use are one step for RemoveImage.
+        let (found, reservation) = store.reserve("x:1").expect("reserve");
+        assert_eq!(found.id, id.to_string());
+        let err = store.remove(id.as_str(), &|_| false).expect_err("removed");
+        assert!(matches!(err, StoreError::InUse { .. }), "{err}");
+        assert!(store.has_blob(&id, 3));
+        drop(reservation);
+        assert!(store.remove(id.as_str(), &|_| false).expect("remove"));
+        assert!(store.reserve("x:1").is_none());
+    }
+
+    #[test]
+    fn leased_content_survives_removal_of_other_images_and_goes_once_released() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store::open(dir.path()).expect("open"));
+        let old = Digest::sha256_of(b"old");
+        store.write_blob(&old, b"old").expect("blob");
+        store
+            .publish(record(&old, &["docker.io/library/old:1"], &[&old]))
+            .expect("publish");
+        // A pull in flight has written (or found) a blob and a snapshot no record names yet.
+        let pulled = Digest::sha256_of(b"pulled");
+        let chain = Digest::sha256_of(b"chain");
+        let lease = store.lease();
+        lease.blob(&pulled);
+        lease.snapshot(&chain);
+        store.write_blob(&pulled, b"pulled").expect("blob");
+        let snap = store.snapshot_dir(&chain).expect("dir").join("fs");
+        std::fs::create_dir_all(&snap).expect("snapshot");
+        let stray = Digest::sha256_of(b"stray");
+        store.write_blob(&stray, b"stray").expect("blob");
+
+        assert!(store.remove(old.as_str(), &|_| false).expect("remove"));
+        assert!(store.has_blob(&pulled, 6), "leased blob collected");
+        assert!(store.has_snapshot(&chain), "leased snapshot collected");
+        assert!(!store.has_blob(&stray, 5), "unleased stray kept");
+        assert!(!store.has_blob(&old, 3));
+
+        // Released and unreferenced: the next collection takes it.
+        drop(lease);
+        let other = Digest::sha256_of(b"other");
+        store
+            .publish(record(&other, &["docker.io/library/other:1"], &[]))
+            .expect("publish");
+        assert!(store.remove(other.as_str(), &|_| false).expect("remove"));
+        assert!(!store.has_blob(&pulled, 6));
+        assert!(!store.has_snapshot(&chain));
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("snapshots"))
+            .expect("read")
+            .collect();
+        assert!(names.is_empty(), "{names:?}");
+    }
+
+    #[test]
+    fn the_store_is_root_only_and_old_modes_are_fixed_on_open() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("images");
+        for sub in ["blobs/sha256", "snapshots", "records"] {
+            std::fs::create_dir_all(root.join(sub)).expect("old layout");
+            std::fs::set_permissions(root.join(sub), std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+        }
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let _store = Store::open(&root).expect("open");
+        for sub in ["", "blobs", "blobs/sha256", "snapshots", "records"] {
+            let mode = std::fs::metadata(root.join(sub))
+                .expect("stat")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o7777, 0o700, "{sub:?}");
+        }
     }
 
     #[test]

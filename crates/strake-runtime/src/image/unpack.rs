@@ -14,6 +14,13 @@
 //! Hard link targets are resolved the same way. Device nodes are refused unless allowed. The
 //! uncompressed size is capped and its digest must equal the config's diffID. All of this
 //! happens in a `.tmp-*` directory that is renamed into place only when the layer is complete.
+//!
+//! A layer is also a resource attack: a [`Budget`] shared by every layer of one image caps
+//! the uncompressed bytes and the entries, each entry's path depth is capped, the memory the tar
+//! reader spends on extension headers (GNU long names, PAX records) between two entries is
+//! capped, and so is the list of directory times kept for the end. The budget's cancel flag is
+//! checked on every read, so a pull that is dropped (its client went away, the daemon stops)
+//! ends its unpack promptly and the partial snapshot is removed.
 
 use std::cell::Cell;
 use std::ffi::OsStr;
@@ -22,6 +29,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, XattrFlags};
 use rustix::io::Errno;
@@ -35,21 +44,101 @@ const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
 
+/// Default of [`UnpackOptions::max_size`]: 16 GiB uncompressed per image.
+pub const DEFAULT_MAX_UNPACKED_BYTES: u64 = 16 << 30;
+/// Default of [`UnpackOptions::max_entries`]: one million entries per image.
+pub const DEFAULT_MAX_ENTRIES: u64 = 1_000_000;
+/// Default of [`UnpackOptions::max_depth`]: path components of one entry.
+pub const DEFAULT_MAX_PATH_DEPTH: usize = 128;
+/// Most bytes the tar reader may consume between two entries (extension headers: GNU long
+/// names, PAX records, which it reads into memory whole). Real ones are a few KiB.
+const MAX_HEADER_BYTES: u64 = 8 << 20;
+/// Most bytes of directory paths kept to restore directory times at the end; past it, later
+/// directories keep the time of the unpack (cosmetic) rather than the memory growing.
+const MAX_DIR_TIMES_BYTES: usize = 16 << 20;
+
 /// Limits and permissions for unpacking.
 #[derive(Debug, Clone, Copy)]
 pub struct UnpackOptions {
     /// Allow character and block device nodes (privileged images only).
     pub allow_devices: bool,
-    /// Most uncompressed bytes one layer may hold (the tar stream and file contents each).
+    /// Most uncompressed bytes all layers of one image may hold together (tar streams), and
+    /// one layer's file contents (sparse files expand beyond their stream).
     pub max_size: u64,
+    /// Most tar entries all layers of one image may hold together.
+    pub max_entries: u64,
+    /// Most path components one entry (or hard link target) may have.
+    pub max_depth: usize,
 }
 
 impl Default for UnpackOptions {
     fn default() -> Self {
         UnpackOptions {
             allow_devices: false,
-            max_size: 16 << 30,
+            max_size: DEFAULT_MAX_UNPACKED_BYTES,
+            max_entries: DEFAULT_MAX_ENTRIES,
+            max_depth: DEFAULT_MAX_PATH_DEPTH,
         }
+    }
+}
+
+/// What the layers of one image may still use, shared by their concurrent unpacks, and
+/// whether the pull was cancelled.
+#[derive(Debug)]
+pub struct Budget {
+    opts: UnpackOptions,
+    bytes: AtomicU64,
+    entries: AtomicU64,
+    cancelled: AtomicBool,
+    /// The image service's shutdown flag: set, every unpack stops.
+    shutdown: Option<Arc<AtomicBool>>,
+}
+
+impl Budget {
+    /// A fresh budget for one image.
+    pub fn new(opts: &UnpackOptions) -> Self {
+        Budget {
+            opts: *opts,
+            bytes: AtomicU64::new(0),
+            entries: AtomicU64::new(0),
+            cancelled: AtomicBool::new(false),
+            shutdown: None,
+        }
+    }
+
+    /// A budget that also stops when `shutdown` is set.
+    pub fn with_shutdown(opts: &UnpackOptions, shutdown: Arc<AtomicBool>) -> Self {
+        Budget {
+            shutdown: Some(shutdown),
+            ..Budget::new(opts)
+        }
+    }
+
+    /// Stops every unpack using this budget at its next read.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the unpacks must stop.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+            || self
+                .shutdown
+                .as_ref()
+                .is_some_and(|s| s.load(Ordering::Relaxed))
+    }
+
+    fn take_bytes(&self, n: u64) -> bool {
+        self.bytes.fetch_add(n, Ordering::Relaxed).saturating_add(n) <= self.opts.max_size
+    }
+
+    fn take_entry(&self) -> Result<(), UnpackError> {
+        if self.entries.fetch_add(1, Ordering::Relaxed) >= self.opts.max_entries {
+            return Err(UnpackError::EntryLimit {
+                limit: self.opts.max_entries,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -114,9 +203,21 @@ pub enum UnpackError {
     /// A whiteout that names something other than a sibling.
     #[error("layer entry {path:?} is a whiteout for a path outside the layer")]
     WhiteoutOutside { path: String },
-    /// The layer is bigger, uncompressed, than allowed.
-    #[error("layer exceeds the size limit of {limit} bytes")]
+    /// The image is bigger, uncompressed, than allowed.
+    #[error("image exceeds the unpacked size limit of {limit} bytes")]
     SizeLimit { limit: u64 },
+    /// The image has more entries than allowed.
+    #[error("image exceeds the limit of {limit} entries")]
+    EntryLimit { limit: u64 },
+    /// An entry's path (or hard link target) is deeper than allowed.
+    #[error("layer entry {path:?} is deeper than {limit} path components")]
+    PathDepth { path: String, limit: usize },
+    /// Extension headers (long names, PAX records) bigger than any real one.
+    #[error("layer has extension headers over {limit} bytes before an entry")]
+    HeaderLimit { limit: u64 },
+    /// The pull was cancelled (its client went away, or the daemon is stopping).
+    #[error("unpack cancelled")]
+    Cancelled,
     /// The uncompressed layer does not hash to the config's diffID.
     #[error("layer diffID is {actual}, the image config says {expected}")]
     DiffIdMismatch { expected: String, actual: String },
@@ -125,7 +226,7 @@ pub enum UnpackError {
 impl UnpackError {
     /// Whether the layer itself is at fault (as opposed to the local filesystem).
     pub fn is_bad_layer(&self) -> bool {
-        !matches!(self, UnpackError::Io { .. })
+        !matches!(self, UnpackError::Io { .. } | UnpackError::Cancelled)
     }
 }
 
@@ -195,7 +296,7 @@ pub fn unpack_layer(
     diff_id: &Digest,
     snapshot_root: &Path,
     chain_id: &Digest,
-    opts: &UnpackOptions,
+    budget: &Budget,
 ) -> Result<Unpacked, UnpackError> {
     let final_dir = snapshot_root.join(chain_id.hex());
     if final_dir.join("fs").is_dir() {
@@ -203,10 +304,15 @@ pub fn unpack_layer(
     }
     let tmp_dir = snapshot_root.join(tmp_name(chain_id.hex()));
     let fs_dir = tmp_dir.join("fs");
-    std::fs::create_dir_all(&fs_dir).map_err(io_err("create", fs_dir.display().to_string()))?;
     let result = (|| {
+        // The snapshot's own directory is root's; `fs` is the layer's root directory as a
+        // container sees it (overlay shows the upper or top lower dir's mode at `/`).
+        crate::state::create_dir_mode(&tmp_dir, 0o700)
+            .map_err(io_err("create", tmp_dir.display().to_string()))?;
+        crate::state::create_dir_mode(&fs_dir, 0o755)
+            .map_err(io_err("create", fs_dir.display().to_string()))?;
         let file = std::fs::File::open(blob).map_err(io_err("open", blob.display().to_string()))?;
-        unpack_stream(BufReader::new(file), media_type, diff_id, &fs_dir, opts)?;
+        unpack_stream(BufReader::new(file), media_type, diff_id, &fs_dir, budget)?;
         let root =
             std::fs::File::open(&fs_dir).map_err(io_err("open", fs_dir.display().to_string()))?;
         rustix::fs::syncfs(&root).map_err(errno_err("syncfs", "snapshot"))?;
@@ -241,7 +347,7 @@ pub fn unpack_stream(
     media_type: &str,
     diff_id: &Digest,
     dest: &Path,
-    opts: &UnpackOptions,
+    budget: &Budget,
 ) -> Result<(), UnpackError> {
     let magic = blob
         .fill_buf()
@@ -253,17 +359,15 @@ pub fn unpack_stream(
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(blob)),
         Compression::Zstd => Box::new(ZstdFrames::new(blob)),
     };
-    let exceeded = Rc::new(Cell::new(false));
+    let meter = Rc::new(Meter::default());
     let counted = Counting {
         inner: decompressed,
         hasher: sha2::Sha256::new(),
-        count: 0,
-        limit: opts.max_size,
-        exceeded: exceeded.clone(),
+        budget,
+        meter: meter.clone(),
     };
-    let size_err = || UnpackError::SizeLimit {
-        limit: opts.max_size,
-    };
+    // An error that a stop of the meter caused is reported as that stop.
+    let fail = |e: UnpackError| meter.stop_error(budget).unwrap_or(e);
     let mut archive = tar::Archive::new(counted);
     let root = rustix::fs::open(
         dest,
@@ -273,33 +377,32 @@ pub fn unpack_stream(
     .map_err(errno_err("open", "snapshot root"))?;
     let mut unpacker = Unpacker {
         root,
-        opts: *opts,
+        opts: budget.opts,
         written: 0,
         dir_times: Vec::new(),
+        dir_times_bytes: 0,
+        meter: meter.clone(),
     };
     let entries = archive
         .entries()
-        .map_err(|source| UnpackError::Archive { source })?;
+        .map_err(|source| fail(UnpackError::Archive { source }))?;
     for entry in entries {
-        let entry = match entry {
-            Ok(e) => e,
-            Err(_) if exceeded.get() => return Err(size_err()),
-            Err(source) => return Err(UnpackError::Archive { source }),
-        };
-        match unpacker.entry(entry) {
-            Err(UnpackError::Io { .. } | UnpackError::Archive { .. }) if exceeded.get() => {
-                return Err(size_err());
-            }
-            other => other?,
+        let entry = entry.map_err(|source| fail(UnpackError::Archive { source }))?;
+        meter.header_bytes.set(0);
+        if budget.is_cancelled() {
+            return Err(UnpackError::Cancelled);
         }
+        budget.take_entry()?;
+        unpacker.entry(entry).map_err(|e| match e {
+            UnpackError::Io { .. } | UnpackError::Archive { .. } => fail(e),
+            e => e,
+        })?;
     }
     // The diffID covers the whole tar stream, including the end-of-archive padding.
     let mut rest = archive.into_inner();
-    match std::io::copy(&mut rest, &mut std::io::sink()) {
-        Err(_) if exceeded.get() => return Err(size_err()),
-        Err(source) => return Err(UnpackError::Archive { source }),
-        Ok(_) => {}
-    }
+    meter.in_data.set(true);
+    std::io::copy(&mut rest, &mut std::io::sink())
+        .map_err(|source| fail(UnpackError::Archive { source }))?;
     let actual = format!("sha256:{}", hex::encode(rest.hasher.finalize()));
     if actual != diff_id.as_str() {
         return Err(UnpackError::DiffIdMismatch {
@@ -310,22 +413,69 @@ pub fn unpack_stream(
     unpacker.apply_dir_times()
 }
 
-/// Hashes and counts the uncompressed stream, failing once it passes the limit.
-struct Counting<R> {
-    inner: R,
-    hasher: sha2::Sha256,
-    count: u64,
-    limit: u64,
-    exceeded: Rc<Cell<bool>>,
+/// Why the metered stream stopped reading, if it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Stop {
+    #[default]
+    No,
+    Size,
+    Headers,
+    Cancelled,
 }
 
-impl<R: Read> Read for Counting<R> {
+/// What the unpacker and the metered stream share (one thread: cells suffice).
+#[derive(Debug, Default)]
+struct Meter {
+    stop: Cell<Stop>,
+    /// Set while the unpacker reads an entry's contents: those bytes go to disk, not memory.
+    in_data: Cell<bool>,
+    /// Bytes the tar reader consumed since the last entry was handed out.
+    header_bytes: Cell<u64>,
+}
+
+impl Meter {
+    fn stop_error(&self, budget: &Budget) -> Option<UnpackError> {
+        match self.stop.get() {
+            Stop::No => None,
+            Stop::Size => Some(UnpackError::SizeLimit {
+                limit: budget.opts.max_size,
+            }),
+            Stop::Headers => Some(UnpackError::HeaderLimit {
+                limit: MAX_HEADER_BYTES,
+            }),
+            Stop::Cancelled => Some(UnpackError::Cancelled),
+        }
+    }
+}
+
+/// Hashes and counts the uncompressed stream against the image's budget, failing once it is
+/// spent, once extension headers grow past [`MAX_HEADER_BYTES`], or once the pull is cancelled.
+struct Counting<'a, R> {
+    inner: R,
+    hasher: sha2::Sha256,
+    budget: &'a Budget,
+    meter: Rc<Meter>,
+}
+
+impl<R: Read> Read for Counting<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let stop = |meter: &Meter, why: Stop, msg: &str| {
+            meter.stop.set(why);
+            Err(std::io::Error::other(msg.to_string()))
+        };
+        if self.budget.is_cancelled() {
+            return stop(&self.meter, Stop::Cancelled, "unpack cancelled");
+        }
         let n = self.inner.read(buf)?;
-        self.count += n as u64;
-        if self.count > self.limit {
-            self.exceeded.set(true);
-            return Err(std::io::Error::other("layer size limit exceeded"));
+        if !self.budget.take_bytes(n as u64) {
+            return stop(&self.meter, Stop::Size, "image size limit exceeded");
+        }
+        if !self.meter.in_data.get() {
+            let h = self.meter.header_bytes.get() + n as u64;
+            self.meter.header_bytes.set(h);
+            if h > MAX_HEADER_BYTES {
+                return stop(&self.meter, Stop::Headers, "extension headers too large");
+            }
         }
         self.hasher.update(&buf[..n]);
         Ok(n)
@@ -396,8 +546,8 @@ impl<R: BufRead> Read for ZstdFrames<R> {
     }
 }
 
-/// A sanitised entry path: components, none of them empty, `.` or `..`.
-fn components(raw: &[u8]) -> Result<Vec<&[u8]>, UnpackError> {
+/// A sanitised entry path: components, none of them empty, `.` or `..`, at most `max_depth`.
+fn components(raw: &[u8], max_depth: usize) -> Result<Vec<&[u8]>, UnpackError> {
     let shown = || String::from_utf8_lossy(raw).into_owned();
     if raw.starts_with(b"/") {
         return Err(UnpackError::AbsolutePath { path: shown() });
@@ -409,6 +559,12 @@ fn components(raw: &[u8]) -> Result<Vec<&[u8]>, UnpackError> {
             b".." => return Err(UnpackError::ParentComponent { path: shown() }),
             c => out.push(c),
         }
+        if out.len() > max_depth {
+            return Err(UnpackError::PathDepth {
+                path: shown(),
+                limit: max_depth,
+            });
+        }
     }
     Ok(out)
 }
@@ -417,7 +573,11 @@ struct Unpacker {
     root: OwnedFd,
     opts: UnpackOptions,
     written: u64,
-    dir_times: Vec<(Vec<Vec<u8>>, u64)>,
+    /// Directories (path, mtime) whose times are set at the end, bounded by
+    /// [`MAX_DIR_TIMES_BYTES`] of paths.
+    dir_times: Vec<(Vec<u8>, u64)>,
+    dir_times_bytes: usize,
+    meter: Rc<Meter>,
 }
 
 fn name(c: &[u8]) -> &OsStr {
@@ -457,12 +617,20 @@ impl Unpacker {
         match rustix::fs::openat(parent, name(c), flags, Mode::empty()) {
             Ok(fd) => Ok(fd),
             Err(Errno::NOENT) if create => {
-                match rustix::fs::mkdirat(parent, name(c), Mode::from_raw_mode(0o755)) {
-                    Ok(()) | Err(Errno::EXIST) => {}
+                let made = match rustix::fs::mkdirat(parent, name(c), Mode::from_raw_mode(0o755)) {
+                    Ok(()) => true,
+                    Err(Errno::EXIST) => false,
                     Err(e) => return Err(errno_err("mkdir", shown)(e)),
+                };
+                let fd = rustix::fs::openat(parent, name(c), flags, Mode::empty())
+                    .map_err(errno_err("open", shown))?;
+                // A parent the layer does not list gets 0755 whatever the daemon's umask
+                // (0077 in its unit): containers running as any user must traverse it.
+                if made {
+                    rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o755))
+                        .map_err(errno_err("chmod", shown))?;
                 }
-                rustix::fs::openat(parent, name(c), flags, Mode::empty())
-                    .map_err(errno_err("open", shown))
+                Ok(fd)
             }
             Err(e @ (Errno::NOTDIR | Errno::LOOP)) => {
                 match rustix::fs::statat(parent, name(c), AtFlags::SYMLINK_NOFOLLOW) {
@@ -501,7 +669,7 @@ impl Unpacker {
     fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), UnpackError> {
         let raw = entry.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw).into_owned();
-        let comps = components(&raw)?;
+        let comps = components(&raw, self.opts.max_depth)?;
         let kind = entry.header().entry_type();
         let Some((&last, _)) = comps.split_last() else {
             // The root itself ("./"): its metadata belongs to the image's root, not ours to set.
@@ -552,8 +720,7 @@ impl Unpacker {
                 rustix::fs::fchown(&fd, owner.0, owner.1).map_err(errno_err("chown", &shown))?;
                 rustix::fs::fchmod(&fd, mode).map_err(errno_err("chmod", &shown))?;
                 set_xattrs(&fd, &xattrs, &shown)?;
-                self.dir_times
-                    .push((comps.iter().map(|c| c.to_vec()).collect(), secs));
+                self.remember_dir_time(&comps, secs);
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 self.clear(&dir, last, &shown)?;
@@ -571,9 +738,10 @@ impl Unpacker {
                 let mut file = std::fs::File::from(fd);
                 let mut buf = vec![0u8; 64 * 1024];
                 loop {
-                    let n = entry
-                        .read(&mut buf)
-                        .map_err(|source| UnpackError::Archive { source })?;
+                    self.meter.in_data.set(true);
+                    let read = entry.read(&mut buf);
+                    self.meter.in_data.set(false);
+                    let n = read.map_err(|source| UnpackError::Archive { source })?;
                     if n == 0 {
                         break;
                     }
@@ -622,7 +790,10 @@ impl Unpacker {
                     path: shown.clone(),
                     target: String::from_utf8_lossy(&target).into_owned(),
                 };
-                let tcomps = components(&target).map_err(|_| escape())?;
+                let tcomps = components(&target, self.opts.max_depth).map_err(|e| match e {
+                    UnpackError::PathDepth { .. } => e,
+                    _ => escape(),
+                })?;
                 let Some((&tlast, _)) = tcomps.split_last() else {
                     return Err(escape());
                 };
@@ -732,12 +903,29 @@ impl Unpacker {
         Ok(out)
     }
 
+    fn remember_dir_time(&mut self, comps: &[&[u8]], secs: u64) {
+        let path = comps.join(&b'/');
+        if self.dir_times_bytes + path.len() > MAX_DIR_TIMES_BYTES {
+            if self.dir_times_bytes <= MAX_DIR_TIMES_BYTES {
+                tracing::info!(
+                    limit = MAX_DIR_TIMES_BYTES,
+                    "layer has too many directories to restore all their times"
+                );
+                // Logged once: past the limit from now on.
+                self.dir_times_bytes = MAX_DIR_TIMES_BYTES + 1;
+            }
+            return;
+        }
+        self.dir_times_bytes += path.len();
+        self.dir_times.push((path, secs));
+    }
+
     /// Directory mtimes are set last, since creating their children changes them.
     fn apply_dir_times(&mut self) -> Result<(), UnpackError> {
-        for (comps, secs) in std::mem::take(&mut self.dir_times).into_iter().rev() {
-            let refs: Vec<&[u8]> = comps.iter().map(Vec::as_slice).collect();
+        for (path, secs) in std::mem::take(&mut self.dir_times).into_iter().rev() {
+            let refs: Vec<&[u8]> = path.split(|&b| b == b'/').collect();
             let Some(last) = refs.last() else { continue };
-            let shown = String::from_utf8_lossy(&comps.join(&b'/')).into_owned();
+            let shown = String::from_utf8_lossy(&path).into_owned();
             let Ok(dir) = self.parent(&refs, false, &shown) else {
                 continue; // replaced by a later entry
             };

@@ -4,6 +4,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use super::*;
 
+use std::sync::atomic::AtomicBool;
+
 const TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 const GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
@@ -104,7 +106,14 @@ impl Bed {
         let chain = Digest::sha256_of(blob);
         let path = self.dir.path().join("blob");
         std::fs::write(&path, blob).expect("write blob");
-        unpack_layer(&path, media_type, &diff_id, &self.snapshots(), &chain, opts)?;
+        unpack_layer(
+            &path,
+            media_type,
+            &diff_id,
+            &self.snapshots(),
+            &chain,
+            &Budget::new(opts),
+        )?;
         Ok(self.snapshots().join(chain.hex()).join("fs"))
     }
 
@@ -204,7 +213,7 @@ fn good_gzip_layer_with_whiteouts_links_and_metadata() {
         &Digest::sha256_of(&t),
         &bed.snapshots(),
         &chain,
-        &UnpackOptions::default(),
+        &Budget::new(&UnpackOptions::default()),
     )
     .expect("again");
     assert_eq!(again, Unpacked::AlreadyPresent);
@@ -371,7 +380,7 @@ fn size_limit_and_diff_id_are_enforced() {
         &wrong,
         &bed.snapshots(),
         &chain,
-        &UnpackOptions::default(),
+        &Budget::new(&UnpackOptions::default()),
     )
     .expect_err("diffID");
     assert!(matches!(err, UnpackError::DiffIdMismatch { .. }), "{err}");
@@ -385,4 +394,222 @@ fn chain_ids_follow_the_oci_formula() {
     let ids = chain_ids(&[a.clone(), b.clone()]);
     assert_eq!(ids[0], a);
     assert_eq!(ids[1], Digest::sha256_of(format!("{a} {b}").as_bytes()));
+}
+
+/// A tar stream of `n` directories `d0/d1/.../d<depth-1>`-style chains, written straight into
+/// a gzip encoder (as an attacker's layer would be: tiny compressed, huge expanded).
+fn dir_flood(chains: usize, depth: usize) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for c in 0..chains {
+        let mut path = format!("c{c}");
+        for d in 0..depth {
+            if d > 0 {
+                path.push_str(&format!("/{d:02}"));
+            }
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(0o755);
+            h.set_size(0);
+            h.set_mtime(1);
+            h.set_uid(0);
+            h.set_gid(0);
+            b.append_data(&mut h, &path, &[][..]).expect("append");
+        }
+    }
+    b.into_inner().expect("finish")
+}
+
+#[test]
+fn entry_and_depth_limits_refuse_floods_and_leave_nothing() {
+    let bed = Bed::new();
+    let opts = UnpackOptions {
+        max_entries: 500,
+        ..Default::default()
+    };
+    let t = dir_flood(100, 10);
+    let err = bed.unpack(&t, GZIP, &gzip(&t), &opts).expect_err("flood");
+    assert!(
+        matches!(err, UnpackError::EntryLimit { limit: 500 }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("500 entries"), "{err}");
+    assert_eq!(std::fs::read_dir(bed.snapshots()).expect("read").count(), 0);
+
+    // The entry count is per image: two layers share one budget.
+    let budget = Budget::new(&UnpackOptions {
+        max_entries: 150,
+        ..Default::default()
+    });
+    let small = dir_flood(10, 10);
+    let unpack = |chain: &[u8]| {
+        let path = bed.dir.path().join("blob");
+        std::fs::write(&path, &small).expect("write");
+        unpack_layer(
+            &path,
+            TAR,
+            &Digest::sha256_of(&small),
+            &bed.snapshots(),
+            &Digest::sha256_of(chain),
+            &budget,
+        )
+    };
+    unpack(b"first").expect("first layer fits");
+    let err = unpack(b"second").expect_err("second layer over the image's budget");
+    assert!(matches!(err, UnpackError::EntryLimit { .. }), "{err}");
+
+    let bed = Bed::new();
+    let opts = UnpackOptions {
+        max_depth: 8,
+        ..Default::default()
+    };
+    let t = dir_flood(1, 9);
+    let err = bed.unpack(&t, TAR, &t, &opts).expect_err("deep");
+    assert!(
+        matches!(err, UnpackError::PathDepth { limit: 8, .. }),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(bed.snapshots()).expect("read").count(), 0);
+    // A hard link whose target is too deep is refused the same way.
+    let err = bed.refuse(
+        &[link("l", tar::EntryType::Link, "a/b/c/d/e/f/g/h/i")],
+        &opts,
+    );
+    assert!(matches!(err, UnpackError::PathDepth { .. }), "{err}");
+    // Exactly at the limit is fine.
+    let t = dir_flood(1, 8);
+    bed.unpack(&t, TAR, &t, &opts).expect("depth 8");
+}
+
+#[test]
+fn a_zero_bomb_stops_at_the_image_size_limit_and_leaves_nothing() {
+    let bed = Bed::new();
+    // 64 MiB of zeros: gzip makes it ~64 KiB.
+    let zeros: &'static [u8] = Box::leak(vec![0u8; 64 << 20].into_boxed_slice());
+    let t = tarball(&[file("zeros", zeros)]);
+    let z = gzip(&t);
+    assert!(z.len() < 1 << 20, "{}", z.len());
+    let opts = UnpackOptions {
+        max_size: 8 << 20,
+        ..Default::default()
+    };
+    let err = bed.unpack(&t, GZIP, &z, &opts).expect_err("bomb");
+    assert!(
+        matches!(err, UnpackError::SizeLimit { limit } if limit == 8 << 20),
+        "{err}"
+    );
+    assert!(err.is_bad_layer());
+    assert_eq!(std::fs::read_dir(bed.snapshots()).expect("read").count(), 0);
+}
+
+#[test]
+fn huge_extension_headers_are_refused_before_they_are_read_into_memory() {
+    // A GNU long name of 64 MiB: the tar reader would hold it whole.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.as_gnu_mut().expect("gnu").name[..13].copy_from_slice(b"././@LongLink");
+    h.set_entry_type(tar::EntryType::GNULongName);
+    h.set_size(64 << 20);
+    h.set_mode(0o644);
+    h.set_cksum();
+    let name = vec![b'a'; 64 << 20];
+    b.append(&h, &name[..]).expect("longname");
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_size(0);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append(&h, &[][..]).expect("entry");
+    let t = b.into_inner().expect("finish");
+    let bed = Bed::new();
+    let err = bed
+        .unpack(&t, GZIP, &gzip(&t), &UnpackOptions::default())
+        .expect_err("huge long name");
+    assert!(matches!(err, UnpackError::HeaderLimit { .. }), "{err}");
+    assert_eq!(std::fs::read_dir(bed.snapshots()).expect("read").count(), 0);
+}
+
+#[test]
+fn a_cancelled_budget_stops_the_unpack_and_removes_the_partial_snapshot() {
+    let bed = Bed::new();
+    let t = dir_flood(50, 4);
+    let path = bed.dir.path().join("blob");
+    std::fs::write(&path, &t).expect("write");
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let budget = Budget::with_shutdown(&UnpackOptions::default(), shutdown.clone());
+    budget.cancel();
+    let run = |budget: &Budget| {
+        unpack_layer(
+            &path,
+            TAR,
+            &Digest::sha256_of(&t),
+            &bed.snapshots(),
+            &Digest::sha256_of(b"c"),
+            budget,
+        )
+    };
+    let err = run(&budget).expect_err("cancelled");
+    assert!(matches!(err, UnpackError::Cancelled), "{err}");
+    assert!(!err.is_bad_layer());
+    assert_eq!(std::fs::read_dir(bed.snapshots()).expect("read").count(), 0);
+    // The service's shutdown flag stops every budget made with it.
+    let budget = Budget::with_shutdown(&UnpackOptions::default(), shutdown.clone());
+    shutdown.store(true, Ordering::SeqCst);
+    assert!(matches!(run(&budget), Err(UnpackError::Cancelled)));
+    shutdown.store(false, Ordering::SeqCst);
+    run(&budget).expect("not cancelled");
+}
+
+#[test]
+fn the_directory_times_list_is_bounded() {
+    let bed = Bed::new();
+    let root = rustix::fs::open(
+        bed.snapshots(),
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .expect("open");
+    let mut u = Unpacker {
+        root,
+        opts: UnpackOptions::default(),
+        written: 0,
+        dir_times: Vec::new(),
+        dir_times_bytes: 0,
+        meter: Rc::new(Meter::default()),
+    };
+    // 300k directories 60 levels deep, the flood of the issue: paths of ~1 KiB each.
+    let name = [b'n'; 16];
+    let comps: Vec<&[u8]> = vec![&name[..]; 60];
+    for _ in 0..300_000 {
+        u.remember_dir_time(&comps, 1);
+    }
+    let kept: usize = u.dir_times.iter().map(|(p, _)| p.len()).sum();
+    assert!(kept <= MAX_DIR_TIMES_BYTES, "{kept}");
+    assert!(u.dir_times.len() < 300_000 && !u.dir_times.is_empty());
+}
+
+#[test]
+fn implied_parents_get_0755() {
+    let bed = Bed::new();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(1);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1);
+    b.append_data(&mut h, "implied/parent/f", &b"x"[..])
+        .expect("append");
+    let t = b.into_inner().expect("finish");
+    let fs = bed
+        .unpack(&t, TAR, &t, &UnpackOptions::default())
+        .expect("unpack");
+    for p in ["", "implied", "implied/parent"] {
+        let mode = std::fs::metadata(fs.join(p)).expect("implied").mode() & 0o7777;
+        assert_eq!(mode, 0o755, "{p:?}");
+    }
+    let snap = fs.parent().expect("snapshot dir");
+    assert_eq!(
+        std::fs::metadata(snap).expect("snap").mode() & 0o7777,
+        0o700
+    );
 }
