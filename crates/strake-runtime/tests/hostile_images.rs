@@ -699,8 +699,9 @@ fn a_pull_whose_client_went_away_stops_unpacking_and_leaves_nothing() {
         let images = [image("flood", vec![flood_layer(1000, 60)], &["true"])];
         let registry = Registry::start(&ns, &images, &[]);
         let rt = Runtime::start(&ns, &registry, "");
-        let mut cmd = rt.crictl_cmd("2s");
-        cmd.args(["pull", &registry.reference("flood")]);
+        // crictl's --timeout is not the pull's: --pull-timeout is.
+        let mut cmd = rt.crictl_cmd("60s");
+        cmd.args(["pull", "--pull-timeout=2s", &registry.reference("flood")]);
         let out = tokio::task::spawn_blocking(move || cmd.output())
             .await
             .expect("task")
@@ -735,7 +736,8 @@ fn a_trickling_registry_blocks_neither_other_pulls_nor_removal_nor_shutdown() {
     run(async {
         let ns = NetNs::create("slow").expect("netns");
         let images = [
-            image("slow", vec![busybox_layer(false)], &["true"]),
+            // A layer of its own (a shared one would be in the store already).
+            image("slow", vec![flood_layer(5, 5)], &["true"]),
             image("a", vec![busybox_layer(false)], &["true"]),
             image("b", vec![flood_layer(1, 3)], &["true"]),
         ];
@@ -773,7 +775,13 @@ fn a_trickling_registry_blocks_neither_other_pulls_nor_removal_nor_shutdown() {
         assert!(stderr.contains("did not finish within 20s"), "{stderr}");
         assert!(stderr.contains("Unavailable"), "{stderr}");
 
-        // A pull stuck on the registry does not hold SIGTERM up.
+        // A pull stuck on the registry does not hold SIGTERM up. (The registry notices the
+        // abandoned trickle at its next write.)
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while registry.trickling.load(Ordering::SeqCst) > 0 {
+            assert!(Instant::now() < deadline, "the abandoned trickle goes on");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let mut cmd = rt.crictl_cmd("120s");
         cmd.args(["pull", &slow_ref]);
         let stuck = tokio::task::spawn_blocking(move || cmd.output());
