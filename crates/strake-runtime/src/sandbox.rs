@@ -25,7 +25,7 @@ use strake_types::cri;
 
 use crate::cni::{Attachment, Cni, PortMapping, RuntimeConfig};
 use crate::mount::{bind_mount, mount_tmpfs, unmount};
-use crate::state::{MODE_PRIVATE, create_dir_mode, write_atomic};
+use crate::state::{MODE_PRIVATE, create_dir_mode, write_atomic, write_atomic_mode};
 
 /// A failed sandbox operation.
 #[derive(Debug, thiserror::Error)]
@@ -415,13 +415,16 @@ impl Sandboxes {
         } else {
             config.hostname.clone()
         };
-        write_atomic(&r.hostname_file, format!("{hostname}\n").as_bytes())
+        // Readable by the containers' users, whatever their UID (they see these files
+        // through bind mounts; the directory holding them stays root's).
+        write_atomic_mode(&r.hostname_file, format!("{hostname}\n").as_bytes(), 0o644)
             .map_err(step("write hostname"))?;
-        write_atomic(&r.hosts_file, hosts_file(&hostname).as_bytes())
+        write_atomic_mode(&r.hosts_file, hosts_file(&hostname).as_bytes(), 0o644)
             .map_err(step("write hosts"))?;
         let resolv =
             resolv_conf(config.dns_config.as_ref()).map_err(step("read host resolv.conf"))?;
-        write_atomic(&r.resolv_file, resolv.as_bytes()).map_err(step("write resolv.conf"))?;
+        write_atomic_mode(&r.resolv_file, resolv.as_bytes(), 0o644)
+            .map_err(step("write resolv.conf"))?;
         if host_ipc {
             r.shm = PathBuf::from("/dev/shm");
         } else {

@@ -44,8 +44,17 @@ pub fn create_dir_mode(dir: &Path, mode: u32) -> std::io::Result<()> {
 /// Writes `data` to `path` atomically: a temporary file in the same directory, fsync, rename,
 /// then fsync of the directory so the rename itself survives a crash.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    write_atomic_mode(path, data, 0o600)
+}
+
+/// [`write_atomic`] with the file's mode: 0644 for files a container's user of any UID reads
+/// through a bind mount (`/etc/hostname`, `/etc/hosts`, `/etc/resolv.conf`), which the
+/// temporary file's 0600 would hide from it.
+pub fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(mode))?;
     tmp.write_all(data)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
@@ -80,6 +89,17 @@ mod tests {
         let old = unsafe { libc::umask(0o022) };
         unsafe { libc::umask(old) };
         old
+    }
+
+    #[test]
+    fn files_get_the_mode_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let (private, shared) = (dir.path().join("state.json"), dir.path().join("hosts"));
+        write_atomic(&private, b"{}").unwrap();
+        write_atomic_mode(&shared, b"127.0.0.1 localhost\n", 0o644).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&private), 0o600);
+        assert_eq!(mode(&shared), 0o644);
     }
 
     #[test]
