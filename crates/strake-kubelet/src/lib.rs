@@ -11,8 +11,9 @@
 //!
 //! Status (issue #5): node registration, Lease, node status and conditions; pods bound to the
 //! node and static pods (standalone or mirrored) run through CRI with init containers,
-//! sidecars, probes, volumes, restart backoff, status and graceful deletion; the HTTPS API on
-//! 10250 ([`server`]: logs, exec/attach/port-forward, stats, metrics). Not yet: eviction, image
+//! sidecars, probes, volumes, restart backoff, postStart/preStop hooks, termination messages,
+//! status and graceful deletion; the HTTPS API on 10250 ([`server`]: logs,
+//! exec/attach/port-forward, stats, metrics). Not yet: eviction, image
 //! and container GC.
 
 pub mod config;

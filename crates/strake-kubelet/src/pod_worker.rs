@@ -1465,6 +1465,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn pre_stop_http_get_reaches_its_server_and_a_failing_pre_stop_still_stops() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 1024];
+            let n = s.read(&mut buf).await.unwrap();
+            // A 500 is still a hook that ran: upstream ignores the status code.
+            s.write_all(b"HTTP/1.1 500 X\r\nContent-Length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        let root = tempfile::tempdir().unwrap();
+        let (mut w, fake) = worker(root.path());
+        fake.exec_exits("fail", 1);
+        let pod = test_pod(serde_json::json!({
+            "terminationGracePeriodSeconds": 5,
+            "containers": [
+                { "name": "web", "image": "busybox:1",
+                  "lifecycle": { "preStop": { "httpGet": { "host": "127.0.0.1", "port": port, "path": "/bye" } } } },
+                { "name": "bad", "image": "busybox:1",
+                  "lifecycle": { "preStop": { "exec": { "command": ["fail"] } } } }
+            ]
+        }));
+        w.sync(&pod).await.unwrap();
+        w.terminate(Some(&pod)).await;
+        let request = server.await.unwrap();
+        assert!(request.starts_with("GET /bye HTTP/1.1\r\n"), "{request}");
+        assert!(request.contains("User-Agent: kube-lifecycle/"), "{request}");
+        let stops = calls(&fake, &["StopContainer"]);
+        assert_eq!(stops.len(), 2, "{stops:?}");
+        assert!(stops.iter().any(|c| c.starts_with("StopContainer bad")));
+        assert!(stops.iter().any(|c| c.starts_with("StopContainer web")));
+    }
+
+    #[tokio::test]
     async fn termination_messages_come_from_the_file_or_the_log_tail() {
         let root = tempfile::tempdir().unwrap();
         let (mut w, fake) = worker(root.path());
