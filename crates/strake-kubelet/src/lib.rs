@@ -5,12 +5,15 @@
 //!
 //! Start reading at [`App`], then [`heartbeat`] (registration, Lease, status), [`node`] (the
 //! Node object as a pure function of [`machine`] facts, [`config`] and health) and [`runtime`]
-//! (the CRI connection).
+//! (the CRI connection and its [`runtime::Cri`] seam). Pods: [`pods`] (the two pod sources)
+//! hands each pod to a [`pod_worker`], which runs the pure core in [`sync`] and executes its
+//! actions ([`lifecycle`] hooks, [`termination`] messages, [`prober`]).
 //!
 //! Status (issue #5): node registration, Lease, node status and conditions; pods bound to the
 //! node and static pods (standalone or mirrored) run through CRI with init containers,
-//! sidecars, probes, volumes, restart backoff, status and graceful deletion; the HTTPS API on
-//! 10250 ([`server`]: logs, exec/attach/port-forward, stats, metrics). Not yet: eviction, image
+//! sidecars, probes, volumes, restart backoff, postStart/preStop hooks, termination messages,
+//! status and graceful deletion; the HTTPS API on 10250 ([`server`]: logs,
+//! exec/attach/port-forward, stats, metrics). Not yet: eviction, image
 //! and container GC.
 
 pub mod config;
@@ -18,6 +21,7 @@ pub mod credentials;
 pub mod events;
 pub mod healthz;
 pub mod heartbeat;
+pub mod lifecycle;
 pub mod machine;
 pub mod node;
 pub mod pleg;
@@ -30,6 +34,8 @@ pub mod resources;
 pub mod runtime;
 pub mod server;
 pub mod static_pods;
+pub mod sync;
+pub mod termination;
 pub mod volumes;
 
 use std::time::Duration;
@@ -158,7 +164,7 @@ impl App {
             let ctx = pod_worker::Context {
                 volumes: volumes::Volumes::new(&self.config.root_dir, api.clone()),
                 client: api.clone(),
-                runtime: self.runtime.clone(),
+                cri: std::sync::Arc::new(self.runtime.clone()),
                 config: self.config.clone(),
                 host_ip: self
                     .config
@@ -172,16 +178,12 @@ impl App {
                 self.runtime.clone(),
                 ctx.nudges.clone(),
             )));
-            if let Some(dir) = self.config.pod_manifest_path.clone() {
-                tasks.push(tokio::spawn(static_pods::run(
-                    ctx.clone(),
-                    dir,
-                    self.config.file_check_frequency,
-                )));
-            }
-            if let Some(api) = api {
-                tasks.push(tokio::spawn(pods::run(ctx, api)));
-            }
+            let manifests = self
+                .config
+                .pod_manifest_path
+                .clone()
+                .map(|dir| (dir, self.config.file_check_frequency));
+            tasks.push(tokio::spawn(pods::run(ctx, api, manifests)));
             futures::future::join_all(tasks).await;
         };
         tokio::select! {

@@ -102,11 +102,18 @@ fn condition(
 fn container_status(
     c: &k8s_openapi::api::core::v1::Container,
     observed: &Observed,
+    message_budget: usize,
 ) -> ContainerStatus {
     let cur = observed.containers.get(&c.name);
-    let mut state = cur.map_or_else(ContainerState::default, |s| {
-        state_of(s, &observed.runtime_name)
-    });
+    let state_of = |s: &cri::ContainerStatus| {
+        let mut state = state_of(s, &observed.runtime_name);
+        if let Some(m) = state.terminated.as_mut().and_then(|t| t.message.as_mut()) {
+            let cut = crate::termination::truncate(m, message_budget).len();
+            m.truncate(cut);
+        }
+        state
+    };
+    let mut state = cur.map_or_else(ContainerState::default, state_of);
     if let Some((reason, message)) = observed.waiting.get(&c.name) {
         state = ContainerState {
             waiting: Some(ContainerStateWaiting {
@@ -139,9 +146,7 @@ fn container_status(
         started: Some(started),
         restart_count: cur.map_or(0, restart_count),
         state: Some(state),
-        last_state: Some(last.map_or_else(ContainerState::default, |l| {
-            state_of(l, &observed.runtime_name)
-        })),
+        last_state: Some(last.map_or_else(ContainerState::default, state_of)),
         ..Default::default()
     }
 }
@@ -151,16 +156,21 @@ pub fn pod_status(pod: &Pod, observed: &Observed, host_ip: &str, now: &Time) -> 
     let spec = pod.spec.clone().unwrap_or_default();
     let old = pod.status.clone().unwrap_or_default();
     let prev_conditions = old.conditions.clone().unwrap_or_default();
+    // Termination messages share the pod's budget evenly, as upstream's status manager cuts
+    // them.
+    let budget = crate::termination::per_container_budget(
+        spec.containers.len() + spec.init_containers.as_ref().map_or(0, Vec::len),
+    );
     let statuses: Vec<ContainerStatus> = spec
         .containers
         .iter()
-        .map(|c| container_status(c, observed))
+        .map(|c| container_status(c, observed, budget))
         .collect();
     let init_statuses: Vec<ContainerStatus> = spec
         .init_containers
         .iter()
         .flatten()
-        .map(|c| container_status(c, observed))
+        .map(|c| container_status(c, observed, budget))
         .collect();
     // Initialized: every regular init container completed, every sidecar started.
     let initialized = spec
@@ -397,6 +407,39 @@ mod tests {
                 .phase
                 .as_deref(),
             Some("Pending")
+        );
+    }
+
+    #[test]
+    fn termination_messages_share_the_pods_12_kib() {
+        let mut exited = cs(cri::ContainerState::ContainerExited, 1, 0);
+        exited.message = "m".repeat(5000);
+        let s = pod_status(&pod("Never"), &observed(Some(exited.clone())), "", &now());
+        let t = s.container_statuses.unwrap()[0]
+            .state
+            .clone()
+            .unwrap()
+            .terminated
+            .unwrap();
+        assert_eq!(
+            t.message.map(|m| m.len()),
+            Some(5000),
+            "one container: the whole 12 KiB"
+        );
+        let mut four = pod("Never");
+        let spec = four.spec.as_mut().unwrap();
+        spec.init_containers = Some(vec![spec.containers[0].clone(); 3]);
+        let s = pod_status(&four, &observed(Some(exited)), "", &now());
+        let t = s.container_statuses.unwrap()[0]
+            .state
+            .clone()
+            .unwrap()
+            .terminated
+            .unwrap();
+        assert_eq!(
+            t.message.map(|m| m.len()),
+            Some(3072),
+            "four containers: 3 KiB each"
         );
     }
 

@@ -1,14 +1,17 @@
-//! One worker per pod UID: drives the pod's desired spec against what the runtime has, through
-//! CRI, and reports the pod's status.
+//! One worker per pod UID: observes what the runtime has of the pod (everything labelled with
+//! its UID, through [`Cri`]), asks the pure core ([`crate::sync::compute_pod_actions`]) what
+//! to do, executes those actions and reports the pod's status.
 //!
-//! A worker moves through explicit phases: *sync* (make the sandbox, pull images, create and
-//! start containers, restart exited ones per `restartPolicy` with backoff), *terminating* (the
-//! pod is being deleted: stop containers within the grace period, stop and remove the sandbox)
-//! and *terminated* (confirm the deletion to the API server and end). Everything the worker
-//! needs to know about the runtime it finds by the pod UID label, so a restarted kubelet adopts
+//! Executing is where the outside world is met: volumes, image pulls with the pod's pull
+//! secrets, the environment from ConfigMaps, Secrets and Services, the image user
+//! (`runAsNonRoot`), the RuntimeClass handler, termination message files, lifecycle hooks,
+//! probes and Events. When the pod is deleted the worker stops its containers in upstream's
+//! order within the grace period ([`crate::sync::termination_waves`]), removes the sandbox and
+//! confirms the deletion. Because the runtime is the record, a restarted kubelet adopts
 //! running pods and continues their restart counts.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Container, Pod};
@@ -21,37 +24,34 @@ use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::events::Kind;
-use crate::pod_spec::{self, labels};
+use crate::lifecycle::{self, Hook};
+use crate::pod_spec;
 use crate::pod_status::{self, Observed};
-use crate::prober::{self, Action, ProbeState, Timing};
-use crate::runtime::Runtime;
+use crate::prober::{self, ProbeState, Timing};
+use crate::runtime::{Cri, RuntimeError};
+use crate::sync::{self, Action, ContainerObs, KillReason, PodRuntimeState, RunState, SandboxObs};
+use crate::termination;
 
-/// Restart backoff: 10 s doubling to 300 s; reset after 10 minutes of clean running.
+/// Image pull backoff: 10 s doubling to 300 s after each failed pull.
 #[derive(Clone, Debug, Default)]
-pub struct Backoff {
+struct PullBackoff {
     delay: Option<Duration>,
     until: Option<Instant>,
 }
 
-impl Backoff {
-    const INITIAL: Duration = Duration::from_secs(10);
-    const MAX: Duration = Duration::from_secs(300);
-    const RESET_AFTER: Duration = Duration::from_secs(600);
-
-    /// Records a failure at `now`; returns the delay before the next attempt.
-    pub fn fail(&mut self, now: Instant, ran_for: Duration) -> Duration {
-        let next = match self.delay {
-            Some(_) if ran_for >= Self::RESET_AFTER => Self::INITIAL,
-            Some(d) => (d * 2).min(Self::MAX),
-            None => Self::INITIAL,
-        };
+impl PullBackoff {
+    /// Records a failed pull at `now`; returns the delay before the next attempt.
+    fn fail(&mut self, now: Instant) -> Duration {
+        let next = self
+            .delay
+            .map_or(sync::Backoff::INITIAL, |d| (d * 2).min(sync::Backoff::MAX));
         self.delay = Some(next);
         self.until = Some(now + next);
         next
     }
 
-    /// Whether an attempt may be made at `now`.
-    pub fn ready(&self, now: Instant) -> bool {
+    /// Whether a pull may be attempted at `now`.
+    fn ready(&self, now: Instant) -> bool {
         self.until.is_none_or(|u| now >= u)
     }
 }
@@ -59,22 +59,14 @@ impl Backoff {
 /// How often API-backed volumes are re-read.
 const VOLUME_REFRESH: Duration = Duration::from_secs(5);
 
-/// Where one container stands after a sync step.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Step {
-    Running,
-    Completed,
-    Failed,
-    Waiting,
-}
-
 /// Shared facts every pod worker needs.
 #[derive(Clone)]
 pub struct Context {
     /// `None` in standalone mode (static pods only, no API server).
     pub client: Option<kube::Client>,
     pub volumes: crate::volumes::Volumes,
-    pub runtime: Runtime,
+    /// The runtime.
+    pub cri: Arc<dyn Cri>,
     pub config: Config,
     pub host_ip: String,
     pub runtime_name: String,
@@ -82,23 +74,26 @@ pub struct Context {
     pub nudges: crate::pleg::Nudges,
 }
 
-fn uid_filter(uid: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([(labels::POD_UID.to_string(), uid.to_string())])
+/// What the runtime has of the pod at one moment.
+#[derive(Clone, Debug, Default)]
+struct Observation {
+    state: PodRuntimeState,
+    /// CRI statuses by container ID (exited ones with their termination message).
+    statuses: BTreeMap<String, cri::ContainerStatus>,
 }
 
 struct Worker {
     ctx: Context,
     uid: String,
-    backoff: BTreeMap<String, Backoff>,
-    pull_backoff: BTreeMap<String, Backoff>,
-    waiting: BTreeMap<String, (String, String)>,
-    /// The exited container instance already counted per container name.
-    crashed: BTreeMap<String, String>,
+    /// The core's memory: backoff, probe verdicts, waiting reasons.
+    state: sync::WorkerState,
+    pull_backoff: BTreeMap<String, PullBackoff>,
     /// Host paths of the pod's volumes, and when they were last refreshed.
     volume_paths: BTreeMap<String, std::path::PathBuf>,
     volumes_refreshed: Option<Instant>,
-    /// Probe states per (container ID, kind).
-    probes: BTreeMap<(String, &'static str), ProbeState>,
+    /// Statuses of exited instances, which do not change: read (with their termination
+    /// message) once.
+    exited: BTreeMap<String, cri::ContainerStatus>,
     last_status: Option<k8s_openapi::api::core::v1::PodStatus>,
     /// The pod's RuntimeClass and its handler, once resolved.
     runtime_class: Option<(String, String)>,
@@ -112,13 +107,11 @@ pub async fn run(ctx: Context, uid: String, mut updates: watch::Receiver<Option<
     let mut w = Worker {
         ctx,
         uid,
-        backoff: BTreeMap::new(),
+        state: sync::WorkerState::default(),
         pull_backoff: BTreeMap::new(),
-        waiting: BTreeMap::new(),
-        crashed: BTreeMap::new(),
-        probes: BTreeMap::new(),
         volume_paths: BTreeMap::new(),
         volumes_refreshed: None,
+        exited: BTreeMap::new(),
         last_status: None,
         runtime_class: None,
         events,
@@ -158,6 +151,69 @@ fn pod_key(p: &Pod) -> String {
         p.metadata.namespace.as_deref().unwrap_or(""),
         p.metadata.name.as_deref().unwrap_or("")
     )
+}
+
+/// Container `name` of the pod's spec (init or app).
+fn spec_container<'a>(pod: &'a Pod, name: &str) -> Option<&'a Container> {
+    let spec = pod.spec.as_ref()?;
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .find(|c| c.name == name)
+}
+
+/// The named ports of container `c`, for probes and hooks.
+fn named_ports(c: &Container) -> Vec<(String, i32)> {
+    c.ports
+        .iter()
+        .flatten()
+        .filter_map(|p| Some((p.name.clone()?, p.container_port)))
+        .collect()
+}
+
+fn run_state(state: i32) -> RunState {
+    match cri::ContainerState::try_from(state) {
+        Ok(cri::ContainerState::ContainerCreated) => RunState::Created,
+        Ok(cri::ContainerState::ContainerRunning) => RunState::Running,
+        Ok(cri::ContainerState::ContainerExited) => RunState::Exited,
+        _ => RunState::Unknown,
+    }
+}
+
+/// Adds the termination message of exited container `st` (of `c`, pod `uid`) to its status
+/// message, as upstream: the message file, or the log tail under FallbackToLogsOnError.
+fn with_termination_message(
+    root_dir: &std::path::Path,
+    uid: &str,
+    c: Option<&Container>,
+    mut st: cri::ContainerStatus,
+) -> cri::ContainerStatus {
+    let Some(c) = c else { return st };
+    let fallback = termination::falls_back_to_logs(
+        c.termination_message_policy.as_deref(),
+        st.exit_code,
+        &st.reason,
+    );
+    let file = termination::container_path(c).and_then(|path| {
+        st.mounts
+            .iter()
+            .find(|m| m.container_path == path)
+            .map(|m| std::path::PathBuf::from(&m.host_path))
+    });
+    let mut message = file
+        .map(|f| termination::read_message(root_dir, uid, &c.name, &f))
+        .unwrap_or_default();
+    if message.is_empty() && fallback && !st.log_path.is_empty() {
+        message = termination::log_tail(std::path::Path::new(&st.log_path));
+    }
+    if !message.is_empty() {
+        if !st.message.is_empty() {
+            st.message.push_str(": ");
+        }
+        st.message.push_str(&message);
+    }
+    st
 }
 
 /// `runAsNonRoot`: the user the container will run as (its `runAsUser`, else the pod's, else
@@ -204,130 +260,86 @@ fn now_time() -> Time {
 }
 
 impl Worker {
-    async fn sandboxes(&self) -> Result<Vec<cri::PodSandbox>, crate::runtime::RuntimeError> {
-        let mut c = self.ctx.runtime.runtime_client();
-        let filter = cri::PodSandboxFilter {
-            label_selector: uid_filter(&self.uid).into_iter().collect(),
-            ..Default::default()
-        };
-        let resp = self
-            .ctx
-            .runtime
-            .call_with(
-                "ListPodSandbox",
-                None,
-                c.list_pod_sandbox(cri::ListPodSandboxRequest {
-                    filter: Some(filter),
-                }),
-            )
-            .await?;
-        Ok(resp.items)
-    }
-
-    async fn containers(&self) -> Result<Vec<cri::Container>, crate::runtime::RuntimeError> {
-        let mut c = self.ctx.runtime.runtime_client();
-        let filter = cri::ContainerFilter {
-            label_selector: uid_filter(&self.uid).into_iter().collect(),
-            ..Default::default()
-        };
-        let resp = self
-            .ctx
-            .runtime
-            .call_with(
-                "ListContainers",
-                None,
-                c.list_containers(cri::ListContainersRequest {
-                    filter: Some(filter),
-                }),
-            )
-            .await?;
-        Ok(resp.containers)
-    }
-
-    async fn ensure_sandbox(
-        &mut self,
-        pod: &Pod,
-        handler: &str,
-    ) -> Result<(String, Vec<String>), crate::runtime::RuntimeError> {
-        let all = self.sandboxes().await?;
-        let ready = all
-            .iter()
-            .filter(|s| s.state == cri::PodSandboxState::SandboxReady as i32)
-            .max_by_key(|s| s.created_at);
-        let mut rt = self.ctx.runtime.runtime_client();
-        let id = match ready {
-            Some(s) => s.id.clone(),
-            None => {
-                // A new sandbox: the old ones (and their containers) go first.
-                for s in &all {
-                    let _ = self
-                        .ctx
-                        .runtime
-                        .call_with(
-                            "StopPodSandbox",
-                            Some(Duration::from_secs(60)),
-                            rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-                                pod_sandbox_id: s.id.clone(),
-                            }),
-                        )
-                        .await;
-                    let _ = self
-                        .ctx
-                        .runtime
-                        .call_with(
-                            "RemovePodSandbox",
-                            Some(Duration::from_secs(60)),
-                            rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                                pod_sandbox_id: s.id.clone(),
-                            }),
-                        )
-                        .await;
-                }
-                let attempt = all
-                    .iter()
-                    .filter_map(|s| s.metadata.as_ref().map(|m| m.attempt + 1))
-                    .max()
-                    .unwrap_or(0);
-                let config = pod_spec::sandbox_config(pod, &self.ctx.config, attempt);
-                let resp = self
-                    .ctx
-                    .runtime
-                    .call_with(
-                        "RunPodSandbox",
-                        Some(Duration::from_secs(120)),
-                        rt.run_pod_sandbox(cri::RunPodSandboxRequest {
-                            config: Some(config),
-                            runtime_handler: handler.to_string(),
-                        }),
-                    )
-                    .await?;
-                tracing::info!(pod = %pod_key(pod), sandbox = %resp.pod_sandbox_id, "sandbox created");
-                resp.pod_sandbox_id
+    /// Lists what the runtime has of the pod: its sandboxes (the ready one's IPs), its
+    /// containers and their statuses.
+    async fn observe(&mut self, pod: Option<&Pod>) -> Result<Observation, RuntimeError> {
+        let cri = self.ctx.cri.clone();
+        let sandboxes = cri.list_sandboxes(&self.uid).await?;
+        let containers = cri.list_containers(&self.uid).await?;
+        let mut obs = Observation::default();
+        for s in &sandboxes {
+            obs.state.sandboxes.push(SandboxObs {
+                id: s.id.clone(),
+                ready: s.state == cri::PodSandboxState::SandboxReady as i32,
+                attempt: s.metadata.as_ref().map_or(0, |m| m.attempt),
+                created_at: s.created_at,
+                ips: Vec::new(),
+            });
+        }
+        if let Some(id) = obs.state.ready_sandbox().map(|s| s.id.clone()) {
+            let ips: Vec<String> = cri
+                .sandbox_status(&id)
+                .await?
+                .and_then(|s| s.network)
+                .map(|n| {
+                    std::iter::once(n.ip)
+                        .chain(n.additional_ips.into_iter().map(|p| p.ip))
+                        .filter(|ip| !ip.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default();
+            if let Some(s) = obs.state.sandboxes.iter_mut().find(|s| s.id == id) {
+                s.ips = ips;
             }
-        };
-        let status = self
-            .ctx
-            .runtime
-            .call_with(
-                "PodSandboxStatus",
-                None,
-                rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
-                    pod_sandbox_id: id.clone(),
-                    verbose: false,
-                }),
-            )
-            .await?;
-        let ips = status
-            .status
-            .and_then(|s| s.network)
-            .map(|n| {
-                std::iter::once(n.ip)
-                    .chain(n.additional_ips.into_iter().map(|p| p.ip))
-                    .filter(|ip| !ip.is_empty())
-                    .collect()
-            })
-            .unwrap_or_default();
-        Ok((id, ips))
+        }
+        for k in &containers {
+            let st = match self.exited.get(&k.id) {
+                Some(st) => st.clone(),
+                None => match cri.container_status(&k.id).await {
+                    Ok(Some(st)) => st,
+                    // Removed since the list, or unreadable: the next relist sees it.
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::debug!(container = %k.id, error = %e, "container status");
+                        continue;
+                    }
+                },
+            };
+            let name = st
+                .metadata
+                .as_ref()
+                .map(|m| m.name.clone())
+                .unwrap_or_default();
+            let st = if run_state(st.state) == RunState::Exited && !self.exited.contains_key(&k.id)
+            {
+                let root = self.ctx.config.root_dir.clone();
+                let uid = self.uid.clone();
+                let c = pod.and_then(|p| spec_container(p, &name)).cloned();
+                let raw = st.clone();
+                let st = tokio::task::spawn_blocking(move || {
+                    with_termination_message(&root, &uid, c.as_ref(), raw)
+                })
+                .await
+                .unwrap_or(st);
+                self.exited.insert(k.id.clone(), st.clone());
+                st
+            } else {
+                st
+            };
+            obs.state.containers.push(ContainerObs {
+                id: k.id.clone(),
+                name,
+                sandbox_id: k.pod_sandbox_id.clone(),
+                attempt: st.metadata.as_ref().map_or(0, |m| m.attempt),
+                state: run_state(st.state),
+                exit_code: st.exit_code,
+                started_at: st.started_at,
+                finished_at: st.finished_at,
+            });
+            obs.statuses.insert(k.id.clone(), st);
+        }
+        self.exited.retain(|id, _| obs.statuses.contains_key(id));
+        Ok(obs)
     }
 
     /// The CRI runtime handler of the pod's `runtimeClassName` (the RuntimeClass's `handler`);
@@ -425,11 +437,6 @@ impl Worker {
                 "IfNotPresent".into()
             }
         });
-        let mut ic = self.ctx.runtime.image_client();
-        let spec = cri::ImageSpec {
-            image: image.clone(),
-            ..Default::default()
-        };
         let present = self.image_status(&image).await.ok().flatten().map(|i| i.id);
         match (policy.as_str(), present) {
             ("Never", Some(id)) | ("IfNotPresent", Some(id)) => {
@@ -475,19 +482,7 @@ impl Worker {
         };
         let mut result = None;
         for auth in attempts {
-            let r = self
-                .ctx
-                .runtime
-                .call_with(
-                    "PullImage",
-                    Some(Duration::from_secs(600)),
-                    ic.pull_image(cri::PullImageRequest {
-                        image: Some(spec.clone()),
-                        auth,
-                        sandbox_config: None,
-                    }),
-                )
-                .await;
+            let r = self.ctx.cri.pull_image(&image, auth).await;
             let ok = r.is_ok();
             result = Some(r);
             if ok {
@@ -510,13 +505,13 @@ impl Worker {
                         pull_started.elapsed().as_secs_f64()
                     ),
                 );
-                Ok(r.image_ref)
+                Ok(r)
             }
             Err(e) => {
                 self.pull_backoff
                     .entry(c.name.clone())
                     .or_default()
-                    .fail(now, Duration::ZERO);
+                    .fail(now);
                 self.events.emit(
                     pod,
                     Some(&c.name),
@@ -529,7 +524,7 @@ impl Worker {
         }
     }
 
-    async fn sync(&mut self, pod: &Pod) -> Result<(), crate::runtime::RuntimeError> {
+    async fn sync(&mut self, pod: &Pod) -> Result<(), RuntimeError> {
         let spec = pod.spec.clone().unwrap_or_default();
         let handler = match self.runtime_handler(pod).await {
             Ok(h) => h,
@@ -537,27 +532,12 @@ impl Worker {
                 // No sandbox without its runtime: every container waits, with the reason.
                 tracing::warn!(pod = %pod_key(pod), %message, "cannot create the pod sandbox");
                 self.all_creating(&spec, message);
-                return self.report(pod, "", None).await;
+                let obs = self.observe(Some(pod)).await?;
+                return self.report(pod, &obs).await;
             }
         };
-        let (sandbox_id, ips) = match self.ensure_sandbox(pod, &handler).await {
-            Ok(s) => s,
-            Err(e) => {
-                let message = format!("Failed to create pod sandbox: {}", e.detail());
-                if self.all_creating(&spec, message.clone()) {
-                    self.events
-                        .emit(pod, None, Kind::Warning, "FailedCreatePodSandBox", message);
-                }
-                self.report(pod, "", None).await?;
-                return Err(e);
-            }
-        };
-        let restart_policy = spec
-            .restart_policy
-            .clone()
-            .unwrap_or_else(|| "Always".into());
-        // Volumes first, refreshed every few seconds so that ConfigMap and Secret changes and
-        // token rotation reach the files.
+        // Volumes first (as upstream mounts them before SyncPod), refreshed every few seconds
+        // so that ConfigMap and Secret changes and token rotation reach the files.
         if self
             .volumes_refreshed
             .is_none_or(|t| t.elapsed() >= VOLUME_REFRESH)
@@ -574,189 +554,212 @@ impl Worker {
                         self.events
                             .emit(pod, None, Kind::Warning, "FailedMount", message);
                     }
-                    return self.report(pod, &sandbox_id, Some(ips)).await;
+                    let obs = self.observe(Some(pod)).await?;
+                    return self.report(pod, &obs).await;
                 }
                 Err(e) => tracing::warn!(pod = %pod_key(pod), error = %e, "volume refresh failed"),
             }
         }
-        let containers = self.containers().await?;
-        // Init containers in order: a regular one must complete before the next starts; a
-        // sidecar (restartPolicy Always) must be running. App containers wait for all of them.
-        let mut initialized = true;
-        for c in spec.init_containers.iter().flatten() {
-            let sidecar = c.restart_policy.as_deref() == Some("Always");
-            let mode = if sidecar {
-                "Always"
-            } else if restart_policy == "Never" {
-                "Never"
-            } else {
-                "OnFailure"
-            };
-            match self
-                .step(pod, &sandbox_id, &ips, c, &containers, mode)
-                .await?
-            {
-                Step::Running if sidecar => {}
-                Step::Completed if !sidecar => {}
-                _ => {
-                    initialized = false;
-                    break;
+        let obs = self.observe(Some(pod)).await?;
+        let actions = sync::compute_pod_actions(pod, &obs.state, Instant::now(), &mut self.state);
+        let obs = if actions.is_empty() {
+            obs
+        } else {
+            let done = self.execute(pod, &obs, &handler, actions).await;
+            let obs = self.observe(Some(pod)).await?;
+            if let Err(e) = done {
+                self.report(pod, &obs).await?;
+                return Err(e);
+            }
+            obs
+        };
+        self.probe(pod, &obs).await;
+        self.report(pod, &obs).await
+    }
+
+    /// Carries out the core's actions in order.
+    async fn execute(
+        &mut self,
+        pod: &Pod,
+        obs: &Observation,
+        handler: &str,
+        actions: Vec<Action>,
+    ) -> Result<(), RuntimeError> {
+        let cri = self.ctx.cri.clone();
+        let mut sandbox: Option<(String, Vec<String>)> = obs
+            .state
+            .ready_sandbox()
+            .map(|s| (s.id.clone(), s.ips.clone()));
+        for action in actions {
+            match action {
+                Action::KillSandbox { id } => {
+                    if let Err(e) = cri.stop_sandbox(&id).await {
+                        tracing::warn!(pod = %pod_key(pod), sandbox = %id, error = %e, "stop sandbox");
+                    }
+                    if let Err(e) = cri.remove_sandbox(&id).await {
+                        tracing::warn!(pod = %pod_key(pod), sandbox = %id, error = %e, "remove sandbox");
+                    }
+                    if sandbox.as_ref().is_some_and(|(s, _)| *s == id) {
+                        sandbox = None;
+                    }
+                }
+                Action::CreateSandbox { attempt } => {
+                    let config = pod_spec::sandbox_config(pod, &self.ctx.config, attempt);
+                    let id = match cri.run_sandbox(config, handler).await {
+                        Ok(id) => id,
+                        Err(e) => {
+                            let spec = pod.spec.clone().unwrap_or_default();
+                            let message = format!("Failed to create pod sandbox: {}", e.detail());
+                            if self.all_creating(&spec, message.clone()) {
+                                self.events.emit(
+                                    pod,
+                                    None,
+                                    Kind::Warning,
+                                    "FailedCreatePodSandBox",
+                                    message,
+                                );
+                            }
+                            return Err(e);
+                        }
+                    };
+                    tracing::info!(pod = %pod_key(pod), sandbox = %id, "sandbox created");
+                    let ips = cri
+                        .sandbox_status(&id)
+                        .await?
+                        .and_then(|s| s.network)
+                        .map(|n| {
+                            std::iter::once(n.ip)
+                                .chain(n.additional_ips.into_iter().map(|p| p.ip))
+                                .filter(|ip| !ip.is_empty())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    sandbox = Some((id, ips));
+                }
+                Action::StartContainer { name, attempt } => {
+                    let (Some((sid, ips)), Some(c)) = (&sandbox, spec_container(pod, &name)) else {
+                        continue;
+                    };
+                    let (sid, ips, c) = (sid.clone(), ips.clone(), c.clone());
+                    self.start_container(pod, &sid, &ips, &c, attempt).await;
+                }
+                Action::KillContainer {
+                    id,
+                    name,
+                    grace,
+                    reason,
+                } => {
+                    let ip = sandbox
+                        .as_ref()
+                        .and_then(|(_, ips)| ips.first().cloned())
+                        .unwrap_or_default();
+                    if reason != KillReason::Terminating {
+                        tracing::info!(pod = %pod_key(pod), container = %name, ?reason, "killing container");
+                    }
+                    if let KillReason::Probe(kind) = reason {
+                        tracing::info!(pod = %pod_key(pod), container = %name, kind, "probe failed; restarting container");
+                    }
+                    self.kill_container(Some(pod), &id, &name, grace, &ip).await;
+                }
+                Action::Event {
+                    container,
+                    kind,
+                    reason,
+                    note,
+                } => self
+                    .events
+                    .emit(pod, container.as_deref(), kind, reason, note),
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs container `name`'s preStop hook (if any) and stops it, all within `grace`.
+    async fn kill_container(
+        &self,
+        pod: Option<&Pod>,
+        id: &str,
+        name: &str,
+        grace: Duration,
+        pod_ip: &str,
+    ) {
+        let started = Instant::now();
+        let c = pod.and_then(|p| spec_container(p, name));
+        let pre_stop = c.and_then(|c| c.lifecycle.as_ref()?.pre_stop.as_ref());
+        if let (Some(pod), Some(c), Some(handler)) = (pod, c, pre_stop) {
+            let hook = Hook::of(handler, pod_ip, &named_ports(c));
+            let run = lifecycle::run(&*self.ctx.cri, id, &hook, Some(grace));
+            match tokio::time::timeout(grace, run).await {
+                Ok(Ok(())) => {}
+                Ok(Err(message)) => {
+                    tracing::info!(pod = %pod_key(pod), container = %name, %message, "preStop hook failed");
+                    self.events.emit(
+                        pod,
+                        Some(name),
+                        Kind::Warning,
+                        "FailedPreStopHook",
+                        format!("PreStopHook failed: {message}"),
+                    );
+                }
+                Err(_) => {
+                    tracing::info!(pod = %pod_key(pod), container = %name, "preStop hook not completed in the grace period");
                 }
             }
         }
-        if initialized {
-            for c in &spec.containers {
-                self.step(pod, &sandbox_id, &ips, c, &containers, &restart_policy)
-                    .await?;
-            }
-        } else {
-            for c in &spec.containers {
-                self.waiting
-                    .insert(c.name.clone(), ("PodInitializing".into(), String::new()));
-            }
+        // What the hook left of the grace period is the container's to stop in.
+        let left = sync::remaining_grace(started + grace, Instant::now());
+        if let Err(e) = self.ctx.cri.stop_container(id, left).await {
+            tracing::warn!(container = %name, error = %e, "stop container");
         }
-        self.probe(pod, &sandbox_id, &ips).await?;
-        self.report(pod, &sandbox_id, Some(ips)).await
     }
 
-    /// Brings one container towards running under restart mode `mode` (Always, OnFailure,
-    /// Never): creates and starts it when it has no instance, restarts an exited instance after
-    /// its backoff when the mode says so.
-    async fn step(
+    /// Pulls, creates and starts container `c` (instance `attempt`) in sandbox `sandbox_id`,
+    /// then runs its postStart hook; a reason it cannot goes to the container's waiting state.
+    async fn start_container(
         &mut self,
         pod: &Pod,
         sandbox_id: &str,
         ips: &[String],
         c: &Container,
-        containers: &[cri::Container],
-        mode: &str,
-    ) -> Result<Step, crate::runtime::RuntimeError> {
-        let mut rt = self.ctx.runtime.runtime_client();
-        let newest = containers
-            .iter()
-            .filter(|k| {
-                k.pod_sandbox_id == sandbox_id
-                    && k.metadata.as_ref().is_some_and(|m| m.name == c.name)
-            })
-            .max_by_key(|k| k.metadata.as_ref().map_or(0, |m| m.attempt));
-        let attempt = match newest {
-            Some(k)
-                if k.state == cri::ContainerState::ContainerRunning as i32
-                    || k.state == cri::ContainerState::ContainerCreated as i32 =>
-            {
-                self.waiting.remove(&c.name);
-                return Ok(Step::Running);
-            }
-            Some(k) => {
-                let st = self
-                    .ctx
-                    .runtime
-                    .call_with(
-                        "ContainerStatus",
-                        None,
-                        rt.container_status(cri::ContainerStatusRequest {
-                            container_id: k.id.clone(),
-                            verbose: false,
-                        }),
-                    )
-                    .await?;
-                let exit = st.status.as_ref().map_or(0, |s| s.exit_code);
-                let restart = match mode {
-                    "Never" => false,
-                    "OnFailure" => exit != 0,
-                    _ => true,
-                };
-                if !restart {
-                    self.waiting.remove(&c.name);
-                    return Ok(if exit == 0 {
-                        Step::Completed
-                    } else {
-                        Step::Failed
-                    });
-                }
-                let ran = st.status.as_ref().map_or(Duration::ZERO, |s| {
-                    Duration::from_nanos((s.finished_at - s.started_at).max(0) as u64)
-                });
-                let now = Instant::now();
-                // Each exited instance counts once against the backoff.
-                if self.crashed.get(&c.name) != Some(&k.id) {
-                    self.crashed.insert(c.name.clone(), k.id.clone());
-                    let delay = self
-                        .backoff
-                        .entry(c.name.clone())
-                        .or_default()
-                        .fail(now, ran);
-                    let message = format!(
-                        "back-off {}s restarting failed container={} pod={}",
-                        delay.as_secs(),
-                        c.name,
-                        pod_key(pod)
-                    );
-                    self.events.emit(
-                        pod,
-                        Some(&c.name),
-                        Kind::Warning,
-                        "BackOff",
-                        format!(
-                            "Back-off restarting failed container {} in pod {}",
-                            c.name,
-                            pod_key(pod)
-                        ),
-                    );
-                    self.waiting
-                        .insert(c.name.clone(), ("CrashLoopBackOff".into(), message));
-                }
-                if !self.backoff.get(&c.name).is_none_or(|b| b.ready(now)) {
-                    return Ok(Step::Waiting);
-                }
-                k.metadata.as_ref().map_or(0, |m| m.attempt + 1)
-            }
-            None => 0,
-        };
+        attempt: u32,
+    ) {
+        let cri = self.ctx.cri.clone();
         let image_ref = match self.ensure_image(pod, c).await {
             Ok(r) => r,
             Err(reason) => {
-                self.waiting.insert(c.name.clone(), reason);
-                return Ok(Step::Waiting);
+                self.state.waiting.insert(c.name.clone(), reason);
+                return;
             }
         };
         let sources = match self.env_sources(pod, c).await {
             Ok(s) => s,
-            Err(e) => {
-                self.config_error(pod, c, e.to_string());
-                return Ok(Step::Waiting);
-            }
+            Err(e) => return self.config_error(pod, c, e.to_string()),
         };
-        let env = match pod_spec::env(
-            pod,
-            c,
-            ips.first().map_or("", String::as_str),
-            &self.ctx.host_ip,
-            &sources,
-        ) {
+        let pod_ip = ips.first().map_or("", String::as_str);
+        let env = match pod_spec::env(pod, c, pod_ip, &self.ctx.host_ip, &sources) {
             Ok(e) => e,
-            Err(e) => {
-                self.config_error(pod, c, e.to_string());
-                return Ok(Step::Waiting);
-            }
+            Err(e) => return self.config_error(pod, c, e.to_string()),
         };
-        let mounts = match crate::volumes::container_mounts(pod, c, &self.volume_paths) {
+        let mut mounts = match crate::volumes::container_mounts(pod, c, &self.volume_paths) {
             Ok(m) => m,
-            Err(e) => {
-                self.config_error(pod, c, e.to_string());
-                return Ok(Step::Waiting);
-            }
+            Err(e) => return self.config_error(pod, c, e.to_string()),
         };
+        if let Some(path) = termination::container_path(c) {
+            match termination::create_file(&self.ctx.config.root_dir, &self.uid, &c.name) {
+                Ok(host) => mounts.push(cri::Mount {
+                    container_path: path,
+                    host_path: host.display().to_string(),
+                    ..Default::default()
+                }),
+                Err(e) => return self.config_error(pod, c, e.to_string()),
+            }
+        }
         let image_user = match self.image_user(&image_ref).await {
             Ok(u) => u,
-            Err(message) => {
-                self.config_error(pod, c, message);
-                return Ok(Step::Waiting);
-            }
+            Err(message) => return self.config_error(pod, c, message),
         };
         if let Err(message) = verify_non_root(pod, c, &image_user) {
-            self.config_error(pod, c, message);
-            return Ok(Step::Waiting);
+            return self.config_error(pod, c, message);
         }
         let config = pod_spec::container_config(
             pod,
@@ -769,21 +772,11 @@ impl Worker {
             &self.ctx.config.root_dir.join("seccomp"),
         );
         let sandbox_config = pod_spec::sandbox_config(pod, &self.ctx.config, 0);
-        let created = self
-            .ctx
-            .runtime
-            .call_with(
-                "CreateContainer",
-                Some(Duration::from_secs(120)),
-                rt.create_container(cri::CreateContainerRequest {
-                    pod_sandbox_id: sandbox_id.to_string(),
-                    config: Some(config),
-                    sandbox_config: Some(sandbox_config),
-                }),
-            )
-            .await;
-        let id = match created {
-            Ok(r) => {
+        let id = match cri
+            .create_container(sandbox_id, config, sandbox_config)
+            .await
+        {
+            Ok(id) => {
                 self.events.emit(
                     pod,
                     Some(&c.name),
@@ -791,7 +784,7 @@ impl Worker {
                     "Created",
                     format!("Created container: {}", c.name),
                 );
-                r.container_id
+                id
             }
             Err(e) => {
                 self.events.emit(
@@ -801,23 +794,14 @@ impl Worker {
                     "Failed",
                     format!("Error: {}", e.detail()),
                 );
-                self.waiting.insert(
+                self.state.waiting.insert(
                     c.name.clone(),
                     ("CreateContainerError".into(), e.to_string()),
                 );
-                return Ok(Step::Waiting);
+                return;
             }
         };
-        if let Err(e) = self
-            .ctx
-            .runtime
-            .call_with(
-                "StartContainer",
-                Some(Duration::from_secs(120)),
-                rt.start_container(cri::StartContainerRequest { container_id: id }),
-            )
-            .await
-        {
+        if let Err(e) = cri.start_container(&id).await {
             self.events.emit(
                 pod,
                 Some(&c.name),
@@ -825,9 +809,10 @@ impl Worker {
                 "Failed",
                 format!("Error: {}", e.detail()),
             );
-            self.waiting
+            self.state
+                .waiting
                 .insert(c.name.clone(), ("RunContainerError".into(), e.to_string()));
-            return Ok(Step::Waiting);
+            return;
         }
         self.events.emit(
             pod,
@@ -836,9 +821,41 @@ impl Worker {
             "Started",
             format!("Started container {}", c.name),
         );
-        self.waiting.remove(&c.name);
+        // postStart runs before anything else happens to the pod: the status reported next
+        // shows the container running only once the hook is done.
+        if let Some(handler) = c.lifecycle.as_ref().and_then(|l| l.post_start.as_ref()) {
+            let hook = Hook::of(handler, pod_ip, &named_ports(c));
+            if let Err(message) = lifecycle::run(&*cri, &id, &hook, None).await {
+                tracing::info!(pod = %pod_key(pod), container = %c.name, %message, "postStart hook failed");
+                // As upstream, the hook's output stays out of the event (it may hold secrets).
+                self.events.emit(
+                    pod,
+                    Some(&c.name),
+                    Kind::Warning,
+                    "FailedPostStartHook",
+                    "PostStartHook failed".into(),
+                );
+                self.events.emit(
+                    pod,
+                    Some(&c.name),
+                    Kind::Normal,
+                    "Killing",
+                    "FailedPostStartHook".into(),
+                );
+                let grace =
+                    Duration::from_secs(
+                        sync::grace_seconds(pod, Some(c), &KillReason::PodFailed) as u64
+                    );
+                self.kill_container(Some(pod), &id, &c.name, grace, pod_ip)
+                    .await;
+                self.state
+                    .waiting
+                    .insert(c.name.clone(), ("PostStartHookError".into(), message));
+                return;
+            }
+        }
+        self.state.waiting.remove(&c.name);
         tracing::info!(pod = %pod_key(pod), container = %c.name, attempt, "container started");
-        Ok(Step::Running)
     }
 
     /// Every container of the pod waits as ContainerCreating with `message` (the pod cannot
@@ -857,8 +874,8 @@ impl Worker {
             .chain(&spec.containers)
         {
             let entry = ("ContainerCreating".to_string(), message.clone());
-            new |= self.waiting.get(&c.name) != Some(&entry);
-            self.waiting.insert(c.name.clone(), entry);
+            new |= self.state.waiting.get(&c.name) != Some(&entry);
+            self.state.waiting.insert(c.name.clone(), entry);
         }
         new
     }
@@ -867,6 +884,7 @@ impl Worker {
     /// reason, and a Warning event saying so (once per distinct message).
     fn config_error(&mut self, pod: &Pod, c: &Container, message: String) {
         let known = self
+            .state
             .waiting
             .get(&c.name)
             .is_some_and(|(r, m)| r == "CreateContainerConfigError" && *m == message);
@@ -879,7 +897,7 @@ impl Worker {
                 format!("Error: {message}"),
             );
         }
-        self.waiting.insert(
+        self.state.waiting.insert(
             c.name.clone(),
             ("CreateContainerConfigError".into(), message),
         );
@@ -894,24 +912,11 @@ impl Worker {
 
     /// The runtime's ImageStatus of `image` (`None`: not present).
     async fn image_status(&self, image: &str) -> Result<Option<cri::Image>, String> {
-        let mut ic = self.ctx.runtime.image_client();
-        let status = self
-            .ctx
-            .runtime
-            .call_with(
-                "ImageStatus",
-                None,
-                ic.image_status(cri::ImageStatusRequest {
-                    image: Some(cri::ImageSpec {
-                        image: image.to_string(),
-                        ..Default::default()
-                    }),
-                    verbose: false,
-                }),
-            )
+        self.ctx
+            .cri
+            .image_status(image)
             .await
-            .map_err(|e| e.detail())?;
-        Ok(status.image)
+            .map_err(|e| e.detail())
     }
 
     /// Fetches the ConfigMaps and Secrets container `c`'s environment refers to (each
@@ -988,51 +993,33 @@ impl Worker {
         Ok(out)
     }
 
-    /// Runs the probes that are due on running containers; a failed liveness or startup probe
-    /// stops the container (the sync then restarts it per the restart policy).
-    async fn probe(
-        &mut self,
-        pod: &Pod,
-        sandbox_id: &str,
-        ips: &[String],
-    ) -> Result<(), crate::runtime::RuntimeError> {
-        let spec = pod.spec.clone().unwrap_or_default();
-        let grace = spec.termination_grace_period_seconds.unwrap_or(30);
-        let pod_ip = ips.first().cloned().unwrap_or_default();
-        let mut rt = self.ctx.runtime.runtime_client();
-        let running: Vec<cri::Container> = self
-            .containers()
-            .await?
-            .into_iter()
-            .filter(|k| {
-                k.pod_sandbox_id == sandbox_id
-                    && k.state == cri::ContainerState::ContainerRunning as i32
-            })
+    /// Runs the probes that are due on running containers; their verdicts go to the core,
+    /// which kills a container whose liveness or startup probe failed.
+    async fn probe(&mut self, pod: &Pod, obs: &Observation) {
+        let Some(sandbox) = obs.state.ready_sandbox() else {
+            return;
+        };
+        let pod_ip = sandbox.ips.first().cloned().unwrap_or_default();
+        let running: Vec<&ContainerObs> = obs
+            .state
+            .containers
+            .iter()
+            .filter(|k| k.sandbox_id == sandbox.id && k.state == RunState::Running)
             .collect();
-        let live: std::collections::BTreeSet<String> =
-            running.iter().map(|k| k.id.clone()).collect();
-        self.probes.retain(|(id, _), _| live.contains(id));
         for k in running {
-            let Some(c) = spec
-                .containers
-                .iter()
-                .find(|c| k.metadata.as_ref().is_some_and(|m| m.name == c.name))
-            else {
+            let Some(c) = spec_container(pod, &k.name).cloned() else {
                 continue;
             };
-            let ports: Vec<(String, i32)> = c
-                .ports
-                .iter()
-                .flatten()
-                .filter_map(|p| Some((p.name.clone()?, p.container_port)))
-                .collect();
+            let ports = named_ports(&c);
             // CRI reports creation time; the probe clock starts with the container.
+            let created = obs.statuses.get(&k.id).map_or(0, |s| s.created_at);
             let age = Duration::from_nanos(
-                (Timestamp::now().as_nanosecond() - i128::from(k.created_at)).max(0) as u64,
+                (Timestamp::now().as_nanosecond() - i128::from(created)).max(0) as u64,
             );
             let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
             let startup_done = c.startup_probe.is_none()
                 || self
+                    .state
                     .probes
                     .get(&(k.id.clone(), "startup"))
                     .is_some_and(|p| p.result == Some(true));
@@ -1042,13 +1029,11 @@ impl Worker {
                 ("readiness", &c.readiness_probe),
             ] {
                 let Some(probe) = probe else { continue };
-                if kind != "startup" && !startup_done {
-                    continue;
-                }
-                if kind == "startup" && startup_done {
+                if (kind != "startup") != startup_done {
                     continue;
                 }
                 let state = self
+                    .state
                     .probes
                     .entry((k.id.clone(), kind))
                     .or_insert_with(|| ProbeState::new(Timing::of(probe), started));
@@ -1058,18 +1043,10 @@ impl Worker {
                 }
                 let timeout = state.timing.timeout;
                 let outcome = match prober::action(probe, &pod_ip, &ports) {
-                    Action::Exec(cmd) => self
+                    prober::Action::Exec(cmd) => self
                         .ctx
-                        .runtime
-                        .call_with(
-                            "ExecSync",
-                            Some(timeout + Duration::from_secs(2)),
-                            rt.exec_sync(cri::ExecSyncRequest {
-                                container_id: k.id.clone(),
-                                cmd,
-                                timeout: timeout.as_secs() as i64,
-                            }),
-                        )
+                        .cri
+                        .exec_sync(&k.id, cmd, timeout)
                         .await
                         .map_err(|e| e.to_string())
                         .and_then(|r| {
@@ -1079,25 +1056,25 @@ impl Worker {
                                 Err(format!("command exited with {}", r.exit_code))
                             }
                         }),
-                    Action::Http {
+                    prober::Action::Http {
                         host,
                         port,
                         path,
                         headers,
                         ..
                     } => prober::http_get(&host, port, &path, &headers, timeout).await,
-                    Action::Tcp { host, port } => prober::tcp(&host, port, timeout).await,
-                    Action::Grpc {
+                    prober::Action::Tcp { host, port } => prober::tcp(&host, port, timeout).await,
+                    prober::Action::Grpc {
                         host,
                         port,
                         service,
                     } => prober::grpc(&host, port, &service, timeout).await,
-                    Action::Unsupported(why) => Err(why),
+                    prober::Action::Unsupported(why) => Err(why),
                 };
-                let Some(state) = self.probes.get_mut(&(k.id.clone(), kind)) else {
+                let Some(state) = self.state.probes.get_mut(&(k.id.clone(), kind)) else {
                     continue;
                 };
-                let verdict = state.record(Instant::now(), outcome.is_ok());
+                state.record(Instant::now(), outcome.is_ok());
                 if let Err(why) = &outcome {
                     tracing::debug!(pod = %pod_key(pod), container = %c.name, kind, reason = %why, "probe failed");
                     let mut probe_name = kind.to_string();
@@ -1110,75 +1087,31 @@ impl Worker {
                         format!("{probe_name} probe failed: {why}"),
                     );
                 }
-                if verdict == Some(false) && kind != "readiness" {
-                    self.events.emit(
-                        pod,
-                        Some(&c.name),
-                        Kind::Normal,
-                        "Killing",
-                        format!(
-                            "Container {} failed {kind} probe, will be restarted",
-                            c.name
-                        ),
-                    );
-                    tracing::info!(pod = %pod_key(pod), container = %c.name, kind, "probe failed; restarting container");
-                    let _ = self
-                        .ctx
-                        .runtime
-                        .call_with(
-                            "StopContainer",
-                            Some(Duration::from_secs(grace.max(0) as u64 + 30)),
-                            rt.stop_container(cri::StopContainerRequest {
-                                container_id: k.id.clone(),
-                                timeout: grace,
-                            }),
-                        )
-                        .await;
-                }
             }
         }
-        Ok(())
     }
 
-    async fn observe(
-        &self,
-        pod: &Pod,
-        sandbox_id: &str,
-        ips: Option<Vec<String>>,
-    ) -> Result<Observed, crate::runtime::RuntimeError> {
-        let mut rt = self.ctx.runtime.runtime_client();
+    /// The status inputs from an observation: the newest sandbox's containers, newest and
+    /// previous instance per name, with waiting reasons and probe verdicts.
+    fn status_inputs(&self, pod: &Pod, obs: &Observation) -> Observed {
         let mut observed = Observed {
-            sandbox_ips: ips,
-            waiting: self.waiting.clone(),
+            sandbox_ips: obs.state.ready_sandbox().map(|s| s.ips.clone()),
+            waiting: self.state.waiting.clone(),
             runtime_name: self.ctx.runtime_name.clone(),
             ..Default::default()
         };
+        let Some(sandbox) = obs.state.newest_sandbox() else {
+            return observed;
+        };
         let mut by_name: BTreeMap<String, Vec<cri::ContainerStatus>> = BTreeMap::new();
-        for k in self
-            .containers()
-            .await?
-            .into_iter()
-            .filter(|k| k.pod_sandbox_id == sandbox_id)
+        for k in obs
+            .state
+            .containers
+            .iter()
+            .filter(|k| k.sandbox_id == sandbox.id)
         {
-            let st = self
-                .ctx
-                .runtime
-                .call_with(
-                    "ContainerStatus",
-                    None,
-                    rt.container_status(cri::ContainerStatusRequest {
-                        container_id: k.id.clone(),
-                        verbose: false,
-                    }),
-                )
-                .await?;
-            if let Some(s) = st.status {
-                let name = s
-                    .metadata
-                    .as_ref()
-                    .map(|m| m.name.clone())
-                    .unwrap_or_default();
-                by_name.entry(name).or_default().push(s);
+            if let Some(st) = obs.statuses.get(&k.id) {
+                by_name.entry(k.name.clone()).or_default().push(st.clone());
             }
         }
         for (name, mut list) in by_name {
@@ -1191,12 +1124,19 @@ impl Worker {
             }
         }
         // Probe verdicts of the current instances: no verdict yet counts as failing.
-        for c in pod.spec.iter().flat_map(|sp| sp.containers.iter()) {
+        let spec = pod.spec.clone().unwrap_or_default();
+        for c in spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(&spec.containers)
+        {
             let Some(id) = observed.containers.get(&c.name).map(|s| s.id.clone()) else {
                 continue;
             };
             let passed = |kind: &'static str| {
-                self.probes
+                self.state
+                    .probes
                     .get(&(id.clone(), kind))
                     .is_some_and(|p| p.result == Some(true))
             };
@@ -1207,16 +1147,11 @@ impl Worker {
                 observed.unready.insert(c.name.clone());
             }
         }
-        Ok(observed)
+        observed
     }
 
-    async fn report(
-        &mut self,
-        pod: &Pod,
-        sandbox_id: &str,
-        ips: Option<Vec<String>>,
-    ) -> Result<(), crate::runtime::RuntimeError> {
-        let observed = self.observe(pod, sandbox_id, ips).await?;
+    async fn report(&mut self, pod: &Pod, obs: &Observation) -> Result<(), RuntimeError> {
+        let observed = self.status_inputs(pod, obs);
         let status = pod_status::pod_status(pod, &observed, &self.ctx.host_ip, &now_time());
         if self.last_status.as_ref() == Some(&status) {
             return Ok(());
@@ -1251,110 +1186,57 @@ impl Worker {
         Ok(())
     }
 
-    /// Stops everything of the pod (within its grace period), removes it from the runtime and
-    /// confirms the deletion to the API server.
+    /// Stops everything of the pod in upstream's order within its grace period (preStop
+    /// hooks included), removes it from the runtime and confirms the deletion to the API
+    /// server.
     async fn terminate(&mut self, pod: Option<&Pod>) {
-        let grace = pod
-            .and_then(|p| {
-                p.metadata
-                    .deletion_grace_period_seconds
-                    .or(p.spec.as_ref()?.termination_grace_period_seconds)
-            })
-            .unwrap_or(30)
-            .max(0);
-        let mut rt = self.ctx.runtime.runtime_client();
-        // App containers first, then sidecars (newest-declared first), as upstream terminates.
-        let sidecars: Vec<String> = pod
-            .and_then(|p| p.spec.as_ref()?.init_containers.clone())
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|c| c.restart_policy.as_deref() == Some("Always"))
-            .map(|c| c.name)
-            .collect();
-        if let Ok(containers) = self.containers().await {
-            let running: Vec<&cri::Container> = containers
-                .iter()
-                .filter(|k| k.state == cri::ContainerState::ContainerRunning as i32)
-                .collect();
-            let name_of = |k: &cri::Container| {
-                k.metadata
-                    .as_ref()
-                    .map(|m| m.name.clone())
-                    .unwrap_or_default()
-            };
-            if let Some(pod) = pod {
-                for k in &running {
-                    let name = name_of(k);
-                    self.events.emit(
-                        pod,
-                        Some(&name),
-                        Kind::Normal,
-                        "Killing",
-                        format!("Stopping container {name}"),
-                    );
-                }
-            }
-            let mut waves: Vec<Vec<String>> = vec![
-                running
-                    .iter()
-                    .filter(|k| !sidecars.contains(&name_of(k)))
-                    .map(|k| k.id.clone())
-                    .collect(),
-            ];
-            for sidecar in sidecars.iter().rev() {
-                waves.push(
-                    running
-                        .iter()
-                        .filter(|k| &name_of(k) == sidecar)
-                        .map(|k| k.id.clone())
-                        .collect(),
-                );
-            }
-            for wave in waves {
-                let stops = wave.into_iter().map(|id| {
-                    let mut rt = rt.clone();
-                    let runtime = self.ctx.runtime.clone();
-                    async move {
-                        let _ = runtime
-                            .call_with(
-                                "StopContainer",
-                                Some(Duration::from_secs(grace as u64 + 30)),
-                                rt.stop_container(cri::StopContainerRequest {
-                                    container_id: id,
-                                    timeout: grace,
-                                }),
-                            )
-                            .await;
+        let grace = pod.map_or(30, |p| {
+            sync::grace_seconds(p, None, &KillReason::Terminating)
+        });
+        let deadline = Instant::now() + Duration::from_secs(grace as u64);
+        let cri = self.ctx.cri.clone();
+        let sandboxes: Vec<String> = match self.observe(pod).await {
+            Ok(obs) => {
+                let ip = obs
+                    .state
+                    .ready_sandbox()
+                    .and_then(|s| s.ips.first().cloned())
+                    .unwrap_or_default();
+                let waves = sync::termination_waves(pod, &obs.state);
+                if let Some(pod) = pod {
+                    for (_, name) in waves.iter().flatten() {
+                        self.events.emit(
+                            pod,
+                            Some(name),
+                            Kind::Normal,
+                            "Killing",
+                            format!("Stopping container {name}"),
+                        );
                     }
-                });
-                futures::future::join_all(stops).await;
+                }
+                for wave in waves {
+                    let left = sync::remaining_grace(deadline, Instant::now());
+                    let this = &*self;
+                    let stops = wave
+                        .iter()
+                        .map(|(id, name)| this.kill_container(pod, id, name, left, &ip));
+                    futures::future::join_all(stops).await;
+                }
+                obs.state.sandboxes.iter().map(|s| s.id.clone()).collect()
             }
-        }
-        if let Ok(sandboxes) = self.sandboxes().await {
-            for s in sandboxes {
-                let _ = self
-                    .ctx
-                    .runtime
-                    .call_with(
-                        "StopPodSandbox",
-                        Some(Duration::from_secs(60)),
-                        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-                            pod_sandbox_id: s.id.clone(),
-                        }),
-                    )
-                    .await;
-                let _ = self
-                    .ctx
-                    .runtime
-                    .call_with(
-                        "RemovePodSandbox",
-                        Some(Duration::from_secs(60)),
-                        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                            pod_sandbox_id: s.id,
-                        }),
-                    )
-                    .await;
+            Err(e) => {
+                tracing::warn!(uid = %self.uid, error = %e, "cannot list the pod's containers");
+                cri.list_sandboxes(&self.uid)
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|s| s.id)
+                    .collect()
             }
+        };
+        for id in sandboxes {
+            let _ = cri.stop_sandbox(&id).await;
+            let _ = cri.remove_sandbox(&id).await;
         }
         self.ctx.volumes.cleanup(&self.uid);
         let (Some(p), Some(client)) = (pod, self.ctx.client.clone()) else {
@@ -1392,21 +1274,284 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::fake::FakeCri;
+
+    fn worker(root: &std::path::Path) -> (Worker, Arc<FakeCri>) {
+        let mut config = Config::load(&crate::config::Flags::default()).unwrap();
+        config.root_dir = root.to_path_buf();
+        let fake = Arc::new(FakeCri::default());
+        let ctx = Context {
+            client: None,
+            volumes: crate::volumes::Volumes::new(root, None),
+            cri: fake.clone(),
+            config: config.clone(),
+            host_ip: "10.0.0.1".into(),
+            runtime_name: "fake".into(),
+            nudges: crate::pleg::Nudges::default(),
+        };
+        let w = Worker {
+            events: crate::events::Events::new(None, &config.node_name),
+            ctx,
+            uid: "u1".into(),
+            state: sync::WorkerState::default(),
+            pull_backoff: BTreeMap::new(),
+            volume_paths: BTreeMap::new(),
+            volumes_refreshed: None,
+            exited: BTreeMap::new(),
+            last_status: None,
+            runtime_class: None,
+        };
+        (w, fake)
+    }
+
+    fn test_pod(spec: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "p", "namespace": "ns", "uid": "u1" },
+            "spec": spec
+        }))
+        .unwrap()
+    }
+
+    /// The calls matching `filter`, in order.
+    fn calls(fake: &FakeCri, filter: &[&str]) -> Vec<String> {
+        fake.calls()
+            .into_iter()
+            .filter(|c| filter.iter().any(|f| c.starts_with(f)))
+            .collect()
+    }
+
+    fn terminated(w: &Worker, name: &str) -> k8s_openapi::api::core::v1::ContainerStateTerminated {
+        let st = w.last_status.clone().unwrap();
+        st.container_statuses
+            .unwrap()
+            .into_iter()
+            .find(|c| c.name == name)
+            .and_then(|c| c.state?.terminated)
+            .unwrap_or_else(|| panic!("{name} not terminated"))
+    }
+
+    #[tokio::test]
+    async fn post_start_runs_right_after_start_and_before_the_next_container() {
+        let root = tempfile::tempdir().unwrap();
+        let (mut w, fake) = worker(root.path());
+        let pod = test_pod(serde_json::json!({
+            "containers": [
+                { "name": "a", "image": "busybox:1",
+                  "lifecycle": { "postStart": { "exec": { "command": ["touch", "/ready"] } } } },
+                { "name": "b", "image": "busybox:1" }
+            ]
+        }));
+        w.sync(&pod).await.unwrap();
+        assert_eq!(
+            calls(
+                &fake,
+                &[
+                    "RunPodSandbox",
+                    "CreateContainer",
+                    "StartContainer",
+                    "ExecSync"
+                ]
+            ),
+            [
+                "RunPodSandbox",
+                "CreateContainer a",
+                "StartContainer a",
+                "ExecSync a touch /ready 0s",
+                "CreateContainer b",
+                "StartContainer b"
+            ]
+        );
+        // Every container got its termination message file at the default path.
+        let m = fake.mounts("a");
+        let msg = m
+            .iter()
+            .find(|m| m.container_path == "/dev/termination-log")
+            .unwrap();
+        assert!(
+            msg.host_path.starts_with(
+                &root
+                    .path()
+                    .join("pods/u1/containers/a")
+                    .display()
+                    .to_string()
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_post_start_kills_the_container_which_then_restarts() {
+        let root = tempfile::tempdir().unwrap();
+        let (mut w, fake) = worker(root.path());
+        fake.exec_exits("false", 1);
+        let pod = test_pod(serde_json::json!({
+            "terminationGracePeriodSeconds": 5,
+            "containers": [
+                { "name": "a", "image": "busybox:1",
+                  "lifecycle": { "postStart": { "exec": { "command": ["false"] } } } }
+            ]
+        }));
+        w.sync(&pod).await.unwrap();
+        assert_eq!(
+            calls(&fake, &["StartContainer", "ExecSync", "StopContainer"]),
+            [
+                "StartContainer a",
+                "ExecSync a false 0s",
+                "StopContainer a 5s"
+            ]
+        );
+        let (reason, message) = w.state.waiting["a"].clone();
+        assert_eq!(reason, "PostStartHookError");
+        assert!(
+            message.contains("command 'false' exited with 1"),
+            "{message}"
+        );
+        let s = w.last_status.clone().unwrap().container_statuses.unwrap();
+        assert!(
+            s[0].state.clone().unwrap().running.is_none(),
+            "never reported running"
+        );
+        // The next sync restarts it (restartPolicy Always).
+        w.sync(&pod).await.unwrap();
+        assert_eq!(
+            calls(&fake, &["StartContainer"]),
+            ["StartContainer a", "StartContainer a"]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn termination_runs_pre_stop_hooks_in_order_within_the_grace_period() {
+        let root = tempfile::tempdir().unwrap();
+        let (mut w, fake) = worker(root.path());
+        let mut pod = test_pod(serde_json::json!({
+            "terminationGracePeriodSeconds": 10,
+            "initContainers": [
+                { "name": "side", "image": "busybox:1", "restartPolicy": "Always",
+                  "lifecycle": { "preStop": { "exec": { "command": ["drain"] } } } }
+            ],
+            "containers": [
+                { "name": "app", "image": "busybox:1",
+                  "lifecycle": { "preStop": { "sleep": { "seconds": 3 } } } }
+            ]
+        }));
+        w.sync(&pod).await.unwrap();
+        assert_eq!(
+            calls(&fake, &["StartContainer"]),
+            ["StartContainer side", "StartContainer app"]
+        );
+        pod.metadata.deletion_grace_period_seconds = Some(10);
+        let t = Instant::now();
+        w.terminate(Some(&pod)).await;
+        // The app first: its 3 s preStop sleep comes out of its 10 s; then the sidecar, its
+        // preStop exec bounded by what is left of the pod's grace period.
+        assert_eq!(
+            calls(
+                &fake,
+                &[
+                    "StopContainer",
+                    "ExecSync",
+                    "StopPodSandbox",
+                    "RemovePodSandbox"
+                ]
+            ),
+            [
+                "StopContainer app 7s",
+                "ExecSync side drain 7s",
+                "StopContainer side 7s",
+                "StopPodSandbox",
+                "RemovePodSandbox"
+            ]
+        );
+        assert_eq!(t.elapsed(), Duration::from_secs(3));
+    }
+
+    #[tokio::test]
+    async fn pre_stop_http_get_reaches_its_server_and_a_failing_pre_stop_still_stops() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 1024];
+            let n = s.read(&mut buf).await.unwrap();
+            // A 500 is still a hook that ran: upstream ignores the status code.
+            s.write_all(b"HTTP/1.1 500 X\r\nContent-Length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        let root = tempfile::tempdir().unwrap();
+        let (mut w, fake) = worker(root.path());
+        fake.exec_exits("fail", 1);
+        let pod = test_pod(serde_json::json!({
+            "terminationGracePeriodSeconds": 5,
+            "containers": [
+                { "name": "web", "image": "busybox:1",
+                  "lifecycle": { "preStop": { "httpGet": { "host": "127.0.0.1", "port": port, "path": "/bye" } } } },
+                { "name": "bad", "image": "busybox:1",
+                  "lifecycle": { "preStop": { "exec": { "command": ["fail"] } } } }
+            ]
+        }));
+        w.sync(&pod).await.unwrap();
+        w.terminate(Some(&pod)).await;
+        let request = server.await.unwrap();
+        assert!(request.starts_with("GET /bye HTTP/1.1\r\n"), "{request}");
+        assert!(request.contains("User-Agent: kube-lifecycle/"), "{request}");
+        let stops = calls(&fake, &["StopContainer"]);
+        assert_eq!(stops.len(), 2, "{stops:?}");
+        assert!(stops.iter().any(|c| c.starts_with("StopContainer bad")));
+        assert!(stops.iter().any(|c| c.starts_with("StopContainer web")));
+    }
+
+    #[tokio::test]
+    async fn termination_messages_come_from_the_file_or_the_log_tail() {
+        let root = tempfile::tempdir().unwrap();
+        let (mut w, fake) = worker(root.path());
+        let pod = test_pod(serde_json::json!({
+            "restartPolicy": "Never",
+            "containers": [
+                { "name": "file", "image": "busybox:1", "terminationMessagePath": "/tmp/msg" },
+                { "name": "logs", "image": "busybox:1",
+                  "terminationMessagePolicy": "FallbackToLogsOnError" }
+            ]
+        }));
+        w.sync(&pod).await.unwrap();
+        let file = fake.mounts("file");
+        let host = &file
+            .iter()
+            .find(|m| m.container_path == "/tmp/msg")
+            .unwrap()
+            .host_path;
+        std::fs::write(host, "all done").unwrap();
+        let log = root.path().join("logs.log");
+        std::fs::write(
+            &log,
+            "2026-01-01T00:00:00.000000000Z stderr F fatal: no config\n",
+        )
+        .unwrap();
+        fake.log_to("logs", &log);
+        fake.exit("file", 0);
+        fake.exit("logs", 2);
+        w.sync(&pod).await.unwrap();
+        assert_eq!(terminated(&w, "file").message.as_deref(), Some("all done"));
+        assert_eq!(
+            terminated(&w, "logs").message.as_deref(),
+            Some("fatal: no config\n")
+        );
+    }
 
     #[test]
-    fn backoff_doubles_to_five_minutes_and_resets_after_a_clean_run() {
+    fn pull_backoff_doubles_to_five_minutes() {
         let t = Instant::now();
-        let mut b = Backoff::default();
+        let mut b = PullBackoff::default();
         assert!(b.ready(t));
-        assert_eq!(b.fail(t, Duration::ZERO), Duration::from_secs(10));
+        assert_eq!(b.fail(t), Duration::from_secs(10));
         assert!(!b.ready(t + Duration::from_secs(5)));
         assert!(b.ready(t + Duration::from_secs(10)));
-        assert_eq!(b.fail(t, Duration::ZERO), Duration::from_secs(20));
+        assert_eq!(b.fail(t), Duration::from_secs(20));
         for _ in 0..10 {
-            b.fail(t, Duration::ZERO);
+            b.fail(t);
         }
-        assert_eq!(b.fail(t, Duration::ZERO), Duration::from_secs(300));
-        assert_eq!(b.fail(t, Duration::from_secs(601)), Duration::from_secs(10));
+        assert_eq!(b.fail(t), Duration::from_secs(300));
     }
 
     #[test]

@@ -228,12 +228,29 @@ pub async fn http_get(
     headers: &[(String, String)],
     timeout: Duration,
 ) -> Result<(), String> {
+    let code = http_request(host, port, path, headers, "kube-probe/1.37", timeout).await?;
+    if (200..400).contains(&code) {
+        Ok(())
+    } else {
+        Err(format!("HTTP probe failed with statuscode: {code}"))
+    }
+}
+
+/// One HTTP/1.1 GET as `user_agent`; returns the response's status code.
+pub async fn http_request(
+    host: &str,
+    port: u16,
+    path: &str,
+    headers: &[(String, String)],
+    user_agent: &str,
+    timeout: Duration,
+) -> Result<u16, String> {
     let work = async {
         let mut s = tokio::net::TcpStream::connect((host, port))
             .await
             .map_err(|e| e.to_string())?;
         let mut req = format!(
-            "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.37\r\nAccept: */*\r\nConnection: close\r\n"
+            "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: {user_agent}\r\nAccept: */*\r\nConnection: close\r\n"
         );
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
@@ -244,19 +261,14 @@ pub async fn http_get(
             .map_err(|e| e.to_string())?;
         let mut head = [0u8; 12];
         s.read_exact(&mut head).await.map_err(|e| e.to_string())?;
-        let code: u16 = std::str::from_utf8(&head[9..12])
+        std::str::from_utf8(&head[9..12])
             .ok()
-            .and_then(|c| c.parse().ok())
-            .ok_or("not an HTTP response")?;
-        if (200..400).contains(&code) {
-            Ok(())
-        } else {
-            Err(format!("HTTP probe failed with statuscode: {code}"))
-        }
+            .and_then(|c| c.parse::<u16>().ok())
+            .ok_or_else(|| "not an HTTP response".to_string())
     };
     tokio::time::timeout(timeout, work)
         .await
-        .map_err(|_| "probe timed out".to_string())?
+        .map_err(|_| "request timed out".to_string())?
 }
 
 /// TCP probe: success when a connection opens.

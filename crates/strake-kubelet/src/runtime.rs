@@ -1,4 +1,7 @@
 //! The connection to the CRI runtime (strake-runtime, containerd, CRI-O).
+//!
+//! [`Cri`] is the seam the pod workers use: the typed runtime calls they make, implemented over
+//! tonic by [`Runtime`] and by a recording fake in unit tests (`runtime::fake`, test builds only).
 
 use std::time::Duration;
 
@@ -154,6 +157,312 @@ impl Runtime {
     }
 }
 
+/// The runtime calls a pod worker makes, typed; implemented over tonic by [`Runtime`].
+#[async_trait::async_trait]
+pub trait Cri: Send + Sync + std::fmt::Debug {
+    /// The sandboxes labelled with pod UID `uid`.
+    async fn list_sandboxes(&self, uid: &str) -> Result<Vec<cri::PodSandbox>, RuntimeError>;
+    /// RunPodSandbox; returns the new sandbox's ID.
+    async fn run_sandbox(
+        &self,
+        config: cri::PodSandboxConfig,
+        handler: &str,
+    ) -> Result<String, RuntimeError>;
+    async fn stop_sandbox(&self, id: &str) -> Result<(), RuntimeError>;
+    async fn remove_sandbox(&self, id: &str) -> Result<(), RuntimeError>;
+    async fn sandbox_status(&self, id: &str)
+    -> Result<Option<cri::PodSandboxStatus>, RuntimeError>;
+    /// The containers labelled with pod UID `uid`.
+    async fn list_containers(&self, uid: &str) -> Result<Vec<cri::Container>, RuntimeError>;
+    async fn container_status(
+        &self,
+        id: &str,
+    ) -> Result<Option<cri::ContainerStatus>, RuntimeError>;
+    /// CreateContainer; returns the new container's ID.
+    async fn create_container(
+        &self,
+        sandbox_id: &str,
+        config: cri::ContainerConfig,
+        sandbox_config: cri::PodSandboxConfig,
+    ) -> Result<String, RuntimeError>;
+    async fn start_container(&self, id: &str) -> Result<(), RuntimeError>;
+    /// StopContainer with `grace` before the runtime kills it.
+    async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), RuntimeError>;
+    async fn remove_container(&self, id: &str) -> Result<(), RuntimeError>;
+    /// ExecSync of `cmd` in container `id`, bounded by `timeout` (zero: the runtime's default).
+    async fn exec_sync(
+        &self,
+        id: &str,
+        cmd: Vec<String>,
+        timeout: Duration,
+    ) -> Result<cri::ExecSyncResponse, RuntimeError>;
+    /// The image `image` (`None`: not present).
+    async fn image_status(&self, image: &str) -> Result<Option<cri::Image>, RuntimeError>;
+    /// PullImage; returns the image reference to create containers with.
+    async fn pull_image(
+        &self,
+        image: &str,
+        auth: Option<cri::AuthConfig>,
+    ) -> Result<String, RuntimeError>;
+}
+
+fn uid_selector(uid: &str) -> std::collections::HashMap<String, String> {
+    std::collections::HashMap::from([(
+        crate::pod_spec::labels::POD_UID.to_string(),
+        uid.to_string(),
+    )])
+}
+
+/// Sandbox and container lifecycle calls may legitimately take long (networking, image
+/// unpacking, a slow stop).
+const LONG: Duration = Duration::from_secs(120);
+
+#[async_trait::async_trait]
+impl Cri for Runtime {
+    async fn list_sandboxes(&self, uid: &str) -> Result<Vec<cri::PodSandbox>, RuntimeError> {
+        let mut c = self.runtime.clone();
+        let filter = cri::PodSandboxFilter {
+            label_selector: uid_selector(uid),
+            ..Default::default()
+        };
+        let r = self
+            .call(
+                "ListPodSandbox",
+                c.list_pod_sandbox(cri::ListPodSandboxRequest {
+                    filter: Some(filter),
+                }),
+            )
+            .await?;
+        Ok(r.items)
+    }
+
+    async fn run_sandbox(
+        &self,
+        config: cri::PodSandboxConfig,
+        handler: &str,
+    ) -> Result<String, RuntimeError> {
+        let mut c = self.runtime.clone();
+        let r = self
+            .call_with(
+                "RunPodSandbox",
+                Some(LONG),
+                c.run_pod_sandbox(cri::RunPodSandboxRequest {
+                    config: Some(config),
+                    runtime_handler: handler.to_string(),
+                }),
+            )
+            .await?;
+        Ok(r.pod_sandbox_id)
+    }
+
+    async fn stop_sandbox(&self, id: &str) -> Result<(), RuntimeError> {
+        let mut c = self.runtime.clone();
+        self.call_with(
+            "StopPodSandbox",
+            Some(Duration::from_secs(60)),
+            c.stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: id.to_string(),
+            }),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn remove_sandbox(&self, id: &str) -> Result<(), RuntimeError> {
+        let mut c = self.runtime.clone();
+        self.call_with(
+            "RemovePodSandbox",
+            Some(Duration::from_secs(60)),
+            c.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                pod_sandbox_id: id.to_string(),
+            }),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn sandbox_status(
+        &self,
+        id: &str,
+    ) -> Result<Option<cri::PodSandboxStatus>, RuntimeError> {
+        let mut c = self.runtime.clone();
+        let r = self
+            .call(
+                "PodSandboxStatus",
+                c.pod_sandbox_status(cri::PodSandboxStatusRequest {
+                    pod_sandbox_id: id.to_string(),
+                    verbose: false,
+                }),
+            )
+            .await?;
+        Ok(r.status)
+    }
+
+    async fn list_containers(&self, uid: &str) -> Result<Vec<cri::Container>, RuntimeError> {
+        let mut c = self.runtime.clone();
+        let filter = cri::ContainerFilter {
+            label_selector: uid_selector(uid),
+            ..Default::default()
+        };
+        let r = self
+            .call(
+                "ListContainers",
+                c.list_containers(cri::ListContainersRequest {
+                    filter: Some(filter),
+                }),
+            )
+            .await?;
+        Ok(r.containers)
+    }
+
+    async fn container_status(
+        &self,
+        id: &str,
+    ) -> Result<Option<cri::ContainerStatus>, RuntimeError> {
+        let mut c = self.runtime.clone();
+        let r = self
+            .call(
+                "ContainerStatus",
+                c.container_status(cri::ContainerStatusRequest {
+                    container_id: id.to_string(),
+                    verbose: false,
+                }),
+            )
+            .await?;
+        Ok(r.status)
+    }
+
+    async fn create_container(
+        &self,
+        sandbox_id: &str,
+        config: cri::ContainerConfig,
+        sandbox_config: cri::PodSandboxConfig,
+    ) -> Result<String, RuntimeError> {
+        let mut c = self.runtime.clone();
+        let r = self
+            .call_with(
+                "CreateContainer",
+                Some(LONG),
+                c.create_container(cri::CreateContainerRequest {
+                    pod_sandbox_id: sandbox_id.to_string(),
+                    config: Some(config),
+                    sandbox_config: Some(sandbox_config),
+                }),
+            )
+            .await?;
+        Ok(r.container_id)
+    }
+
+    async fn start_container(&self, id: &str) -> Result<(), RuntimeError> {
+        let mut c = self.runtime.clone();
+        self.call_with(
+            "StartContainer",
+            Some(LONG),
+            c.start_container(cri::StartContainerRequest {
+                container_id: id.to_string(),
+            }),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
+        let mut c = self.runtime.clone();
+        self.call_with(
+            "StopContainer",
+            Some(grace + Duration::from_secs(30)),
+            c.stop_container(cri::StopContainerRequest {
+                container_id: id.to_string(),
+                timeout: grace.as_secs() as i64,
+            }),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn remove_container(&self, id: &str) -> Result<(), RuntimeError> {
+        let mut c = self.runtime.clone();
+        self.call_with(
+            "RemoveContainer",
+            Some(Duration::from_secs(60)),
+            c.remove_container(cri::RemoveContainerRequest {
+                container_id: id.to_string(),
+            }),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn exec_sync(
+        &self,
+        id: &str,
+        cmd: Vec<String>,
+        timeout: Duration,
+    ) -> Result<cri::ExecSyncResponse, RuntimeError> {
+        let mut c = self.runtime.clone();
+        // The runtime enforces `timeout`; the call itself gets a little longer to say so.
+        let limit = if timeout.is_zero() {
+            EXEC_UNBOUNDED
+        } else {
+            timeout + Duration::from_secs(2)
+        };
+        self.call_with(
+            "ExecSync",
+            Some(limit),
+            c.exec_sync(cri::ExecSyncRequest {
+                container_id: id.to_string(),
+                cmd,
+                timeout: timeout.as_secs() as i64,
+            }),
+        )
+        .await
+    }
+
+    async fn image_status(&self, image: &str) -> Result<Option<cri::Image>, RuntimeError> {
+        let mut c = self.images.clone();
+        let r = self
+            .call(
+                "ImageStatus",
+                c.image_status(cri::ImageStatusRequest {
+                    image: Some(cri::ImageSpec {
+                        image: image.to_string(),
+                        ..Default::default()
+                    }),
+                    verbose: false,
+                }),
+            )
+            .await?;
+        Ok(r.image)
+    }
+
+    async fn pull_image(
+        &self,
+        image: &str,
+        auth: Option<cri::AuthConfig>,
+    ) -> Result<String, RuntimeError> {
+        let mut c = self.images.clone();
+        let r = self
+            .call_with(
+                "PullImage",
+                Some(Duration::from_secs(600)),
+                c.pull_image(cri::PullImageRequest {
+                    image: Some(cri::ImageSpec {
+                        image: image.to_string(),
+                        ..Default::default()
+                    }),
+                    auth,
+                    sandbox_config: None,
+                }),
+            )
+            .await?;
+        Ok(r.image_ref)
+    }
+}
+
+/// The longest an exec without a timeout of its own (a postStart hook, as upstream runs it)
+/// may hold its worker.
+const EXEC_UNBOUNDED: Duration = Duration::from_secs(600);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,3 +481,6 @@ mod tests {
         assert!(rt.health().await.is_err());
     }
 }
+
+#[cfg(test)]
+pub mod fake;

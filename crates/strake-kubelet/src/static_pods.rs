@@ -12,9 +12,7 @@ use std::path::Path;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, PostParams};
-use tokio::sync::watch;
-
-use crate::pod_worker::Context;
+use tokio::sync::mpsc;
 
 pub const CONFIG_SOURCE: &str = "kubernetes.io/config.source";
 pub const CONFIG_HASH: &str = "kubernetes.io/config.hash";
@@ -164,27 +162,50 @@ pub async fn ensure_mirror(
     }
 }
 
-/// Runs the pods of the manifest directory until the process ends.
-pub async fn run(ctx: Context, dir: std::path::PathBuf, every: std::time::Duration) {
-    let mut workers: HashMap<String, watch::Sender<Option<Pod>>> = HashMap::new();
+/// A change in the manifest directory.
+#[derive(Clone, Debug)]
+pub enum ManifestChange {
+    /// A pod whose manifest is new (or changed: a changed manifest is a new UID).
+    Added(Box<Pod>),
+    /// The pod with this UID lost its manifest.
+    Removed(String),
+}
+
+/// Re-reads the manifest directory every `every` and reports what changed, until the
+/// receiver is gone.
+pub async fn run(
+    dir: std::path::PathBuf,
+    node: String,
+    every: std::time::Duration,
+    out: mpsc::Sender<ManifestChange>,
+) {
+    let mut known: HashMap<String, ()> = HashMap::new();
     loop {
-        let pods = load_dir(&dir, &ctx.config.node_name);
+        let pods = load_dir(&dir, &node);
         let uids: Vec<String> = pods.iter().filter_map(|p| p.metadata.uid.clone()).collect();
-        for (uid, tx) in &workers {
-            if !uids.contains(uid) {
-                tracing::info!(uid, "static pod manifest removed");
-                let _ = tx.send(None);
+        let removed: Vec<String> = known
+            .keys()
+            .filter(|uid| !uids.contains(uid))
+            .cloned()
+            .collect();
+        for uid in removed {
+            tracing::info!(%uid, "static pod manifest removed");
+            known.remove(&uid);
+            if out.send(ManifestChange::Removed(uid)).await.is_err() {
+                return;
             }
         }
-        workers.retain(|uid, _| uids.contains(uid));
         for pod in pods {
-            let known = pod
-                .metadata
-                .uid
-                .as_ref()
-                .is_some_and(|u| workers.contains_key(u));
-            if !known {
-                crate::pods::dispatch(&ctx, &mut workers, pod);
+            let Some(uid) = pod.metadata.uid.clone() else {
+                continue;
+            };
+            if known.insert(uid, ()).is_none()
+                && out
+                    .send(ManifestChange::Added(Box::new(pod)))
+                    .await
+                    .is_err()
+            {
+                return;
             }
         }
         tokio::time::sleep(every).await;
@@ -216,6 +237,37 @@ mod tests {
             from_manifest(MANIFEST, "n2").unwrap().metadata.uid
         );
         assert!(from_manifest("metadata: {}\n", "n1").is_err());
+    }
+
+    #[tokio::test]
+    async fn manifest_changes_are_reported_once() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("web.yaml"), MANIFEST).unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        let task = tokio::spawn(run(
+            d.path().to_path_buf(),
+            "n1".into(),
+            std::time::Duration::from_millis(10),
+            tx,
+        ));
+        let Some(ManifestChange::Added(first)) = rx.recv().await else {
+            panic!("no pod added")
+        };
+        std::fs::write(
+            d.path().join("web.yaml"),
+            MANIFEST.replace("busybox", "busybox:2"),
+        )
+        .unwrap();
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            match rx.recv().await.unwrap() {
+                ManifestChange::Removed(uid) => seen.push(format!("removed {uid}")),
+                ManifestChange::Added(p) => seen.push(format!("added {}", p.metadata.uid.unwrap())),
+            }
+        }
+        assert_eq!(seen[0], format!("removed {}", first.metadata.uid.unwrap()));
+        assert!(seen[1].starts_with("added "));
+        task.abort();
     }
 
     #[test]
