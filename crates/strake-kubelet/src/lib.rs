@@ -13,6 +13,8 @@
 //! 10250 ([`server`]: logs, exec/attach/port-forward, stats, metrics). Not yet: eviction, image
 //! and container GC.
 
+pub mod admission;
+pub mod allocatable;
 pub mod config;
 pub mod credentials;
 pub mod events;
