@@ -115,6 +115,10 @@ pub struct FileConfig {
     pub system_reserved: Option<BTreeMap<String, String>>,
     pub eviction_hard: Option<BTreeMap<String, String>>,
     pub merge_default_eviction_settings: Option<bool>,
+    pub container_log_max_size: Option<String>,
+    pub container_log_max_files: Option<i64>,
+    pub container_log_max_workers: Option<i64>,
+    pub container_log_monitor_interval: Option<String>,
 }
 
 /// `authentication` of the configuration file.
@@ -242,6 +246,8 @@ pub struct Config {
     pub authorization: Authorization,
     /// `kubeReserved`, `systemReserved` and `evictionHard`: what allocatable leaves out.
     pub reservation: crate::allocatable::Reservation,
+    /// Container log rotation (`containerLogMaxSize`, `containerLogMaxFiles`, ...).
+    pub log_rotation: crate::log_rotation::Policy,
 }
 
 /// The configuration is invalid.
@@ -418,6 +424,51 @@ fn reservation(
     })
 }
 
+/// Container log rotation from the file, with upstream's defaults and checks
+/// (`containerLogMaxFiles` > 1, `containerLogMaxWorkers` >= 1).
+fn log_rotation(file: &FileConfig) -> Result<crate::log_rotation::Policy, ConfigError> {
+    let default = crate::log_rotation::Policy::default();
+    let max_size = match &file.container_log_max_size {
+        Some(s) => crate::resources::parse_milli(s)
+            .ok()
+            .filter(|m| *m > 0)
+            .and_then(|m| u64::try_from(m / 1000).ok())
+            .ok_or_else(|| ConfigError::Invalid {
+                what: "containerLogMaxSize",
+                value: s.clone(),
+            })?,
+        None => default.max_size,
+    };
+    let count = |what: &'static str, v: Option<i64>, min: i64, default: usize| match v {
+        Some(n) if n >= min => Ok(n as usize),
+        Some(n) => Err(ConfigError::Invalid {
+            what,
+            value: n.to_string(),
+        }),
+        None => Ok(default),
+    };
+    Ok(crate::log_rotation::Policy {
+        max_size,
+        max_files: count(
+            "containerLogMaxFiles",
+            file.container_log_max_files,
+            2,
+            default.max_files,
+        )?,
+        max_workers: count(
+            "containerLogMaxWorkers",
+            file.container_log_max_workers,
+            1,
+            default.max_workers,
+        )?,
+        interval: go_duration_or(
+            "containerLogMonitorInterval",
+            file.container_log_monitor_interval.clone(),
+            default.interval.as_secs(),
+        )?,
+    })
+}
+
 fn go_duration_or(
     what: &'static str,
     v: Option<String>,
@@ -477,6 +528,7 @@ impl Config {
                 .collect::<Result<_, _>>()?
         };
         let reservation = reservation(flags, &file).map_err(ConfigError::Reservation)?;
+        let log_rotation = log_rotation(&file)?;
         let authn = authentication(flags, &file)?;
         let authz = authorization(flags, &file)?;
         Ok(Config {
@@ -551,6 +603,7 @@ impl Config {
             authorization: authz,
             healthz_port: file.healthz_port.unwrap_or(10248),
             reservation,
+            log_rotation,
         })
     }
 }
@@ -558,6 +611,40 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_rotation_settings_with_upstream_defaults_and_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        let load = |yaml: &str| {
+            std::fs::write(&path, yaml).unwrap();
+            Config::load(&Flags {
+                config: Some(path.clone()),
+                ..Default::default()
+            })
+        };
+        let d = load("kind: KubeletConfiguration\n").unwrap().log_rotation;
+        assert_eq!((d.max_size, d.max_files, d.max_workers), (10 << 20, 5, 1));
+        assert_eq!(d.interval, Duration::from_secs(10));
+        let c = load(
+            "containerLogMaxSize: 1Mi\ncontainerLogMaxFiles: 2\ncontainerLogMaxWorkers: 3\n\
+             containerLogMonitorInterval: 2s\n",
+        )
+        .unwrap()
+        .log_rotation;
+        assert_eq!((c.max_size, c.max_files, c.max_workers), (1 << 20, 2, 3));
+        assert_eq!(c.interval, Duration::from_secs(2));
+        for bad in [
+            "containerLogMaxFiles: 1\n",
+            "containerLogMaxSize: ten\n",
+            "containerLogMaxWorkers: 0\n",
+            "containerLogMonitorInterval: soon\n",
+        ] {
+            let e = load(bad).unwrap_err().to_string();
+            let field = bad.split(':').next().unwrap();
+            assert!(e.contains(field), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn reservations_and_eviction_thresholds() {

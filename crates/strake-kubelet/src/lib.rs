@@ -20,6 +20,7 @@ pub mod credentials;
 pub mod events;
 pub mod healthz;
 pub mod heartbeat;
+pub mod log_rotation;
 pub mod machine;
 pub mod node;
 pub mod pleg;
@@ -170,6 +171,10 @@ impl App {
                 runtime_name,
                 nudges: pleg::Nudges::default(),
             };
+            tasks.push(tokio::spawn(log_rotation::run(
+                self.runtime.clone(),
+                self.config.log_rotation.clone(),
+            )));
             tasks.push(tokio::spawn(pleg::run(
                 self.runtime.clone(),
                 ctx.nudges.clone(),
