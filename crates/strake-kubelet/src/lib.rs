@@ -13,7 +13,6 @@
 //! 10250 ([`server`]: logs, exec/attach/port-forward, stats, metrics). Not yet: eviction, image
 //! and container GC.
 
-pub mod admission;
 pub mod allocatable;
 pub mod config;
 pub mod credentials;
@@ -28,6 +27,7 @@ pub mod pod_spec;
 pub mod pod_status;
 pub mod pod_worker;
 pub mod pods;
+pub mod predicates;
 pub mod prober;
 pub mod resources;
 pub mod runtime;

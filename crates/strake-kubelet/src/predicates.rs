@@ -1,5 +1,5 @@
-//! Pod admission: whether a pod bound to this node may run here, decided before anything of it
-//! starts, as upstream's predicate admit handler (`pkg/kubelet/lifecycle/predicate.go`) decides:
+//! The general predicates of pod admission: whether a pod bound to this node fits here, decided
+//! before anything of it starts, as upstream's predicate admit handler (`pkg/kubelet/lifecycle/predicate.go`) decides:
 //! the OS label and field, resources against allocatable less what admitted pods request
 //! (`OutOfcpu`, `OutOfmemory`, `OutOfephemeral-storage`, `OutOfpods`), required node affinity
 //! and node selector (`NodeAffinity`), the node name, host ports (`NodePorts`) and untolerated
