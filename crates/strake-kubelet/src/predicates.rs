@@ -1,8 +1,8 @@
-//! The general predicates of pod admission: whether a pod bound to this node fits here, decided
-//! before anything of it starts, as upstream's predicate admit handler (`pkg/kubelet/lifecycle/predicate.go`) decides:
-//! the OS label and field, resources against allocatable less what admitted pods request
-//! (`OutOfcpu`, `OutOfmemory`, `OutOfephemeral-storage`, `OutOfpods`), required node affinity
-//! and node selector (`NodeAffinity`), the node name, host ports (`NodePorts`) and untolerated
+//! The general predicates of pod admission, as upstream's predicate admit handler
+//! (`pkg/kubelet/lifecycle/predicate.go`) decides them before anything of a pod starts: the OS
+//! label and field, resources against allocatable less what admitted pods request (`OutOfcpu`,
+//! `OutOfmemory`, `OutOfephemeral-storage`, `OutOfpods`), required node affinity and node
+//! selector (`NodeAffinity`), the node name, host ports (`NodePorts`) and untolerated
 //! `NoExecute` taints (`TaintToleration`). A refused pod is set to phase Failed with the reason
 //! and message returned here. Pure functions.
 
