@@ -72,6 +72,15 @@ pub struct Flags {
     /// `AlwaysAllow` or `Webhook` (SubjectAccessReview).
     #[arg(long)]
     pub authorization_mode: Option<String>,
+    /// Resources reserved for Kubernetes daemons, `cpu=100m,memory=100Mi,...`.
+    #[arg(long, value_delimiter = ',')]
+    pub kube_reserved: Vec<String>,
+    /// Resources reserved for the operating system, `cpu=100m,memory=100Mi,...`.
+    #[arg(long, value_delimiter = ',')]
+    pub system_reserved: Vec<String>,
+    /// Hard eviction thresholds, `memory.available<100Mi,nodefs.available<10%,...`.
+    #[arg(long, value_delimiter = ',')]
+    pub eviction_hard: Vec<String>,
 }
 
 /// The KubeletConfiguration fields Strake reads (others are ignored, as the kubelet ignores
@@ -102,6 +111,14 @@ pub struct FileConfig {
     pub tls_private_key_file: Option<PathBuf>,
     pub authentication: Option<FileAuthentication>,
     pub authorization: Option<FileAuthorization>,
+    pub kube_reserved: Option<BTreeMap<String, String>>,
+    pub system_reserved: Option<BTreeMap<String, String>>,
+    pub eviction_hard: Option<BTreeMap<String, String>>,
+    pub merge_default_eviction_settings: Option<bool>,
+    pub container_log_max_size: Option<String>,
+    pub container_log_max_files: Option<i64>,
+    pub container_log_max_workers: Option<i64>,
+    pub container_log_monitor_interval: Option<String>,
 }
 
 /// `authentication` of the configuration file.
@@ -227,6 +244,10 @@ pub struct Config {
     pub tls_private_key_file: Option<PathBuf>,
     pub authentication: Authentication,
     pub authorization: Authorization,
+    /// `kubeReserved`, `systemReserved` and `evictionHard`: what allocatable leaves out.
+    pub reservation: crate::allocatable::Reservation,
+    /// Container log rotation (`containerLogMaxSize`, `containerLogMaxFiles`, ...).
+    pub log_rotation: crate::log_rotation::Policy,
 }
 
 /// The configuration is invalid.
@@ -242,6 +263,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, reason: String },
     #[error("invalid {what}: {value:?}")]
     Invalid { what: &'static str, value: String },
+    #[error("invalid resource reservation or eviction threshold")]
+    Reservation(#[source] crate::allocatable::ThresholdError),
 }
 
 /// Parses a Go duration (`10s`, `1m30s`, `500ms`, `1h`).
@@ -353,6 +376,99 @@ fn authorization(flags: &Flags, file: &FileConfig) -> Result<Authorization, Conf
     })
 }
 
+/// Reservations and hard eviction thresholds: flags over the file; `evictionHard` unset means
+/// upstream's defaults, and a partial one is completed from them only with
+/// `mergeDefaultEvictionSettings`, as upstream.
+fn reservation(
+    flags: &Flags,
+    file: &FileConfig,
+) -> Result<crate::allocatable::Reservation, crate::allocatable::ThresholdError> {
+    use crate::allocatable as a;
+    let pick = |flag: &[String], name: &str, from_file: &Option<BTreeMap<String, String>>| {
+        if flag.is_empty() {
+            Ok(from_file.clone().unwrap_or_default())
+        } else {
+            a::parse_pairs(name, flag)
+        }
+    };
+    let kube = pick(&flags.kube_reserved, "--kube-reserved", &file.kube_reserved)?;
+    let system = pick(
+        &flags.system_reserved,
+        "--system-reserved",
+        &file.system_reserved,
+    )?;
+    let (field, mut hard) = if !flags.eviction_hard.is_empty() {
+        (
+            "--eviction-hard",
+            Some(a::parse_statements(
+                "--eviction-hard",
+                &flags.eviction_hard,
+            )?),
+        )
+    } else {
+        ("evictionHard", file.eviction_hard.clone())
+    };
+    match hard.as_mut() {
+        None => hard = Some(a::default_eviction_hard()),
+        Some(h) if file.merge_default_eviction_settings == Some(true) => {
+            for (k, v) in a::default_eviction_hard() {
+                h.entry(k).or_insert(v);
+            }
+        }
+        Some(_) => {}
+    }
+    Ok(a::Reservation {
+        kube_reserved: a::parse_reserved("kubeReserved", &kube)?,
+        system_reserved: a::parse_reserved("systemReserved", &system)?,
+        eviction_hard: a::parse_thresholds(field, &hard.unwrap_or_default())?,
+    })
+}
+
+/// Container log rotation from the file, with upstream's defaults and checks
+/// (`containerLogMaxFiles` > 1, `containerLogMaxWorkers` >= 1).
+fn log_rotation(file: &FileConfig) -> Result<crate::log_rotation::Policy, ConfigError> {
+    let default = crate::log_rotation::Policy::default();
+    let max_size = match &file.container_log_max_size {
+        Some(s) => crate::resources::parse_milli(s)
+            .ok()
+            .filter(|m| *m > 0)
+            .and_then(|m| u64::try_from(m / 1000).ok())
+            .ok_or_else(|| ConfigError::Invalid {
+                what: "containerLogMaxSize",
+                value: s.clone(),
+            })?,
+        None => default.max_size,
+    };
+    let count = |what: &'static str, v: Option<i64>, min: i64, default: usize| match v {
+        Some(n) if n >= min => Ok(n as usize),
+        Some(n) => Err(ConfigError::Invalid {
+            what,
+            value: n.to_string(),
+        }),
+        None => Ok(default),
+    };
+    Ok(crate::log_rotation::Policy {
+        max_size,
+        max_files: count(
+            "containerLogMaxFiles",
+            file.container_log_max_files,
+            2,
+            default.max_files,
+        )?,
+        max_workers: count(
+            "containerLogMaxWorkers",
+            file.container_log_max_workers,
+            1,
+            default.max_workers,
+        )?,
+        interval: go_duration_or(
+            "containerLogMonitorInterval",
+            file.container_log_monitor_interval.clone(),
+            default.interval.as_secs(),
+        )?,
+    })
+}
+
 fn go_duration_or(
     what: &'static str,
     v: Option<String>,
@@ -411,6 +527,8 @@ impl Config {
                 .map(|t| parse_taint(t))
                 .collect::<Result<_, _>>()?
         };
+        let reservation = reservation(flags, &file).map_err(ConfigError::Reservation)?;
+        let log_rotation = log_rotation(&file)?;
         let authn = authentication(flags, &file)?;
         let authz = authorization(flags, &file)?;
         Ok(Config {
@@ -484,6 +602,8 @@ impl Config {
             authentication: authn,
             authorization: authz,
             healthz_port: file.healthz_port.unwrap_or(10248),
+            reservation,
+            log_rotation,
         })
     }
 }
@@ -491,6 +611,109 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_rotation_settings_with_upstream_defaults_and_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        let load = |yaml: &str| {
+            std::fs::write(&path, yaml).unwrap();
+            Config::load(&Flags {
+                config: Some(path.clone()),
+                ..Default::default()
+            })
+        };
+        let d = load("kind: KubeletConfiguration\n").unwrap().log_rotation;
+        assert_eq!((d.max_size, d.max_files, d.max_workers), (10 << 20, 5, 1));
+        assert_eq!(d.interval, Duration::from_secs(10));
+        let c = load(
+            "containerLogMaxSize: 1Mi\ncontainerLogMaxFiles: 2\ncontainerLogMaxWorkers: 3\n\
+             containerLogMonitorInterval: 2s\n",
+        )
+        .unwrap()
+        .log_rotation;
+        assert_eq!((c.max_size, c.max_files, c.max_workers), (1 << 20, 2, 3));
+        assert_eq!(c.interval, Duration::from_secs(2));
+        for bad in [
+            "containerLogMaxFiles: 1\n",
+            "containerLogMaxSize: ten\n",
+            "containerLogMaxWorkers: 0\n",
+            "containerLogMonitorInterval: soon\n",
+        ] {
+            let e = load(bad).unwrap_err().to_string();
+            let field = bad.split(':').next().unwrap();
+            assert!(e.contains(field), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn reservations_and_eviction_thresholds() {
+        use crate::allocatable::Signal;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        let load = |yaml: &str, flags: Flags| {
+            std::fs::write(&path, yaml).unwrap();
+            Config::load(&Flags {
+                config: Some(path.clone()),
+                ..flags
+            })
+        };
+        // Defaults: upstream's five hard thresholds, nothing reserved.
+        let c = load("kind: KubeletConfiguration\n", Flags::default()).unwrap();
+        assert_eq!(c.reservation.eviction_hard.len(), 5);
+        assert!(c.reservation.kube_reserved.is_empty());
+        // A partial evictionHard replaces the defaults, unless merged.
+        let yaml = "kubeReserved: {cpu: 100m, memory: 1Gi}\nsystemReserved: {cpu: 50m}\n\
+                    evictionHard: {memory.available: 200Mi}\n";
+        let c = load(yaml, Flags::default()).unwrap();
+        assert_eq!(c.reservation.eviction_hard.len(), 1);
+        assert_eq!(
+            c.reservation.eviction_hard[0].signal,
+            Signal::MemoryAvailable
+        );
+        assert_eq!(c.reservation.kube_reserved["cpu"], 100);
+        assert_eq!(c.reservation.system_reserved["cpu"], 50);
+        let merged = format!("{yaml}mergeDefaultEvictionSettings: true\n");
+        assert_eq!(
+            load(&merged, Flags::default())
+                .unwrap()
+                .reservation
+                .eviction_hard
+                .len(),
+            5
+        );
+        // Flags win over the file.
+        let c = load(
+            yaml,
+            Flags {
+                kube_reserved: vec!["cpu=1".into()],
+                eviction_hard: vec!["nodefs.available<20%".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.reservation.kube_reserved["cpu"], 1000);
+        assert_eq!(
+            c.reservation.eviction_hard[0].signal,
+            Signal::NodeFsAvailable
+        );
+        // Bad values are refused at start, naming the field.
+        for (yaml, field) in [
+            (
+                "evictionHard: {memory.available: lots}\n",
+                "evictionHard[memory.available]",
+            ),
+            (
+                "evictionHard: {disk.full: 1Gi}\n",
+                "evictionHard: unsupported eviction signal",
+            ),
+            ("kubeReserved: {memory: 1Gx}\n", "kubeReserved[memory]"),
+        ] {
+            let e = load(yaml, Flags::default()).unwrap_err();
+            let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+            assert!(chain.contains(field), "{yaml}: {chain}");
+        }
+    }
 
     #[test]
     fn upstream_defaults() {

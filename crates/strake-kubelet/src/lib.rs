@@ -16,12 +16,14 @@
 //! exec/attach/port-forward, stats, metrics). Not yet: eviction, image
 //! and container GC.
 
+pub mod allocatable;
 pub mod config;
 pub mod credentials;
 pub mod events;
 pub mod healthz;
 pub mod heartbeat;
 pub mod lifecycle;
+pub mod log_rotation;
 pub mod machine;
 pub mod node;
 pub mod pleg;
@@ -29,6 +31,7 @@ pub mod pod_spec;
 pub mod pod_status;
 pub mod pod_worker;
 pub mod pods;
+pub mod predicates;
 pub mod prober;
 pub mod resources;
 pub mod runtime;
@@ -174,6 +177,10 @@ impl App {
                 runtime_name,
                 nudges: pleg::Nudges::default(),
             };
+            tasks.push(tokio::spawn(log_rotation::run(
+                self.runtime.clone(),
+                self.config.log_rotation.clone(),
+            )));
             tasks.push(tokio::spawn(pleg::run(
                 self.runtime.clone(),
                 ctx.nudges.clone(),

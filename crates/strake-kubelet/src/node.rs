@@ -239,8 +239,7 @@ pub fn status(
         address: config.node_name.clone(),
     });
     NodeStatus {
-        // No reservations are configured yet: allocatable equals capacity.
-        allocatable: Some(cap.clone()),
+        allocatable: Some(crate::allocatable::allocatable(&cap, &config.reservation)),
         capacity: Some(cap),
         addresses: Some(addresses),
         conditions: Some(conditions(health, previous, now)),
@@ -346,6 +345,10 @@ mod tests {
         assert_eq!(cap["cpu"].0, "2");
         assert_eq!(cap["memory"].0, "4194304Ki");
         assert_eq!(cap["pods"].0, "110");
+        // Upstream's default evictionHard keeps 100Mi of memory and 10 % of nodefs back.
+        let alloc = s.allocatable.unwrap();
+        assert_eq!(alloc["memory"].0, format!("{}Ki", 4194304 - 100 * 1024));
+        assert_eq!(alloc["cpu"].0, "2");
         let addrs = s.addresses.unwrap();
         assert_eq!(
             (addrs[0].type_.as_str(), addrs[0].address.as_str()),

@@ -37,6 +37,11 @@ pub struct Cluster {
 impl Cluster {
     /// Starts everything and waits until node `name` is registered.
     pub async fn start(name: &str, kind: RuntimeKind) -> Cluster {
+        Self::start_with(name, kind, "").await
+    }
+
+    /// As [`Cluster::start`], with `extra_config` appended to the KubeletConfiguration.
+    pub async fn start_with(name: &str, kind: RuntimeKind, extra_config: &str) -> Cluster {
         use strake_integration::control_plane::{ControlPlane, Options};
         let cp = ControlPlane::start(Options::default())
             .await
@@ -45,7 +50,7 @@ impl Cluster {
             strake_integration::registry::Registry::start(cp.net(), &cp.dir().join("registry"))
                 .expect("registry");
         let client = cp.client().await.expect("client");
-        let node = KubeletNode::start_on(&cp, 0, name, "", kind)
+        let node = KubeletNode::start_on(&cp, 0, name, extra_config, kind)
             .await
             .expect("start node");
         let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
