@@ -320,6 +320,10 @@ impl Containers {
                 .is_ok_and(|s| s.trim() == "Y"),
             rlimits: Vec::new(),
             bounding_capabilities: spec::current_bounding_capabilities(),
+            hugepage_sizes: layout
+                .as_ref()
+                .map(|l| l.hugetlb_page_sizes(Path::new("/sys/kernel/mm/hugepages")))
+                .unwrap_or_default(),
         };
         let own_oom_score_adj = std::fs::read_to_string("/proc/self/oom_score_adj")
             .ok()
