@@ -593,17 +593,6 @@ impl Containers {
         let pod = sb.config.metadata.clone().unwrap_or_default();
         let name = container_name(&meta, &pod);
         let id = new_id().map_err(io(Path::new("/dev/urandom")))?;
-        // The sandbox holds no PID namespace of its own (the pause process shares the host's):
-        // POD mode means a namespace of the container's own until it does.
-        if let Some(ns) = config
-            .linux
-            .as_mut()
-            .and_then(|l| l.security_context.as_mut())
-            .and_then(|s| s.namespace_options.as_mut())
-            && ns.pid == cri::NamespaceMode::Pod as i32
-        {
-            ns.pid = cri::NamespaceMode::Container as i32;
-        }
         if config
             .linux
             .as_ref()

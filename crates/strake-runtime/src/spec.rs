@@ -84,6 +84,12 @@ pub enum SpecError {
     /// A namespace to join was not given by the sandbox.
     #[error("the sandbox has no {namespace} namespace to join")]
     MissingSandboxNamespace { namespace: &'static str },
+    /// PID namespace mode POD, but the sandbox holds no PID namespace to share.
+    #[error(
+        "pid namespace mode POD (shareProcessNamespace: true) is not supported: the sandbox has \
+         no PID namespace for its containers to share"
+    )]
+    SharedPidNamespaceUnsupported,
     /// PID namespace mode TARGET without the target's namespace path.
     #[error("pid namespace target {target_id:?} is not known")]
     MissingTargetNamespace { target_id: String },
@@ -876,7 +882,11 @@ fn namespaces(
         M::Container => out.push(namespace(LinuxNamespaceType::Pid, None)),
         M::Pod => out.push(namespace(
             LinuxNamespaceType::Pid,
-            Some(join(&pod.pid, "pid")?),
+            Some(
+                pod.pid
+                    .as_deref()
+                    .ok_or(SpecError::SharedPidNamespaceUnsupported)?,
+            ),
         )),
         M::Target => {
             out.push(namespace(
@@ -2534,6 +2544,13 @@ mod tests {
             Err(SpecError::MissingSandboxNamespace {
                 namespace: "network"
             })
+        ));
+        // No silent per-container namespace in place of the pod's.
+        let mut f = Fixture::new();
+        f.sandbox.namespaces.pid = None;
+        assert!(matches!(
+            f.try_spec(),
+            Err(SpecError::SharedPidNamespaceUnsupported)
         ));
         let mut f = Fixture::new();
         f.ns().userns_options = Some(cri::UserNamespace {
