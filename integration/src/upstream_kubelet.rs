@@ -1,5 +1,8 @@
 //! The upstream kubelet (the test bed's build of `k8s.io/kubernetes/cmd/kubelet`) on a test
-//! node, as the peer strake-kubelet is measured against.
+//! node: the peer strake-kubelet is measured against, and the CRI client strake-runtime is
+//! judged by (it talks to whichever runtime endpoint it is given: containerd or strake-runtime,
+//! both running in the host's mount namespace). With [`ServingTls`] its 10250 serves a
+//! certificate of the cluster CA, so that `kubectl logs` and `exec` reach it.
 //!
 //! The kubelet is a host agent: left to its defaults it changes the machine it runs on. This
 //! launcher keeps every change inside what the test bed owns:
@@ -19,14 +22,14 @@
 //!   socket and checkpoint go to `/var/lib/kubelet/device-plugins`).
 //! - **Mounts**: its root directory is a shared bind mount made before it starts, so that the
 //!   tmpfs volumes (service-account tokens) it mounts there from its own mount namespace also
-//!   appear in the host's, where containerd bind-mounts them into containers. Everything below
+//!   appear in the host's, where the runtime bind-mounts them into containers. Everything below
 //!   the guard's directory is unmounted on drop.
 //! - **cgroups**: `cgroupRoot` is [`KubeletCgroupRoot`], a path below this process's own cgroup
 //!   in every hierarchy; the kubelet creates `kubepods` and the QoS and pod cgroups below it
 //!   (`cgroupsPerQOS: true`, upstream's default), and nothing elsewhere: no `kubeletCgroups`,
 //!   `systemCgroups` or `runtimeCgroups`, `enforceNodeAllocatable: []`.
 //! - **Processes**: `oomScoreAdj: 0` (it would lower its own to -999, which this machine
-//!   denies); it only talks to the containerd it is given, whose pods are the only ones it can
+//!   denies); it only talks to the runtime it is given, whose pods are the only ones it can
 //!   see or kill.
 //! - **cgroup v1**: `failCgroupV1: false`, since this kind of machine still mounts v1
 //!   controllers (upstream refuses v1 by default since 1.35).
@@ -43,6 +46,7 @@ use std::time::Duration;
 use crate::cgroup;
 use crate::containerd::unmount_below;
 use crate::netns::NodeNs;
+use crate::pki::CertFiles;
 use crate::process::Daemon;
 use crate::{Error, Result, paths};
 
@@ -190,6 +194,17 @@ pub struct Options<'a> {
     pub extra_config: &'a str,
 }
 
+/// The kubelet's 10250 as the API server reaches it for logs, exec and port-forward: a serving
+/// certificate of the cluster CA (the API server verifies it, and upstream's self-signed one
+/// names no IP address), and the CA whose client certificates (the API server's) it accepts.
+#[derive(Clone, Debug)]
+pub struct ServingTls<'a> {
+    /// The serving certificate and key (from [`crate::pki::Pki::issue_server`]).
+    pub serving: &'a CertFiles,
+    /// The CA of the client certificates it accepts (`authentication.x509.clientCAFile`).
+    pub client_ca: &'a Path,
+}
+
 /// The upstream kubelet running in a node namespace. Dropping it stops it (SIGTERM, then
 /// SIGKILL) and unmounts everything below its directory. Pods it started stay with the
 /// runtime, whose guard removes them.
@@ -227,6 +242,17 @@ impl UpstreamKubelet {
     /// Starts the kubelet in `node`. It registers its Node asynchronously; wait for the Node to
     /// be Ready (checking [`UpstreamKubelet::check_running`]) before giving it pods.
     pub fn start(node: &NodeNs, opts: &Options<'_>) -> Result<Self> {
+        Self::start_with_tls(node, opts, None)
+    }
+
+    /// [`UpstreamKubelet::start`], with `tls` on 10250 so that the API server can reach it
+    /// (`kubectl logs`, `exec`, `port-forward`); without it, 10250 serves a self-signed
+    /// certificate the API server refuses.
+    pub fn start_with_tls(
+        node: &NodeNs,
+        opts: &Options<'_>,
+        tls: Option<&ServingTls<'_>>,
+    ) -> Result<Self> {
         let kubelet = paths::kubernetes_bin("kubelet")?;
         let dir = tempfile::Builder::new()
             .prefix("strake-upstream-kubelet-")
@@ -249,6 +275,17 @@ impl UpstreamKubelet {
             std::fs::create_dir_all(&dir).map_err(crate::io_err("create", &dir))?;
         }
         write(&d.join("resolv.conf"), "nameserver 10.213.0.1\n")?;
+        let (tls_files, client_ca) = match tls {
+            Some(t) => (
+                format!(
+                    "tlsCertFile: {}\ntlsPrivateKeyFile: {}\n",
+                    t.serving.cert.display(),
+                    t.serving.key.display()
+                ),
+                format!("  x509:\n    clientCAFile: {}\n", t.client_ca.display()),
+            ),
+            None => (String::new(), String::new()),
+        };
         let config = d.join("kubelet.yaml");
         write(
             &config,
@@ -268,8 +305,8 @@ readOnlyPort: 0
 resolvConf: {resolv}
 podLogsDir: {pod_logs}
 volumePluginDir: {plugins}
-authentication:
-  anonymous:
+{tls_files}authentication:
+{client_ca}  anonymous:
     enabled: false
   webhook:
     enabled: true

@@ -13,8 +13,8 @@
 //! replies of DNATed connections) is routed through the node namespace, where conntrack undoes
 //! the DNAT; no `br_netfilter` is needed. The proxy's tables live in the node namespace.
 //!
-//! UDP tests use this test binary itself as a tiny UDP server and client (re-executed inside a
-//! namespace through `nsenter`, see `udp_helper`): the client keeps its source port, so every
+//! UDP tests use a tiny UDP server and client (the `strake-proxy-test-udp` helper binary, run
+//! inside a namespace through `nsenter`): the client keeps its source port, so every
 //! datagram belongs to one conntrack flow, which is what stale-flow cleanup is about.
 #![allow(clippy::unwrap_used)]
 
@@ -940,66 +940,14 @@ fn partial_syncs_reach_the_same_tables_as_a_full_sync() {
     );
 }
 
-/// Set when this test binary is re-executed inside a namespace as a tiny UDP server or client
-/// (busybox has no UDP client that keeps its source port; see [`udp_helper`]).
-const UDP_HELPER_ENV: &str = "SPROXY_UDP_HELPER";
 /// What the UDP client prints before the reply it got.
 const UDP_REPLY: &str = "udp-reply:";
 
-/// A no-op in a normal run. Re-executed with `SPROXY_UDP_HELPER` set, it is either
-/// `serve NAME PORT` (answers every datagram with NAME, until killed) or `send SRC DST`
-/// (one datagram from the fixed address SRC, so that every send is the same conntrack flow;
-/// prints the reply or the error).
-#[test]
-fn udp_helper() {
-    let Ok(spec) = std::env::var(UDP_HELPER_ENV) else {
-        return;
-    };
-    let words: Vec<&str> = spec.split_whitespace().collect();
-    match words.as_slice() {
-        ["serve", name, port] => {
-            let sock = std::net::UdpSocket::bind(format!("0.0.0.0:{port}")).unwrap();
-            let mut buf = [0u8; 512];
-            loop {
-                let (_, from) = sock.recv_from(&mut buf).unwrap();
-                let _ = sock.send_to(name.as_bytes(), from);
-            }
-        }
-        ["send", src, dst] => {
-            let sock = std::net::UdpSocket::bind(src).unwrap();
-            sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-            // Connected and with IP_RECVERR, so that an ICMP error (host-unreachable is not a
-            // "hard" one for UDP) comes back as the receive's error.
-            let on: libc::c_int = 1;
-            // SAFETY: setsockopt on an open socket with a valid int option value.
-            let rc = unsafe {
-                libc::setsockopt(
-                    std::os::fd::AsRawFd::as_raw_fd(&sock),
-                    libc::IPPROTO_IP,
-                    libc::IP_RECVERR,
-                    (&on as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            assert_eq!(rc, 0, "IP_RECVERR: {}", std::io::Error::last_os_error());
-            sock.connect(dst).unwrap();
-            sock.send(b"ping").unwrap();
-            let mut buf = [0u8; 512];
-            match sock.recv(&mut buf) {
-                Ok(n) => println!("{UDP_REPLY}{}", String::from_utf8_lossy(&buf[..n])),
-                Err(e) => println!("{UDP_REPLY}error {e}"),
-            }
-        }
-        _ => panic!("bad {UDP_HELPER_ENV}: {spec}"),
-    }
-}
-
-/// This test binary, run as the UDP helper `spec` inside `ns`.
+/// The UDP helper binary (`tests/helpers/udp.rs`) run as `spec` (`serve NAME PORT` or
+/// `send SRC DST`) inside `ns`.
 fn udp_helper_command(ns: &Ns, spec: &str) -> Command {
-    let mut cmd = ns.command(std::env::current_exe().unwrap().to_str().unwrap());
-    cmd.args(["--exact", "udp_helper", "--nocapture", "--test-threads=1"])
-        .env(UDP_HELPER_ENV, spec)
-        .stdin(Stdio::null());
+    let mut cmd = ns.command(env!("CARGO_BIN_EXE_strake-proxy-test-udp"));
+    cmd.args(spec.split_whitespace()).stdin(Stdio::null());
     cmd
 }
 
@@ -1015,7 +963,6 @@ fn udp_send_from(client: &Ns, src: &str, dst: &str) -> String {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
-        // libtest prints "test udp_helper ... " on the same line.
         .find_map(|l| l.split_once(UDP_REPLY).map(|(_, reply)| reply))
         .map(str::to_string)
         .unwrap_or_else(|| {

@@ -6,7 +6,7 @@
 //! only file reads are [`CgroupLayout::detect`], [`CgroupDriver::detect`] and the small readers on
 //! [`ContainerCgroup`]. Nothing here creates, moves or removes a cgroup: the OCI runtime does that.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// The prefix of a container's systemd scope (`strake-<id>.scope`), like containerd's
@@ -222,6 +222,41 @@ impl CgroupLayout {
         })
     }
 
+    /// The huge page sizes, in the kubelet's notation (`2MB`, `1GB`), that containers' cgroups
+    /// can limit: those the kernel offers (a `hugepages-<N>kB` directory in `hugepages_dir`,
+    /// normally `/sys/kernel/mm/hugepages`), and none at all without a hugetlb controller (v1: no
+    /// `hugetlb` hierarchy mounted; v2: `hugetlb` missing from the hierarchy root's
+    /// `cgroup.controllers`). The OCI runtime refuses to create a container whose spec limits a
+    /// size it cannot set, so such limits are left out, as containerd leaves them out.
+    pub fn hugetlb_page_sizes(&self, hugepages_dir: &Path) -> BTreeSet<String> {
+        let controller = match (&self.mode, &self.unified) {
+            (CgroupMode::Unified, Some(root)) => read_trimmed(&root.join("cgroup.controllers"))
+                .is_ok_and(|c| c.split_whitespace().any(|c| c == "hugetlb")),
+            // On a hybrid host the cgroup2 mount may list hugetlb, but the OCI runtime sets
+            // resources through the v1 hierarchies.
+            _ => self.v1.contains_key("hugetlb"),
+        };
+        if !controller {
+            return BTreeSet::new();
+        }
+        let Ok(entries) = std::fs::read_dir(hugepages_dir) else {
+            return BTreeSet::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name();
+                let kib: u64 = name
+                    .to_str()?
+                    .strip_prefix("hugepages-")?
+                    .strip_suffix("kB")?
+                    .parse()
+                    .ok()?;
+                Some(page_size_name(kib.checked_mul(1024)?))
+            })
+            .collect()
+    }
+
     /// Every distinct hierarchy root (v1 mount points and the cgroup2 mount), for callers that
     /// must create or clean a directory in each.
     pub fn hierarchy_roots(&self) -> Vec<PathBuf> {
@@ -231,6 +266,19 @@ impl CgroupLayout {
         roots.dedup();
         roots
     }
+}
+
+/// A page size in bytes in the notation the kubelet sends in `HugepageLimit.page_size`
+/// (binary units, `2MB` for 2 MiB: runc's and libcontainer's `HugePageSizes`).
+fn page_size_name(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KB", "MB", "GB", "TB", "PB"];
+    let mut size = bytes as f64;
+    let mut unit = 0;
+    while size >= 1024.0 && unit + 1 < UNITS.len() {
+        size /= 1024.0;
+        unit += 1;
+    }
+    format!("{size}{}", UNITS[unit])
 }
 
 fn is_v1_controller_option(opt: &str) -> bool {
@@ -573,6 +621,62 @@ mod tests {
             ]
             .map(PathBuf::from)
         );
+    }
+
+    /// A hugepages directory as sysfs has it, and a layout whose mount points are `root`.
+    fn hugetlb_fixture(root: &Path, mountinfo: &str) -> (CgroupLayout, PathBuf) {
+        let pages = root.join("hugepages");
+        for size in ["hugepages-2048kB", "hugepages-1048576kB", "hugepages-64kB"] {
+            std::fs::create_dir_all(pages.join(size)).unwrap();
+        }
+        std::fs::create_dir_all(pages.join("not-a-size")).unwrap();
+        let text = mountinfo.replace("/sys/fs/cgroup", &root.join("cg").display().to_string());
+        (CgroupLayout::from_mountinfo(&text).unwrap(), pages)
+    }
+
+    #[test]
+    fn hugetlb_sizes_need_the_controller_and_a_kernel_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let all: BTreeSet<String> = ["1GB", "2MB", "64KB"].map(String::from).into();
+
+        // v1 without a hugetlb hierarchy (this machine): nothing can be limited, even though the
+        // controller-less cgroup2 mount lists hugetlb.
+        let (hybrid, pages) = hugetlb_fixture(dir.path(), HYBRID);
+        let unified_mount = hybrid.unified.clone().unwrap();
+        std::fs::create_dir_all(&unified_mount).unwrap();
+        std::fs::write(unified_mount.join("cgroup.controllers"), "hugetlb pids\n").unwrap();
+        assert_eq!(hybrid.hugetlb_page_sizes(&pages), BTreeSet::new());
+
+        // v1 with a hugetlb hierarchy.
+        let with_hugetlb = format!(
+            "{HYBRID}33 26 0:31 / /sys/fs/cgroup/hugetlb rw,relatime shared:15 - cgroup cgroup rw,hugetlb\n"
+        );
+        let (v1, pages) = hugetlb_fixture(dir.path(), &with_hugetlb);
+        assert_eq!(v1.hugetlb_page_sizes(&pages), all);
+        // ... but no sizes when the kernel offers none.
+        assert_eq!(
+            v1.hugetlb_page_sizes(&dir.path().join("missing")),
+            BTreeSet::new()
+        );
+
+        // v2: the root's cgroup.controllers decides.
+        let (v2, pages) = hugetlb_fixture(dir.path(), UNIFIED);
+        let root = v2.unified.clone().unwrap();
+        std::fs::create_dir_all(&root).unwrap();
+        assert_eq!(v2.hugetlb_page_sizes(&pages), BTreeSet::new(), "no file");
+        std::fs::write(root.join("cgroup.controllers"), "cpu memory pids\n").unwrap();
+        assert_eq!(v2.hugetlb_page_sizes(&pages), BTreeSet::new());
+        std::fs::write(root.join("cgroup.controllers"), "cpu hugetlb memory\n").unwrap();
+        assert_eq!(v2.hugetlb_page_sizes(&pages), all);
+    }
+
+    #[test]
+    fn page_sizes_use_the_kubelets_notation() {
+        assert_eq!(page_size_name(2 << 20), "2MB");
+        assert_eq!(page_size_name(1 << 30), "1GB");
+        assert_eq!(page_size_name(64 << 10), "64KB");
+        assert_eq!(page_size_name(16 << 30), "16GB");
+        assert_eq!(page_size_name(1536 << 10), "1.5MB");
     }
 
     #[test]

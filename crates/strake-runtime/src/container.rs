@@ -327,6 +327,10 @@ impl Containers {
                 .is_ok_and(|s| s.trim() == "Y"),
             rlimits: Vec::new(),
             bounding_capabilities: spec::current_bounding_capabilities(),
+            hugepage_sizes: layout
+                .as_ref()
+                .map(|l| l.hugetlb_page_sizes(Path::new("/sys/kernel/mm/hugepages")))
+                .unwrap_or_default(),
         };
         let own_oom_score_adj = std::fs::read_to_string("/proc/self/oom_score_adj")
             .ok()
@@ -596,17 +600,6 @@ impl Containers {
         let pod = sb.config.metadata.clone().unwrap_or_default();
         let name = container_name(&meta, &pod);
         let id = new_id().map_err(io(Path::new("/dev/urandom")))?;
-        // The sandbox holds no PID namespace of its own (the pause process shares the host's):
-        // POD mode means a namespace of the container's own until it does.
-        if let Some(ns) = config
-            .linux
-            .as_mut()
-            .and_then(|l| l.security_context.as_mut())
-            .and_then(|s| s.namespace_options.as_mut())
-            && ns.pid == cri::NamespaceMode::Pod as i32
-        {
-            ns.pid = cri::NamespaceMode::Container as i32;
-        }
         if config
             .linux
             .as_ref()
@@ -616,21 +609,7 @@ impl Containers {
         {
             let linux = config.linux.get_or_insert_with(Default::default);
             let sc = linux.security_context.get_or_insert_with(Default::default);
-            let host_network = sb.record.host_network;
-            sc.namespace_options = Some(cri::NamespaceOption {
-                network: if host_network {
-                    cri::NamespaceMode::Node as i32
-                } else {
-                    cri::NamespaceMode::Pod as i32
-                },
-                pid: cri::NamespaceMode::Container as i32,
-                ipc: if sb.record.ipcns.is_some() {
-                    cri::NamespaceMode::Pod as i32
-                } else {
-                    cri::NamespaceMode::Node as i32
-                },
-                ..Default::default()
-            });
+            sc.namespace_options = Some(default_namespace_options(&sb));
         }
         let log_path = match sb.config.log_directory.as_str() {
             "" => PathBuf::new(),
@@ -1282,6 +1261,39 @@ impl Containers {
     }
 }
 
+/// The namespaces of a container whose config names none: the sandbox's, as containerd joins
+/// them. The PID namespace is the host's for a hostPID sandbox (not a new one: that would
+/// silently drop hostPID), else the container's own (a sandbox never holds a shared one: a
+/// pod asking for that is refused).
+fn default_namespace_options(sb: &Sandbox) -> cri::NamespaceOption {
+    use cri::NamespaceMode as M;
+    let sandbox_pid = sb
+        .config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.as_ref())
+        .map(|n| n.pid);
+    cri::NamespaceOption {
+        network: if sb.record.host_network {
+            M::Node as i32
+        } else {
+            M::Pod as i32
+        },
+        pid: if sandbox_pid == Some(M::Node as i32) {
+            M::Node as i32
+        } else {
+            M::Container as i32
+        },
+        ipc: if sb.record.ipcns.is_some() {
+            M::Pod as i32
+        } else {
+            M::Node as i32
+        },
+        ..Default::default()
+    }
+}
+
 /// CRI resources -> OCI resources for `update` (what build_spec sets at create).
 pub fn linux_resources(r: &cri::LinuxContainerResources) -> oci_spec::runtime::LinuxResources {
     use oci_spec::runtime::{LinuxCpu, LinuxMemory, LinuxResources};
@@ -1447,6 +1459,49 @@ mod tests {
         assert_eq!(
             container_cgroups_path(CgroupDriver::Cgroupfs, "", "c1"),
             "/strake/c1"
+        );
+    }
+
+    #[test]
+    fn containers_without_namespace_options_follow_the_sandbox() {
+        use cri::NamespaceMode as M;
+        let sandbox = |pid: i32, host_network: bool, ipc: bool| {
+            let json = serde_json::json!({
+                "id": "s", "name": "n", "created_at_ns": 1, "ready": true,
+                "runtime_handler": "runc", "host_network": host_network,
+                "pause_pid": null, "pause_start_time": null, "netns": null,
+                "ipcns": if ipc { Some("/run/s/ipc") } else { None },
+                "utsns": null, "ips": [], "cni_result": null, "network_attached": false,
+                "port_mappings": [], "shm": "/s", "hostname_file": "/h", "hosts_file": "/hh",
+                "resolv_file": "/r",
+            });
+            Sandbox {
+                record: serde_json::from_value(json).unwrap(),
+                config: cri::PodSandboxConfig {
+                    linux: Some(cri::LinuxPodSandboxConfig {
+                        security_context: Some(cri::LinuxSandboxSecurityContext {
+                            namespace_options: Some(cri::NamespaceOption {
+                                pid,
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            }
+        };
+        let ns = default_namespace_options(&sandbox(M::Container as i32, false, true));
+        assert_eq!(
+            (ns.network, ns.pid, ns.ipc),
+            (M::Pod as i32, M::Container as i32, M::Pod as i32)
+        );
+        // hostPID, hostNetwork, hostIPC: the host's, not new ones.
+        let ns = default_namespace_options(&sandbox(M::Node as i32, true, false));
+        assert_eq!(
+            (ns.network, ns.pid, ns.ipc),
+            (M::Node as i32, M::Node as i32, M::Node as i32)
         );
     }
 

@@ -36,6 +36,14 @@ pub enum SandboxError {
     /// No sandbox has this ID (or unique ID prefix).
     #[error("pod sandbox {0:?} not found")]
     NotFound(String),
+    /// The request asks for something this runtime cannot do yet; running the pod without it
+    /// would run something other than what was asked, so it is refused (gRPC
+    /// `InvalidArgument`).
+    #[error("pod sandbox option {option} is not supported by strake-runtime: {why}")]
+    Unsupported {
+        option: &'static str,
+        why: &'static str,
+    },
     /// A sandbox with the same name, namespace, UID and attempt exists.
     #[error("pod sandbox name {name:?} is reserved by {id}")]
     NameTaken { name: String, id: String },
@@ -217,6 +225,78 @@ pub fn hosts_file(hostname: &str) -> String {
     s
 }
 
+/// Refuses the CRI options this runtime would otherwise silently not honour: the kubelet then
+/// reports the pod as failed with this message, instead of running a pod that differs from its
+/// spec.
+fn refuse_unsupported(config: &cri::PodSandboxConfig) -> Result<()> {
+    use cri::NamespaceMode as M;
+    let unsupported = |option, why| Err(SandboxError::Unsupported { option, why });
+    let ns = config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.as_ref());
+    if let Some(ns) = ns {
+        match M::try_from(ns.pid) {
+            Ok(M::Container | M::Node) => {}
+            Ok(M::Pod) => {
+                return unsupported(
+                    "namespace_options.pid=POD (shareProcessNamespace: true)",
+                    "a PID namespace shared by the pod's containers is not implemented yet;                      each container would get its own",
+                );
+            }
+            Ok(M::Target) => {
+                return unsupported(
+                    "namespace_options.pid=TARGET",
+                    "a pod sandbox cannot join a container's PID namespace",
+                );
+            }
+            Err(_) => return unsupported("namespace_options.pid", "unknown namespace mode"),
+        }
+        for (option, mode) in [
+            ("namespace_options.network", ns.network),
+            ("namespace_options.ipc", ns.ipc),
+        ] {
+            match M::try_from(mode) {
+                Ok(M::Pod | M::Node) => {}
+                Ok(M::Container | M::Target) => {
+                    return unsupported(
+                        option,
+                        "a pod sandbox's network and IPC namespaces are the pod's or the node's",
+                    );
+                }
+                Err(_) => return unsupported(option, "unknown namespace mode"),
+            }
+        }
+        if let Some(userns) = &ns.userns_options
+            && userns.mode != M::Node as i32
+        {
+            return unsupported(
+                "namespace_options.userns_options (hostUsers: false)",
+                "user namespaces are not implemented yet; the pod would run as the host's users",
+            );
+        }
+    }
+    for p in &config.port_mappings {
+        if p.host_port <= 0 {
+            // No host port: nothing to map (the kubelet lists every declared container port).
+            continue;
+        }
+        if u16::try_from(p.host_port).is_err()
+            || u16::try_from(p.container_port).map_or(true, |c| c == 0)
+        {
+            return unsupported(
+                "port_mappings",
+                "a host port mapping needs ports in 1..=65535",
+            );
+        }
+        if cri::Protocol::try_from(p.protocol).is_err() {
+            return unsupported("port_mappings.protocol", "unknown protocol");
+        }
+    }
+    Ok(())
+}
+
 fn namespace_mode(config: &cri::PodSandboxConfig) -> (bool, bool) {
     let opts = config
         .linux
@@ -328,6 +408,7 @@ impl Sandboxes {
                 )));
             }
         }
+        refuse_unsupported(&config)?;
         let name = sandbox_name(&meta);
         let id = new_id().map_err(io(Path::new("/dev/urandom")))?;
         // Reserve the name before the slow work, so a concurrent duplicate is refused at once.
@@ -701,6 +782,100 @@ mod tests {
             ),
             (5353, 53, "udp")
         );
+    }
+
+    #[test]
+    fn options_the_runtime_cannot_honour_are_refused() {
+        use cri::NamespaceMode as M;
+        let with_ns = |ns: cri::NamespaceOption| cri::PodSandboxConfig {
+            linux: Some(cri::LinuxPodSandboxConfig {
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(ns),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        // What the kubelet sends for an ordinary pod, and for hostNetwork/hostIPC/hostPID.
+        let ordinary = cri::NamespaceOption {
+            network: M::Pod as i32,
+            pid: M::Container as i32,
+            ipc: M::Pod as i32,
+            userns_options: Some(cri::UserNamespace {
+                mode: M::Node as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        refuse_unsupported(&with_ns(ordinary.clone())).unwrap();
+        refuse_unsupported(&cri::PodSandboxConfig::default()).unwrap();
+        refuse_unsupported(&with_ns(cri::NamespaceOption {
+            network: M::Node as i32,
+            pid: M::Node as i32,
+            ipc: M::Node as i32,
+            ..Default::default()
+        }))
+        .unwrap();
+
+        let refused = |ns: cri::NamespaceOption| {
+            let err = refuse_unsupported(&with_ns(ns)).unwrap_err();
+            assert!(matches!(err, SandboxError::Unsupported { .. }), "{err}");
+            err.to_string()
+        };
+        let msg = refused(cri::NamespaceOption {
+            pid: M::Pod as i32,
+            ..ordinary.clone()
+        });
+        assert!(msg.contains("shareProcessNamespace"), "{msg}");
+        refused(cri::NamespaceOption {
+            pid: M::Target as i32,
+            ..ordinary.clone()
+        });
+        refused(cri::NamespaceOption {
+            pid: 17,
+            ..ordinary.clone()
+        });
+        refused(cri::NamespaceOption {
+            network: M::Container as i32,
+            ..ordinary.clone()
+        });
+        refused(cri::NamespaceOption {
+            ipc: M::Target as i32,
+            ..ordinary.clone()
+        });
+        let msg = refused(cri::NamespaceOption {
+            userns_options: Some(cri::UserNamespace {
+                mode: M::Pod as i32,
+                ..Default::default()
+            }),
+            ..ordinary.clone()
+        });
+        assert!(msg.contains("hostUsers: false"), "{msg}");
+
+        let with_port = |host_port, container_port, protocol| cri::PodSandboxConfig {
+            port_mappings: vec![cri::PortMapping {
+                protocol,
+                container_port,
+                host_port,
+                host_ip: String::new(),
+            }],
+            ..Default::default()
+        };
+        let tcp = cri::Protocol::Tcp as i32;
+        refuse_unsupported(&with_port(8080, 80, tcp)).unwrap();
+        refuse_unsupported(&with_port(0, 80, tcp)).unwrap();
+        for bad in [
+            with_port(70_000, 80, tcp),
+            with_port(8080, 0, tcp),
+            with_port(8080, 70_000, tcp),
+            with_port(8080, 80, 9),
+        ] {
+            assert!(matches!(
+                refuse_unsupported(&bad),
+                Err(SandboxError::Unsupported { .. })
+            ));
+        }
     }
 
     #[test]

@@ -79,7 +79,9 @@ fn now_ns() -> i64 {
 pub fn status_of(e: SandboxError) -> Status {
     let msg = error_chain(&e);
     match e {
-        SandboxError::InvalidArgument(_) => Status::invalid_argument(msg),
+        SandboxError::InvalidArgument(_) | SandboxError::Unsupported { .. } => {
+            Status::invalid_argument(msg)
+        }
         SandboxError::NotFound(_) => Status::not_found(msg),
         SandboxError::NameTaken { .. } => Status::already_exists(msg),
         SandboxError::Network { .. } | SandboxError::Teardown { .. } => Status::unavailable(msg),

@@ -22,7 +22,7 @@
 //! - seccomp `RuntimeDefault` is [`default_seccomp_profile`], a deny-list (see there); nothing
 //!   asked means Unconfined.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
@@ -84,6 +84,12 @@ pub enum SpecError {
     /// A namespace to join was not given by the sandbox.
     #[error("the sandbox has no {namespace} namespace to join")]
     MissingSandboxNamespace { namespace: &'static str },
+    /// PID namespace mode POD, but the sandbox holds no PID namespace to share.
+    #[error(
+        "pid namespace mode POD (shareProcessNamespace: true) is not supported: the sandbox has \
+         no PID namespace for its containers to share"
+    )]
+    SharedPidNamespaceUnsupported,
     /// PID namespace mode TARGET without the target's namespace path.
     #[error("pid namespace target {target_id:?} is not known")]
     MissingTargetNamespace { target_id: String },
@@ -315,6 +321,12 @@ pub struct NodeOptions {
     /// ([`current_bounding_capabilities`]), since a runtime cannot grant more; `None` means
     /// [`all_capabilities`].
     pub bounding_capabilities: Option<Capabilities>,
+    /// The huge page sizes (`2MB`, `1GB`) a container's cgroup can limit
+    /// ([`crate::cgroups::CgroupLayout::hugetlb_page_sizes`]): a CRI limit of any other size,
+    /// or any limit at all without a hugetlb controller, is left out of the spec, as containerd
+    /// leaves it out. (The kubelet sends a limit for every size the kernel offers, even where
+    /// no hugetlb controller exists, and runc fails the container it cannot set one for.)
+    pub hugepage_sizes: BTreeSet<String>,
 }
 
 /// Everything a container's spec is made from.
@@ -400,7 +412,12 @@ pub fn build_spec(input: &SpecInput<'_>) -> Result<Spec, SpecError> {
     let mut linux = oci_spec::runtime::Linux::default();
     linux
         .set_namespaces(Some(namespaces(ns, input, input.node.cgroup_namespace)?))
-        .set_resources(Some(resources(config, input.resolved, privileged)))
+        .set_resources(Some(resources(
+            config,
+            input.resolved,
+            privileged,
+            &input.node.hugepage_sizes,
+        )))
         .set_cgroups_path(Some(PathBuf::from(cgroups_path(
             input.cgroup_driver,
             input
@@ -865,7 +882,11 @@ fn namespaces(
         M::Container => out.push(namespace(LinuxNamespaceType::Pid, None)),
         M::Pod => out.push(namespace(
             LinuxNamespaceType::Pid,
-            Some(join(&pod.pid, "pid")?),
+            Some(
+                pod.pid
+                    .as_deref()
+                    .ok_or(SpecError::SharedPidNamespaceUnsupported)?,
+            ),
         )),
         M::Target => {
             out.push(namespace(
@@ -1065,6 +1086,7 @@ fn resources(
     config: &cri::ContainerConfig,
     resolved: &Resolved,
     privileged: bool,
+    hugepage_sizes: &BTreeSet<String>,
 ) -> LinuxResources {
     let mut out = LinuxResources::default();
     let mut device_rules = Vec::new();
@@ -1140,18 +1162,19 @@ fn resources(
         }
         out.set_memory(Some(memory));
     }
-    if !r.hugepage_limits.is_empty() {
-        out.set_hugepage_limits(Some(
-            r.hugepage_limits
-                .iter()
-                .map(|h| {
-                    let mut l = LinuxHugepageLimit::default();
-                    l.set_page_size(h.page_size.clone())
-                        .set_limit(h.limit.min(i64::MAX as u64) as i64);
-                    l
-                })
-                .collect(),
-        ));
+    let hugepage_limits: Vec<LinuxHugepageLimit> = r
+        .hugepage_limits
+        .iter()
+        .filter(|h| hugepage_sizes.contains(&h.page_size))
+        .map(|h| {
+            let mut l = LinuxHugepageLimit::default();
+            l.set_page_size(h.page_size.clone())
+                .set_limit(h.limit.min(i64::MAX as u64) as i64);
+            l
+        })
+        .collect();
+    if !hugepage_limits.is_empty() {
+        out.set_hugepage_limits(Some(hugepage_limits));
     }
     if !r.unified.is_empty() {
         out.set_unified(Some(r.unified.clone()));
@@ -2523,6 +2546,13 @@ mod tests {
                 namespace: "network"
             })
         ));
+        // No silent per-container namespace in place of the pod's.
+        let mut f = Fixture::new();
+        f.sandbox.namespaces.pid = None;
+        assert!(matches!(
+            f.try_spec(),
+            Err(SpecError::SharedPidNamespaceUnsupported)
+        ));
         let mut f = Fixture::new();
         f.ns().userns_options = Some(cri::UserNamespace {
             mode: M::Pod as i32,
@@ -2743,6 +2773,7 @@ mod tests {
     #[test]
     fn resources_map_to_linux_resources() {
         let mut f = Fixture::new();
+        f.node.hugepage_sizes = BTreeSet::from(["2MB".to_string()]);
         assert_eq!(process(&f.spec()).oom_score_adj(), None);
         f.config.linux.as_mut().unwrap().resources = Some(cri::LinuxContainerResources {
             cpu_period: 100_000,
@@ -2752,10 +2783,17 @@ mod tests {
             oom_score_adj: 999,
             cpuset_cpus: "0-1".into(),
             cpuset_mems: "0".into(),
-            hugepage_limits: vec![cri::HugepageLimit {
-                page_size: "2MB".into(),
-                limit: 4 << 20,
-            }],
+            hugepage_limits: vec![
+                cri::HugepageLimit {
+                    page_size: "2MB".into(),
+                    limit: 4 << 20,
+                },
+                // A size the host cannot limit is left out.
+                cri::HugepageLimit {
+                    page_size: "1GB".into(),
+                    limit: 0,
+                },
+            ],
             unified: HashMap::from([("memory.high".to_string(), "50000000".to_string())]),
             memory_swap_limit_in_bytes: 0,
         });
@@ -2805,6 +2843,32 @@ mod tests {
             serde_json::json!({"quota": -1})
         );
         assert_eq!(r.memory(), &None);
+    }
+
+    #[test]
+    fn hugepage_limits_are_left_out_without_a_hugetlb_controller() {
+        // What upstream's kubelet sends on a host whose kernel offers 2 MiB and 1 GiB pages:
+        // a zero limit for each. Without a hugetlb controller no size can be limited.
+        let mut f = Fixture::new();
+        f.config.linux.as_mut().unwrap().resources = Some(cri::LinuxContainerResources {
+            hugepage_limits: ["2MB", "1GB"]
+                .map(|size| cri::HugepageLimit {
+                    page_size: size.into(),
+                    limit: 0,
+                })
+                .into(),
+            ..Default::default()
+        });
+        assert_eq!(f.node.hugepage_sizes, BTreeSet::new());
+        let r = linux(&f.spec()).resources().clone().unwrap();
+        assert_eq!(r.hugepage_limits(), &None);
+
+        f.node.hugepage_sizes = ["1GB", "2MB"].map(String::from).into();
+        let r = linux(&f.spec()).resources().clone().unwrap();
+        assert_eq!(
+            serde_json::to_value(&r).unwrap()["hugepageLimits"],
+            serde_json::json!([{"pageSize": "2MB", "limit": 0}, {"pageSize": "1GB", "limit": 0}])
+        );
     }
 
     #[test]

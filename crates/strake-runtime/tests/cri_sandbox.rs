@@ -268,3 +268,89 @@ fn pod_sandboxes_get_ips_reach_each_other_survive_a_crash_and_leave_nothing() {
     drop(rt);
     drop(node);
 }
+
+/// Options strake-runtime cannot honour yet are refused with `InvalidArgument` and a message
+/// naming them, instead of a pod that silently differs from its spec (a per-container PID
+/// namespace for `shareProcessNamespace: true`, the host's users for `hostUsers: false`), and
+/// nothing is left of the attempt.
+#[test]
+fn pod_options_the_runtime_cannot_honour_are_refused_through_cri() {
+    let net = ClusterNet::create().expect("cluster net");
+    let mut node = net.add_node(0).expect("node");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().to_path_buf();
+    let rt = Runtime::start(&mut node, dir);
+
+    // crictl reads the config as JSON of the CRI types: NamespaceMode POD=0, CONTAINER=1,
+    // NODE=2, TARGET=3.
+    let pod = |name: &str, extra: serde_json::Value| {
+        let mut pod = serde_json::json!({
+            "metadata": { "name": name, "namespace": "default", "uid": format!("uid-{name}"), "attempt": 0 },
+            "hostname": name,
+            "log_directory": base.join("logs").join(name),
+        });
+        for (k, v) in extra.as_object().expect("object") {
+            pod[k] = v.clone();
+        }
+        let path = base.join(format!("{name}.json"));
+        std::fs::write(&path, pod.to_string()).expect("pod file");
+        path.to_string_lossy().into_owned()
+    };
+    let namespaces = |ns: serde_json::Value| serde_json::json!({ "linux": { "security_context": { "namespace_options": ns } } });
+    let cases = [
+        (
+            "share-pid",
+            namespaces(serde_json::json!({ "network": 0, "pid": 0, "ipc": 0 })),
+            "shareProcessNamespace",
+        ),
+        (
+            "target-pid",
+            namespaces(serde_json::json!({ "pid": 3, "target_id": "abc" })),
+            "pid=TARGET",
+        ),
+        (
+            "user-ns",
+            namespaces(serde_json::json!({ "pid": 1, "userns_options": { "mode": 0 } })),
+            "hostUsers: false",
+        ),
+        (
+            "container-net",
+            namespaces(serde_json::json!({ "network": 1, "pid": 1 })),
+            "namespace_options.network",
+        ),
+        (
+            "huge-port",
+            serde_json::json!({ "port_mappings": [{ "protocol": 0, "container_port": 80, "host_port": 70000 }] }),
+            "port_mappings",
+        ),
+    ];
+    for (name, extra, needle) in cases {
+        let err = rt
+            .crictl(&["runp", &pod(name, extra)])
+            .expect_err("refused");
+        let err = err.to_string();
+        assert!(
+            err.contains("InvalidArgument") && err.contains(needle),
+            "{name}: {err}"
+        );
+    }
+    assert_eq!(rt.out(&["pods", "-q"]), "", "nothing left of the refusals");
+
+    // What the kubelet sends for an ordinary pod is still fine.
+    let ok = pod(
+        "ordinary",
+        namespaces(
+            serde_json::json!({ "network": 0, "pid": 1, "ipc": 0, "userns_options": { "mode": 2 } }),
+        ),
+    );
+    let id = rt.out(&["runp", &ok]);
+    rt.out(&["stopp", &id]);
+    rt.out(&["rmp", &id]);
+    assert!(
+        mounts_below(&base).is_empty(),
+        "mounts left: {:?}",
+        mounts_below(&base)
+    );
+    drop(rt);
+    drop(node);
+}

@@ -500,51 +500,21 @@ fn a_pull_dropped_at_any_point_leaves_nothing_half_visible() {
     });
 }
 
-const CRASH_CHILD_ENV: &str = "STRAKE_IMAGE_CRASH_CHILD";
-
-/// Not a test on its own: the child process that `a_pull_killed_with_sigkill_*` starts and
-/// kills. Without the variable it returns at once.
-#[test]
-fn crash_child_pulls_until_killed() {
-    run(async {
-        let Ok(spec) = std::env::var(CRASH_CHILD_ENV) else {
-            return;
-        };
-        let (store, rest) = spec.split_once('|').expect("store|insecure|reference");
-        let (insecure, reference) = rest.split_once('|').expect("insecure|reference");
-        let config = PullConfig {
-            insecure_registries: vec![insecure.to_string()],
-            ..Default::default()
-        };
-        let svc = ImageService::open(store, config, |_: &str| false)
-            .await
-            .expect("open");
-        svc.pull(reference, &PullAuth::default())
-            .await
-            .expect("pull");
-    });
-}
-
 #[test]
 fn a_pull_killed_with_sigkill_leaves_nothing_half_visible() {
     run(async {
         let bed = Bed::start();
         let reference = bed.open_ref("strake/multilayer:1");
-        let exe = std::env::current_exe().expect("test binary");
+        // The child is the helper binary `tests/helpers/pull_until_killed.rs`.
+        let exe = env!("CARGO_BIN_EXE_strake-runtime-test-pull");
         let mut killed_mid_pull = 0;
         for attempt in 0..10 {
             let name = format!("crash{attempt}");
             let store = bed.store_dir(&name);
-            let mut child = std::process::Command::new(&exe)
-                .args(["--exact", "crash_child_pulls_until_killed", "--nocapture"])
-                .env(
-                    CRASH_CHILD_ENV,
-                    format!(
-                        "{}|{}|{reference}",
-                        store.display(),
-                        bed.registry.open_local()
-                    ),
-                )
+            let mut child = std::process::Command::new(exe)
+                .arg(&store)
+                .arg(bed.registry.open_local().to_string())
+                .arg(&reference)
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())

@@ -1,6 +1,7 @@
 //! Component tests: containers from [`strake_runtime::spec::build_spec`] run by real OCI runtimes
 //! (runc and crun) through the [`strake_runtime::runc::Runc`] seam. They need root, `runc`,
-//! `/usr/bin/crun` and Debian's busybox-static at `/bin/busybox`, and skip (saying so) without.
+//! `/usr/bin/crun` and Debian's busybox-static at `/bin/busybox`, and fail (naming what is missing)
+//! without.
 //!
 //! Each test keeps everything private: a temp dir with the rootfs, bundle and the runtime's
 //! `--root` state, a cgroup parent `strake-test-<pid>-<name>` it creates in every hierarchy, and
@@ -37,17 +38,20 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Why this machine cannot run the test, if it cannot.
-fn missing(runtime: &Path) -> Option<String> {
-    if !is_root() {
-        return Some("not root".into());
-    }
+/// Fails the test, naming what is missing, unless this machine can run it: the test bed
+/// (`make testbed`) installs everything, so a missing tool is a broken bed, not a pass.
+fn require(runtime: &Path) {
+    assert!(
+        is_root(),
+        "this test needs root (it runs containers and creates cgroups)"
+    );
     for p in [runtime, Path::new("/bin/busybox")] {
-        if !p.exists() {
-            return Some(format!("{} is missing", p.display()));
-        }
+        assert!(
+            p.exists(),
+            "{} is missing: install it with `make testbed`",
+            p.display()
+        );
     }
-    None
 }
 
 fn runc_binary() -> PathBuf {
@@ -343,10 +347,7 @@ fn create_and_start(setup: &Setup, id: &str) -> (PathBuf, PathBuf) {
 /// The full life of a container under `binary`: create, start, output, running state, memory
 /// limit in its cgroup, kill, stopped state, delete.
 fn run_lifecycle(name: &str, binary: &Path) {
-    if let Some(why) = missing(binary) {
-        eprintln!("skipping: {why}");
-        return;
-    }
+    require(binary);
     let setup = setup(name, binary);
     let id = format!("strake-test-{}-{name}", std::process::id());
     let config = container_config(&["sh", "-c", "echo hello; id -u; sleep 30"], false, 1000);
@@ -471,10 +472,7 @@ fn crun_runs_the_same_container_through_the_same_seam() {
 #[test]
 fn readonly_rootfs_refuses_writes() {
     let binary = runc_binary();
-    if let Some(why) = missing(&binary) {
-        eprintln!("skipping: {why}");
-        return;
-    }
+    require(&binary);
     let setup = setup("ro", &binary);
     let id = format!("strake-test-{}-ro", std::process::id());
     // Root inside the container, so the refusal comes from the read-only mount and not from
@@ -526,10 +524,7 @@ impl Drop for FakePause {
 #[test]
 fn container_joins_the_sandbox_namespaces_and_files() {
     let binary = runc_binary();
-    if let Some(why) = missing(&binary) {
-        eprintln!("skipping: {why}");
-        return;
-    }
+    require(&binary);
     let setup = setup("join", &binary);
     let id = format!("strake-test-{}-join", std::process::id());
     let pause = FakePause::start("strake-pod");
@@ -633,10 +628,7 @@ fn run_to_exit(setup: &Setup, id: &str, config: &cri::ContainerConfig) -> (Strin
 #[test]
 fn runtime_default_seccomp_is_enforced() {
     let binary = runc_binary();
-    if let Some(why) = missing(&binary) {
-        eprintln!("skipping: {why}");
-        return;
-    }
+    require(&binary);
     let setup = setup("seccomp", &binary);
     // Creating a user namespace needs no capability, so only seccomp can refuse it.
     let mut config = container_config(
@@ -676,10 +668,7 @@ fn runtime_default_seccomp_is_enforced() {
 #[test]
 fn oom_kill_is_seen_in_the_container_cgroup() {
     let binary = runc_binary();
-    if let Some(why) = missing(&binary) {
-        eprintln!("skipping: {why}");
-        return;
-    }
+    require(&binary);
     let setup = setup("oom", &binary);
     let id = format!("strake-test-{}-oom", std::process::id());
     // tail keeps a newline-free stream in memory: 256 MiB against a 64 MiB limit.
@@ -715,10 +704,7 @@ fn oom_kill_is_seen_in_the_container_cgroup() {
 #[test]
 fn privileged_container_gets_all_capabilities_and_host_devices() {
     let binary = runc_binary();
-    if let Some(why) = missing(&binary) {
-        eprintln!("skipping: {why}");
-        return;
-    }
+    require(&binary);
     let setup = setup("priv", &binary);
     let script = "grep CapEff /proc/self/status; [ -c /dev/kmsg ] && echo kmsg || echo no-kmsg";
     let mut config = container_config(&["sh", "-c", script], false, 0);
