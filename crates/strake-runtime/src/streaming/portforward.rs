@@ -61,6 +61,7 @@ impl Pending {
     }
 
     /// How many pairs wait.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.pairs.len()
     }
