@@ -645,7 +645,7 @@ mod tests {
             "{}",
             cache.capacity()
         );
-        assert!(cache.len() > 0);
+        assert!(!cache.is_empty());
     }
 
     /// Concurrent requests with the same unknown token make one review and share its answer;

@@ -85,15 +85,15 @@ impl Pending {
             return Added::Refused(s);
         }
         *slot = Some(s);
-        if pair.data.is_some() && pair.error.is_some() {
-            if let Some(Pair {
+        if pair.data.is_some()
+            && pair.error.is_some()
+            && let Some(Pair {
                 data: Some(data),
                 error: Some(error),
                 ..
             }) = self.pairs.remove(&id)
-            {
-                return Added::Complete(data, error);
-            }
+        {
+            return Added::Complete(data, error);
         }
         Added::Waiting
     }
