@@ -481,6 +481,24 @@ fn go_duration_or(
 }
 
 impl Config {
+    /// What makes the HTTPS API open to anyone who reaches it: anonymous requests, or
+    /// AlwaysAllow authorization (upstream's defaults without a configuration file, kept for
+    /// compatibility; logged as warnings at start).
+    pub fn insecure_api_settings(&self) -> Vec<&'static str> {
+        let mut found = Vec::new();
+        if self.authentication.anonymous {
+            found.push(
+                "anonymous requests are allowed (--anonymous-auth, authentication.anonymous.enabled)",
+            );
+        }
+        if self.authorization.mode == AuthorizationMode::AlwaysAllow {
+            found.push(
+                "every authenticated request is authorized (--authorization-mode=AlwaysAllow)",
+            );
+        }
+        found
+    }
+
     /// Flags over the file over upstream's defaults.
     pub fn load(flags: &Flags) -> Result<Self, ConfigError> {
         let file = match &flags.config {
@@ -789,6 +807,7 @@ mod tests {
         let c = Config::merge(
             &Flags {
                 hostname_override: Some("n".into()),
+                config: Some("/var/lib/kubelet/config.yaml".into()),
                 ..Default::default()
             },
             file,
@@ -798,6 +817,16 @@ mod tests {
             c.container_runtime_endpoint,
             "unix:///run/strake/runtime.sock"
         );
+        // The API is closed to strangers, and the API server's client certificate (signed by
+        // the cluster CA) authenticates `kubectl logs/exec`.
+        assert!(!c.authentication.anonymous);
+        assert!(c.authentication.webhook);
+        assert_eq!(c.authorization.mode, AuthorizationMode::Webhook);
+        assert_eq!(
+            c.authentication.client_ca_file,
+            Some(PathBuf::from("/etc/kubernetes/pki/ca.crt"))
+        );
+        assert!(c.insecure_api_settings().is_empty());
         assert_eq!(
             c.pod_manifest_path,
             Some(PathBuf::from("/etc/kubernetes/manifests"))
@@ -821,7 +850,9 @@ mod tests {
             config: Some("/k.yaml".into()),
             ..Default::default()
         };
+        assert_eq!(flags_only.insecure_api_settings().len(), 2);
         let c = Config::merge(&with_file, FileConfig::default()).unwrap();
+        assert!(c.insecure_api_settings().is_empty());
         assert!(!c.authentication.anonymous);
         assert!(c.authentication.webhook);
         assert_eq!(c.authentication.webhook_cache_ttl, Duration::from_secs(120));

@@ -375,6 +375,42 @@ impl KubeletApi {
         let body = resp.into_body().collect().await.ok()?.to_bytes();
         Some((status, text(&body)))
     }
+
+    /// An exec over WebSocket (`v4.channel.k8s.io`, a GET upgrade) with a bearer token: the
+    /// refusal's status and body, or 101 and what came on stdout.
+    async fn ws_exec(&self, path: &str, token: &str) -> Option<(u16, String)> {
+        use futures::StreamExt;
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::{Error, Message};
+        let tcp = tokio::net::TcpStream::connect(self.addr).await.ok()?;
+        let stream = tokio_rustls::TlsConnector::from(self.anonymous.clone())
+            .connect(ServerName::IpAddress(self.server_ip.into()), tcp)
+            .await
+            .ok()?;
+        let mut req = format!("wss://{}{path}", self.server_ip)
+            .into_client_request()
+            .ok()?;
+        let h = req.headers_mut();
+        h.insert("authorization", format!("Bearer {token}").parse().ok()?);
+        h.insert("sec-websocket-protocol", "v4.channel.k8s.io".parse().ok()?);
+        let mut ws = match tokio_tungstenite::client_async(req, stream).await {
+            Ok((ws, _)) => ws,
+            Err(Error::Http(resp)) => {
+                let body = resp.body().clone().unwrap_or_default();
+                return Some((resp.status().as_u16(), text(&body)));
+            }
+            Err(_) => return None,
+        };
+        let mut stdout = Vec::new();
+        while let Some(Ok(msg)) = ws.next().await {
+            match msg {
+                Message::Binary(b) if b.first() == Some(&1) => stdout.extend_from_slice(&b[1..]),
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+        Some((101, text(&stdout)))
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -596,6 +632,42 @@ async fn direct_requests_are_authenticated_and_authorized_and_stats_are_served()
     );
     assert!(own.contains("kubelet_running_pods 1"), "{own}");
     assert!(own.contains("kubelet_http_requests_total{"), "{own}");
+
+    // `get` on nodes/proxy does not let anyone run commands: an exec is a WebSocket GET, but
+    // the kubelet checks `create` for it (and for attach and port-forward).
+    let exec = "/exec/default/stats/app?command=echo&command=from-exec&output=1&error=1";
+    let (status, body) = api.ws_exec(exec, &token).await.expect("exec request");
+    assert_eq!(status, 403, "{body}");
+    // The WebSocket client may not read the refusal's body; when it does, it names the verb.
+    assert!(
+        body.is_empty() || body.contains("verb=create, resource=nodes, subresource=proxy"),
+        "{body}"
+    );
+    let role: ClusterRole = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "kubelet-api-exec" },
+        "rules": [{ "apiGroups": [""], "resources": ["nodes/proxy"], "verbs": ["create"] }]
+    }))
+    .expect("role");
+    Api::<ClusterRole>::all(client.clone())
+        .create(&PostParams::default(), &role)
+        .await
+        .expect("create role");
+    let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "kubelet-api-exec" },
+        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "kubelet-api-exec" },
+        "subjects": [{ "kind": "ServiceAccount", "name": "viewer", "namespace": "default" }]
+    }))
+    .expect("binding");
+    Api::<ClusterRoleBinding>::all(client.clone())
+        .create(&PostParams::default(), &binding)
+        .await
+        .expect("create binding");
+    let out = wait_for("exec allowed after granting create", 30, || async {
+        let (status, out) = api.ws_exec(exec, &token).await?;
+        (status == 101).then_some(out)
+    })
+    .await;
+    assert_eq!(out.trim(), "from-exec", "{}", node.log());
 
     // Unknown paths 404 once admitted; a client certificate of the cluster CA authenticates.
     let (status, _) = api

@@ -10,6 +10,7 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use k8s_openapi::jiff::Timestamp;
+use strake_types::http::Limits;
 use tokio::net::TcpListener;
 
 use crate::health::Health;
@@ -77,39 +78,31 @@ pub fn answer(role: Role, shared: &Shared, method: &Method, path: &str) -> Respo
 /// How one server answers a request (method, path).
 pub type Handler = Arc<dyn Fn(&Method, &str) -> Response<Full<Bytes>> + Send + Sync>;
 
-/// Serves `listener` with `handler` until the task is dropped.
+/// Serves `listener` with `handler` until the task is dropped, within the shared limits
+/// (connection cap, header deadline, accept back-off: [`strake_types::http`]).
 pub async fn serve_with(listener: TcpListener, handler: Handler) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let handler = handler.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let resp = handler(req.method(), req.uri().path());
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            // Clients like `nc` half-close after sending the request; answer them anyway.
-            let conn = hyper::server::conn::http1::Builder::new()
-                .half_close(true)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
-            }
-        });
-    }
+    serve_limited(listener, handler, Limits::default()).await
+}
+
+/// [`serve_with`] under explicit `limits`.
+pub async fn serve_limited(listener: TcpListener, handler: Handler, limits: Limits) {
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let resp = handler(req.method(), req.uri().path());
+        async move { Ok::<_, Infallible>(resp) }
+    });
+    strake_types::http::serve(listener, limits, "strake-proxy", service).await
 }
 
 /// Serves `listener` as the `role` server until the task is dropped.
 pub async fn serve(listener: TcpListener, role: Role, shared: Shared) {
-    serve_with(
+    serve_role(listener, role, shared, Limits::default()).await
+}
+
+async fn serve_role(listener: TcpListener, role: Role, shared: Shared, limits: Limits) {
+    serve_limited(
         listener,
         Arc::new(move |method: &Method, path: &str| answer(role, &shared, method, path)),
+        limits,
     )
     .await
 }
@@ -125,6 +118,16 @@ pub fn start(
     health_addr: SocketAddr,
     metrics_addr: SocketAddr,
     shared: Shared,
+) -> std::io::Result<ServerHandle> {
+    start_with_limits(health_addr, metrics_addr, shared, Limits::default())
+}
+
+/// [`start`] with explicit connection limits (each server has its own cap).
+pub fn start_with_limits(
+    health_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    shared: Shared,
+    limits: Limits,
 ) -> std::io::Result<ServerHandle> {
     let health = std::net::TcpListener::bind(health_addr)?;
     let metrics = std::net::TcpListener::bind(metrics_addr)?;
@@ -149,8 +152,8 @@ pub fn start(
                     Err(e) => return tracing::error!(error = %e, "metrics listener"),
                 };
                 tokio::select! {
-                    _ = serve(health, Role::Health, shared.clone()) => {}
-                    _ = serve(metrics, Role::Metrics, shared) => {}
+                    _ = serve_role(health, Role::Health, shared.clone(), limits) => {}
+                    _ = serve_role(metrics, Role::Metrics, shared, limits) => {}
                     _ = stop_rx => {}
                 }
             });
@@ -268,5 +271,95 @@ mod tests {
             "{out}"
         );
         drop(handle);
+    }
+
+    /// Both servers hang up on a client that never finishes its headers and close
+    /// connections beyond their cap, while still answering others.
+    #[test]
+    fn slow_clients_are_cut_off_and_connections_capped() {
+        use std::io::{Read, Write};
+        let slow_deadline = start_with_limits(
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+            shared(),
+            Limits {
+                max_connections: 8,
+                header_read_timeout: Duration::from_secs(1),
+            },
+        )
+        .unwrap();
+        let capped = start_with_limits(
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+            shared(),
+            Limits {
+                max_connections: 2,
+                header_read_timeout: Duration::from_secs(600),
+            },
+        )
+        .unwrap();
+        let get = |addr: SocketAddr| {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            let _ = c.write_all(b"GET /healthz HTTP/1.0\r\n\r\n");
+            let mut out = String::new();
+            let _ = c.read_to_string(&mut out);
+            out
+        };
+        for (addr, capped_addr) in [
+            (slow_deadline.health_addr, capped.health_addr),
+            (slow_deadline.metrics_addr, capped.metrics_addr),
+        ] {
+            // A trickle: one header byte every 100 ms, until the server hangs up.
+            let mut slow = std::net::TcpStream::connect(addr).unwrap();
+            slow.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            slow.write_all(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+                .unwrap();
+            let mut buf = [0u8; 64];
+            let mut sent = 0;
+            let hung_up = loop {
+                match slow.read(&mut buf) {
+                    Ok(0) => break true,
+                    Ok(_) => break false,
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::WouldBlock
+                            || e.kind() == std::io::ErrorKind::TimedOut => {}
+                    Err(_) => break true,
+                }
+                if slow.write_all(b"a").is_err() {
+                    break true;
+                }
+                sent += 1;
+                assert!(sent < 3000, "still connected after {sent} header bytes");
+            };
+            assert!(hung_up, "answered a request whose headers never ended");
+            // Two idle connections fill the cap: a third is closed unanswered.
+            let addr = capped_addr;
+            let idle: Vec<_> = (0..2)
+                .map(|_| std::net::TcpStream::connect(addr).unwrap())
+                .collect();
+            // The server has taken both idle ones once a request on a fresh one is refused.
+            let mut refused = false;
+            for _ in 0..50 {
+                if get(addr).is_empty() {
+                    refused = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(refused, "a connection beyond the cap was served");
+            drop(idle);
+            let mut answered = String::new();
+            for _ in 0..100 {
+                answered = get(addr);
+                if !answered.is_empty() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(answered.starts_with("HTTP/1."), "{answered:?}");
+        }
+        drop(slow_deadline);
+        drop(capped);
     }
 }

@@ -402,3 +402,97 @@ async fn the_websocket_transport_serves_exec_attach_and_port_forward() {
     let pod_id = http_pod(&env, "wspf");
     forward_and_fetch(&env, &pod_id, 18081, &[ws]).await;
 }
+
+/// The daemon's resident memory, from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("daemon status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+/// Hostile clients of exec cannot make the daemon buffer without bound: one floods stdin to
+/// a process that never reads it (over SPDY and over WebSocket), one never reads the output of
+/// a process that writes without end. What they push waits in bounded queues and then in TCP,
+/// so the daemon's memory stays within a bound far below what they send (on an unbounded
+/// queue it would grow by all of it).
+#[tokio::test]
+async fn exec_clients_that_flood_or_stop_reading_do_not_grow_the_daemon() {
+    const SEND: usize = 384 * 1024 * 1024;
+    const BOUND: u64 = 96 * 1024 * 1024;
+    let env = Env::start().await;
+    let (_, _, id) = env.pod_with(
+        "flood",
+        serde_json::json!({ "metadata": { "name": "c" }, "command": ["sleep", "3600"] }),
+    );
+    let pid = env.rt.pid();
+    let before = rss_bytes(pid);
+    let mut peak = before;
+    let transports: [&[&str]; 2] = [&[], &["--transport=websocket"]];
+    for transport in transports {
+        // Flood: stdin into `sleep`, which never reads it.
+        let mut cmd = env.crictl();
+        cmd.arg("exec")
+            .args(transport)
+            .args(["-i", &id, "sleep", "3600"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn().expect("crictl exec");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = sent.clone();
+        let writer = std::thread::spawn(move || {
+            let chunk = vec![b'x'; 1024 * 1024];
+            while counter.load(std::sync::atomic::Ordering::Relaxed) < SEND {
+                if stdin.write_all(&chunk).is_err() {
+                    return;
+                }
+                counter.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        // Watched until everything went (an unbounded daemon takes it all) or for a while
+        // (a bounded one stops taking it once its queues and TCP's buffers are full).
+        for _ in 0..200 {
+            peak = peak.max(rss_bytes(pid));
+            if sent.load(std::sync::atomic::Ordering::Relaxed) >= SEND {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        peak = peak.max(rss_bytes(pid));
+        let pushed = sent.load(std::sync::atomic::Ordering::Relaxed);
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = writer.join();
+        assert!(
+            peak.saturating_sub(before) < BOUND,
+            "daemon grew by {} MiB while a client pushed {} MiB of stdin ({transport:?})",
+            peak.saturating_sub(before) >> 20,
+            pushed >> 20
+        );
+    }
+    // A client that never reads: output piles up in crictl's pipe, then TCP, not the daemon.
+    let mut cmd = env.crictl();
+    cmd.args(["exec", &id, "sh", "-c", "cat /dev/zero"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn().expect("crictl exec");
+    for _ in 0..100 {
+        peak = peak.max(rss_bytes(pid));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        peak.saturating_sub(before) < BOUND,
+        "daemon grew by {} MiB for a client that stopped reading",
+        peak.saturating_sub(before) >> 20
+    );
+    // Still serving: an exec answers.
+    assert_eq!(env.out(&["exec", &id, "echo", "alive"]), "alive");
+}

@@ -2,9 +2,12 @@
 //!
 //! - [`cri`]: the CRI `runtime.v1` API (messages, the RuntimeService/ImageService clients and
 //!   servers), generated from `proto/runtime/v1/api.proto`.
+//! - [`http`]: the accept loop every HTTP server of the daemons uses (connection cap, header
+//!   deadline, accept back-off).
 //! - [`logging`]: the `--log-level`/`--log-format` flags and `tracing` setup every daemon uses.
 //!
 //! A newcomer should start with [`cri`] (the contract between kubelet and runtime).
 
 pub mod cri;
+pub mod http;
 pub mod logging;

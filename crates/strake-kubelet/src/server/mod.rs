@@ -26,15 +26,19 @@ use futures::StreamExt;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use strake_types::cri;
+use strake_types::http::Limits;
 
 use crate::config::Config;
 use crate::pod_spec::labels;
 use crate::runtime::{Runtime, RuntimeError};
 use auth::{Auth, AuthError, User};
+
+/// How long a client has to complete the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Response bodies of the API: whole or streamed.
 pub type Body = BoxBody<Bytes, std::io::Error>;
@@ -66,6 +70,19 @@ fn json(value: &impl serde::Serialize) -> Response<Body> {
         }
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// 429 with `Retry-After`, for requests whose review the rate limit has no turn for.
+fn too_many_requests() -> Response<Body> {
+    let mut r = text(
+        StatusCode::TOO_MANY_REQUESTS,
+        "Too many requests, please try again later.\n",
+    );
+    r.headers_mut().insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from_static("1"),
+    );
+    r
 }
 
 fn not_found() -> Response<Body> {
@@ -132,6 +149,7 @@ pub struct Server {
     state: Arc<State>,
     pod_writer: Option<reflector::store::Writer<Pod>>,
     client: Option<kube::Client>,
+    limits: Limits,
 }
 
 impl std::fmt::Debug for Server {
@@ -150,6 +168,13 @@ impl Server {
         runtime: Runtime,
         client: Option<kube::Client>,
     ) -> Result<Self, ServerError> {
+        for what in config.insecure_api_settings() {
+            tracing::warn!(
+                address = %config.address,
+                port = config.port,
+                "INSECURE kubelet API: {what}; start with --config (anonymous off, Webhook authentication and authorization) or set --anonymous-auth=false --authentication-token-webhook --authorization-mode=Webhook"
+            );
+        }
         let tls = tls::server_config(config).map_err(ServerError::Tls)?;
         let addr = SocketAddr::new(config.address, config.port);
         let listener = tokio::net::TcpListener::bind(addr)
@@ -181,7 +206,14 @@ impl Server {
             state: Arc::new(state),
             pod_writer,
             client,
+            limits: Limits::default(),
         })
+    }
+
+    /// Serves within `limits` (connection cap, header deadline) instead of the defaults.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The bound address.
@@ -202,19 +234,14 @@ impl Server {
                 }
             }));
         }
-        loop {
-            let (tcp, peer) = match self.listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "kubelet API accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let acceptor = self.acceptor.clone();
-            let state = self.state.clone();
-            tokio::spawn(async move {
-                let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+        let acceptor = self.acceptor.clone();
+        let state = self.state.clone();
+        let limits = self.limits;
+        strake_types::http::accept_loop(self.listener, limits, "kubelet API", move |tcp, peer| {
+            let acceptor = acceptor.clone();
+            let state = state.clone();
+            async move {
+                let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
                     .await
                 {
                     Ok(Ok(t)) => t,
@@ -235,16 +262,16 @@ impl Server {
                     let cert_user = cert_user.clone();
                     async move { Ok::<_, Infallible>(handle(&state, cert_user.as_ref(), req).await) }
                 });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(30))
+                let conn = limits
+                    .http1()
                     .serve_connection(TokioIo::new(tls), svc)
                     .with_upgrades();
                 if let Err(e) = conn.await {
                     tracing::debug!(%peer, error = %e, "kubelet API connection ended");
                 }
-            });
-        }
+            }
+        })
+        .await
     }
 }
 
@@ -270,6 +297,7 @@ async fn handle(state: &State, cert_user: Option<&User>, req: Request<Incoming>)
         .and_then(|v| v.to_str().ok());
     let user = match state.auth.authenticate(cert_user, header).await {
         Ok(u) => u,
+        Err(AuthError::Throttled) => return too_many_requests(),
         Err(e) => {
             if !matches!(e, AuthError::Unauthenticated) {
                 tracing::warn!(error = %e, "authentication failed");
@@ -286,6 +314,7 @@ async fn handle(state: &State, cert_user: Option<&User>, req: Request<Incoming>)
     match state.auth.authorize(&user, &attrs).await {
         Ok(true) => {}
         Ok(false) => return text(StatusCode::FORBIDDEN, format!("Forbidden ({describe})")),
+        Err(AuthError::Throttled) => return too_many_requests(),
         Err(e) => {
             tracing::warn!(error = %e, "authorization failed");
             return text(
@@ -831,6 +860,95 @@ mod tests {
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// 10250 hangs up on a client trickling its headers (after the TLS handshake) and closes
+    /// connections beyond its cap; a flags-only start warns that the API is open.
+    #[tokio::test]
+    async fn slow_clients_are_cut_off_and_connections_capped() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::load(&Flags {
+            hostname_override: Some("node-a".into()),
+            root_dir: Some(dir.path().into()),
+            address: Some("127.0.0.1".parse().unwrap()),
+            port: Some(0),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(config.insecure_api_settings().len(), 2);
+        let runtime = Runtime::new(
+            &format!("unix://{}/no-runtime.sock", dir.path().display()),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let server = Server::bind(&config, runtime, None)
+            .await
+            .unwrap()
+            .with_limits(Limits {
+                max_connections: 2,
+                header_read_timeout: Duration::from_secs(1),
+            });
+        let addr = server.local_addr().unwrap();
+        tokio::spawn(server.serve());
+        let ca = dir.path().join("pki/kubelet.crt");
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(&ca).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let tls = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        );
+        let connect = || {
+            let tls = tls.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let name = rustls::pki_types::ServerName::try_from("node-a").unwrap();
+                tokio_rustls::TlsConnector::from(tls)
+                    .connect(name, tcp)
+                    .await
+            }
+        };
+        let mut slow = connect().await.unwrap();
+        slow.write_all(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let hung_up = loop {
+            tokio::select! {
+                r = slow.read(&mut buf) => break r.map(|n| n == 0).unwrap_or(true),
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                    if slow.write_all(b"a").await.is_err() || slow.flush().await.is_err() {
+                        break true;
+                    }
+                }
+            }
+        };
+        assert!(hung_up, "answered a request whose headers never ended");
+        drop(slow);
+        // Two silent connections (in their TLS handshake, accepted first) fill the cap; a third
+        // is closed, so its handshake fails.
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        assert!(connect().await.is_err(), "served beyond the cap");
+        drop(held);
+        let mut served = false;
+        for _ in 0..100 {
+            if connect().await.is_ok() {
+                served = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(served);
     }
 
     #[tokio::test]

@@ -1,7 +1,9 @@
 //! `/exec`, `/attach` and `/portForward`: the CRI runtime hands out a URL on its streaming
 //! server (CRI Exec/Attach/PortForward) and the request is reverse-proxied there, upgrade and
 //! all; after the `101 Switching Protocols` the bytes are copied both ways untouched, so any
-//! streaming protocol (SPDY/3.1, WebSocket channel protocols) passes through.
+//! streaming protocol (SPDY/3.1, WebSocket channel protocols) passes through. The copy holds a
+//! fixed buffer per direction: a side that stops reading stops the other side's reads (TCP
+//! back-pressure), nothing queues in between.
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
@@ -10,6 +12,9 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::{Body, full};
+
+/// The most of a non-upgrade answer of the streaming server that is relayed.
+const MAX_ANSWER: usize = 64 * 1024;
 
 /// What `/exec` asks for (`command` repeated, `input`/`output`/`error`/`tty` flags).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -142,8 +147,8 @@ pub async fn proxy(mut req: Request<Incoming>, url: &str) -> Result<Response<Bod
             .body(full(Bytes::new()))
             .unwrap_or_else(|_| Response::new(full(Bytes::new()))));
     }
-    let body = resp
-        .into_body()
+    // A refusal is a short text: read at most MAX_ANSWER of it, never an unbounded body.
+    let body = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER)
         .collect()
         .await
         .map(|b| b.to_bytes())

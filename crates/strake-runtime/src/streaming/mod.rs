@@ -28,6 +28,7 @@ use hyper::body::Incoming;
 use hyper::header::{CONNECTION, HeaderValue, UPGRADE};
 use hyper::{Request, Response, StatusCode};
 use strake_types::cri;
+use strake_types::http::Limits;
 use tokio::time::Instant;
 
 use crate::container::Containers;
@@ -123,6 +124,7 @@ pub struct StreamServer {
     listener: Mutex<Option<std::net::TcpListener>>,
     addr: SocketAddr,
     idle_timeout: Option<Duration>,
+    limits: Limits,
     cache: RequestCache,
     containers: Arc<Containers>,
     sandboxes: Arc<Sandboxes>,
@@ -167,10 +169,17 @@ impl StreamServer {
             listener: Mutex::new(Some(listener)),
             addr,
             idle_timeout: (!idle_timeout.is_zero()).then_some(idle_timeout),
+            limits: Limits::default(),
             cache: RequestCache::default(),
             containers,
             sandboxes,
         })
+    }
+
+    /// Serves within `limits` (connection cap, header deadline) instead of the defaults.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Where the server listens.
@@ -207,30 +216,13 @@ impl StreamServer {
             }
         };
         tracing::info!(address = %self.addr, "serving exec, attach and port-forward");
-        loop {
-            let tcp = match listener.accept().await {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    tracing::warn!(error = %e, "streaming server accept");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let server = self.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let server = server.clone();
-                    async move { Ok::<_, std::convert::Infallible>(server.handle(req)) }
-                });
-                let served = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                    .with_upgrades()
-                    .await;
-                if let Err(e) = served {
-                    tracing::debug!(error = %e, "streaming connection");
-                }
-            });
-        }
+        let limits = self.limits;
+        let server = self.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let server = server.clone();
+            async move { Ok::<_, std::convert::Infallible>(server.handle(req)) }
+        });
+        strake_types::http::serve(listener, limits, "streaming", service).await
     }
 
     fn handle(self: &Arc<Self>, mut req: Request<Incoming>) -> Response<Full<Bytes>> {

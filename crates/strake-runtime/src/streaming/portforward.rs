@@ -14,7 +14,9 @@ use std::time::Duration;
 use strake_types::cri;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
+use super::STREAM_CREATION_TIMEOUT;
 use super::spdy::{Session, Stream};
 use crate::sandbox::Sandboxes;
 
@@ -22,10 +24,101 @@ use crate::sandbox::Sandboxes;
 pub const PROTOCOLS: &[&str] = &["portforward.k8s.io"];
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Default)]
+/// Pairs waiting for their second stream, at most, per connection; a stream that would open
+/// another is refused.
+pub const MAX_PENDING_PAIRS: usize = 64;
+
+/// One forwarded connection's streams as they arrive, and when its first one came.
 struct Pair {
+    since: Instant,
     data: Option<Stream>,
     error: Option<Stream>,
+}
+
+/// The streams of the forwarded connections still missing a stream, by request ID: bounded in
+/// number ([`MAX_PENDING_PAIRS`]) and in time (upstream's stream creation timeout).
+pub(crate) struct Pending {
+    pairs: HashMap<String, Pair>,
+    timeout: Duration,
+}
+
+/// What adding a stream did.
+pub(crate) enum Added {
+    /// Both streams are there.
+    Complete(Stream, Stream),
+    /// Waiting for the other one.
+    Waiting,
+    /// Refused (a duplicate, or too many pairs waiting): the stream is handed back.
+    Refused(Stream),
+}
+
+impl Pending {
+    pub(crate) fn new(timeout: Duration) -> Self {
+        Pending {
+            pairs: HashMap::new(),
+            timeout,
+        }
+    }
+
+    /// How many pairs wait.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.pairs.len()
+    }
+
+    /// Files `s` under `id`; `is_data` tells its type.
+    pub(crate) fn add(&mut self, id: String, is_data: bool, s: Stream, now: Instant) -> Added {
+        if !self.pairs.contains_key(&id) && self.pairs.len() >= MAX_PENDING_PAIRS {
+            return Added::Refused(s);
+        }
+        let pair = self.pairs.entry(id.clone()).or_insert_with(|| Pair {
+            since: now,
+            data: None,
+            error: None,
+        });
+        let slot = if is_data {
+            &mut pair.data
+        } else {
+            &mut pair.error
+        };
+        if slot.is_some() {
+            return Added::Refused(s);
+        }
+        *slot = Some(s);
+        if pair.data.is_some()
+            && pair.error.is_some()
+            && let Some(Pair {
+                data: Some(data),
+                error: Some(error),
+                ..
+            }) = self.pairs.remove(&id)
+        {
+            return Added::Complete(data, error);
+        }
+        Added::Waiting
+    }
+
+    /// When the oldest waiting pair times out.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        self.pairs.values().map(|p| p.since + self.timeout).min()
+    }
+
+    /// Removes the pairs that waited `timeout` or longer; returns their streams.
+    pub(crate) fn expire(&mut self, now: Instant) -> Vec<Stream> {
+        let timeout = self.timeout;
+        let expired: Vec<String> = self
+            .pairs
+            .iter()
+            .filter(|(_, p)| now >= p.since + timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        expired
+            .into_iter()
+            .filter_map(|id| self.pairs.remove(&id))
+            .flat_map(|p| [p.data, p.error])
+            .flatten()
+            .collect()
+    }
 }
 
 /// The request ID of a stream: its header, or (for clients too old to send one) derived from
@@ -73,37 +166,53 @@ pub async fn serve(
             return;
         }
     };
-    let mut pairs: HashMap<String, Pair> = HashMap::new();
-    while let Some(s) = streams.recv().await {
+    let mut pending = Pending::new(STREAM_CREATION_TIMEOUT);
+    loop {
+        let deadline = pending.next_deadline();
+        let s = tokio::select! {
+            s = streams.recv() => match s {
+                Some(s) => s,
+                None => break,
+            },
+            _ = sleep_until(deadline) => {
+                for s in pending.expire(Instant::now()) {
+                    tracing::debug!(request_id = %request_id(&s), "port-forward: timed out waiting for the stream pair");
+                    if s.header("streamType") == Some("error") {
+                        let _ = s.writer().write(b"timed out waiting for streams").await;
+                        let _ = s.writer().close().await;
+                    } else {
+                        let _ = s.writer().reset().await;
+                    }
+                }
+                continue;
+            }
+        };
         if let Err(msg) = check_headers(s.header("port"), s.header("streamType")) {
             tracing::debug!(error = %msg, "port-forward stream refused");
             let _ = s.writer().reset().await;
             continue;
         }
         let id = request_id(&s);
-        let pair = pairs.entry(id.clone()).or_default();
-        let slot = if s.header("streamType") == Some("data") {
-            &mut pair.data
-        } else {
-            &mut pair.error
-        };
-        if slot.is_some() {
-            let _ = s.writer().reset().await;
-            continue;
-        }
-        *slot = Some(s);
-        if pair.data.is_some() && pair.error.is_some() {
-            let Some(Pair {
-                data: Some(data),
-                error: Some(error),
-            }) = pairs.remove(&id)
-            else {
-                continue;
-            };
-            tokio::spawn(forward(netns.clone(), data, error));
+        let is_data = s.header("streamType") == Some("data");
+        match pending.add(id, is_data, s, Instant::now()) {
+            Added::Complete(data, error) => {
+                tokio::spawn(forward(netns.clone(), data, error));
+            }
+            Added::Waiting => {}
+            Added::Refused(s) => {
+                let _ = s.writer().reset().await;
+            }
         }
     }
     session.close().await;
+}
+
+/// Sleeps until `deadline`; never returns without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn forward(netns: Option<PathBuf>, mut data: Stream, error: Stream) {
@@ -205,6 +314,63 @@ mod tests {
         assert!(check_headers(Some("70000"), Some("data")).is_err());
         assert!(check_headers(Some("80"), Some("stdin")).is_err());
         assert!(check_headers(Some("80"), None).is_err());
+    }
+
+    fn stream(id: u32, kind: &str, request: &str) -> Stream {
+        let (out, _) = mpsc::channel(1);
+        let (_, incoming) = mpsc::channel(1);
+        Stream::new(
+            id,
+            vec![
+                ("streamtype".into(), kind.into()),
+                ("port".into(), "80".into()),
+                ("requestid".into(), request.into()),
+            ],
+            incoming,
+            super::super::spdy::StreamWriter::new(id, out),
+        )
+    }
+
+    /// Streams pair up by request ID; half pairs are bounded in number and expire after the
+    /// stream creation timeout instead of piling up.
+    #[tokio::test(start_paused = true)]
+    async fn half_pairs_are_bounded_and_expire() {
+        let mut p = Pending::new(STREAM_CREATION_TIMEOUT);
+        let now = Instant::now();
+        assert!(matches!(
+            p.add("0".into(), true, stream(1, "data", "0"), now),
+            Added::Waiting
+        ));
+        // A second data stream for the same request is refused.
+        assert!(matches!(
+            p.add("0".into(), true, stream(3, "data", "0"), now),
+            Added::Refused(_)
+        ));
+        assert!(matches!(
+            p.add("0".into(), false, stream(5, "error", "0"), now),
+            Added::Complete(d, e) if d.id == 1 && e.id == 5
+        ));
+        assert_eq!(p.len(), 0);
+        // A client opening only halves fills the table, then is refused.
+        for i in 0..MAX_PENDING_PAIRS {
+            let id = (i + 1).to_string();
+            assert!(matches!(
+                p.add(id.clone(), false, stream(7, "error", &id), now),
+                Added::Waiting
+            ));
+        }
+        assert!(matches!(
+            p.add("x".into(), false, stream(9, "error", "x"), now),
+            Added::Refused(_)
+        ));
+        assert_eq!(p.len(), MAX_PENDING_PAIRS);
+        assert_eq!(p.next_deadline(), Some(now + STREAM_CREATION_TIMEOUT));
+        tokio::time::advance(STREAM_CREATION_TIMEOUT - Duration::from_secs(1)).await;
+        assert!(p.expire(Instant::now()).is_empty());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(p.expire(Instant::now()).len(), MAX_PENDING_PAIRS);
+        assert_eq!(p.len(), 0);
+        assert_eq!(p.next_deadline(), None);
     }
 
     /// Without a namespace the connection is made in the caller's: a listener on loopback

@@ -5,7 +5,12 @@
 //! Hand-written: no maintained Rust crate speaks SPDY (the protocol was retired from browsers
 //! in 2016; kube-rs only speaks WebSocket), while kubectl, crictl, the API server and critest
 //! still reach the streaming server over SPDY/3.1. Like Go's `spdystream`, which those clients
-//! use, the session does no flow control: it neither sends nor enforces WINDOW_UPDATE.
+//! use, the session does no SPDY flow control (spdystream ignores WINDOW_UPDATE, so sending one
+//! would not slow it down): back-pressure is TCP's. Each stream queues at most
+//! [`STREAM_BUFFER`] chunks of what the client sent; when the reader of a stream falls behind,
+//! the session stops reading the connection (as spdystream's bounded frame queues do), the
+//! kernel's receive window fills and the client's writes block. A connection holds at most
+//! [`MAX_STREAMS`] open streams; more are refused with RST_STREAM.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,8 +35,13 @@ pub const RST_CANCEL: u32 = 5;
 const MAX_PAYLOAD: usize = 0x00ff_ffff;
 /// Header blocks larger than this (decompressed) are refused.
 const MAX_HEADER_BLOCK: usize = 256 * 1024;
-/// DATA frames this session writes carry at most this much.
+/// DATA frames this session writes carry at most this much; what it reads is handed on in
+/// chunks of at most this much.
 pub const MAX_DATA_CHUNK: usize = 32 * 1024;
+/// Chunks of inbound data queued per stream before the session stops reading the connection.
+pub const STREAM_BUFFER: usize = 16;
+/// Streams a client may hold open on one connection; more are refused.
+pub const MAX_STREAMS: usize = 512;
 
 const SYN_STREAM: u16 = 1;
 const SYN_REPLY: u16 = 2;
@@ -632,7 +642,7 @@ impl StreamWriter {
 pub struct Stream {
     pub id: u32,
     pub headers: Headers,
-    incoming: mpsc::UnboundedReceiver<Bytes>,
+    incoming: mpsc::Receiver<Bytes>,
     writer: StreamWriter,
 }
 
@@ -641,7 +651,7 @@ impl Stream {
     pub(crate) fn new(
         id: u32,
         headers: Headers,
-        incoming: mpsc::UnboundedReceiver<Bytes>,
+        incoming: mpsc::Receiver<Bytes>,
         writer: StreamWriter,
     ) -> Self {
         Stream {
@@ -660,6 +670,11 @@ impl Stream {
     /// [`Self::read`] from a thread outside the async runtime.
     pub fn blocking_read(&mut self) -> Option<Bytes> {
         self.incoming.blocking_recv()
+    }
+
+    /// How many chunks of inbound data can wait for [`Self::read`] (the bound of the queue).
+    pub fn buffer_capacity(&self) -> usize {
+        self.incoming.max_capacity()
     }
 
     /// The sending half.
@@ -793,6 +808,18 @@ async fn write_frames<W: AsyncWrite + Send>(
     let _ = write.shutdown().await;
 }
 
+/// Queues `data` for a stream in chunks of at most [`MAX_DATA_CHUNK`], waiting while its
+/// queue is full (and so not reading the connection meanwhile); false once its reader is gone.
+async fn deliver(to: &mpsc::Sender<Bytes>, mut data: Bytes) -> bool {
+    while !data.is_empty() {
+        let chunk = data.split_to(data.len().min(MAX_DATA_CHUNK));
+        if to.send(chunk).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
 async fn read_frames<R: AsyncRead + Send>(
     read: R,
     tx: mpsc::Sender<Out>,
@@ -802,7 +829,7 @@ async fn read_frames<R: AsyncRead + Send>(
 ) {
     let mut read = std::pin::pin!(read);
     let mut buf = BytesMut::with_capacity(64 * 1024);
-    let mut open: HashMap<u32, mpsc::UnboundedSender<Bytes>> = HashMap::new();
+    let mut open: HashMap<u32, mpsc::Sender<Bytes>> = HashMap::new();
     loop {
         let frame = {
             let mut c = codec.lock().unwrap_or_else(|e| e.into_inner());
@@ -827,7 +854,22 @@ async fn read_frames<R: AsyncRead + Send>(
                 headers,
                 ..
             } => {
-                let (in_tx, in_rx) = mpsc::unbounded_channel();
+                if open.len() >= MAX_STREAMS {
+                    // Streams whose reader is gone no longer count.
+                    open.retain(|_, s| !s.is_closed());
+                }
+                if open.len() >= MAX_STREAMS || open.contains_key(&stream_id) {
+                    tracing::debug!(stream_id, "spdy: stream refused (too many open, or reused)");
+                    let refuse = Frame::RstStream {
+                        stream_id,
+                        status: RST_REFUSED_STREAM,
+                    };
+                    if tx.send(Out::Frame(refuse)).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                let (in_tx, in_rx) = mpsc::channel(STREAM_BUFFER);
                 if flags & FLAG_FIN == 0 {
                     open.insert(stream_id, in_tx);
                 }
@@ -864,9 +906,10 @@ async fn read_frames<R: AsyncRead + Send>(
                 data,
             } => {
                 if let Some(s) = open.get(&stream_id)
-                    && !data.is_empty()
+                    && !deliver(s, data).await
                 {
-                    let _ = s.send(data);
+                    // The stream's reader is gone: what else comes for it is dropped.
+                    open.remove(&stream_id);
                 }
                 if flags & FLAG_FIN != 0 {
                     open.remove(&stream_id);
@@ -1081,6 +1124,110 @@ mod tests {
             }
         }
         assert_eq!(pongs, 3);
+    }
+
+    /// What a client sends on a stream nobody reads waits in a bounded queue, then in the
+    /// connection (TCP back-pressure): the queue never holds more than its bound, and once the
+    /// reader catches up every byte arrives, in order.
+    #[tokio::test]
+    async fn inbound_data_is_bounded_and_delivered_in_order() {
+        let (server_io, client_io) = tokio::io::duplex(64 * 1024);
+        let (_session, mut streams) = Session::serve(server_io);
+        let (_cr, mut cw) = tokio::io::split(client_io);
+        let mut client = Codec::new();
+        let mut wire = Vec::new();
+        client
+            .encode(
+                &Frame::SynStream {
+                    stream_id: 1,
+                    associated_to: 0,
+                    priority: 0,
+                    flags: 0,
+                    headers: vec![("streamtype".into(), "stdin".into())],
+                },
+                &mut wire,
+            )
+            .unwrap();
+        cw.write_all(&wire).await.unwrap();
+        let mut s = streams.recv().await.unwrap();
+        assert_eq!(s.buffer_capacity(), STREAM_BUFFER);
+        // 8 MiB in 1 MiB frames: far more than the queue and the pipe hold together.
+        const FRAMES: usize = 8;
+        let writer = tokio::spawn(async move {
+            for i in 0..FRAMES {
+                let mut wire = Vec::new();
+                let data = Bytes::from(vec![i as u8; 1024 * 1024]);
+                client
+                    .encode(
+                        &Frame::Data {
+                            stream_id: 1,
+                            flags: if i + 1 == FRAMES { FLAG_FIN } else { 0 },
+                            data,
+                        },
+                        &mut wire,
+                    )
+                    .unwrap();
+                cw.write_all(&wire).await.unwrap();
+            }
+            cw
+        });
+        let mut got = Vec::new();
+        while let Some(chunk) = s.read().await {
+            assert!(chunk.len() <= MAX_DATA_CHUNK);
+            assert!(s.incoming.len() <= STREAM_BUFFER);
+            got.extend_from_slice(&chunk);
+        }
+        let _cw = writer.await.unwrap();
+        assert_eq!(got.len(), FRAMES * 1024 * 1024);
+        for (i, part) in got.chunks(1024 * 1024).enumerate() {
+            assert!(part.iter().all(|b| *b == i as u8), "frame {i} out of order");
+        }
+    }
+
+    /// A client may hold [`MAX_STREAMS`] streams open on one connection; more are refused.
+    #[tokio::test]
+    async fn streams_beyond_the_cap_are_refused() {
+        let (server_io, client_io) = tokio::io::duplex(1024 * 1024);
+        let (_session, mut streams) = Session::serve(server_io);
+        let (mut cr, mut cw) = tokio::io::split(client_io);
+        let kept = tokio::spawn(async move {
+            let mut kept = Vec::new();
+            while let Some(s) = streams.recv().await {
+                kept.push(s);
+            }
+            kept
+        });
+        let mut client = Codec::new();
+        let mut wire = Vec::new();
+        for i in 0..=MAX_STREAMS as u32 {
+            client
+                .encode(
+                    &Frame::SynStream {
+                        stream_id: 2 * i + 1,
+                        associated_to: 0,
+                        priority: 0,
+                        flags: 0,
+                        headers: vec![("streamtype".into(), "data".into())],
+                    },
+                    &mut wire,
+                )
+                .unwrap();
+        }
+        cw.write_all(&wire).await.unwrap();
+        let mut buf = BytesMut::new();
+        let refused = loop {
+            if let Some(f) = client.decode(&mut buf).unwrap() {
+                if let Frame::RstStream { stream_id, status } = f {
+                    break (stream_id, status);
+                }
+                continue;
+            }
+            assert!(cr.read_buf(&mut buf).await.unwrap() > 0, "no refusal");
+        };
+        assert_eq!(refused, (2 * MAX_STREAMS as u32 + 1, RST_REFUSED_STREAM));
+        drop(cw);
+        drop(cr);
+        assert_eq!(kept.await.unwrap().len(), MAX_STREAMS);
     }
 
     /// A client opens streams, sends data and a FIN; the session replies, delivers and ends.

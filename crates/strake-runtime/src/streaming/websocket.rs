@@ -23,10 +23,10 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 
 use super::remotecommand::{Channels, Options};
-use super::spdy::{Frame, Out, Session, Stream, StreamWriter};
+use super::spdy::{Frame, MAX_DATA_CHUNK, Out, STREAM_BUFFER, Session, Stream, StreamWriter};
 
 /// Channel protocols for exec and attach, preferred first.
 pub const REMOTECOMMAND_PROTOCOLS: &[&str] =
@@ -89,12 +89,20 @@ pub fn accept<B>(req: &Request<B>, protocol: &str) -> Option<Response<Full<Bytes
     Some(resp)
 }
 
+/// The largest WebSocket message (and frame) a client may send: clients write stdin and
+/// tunnelled SPDY frames in chunks of 32 KiB; tungstenite's default (64 MiB) would let one
+/// message hold that much memory.
+pub const MAX_MESSAGE: usize = 4 * 1024 * 1024;
+
 /// Takes over an upgraded connection as the server end of a WebSocket.
 pub async fn server<IO>(io: IO) -> WebSocketStream<IO>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
-    WebSocketStream::from_raw_socket(io, Role::Server, None).await
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE));
+    WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await
 }
 
 /// The channels of an exec or attach over a channel protocol, as streams; the session closes
@@ -105,9 +113,9 @@ where
 {
     let (tx, mut rx) = mpsc::channel::<Out>(64);
     let (mut sink, mut source) = ws.split();
-    let mut inputs: HashMap<u8, mpsc::UnboundedSender<Bytes>> = HashMap::new();
+    let mut inputs: HashMap<u8, mpsc::Sender<Bytes>> = HashMap::new();
     let mut input = |ch: u8| {
-        let (in_tx, in_rx) = mpsc::unbounded_channel();
+        let (in_tx, in_rx) = mpsc::channel(STREAM_BUFFER);
         inputs.insert(ch, in_tx);
         Stream::new(
             u32::from(ch),
@@ -176,10 +184,21 @@ where
                 }
                 continue;
             }
+            // Waits while the channel's queue is full: the WebSocket is not read meanwhile, so
+            // the client is held back by TCP.
             if let Some(tx) = inputs.get(&ch)
                 && !body.is_empty()
             {
-                let _ = tx.send(Bytes::copy_from_slice(body));
+                let mut sent = true;
+                for chunk in body.chunks(MAX_DATA_CHUNK) {
+                    if tx.send(Bytes::copy_from_slice(chunk)).await.is_err() {
+                        sent = false;
+                        break;
+                    }
+                }
+                if !sent {
+                    inputs.remove(&ch);
+                }
             }
         }
     });
@@ -301,6 +320,8 @@ mod tests {
             .await
             .unwrap();
         let mut stdin = ch.stdin.take().unwrap();
+        // What the client sends waits in a bounded queue (then in TCP), never an unbounded one.
+        assert_eq!(stdin.buffer_capacity(), STREAM_BUFFER);
         assert_eq!(stdin.read().await.unwrap(), Bytes::from_static(b"input"));
         assert_eq!(stdin.read().await, None);
         let mut resize = ch.resize.take().unwrap();
