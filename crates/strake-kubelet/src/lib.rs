@@ -13,8 +13,11 @@
 //! 10250 ([`server`]: logs, exec/attach/port-forward, stats, metrics). Not yet: eviction, image
 //! and container GC.
 
+pub mod admission;
 pub mod config;
 pub mod credentials;
+pub mod dns;
+pub mod etc_hosts;
 pub mod events;
 pub mod healthz;
 pub mod heartbeat;
@@ -30,6 +33,7 @@ pub mod resources;
 pub mod runtime;
 pub mod server;
 pub mod static_pods;
+pub mod sysctls;
 pub mod volumes;
 
 use std::time::Duration;

@@ -288,7 +288,8 @@ impl Worker {
                     .filter_map(|s| s.metadata.as_ref().map(|m| m.attempt + 1))
                     .max()
                     .unwrap_or(0);
-                let config = pod_spec::sandbox_config(pod, &self.ctx.config, attempt);
+                let config = pod_spec::sandbox_config(pod, &self.ctx.config, attempt)
+                    .map_err(crate::runtime::RuntimeError::SandboxConfig)?;
                 let resp = self
                     .ctx
                     .runtime
@@ -530,6 +531,10 @@ impl Worker {
     }
 
     async fn sync(&mut self, pod: &Pod) -> Result<(), crate::runtime::RuntimeError> {
+        if let Err(r) = crate::admission::admit(pod, &self.ctx.config) {
+            crate::admission::reject(self.ctx.client.as_ref(), &self.events, pod, &r).await;
+            return Ok(());
+        }
         let spec = pod.spec.clone().unwrap_or_default();
         let handler = match self.runtime_handler(pod).await {
             Ok(h) => h,
@@ -740,13 +745,20 @@ impl Worker {
                 return Ok(Step::Waiting);
             }
         };
-        let mounts = match crate::volumes::container_mounts(pod, c, &self.volume_paths) {
+        let mut mounts = match crate::volumes::container_mounts(pod, c, &self.volume_paths) {
             Ok(m) => m,
             Err(e) => {
                 self.config_error(pod, c, e.to_string());
                 return Ok(Step::Waiting);
             }
         };
+        match crate::etc_hosts::mount(&self.ctx.config, pod, c, ips).await {
+            Ok(m) => mounts.extend(m),
+            Err(e) => {
+                self.config_error(pod, c, e.to_string());
+                return Ok(Step::Waiting);
+            }
+        }
         let image_user = match self.image_user(&image_ref).await {
             Ok(u) => u,
             Err(message) => {
@@ -768,7 +780,13 @@ impl Worker {
             mounts,
             &self.ctx.config.root_dir.join("seccomp"),
         );
-        let sandbox_config = pod_spec::sandbox_config(pod, &self.ctx.config, 0);
+        let sandbox_config = match pod_spec::sandbox_config(pod, &self.ctx.config, 0) {
+            Ok(s) => s,
+            Err(e) => {
+                self.config_error(pod, c, e.to_string());
+                return Ok(Step::Waiting);
+            }
+        };
         let created = self
             .ctx
             .runtime
