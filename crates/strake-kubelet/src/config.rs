@@ -81,6 +81,12 @@ pub struct Flags {
     /// Hard eviction thresholds, `memory.available<100Mi,nodefs.available<10%,...`.
     #[arg(long, value_delimiter = ',')]
     pub eviction_hard: Vec<String>,
+    /// Unsafe sysctls or patterns (ending in `*`) pods may set, besides the safe set.
+    #[arg(long, value_delimiter = ',')]
+    pub allowed_unsafe_sysctls: Vec<String>,
+    /// The resolver configuration pods with `dnsPolicy: Default` get ("" = none).
+    #[arg(long)]
+    pub resolv_conf: Option<String>,
 }
 
 /// The KubeletConfiguration fields Strake reads (others are ignored, as the kubelet ignores
@@ -119,6 +125,8 @@ pub struct FileConfig {
     pub container_log_max_files: Option<i64>,
     pub container_log_max_workers: Option<i64>,
     pub container_log_monitor_interval: Option<String>,
+    pub allowed_unsafe_sysctls: Option<Vec<String>>,
+    pub resolv_conf: Option<String>,
 }
 
 /// `authentication` of the configuration file.
@@ -248,6 +256,10 @@ pub struct Config {
     pub reservation: crate::allocatable::Reservation,
     /// Container log rotation (`containerLogMaxSize`, `containerLogMaxFiles`, ...).
     pub log_rotation: crate::log_rotation::Policy,
+    /// `allowedUnsafeSysctls`: validated patterns (see [`crate::sysctls`]).
+    pub allowed_unsafe_sysctls: Vec<String>,
+    /// `resolvConf`: the host's resolver configuration (default `/etc/resolv.conf`).
+    pub resolv_conf: String,
 }
 
 /// The configuration is invalid.
@@ -547,6 +559,16 @@ impl Config {
         };
         let reservation = reservation(flags, &file).map_err(ConfigError::Reservation)?;
         let log_rotation = log_rotation(&file)?;
+        let unsafe_sysctls = if flags.allowed_unsafe_sysctls.is_empty() {
+            file.allowed_unsafe_sysctls.clone().unwrap_or_default()
+        } else {
+            flags.allowed_unsafe_sysctls.clone()
+        };
+        // A pattern that cannot be used stops the kubelet, as upstream.
+        crate::sysctls::Allowlist::new(&unsafe_sysctls).map_err(|e| ConfigError::Invalid {
+            what: "allowedUnsafeSysctls",
+            value: e.to_string(),
+        })?;
         let authn = authentication(flags, &file)?;
         let authz = authorization(flags, &file)?;
         Ok(Config {
@@ -622,6 +644,12 @@ impl Config {
             healthz_port: file.healthz_port.unwrap_or(10248),
             reservation,
             log_rotation,
+            allowed_unsafe_sysctls: unsafe_sysctls,
+            resolv_conf: flags
+                .resolv_conf
+                .clone()
+                .or(file.resolv_conf.clone())
+                .unwrap_or_else(|| "/etc/resolv.conf".into()),
         })
     }
 }
@@ -750,6 +778,37 @@ mod tests {
         assert_eq!(c.node_lease_duration, Duration::from_secs(40));
         assert_eq!(c.root_dir, PathBuf::from("/var/lib/kubelet"));
         assert_eq!((c.port, c.healthz_port), (10250, 10248));
+    }
+
+    #[test]
+    fn unsafe_sysctls_are_validated_and_resolv_conf_defaults_to_etc() {
+        let file: FileConfig = serde_saphyr::from_str(
+            "allowedUnsafeSysctls: [\"kernel.msg*\", \"net.core.somaxconn\"]\nresolvConf: \"\"\n",
+        )
+        .unwrap();
+        let c = Config::merge(&Flags::default(), file).unwrap();
+        assert_eq!(
+            c.allowed_unsafe_sysctls,
+            ["kernel.msg*", "net.core.somaxconn"]
+        );
+        assert_eq!(c.resolv_conf, "");
+        let d = Config::merge(&Flags::default(), FileConfig::default()).unwrap();
+        assert_eq!(d.resolv_conf, "/etc/resolv.conf");
+        let bad = Flags {
+            allowed_unsafe_sysctls: vec!["vm.swappiness".into()],
+            ..Default::default()
+        };
+        let err = Config::merge(&bad, FileConfig::default()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Invalid {
+                    what: "allowedUnsafeSysctls",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]

@@ -16,9 +16,12 @@
 //! exec/attach/port-forward, stats, metrics). Not yet: eviction, image
 //! and container GC.
 
+pub mod admission;
 pub mod allocatable;
 pub mod config;
 pub mod credentials;
+pub mod dns;
+pub mod etc_hosts;
 pub mod events;
 pub mod healthz;
 pub mod heartbeat;
@@ -38,6 +41,7 @@ pub mod runtime;
 pub mod server;
 pub mod static_pods;
 pub mod sync;
+pub mod sysctls;
 pub mod termination;
 pub mod volumes;
 

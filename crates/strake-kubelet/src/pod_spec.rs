@@ -66,51 +66,137 @@ fn meta(pod: &Pod) -> (String, String, String) {
     )
 }
 
-/// DNS configuration for a pod (`dnsPolicy` ClusterFirst / Default / None).
-pub fn dns_config(pod: &Pod, config: &Config) -> Option<cri::DnsConfig> {
-    let spec = pod.spec.as_ref()?;
-    let (_, ns, _) = meta(pod);
-    let policy = spec.dns_policy.as_deref().unwrap_or("ClusterFirst");
-    let host_network = spec.host_network.unwrap_or(false);
-    let mut dns = match policy {
-        "ClusterFirst" if !host_network && !config.cluster_dns.is_empty() => cri::DnsConfig {
-            servers: config.cluster_dns.iter().map(ToString::to_string).collect(),
-            searches: if config.cluster_domain.is_empty() {
-                Vec::new()
-            } else {
-                let d = &config.cluster_domain;
-                vec![format!("{ns}.svc.{d}"), format!("svc.{d}"), d.clone()]
-            },
-            options: vec!["ndots:5".into()],
-        },
-        "ClusterFirstWithHostNet" if !config.cluster_dns.is_empty() => cri::DnsConfig {
-            servers: config.cluster_dns.iter().map(ToString::to_string).collect(),
-            searches: Vec::new(),
-            options: vec!["ndots:5".into()],
-        },
-        "None" => cri::DnsConfig::default(),
-        // Default (or ClusterFirst without cluster DNS): the node's resolv.conf.
-        _ => return None,
-    };
-    if let Some(c) = &spec.dns_config {
-        dns.servers
-            .extend(c.nameservers.clone().unwrap_or_default());
-        dns.searches.extend(c.searches.clone().unwrap_or_default());
-        for o in c.options.iter().flatten() {
-            let name = o.name.clone().unwrap_or_default();
-            dns.options
-                .retain(|x| x.split(':').next() != Some(name.as_str()));
-            dns.options.push(match &o.value {
-                Some(v) => format!("{name}:{v}"),
-                None => name,
-            });
-        }
-    }
-    Some(dns)
+/// The sandbox configuration cannot be made (upstream's `generatePodSandboxConfig` errors).
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxConfigError {
+    #[error(transparent)]
+    Hostname(#[from] HostnameError),
+    #[error(transparent)]
+    Dns(#[from] crate::dns::DnsError),
 }
 
-/// RunPodSandbox's configuration.
-pub fn sandbox_config(pod: &Pod, config: &Config, attempt: u32) -> cri::PodSandboxConfig {
+/// The pod's hostname or FQDN is not usable (upstream's messages).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HostnameError {
+    #[error("pod Hostname {0:?} is not a valid DNS label")]
+    InvalidHostname(String),
+    #[error("pod HostnameOverride {0:?} is not a valid DNS subdomain")]
+    InvalidHostnameOverride(String),
+    #[error("pod Subdomain {0:?} is not a valid DNS label")]
+    InvalidSubdomain(String),
+    #[error("hostname for pod {pod:?} was invalid: {hostname:?}")]
+    Truncated { pod: String, hostname: String },
+    #[error(
+        "failed to construct FQDN from pod hostname and cluster domain, FQDN {fqdn} is too long \
+         (64 characters is the max, {len} characters requested)",
+        len = fqdn.len()
+    )]
+    FqdnTooLong { fqdn: String },
+}
+
+/// RFC 1123 label: at most 63 characters of `[a-z0-9-]`, alphanumeric at both ends.
+fn is_dns1123_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// RFC 1123 subdomain: labels joined by dots, at most 253 characters.
+fn is_dns1123_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns1123_label)
+}
+
+/// Caps a hostname at 63 characters (the kernel's 64 bytes with the terminating NUL), without
+/// a trailing `-` or `.`.
+fn truncate_hostname(pod: &str, hostname: &str) -> Result<String, HostnameError> {
+    if hostname.len() <= 63 {
+        return Ok(hostname.to_string());
+    }
+    let cut: String = hostname.chars().take(63).collect();
+    let cut = cut.trim_end_matches(['-', '.']);
+    if cut.is_empty() {
+        return Err(HostnameError::Truncated {
+            pod: pod.to_string(),
+            hostname: hostname.to_string(),
+        });
+    }
+    tracing::warn!(
+        pod,
+        hostname = cut,
+        "hostname for pod was too long, truncated it"
+    );
+    Ok(cut.to_string())
+}
+
+/// The pod's hostname and domain (upstream's `GeneratePodHostNameAndDomain`): `hostnameOverride`
+/// alone if set; else `spec.hostname` or the pod name, truncated to 63 characters, and with a
+/// `subdomain` the domain `<subdomain>.<namespace>.svc.<clusterDomain>`.
+pub fn hostname_and_domain(
+    pod: &Pod,
+    cluster_domain: &str,
+) -> Result<(String, String), HostnameError> {
+    let (name, ns, _) = meta(pod);
+    let spec = pod.spec.clone().unwrap_or_default();
+    if let Some(over) = &spec.hostname_override {
+        if !is_dns1123_subdomain(over) {
+            return Err(HostnameError::InvalidHostnameOverride(over.clone()));
+        }
+        return Ok((truncate_hostname(&name, over)?, String::new()));
+    }
+    let hostname = match spec.hostname.as_deref().filter(|h| !h.is_empty()) {
+        Some(h) if !is_dns1123_label(h) => return Err(HostnameError::InvalidHostname(h.into())),
+        Some(h) => h.to_string(),
+        None => name.clone(),
+    };
+    let hostname = truncate_hostname(&name, &hostname)?;
+    let domain = match spec.subdomain.as_deref().filter(|s| !s.is_empty()) {
+        Some(sub) if !is_dns1123_label(sub) => {
+            return Err(HostnameError::InvalidSubdomain(sub.into()));
+        }
+        Some(sub) => format!("{sub}.{ns}.svc.{cluster_domain}"),
+        None => String::new(),
+    };
+    Ok((hostname, domain))
+}
+
+/// The kernel hostname of the sandbox (upstream's `GetNodenameForKernel`): the FQDN with
+/// `setHostnameAsFQDN` and a domain, which must fit the kernel's 64 characters.
+pub fn kernel_hostname(
+    hostname: &str,
+    domain: &str,
+    set_hostname_as_fqdn: bool,
+) -> Result<String, HostnameError> {
+    if domain.is_empty() || !set_hostname_as_fqdn {
+        return Ok(hostname.to_string());
+    }
+    let fqdn = format!("{hostname}.{domain}");
+    if fqdn.len() > 64 {
+        return Err(HostnameError::FqdnTooLong { fqdn });
+    }
+    Ok(fqdn)
+}
+
+/// RunPodSandbox's configuration. Reads the host's resolver configuration (`resolvConf`).
+pub fn sandbox_config(
+    pod: &Pod,
+    config: &Config,
+    attempt: u32,
+) -> Result<cri::PodSandboxConfig, SandboxConfigError> {
+    let host_dns = crate::dns::host_dns(config)?;
+    sandbox_config_with(pod, config, attempt, host_dns)
+}
+
+/// [`sandbox_config`] with the host's resolver configuration given.
+pub fn sandbox_config_with(
+    pod: &Pod,
+    config: &Config,
+    attempt: u32,
+    host_dns: cri::DnsConfig,
+) -> Result<cri::PodSandboxConfig, SandboxConfigError> {
     let (name, ns, uid) = meta(pod);
     let spec = pod.spec.clone().unwrap_or_default();
     let mut labels: HashMap<String, String> = pod
@@ -146,28 +232,31 @@ pub fn sandbox_config(pod: &Pod, config: &Config, attempt: u32) -> cri::PodSandb
             host_ip: p.host_ip.clone().unwrap_or_default(),
         })
         .collect();
-    let hostname = spec
-        .hostname
-        .clone()
-        .unwrap_or_else(|| name.chars().take(63).collect());
-    cri::PodSandboxConfig {
+    // Host-network pods keep the node's hostname.
+    let hostname = if spec.host_network.unwrap_or(false) {
+        String::new()
+    } else {
+        let (hostname, domain) = hostname_and_domain(pod, &config.cluster_domain)?;
+        kernel_hostname(
+            &hostname,
+            &domain,
+            spec.set_hostname_as_fqdn.unwrap_or(false),
+        )?
+    };
+    Ok(cri::PodSandboxConfig {
         metadata: Some(cri::PodSandboxMetadata {
             name: name.clone(),
             uid: uid.clone(),
             namespace: ns.clone(),
             attempt,
         }),
-        hostname: if spec.host_network.unwrap_or(false) {
-            String::new()
-        } else {
-            hostname
-        },
+        hostname,
         log_directory: config
             .pod_logs_dir
             .join(format!("{ns}_{name}_{uid}"))
             .display()
             .to_string(),
-        dns_config: dns_config(pod, config),
+        dns_config: Some(crate::dns::pod_dns(pod, config, host_dns)),
         port_mappings,
         labels,
         annotations: pod
@@ -194,10 +283,11 @@ pub fn sandbox_config(pod: &Pod, config: &Config, attempt: u32) -> cri::PodSandb
                 }),
                 ..Default::default()
             }),
+            sysctls: crate::sysctls::sandbox_sysctls(pod),
             ..Default::default()
         }),
         windows: None,
-    }
+    })
 }
 
 /// Why a container's configuration cannot be made (CreateContainerConfigError).
@@ -755,26 +845,124 @@ mod tests {
         );
     }
 
+    fn spec_pod(name: &str, spec: serde_json::Value) -> Pod {
+        let mut spec = spec;
+        spec["containers"] = serde_json::json!([{ "name": "c" }]);
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name, "namespace": "prod", "uid": "u-1" },
+            "spec": spec
+        }))
+        .unwrap()
+    }
+
     #[test]
-    fn cluster_first_dns() {
-        let mut config = Config::load(&Flags::default()).unwrap();
-        config.cluster_dns = vec!["10.96.0.10".parse().unwrap()];
-        config.cluster_domain = "cluster.local".into();
-        let d = dns_config(&pod(vec![]), &config).unwrap();
-        assert_eq!(d.servers, ["10.96.0.10"]);
+    fn hostname_is_spec_hostname_or_the_pod_name_truncated_as_upstream() {
+        let hd = |name: &str, spec| hostname_and_domain(&spec_pod(name, spec), "cluster.local");
         assert_eq!(
-            d.searches,
-            [
-                "prod.svc.cluster.local",
-                "svc.cluster.local",
-                "cluster.local"
-            ]
+            hd("web", serde_json::json!({})),
+            Ok(("web".to_string(), String::new()))
         );
-        assert_eq!(d.options, ["ndots:5"]);
-        config.cluster_dns.clear();
+        assert_eq!(
+            hd(
+                "web",
+                serde_json::json!({ "hostname": "db", "subdomain": "nginx" })
+            ),
+            Ok(("db".into(), "nginx.prod.svc.cluster.local".into()))
+        );
+        // 70 characters whose 63rd and 62nd are '-' and '.': cut at 63, then trimmed.
+        let long = format!("{}.-{}", "a".repeat(61), "b".repeat(7));
+        assert_eq!(hd(&long, serde_json::json!({})).unwrap().0, "a".repeat(61));
+        assert_eq!(
+            hd("web", serde_json::json!({ "hostname": "Bad_Name" })),
+            Err(HostnameError::InvalidHostname("Bad_Name".into()))
+        );
+        assert_eq!(
+            hd("web", serde_json::json!({ "subdomain": "a.b" })),
+            Err(HostnameError::InvalidSubdomain("a.b".into()))
+        );
+        assert_eq!(
+            hd(
+                "web",
+                serde_json::json!({ "hostnameOverride": "my.host", "subdomain": "s" })
+            ),
+            Ok(("my.host".into(), String::new())),
+            "an override has no domain"
+        );
+    }
+
+    #[test]
+    fn set_hostname_as_fqdn_needs_a_domain_and_at_most_64_characters() {
+        assert_eq!(kernel_hostname("db", "", true), Ok("db".into()));
+        assert_eq!(
+            kernel_hostname("db", "s.ns.svc.cluster.local", false),
+            Ok("db".into())
+        );
+        assert_eq!(
+            kernel_hostname("db", "s.ns.svc.cluster.local", true),
+            Ok("db.s.ns.svc.cluster.local".into())
+        );
+        // 41 + 1 + 22 = 64 fits; one more does not.
+        let fits = "h".repeat(41);
+        assert!(kernel_hostname(&fits, "s.ns.svc.cluster.local", true).is_ok());
+        let host = "h".repeat(42);
+        let err = kernel_hostname(&host, "s.ns.svc.cluster.local", true).unwrap_err();
+        let fqdn = format!("{host}.s.ns.svc.cluster.local");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "failed to construct FQDN from pod hostname and cluster domain, FQDN {fqdn} is \
+                 too long (64 characters is the max, {} characters requested)",
+                fqdn.len()
+            )
+        );
+    }
+
+    #[test]
+    fn sandbox_config_carries_hostname_fqdn_sysctls_and_dns() {
+        let mut config = Config::load(&Flags::default()).unwrap();
+        config.cluster_domain = "cluster.local".into();
+        config.cluster_dns = vec!["10.96.0.10".parse().unwrap()];
+        let p = spec_pod(
+            "web",
+            serde_json::json!({
+                "hostname": "db", "subdomain": "nginx", "setHostnameAsFQDN": true,
+                "securityContext": { "sysctls": [
+                    { "name": "net/ipv4/ip_local_port_range", "value": "1024 65000" }
+                ]}
+            }),
+        );
+        let cfg = sandbox_config_with(&p, &config, 0, cri::DnsConfig::default()).unwrap();
+        assert_eq!(cfg.hostname, "db.nginx.prod.svc.cluster.local");
+        let linux = cfg.linux.unwrap();
+        assert_eq!(
+            linux.sysctls,
+            HashMap::from([(
+                "net.ipv4.ip_local_port_range".to_string(),
+                "1024 65000".to_string()
+            )])
+        );
+        assert_eq!(cfg.dns_config.unwrap().servers, ["10.96.0.10"]);
+        let host_net = spec_pod(
+            "web",
+            serde_json::json!({ "hostNetwork": true, "hostname": "db", "subdomain": "x",
+                                "setHostnameAsFQDN": true }),
+        );
+        let cfg = sandbox_config_with(&host_net, &config, 0, cri::DnsConfig::default()).unwrap();
+        assert_eq!(
+            cfg.hostname, "",
+            "host-network pods keep the node's hostname"
+        );
+        let too_long = spec_pod(
+            "web",
+            serde_json::json!({ "hostname": "h".repeat(40), "subdomain": "nginx",
+                                "setHostnameAsFQDN": true }),
+        );
+        let err =
+            sandbox_config_with(&too_long, &config, 0, cri::DnsConfig::default()).unwrap_err();
         assert!(
-            dns_config(&pod(vec![]), &config).is_none(),
-            "no cluster DNS: the node's resolv.conf"
+            err.to_string()
+                .contains("is too long (64 characters is the max"),
+            "{err}"
         );
     }
 

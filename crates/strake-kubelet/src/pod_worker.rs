@@ -525,6 +525,10 @@ impl Worker {
     }
 
     async fn sync(&mut self, pod: &Pod) -> Result<(), RuntimeError> {
+        if let Err(r) = crate::admission::admit(pod, &self.ctx.config) {
+            crate::admission::reject(self.ctx.client.as_ref(), &self.events, pod, &r).await;
+            return Ok(());
+        }
         let spec = pod.spec.clone().unwrap_or_default();
         let handler = match self.runtime_handler(pod).await {
             Ok(h) => h,
@@ -604,8 +608,13 @@ impl Worker {
                     }
                 }
                 Action::CreateSandbox { attempt } => {
-                    let config = pod_spec::sandbox_config(pod, &self.ctx.config, attempt);
-                    let id = match cri.run_sandbox(config, handler).await {
+                    let id = match pod_spec::sandbox_config(pod, &self.ctx.config, attempt)
+                        .map_err(RuntimeError::SandboxConfig)
+                    {
+                        Ok(config) => cri.run_sandbox(config, handler).await,
+                        Err(e) => Err(e),
+                    };
+                    let id = match id {
                         Ok(id) => id,
                         Err(e) => {
                             let spec = pod.spec.clone().unwrap_or_default();
@@ -744,6 +753,10 @@ impl Worker {
             Ok(m) => m,
             Err(e) => return self.config_error(pod, c, e.to_string()),
         };
+        match crate::etc_hosts::mount(&self.ctx.config, pod, c, ips).await {
+            Ok(m) => mounts.extend(m),
+            Err(e) => return self.config_error(pod, c, e.to_string()),
+        }
         if let Some(path) = termination::container_path(c) {
             match termination::create_file(&self.ctx.config.root_dir, &self.uid, &c.name) {
                 Ok(host) => mounts.push(cri::Mount {
@@ -771,7 +784,10 @@ impl Worker {
             mounts,
             &self.ctx.config.root_dir.join("seccomp"),
         );
-        let sandbox_config = pod_spec::sandbox_config(pod, &self.ctx.config, 0);
+        let sandbox_config = match pod_spec::sandbox_config(pod, &self.ctx.config, 0) {
+            Ok(s) => s,
+            Err(e) => return self.config_error(pod, c, e.to_string()),
+        };
         let id = match cri
             .create_container(sandbox_id, config, sandbox_config)
             .await

@@ -26,6 +26,9 @@ pub enum RuntimeError {
     /// The runtime did not answer in time.
     #[error("CRI {rpc} timed out after {secs} s")]
     Timeout { rpc: &'static str, secs: u64 },
+    /// The pod's sandbox configuration cannot be made (no CRI call was made).
+    #[error("pod sandbox configuration")]
+    SandboxConfig(#[source] crate::pod_spec::SandboxConfigError),
 }
 
 impl RuntimeError {
@@ -35,6 +38,7 @@ impl RuntimeError {
             RuntimeError::Call { rpc, source } => {
                 format!("CRI {rpc} failed: {}", source.message())
             }
+            RuntimeError::SandboxConfig(e) => e.to_string(),
             other => other.to_string(),
         }
     }

@@ -1,0 +1,279 @@
+//! The pod API pieces of the pod → CRI translation, end to end on strake-runtime and on
+//! containerd: the kubelet-managed `/etc/hosts` (pod IP with hostname and FQDN, `hostAliases`,
+//! a container's own `/etc/hosts` mount, host-network pods), `hostname`/`subdomain`/
+//! `setHostnameAsFQDN` (and the error for an FQDN over 64 characters), and `sysctls` (the safe
+//! set and `allowedUnsafeSysctls` applied, anything else rejected at admission).
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, PostParams};
+use strake_integration::control_plane::{ControlPlane, Options};
+use strake_integration::registry::Registry;
+
+mod common;
+use common::{KubeletNode, RuntimeKind, wait_for};
+
+const NODE: &str = "strake-pod-api-0";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etc_hosts_hostname_and_sysctls_on_strake_runtime() {
+    scenario(RuntimeKind::Strake).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etc_hosts_hostname_and_sysctls_on_containerd() {
+    scenario(RuntimeKind::Containerd).await;
+}
+
+/// Runs `cmd` in the running container named `name` (unique on the node) and returns its
+/// standard output.
+fn exec(node: &KubeletNode, name: &str, cmd: &str) -> String {
+    let out = node
+        .runtime
+        .crictl(&[
+            "ps",
+            "-q",
+            "--name",
+            &format!("^{name}$"),
+            "--state",
+            "running",
+        ])
+        .expect("crictl ps");
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(!id.is_empty(), "no running container {name}");
+    let out = node
+        .runtime
+        .crictl(&["exec", "--sync", &id, "/bin/sh", "-c", cmd])
+        .expect("crictl exec");
+    assert!(
+        out.status.success(),
+        "{cmd} in {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+async fn create(pods: &Api<Pod>, pod: serde_json::Value) {
+    let pod: Pod = serde_json::from_value(pod).expect("pod");
+    wait_for("pod created", 60, || async {
+        pods.create(&PostParams::default(), &pod).await.ok()
+    })
+    .await;
+}
+
+/// Waits until every container of pod `name` runs; returns the pod.
+async fn running(pods: &Api<Pod>, name: &str) -> Pod {
+    wait_for(&format!("{name} running"), 120, || async {
+        let p = pods.get(name).await.ok()?;
+        let st = p.status.clone()?;
+        let cs = st.container_statuses.clone()?;
+        let all = !cs.is_empty()
+            && cs
+                .iter()
+                .all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()));
+        all.then_some(p)
+    })
+    .await
+}
+
+async fn scenario(kind: RuntimeKind) {
+    let cp = ControlPlane::start(Options::default())
+        .await
+        .expect("control plane");
+    let registry = Registry::start(cp.net(), &cp.dir().join("registry")).expect("registry");
+    let client = cp.client().await.expect("client");
+    let node = KubeletNode::start_on(
+        &cp,
+        0,
+        NODE,
+        "clusterDomain: cluster.local\nallowedUnsafeSysctls:\n- \"kernel.msg*\"\n",
+        kind,
+    )
+    .await
+    .expect("start node");
+    let nodes: Api<Node> = Api::all(client.clone());
+    wait_for("node registered", 60, || async {
+        nodes.get_opt(NODE).await.ok().flatten()
+    })
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let image = format!("{}/strake/busybox:1", registry.open_in_cluster());
+    let own_hosts = node.dir.path().join("own-hosts");
+    std::fs::write(&own_hosts, "# the container's own hosts file\n").expect("write own hosts");
+    let sleep = serde_json::json!(["/bin/sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]);
+
+    // hostAliases, hostname + subdomain + setHostnameAsFQDN, a safe and an allowed unsafe
+    // sysctl (slash-separated), and a container that mounts its own /etc/hosts.
+    create(
+        &pods,
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": "named" },
+            "spec": {
+                "nodeName": NODE,
+                "terminationGracePeriodSeconds": 1,
+                "hostname": "web",
+                "subdomain": "nginx",
+                "setHostnameAsFQDN": true,
+                "hostAliases": [
+                    { "ip": "123.45.67.89", "hostnames": ["foo.remote", "bar.remote"] },
+                    { "ip": "10.1.2.3", "hostnames": ["baz"] }
+                ],
+                "securityContext": { "sysctls": [
+                    { "name": "net.ipv4.ip_local_port_range", "value": "1024 50000" },
+                    { "name": "kernel/msgmax", "value": "12345" }
+                ]},
+                "volumes": [{ "name": "own", "hostPath": {
+                    "path": own_hosts.display().to_string(), "type": "File" } }],
+                "containers": [
+                    { "name": "named-app", "image": image, "command": sleep },
+                    { "name": "named-own", "image": image, "command": sleep,
+                      "volumeMounts": [{ "name": "own", "mountPath": "/etc/hosts" }] }
+                ]
+            }
+        }),
+    )
+    .await;
+    // A host-network pod with an alias.
+    create(
+        &pods,
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": "hostnet" },
+            "spec": {
+                "nodeName": NODE,
+                "terminationGracePeriodSeconds": 1,
+                "hostNetwork": true,
+                "hostAliases": [{ "ip": "10.9.9.9", "hostnames": ["on-host"] }],
+                "containers": [{ "name": "hostnet-app", "image": image, "command": sleep }]
+            }
+        }),
+    )
+    .await;
+    // A sysctl neither safe nor allowed: rejected, never started.
+    create(
+        &pods,
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": "forbidden" },
+            "spec": {
+                "nodeName": NODE,
+                "securityContext": { "sysctls": [{ "name": "kernel.sem", "value": "1 1 1 1" }] },
+                "containers": [{ "name": "forbidden-app", "image": image, "command": sleep }]
+            }
+        }),
+    )
+    .await;
+    // An FQDN over the kernel's 64 characters: the sandbox is refused with upstream's error.
+    create(
+        &pods,
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": "longname" },
+            "spec": {
+                "nodeName": NODE,
+                "hostname": "h".repeat(40),
+                "subdomain": "nginx",
+                "setHostnameAsFQDN": true,
+                "containers": [{ "name": "longname-app", "image": image, "command": sleep }]
+            }
+        }),
+    )
+    .await;
+
+    let named = running(&pods, "named").await;
+    let ip = named
+        .status
+        .and_then(|s| s.pod_ip)
+        .expect("named has a pod IP");
+    // `od` shows the exact bytes (an exec's output may gain a line end on the way).
+    let hosts = exec(&node, "named-app", "od -An -c /etc/hosts | tr -d ' \\n'");
+    let want = format!(
+        "# Kubernetes-managed hosts file.\n\
+             127.0.0.1\tlocalhost\n\
+             ::1\tlocalhost ip6-localhost ip6-loopback\n\
+             fe00::0\tip6-localnet\n\
+             fe00::0\tip6-mcastprefix\n\
+             fe00::1\tip6-allnodes\n\
+             fe00::2\tip6-allrouters\n\
+             {ip}\tweb.nginx.default.svc.cluster.local\tweb\n\
+             \n\
+             # Entries added by HostAliases.\n\
+             123.45.67.89\tfoo.remote\tbar.remote\n\
+             10.1.2.3\tbaz\n"
+    );
+    let od = |text: &str| {
+        text.replace(' ', "")
+            .replace('\t', "\\t")
+            .replace('\n', "\\n")
+    };
+    assert_eq!(hosts.trim_end(), od(&want), "{want}");
+    assert_eq!(
+        exec(&node, "named-own", "cat /etc/hosts").trim_end(),
+        "# the container's own hosts file",
+        "a container's own /etc/hosts mount wins"
+    );
+    assert_eq!(
+        exec(&node, "named-app", "hostname").trim(),
+        "web.nginx.default.svc.cluster.local"
+    );
+    assert_eq!(
+        exec(
+            &node,
+            "named-app",
+            "cat /proc/sys/net/ipv4/ip_local_port_range"
+        )
+        .trim(),
+        "1024\t50000"
+    );
+    assert_eq!(
+        exec(&node, "named-app", "cat /proc/sys/kernel/msgmax").trim(),
+        "12345"
+    );
+
+    running(&pods, "hostnet").await;
+    let hosts = exec(&node, "hostnet-app", "cat /etc/hosts");
+    assert!(
+        hosts.starts_with("# Kubernetes-managed hosts file (host network).\n")
+            && hosts
+                .trim_end()
+                .ends_with("\n# Entries added by HostAliases.\n10.9.9.9\ton-host"),
+        "{hosts}"
+    );
+
+    let rejected = wait_for("forbidden rejected", 60, || async {
+        let st = pods.get("forbidden").await.ok()?.status?;
+        (st.phase.as_deref() == Some("Failed")).then_some(st)
+    })
+    .await;
+    assert_eq!(rejected.reason.as_deref(), Some("SysctlForbidden"));
+    assert_eq!(
+        rejected.message.as_deref(),
+        Some("Pod was rejected: forbidden sysctl: \"kernel.sem\" not allowlisted")
+    );
+    let sandboxes = node
+        .runtime
+        .crictl(&["pods", "-q", "--name", "^forbidden$"])
+        .expect("crictl pods");
+    assert!(
+        sandboxes.stdout.is_empty(),
+        "a rejected pod gets no sandbox"
+    );
+
+    let message = wait_for("longname refused", 60, || async {
+        let st = pods.get("longname").await.ok()?.status?;
+        let w = st.container_statuses?.first()?.state.clone()?.waiting?;
+        w.message.filter(|m| m.contains("too long"))
+    })
+    .await;
+    let fqdn = format!("{}.nginx.default.svc.cluster.local", "h".repeat(40));
+    assert_eq!(
+        message,
+        format!(
+            "Failed to create pod sandbox: failed to construct FQDN from pod hostname and \
+             cluster domain, FQDN {fqdn} is too long (64 characters is the max, {} characters \
+             requested)",
+            fqdn.len()
+        )
+    );
+    drop(node);
+}
