@@ -270,7 +270,8 @@ mod tests {
         text.push_str("2026-01-01T00:00:00.000000000Z stderr F one\n");
         std::fs::write(&log, &text).unwrap();
         let tail = log_tail(&log);
-        assert!(tail.starts_with("line 21\n"), "{tail}");
+        // 80 lines of the file, as upstream's reader counts them: the partial line is one.
+        assert!(tail.starts_with("line 22\n"), "{tail}");
         assert!(tail.ends_with("line 99\npart-one\n"), "{tail}");
         let mut big = String::new();
         for _ in 0..10 {
