@@ -30,6 +30,7 @@ pub mod resources;
 pub mod runtime;
 pub mod server;
 pub mod static_pods;
+pub mod subpath;
 pub mod volumes;
 
 use std::time::Duration;

@@ -740,7 +740,11 @@ impl Worker {
                 return Ok(Step::Waiting);
             }
         };
-        let mounts = match crate::volumes::container_mounts(pod, c, &self.volume_paths) {
+        let mounts = match self
+            .ctx
+            .volumes
+            .container_mounts(pod, c, &self.volume_paths, &env)
+        {
             Ok(m) => m,
             Err(e) => {
                 self.config_error(pod, c, e.to_string());
