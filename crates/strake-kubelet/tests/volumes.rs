@@ -192,13 +192,42 @@ async fn waiting_with(
     .await
 }
 
+/// Runs `cmd` in the running container `name` of the node and returns its stdout.
+fn exec_in(node: &KubeletNode, name: &str, cmd: &str) -> String {
+    let filter = format!("^{name}$");
+    let out = node
+        .runtime
+        .crictl(&["ps", "-q", "--name", &filter, "--state", "running"])
+        .expect("crictl ps");
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let out = node
+        .runtime
+        .crictl(&["exec", "--sync", &id, "/bin/sh", "-c", cmd])
+        .expect("crictl exec");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The subPath binds of pod `uid` on the node.
+fn subpath_binds(node: &KubeletNode, uid: &str) -> Vec<std::path::PathBuf> {
+    let dir = node
+        .dir
+        .path()
+        .join("root/pods")
+        .join(uid)
+        .join("volume-subpaths");
+    strake_kubelet::subpath::mount_points()
+        .into_iter()
+        .filter(|m| m.starts_with(&dir))
+        .collect()
+}
+
 /// CVE-2017-1002101's scenario: an init container plants a symlink to a host directory in an
 /// emptyDir, the next container mounts it by `subPath`. The container must not start (upstream:
 /// CreateContainerConfigError) and nothing may be listed in or written to the host directory.
 /// Then `subPathExpr: $(POD_NAME)` mounts only that sub-directory of the volume, and the pod's
 /// subPath binds are gone after it is deleted.
 async fn subpath_scenario(node_name: &str, kind: RuntimeKind) {
-    let cluster = Cluster::start(node_name, kind).await;
+    let mut cluster = Cluster::start(node_name, kind).await;
     let _mounts = MountGuard(cluster.node.dir.path().to_path_buf());
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
     let host = tempfile::tempdir().expect("host dir");
@@ -285,7 +314,7 @@ async fn subpath_scenario(node_name: &str, kind: RuntimeKind) {
                 "name": "fill",
                 "image": cluster.busybox(),
                 "command": ["/bin/sh", "-c",
-                    "mkdir /vol/sp-expr && echo mine > /vol/sp-expr/inside && echo other > /vol/outside"],
+                    "mkdir -p /vol/sp-expr && echo mine > /vol/sp-expr/inside && echo other > /vol/outside"],
                 "volumeMounts": [{ "name": "scratch", "mountPath": "/vol" }]
             }],
             "containers": [{
@@ -307,32 +336,12 @@ async fn subpath_scenario(node_name: &str, kind: RuntimeKind) {
         (st.phase.as_deref() == Some("Running")).then_some(())
     })
     .await;
-    let exec = |cmd: &str| -> String {
-        let out = cluster
-            .node
-            .runtime
-            .crictl(&["ps", "-q", "--name", "^app$", "--state", "running"])
-            .expect("crictl ps");
-        let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let out = cluster
-            .node
-            .runtime
-            .crictl(&["exec", "--sync", &id, "/bin/sh", "-c", cmd])
-            .expect("crictl exec");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
-    assert_eq!(exec("ls /data"), "inside", "only the pod's sub-directory");
-    assert_eq!(exec("cat /data/inside"), "mine");
-    let subpaths = |uid: &str| -> Vec<std::path::PathBuf> {
-        strake_kubelet::subpath::mount_points()
-            .into_iter()
-            .filter(|m| {
-                m.starts_with(cluster.node.dir.path())
-                    && m.to_string_lossy()
-                        .contains(&format!("{uid}/volume-subpaths/"))
-            })
-            .collect()
-    };
+    assert_eq!(
+        exec_in(&cluster.node, "app", "ls /data"),
+        "inside",
+        "only the pod's sub-directory"
+    );
+    assert_eq!(exec_in(&cluster.node, "app", "cat /data/inside"), "mine");
     let uid = pods
         .get("sp-expr")
         .await
@@ -340,7 +349,47 @@ async fn subpath_scenario(node_name: &str, kind: RuntimeKind) {
         .metadata
         .uid
         .expect("uid");
-    assert_eq!(subpaths(&uid).len(), 1, "one subPath bind for the pod");
+    assert_eq!(
+        subpath_binds(&cluster.node, &uid).len(),
+        1,
+        "one subPath bind for the pod"
+    );
+
+    // A kubelet restart leaves the running pod's bind alone; the container restarting after it
+    // re-uses the bind (not stacked, still only the sub-directory).
+    cluster.node.restart_kubelet().expect("restart kubelet");
+    // The exec may die with the container it stops: its status does not matter.
+    let running = cluster
+        .node
+        .runtime
+        .crictl(&["ps", "-q", "--name", "^app$", "--state", "running"])
+        .expect("crictl ps");
+    let id = String::from_utf8_lossy(&running.stdout).trim().to_string();
+    let _ = cluster
+        .node
+        .runtime
+        .crictl(&["exec", "--sync", &id, "kill", "1"]);
+    // A new app container (on containerd the restarted kubelet currently makes a new sandbox
+    // too, so the restart count is not the measure).
+    wait_for("a new app container running", 90, || async {
+        let st = pods.get("sp-expr").await.ok()?.status?;
+        let c = st
+            .container_statuses?
+            .into_iter()
+            .find(|c| c.name == "app")?;
+        let new = c
+            .container_id
+            .as_deref()
+            .is_some_and(|cid| !cid.ends_with(&id));
+        (new && c.state?.running.is_some()).then_some(())
+    })
+    .await;
+    assert_eq!(exec_in(&cluster.node, "app", "ls /data"), "inside");
+    assert_eq!(
+        subpath_binds(&cluster.node, &uid).len(),
+        1,
+        "the bind is re-used"
+    );
 
     // Deleting the pod unmounts its binds and removes its directory.
     pods.delete("sp-expr", &Default::default())
@@ -355,7 +404,7 @@ async fn subpath_scenario(node_name: &str, kind: RuntimeKind) {
     .await;
     let pod_dir = cluster.node.dir.path().join("root/pods").join(&uid);
     wait_for("sp-expr's directory removed", 30, || async {
-        (subpaths(&uid).is_empty() && !pod_dir.exists()).then_some(())
+        (subpath_binds(&cluster.node, &uid).is_empty() && !pod_dir.exists()).then_some(())
     })
     .await;
     assert_eq!(host_entries(), ["marker"], "nothing written on the host");
