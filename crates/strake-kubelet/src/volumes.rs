@@ -638,7 +638,10 @@ impl Volumes {
     /// emptyDirs, then the directory. Nothing is removed while something below it is still
     /// mounted (a bind of a hostPath subPath would otherwise be emptied on the host).
     pub fn cleanup(&self, uid: &str) {
+        // The mount table names real paths: a root dir reached through a symlink would match
+        // none of them, and the removal below would then walk into the binds.
         let dir = self.root.join(uid);
+        let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
         let mut mounts: Vec<PathBuf> = crate::subpath::mount_points()
             .into_iter()
             .filter(|m| m.starts_with(&dir))
@@ -964,6 +967,39 @@ mod tests {
         fn drop(&mut self) {
             self.0.cleanup(self.1);
         }
+    }
+
+    #[test]
+    fn cleanup_unmounts_binds_under_a_root_dir_reached_through_a_symlink() {
+        assert!(rustix::process::geteuid().is_root(), "needs root to mount");
+        let top = tempfile::tempdir().unwrap();
+        let host = top.path().join("host");
+        std::fs::create_dir_all(host.join("keep")).unwrap();
+        std::fs::write(host.join("keep/file"), "host").unwrap();
+        std::fs::create_dir(top.path().join("real")).unwrap();
+        std::os::unix::fs::symlink("real", top.path().join("link")).unwrap();
+        let vols = Volumes::new(&top.path().join("link"), None);
+        let uid = "pod-uid-2";
+        let _cleanup = PodCleanup(&vols, uid);
+        let (pod, c) = pod_with(
+            uid,
+            serde_json::json!([{ "name": "h", "hostPath": { "path": host } }]),
+            serde_json::json!([{ "name": "h", "mountPath": "/a", "subPath": "keep" }]),
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let paths = rt.block_on(vols.prepare(&pod)).unwrap();
+        vols.container_mounts(&pod, &c, &paths, &[]).unwrap();
+        assert!(crate::subpath::has_mounts_below(&top.path().join("real")));
+        vols.cleanup(uid);
+        assert!(!crate::subpath::has_mounts_below(&top.path().join("real")));
+        assert!(!top.path().join("real/pods").join(uid).exists());
+        assert_eq!(
+            std::fs::read_to_string(host.join("keep/file")).unwrap(),
+            "host",
+            "the hostPath content behind the bind is untouched"
+        );
     }
 
     #[test]
