@@ -40,6 +40,7 @@ pub mod resources;
 pub mod runtime;
 pub mod server;
 pub mod static_pods;
+pub mod subpath;
 pub mod sync;
 pub mod sysctls;
 pub mod termination;

@@ -300,6 +300,11 @@ pub enum ContainerConfigError {
 /// `$(VAR)` expansion as the kubelet does it: defined names expand, `$$` escapes, undefined
 /// references stay as written.
 pub fn expand(input: &str, vars: &HashMap<String, String>) -> String {
+    expand_with(input, |name| vars.get(name).cloned())
+}
+
+/// [`expand`] with the values from `lookup` (`None`: the reference stays as written).
+pub fn expand_with(input: &str, mut lookup: impl FnMut(&str) -> Option<String>) -> String {
     let mut out = String::with_capacity(input.len());
     let mut rest = input;
     while let Some(pos) = rest.find('$') {
@@ -312,8 +317,8 @@ pub fn expand(input: &str, vars: &HashMap<String, String>) -> String {
             match body.find(')') {
                 Some(end) => {
                     let name = &body[..end];
-                    match vars.get(name) {
-                        Some(v) => out.push_str(v),
+                    match lookup(name) {
+                        Some(v) => out.push_str(&v),
                         None => {
                             out.push_str("$(");
                             out.push_str(name);

@@ -749,7 +749,11 @@ impl Worker {
             Ok(e) => e,
             Err(e) => return self.config_error(pod, c, e.to_string()),
         };
-        let mut mounts = match crate::volumes::container_mounts(pod, c, &self.volume_paths) {
+        let mut mounts = match self
+            .ctx
+            .volumes
+            .container_mounts(pod, c, &self.volume_paths, &env)
+        {
             Ok(m) => m,
             Err(e) => return self.config_error(pod, c, e.to_string()),
         };

@@ -7,7 +7,7 @@
 //! `..data`, so a reader never sees half an update. Refreshing rewrites only what changed.
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -34,6 +34,14 @@ pub enum VolumeError {
         volume: String,
         #[source]
         source: kube::Error,
+    },
+    /// Upstream's words: the details (host paths) go to the log, not to the pod's status.
+    #[error("failed to prepare subPath for volumeMount {volume:?} of container {container:?}")]
+    SubPath {
+        volume: String,
+        container: String,
+        #[source]
+        source: Box<crate::subpath::SubPathError>,
     },
     #[error("volume {volume:?}: {op} {path}")]
     Io {
@@ -269,18 +277,33 @@ impl Volumes {
             let meta = std::fs::metadata(&p);
             let ok = match t {
                 "" => true,
+                // As upstream (MkdirAll 0755, umask applies). No chmod by path afterwards: a
+                // container writing into the parent could swap the new directory for a link.
                 "DirectoryOrCreate" => {
                     if meta.is_err() {
-                        std::fs::create_dir_all(&p).map_err(io("create", &p))?;
-                        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))
-                            .map_err(io("chmod", &p))?;
+                        std::fs::DirBuilder::new()
+                            .recursive(true)
+                            .mode(0o755)
+                            .create(&p)
+                            .map_err(io("create", &p))?;
                     }
                     std::fs::metadata(&p).is_ok_and(|m| m.is_dir())
                 }
                 "Directory" => meta.is_ok_and(|m| m.is_dir()),
+                // O_CREAT|O_EXCL: never through a (dangling) link in the last component, never
+                // truncating anything.
                 "FileOrCreate" => {
                     if meta.is_err() {
-                        std::fs::File::create(&p).map_err(io("create", &p))?;
+                        match std::fs::OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .mode(0o644)
+                            .open(&p)
+                        {
+                            Ok(_) => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                            Err(e) => return Err(io("create", &p)(e)),
+                        }
                     }
                     std::fs::metadata(&p).is_ok_and(|m| m.is_file())
                 }
@@ -538,16 +561,109 @@ impl Volumes {
         Ok(token)
     }
 
-    /// Unmounts and removes everything of the pod with this UID.
+    /// The CRI mounts of container `c`, given each volume's host path and the container's
+    /// environment (for `subPathExpr`). A `subPath` is opened inside its volume without following
+    /// links out of it and bind-mounted by descriptor onto
+    /// `<root>/pods/<uid>/volume-subpaths/<volume>/<container>/<index>`, which is what the
+    /// runtime mounts (see [`crate::subpath`]).
+    pub fn container_mounts(
+        &self,
+        pod: &Pod,
+        c: &Container,
+        volumes: &BTreeMap<String, PathBuf>,
+        env: &[(String, String)],
+    ) -> Result<Vec<cri::Mount>, VolumeError> {
+        let spec = pod.spec.clone().unwrap_or_default();
+        let mut out = Vec::new();
+        for (index, m) in c.volume_mounts.iter().flatten().enumerate() {
+            let host = volumes.get(&m.name).ok_or_else(|| VolumeError::Invalid {
+                volume: m.name.clone(),
+                reason: format!("mounted by container {} but not defined in the pod", c.name),
+            })?;
+            let mut host = host.clone();
+            if let Some(sub) = sub_path(m, env)? {
+                let target = self
+                    .pod_dir(pod)
+                    .join("volume-subpaths")
+                    .join(&m.name)
+                    .join(&c.name)
+                    .join(index.to_string());
+                let bound = crate::subpath::open_in_volume(&host, Path::new(&sub), true)
+                    .and_then(|fd| crate::subpath::bind(&fd, &target));
+                if let Err(source) = bound {
+                    tracing::warn!(
+                        pod = pod.metadata.name.as_deref().unwrap_or(""),
+                        container = %c.name,
+                        volume = %m.name,
+                        error = %error_chain(&source),
+                        "subPath refused",
+                    );
+                    return Err(VolumeError::SubPath {
+                        volume: m.name.clone(),
+                        container: c.name.clone(),
+                        source: Box::new(source),
+                    });
+                }
+                host = target;
+            }
+            // API-backed volumes are read-only inside containers, as upstream mounts them.
+            let api_backed = spec
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == m.name)
+                .is_some_and(|v| {
+                    v.config_map.is_some()
+                        || v.secret.is_some()
+                        || v.downward_api.is_some()
+                        || v.projected.is_some()
+                });
+            let propagation = match m.mount_propagation.as_deref() {
+                Some("HostToContainer") => cri::MountPropagation::PropagationHostToContainer,
+                Some("Bidirectional") => cri::MountPropagation::PropagationBidirectional,
+                _ => cri::MountPropagation::PropagationPrivate,
+            };
+            out.push(cri::Mount {
+                container_path: m.mount_path.clone(),
+                host_path: host.display().to_string(),
+                readonly: m.read_only.unwrap_or(false) || api_backed,
+                propagation: propagation as i32,
+                ..Default::default()
+            });
+        }
+        Ok(out)
+    }
+
+    /// Unmounts and removes everything of the pod with this UID: its subPath binds, tmpfs
+    /// emptyDirs, then the directory. Nothing is removed while something below it is still
+    /// mounted (a bind of a hostPath subPath would otherwise be emptied on the host).
     pub fn cleanup(&self, uid: &str) {
+        // The mount table names real paths: a root dir reached through a symlink would match
+        // none of them, and the removal below would then walk into the binds.
         let dir = self.root.join(uid);
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        for m in mounts.lines().filter_map(|l| l.split_whitespace().nth(1)) {
-            if Path::new(m).starts_with(&dir) {
-                let _ = umount(Path::new(m));
+        let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+        let mut mounts: Vec<PathBuf> = crate::subpath::mount_points()
+            .into_iter()
+            .filter(|m| m.starts_with(&dir))
+            .collect();
+        // Deepest first, so a bind inside a tmpfs goes before the tmpfs.
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+        for m in &mounts {
+            if let Err(e) = crate::subpath::unmount_all(m) {
+                tracing::warn!(pod_uid = uid, error = %error_chain(&e), "unmount failed");
             }
         }
-        let _ = std::fs::remove_dir_all(&dir);
+        if crate::subpath::has_mounts_below(&dir) {
+            tracing::warn!(
+                pod_uid = uid,
+                dir = %dir.display(),
+                "pod directory still has mounts; left in place"
+            );
+        } else if let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(pod_uid = uid, error = %e, "remove pod directory failed");
+        }
         self.tokens
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -576,75 +692,73 @@ fn mount_tmpfs(dst: &Path, options: &str) -> std::io::Result<()> {
     }
 }
 
-fn umount(p: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(p.as_os_str().as_bytes())?;
-    // SAFETY: valid NUL-terminated path.
-    let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
+/// The sub-path of a volume mount: `subPath` as written, or `subPathExpr` expanded from the
+/// container's environment as upstream's `ExpandContainerVolumeMounts` does (`$(VAR)` from the
+/// container's variables, `$$` escapes; a reference to a variable that is unset or empty is an
+/// error). Either must stay relative and below the volume. `None`: the whole volume.
+pub fn sub_path(
+    m: &k8s_openapi::api::core::v1::VolumeMount,
+    env: &[(String, String)],
+) -> Result<Option<String>, VolumeError> {
+    let invalid = |reason: String| VolumeError::Invalid {
+        volume: m.name.clone(),
+        reason,
+    };
+    let plain = m.sub_path.as_deref().filter(|s| !s.is_empty());
+    let expr = m.sub_path_expr.as_deref().filter(|s| !s.is_empty());
+    let sub = match (plain, expr) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "subPath and subPathExpr are mutually exclusive".into(),
+            ));
+        }
+        (Some(s), None) => s.to_string(),
+        (None, Some(e)) => {
+            let vars: HashMap<&str, &str> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let mut missing = std::collections::BTreeSet::new();
+            let expanded = crate::pod_spec::expand_with(e, |name| {
+                match vars.get(name).filter(|v| !v.is_empty()) {
+                    Some(v) => Some((*v).to_string()),
+                    None => {
+                        missing.insert(name.to_string());
+                        Some(String::new())
+                    }
+                }
+            });
+            if !missing.is_empty() {
+                let names: Vec<String> = missing.into_iter().collect();
+                return Err(invalid(format!(
+                    "subPathExpr {e:?}: missing value for {}",
+                    names.join(", ")
+                )));
+            }
+            // Expanded to nothing: the whole volume, as upstream.
+            if expanded.is_empty() {
+                return Ok(None);
+            }
+            expanded
+        }
+    };
+    if !safe_relative(&sub) {
+        return Err(invalid(format!(
+            "invalid subPath {sub:?}: must be a relative path without '..'"
+        )));
     }
+    Ok(Some(sub))
 }
 
-/// The CRI mounts of container `c`, given each volume's host path.
-pub fn container_mounts(
-    pod: &Pod,
-    c: &Container,
-    volumes: &BTreeMap<String, PathBuf>,
-) -> Result<Vec<cri::Mount>, VolumeError> {
-    let spec = pod.spec.clone().unwrap_or_default();
-    let mut out = Vec::new();
-    for m in c.volume_mounts.iter().flatten() {
-        let host = volumes.get(&m.name).ok_or_else(|| VolumeError::Invalid {
-            volume: m.name.clone(),
-            reason: format!("mounted by container {} but not defined in the pod", c.name),
-        })?;
-        let mut host = host.clone();
-        if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
-            if !safe_relative(sub) {
-                return Err(VolumeError::Invalid {
-                    volume: m.name.clone(),
-                    reason: format!("invalid subPath {sub:?}"),
-                });
-            }
-            host = host.join(sub);
-            if !host.exists() {
-                std::fs::create_dir_all(&host).map_err(|source| VolumeError::Io {
-                    volume: m.name.clone(),
-                    op: "create",
-                    path: host.clone(),
-                    source,
-                })?;
-            }
-        }
-        // API-backed volumes are read-only inside containers, as upstream mounts them.
-        let api_backed = spec
-            .volumes
-            .iter()
-            .flatten()
-            .find(|v| v.name == m.name)
-            .is_some_and(|v| {
-                v.config_map.is_some()
-                    || v.secret.is_some()
-                    || v.downward_api.is_some()
-                    || v.projected.is_some()
-            });
-        let propagation = match m.mount_propagation.as_deref() {
-            Some("HostToContainer") => cri::MountPropagation::PropagationHostToContainer,
-            Some("Bidirectional") => cri::MountPropagation::PropagationBidirectional,
-            _ => cri::MountPropagation::PropagationPrivate,
-        };
-        out.push(cri::Mount {
-            container_path: m.mount_path.clone(),
-            host_path: host.display().to_string(),
-            readonly: m.read_only.unwrap_or(false) || api_backed,
-            propagation: propagation as i32,
-            ..Default::default()
-        });
+/// An error and its causes, for the log.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
     }
-    Ok(out)
+    out
 }
 
 #[cfg(test)]
@@ -749,5 +863,221 @@ mod tests {
             user: None,
         }];
         assert!(select("v", data, Some(&bad), 0o644, "", &mut Files::new()).is_err());
+    }
+    fn mount(
+        name: &str,
+        sub: Option<&str>,
+        expr: Option<&str>,
+    ) -> k8s_openapi::api::core::v1::VolumeMount {
+        k8s_openapi::api::core::v1::VolumeMount {
+            name: name.into(),
+            mount_path: "/m".into(),
+            sub_path: sub.map(String::from),
+            sub_path_expr: expr.map(String::from),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn sub_path_expr_expands_the_container_environment() {
+        let env = vec![
+            ("POD_NAME".to_string(), "web-0".to_string()),
+            ("EMPTY".to_string(), String::new()),
+            ("UP".to_string(), "..".to_string()),
+            ("ABS".to_string(), "/etc".to_string()),
+        ];
+        let sub = |sub: Option<&str>, expr: Option<&str>| sub_path(&mount("v", sub, expr), &env);
+        assert_eq!(sub(None, None).unwrap(), None);
+        assert_eq!(sub(Some("a/b"), None).unwrap().as_deref(), Some("a/b"));
+        assert_eq!(
+            sub(None, Some("logs/$(POD_NAME)")).unwrap().as_deref(),
+            Some("logs/web-0")
+        );
+        assert_eq!(
+            sub(None, Some("$$(POD_NAME)")).unwrap().as_deref(),
+            Some("$(POD_NAME)"),
+            "$$ escapes"
+        );
+        for (expr, what) in [
+            ("$(NOPE)", "unset"),
+            ("x/$(EMPTY)", "empty"),
+            ("$(UP)/x", "expands to .."),
+            ("$(ABS)", "expands to an absolute path"),
+        ] {
+            assert!(
+                matches!(sub(None, Some(expr)), Err(VolumeError::Invalid { .. })),
+                "{what}"
+            );
+        }
+        let missing = sub(None, Some("$(B)/$(A)")).unwrap_err().to_string();
+        assert!(missing.contains("missing value for A, B"), "{missing}");
+        assert!(sub(Some("a"), Some("b")).is_err(), "both is invalid");
+        assert!(sub(Some("../x"), None).is_err());
+    }
+
+    fn pod_with(
+        uid: &str,
+        volumes: serde_json::Value,
+        mounts: serde_json::Value,
+    ) -> (Pod, Container) {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "p", "namespace": "default", "uid": uid },
+            "spec": {
+                "containers": [{ "name": "main", "image": "x", "volumeMounts": mounts }],
+                "volumes": volumes
+            }
+        }))
+        .unwrap();
+        let c = pod.spec.as_ref().unwrap().containers[0].clone();
+        (pod, c)
+    }
+
+    #[test]
+    fn host_path_file_or_create_does_not_follow_a_dangling_link() {
+        let top = tempfile::tempdir().unwrap();
+        let outside = top.path().join("outside");
+        let link = top.path().join("link");
+        std::os::unix::fs::symlink(&outside, &link).unwrap();
+        let vols = Volumes::new(&top.path().join("root"), None);
+        let (pod, _) = pod_with(
+            "u1",
+            serde_json::json!([{ "name": "h", "hostPath": { "path": link, "type": "FileOrCreate" } }]),
+            serde_json::json!([]),
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let r = rt.block_on(vols.prepare(&pod));
+        assert!(r.is_err(), "a dangling link is not a file: {r:?}");
+        assert!(!outside.exists(), "nothing created through the link");
+        // A plain missing path is created as a file, 0644.
+        let plain = top.path().join("plain");
+        let (pod, _) = pod_with(
+            "u2",
+            serde_json::json!([{ "name": "h", "hostPath": { "path": plain, "type": "FileOrCreate" } }]),
+            serde_json::json!([]),
+        );
+        rt.block_on(vols.prepare(&pod)).unwrap();
+        assert!(plain.is_file());
+    }
+
+    /// Removes a pod's directory (and its mounts) when a test ends.
+    struct PodCleanup<'a>(&'a Volumes, &'a str);
+    impl Drop for PodCleanup<'_> {
+        fn drop(&mut self) {
+            self.0.cleanup(self.1);
+        }
+    }
+
+    #[test]
+    fn cleanup_unmounts_binds_under_a_root_dir_reached_through_a_symlink() {
+        assert!(rustix::process::geteuid().is_root(), "needs root to mount");
+        let top = tempfile::tempdir().unwrap();
+        let host = top.path().join("host");
+        std::fs::create_dir_all(host.join("keep")).unwrap();
+        std::fs::write(host.join("keep/file"), "host").unwrap();
+        std::fs::create_dir(top.path().join("real")).unwrap();
+        std::os::unix::fs::symlink("real", top.path().join("link")).unwrap();
+        let vols = Volumes::new(&top.path().join("link"), None);
+        let uid = "pod-uid-2";
+        let _cleanup = PodCleanup(&vols, uid);
+        let (pod, c) = pod_with(
+            uid,
+            serde_json::json!([{ "name": "h", "hostPath": { "path": host } }]),
+            serde_json::json!([{ "name": "h", "mountPath": "/a", "subPath": "keep" }]),
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let paths = rt.block_on(vols.prepare(&pod)).unwrap();
+        vols.container_mounts(&pod, &c, &paths, &[]).unwrap();
+        assert!(crate::subpath::has_mounts_below(&top.path().join("real")));
+        vols.cleanup(uid);
+        assert!(!crate::subpath::has_mounts_below(&top.path().join("real")));
+        assert!(!top.path().join("real/pods").join(uid).exists());
+        assert_eq!(
+            std::fs::read_to_string(host.join("keep/file")).unwrap(),
+            "host",
+            "the hostPath content behind the bind is untouched"
+        );
+    }
+
+    #[test]
+    fn sub_path_through_a_planted_link_is_refused_and_a_good_one_is_bound() {
+        assert!(rustix::process::geteuid().is_root(), "needs root to mount");
+        let top = tempfile::tempdir().unwrap();
+        let host = top.path().join("host");
+        std::fs::create_dir(&host).unwrap();
+        std::fs::write(host.join("marker"), "host").unwrap();
+        let vols = Volumes::new(&top.path().join("root"), None);
+        let uid = "pod-uid-1";
+        let _cleanup = PodCleanup(&vols, uid);
+        let (pod, c) = pod_with(
+            uid,
+            serde_json::json!([{ "name": "scratch", "emptyDir": {} }]),
+            serde_json::json!([
+                { "name": "scratch", "mountPath": "/a", "subPath": "x" },
+                { "name": "scratch", "mountPath": "/b", "subPath": "data/$(POD_NAME)" },
+                { "name": "scratch", "mountPath": "/c", "subPathExpr": "data/$(POD_NAME)" }
+            ]),
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let paths = rt.block_on(vols.prepare(&pod)).unwrap();
+        let volume = paths["scratch"].clone();
+        // What a container of the pod could have written into the emptyDir.
+        std::os::unix::fs::symlink(&host, volume.join("x")).unwrap();
+        let env = vec![("POD_NAME".to_string(), "p".to_string())];
+        let err = vols.container_mounts(&pod, &c, &paths, &env).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "failed to prepare subPath for volumeMount \"scratch\" of container \"main\""
+        );
+        assert!(
+            matches!(&err, VolumeError::SubPath { source, .. }
+                if matches!(**source, crate::subpath::SubPathError::Escapes { .. })),
+            "{err:?}"
+        );
+        // The link replaced by a directory inside the volume: all three mounts are binds.
+        std::fs::remove_file(volume.join("x")).unwrap();
+        std::fs::create_dir(volume.join("x")).unwrap();
+        std::fs::write(volume.join("x/f"), "in").unwrap();
+        let mounts = vols.container_mounts(&pod, &c, &paths, &env).unwrap();
+        let subpaths = top
+            .path()
+            .join("root/pods")
+            .join(uid)
+            .join("volume-subpaths/scratch/main");
+        let hosts: Vec<&str> = mounts.iter().map(|m| m.host_path.as_str()).collect();
+        assert_eq!(
+            hosts,
+            ["0", "1", "2"]
+                .iter()
+                .map(|i| subpaths.join(i).display().to_string())
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(std::fs::read_to_string(subpaths.join("0/f")).unwrap(), "in");
+        assert!(
+            volume.join("data/$(POD_NAME)").is_dir(),
+            "subPath is not expanded"
+        );
+        assert!(volume.join("data/p").is_dir(), "subPathExpr is, and made");
+        // Again (a restarted container): the binds are re-used, not stacked.
+        vols.container_mounts(&pod, &c, &paths, &env).unwrap();
+        let stacked = crate::subpath::mount_points()
+            .iter()
+            .filter(|m| **m == subpaths.join("0"))
+            .count();
+        assert_eq!(stacked, 1);
+        // Teardown unmounts the binds and removes the pod directory; the host is untouched.
+        vols.cleanup(uid);
+        assert!(!crate::subpath::has_mounts_below(&top.path().join("root")));
+        assert!(!top.path().join("root/pods").join(uid).exists());
+        assert_eq!(
+            std::fs::read_to_string(host.join("marker")).unwrap(),
+            "host"
+        );
+        assert_eq!(std::fs::read_dir(&host).unwrap().count(), 1);
     }
 }

@@ -9,7 +9,7 @@ use strake_integration::control_plane::{ControlPlane, Options};
 use strake_integration::registry::Registry;
 
 mod common;
-use common::{KubeletNode, wait_for};
+use common::{Cluster, KubeletNode, RuntimeKind, wait_for};
 
 const NODE: &str = "strake-vol-0";
 
@@ -149,4 +149,275 @@ async fn configmap_secret_downward_api_and_token_volumes_appear_and_update() {
     })
     .await;
     drop(node);
+}
+
+/// Unmounts whatever is still mounted below the node's directory when a test ends (the kubelet
+/// should have done so already; a failed test must not leave binds behind).
+struct MountGuard(std::path::PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        let mut left: Vec<_> = strake_kubelet::subpath::mount_points()
+            .into_iter()
+            .filter(|m| m.starts_with(&self.0))
+            .collect();
+        left.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+        for m in left {
+            let _ = strake_kubelet::subpath::unmount_all(&m);
+        }
+    }
+}
+
+/// The waiting state of container `name` of pod `pod`, once its reason is `reason`.
+async fn waiting_with(
+    pods: &Api<Pod>,
+    pod: &str,
+    name: &str,
+    reason: &str,
+) -> k8s_openapi::api::core::v1::ContainerStateWaiting {
+    wait_for(
+        &format!("{pod}/{name} waiting with {reason}"),
+        90,
+        || async {
+            let st = pods.get(pod).await.ok()?.status?;
+            let c = st
+                .container_statuses?
+                .into_iter()
+                .find(|c| c.name == name)?;
+            c.state?
+                .waiting
+                .filter(|w| w.reason.as_deref() == Some(reason))
+        },
+    )
+    .await
+}
+
+/// Runs `cmd` in the running container `name` of the node and returns its stdout.
+fn exec_in(node: &KubeletNode, name: &str, cmd: &str) -> String {
+    let filter = format!("^{name}$");
+    let out = node
+        .runtime
+        .crictl(&["ps", "-q", "--name", &filter, "--state", "running"])
+        .expect("crictl ps");
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let out = node
+        .runtime
+        .crictl(&["exec", "--sync", &id, "/bin/sh", "-c", cmd])
+        .expect("crictl exec");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The subPath binds of pod `uid` on the node.
+fn subpath_binds(node: &KubeletNode, uid: &str) -> Vec<std::path::PathBuf> {
+    let dir = node
+        .dir
+        .path()
+        .join("root/pods")
+        .join(uid)
+        .join("volume-subpaths");
+    strake_kubelet::subpath::mount_points()
+        .into_iter()
+        .filter(|m| m.starts_with(&dir))
+        .collect()
+}
+
+/// CVE-2017-1002101's scenario: an init container plants a symlink to a host directory in an
+/// emptyDir, the next container mounts it by `subPath`. The container must not start (upstream:
+/// CreateContainerConfigError) and nothing may be listed in or written to the host directory.
+/// Then `subPathExpr: $(POD_NAME)` mounts only that sub-directory of the volume, and the pod's
+/// subPath binds are gone after it is deleted.
+async fn subpath_scenario(node_name: &str, kind: RuntimeKind) {
+    let mut cluster = Cluster::start(node_name, kind).await;
+    let _mounts = MountGuard(cluster.node.dir.path().to_path_buf());
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
+    let host = tempfile::tempdir().expect("host dir");
+    std::fs::write(host.path().join("marker"), "host").expect("marker");
+    let host_entries = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(host.path())
+            .expect("read host dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+
+    let escape: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": "escape" },
+        "spec": {
+            "nodeName": node_name,
+            "terminationGracePeriodSeconds": 1,
+            "initContainers": [{
+                "name": "plant",
+                "image": cluster.busybox(),
+                "command": ["/bin/sh", "-c", format!("ln -s {} /vol/x", host.path().display())],
+                "volumeMounts": [{ "name": "scratch", "mountPath": "/vol" }]
+            }],
+            "containers": [{
+                "name": "main",
+                "image": cluster.busybox(),
+                "command": ["/bin/sh", "-c", "ls -la /mnt; touch /mnt/written-by-pod; sleep 3600"],
+                "volumeMounts": [{ "name": "scratch", "mountPath": "/mnt", "subPath": "x" }]
+            }],
+            "volumes": [{ "name": "scratch", "emptyDir": {} }]
+        }
+    }))
+    .expect("pod");
+    wait_for("pod created", 60, || async {
+        pods.create(&PostParams::default(), &escape).await.ok()
+    })
+    .await;
+    let waiting = waiting_with(&pods, "escape", "main", "CreateContainerConfigError").await;
+    assert_eq!(
+        waiting.message.as_deref(),
+        Some("failed to prepare subPath for volumeMount \"scratch\" of container \"main\""),
+    );
+    // The init container did run (so the link was there to be refused).
+    let init = pods
+        .get("escape")
+        .await
+        .expect("pod")
+        .status
+        .expect("status");
+    let plant = &init.init_container_statuses.expect("init statuses")[0];
+    assert_eq!(
+        plant
+            .state
+            .as_ref()
+            .and_then(|s| s.terminated.as_ref())
+            .map(|t| t.exit_code),
+        Some(0),
+        "{plant:?}"
+    );
+    assert_eq!(host_entries(), ["marker"], "nothing written on the host");
+    let containers = cluster
+        .node
+        .runtime
+        .crictl(&["ps", "-a", "-q", "--name", "^main$"])
+        .expect("crictl ps");
+    assert!(
+        String::from_utf8_lossy(&containers.stdout)
+            .trim()
+            .is_empty(),
+        "no container was created for main"
+    );
+
+    let expr: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": "sp-expr" },
+        "spec": {
+            "nodeName": node_name,
+            "terminationGracePeriodSeconds": 1,
+            "initContainers": [{
+                "name": "fill",
+                "image": cluster.busybox(),
+                "command": ["/bin/sh", "-c",
+                    "mkdir -p /vol/sp-expr && echo mine > /vol/sp-expr/inside && echo other > /vol/outside"],
+                "volumeMounts": [{ "name": "scratch", "mountPath": "/vol" }]
+            }],
+            "containers": [{
+                "name": "app",
+                "image": cluster.busybox(),
+                "command": ["/bin/sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"],
+                "env": [{ "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } }],
+                "volumeMounts": [{ "name": "scratch", "mountPath": "/data", "subPathExpr": "$(POD_NAME)" }]
+            }],
+            "volumes": [{ "name": "scratch", "emptyDir": {} }]
+        }
+    }))
+    .expect("pod");
+    pods.create(&PostParams::default(), &expr)
+        .await
+        .expect("create pod");
+    wait_for("sp-expr running", 90, || async {
+        let st = pods.get("sp-expr").await.ok()?.status?;
+        (st.phase.as_deref() == Some("Running")).then_some(())
+    })
+    .await;
+    assert_eq!(
+        exec_in(&cluster.node, "app", "ls /data"),
+        "inside",
+        "only the pod's sub-directory"
+    );
+    assert_eq!(exec_in(&cluster.node, "app", "cat /data/inside"), "mine");
+    let uid = pods
+        .get("sp-expr")
+        .await
+        .expect("pod")
+        .metadata
+        .uid
+        .expect("uid");
+    assert_eq!(
+        subpath_binds(&cluster.node, &uid).len(),
+        1,
+        "one subPath bind for the pod"
+    );
+
+    // A kubelet restart leaves the running pod's bind alone; the container restarting after it
+    // re-uses the bind (not stacked, still only the sub-directory).
+    cluster.node.restart_kubelet().expect("restart kubelet");
+    // The exec may die with the container it stops: its status does not matter.
+    let running = cluster
+        .node
+        .runtime
+        .crictl(&["ps", "-q", "--name", "^app$", "--state", "running"])
+        .expect("crictl ps");
+    let id = String::from_utf8_lossy(&running.stdout).trim().to_string();
+    let _ = cluster
+        .node
+        .runtime
+        .crictl(&["exec", "--sync", &id, "kill", "1"]);
+    // A new app container (on containerd the restarted kubelet currently makes a new sandbox
+    // too, so the restart count is not the measure).
+    wait_for("a new app container running", 90, || async {
+        let st = pods.get("sp-expr").await.ok()?.status?;
+        let c = st
+            .container_statuses?
+            .into_iter()
+            .find(|c| c.name == "app")?;
+        let new = c
+            .container_id
+            .as_deref()
+            .is_some_and(|cid| !cid.ends_with(&id));
+        (new && c.state?.running.is_some()).then_some(())
+    })
+    .await;
+    assert_eq!(exec_in(&cluster.node, "app", "ls /data"), "inside");
+    assert_eq!(
+        subpath_binds(&cluster.node, &uid).len(),
+        1,
+        "the bind is re-used"
+    );
+
+    // Deleting the pod unmounts its binds and removes its directory.
+    pods.delete("sp-expr", &Default::default())
+        .await
+        .expect("delete pod");
+    wait_for("sp-expr gone", 60, || async {
+        pods.get_opt("sp-expr")
+            .await
+            .ok()
+            .and_then(|p| p.is_none().then_some(()))
+    })
+    .await;
+    let pod_dir = cluster.node.dir.path().join("root/pods").join(&uid);
+    wait_for("sp-expr's directory removed", 30, || async {
+        (subpath_binds(&cluster.node, &uid).is_empty() && !pod_dir.exists()).then_some(())
+    })
+    .await;
+    assert_eq!(host_entries(), ["marker"], "nothing written on the host");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subpath_symlink_escape_is_refused_and_subpath_expr_mounts_only_its_directory_on_strake_runtime()
+ {
+    subpath_scenario("strake-subpath-0", RuntimeKind::Strake).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subpath_symlink_escape_is_refused_and_subpath_expr_mounts_only_its_directory_on_containerd()
+ {
+    subpath_scenario("strake-subpath-1", RuntimeKind::Containerd).await;
 }
