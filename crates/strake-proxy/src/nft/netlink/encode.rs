@@ -192,11 +192,19 @@ pub fn compile(script: &str, first_seq: u32, layouts: &mut Layouts) -> Result<Ba
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        enc.command(index, line).map_err(|reason| EncodeError {
-            line: index + 1,
-            command: line.to_string(),
-            reason,
-        })?;
+        enc.command(index, line)
+            .and_then(|()| {
+                if enc.w.overflowed() {
+                    Err("a netlink attribute would exceed 65535 bytes".to_string())
+                } else {
+                    Ok(())
+                }
+            })
+            .map_err(|reason| EncodeError {
+                line: index + 1,
+                command: line.to_string(),
+                reason,
+            })?;
     }
     // Only the last command asks for an ACK: the kernel handles the batch synchronously inside
     // `sendmsg`, so that ACK (or the errors) are queued on the socket when it returns.
@@ -1430,6 +1438,32 @@ mod tests {
             b = &b[((len + 3) & !3).min(b.len())..];
         }
         out
+    }
+
+    #[test]
+    fn an_attribute_past_64_kib_is_refused_not_wrapped() {
+        let mut w = Writer::new();
+        w.attr(1, &[0u8; 100]);
+        w.str(2, "short");
+        assert!(!w.overflowed());
+        w.attr(3, &vec![0u8; 70_000]);
+        assert!(
+            w.overflowed(),
+            "a 70,000-byte attribute fits no 16-bit length"
+        );
+        let mut nested = Writer::new();
+        let n = nested.open(4);
+        for _ in 0..20 {
+            nested.attr(5, &[0u8; 4000]);
+        }
+        nested.close(n);
+        assert!(nested.overflowed(), "a nest of 80,000 bytes");
+        // Through the compiler: a clear error naming the line, no batch.
+        let name = "c".repeat(70_000);
+        let script = format!("add table ip strake-proxy\nadd chain ip strake-proxy {name}\n");
+        let e = compile(&script, 1, &mut Layouts::new()).unwrap_err();
+        assert_eq!(e.line, 2);
+        assert!(e.reason.contains("65535"), "{e}");
     }
 
     fn get<'a>(a: &[(u16, &'a [u8])], ty: u16) -> Option<&'a [u8]> {

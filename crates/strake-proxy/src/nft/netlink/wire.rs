@@ -88,6 +88,8 @@ pub mod attr {
 #[derive(Debug, Default)]
 pub struct Writer {
     buf: Vec<u8>,
+    /// An attribute grew past the 65535 bytes its length field holds: the batch is unusable.
+    too_long: bool,
 }
 
 fn pad4(n: usize) -> usize {
@@ -97,12 +99,28 @@ fn pad4(n: usize) -> usize {
 impl Writer {
     /// An empty buffer.
     pub fn new() -> Self {
-        Writer { buf: Vec::new() }
+        Writer {
+            buf: Vec::new(),
+            too_long: false,
+        }
     }
 
     /// The bytes written so far.
     pub fn bytes(&self) -> &[u8] {
         &self.buf
+    }
+
+    /// Whether an attribute outgrew its 16-bit length (its bytes are then not to be sent).
+    pub fn overflowed(&self) -> bool {
+        self.too_long
+    }
+
+    /// `len` as an attribute length, remembering when it does not fit.
+    fn attr_len(&mut self, len: usize) -> u16 {
+        u16::try_from(len).unwrap_or_else(|_| {
+            self.too_long = true;
+            u16::MAX
+        })
     }
 
     /// Consumes the writer.
@@ -153,7 +171,8 @@ impl Writer {
     /// One attribute with a raw payload.
     pub fn attr(&mut self, ty: u16, data: &[u8]) {
         let len = 4 + data.len();
-        self.buf.extend_from_slice(&(len as u16).to_ne_bytes());
+        let field = self.attr_len(len);
+        self.buf.extend_from_slice(&field.to_ne_bytes());
         self.buf.extend_from_slice(&ty.to_ne_bytes());
         self.buf.extend_from_slice(data);
         self.buf.resize(self.buf.len() + pad4(len) - len, 0);
@@ -172,7 +191,8 @@ impl Writer {
     /// A NUL-terminated string attribute.
     pub fn str(&mut self, ty: u16, s: &str) {
         let len = 4 + s.len() + 1;
-        self.buf.extend_from_slice(&(len as u16).to_ne_bytes());
+        let field = self.attr_len(len);
+        self.buf.extend_from_slice(&field.to_ne_bytes());
         self.buf.extend_from_slice(&ty.to_ne_bytes());
         self.buf.extend_from_slice(s.as_bytes());
         self.buf.push(0);
@@ -190,7 +210,7 @@ impl Writer {
 
     /// Closes the nested attribute opened at `start`.
     pub fn close(&mut self, start: usize) {
-        let len = (self.buf.len() - start) as u16;
+        let len = self.attr_len(self.buf.len() - start);
         self.buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
     }
 
