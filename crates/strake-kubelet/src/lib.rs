@@ -9,12 +9,16 @@
 //! hands each pod to a [`pod_worker`], which runs the pure core in [`sync`] and executes its
 //! actions ([`lifecycle`] hooks, [`termination`] messages, [`prober`]).
 //!
-//! Status (issue #5): node registration, Lease, node status and conditions; pods bound to the
-//! node and static pods (standalone or mirrored) run through CRI with init containers,
-//! sidecars, probes, volumes, restart backoff, postStart/preStop hooks, termination messages,
-//! status and graceful deletion; the HTTPS API on 10250 ([`server`]: logs,
-//! exec/attach/port-forward, stats, metrics). Not yet: eviction, image
-//! and container GC.
+//! Status (issues #11, #12): node registration, Lease, node status and conditions, allocatable
+//! after reservations and hard eviction thresholds ([`allocatable`]); pods bound to the node
+//! and static pods (standalone or mirrored) run through CRI with init containers, sidecars,
+//! probes, volumes (subPath opened inside the volume and bound by descriptor: [`subpath`]),
+//! restart backoff, postStart/preStop hooks, termination messages, kubelet-managed
+//! `/etc/hosts` ([`etc_hosts`]), sysctls ([`admission`], [`sysctls`]), DNS ([`dns`]), status
+//! and graceful deletion; container log rotation ([`log_rotation`]); the HTTPS API on 10250
+//! ([`server`]: logs, exec/attach/port-forward, stats, metrics). Not yet: QoS cgroups,
+//! resource admission ([`predicates`] is the pure check, not yet called), eviction, image and
+//! container GC.
 
 pub mod admission;
 pub mod allocatable;
