@@ -179,12 +179,19 @@ impl KubeletNode {
             .tempdir()
             .map_err(crate::io_err("create", std::env::temp_dir()))?;
         let config = dir.path().join("kubelet.yaml");
+        // Absolute thresholds, as the upstream kubelet launcher sets them: a busy shared disk
+        // must not taint the test node with DiskPressure (unless a test sets its own).
+        let eviction = if extra_config.contains("evictionHard:") {
+            ""
+        } else {
+            "evictionHard: {memory.available: 1Mi, nodefs.available: 1Mi}\n"
+        };
         std::fs::write(
             &config,
             format!(
                 "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n\
                  nodeStatusUpdateFrequency: 1s\nnodeLeaseDurationSeconds: 8\n\
-                 cgroupRoot: {}\npodLogsDir: {}\n{extra_config}",
+                 cgroupRoot: {}\npodLogsDir: {}\n{eviction}{extra_config}",
                 runtime.cgroup_parent(),
                 dir.path().join("pod-logs").display()
             ),
