@@ -263,9 +263,28 @@ pub struct StrakeNode {
     proxy: Option<Daemon>,
     runtime: StrakeRuntime,
     ns: NodeNs,
-    dir: tempfile::TempDir,
+    dir: NodeDir,
     name: String,
 }
+
+/// A node's directory; everything mounted below it is unmounted before it is removed (after
+/// the runtime, declared earlier, has removed its containers).
+struct NodeDir(tempfile::TempDir);
+
+impl NodeDir {
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for NodeDir {
+    fn drop(&mut self) {
+        crate::containerd::unmount_below(self.0.path());
+    }
+}
+
+/// Size of the tmpfs holding a strake-kubelet's root directory.
+const KUBELET_ROOT_TMPFS: &str = "size=4g,mode=0755";
 
 /// A node of kind [`NodeKind::Upstream`].
 pub struct UpstreamNode {
@@ -409,11 +428,23 @@ async fn start_strake_node(
 ) -> Result<ClusterNode> {
     let mut ns = cp.net().add_node(index)?;
     let runtime = StrakeRuntime::start_with(&mut ns, index, &mirror_flags(mirror)).await?;
-    let dir = tempfile::Builder::new()
-        .prefix("strake-cluster-node-")
-        .tempdir()
-        .map_err(crate::io_err("create", std::env::temp_dir()))?;
+    let dir = NodeDir(
+        tempfile::Builder::new()
+            .prefix("strake-cluster-node-")
+            .tempdir()
+            .map_err(crate::io_err("create", std::env::temp_dir()))?,
+    );
     let d = dir.path();
+    // strake-kubelet reports DiskPressure below upstream's default nodefs.available<10% on its
+    // root directory and (unlike the kubelet) takes no evictionHard setting; a shared test
+    // machine's disk is often fuller than that. Its root directory (volumes) is a tmpfs.
+    let root = d.join("root");
+    std::fs::create_dir_all(&root).map_err(crate::io_err("create", &root))?;
+    process::run(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", KUBELET_ROOT_TMPFS, "tmpfs"])
+            .arg(&root),
+    )?;
     let kubeconfig = cp.node_kubeconfig(name)?;
     let config = d.join("kubelet.yaml");
     std::fs::write(
@@ -771,10 +802,21 @@ impl Cluster {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                let pods = self
-                    .kubectl(&["-n", "kube-system", "get", "pods", "-o", "wide"])
-                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                    .unwrap_or_default();
+                let mut pods = String::new();
+                for args in [
+                    &["-n", "kube-system", "get", "pods", "-o", "wide"][..],
+                    &["-n", "kube-system", "get", "events"][..],
+                    &[
+                        "get",
+                        "nodes",
+                        "-o",
+                        "custom-columns=NAME:.metadata.name,TAINTS:.spec.taints",
+                    ][..],
+                ] {
+                    if let Ok(o) = self.kubectl(args) {
+                        pods.push_str(&String::from_utf8_lossy(&o.stdout));
+                    }
+                }
                 return Err(Error::Timeout {
                     what: "CoreDNS available".into(),
                     secs: timeout.as_secs(),
