@@ -509,9 +509,14 @@ async fn start_upstream_node(
     // The launcher's configuration has its own `authentication` block; this one, given later,
     // replaces it whole (the kubelet decodes leniently after a strict failure on the duplicate
     // key) and adds the cluster CA for the API server's client certificate.
+    // evictionHard likewise replaces the launcher's 1 % thresholds with absolute ones: a
+    // shared test machine's disk is often fuller than 1 %, and evicted pods fail specs for
+    // reasons of the bed, not of the node.
     let extra = format!(
         "{}authentication:\n  anonymous:\n    enabled: false\n  webhook:\n    enabled: true\n  \
-         x509:\n    clientCAFile: {}\n",
+         x509:\n    clientCAFile: {}\nevictionHard:\n  memory.available: 1Mi\n  \
+         nodefs.available: 1Mi\n  nodefs.inodesFree: 1%\n  imagefs.available: 1Mi\n  \
+         imagefs.inodesFree: 1%\n",
         kubelet_tls(cp, &ns, name)?,
         cp.pki().ca.cert.display()
     );
