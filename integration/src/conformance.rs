@@ -44,37 +44,32 @@ impl std::str::FromStr for SpecSet {
 pub struct Phase {
     /// `parallel` or `serial` (names the reports).
     pub name: &'static str,
-    /// ginkgo `--focus`.
-    pub focus: String,
-    /// ginkgo `--skip` (empty: none).
-    pub skip: String,
+    /// ginkgo `--label-filter`: e2e's specs carry their tags as labels (`Conformance`,
+    /// `Serial`, `sig-node`, ...).
+    pub label_filter: String,
+    /// ginkgo `--focus` (a regular expression on spec texts), when narrowed further.
+    pub focus: Option<String>,
     /// ginkgo `--procs`.
     pub procs: u32,
 }
 
-const SERIAL: &str = r"(\[Serial\].*\[Conformance\]|\[Conformance\].*\[Serial\])";
-
-/// The phases of a run of `set` (`extra_focus`, when given, narrows both).
-pub fn phases(set: SpecSet, procs: u32, extra_focus: Option<&str>) -> Vec<Phase> {
+/// The phases of a run of `set`; `focus`, when given, narrows both.
+pub fn phases(set: SpecSet, procs: u32, focus: Option<&str>) -> Vec<Phase> {
     let sig = match set {
         SpecSet::All => "",
-        SpecSet::NodeNetwork => r"\[sig-(node|network)\].*",
-    };
-    let narrow = |f: String| match extra_focus {
-        Some(x) => format!("(?:{f}).*{x}|{x}.*(?:{f})"),
-        None => f,
+        SpecSet::NodeNetwork => " && (sig-node || sig-network)",
     };
     vec![
         Phase {
             name: "parallel",
-            focus: narrow(format!(r"{sig}\[Conformance\]")),
-            skip: r"\[Serial\]".into(),
+            label_filter: format!("Conformance && !Serial{sig}"),
+            focus: focus.map(str::to_string),
             procs: procs.max(1),
         },
         Phase {
             name: "serial",
-            focus: narrow(format!("{sig}{SERIAL}")),
-            skip: String::new(),
+            label_filter: format!("Conformance && Serial{sig}"),
+            focus: focus.map(str::to_string),
             procs: 1,
         },
     ]
@@ -239,15 +234,23 @@ pub fn run(cluster: &Cluster, opts: &RunOptions, out: &mut dyn Write) -> Result<
     let ginkgo = conformance_bin("ginkgo")?;
     let kubectl = paths::kubernetes_bin("kubectl")?;
     std::fs::create_dir_all(&opts.report_dir).map_err(crate::io_err("create", &opts.report_dir))?;
+    // Absolute: ginkgo runs in the folder and resolves --output-dir against it.
+    let report_dir = std::path::absolute(&opts.report_dir)
+        .map_err(crate::io_err("resolve", &opts.report_dir))?;
+    let opts = &RunOptions {
+        report_dir,
+        ..opts.clone()
+    };
     let mut total = Summary::default();
     for phase in phases(opts.set, opts.procs, opts.focus.as_deref()) {
         let log_path = opts.report_dir.join(format!("ginkgo-{}.log", phase.name));
         let json = opts.report_dir.join(format!("report-{}.json", phase.name));
         let _ = writeln!(
             out,
-            "conformance: phase {} (procs {}), focus {:?}, log {}",
+            "conformance: phase {} (procs {}), labels {:?}, focus {:?}, log {}",
             phase.name,
             phase.procs,
+            phase.label_filter,
             phase.focus,
             log_path.display()
         );
@@ -261,10 +264,10 @@ pub fn run(cluster: &Cluster, opts: &RunOptions, out: &mut dyn Write) -> Result<
             format!("--output-dir={}", opts.report_dir.display()),
             format!("--junit-report=junit-{}.xml", phase.name),
             format!("--json-report=report-{}.json", phase.name),
-            format!("--focus={}", phase.focus),
+            format!("--label-filter={}", phase.label_filter),
         ]);
-        if !phase.skip.is_empty() {
-            cmd.arg(format!("--skip={}", phase.skip));
+        if let Some(f) = &phase.focus {
+            cmd.arg(format!("--focus={f}"));
         }
         cmd.arg(&e2e).arg("--").args([
             format!("--kubeconfig={}", cluster.cp.cluster_kubeconfig().display()),
@@ -354,25 +357,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn node_network_phases_select_by_sig_and_put_serial_last() {
+    fn node_network_phases_select_by_label_and_put_serial_last() {
         let p = phases(SpecSet::NodeNetwork, 4, None);
         assert_eq!(p.len(), 2);
-        assert_eq!(p[0].focus, r"\[sig-(node|network)\].*\[Conformance\]");
-        assert_eq!(p[0].skip, r"\[Serial\]");
+        assert_eq!(
+            p[0].label_filter,
+            "Conformance && !Serial && (sig-node || sig-network)"
+        );
         assert_eq!(p[0].procs, 4);
+        assert_eq!(p[0].focus, None);
         assert_eq!(p[1].name, "serial");
+        assert_eq!(
+            p[1].label_filter,
+            "Conformance && Serial && (sig-node || sig-network)"
+        );
         assert_eq!(p[1].procs, 1);
-        assert!(p[1].skip.is_empty());
-        assert!(p[1].focus.starts_with(r"\[sig-(node|network)\].*"));
-        assert!(p[1].focus.contains(r"\[Serial\]"));
     }
 
     #[test]
-    fn all_phases_have_no_sig_filter() {
-        let p = phases(SpecSet::All, 0, None);
-        assert_eq!(p[0].focus, r"\[Conformance\]");
+    fn all_phases_have_no_sig_filter_and_keep_the_focus() {
+        let p = phases(SpecSet::All, 0, Some("host IP"));
+        assert_eq!(p[0].label_filter, "Conformance && !Serial");
         assert_eq!(p[0].procs, 1, "at least one process");
-        assert!(!p[1].focus.contains("sig-"));
+        assert_eq!(p[1].label_filter, "Conformance && Serial");
+        assert_eq!(p[1].focus.as_deref(), Some("host IP"));
     }
 
     #[test]
