@@ -9,7 +9,8 @@ CARGO ?= cargo
 TEST_THREADS ?= 2
 
 .PHONY: help demo build release lint fmt test unit-test integration-test critest bench testbed \
-        testbed-packages testbed-upstream testbed-images testbed-env testbed-up clean-testbed-cache
+        testbed-packages testbed-upstream testbed-images testbed-env testbed-up clean-testbed-cache \
+        conformance-bed conformance-binaries conformance-images conformance conformance-node-network
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -59,6 +60,34 @@ testbed-upstream: testbed-packages ## Upstream binaries from Go modules, cached 
 
 testbed-images: testbed-packages ## Test images for the local registry, cached in /var/cache/strake
 	@bash integration/testbed/build-images.sh
+
+conformance-bed: conformance-binaries conformance-images ## Upstream's e2e.test, ginkgo, agnhost, CoreDNS and the conformance images (slow; cached)
+
+conformance-binaries: testbed-upstream ## e2e.test, ginkgo, agnhost, sample-apiserver, CoreDNS from Go modules, cached
+	@bash integration/testbed/build-conformance.sh
+
+conformance-images: conformance-binaries ## The images the [Conformance] specs run, under their upstream names (mmdebstrap), cached
+	@bash integration/testbed/build-conformance-images.sh
+
+# Conformance runs: NODE_KIND=strake|upstream, NODES=<n>, CONFORMANCE_PROCS=<parallel ginkgo
+# processes>, CONFORMANCE_FOCUS=<regex narrowing the selection>, REPORTS=<reports folder>,
+# CONFORMANCE_PROFILE=release|dev (the cargo profile the Strake daemons are built with).
+NODE_KIND ?= strake
+NODES ?= 2
+CONFORMANCE_PROCS ?= 4
+CONFORMANCE_FOCUS ?=
+REPORTS ?= reports/conformance-$(NODE_KIND)-$(NODES)-$(shell date +%Y%m%d-%H%M%S)
+CONFORMANCE_PROFILE ?= release
+CONFORMANCE_RUN = $(CARGO) build --profile $(CONFORMANCE_PROFILE) --bins && \
+	./target/$(if $(filter dev,$(CONFORMANCE_PROFILE)),debug,$(CONFORMANCE_PROFILE))/strake-testbed conformance \
+	--node-kind $(NODE_KIND) --nodes $(NODES) --procs $(CONFORMANCE_PROCS) --report-dir $(REPORTS) \
+	$(if $(CONFORMANCE_FOCUS),--focus '$(CONFORMANCE_FOCUS)')
+
+conformance: testbed conformance-bed ## Every [Conformance] spec of e2e.test on a NODES-node NODE_KIND cluster (hours)
+	$(CONFORMANCE_RUN) --set all
+
+conformance-node-network: testbed conformance-bed ## The [sig-node] and [sig-network] [Conformance] specs on a NODES-node NODE_KIND cluster
+	$(CONFORMANCE_RUN) --set node-network
 
 testbed-env: ## Print shell exports for the test bed: eval "$$(make -s testbed-env)"
 	@bash integration/testbed/env.sh

@@ -34,6 +34,10 @@ pub struct Options {
     /// controller-manager's `--node-monitor-grace-period` (upstream default when `None`);
     /// tests of node lifecycle shorten it to keep their run time down.
     pub node_monitor_grace_period: Option<Duration>,
+    /// Serve aggregated APIs as upstream clusters do: front-proxy (request-header) flags with a
+    /// `front-proxy-client` certificate, and `--enable-aggregator-routing` (the API server
+    /// reaches an APIService's endpoints directly, as the cluster namespace runs no proxy).
+    pub aggregator: bool,
 }
 
 impl Default for Options {
@@ -42,6 +46,7 @@ impl Default for Options {
             controllers: true,
             ready_timeout: Duration::from_secs(120),
             node_monitor_grace_period: None,
+            aggregator: false,
         }
     }
 }
@@ -107,7 +112,7 @@ impl ControlPlane {
             dir,
         };
         cp.start_etcd()?;
-        cp.start_apiserver()?;
+        cp.start_apiserver(opts.aggregator)?;
         let fwd = Forward::start(
             cp.net.ns(),
             SocketAddr::from((Ipv4Addr::LOCALHOST, APISERVER_PORT)),
@@ -157,9 +162,19 @@ impl ControlPlane {
         self.spawn("etcd", &paths::etcd_bin()?, args)
     }
 
-    fn start_apiserver(&mut self) -> Result<()> {
+    fn start_apiserver(&mut self, aggregator: bool) -> Result<()> {
+        let front_proxy = if aggregator {
+            // One CA for clients and the front proxy: the request-header authenticator only
+            // believes the certificate named in --requestheader-allowed-names.
+            Some(
+                self.pki
+                    .issue_client("front-proxy-client", "front-proxy-client", &[])?,
+            )
+        } else {
+            None
+        };
         let p = &self.pki;
-        let args = vec![
+        let mut args = vec![
             "--etcd-servers=http://127.0.0.1:2379".into(),
             format!("--secure-port={APISERVER_PORT}"),
             // Inside the cluster namespace: its loopback and the cluster bridge only.
@@ -192,6 +207,18 @@ impl ControlPlane {
             "--profiling=false".into(),
             "--v=1".into(),
         ];
+        if let Some(fp) = front_proxy {
+            args.extend([
+                format!("--requestheader-client-ca-file={}", s(&p.ca.cert)),
+                "--requestheader-allowed-names=front-proxy-client".into(),
+                "--requestheader-username-headers=X-Remote-User".into(),
+                "--requestheader-group-headers=X-Remote-Group".into(),
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-".into(),
+                format!("--proxy-client-cert-file={}", s(&fp.cert)),
+                format!("--proxy-client-key-file={}", s(&fp.key)),
+                "--enable-aggregator-routing=true".into(),
+            ]);
+        }
         self.spawn(
             "kube-apiserver",
             &paths::kubernetes_bin("kube-apiserver")?,

@@ -21,6 +21,8 @@
 //! here is a guard: dropping it stops what it started (by PID) and removes what it created.
 
 pub mod cgroup;
+pub mod cluster;
+pub mod conformance;
 pub mod containerd;
 pub mod control_plane;
 pub mod cri;

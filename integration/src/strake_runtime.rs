@@ -31,6 +31,16 @@ impl StrakeRuntime {
     /// Starts strake-runtime (from this workspace's target directory) in `node`, number
     /// `node_index`, and waits until it answers CRI.
     pub async fn start(node: &mut NodeNs, node_index: u8) -> Result<Self> {
+        Self::start_with(node, node_index, &[]).await
+    }
+
+    /// [`StrakeRuntime::start`] with `extra_args` appended to the command line (registry
+    /// mirrors, for instance).
+    pub async fn start_with(
+        node: &mut NodeNs,
+        node_index: u8,
+        extra_args: &[String],
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("strake-runtime-")
             .tempdir()
@@ -57,6 +67,7 @@ impl StrakeRuntime {
         for port in [OPEN_PORT, PROTECTED_PORT] {
             args.push(format!("--insecure-registry={CLUSTER_GATEWAY}:{port}"));
         }
+        args.extend(extra_args.iter().cloned());
         let config = d.join("runtime.toml");
         std::fs::write(&config, "").map_err(crate::io_err("write", &config))?;
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

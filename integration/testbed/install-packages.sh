@@ -7,6 +7,8 @@ PACKAGES=(
     runc crun nftables conntrack iproute2 iptables containernetworking-plugins
     docker-registry skopeo umoci busybox-static openssl apache2-utils
     protobuf-compiler libprotobuf-dev containerd curl ca-certificates jq util-linux procps
+    # the conformance bed's images (build-conformance-images.sh): Debian root filesystems, pause
+    mmdebstrap gcc libc6-dev
 )
 
 step "check Debian packages"

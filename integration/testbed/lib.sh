@@ -19,6 +19,9 @@ K8S_DIR="$STRAKE_CACHE/kubernetes-$KUBERNETES_VERSION"
 ETCD_DIR="$STRAKE_CACHE/etcd-$ETCD_VERSION"
 CRI_TOOLS_DIR="$STRAKE_CACHE/cri-tools-$CRI_TOOLS_VERSION"
 CNI_DIR="$STRAKE_CACHE/cni-plugins-$CNI_PLUGINS_VERSION"
+# Conformance bed (build-conformance.sh): e2e.test, ginkgo, agnhost, sample-apiserver; CoreDNS.
+CONFORMANCE_DIR="$STRAKE_CACHE/conformance-$KUBERNETES_VERSION"
+COREDNS_DIR="$STRAKE_CACHE/coredns-$COREDNS_VERSION"
 
 _step_name=""
 _on_err() {

@@ -6,6 +6,14 @@
 //! - `strake-testbed demo [--keep]`: a whole Strake node (strake-runtime, strake-kubelet,
 //!   strake-proxy) serving a Deployment behind a Service on the test bed (`make demo`; see
 //!   `strake_integration::demo`).
+//! - `strake-testbed cluster --nodes N [--node-kind strake|upstream] [--keep]`: a multi-node
+//!   cluster (control plane with aggregator routing, CoreDNS, N nodes with routed pod CIDRs; see
+//!   `strake_integration::cluster`); prints its environment, then tears it down (or keeps it
+//!   until Ctrl-C with `--keep`).
+//! - `strake-testbed conformance --nodes N --node-kind K --set all|node-network --report-dir D`:
+//!   upstream's e2e.test `[Conformance]` specs on such a cluster (`make conformance`; see
+//!   `strake_integration::conformance`), ending with the line
+//!   `conformance: P passed, F failed, S skipped of T`.
 //! - `strake-testbed forward`: the loopback forwarder the test bed starts inside a namespace
 //!   (see `strake_integration::forward`); not meant to be run by hand.
 
@@ -14,6 +22,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use strake_integration::cluster::{self, Cluster, NodeKind};
+use strake_integration::conformance::{self, RunOptions, SpecSet};
 use strake_integration::control_plane::{ControlPlane, Options};
 use strake_integration::registry::Registry;
 
@@ -44,6 +54,40 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Start a multi-node cluster (control plane, CoreDNS, N nodes).
+    Cluster {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 2)]
+        nodes: u8,
+        /// strake (strake-runtime, strake-kubelet, strake-proxy) or upstream (containerd,
+        /// kubelet, kube-proxy).
+        #[arg(long, default_value = "strake")]
+        node_kind: NodeKind,
+        /// Keep the cluster running until Ctrl-C or SIGTERM.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Run upstream's [Conformance] specs (e2e.test through ginkgo) on a new cluster.
+    Conformance {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 2)]
+        nodes: u8,
+        /// strake or upstream.
+        #[arg(long, default_value = "strake")]
+        node_kind: NodeKind,
+        /// all (every [Conformance] spec) or node-network ([sig-node] and [sig-network] ones).
+        #[arg(long, default_value = "node-network")]
+        set: SpecSet,
+        /// Parallel ginkgo processes (the [Serial] specs run one at a time after them).
+        #[arg(long, default_value_t = 4)]
+        procs: u32,
+        /// Narrow the selection further (a regular expression on spec texts).
+        #[arg(long)]
+        focus: Option<String>,
+        /// Where junit and JSON reports, the ginkgo logs and the daemons' logs go.
+        #[arg(long)]
+        report_dir: PathBuf,
+    },
     /// Forward connections accepted on the inherited descriptor 3 to an address.
     #[command(hide = true)]
     Forward {
@@ -70,6 +114,30 @@ fn main() -> anyhow::Result<()> {
             env_file,
         } => up(!no_controllers, env_file),
         Cmd::Demo { keep } => demo(keep),
+        Cmd::Cluster {
+            nodes,
+            node_kind,
+            keep,
+        } => cluster(nodes, node_kind, keep),
+        Cmd::Conformance {
+            nodes,
+            node_kind,
+            set,
+            procs,
+            focus,
+            report_dir,
+        } => conformance(
+            &cluster::Options {
+                nodes,
+                kind: node_kind,
+            },
+            &RunOptions {
+                set,
+                procs,
+                focus,
+                report_dir,
+            },
+        ),
     }
 }
 
@@ -90,6 +158,63 @@ fn demo(keep: bool) -> anyhow::Result<()> {
         drop(demo);
         anyhow::Ok(())
     })
+}
+
+fn narrate(started: std::time::Instant) -> impl FnMut(String) + Send {
+    move |line| eprintln!("[{:6.1}s] {line}", started.elapsed().as_secs_f64())
+}
+
+fn cluster(nodes: u8, kind: NodeKind, keep: bool) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let mut say = narrate(std::time::Instant::now());
+        let c = Cluster::start(&cluster::Options { nodes, kind }, &mut say).await?;
+        print!("{}", c.env());
+        let pods = c.kubectl(&["get", "nodes,pods", "-A", "-o", "wide"])?;
+        print!("{}", String::from_utf8_lossy(&pods.stdout));
+        if keep {
+            eprintln!("cluster running; Ctrl-C to stop");
+            wait_for_signal().await?;
+        }
+        eprintln!("tearing down ...");
+        drop(c);
+        anyhow::Ok(())
+    })
+}
+
+fn conformance(copts: &cluster::Options, ropts: &RunOptions) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let started = std::time::Instant::now();
+    let summary = rt.block_on(async {
+        let mut say = narrate(started);
+        let c = Cluster::start(copts, &mut say).await?;
+        let ro = ropts.clone();
+        // ginkgo runs for a long time: off the async runtime. The cluster stays owned here.
+        let result =
+            tokio::task::block_in_place(|| conformance::run(&c, &ro, &mut std::io::stderr()));
+        if let Err(e) = c.collect_logs(&ropts.report_dir.join("logs")) {
+            eprintln!("cannot collect logs: {e}");
+        }
+        say("tearing down the cluster ...".into());
+        drop(c);
+        anyhow::Ok(result?)
+    })?;
+    let elapsed = started.elapsed().as_secs();
+    for (spec, msg) in &summary.failures {
+        println!("FAILED {spec}\n    {msg}");
+    }
+    println!(
+        "reports in {} ({} nodes, {}, {} min)",
+        ropts.report_dir.display(),
+        copts.nodes,
+        copts.kind,
+        elapsed / 60
+    );
+    println!("{}", summary.line());
+    if summary.failed > 0 || summary.passed == 0 {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

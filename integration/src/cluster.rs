@@ -1,0 +1,930 @@
+//! A multi-node cluster for upstream's conformance suite (`strake-testbed cluster`,
+//! `make conformance`).
+//!
+//! ```text
+//!  "cluster" netns: etcd, kube-apiserver (aggregator routing, front-proxy flags),
+//!                   controller-manager (node IPAM: --allocate-node-cidrs), scheduler,
+//!                   registries :5000/:5001 (test images) and :5002 (conformance images),
+//!                   routes 10.244.<n>.0/24 via each node; e2e.test runs here
+//!      bridge tb0 10.213.0.1/24
+//!        ├── node-0 netns  eth0 10.213.0.10  runtime + kubelet + proxy, pods on ptp veths
+//!        └── node-1 netns  eth0 10.213.0.11  ... routes to the other nodes' pod CIDRs
+//! ```
+//!
+//! Pod networking is kindnet's: each node's pod CIDR comes from the controller-manager's node
+//! IPAM (`spec.podCIDR`, read once the kubelet has registered the Node), its runtime gets a
+//! `ptp` + `host-local` + `portmap` CNI configuration for that CIDR, and every node (and the
+//! cluster namespace) routes the other nodes' pod CIDRs via their node addresses. All of it
+//! lives in the test bed's namespaces. CoreDNS runs as upstream's addon manifest deploys it
+//! (Deployment + `kube-dns` Service at [`CLUSTER_DNS`]). Images named `registry.k8s.io/...`
+//! come from the conformance registry through the runtimes' registry mirrors.
+//!
+//! Node kinds: [`NodeKind::Strake`] (strake-runtime + strake-kubelet + strake-proxy) and
+//! [`NodeKind::Upstream`] (containerd + kubelet + kube-proxy, the baseline).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::Api;
+
+use crate::containerd::Containerd;
+use crate::control_plane::{ControlPlane, Options as CpOptions, POD_CIDR};
+use crate::forward::Forward;
+use crate::netns::{CLUSTER_GATEWAY, NodeNs};
+use crate::process::Daemon;
+use crate::registry::Registry;
+use crate::strake_runtime::StrakeRuntime;
+use crate::upstream_kubelet::{self, KubeletCgroupRoot, UpstreamKubelet};
+use crate::{Error, Result, kube_proxy, paths, process};
+
+/// The cluster DNS Service's address (`clusterDNS` of every kubelet).
+pub const CLUSTER_DNS: &str = "10.96.0.10";
+/// The cluster's DNS domain.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+/// Port of the conformance image registry in the cluster namespace.
+pub const CONFORMANCE_REGISTRY_PORT: u16 = 5002;
+/// Registries whose images the conformance registry holds (under the same repository paths).
+pub const MIRRORED_REGISTRIES: &[&str] = &["registry.k8s.io"];
+
+const VERSIONS_ENV: &str = include_str!("../versions.env");
+
+/// Which daemons a node runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeKind {
+    /// strake-runtime, strake-kubelet, strake-proxy.
+    Strake,
+    /// containerd, the upstream kubelet, kube-proxy.
+    Upstream,
+}
+
+impl std::str::FromStr for NodeKind {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "strake" => Ok(NodeKind::Strake),
+            "upstream" => Ok(NodeKind::Upstream),
+            other => Err(Error::Invalid(format!(
+                "unknown node kind {other:?} (strake or upstream)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for NodeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NodeKind::Strake => "strake",
+            NodeKind::Upstream => "upstream",
+        })
+    }
+}
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Number of nodes (1..=20).
+    pub nodes: u8,
+    /// Their kind.
+    pub kind: NodeKind,
+}
+
+/// The pinned version of `key` in `integration/versions.env`.
+fn pinned(key: &str) -> String {
+    VERSIONS_ENV
+        .lines()
+        .filter_map(|l| l.trim().split_once('='))
+        .find(|(k, _)| k.trim() == key)
+        .map(|(_, v)| v.trim().trim_matches('"').to_string())
+        .unwrap_or_default()
+}
+
+fn existing(path: PathBuf, how: &str) -> Result<PathBuf> {
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(Error::Invalid(format!(
+            "{} is missing: run `{how}` first",
+            path.display()
+        )))
+    }
+}
+
+/// A binary of the conformance bed (`e2e.test`, `ginkgo`, `agnhost`, `sample-apiserver`).
+pub fn conformance_bin(name: &str) -> Result<PathBuf> {
+    existing(
+        paths::cache_dir()
+            .join(format!("conformance-{}", pinned("KUBERNETES_VERSION")))
+            .join("bin")
+            .join(name),
+        "make conformance-bed",
+    )
+}
+
+/// Upstream's CoreDNS addon manifest of the pinned release (with its `__DNS__...__` holes).
+pub fn coredns_manifest() -> Result<PathBuf> {
+    existing(
+        paths::cache_dir()
+            .join(format!("conformance-{}", pinned("KUBERNETES_VERSION")))
+            .join("coredns.yaml.base"),
+        "make conformance-bed",
+    )
+}
+
+/// The conformance images' registry storage root.
+pub fn conformance_images_dir() -> Result<PathBuf> {
+    let current = paths::cache_dir().join("conformance-images-current");
+    existing(current.join("images.txt"), "make conformance-bed")?;
+    Ok(current.join("open"))
+}
+
+/// The CNI configuration of a node whose pod CIDR is `pod_cidr` (kindnet's: point-to-point
+/// veths, addresses from host-local kept in `ipam_dir`, host ports by portmap).
+pub fn ptp_conflist(pod_cidr: &str, ipam_dir: &Path) -> String {
+    serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "strake-cluster",
+        "plugins": [
+            {
+                "type": "ptp",
+                "ipMasq": false,
+                "mtu": 1500,
+                "ipam": {
+                    "type": "host-local",
+                    "dataDir": ipam_dir,
+                    "ranges": [[{ "subnet": pod_cidr }]],
+                    "routes": [{ "dst": "0.0.0.0/0" }]
+                }
+            },
+            { "type": "portmap", "capabilities": { "portMappings": true } }
+        ]
+    })
+    .to_string()
+}
+
+/// The routes node `me` needs: every other node's pod CIDR via that node's address.
+pub fn routes_for(me: Ipv4Addr, nodes: &[(Ipv4Addr, String)]) -> Vec<(String, Ipv4Addr)> {
+    nodes
+        .iter()
+        .filter(|(ip, _)| *ip != me)
+        .map(|(ip, cidr)| (cidr.clone(), *ip))
+        .collect()
+}
+
+/// Upstream's CoreDNS manifest with the cluster's values filled in.
+pub fn fill_coredns_manifest(base: &str) -> String {
+    base.replace("__DNS__DOMAIN__", CLUSTER_DOMAIN)
+        .replace("__DNS__SERVER__", CLUSTER_DNS)
+        .replace("__DNS__MEMORY__LIMIT__", "170Mi")
+}
+
+/// The conformance image registry: docker-registry serving the cached storage read-only.
+#[derive(Debug)]
+pub struct ConformanceRegistry {
+    _forward: Forward,
+    _daemon: Daemon,
+    local: SocketAddr,
+}
+
+impl ConformanceRegistry {
+    /// Serves the conformance images at `10.213.0.1:5002` in the cluster namespace.
+    pub fn start(cp: &ControlPlane, dir: &Path) -> Result<Self> {
+        let root = conformance_images_dir()?;
+        std::fs::create_dir_all(dir).map_err(crate::io_err("create", dir))?;
+        let config = dir.join("registry-conformance.yml");
+        let text = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  \
+             maintenance:\n    uploadpurging:\n      enabled: false\n    readonly:\n      enabled: true\n  \
+             delete:\n    enabled: false\nhttp:\n  addr: 0.0.0.0:{CONFORMANCE_REGISTRY_PORT}\n  secret: strake-testbed\n",
+            root.display()
+        );
+        std::fs::write(&config, text).map_err(crate::io_err("write", &config))?;
+        let mut cmd = cp.net().ns().command("/usr/bin/docker-registry");
+        cmd.arg("serve").arg(&config);
+        let daemon = Daemon::spawn(
+            "registry-conformance",
+            cmd,
+            &dir.join("registry-conformance.log"),
+        )?;
+        let forward = Forward::start(
+            cp.net().ns(),
+            SocketAddr::from((Ipv4Addr::LOCALHOST, CONFORMANCE_REGISTRY_PORT)),
+            &dir.join("forward-registry-conformance.log"),
+        )?;
+        let local = forward.local_addr();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match crate::registry::http_status(local, "/v2/") {
+                Ok(200) => break,
+                other if Instant::now() > deadline => {
+                    return Err(Error::Timeout {
+                        what: "conformance registry".into(),
+                        secs: 30,
+                        last_error: format!("{other:?}"),
+                    });
+                }
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+        Ok(ConformanceRegistry {
+            _forward: forward,
+            _daemon: daemon,
+            local,
+        })
+    }
+
+    /// The registry from the root namespace.
+    pub fn local(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// The registry as nodes see it.
+    pub fn in_cluster(&self) -> SocketAddr {
+        SocketAddr::from((CLUSTER_GATEWAY, CONFORMANCE_REGISTRY_PORT))
+    }
+}
+
+/// A running node. Dropped kubelet first (it would recreate pods), then the proxy, then the
+/// runtime (which removes the pods), then the namespace (and the cgroups).
+pub enum ClusterNode {
+    /// strake-runtime + strake-kubelet + strake-proxy.
+    Strake(StrakeNode),
+    /// containerd + kubelet + kube-proxy.
+    Upstream(UpstreamNode),
+}
+
+/// A node of kind [`NodeKind::Strake`].
+pub struct StrakeNode {
+    kubelet: Daemon,
+    proxy: Option<Daemon>,
+    runtime: StrakeRuntime,
+    ns: NodeNs,
+    dir: NodeDir,
+    name: String,
+}
+
+/// A node's directory; everything mounted below it is unmounted before it is removed (after
+/// the runtime, declared earlier, has removed its containers).
+struct NodeDir(tempfile::TempDir);
+
+impl NodeDir {
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for NodeDir {
+    fn drop(&mut self) {
+        crate::containerd::unmount_below(self.0.path());
+    }
+}
+
+/// Size of the tmpfs holding a strake-kubelet's root directory.
+const KUBELET_ROOT_TMPFS: &str = "size=4g,mode=0755";
+
+/// A node of kind [`NodeKind::Upstream`].
+pub struct UpstreamNode {
+    proxy: Option<Daemon>,
+    kubelet: UpstreamKubelet,
+    runtime: Containerd,
+    ns: NodeNs,
+    _cgroup_root: KubeletCgroupRoot,
+    dir: tempfile::TempDir,
+    name: String,
+}
+
+impl Drop for StrakeNode {
+    fn drop(&mut self) {
+        self.kubelet.stop(Duration::from_secs(10));
+        if let Some(p) = self.proxy.as_mut() {
+            p.stop(Duration::from_secs(10));
+        }
+    }
+}
+
+impl Drop for UpstreamNode {
+    fn drop(&mut self) {
+        if let Some(p) = self.proxy.as_mut() {
+            p.stop(Duration::from_secs(10));
+        }
+    }
+}
+
+impl ClusterNode {
+    /// The Node's name.
+    pub fn name(&self) -> &str {
+        match self {
+            ClusterNode::Strake(n) => &n.name,
+            ClusterNode::Upstream(n) => &n.name,
+        }
+    }
+
+    /// The node's namespace.
+    pub fn ns(&self) -> &NodeNs {
+        match self {
+            ClusterNode::Strake(n) => &n.ns,
+            ClusterNode::Upstream(n) => &n.ns,
+        }
+    }
+
+    /// Where the runtime reads its CNI configuration.
+    fn cni_conf_dir(&self) -> PathBuf {
+        match self {
+            ClusterNode::Strake(n) => n.runtime.dir().join("cni"),
+            ClusterNode::Upstream(n) => n.runtime.dir().join("cni"),
+        }
+    }
+
+    /// Log files of the node's daemons (for failure messages and the reports folder).
+    pub fn logs(&self) -> Vec<(String, PathBuf)> {
+        let mut v = Vec::new();
+        match self {
+            ClusterNode::Strake(n) => {
+                v.push(("strake-kubelet".into(), n.dir.path().join("kubelet.log")));
+                v.push(("strake-proxy".into(), n.dir.path().join("proxy.log")));
+                v.push(("strake-runtime".into(), n.runtime.dir().join("runtime.log")));
+            }
+            ClusterNode::Upstream(n) => {
+                v.push(("kubelet".into(), n.kubelet.log_path()));
+                v.push(("kube-proxy".into(), n.dir.path().join("proxy.log")));
+                v.push(("containerd".into(), n.runtime.dir().join("containerd.log")));
+            }
+        }
+        v
+    }
+
+    fn check_running(&mut self) -> Result<()> {
+        match self {
+            ClusterNode::Strake(n) => {
+                n.kubelet.check_running()?;
+                if let Some(p) = n.proxy.as_mut() {
+                    p.check_running()?;
+                }
+                if !process::pid_alive(n.runtime.pid()) {
+                    return Err(Error::Invalid(format!(
+                        "strake-runtime of {} exited",
+                        n.name
+                    )));
+                }
+            }
+            ClusterNode::Upstream(n) => {
+                n.kubelet.check_running()?;
+                if let Some(p) = n.proxy.as_mut() {
+                    p.check_running()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn set_proxy(&mut self, d: Daemon) {
+        match self {
+            ClusterNode::Strake(n) => n.proxy = Some(d),
+            ClusterNode::Upstream(n) => n.proxy = Some(d),
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        match self {
+            ClusterNode::Strake(n) => n.dir.path(),
+            ClusterNode::Upstream(n) => n.dir.path(),
+        }
+    }
+}
+
+/// The kubelet configuration both kinds share: cluster DNS, serving certificate of the
+/// cluster CA (the API server verifies it), client certificates of the cluster CA accepted.
+fn kubelet_tls(cp: &ControlPlane, ns: &NodeNs, name: &str) -> Result<String> {
+    let serving = cp.pki().issue_server(
+        &format!("kubelet-serving-{name}"),
+        name,
+        &[name.to_string(), ns.ip().to_string()],
+    )?;
+    Ok(format!(
+        "tlsCertFile: {}\ntlsPrivateKeyFile: {}\nclusterDNS:\n- {CLUSTER_DNS}\nclusterDomain: {CLUSTER_DOMAIN}\n",
+        serving.cert.display(),
+        serving.key.display(),
+    ))
+}
+
+fn mirror_flags(registry: SocketAddr) -> Vec<String> {
+    let mut v: Vec<String> = MIRRORED_REGISTRIES
+        .iter()
+        .map(|r| format!("--registry-mirror={r}=http://{registry}"))
+        .collect();
+    v.push(format!("--insecure-registry={registry}"));
+    v
+}
+
+async fn start_strake_node(
+    cp: &ControlPlane,
+    index: u8,
+    name: &str,
+    mirror: SocketAddr,
+) -> Result<ClusterNode> {
+    let mut ns = cp.net().add_node(index)?;
+    let runtime = StrakeRuntime::start_with(&mut ns, index, &mirror_flags(mirror)).await?;
+    let dir = NodeDir(
+        tempfile::Builder::new()
+            .prefix("strake-cluster-node-")
+            .tempdir()
+            .map_err(crate::io_err("create", std::env::temp_dir()))?,
+    );
+    let d = dir.path();
+    // strake-kubelet reports DiskPressure below upstream's default nodefs.available<10% on its
+    // root directory and (unlike the kubelet) takes no evictionHard setting; a shared test
+    // machine's disk is often fuller than that. Its root directory (volumes) is a tmpfs.
+    let root = d.join("root");
+    std::fs::create_dir_all(&root).map_err(crate::io_err("create", &root))?;
+    process::run(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", KUBELET_ROOT_TMPFS, "tmpfs"])
+            .arg(&root),
+    )?;
+    let kubeconfig = cp.node_kubeconfig(name)?;
+    let config = d.join("kubelet.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n\
+             cgroupRoot: {}\npodLogsDir: {}\n{}authentication:\n  x509:\n    clientCAFile: {}\n",
+            runtime.cgroup_parent(),
+            d.join("pod-logs").display(),
+            kubelet_tls(cp, &ns, name)?,
+            cp.pki().ca.cert.display(),
+        ),
+    )
+    .map_err(crate::io_err("write", &config))?;
+    let mut cmd = ns.ns().command(paths::workspace_bin("strake-kubelet")?);
+    cmd.args([
+        format!("--config={}", config.display()),
+        format!("--hostname-override={name}"),
+        format!("--node-ip={}", ns.ip()),
+        format!("--container-runtime-endpoint={}", runtime.endpoint()),
+        format!("--root-dir={}", d.join("root").display()),
+        format!("--kubeconfig={}", kubeconfig.display()),
+    ]);
+    let kubelet = Daemon::spawn("strake-kubelet", cmd, &d.join("kubelet.log"))?;
+    Ok(ClusterNode::Strake(StrakeNode {
+        kubelet,
+        proxy: None,
+        runtime,
+        ns,
+        dir,
+        name: name.to_string(),
+    }))
+}
+
+async fn start_upstream_node(
+    cp: &ControlPlane,
+    index: u8,
+    name: &str,
+    mirror: SocketAddr,
+) -> Result<ClusterNode> {
+    let cgroup_root = KubeletCgroupRoot::create()?;
+    let mut ns = cp.net().add_node(index)?;
+    let runtime = Containerd::start(&mut ns, index).await?;
+    // containerd reads its hosts directory at each pull: send registry.k8s.io to the mirror.
+    for r in MIRRORED_REGISTRIES {
+        let hosts = runtime.dir().join("certs.d").join(r);
+        std::fs::create_dir_all(&hosts).map_err(crate::io_err("create", &hosts))?;
+        let file = hosts.join("hosts.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "server = \"https://{r}\"\n[host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+            ),
+        )
+        .map_err(crate::io_err("write", &file))?;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("strake-cluster-node-")
+        .tempdir()
+        .map_err(crate::io_err("create", std::env::temp_dir()))?;
+    let kubeconfig = cp.node_kubeconfig(name)?;
+    // The launcher's configuration has its own `authentication` block; this one, given later,
+    // replaces it whole (the kubelet decodes leniently after a strict failure on the duplicate
+    // key) and adds the cluster CA for the API server's client certificate.
+    // evictionHard likewise replaces the launcher's 1 % thresholds with absolute ones: a
+    // shared test machine's disk is often fuller than 1 %, and evicted pods fail specs for
+    // reasons of the bed, not of the node.
+    let extra = format!(
+        "{}authentication:\n  anonymous:\n    enabled: false\n  webhook:\n    enabled: true\n  \
+         x509:\n    clientCAFile: {}\nevictionHard:\n  memory.available: 1Mi\n  \
+         nodefs.available: 1Mi\n  nodefs.inodesFree: 1%\n  imagefs.available: 1Mi\n  \
+         imagefs.inodesFree: 1%\n",
+        kubelet_tls(cp, &ns, name)?,
+        cp.pki().ca.cert.display()
+    );
+    let endpoint = runtime.endpoint();
+    let kubelet = UpstreamKubelet::start(
+        &ns,
+        &upstream_kubelet::Options {
+            node_name: name,
+            kubeconfig: &kubeconfig,
+            runtime_endpoint: &endpoint,
+            cgroup_root: &cgroup_root,
+            extra_config: &extra,
+        },
+    )?;
+    Ok(ClusterNode::Upstream(UpstreamNode {
+        proxy: None,
+        kubelet,
+        runtime,
+        ns,
+        _cgroup_root: cgroup_root,
+        dir,
+        name: name.to_string(),
+    }))
+}
+
+/// Starts the node's proxy (strake-proxy or kube-proxy) as upstream's `system:kube-proxy`.
+fn start_proxy(cp: &ControlPlane, node: &mut ClusterNode, kind: NodeKind) -> Result<()> {
+    let dir = node.dir().to_path_buf();
+    let name = node.name().to_string();
+    let certs = cp
+        .pki()
+        .issue_client(&format!("kube-proxy-{name}"), "system:kube-proxy", &[])?;
+    let kubeconfig = dir.join("kube-proxy.kubeconfig");
+    cp.pki()
+        .write_kubeconfig(&kubeconfig, &cp.cluster_server(), &certs)?;
+    let log = dir.join("proxy.log");
+    let (program, args) = match kind {
+        NodeKind::Upstream => (kube_proxy::binary()?, kube_proxy::args(&name, &kubeconfig)),
+        NodeKind::Strake => {
+            let config = dir.join("kube-proxy.yaml");
+            std::fs::write(
+                &config,
+                format!(
+                    "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+                     mode: nftables\nclusterCIDR: {POD_CIDR}\n"
+                ),
+            )
+            .map_err(crate::io_err("write", &config))?;
+            (
+                paths::workspace_bin("strake-proxy")?,
+                vec![
+                    format!("--kubeconfig={}", kubeconfig.display()),
+                    format!("--config={}", config.display()),
+                    format!("--hostname-override={name}"),
+                ],
+            )
+        }
+    };
+    let mut cmd = node.ns().ns().command(program);
+    cmd.args(args);
+    let d = Daemon::spawn("proxy", cmd, &log)?;
+    node.set_proxy(d);
+    Ok(())
+}
+
+/// The running cluster. Dropping it tears everything down: nodes first, then the registries
+/// and the control plane.
+pub struct Cluster {
+    /// The nodes, in index order.
+    pub nodes: Vec<ClusterNode>,
+    /// The conformance image registry.
+    pub conformance_registry: ConformanceRegistry,
+    /// The test bed's own registries (containerd's sandbox image).
+    pub registry: Registry,
+    /// The control plane.
+    pub cp: ControlPlane,
+    /// Node kind.
+    pub kind: NodeKind,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Newest node first; each node's own guards order its daemons.
+        while let Some(n) = self.nodes.pop() {
+            drop(n);
+        }
+    }
+}
+
+impl Cluster {
+    /// Starts the control plane, registries, `opts.nodes` nodes with routed pod CIDRs, and
+    /// CoreDNS; returns once every node is Ready and CoreDNS is available. `say` narrates.
+    pub async fn start(opts: &Options, say: &mut (dyn FnMut(String) + Send)) -> Result<Self> {
+        if opts.nodes == 0 || opts.nodes > 20 {
+            return Err(Error::Invalid(format!(
+                "--nodes {} is outside 1..=20",
+                opts.nodes
+            )));
+        }
+        let manifest = coredns_manifest()?;
+        say("starting the control plane (aggregator routing, front proxy) ...".into());
+        let cp = ControlPlane::start(CpOptions {
+            controllers: true,
+            aggregator: true,
+            ..CpOptions::default()
+        })
+        .await?;
+        let registry = Registry::start(cp.net(), &cp.dir().join("registry"))?;
+        let conformance_registry = ConformanceRegistry::start(&cp, &cp.dir().join("registry"))?;
+        let mut cluster = Cluster {
+            nodes: Vec::new(),
+            conformance_registry,
+            registry,
+            cp,
+            kind: opts.kind,
+        };
+        let mirror = cluster.conformance_registry.in_cluster();
+        for i in 0..opts.nodes {
+            let name = format!("{}-node-{i}", opts.kind);
+            say(format!("starting {name} ({} node) ...", opts.kind));
+            let node = match opts.kind {
+                NodeKind::Strake => start_strake_node(&cluster.cp, i, &name, mirror).await?,
+                NodeKind::Upstream => start_upstream_node(&cluster.cp, i, &name, mirror).await?,
+            };
+            cluster.nodes.push(node);
+        }
+        let cidrs = cluster.wait_pod_cidrs(Duration::from_secs(120)).await?;
+        say(format!("pod CIDRs from node IPAM: {cidrs:?}"));
+        cluster.network(&cidrs)?;
+        for i in 0..cluster.nodes.len() {
+            let (cp, node) = (&cluster.cp, &mut cluster.nodes[i]);
+            start_proxy(cp, node, opts.kind)?;
+        }
+        cluster.wait_nodes_ready(Duration::from_secs(180)).await?;
+        say("all nodes Ready; deploying CoreDNS (upstream's addon manifest) ...".into());
+        cluster.deploy_coredns(&manifest).await?;
+        say(format!(
+            "cluster up: {} {} nodes, CoreDNS at {CLUSTER_DNS}",
+            opts.nodes, opts.kind
+        ));
+        Ok(cluster)
+    }
+
+    async fn client(&self) -> Result<kube::Client> {
+        self.cp.client().await
+    }
+
+    fn check_nodes(&mut self) -> Result<()> {
+        for n in &mut self.nodes {
+            n.check_running()?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every Node has `spec.podCIDR`; returns (node address, CIDR) in node order.
+    async fn wait_pod_cidrs(&mut self, timeout: Duration) -> Result<Vec<(Ipv4Addr, String)>> {
+        let nodes: Api<Node> = Api::all(self.client().await?);
+        let deadline = Instant::now() + timeout;
+        let mut last = String::from("no Node yet");
+        loop {
+            self.check_nodes()?;
+            let mut out = Vec::new();
+            for n in &self.nodes {
+                match nodes.get_opt(n.name()).await {
+                    Ok(Some(node)) => match node.spec.and_then(|s| s.pod_cidr) {
+                        Some(c) => out.push((n.ns().ip(), c)),
+                        None => last = format!("{} has no podCIDR", n.name()),
+                    },
+                    Ok(None) => last = format!("{} not registered", n.name()),
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            if out.len() == self.nodes.len() {
+                return Ok(out);
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Timeout {
+                    what: "pod CIDRs of all nodes".into(),
+                    secs: timeout.as_secs(),
+                    last_error: last,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    /// kindnet's part: CNI configuration per node, forwarding on, routes between pod CIDRs
+    /// (in the node namespaces and in the cluster namespace, where the API server and
+    /// e2e.test reach pods).
+    fn network(&self, cidrs: &[(Ipv4Addr, String)]) -> Result<()> {
+        for (node, (ip, cidr)) in self.nodes.iter().zip(cidrs) {
+            let conf_dir = node.cni_conf_dir();
+            let file = conf_dir.join("10-strake-testbed.conflist");
+            let tmp = conf_dir.join(".10-strake-testbed.conflist.tmp");
+            let ipam = node.dir().join("ipam");
+            std::fs::write(&tmp, ptp_conflist(cidr, &ipam))
+                .map_err(crate::io_err("write", &tmp))?;
+            // One rename: the runtime never reads half a file.
+            std::fs::rename(&tmp, &file).map_err(crate::io_err("rename", &file))?;
+            node.ns()
+                .ns()
+                .run("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"])?;
+            for (dst, via) in routes_for(*ip, cidrs) {
+                node.ns().ns().ip(&[
+                    "route",
+                    "replace",
+                    &dst,
+                    "via",
+                    &via.to_string(),
+                    "dev",
+                    "eth0",
+                ])?;
+            }
+        }
+        for (ip, cidr) in cidrs {
+            self.cp
+                .net()
+                .ns()
+                .ip(&["route", "replace", cidr, "via", &ip.to_string()])?;
+        }
+        Ok(())
+    }
+
+    async fn wait_nodes_ready(&mut self, timeout: Duration) -> Result<()> {
+        let nodes: Api<Node> = Api::all(self.client().await?);
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_nodes()?;
+            let mut not_ready = Vec::new();
+            for n in &self.nodes {
+                let ready = nodes
+                    .get_opt(n.name())
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|node| {
+                        node.status
+                            .and_then(|s| s.conditions)
+                            .unwrap_or_default()
+                            .iter()
+                            .any(|c| c.type_ == "Ready" && c.status == "True")
+                    });
+                if !ready {
+                    not_ready.push(n.name().to_string());
+                }
+            }
+            if not_ready.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Timeout {
+                    what: "all nodes Ready".into(),
+                    secs: timeout.as_secs(),
+                    last_error: format!("not Ready: {not_ready:?}"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Runs `kubectl args...` against the cluster (from the root namespace).
+    pub fn kubectl(&self, args: &[&str]) -> Result<std::process::Output> {
+        process::run(
+            Command::new(paths::kubernetes_bin("kubectl")?)
+                .arg(format!("--kubeconfig={}", self.cp.kubeconfig().display()))
+                .args(args),
+        )
+    }
+
+    async fn deploy_coredns(&mut self, manifest: &Path) -> Result<()> {
+        let base = std::fs::read_to_string(manifest).map_err(crate::io_err("read", manifest))?;
+        let filled = self.cp.dir().join("coredns.yaml");
+        std::fs::write(&filled, fill_coredns_manifest(&base))
+            .map_err(crate::io_err("write", &filled))?;
+        self.kubectl(&["apply", "-f", &filled.display().to_string()])?;
+        let deployments: Api<Deployment> = Api::namespaced(self.client().await?, "kube-system");
+        let timeout = Duration::from_secs(180);
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_nodes()?;
+            let d = deployments.get_opt("coredns").await.ok().flatten();
+            let available = d
+                .as_ref()
+                .and_then(|d| d.status.as_ref())
+                .and_then(|s| s.available_replicas)
+                .unwrap_or(0);
+            if available >= 1 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let mut pods = String::new();
+                for args in [
+                    &["-n", "kube-system", "get", "pods", "-o", "wide"][..],
+                    &["-n", "kube-system", "get", "events"][..],
+                    &[
+                        "get",
+                        "nodes",
+                        "-o",
+                        "custom-columns=NAME:.metadata.name,TAINTS:.spec.taints",
+                    ][..],
+                ] {
+                    if let Ok(o) = self.kubectl(args) {
+                        pods.push_str(&String::from_utf8_lossy(&o.stdout));
+                    }
+                }
+                return Err(Error::Timeout {
+                    what: "CoreDNS available".into(),
+                    secs: timeout.as_secs(),
+                    last_error: pods,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Shell exports for using the cluster by hand.
+    pub fn env(&self) -> String {
+        format!(
+            "export KUBECONFIG={kc}\nexport STRAKE_CLUSTER_KUBECONFIG={ckc}\n\
+             export STRAKE_CLUSTER_NETNS=/run/netns/{ns}\nexport CONFORMANCE_REGISTRY={reg}\n",
+            kc = self.cp.kubeconfig().display(),
+            ckc = self.cp.cluster_kubeconfig().display(),
+            ns = self.cp.net().ns().name(),
+            reg = self.conformance_registry.local(),
+        )
+    }
+
+    /// Copies every daemon's log into `dir` (`<node>-<daemon>.log`, `control-plane-*.log`).
+    pub fn collect_logs(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(crate::io_err("create", dir))?;
+        for n in &self.nodes {
+            for (what, path) in n.logs() {
+                let _ = std::fs::copy(&path, dir.join(format!("{}-{what}.log", n.name())));
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(self.cp.dir()) {
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "log") {
+                    let name = format!("control-plane-{}", e.file_name().to_string_lossy());
+                    let _ = std::fs::copy(&p, dir.join(name));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_kind_parses_and_prints() {
+        assert_eq!("strake".parse::<NodeKind>().unwrap(), NodeKind::Strake);
+        assert_eq!("upstream".parse::<NodeKind>().unwrap(), NodeKind::Upstream);
+        assert!("containerd".parse::<NodeKind>().is_err());
+        assert_eq!(NodeKind::Upstream.to_string(), "upstream");
+    }
+
+    #[test]
+    fn routes_go_to_the_other_nodes_only() {
+        let a = Ipv4Addr::new(10, 213, 0, 10);
+        let b = Ipv4Addr::new(10, 213, 0, 11);
+        let c = Ipv4Addr::new(10, 213, 0, 12);
+        let nodes = vec![
+            (a, "10.244.0.0/24".to_string()),
+            (b, "10.244.1.0/24".to_string()),
+            (c, "10.244.2.0/24".to_string()),
+        ];
+        assert_eq!(
+            routes_for(b, &nodes),
+            vec![
+                ("10.244.0.0/24".to_string(), a),
+                ("10.244.2.0/24".to_string(), c)
+            ]
+        );
+    }
+
+    #[test]
+    fn ptp_conflist_is_kindnets() {
+        let v: serde_json::Value =
+            serde_json::from_str(&ptp_conflist("10.244.3.0/24", Path::new("/x/ipam"))).unwrap();
+        let plugins = v["plugins"].as_array().unwrap();
+        assert_eq!(plugins[0]["type"], "ptp");
+        assert_eq!(plugins[0]["ipam"]["type"], "host-local");
+        assert_eq!(
+            plugins[0]["ipam"]["ranges"][0][0]["subnet"],
+            "10.244.3.0/24"
+        );
+        assert_eq!(plugins[0]["ipam"]["dataDir"], "/x/ipam");
+        assert_eq!(plugins[1]["type"], "portmap");
+        assert_eq!(plugins[1]["capabilities"]["portMappings"], true);
+    }
+
+    #[test]
+    fn coredns_manifest_holes_are_filled() {
+        let base = "kubernetes __DNS__DOMAIN__ in-addr.arpa\nclusterIP: __DNS__SERVER__\nmemory: __DNS__MEMORY__LIMIT__\n";
+        let filled = fill_coredns_manifest(base);
+        assert_eq!(
+            filled,
+            "kubernetes cluster.local in-addr.arpa\nclusterIP: 10.96.0.10\nmemory: 170Mi\n"
+        );
+    }
+
+    #[test]
+    fn coredns_version_is_pinned() {
+        assert!(pinned("COREDNS_VERSION").starts_with("v1."));
+        assert!(pinned("KUBERNETES_VERSION").starts_with("v1."));
+    }
+}
