@@ -476,7 +476,9 @@ impl Runtime {
             "log_directory": self.dir.path().join("logs").join(name),
             "linux": {
                 "cgroup_parent": self.cgroup.name(),
-                "security_context": { "namespace_options": { "network": 2 } },
+                // Host network; each container its own PID namespace (pid 0 would be POD, a
+                // shared one, which strake-runtime refuses).
+                "security_context": { "namespace_options": { "network": 2, "pid": 1 } },
             },
         });
         let path = self.dir.path().join(format!("{name}.json"));
