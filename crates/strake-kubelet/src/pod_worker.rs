@@ -259,6 +259,21 @@ fn now_time() -> Time {
     Time(Timestamp::now())
 }
 
+/// The pod IPs of sandbox `id` as the runtime reports them (primary first).
+async fn sandbox_ips(cri: &dyn Cri, id: &str) -> Result<Vec<String>, RuntimeError> {
+    Ok(cri
+        .sandbox_status(id)
+        .await?
+        .and_then(|s| s.network)
+        .map(|n| {
+            std::iter::once(n.ip)
+                .chain(n.additional_ips.into_iter().map(|p| p.ip))
+                .filter(|ip| !ip.is_empty())
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
 impl Worker {
     /// Lists what the runtime has of the pod: its sandboxes (the ready one's IPs), its
     /// containers and their statuses.
@@ -277,17 +292,7 @@ impl Worker {
             });
         }
         if let Some(id) = obs.state.ready_sandbox().map(|s| s.id.clone()) {
-            let ips: Vec<String> = cri
-                .sandbox_status(&id)
-                .await?
-                .and_then(|s| s.network)
-                .map(|n| {
-                    std::iter::once(n.ip)
-                        .chain(n.additional_ips.into_iter().map(|p| p.ip))
-                        .filter(|ip| !ip.is_empty())
-                        .collect()
-                })
-                .unwrap_or_default();
+            let ips = sandbox_ips(cri.as_ref(), &id).await?;
             if let Some(s) = obs.state.sandboxes.iter_mut().find(|s| s.id == id) {
                 s.ips = ips;
             }
@@ -632,17 +637,7 @@ impl Worker {
                         }
                     };
                     tracing::info!(pod = %pod_key(pod), sandbox = %id, "sandbox created");
-                    let ips = cri
-                        .sandbox_status(&id)
-                        .await?
-                        .and_then(|s| s.network)
-                        .map(|n| {
-                            std::iter::once(n.ip)
-                                .chain(n.additional_ips.into_iter().map(|p| p.ip))
-                                .filter(|ip| !ip.is_empty())
-                                .collect()
-                        })
-                        .unwrap_or_default();
+                    let ips = sandbox_ips(cri.as_ref(), &id).await?;
                     sandbox = Some((id, ips));
                 }
                 Action::StartContainer { name, attempt } => {
