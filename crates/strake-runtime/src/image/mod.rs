@@ -4,6 +4,7 @@
 //! point; the gRPC layer maps [`ImageError::code`] onto status codes.
 
 pub mod cri;
+pub mod metadata;
 pub mod mirror;
 pub mod pull;
 pub mod reference;

@@ -11,21 +11,15 @@ use futures::{FutureExt, StreamExt, TryStreamExt};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
-use serde::Deserialize;
 
+use super::metadata::{
+    ACCEPT, MAX_METADATA_BYTES, config_of, layer_records, parse_config, parse_manifest,
+    select_platform, user_of,
+};
 use super::mirror::{Endpoint, Mirrors, endpoints_for};
 use super::reference::{Digest, Reference};
 use super::store::{ImageRecord, LayerRecord, Lease, Store, StoreError};
-use super::unpack::{Budget, UnpackError, UnpackOptions, chain_ids, unpack_layer};
-
-/// Media types of manifests and indexes we accept, most specific first.
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-const ACCEPT: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
-/// Manifests and configs are small; anything bigger is not one.
-const MAX_METADATA_BYTES: usize = 4 << 20;
+use super::unpack::{Budget, UnpackError, UnpackOptions, unpack_layer};
 
 /// Default of [`PullConfig::request_timeout`] (`image_pull_progress_timeout`).
 pub const DEFAULT_PULL_PROGRESS_TIMEOUT: Duration = Duration::from_secs(60);
@@ -245,57 +239,6 @@ impl PullError {
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct Descriptor {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    size: u64,
-    #[serde(default)]
-    platform: Option<Platform>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Platform {
-    architecture: String,
-    os: String,
-    #[serde(default)]
-    variant: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Manifest {
-    #[serde(rename = "schemaVersion", default)]
-    schema_version: u32,
-    #[serde(rename = "mediaType", default)]
-    media_type: Option<String>,
-    #[serde(default)]
-    config: Option<Descriptor>,
-    #[serde(default)]
-    layers: Vec<Descriptor>,
-    #[serde(default)]
-    manifests: Option<Vec<Descriptor>>,
-}
-
-#[derive(Debug, Deserialize)]
-struct ImageConfig {
-    #[serde(default)]
-    config: Option<ContainerConfig>,
-    rootfs: RootFs,
-}
-
-#[derive(Debug, Deserialize)]
-struct ContainerConfig {
-    #[serde(rename = "User", default)]
-    user: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct RootFs {
-    #[serde(default)]
-    diff_ids: Vec<String>,
-}
-
 /// The OCI name of this machine's architecture (and variant, where it matters).
 pub fn host_platform() -> (&'static str, Option<&'static str>) {
     match std::env::consts::ARCH {
@@ -307,35 +250,6 @@ pub fn host_platform() -> (&'static str, Option<&'static str>) {
         "riscv64" => ("riscv64", None),
         "s390x" => ("s390x", None),
         other => (other, None),
-    }
-}
-
-/// Picks `linux/<arch>` from an index, preferring an exact variant, then one without a variant.
-fn select_platform<'a>(
-    entries: &'a [Descriptor],
-    arch: &str,
-    variant: Option<&str>,
-) -> Option<&'a Descriptor> {
-    let matching = || {
-        entries.iter().filter(|d| {
-            d.platform
-                .as_ref()
-                .is_some_and(|p| p.os == "linux" && p.architecture == arch)
-        })
-    };
-    let variant_of = |d: &Descriptor| d.platform.as_ref().and_then(|p| p.variant.clone());
-    matching()
-        .find(|d| variant.is_some() && variant_of(d).as_deref() == variant)
-        .or_else(|| matching().find(|d| variant_of(d).is_none()))
-        .or_else(|| matching().next())
-}
-
-/// Splits a config `User` (`uid[:gid]` or `name[:group]`) into CRI's `uid` / `username`.
-fn user_of(user: &str) -> (Option<i64>, String) {
-    let name = user.split(':').next().unwrap_or("");
-    match name.parse::<i64>() {
-        Ok(uid) => (Some(uid), String::new()),
-        Err(_) => (None, name.to_string()),
     }
 }
 
@@ -520,6 +434,7 @@ impl Puller {
             let tx = tx.clone();
             async move { tx.send(chunk).await.is_ok() }
         };
+        let mut received = 0u64;
         loop {
             let next = tokio::time::timeout(self.config.request_timeout, stream.next()).await;
             let chunk = match next {
@@ -531,6 +446,13 @@ impl Puller {
                     });
                 }
                 Ok(None) => Chunk::Done,
+                // The client library checks digests at the end of the body and reports a
+                // mismatch against the registry's digest header, not the digest asked for.
+                // Every byte arrived: the store's own check decides, and names both digests.
+                Ok(Some(Err(source))) if received == size => {
+                    tracing::debug!(image = %reference, %what, error = %source, "error after the whole body");
+                    Chunk::Done
+                }
                 Ok(Some(Err(source))) => {
                     return Err(PullError::Transfer {
                         reference: reference.to_string(),
@@ -538,7 +460,10 @@ impl Puller {
                         source,
                     });
                 }
-                Ok(Some(Ok(bytes))) => Chunk::Data(bytes),
+                Ok(Some(Ok(bytes))) => {
+                    received += bytes.len() as u64;
+                    Chunk::Data(bytes)
+                }
             };
             let done = matches!(chunk, Chunk::Done);
             // A closed channel means the writer failed; its result says why.
@@ -584,8 +509,7 @@ impl Puller {
         let endpoint = &endpoint;
         let rauth = auth_for(endpoint, reference, &rauth);
         // Follow an index to our platform.
-        let top: Manifest = serde_json::from_slice(&top_bytes).map_err(|e| bad(e.to_string()))?;
-        check_media_type(&top).map_err(&bad)?;
+        let top = parse_manifest(&top_bytes).map_err(&bad)?;
         let mut blobs = vec![top_digest.clone()];
         let pinned = reference.with_digest(top_digest.clone());
         let (manifest, manifest_digest) = if let Some(entries) = &top.manifests {
@@ -600,8 +524,7 @@ impl Puller {
             let (bytes, digest) = self
                 .manifest(&client, &rauth, endpoint, &reference.with_digest(digest))
                 .await?;
-            let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
-            check_media_type(&m).map_err(&bad)?;
+            let m = parse_manifest(&bytes).map_err(&bad)?;
             if m.manifests.is_some() {
                 return Err(bad("index entry is itself an index".into()));
             }
@@ -615,15 +538,7 @@ impl Puller {
             .await?;
 
         // The config names the image (its digest is the image ID) and the layers' diffIDs.
-        let config_desc = manifest
-            .config
-            .as_ref()
-            .ok_or_else(|| bad("no config".into()))?;
-        let config_digest = Digest::parse(&config_desc.digest)
-            .ok_or_else(|| bad(format!("config digest {:?}", config_desc.digest)))?;
-        if config_desc.size as usize > MAX_METADATA_BYTES {
-            return Err(bad(format!("config of {} bytes", config_desc.size)));
-        }
+        let (config_desc, config_digest) = config_of(&manifest).map_err(&bad)?;
         self.blob(
             &client,
             endpoint,
@@ -647,35 +562,12 @@ impl Puller {
                 digest: config_digest.to_string(),
                 source,
             })?;
-        let config: ImageConfig =
-            serde_json::from_slice(&config_bytes).map_err(|e| bad(format!("config: {e}")))?;
+        let config = parse_config(&config_bytes).map_err(&bad)?;
         blobs.push(config_digest.clone());
-        if config.rootfs.diff_ids.len() != manifest.layers.len() {
-            return Err(bad(format!(
-                "{} layers but {} diffIDs",
-                manifest.layers.len(),
-                config.rootfs.diff_ids.len()
-            )));
-        }
-        let diff_ids = config
-            .rootfs
-            .diff_ids
-            .iter()
-            .map(|d| Digest::parse(d).ok_or_else(|| bad(format!("diffID {d:?}"))))
-            .collect::<Result<Vec<_>, _>>()?;
-        let chains = chain_ids(&diff_ids);
         let mut layers = Vec::new();
-        for ((desc, diff_id), chain_id) in manifest.layers.iter().zip(&diff_ids).zip(&chains) {
-            let digest = Digest::parse(&desc.digest)
-                .ok_or_else(|| bad(format!("layer digest {:?}", desc.digest)))?;
-            blobs.push(digest.clone());
-            layers.push(LayerRecord {
-                digest: digest.to_string(),
-                media_type: desc.media_type.clone(),
-                size: desc.size,
-                diff_id: diff_id.to_string(),
-                chain_id: chain_id.to_string(),
-            });
+        for (digest, record) in layer_records(&manifest, &config).map_err(&bad)? {
+            blobs.push(digest);
+            layers.push(record);
         }
 
         // Layers: fetch and unpack concurrently; each layer's snapshot holds only its own diff,
@@ -855,16 +747,6 @@ enum Chunk {
     Done,
 }
 
-fn check_media_type(m: &Manifest) -> Result<(), String> {
-    if m.schema_version != 2 {
-        return Err(format!("schema version {}", m.schema_version));
-    }
-    match m.media_type.as_deref() {
-        None | Some(OCI_MANIFEST | OCI_INDEX | DOCKER_MANIFEST | DOCKER_LIST) => Ok(()),
-        Some(other) => Err(format!("media type {other}")),
-    }
-}
-
 /// The credentials a pull of `reference` presents to `endpoint`. The CRI request's credentials
 /// are for the registry the reference names (the kubelet picks them by that host), so a mirror
 /// gets none, as with containerd: they must not leak to another host.
@@ -939,41 +821,6 @@ fn classify(reference: &Reference, what: &str, source: OciDistributionError) -> 
 mod tests {
     use super::*;
 
-    fn desc(arch: &str, variant: Option<&str>, digest: &str) -> Descriptor {
-        Descriptor {
-            media_type: OCI_MANIFEST.into(),
-            digest: digest.into(),
-            size: 1,
-            platform: Some(Platform {
-                architecture: arch.into(),
-                os: "linux".into(),
-                variant: variant.map(Into::into),
-            }),
-        }
-    }
-
-    #[test]
-    fn platform_selection_prefers_exact_variant_then_none() {
-        let entries = vec![
-            desc("arm64", None, "a"),
-            desc("arm64", Some("v8"), "b"),
-            desc("amd64", None, "c"),
-            Descriptor {
-                platform: Some(Platform {
-                    architecture: "amd64".into(),
-                    os: "windows".into(),
-                    variant: None,
-                }),
-                ..desc("amd64", None, "w")
-            },
-        ];
-        let pick = |a, v| select_platform(&entries, a, v).map(|d| d.digest.as_str());
-        assert_eq!(pick("arm64", Some("v8")), Some("b"));
-        assert_eq!(pick("arm64", Some("v9")), Some("a"));
-        assert_eq!(pick("amd64", None), Some("c"));
-        assert_eq!(pick("s390x", None), None);
-    }
-
     #[test]
     fn auth_config_forms() {
         assert!(matches!(
@@ -1010,13 +857,5 @@ mod tests {
         let mirror = Endpoint::parse("http://10.0.0.1:5000").unwrap();
         assert!(auth_for(&own, &reference, &basic) == basic);
         assert!(auth_for(&mirror, &reference, &basic) == RegistryAuth::Anonymous);
-    }
-
-    #[test]
-    fn config_user_to_cri_uid_and_username() {
-        assert_eq!(user_of(""), (None, String::new()));
-        assert_eq!(user_of("1000"), (Some(1000), String::new()));
-        assert_eq!(user_of("65534:65534"), (Some(65534), String::new()));
-        assert_eq!(user_of("nobody:nogroup"), (None, "nobody".to_string()));
     }
 }

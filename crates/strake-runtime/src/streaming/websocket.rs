@@ -99,10 +99,35 @@ pub async fn server<IO>(io: IO) -> WebSocketStream<IO>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
-    let config = WebSocketConfig::default()
+    WebSocketStream::from_raw_socket(io, Role::Server, Some(config())).await
+}
+
+/// The server's WebSocket limits (also what the fuzzer reads frames with).
+pub fn config() -> WebSocketConfig {
+    WebSocketConfig::default()
         .max_message_size(Some(MAX_MESSAGE))
-        .max_frame_size(Some(MAX_MESSAGE));
-    WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await
+        .max_frame_size(Some(MAX_MESSAGE))
+}
+
+/// What one binary message from the client of a channel protocol means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inbound<'a> {
+    /// Data for a channel (never empty).
+    Data(u8, &'a [u8]),
+    /// The client closed its side of a channel (v5's close channel).
+    Close(u8),
+    /// Nothing to act on: an empty message, or empty data.
+    Ignore,
+}
+
+/// Reads a client's binary message: the first byte names the channel, the rest is its data;
+/// on the close channel, the data names the channel closed.
+pub fn route(message: &[u8]) -> Inbound<'_> {
+    match message.split_first() {
+        Some((&CLOSE, body)) => body.first().map_or(Inbound::Ignore, |&c| Inbound::Close(c)),
+        Some((&ch, body)) if !body.is_empty() => Inbound::Data(ch, body),
+        _ => Inbound::Ignore,
+    }
 }
 
 /// The channels of an exec or attach over a channel protocol, as streams; the session closes
@@ -175,20 +200,17 @@ where
                 Message::Close(_) => break,
                 _ => continue,
             };
-            let Some((&ch, body)) = data.split_first() else {
-                continue;
-            };
-            if ch == CLOSE {
-                if let Some(&closed) = body.first() {
+            let (ch, body) = match route(&data) {
+                Inbound::Ignore => continue,
+                Inbound::Close(closed) => {
                     inputs.remove(&closed);
+                    continue;
                 }
-                continue;
-            }
+                Inbound::Data(ch, body) => (ch, body),
+            };
             // Waits while the channel's queue is full: the WebSocket is not read meanwhile, so
             // the client is held back by TCP.
-            if let Some(tx) = inputs.get(&ch)
-                && !body.is_empty()
-            {
+            if let Some(tx) = inputs.get(&ch) {
                 let mut sent = true;
                 for chunk in body.chunks(MAX_DATA_CHUNK) {
                     if tx.send(Bytes::copy_from_slice(chunk)).await.is_err() {
