@@ -182,11 +182,13 @@ fn image(name: &str, layers: Vec<Layer>, cmd: &[&str]) -> Image {
     }
 }
 
-/// What the registry answers at a path, and whether it trickles the body.
+/// What the registry answers at a path, and how it sends the body.
 struct Blob {
     content_type: &'static str,
     body: Arc<Vec<u8>>,
     trickle: bool,
+    /// Announce the whole body's length, send only this many bytes, and hang up.
+    truncate: Option<usize>,
 }
 
 /// A plain-HTTP registry on the runtime's loopback.
@@ -206,6 +208,16 @@ impl Drop for Registry {
 impl Registry {
     /// Serves `images`; the layers of those named in `trickle` come a byte at a time.
     fn start(ns: &NetNs, images: &[Image], trickle: &[&str]) -> Registry {
+        Self::start_tampered(ns, images, trickle, |_| {})
+    }
+
+    /// Like [`Registry::start`], with `tamper` changing what is served at some paths first.
+    fn start_tampered(
+        ns: &NetNs,
+        images: &[Image],
+        trickle: &[&str],
+        tamper: impl FnOnce(&mut HashMap<String, Blob>),
+    ) -> Registry {
         let mut paths = HashMap::new();
         for i in images {
             let slow = trickle.contains(&i.name.as_str());
@@ -215,6 +227,7 @@ impl Registry {
                     content_type: "application/vnd.oci.image.manifest.v1+json",
                     body: Arc::new(i.manifest.clone()),
                     trickle: false,
+                    truncate: None,
                 },
             );
             paths.insert(
@@ -223,6 +236,7 @@ impl Registry {
                     content_type: "application/octet-stream",
                     body: Arc::new(i.config.clone()),
                     trickle: false,
+                    truncate: None,
                 },
             );
             for l in &i.layers {
@@ -232,10 +246,12 @@ impl Registry {
                         content_type: "application/octet-stream",
                         body: Arc::new(l.clone()),
                         trickle: slow,
+                        truncate: None,
                     },
                 );
             }
         }
+        tamper(&mut paths);
         let listener = listen_in(ns);
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("addr");
@@ -296,19 +312,27 @@ async fn connection(
             }
         };
         let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
-        let (status, ctype, body, trickle) = match paths.get(&path) {
-            Some(b) => ("200 OK", b.content_type, b.body.clone(), b.trickle),
+        let (status, ctype, body, trickle, truncate) = match paths.get(&path) {
+            Some(b) => (
+                "200 OK",
+                b.content_type,
+                b.body.clone(),
+                b.trickle,
+                b.truncate,
+            ),
             None if path == "/v2/" => (
                 "200 OK",
                 "application/json",
                 Arc::new(b"{}".to_vec()),
                 false,
+                None,
             ),
             None => (
                 "404 Not Found",
                 "application/json",
                 Arc::new(br#"{"errors":[{"code":"NAME_UNKNOWN","message":"no"}]}"#.to_vec()),
                 false,
+                None,
             ),
         };
         let digest = if status.starts_with("200") && path != "/v2/" {
@@ -333,6 +357,11 @@ async fn connection(
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             trickling.fetch_sub(1, Ordering::SeqCst);
+            return;
+        }
+        if let Some(n) = truncate {
+            let _ = conn.write_all(&body[..n.min(body.len())]).await;
+            let _ = conn.flush().await;
             return;
         }
         if conn.write_all(&body).await.is_err() {
@@ -692,6 +721,198 @@ fn hostile_layers_fail_clearly_and_the_runtime_stays_bounded_and_answering() {
             .expect("good image after the hostile ones");
         let peak = rt.peak_rss_kib();
         eprintln!("daemon peak RSS: {peak} KiB");
+        assert!(peak < 256 * 1024, "daemon peak RSS {peak} KiB");
+    });
+}
+
+/// A tar entry written byte for byte (the tar crate refuses `..` and absolute names, which
+/// is the point here): `name`, an optional link target, a device 1:1 for device kinds.
+fn raw(b: &mut tar::Builder<Tee>, kind: tar::EntryType, name: &str, link: &str, data: &[u8]) {
+    let mut h = header(kind, 0o644, data.len() as u64);
+    let old = h.as_old_mut();
+    assert!(name.len() < old.name.len() && link.len() < old.linkname.len());
+    old.name[..name.len()].copy_from_slice(name.as_bytes());
+    old.linkname[..link.len()].copy_from_slice(link.as_bytes());
+    if matches!(kind, tar::EntryType::Char | tar::EntryType::Block) {
+        h.set_device_major(1).expect("major");
+        h.set_device_minor(1).expect("minor");
+    }
+    h.set_cksum();
+    b.append(&h, data).expect("append");
+}
+
+#[test]
+fn a_hostile_registry_writes_nothing_outside_the_store_and_gets_clear_errors() {
+    use tar::EntryType::{Char, Link, Regular, Symlink};
+    run(async {
+        // A host directory the images aim at, with a file to overwrite, link or white out.
+        let outside = tempfile::Builder::new()
+            .prefix("strake-outside-")
+            .tempdir_in("/tmp")
+            .expect("outside dir");
+        let out = outside.path().display().to_string();
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, b"host data").expect("victim");
+        let up = format!("{}{}", "../".repeat(12), out.trim_start_matches('/'));
+        let one =
+            |kind, name: String, link: String| layer(move |b| raw(b, kind, &name, &link, b"pwned"));
+        let two = |name: String| {
+            let out = out.clone();
+            layer(move |b| {
+                raw(b, Symlink, "d", &out, b"");
+                raw(b, Regular, &name, "", b"");
+            })
+        };
+        let cases: Vec<(&str, Layer, &str)> = vec![
+            (
+                "traversal",
+                one(Regular, format!("{up}/traversal"), String::new()),
+                "contains '..'",
+            ),
+            (
+                "absolute",
+                one(Regular, format!("{out}/absolute"), String::new()),
+                "has an absolute path",
+            ),
+            (
+                "symlinked-dir",
+                two("d/through-link".into()),
+                "goes through a symlink",
+            ),
+            (
+                "hardlink-up",
+                one(Link, "h".into(), format!("{up}/victim")),
+                "outside the layer",
+            ),
+            (
+                "hardlink-absolute",
+                one(Link, "h".into(), format!("{out}/victim")),
+                "outside the layer",
+            ),
+            (
+                "whiteout-up",
+                one(Regular, format!("{up}/.wh.victim"), String::new()),
+                "contains '..'",
+            ),
+            (
+                "whiteout-symlink",
+                two("d/.wh.victim".into()),
+                "goes through a symlink",
+            ),
+            (
+                "opaque-symlink",
+                two("d/.wh..wh..opq".into()),
+                "goes through a symlink",
+            ),
+            (
+                "device",
+                one(Char, "dev/mem".into(), String::new()),
+                "is a device node",
+            ),
+        ];
+        let mut images: Vec<Image> = Vec::new();
+        let mut expected = Vec::new();
+        for (name, l, want) in cases {
+            images.push(image(name, vec![l], &["true"]));
+            expected.push((name, want));
+        }
+        // Transport attacks on a good image: a corrupted blob under a layer's digest, a
+        // body cut short, a config whose diffID the layer does not hash to.
+        images.push(image(
+            "digest-mismatch",
+            vec![busybox_layer(false)],
+            &["true"],
+        ));
+        expected.push(("digest-mismatch", "content hashes to"));
+        // (A layer no other image here has: a blob already stored would not be fetched again.)
+        images.push(image("truncated", vec![busybox_layer(true)], &["true"]));
+        let mut wrong = image("diffid-mismatch", vec![busybox_layer(false)], &["true"]);
+        let config = String::from_utf8(wrong.config.clone()).expect("utf8");
+        let good_diff = busybox_layer(false).diff_id;
+        wrong.config = config
+            .replace(&good_diff, &sha256(b"another layer"))
+            .into_bytes();
+        let manifest = String::from_utf8(wrong.manifest.clone()).expect("utf8");
+        wrong.manifest = manifest
+            .replace(
+                &sha256(&config.clone().into_bytes()),
+                &sha256(&wrong.config),
+            )
+            .into_bytes();
+        images.push(wrong);
+        expected.push(("diffid-mismatch", "the image config says"));
+        images.push(image("good", vec![busybox_layer(false)], &["true"]));
+        let mismatch_path = format!("/v2/digest-mismatch/blobs/{}", sha256(&images[9].layers[0]));
+        let truncated_path = format!("/v2/truncated/blobs/{}", sha256(&images[10].layers[0]));
+        // Same length, one byte changed: the body arrives whole and only its digest is wrong.
+        let mut corrupt = images[9].layers[0].clone();
+        let mid = corrupt.len() / 2;
+        corrupt[mid] ^= 0xff;
+        let corrupt = Arc::new(corrupt);
+        let ns = NetNs::create("hostreg").expect("netns");
+        let registry = Registry::start_tampered(&ns, &images, &[], |paths| {
+            paths.get_mut(&mismatch_path).expect("layer path").body = corrupt;
+            let cut = paths.get_mut(&truncated_path).expect("layer path");
+            cut.truncate = Some(cut.body.len() / 2);
+        });
+        let rt = Runtime::start(&ns, &registry, "");
+        for (name, want) in &expected {
+            let err = rt
+                .crictl_async(&["pull", &registry.reference(name)])
+                .await
+                .expect_err("hostile image pulled");
+            let text = err.to_string();
+            assert!(text.contains(want), "{name}: want {want:?} in {text}");
+            rt.crictl_async(&["version"]).await.expect("version");
+        }
+        // A body cut short: an error that says so, whichever layer of the stack sees it first.
+        let err = rt
+            .crictl_async(&["pull", &registry.reference("truncated")])
+            .await
+            .expect_err("truncated image pulled");
+        let text = err.to_string();
+        assert!(
+            [
+                "transfer failed",
+                "expected",
+                "bytes, got",
+                "not a valid archive"
+            ]
+            .iter()
+            .any(|w| text.contains(w)),
+            "truncated: {text}"
+        );
+        // Nothing was written outside the store: the host directory holds its one file,
+        // unchanged, not hard-linked anywhere, and no opaque mark.
+        let names: Vec<_> = std::fs::read_dir(outside.path())
+            .expect("outside")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["victim"]);
+        assert_eq!(std::fs::read(&victim).expect("victim"), b"host data");
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&victim).expect("stat").nlink(), 1);
+        let mut xattr = [0u8; 8];
+        let c = std::ffi::CString::new(out.clone()).expect("path");
+        let name = c"trusted.overlay.opaque";
+        // SAFETY: lgetxattr(2) with NUL-terminated strings and a buffer of the given size.
+        let n = unsafe {
+            libc::lgetxattr(
+                c.as_ptr(),
+                name.as_ptr(),
+                xattr.as_mut_ptr().cast(),
+                xattr.len(),
+            )
+        };
+        assert_eq!(n, -1, "the outside directory was marked opaque");
+        // Nothing half-unpacked stays, and the runtime still pulls and answers.
+        assert!(rt.snapshots().is_empty(), "left {:?}", rt.snapshots());
+        rt.crictl_async(&["pull", &registry.reference("good")])
+            .await
+            .expect("good image after the hostile ones");
+        assert_eq!(rt.snapshots().len(), 1, "{:?}", rt.snapshots());
+        let peak = rt.peak_rss_kib();
         assert!(peak < 256 * 1024, "daemon peak RSS {peak} KiB");
     });
 }
