@@ -75,6 +75,10 @@ pub fn parse_milli(q: &str) -> Result<i128, BadQuantity> {
     let mut value: i128 = digits.parse().map_err(|_| bad())?;
     let mut exp = exp10 - frac.len() as i32;
     value = value.checked_mul(mult).ok_or_else(bad)?;
+    // `0e999999999` is zero: no need to scale it that many times.
+    if value == 0 {
+        exp = 0;
+    }
     while exp > 0 {
         value = value.checked_mul(10).ok_or_else(bad)?;
         exp -= 1;
@@ -88,8 +92,12 @@ pub fn parse_milli(q: &str) -> Result<i128, BadQuantity> {
     if rounded_up {
         value += 1;
     }
-    Ok(sign * value)
+    // What a quantity can hold: at most 2^63-1 units; bigger ones are that many.
+    Ok(sign * value.min(MAX_MILLI))
 }
+
+/// The largest quantity, in thousandths: 2^63-1 units.
+pub const MAX_MILLI: i128 = i64::MAX as i128 * 1000;
 
 fn milli_of(map: Option<&BTreeMap<String, Quantity>>, name: &str) -> Option<i128> {
     map?.get(name).and_then(|q| parse_milli(&q.0).ok())
@@ -105,8 +113,8 @@ pub fn cpu_shares(milli_cpu: i128) -> i64 {
     if milli_cpu <= 0 {
         return MIN_SHARES;
     }
-    let shares = (milli_cpu * SHARES_PER_CPU as i128 / 1000) as i64;
-    shares.clamp(MIN_SHARES, MAX_SHARES)
+    let shares = milli_cpu * SHARES_PER_CPU as i128 / 1000;
+    shares.clamp(MIN_SHARES.into(), MAX_SHARES.into()) as i64
 }
 
 /// The CFS quota for a CPU limit in millicores over `period` µs; 0 (no quota) without a limit.
@@ -114,7 +122,8 @@ pub fn cpu_quota(milli_cpu: i128, period: i64) -> i64 {
     if milli_cpu <= 0 {
         return 0;
     }
-    ((milli_cpu * period as i128 / 1000) as i64).max(MIN_QUOTA_US)
+    let quota = milli_cpu.saturating_mul(period.into()) / 1000;
+    quota.clamp(MIN_QUOTA_US.into(), i64::MAX.into()) as i64
 }
 
 /// The OOM score adjustment of a container (upstream's `GetContainerOOMScoreAdjust`):
@@ -285,6 +294,22 @@ mod tests {
         for q in ["", "abc", "1Qi", "1..2", "Mi", "."] {
             assert!(parse_milli(q).is_err(), "{q}");
         }
+    }
+
+    /// Found by `fuzz/fuzz_targets/quantity_duration.rs`
+    /// (`fuzz/artifacts/quantity_duration/crash-09cb3c...`): a 34-digit quantity came back
+    /// beyond what a quantity holds, and CPU settings derived from it wrapped around.
+    #[test]
+    fn huge_quantities_saturate_and_zero_exponents_end_at_once() {
+        let huge = "9223372036854337203685477580775807";
+        assert_eq!(parse_milli(huge), Ok(MAX_MILLI));
+        assert_eq!(parse_milli(&format!("-{huge}")), Ok(-MAX_MILLI));
+        assert_eq!(parse_milli("8Ei"), Ok(MAX_MILLI));
+        assert_eq!(cpu_quota(MAX_MILLI, 100_000), i64::MAX);
+        assert_eq!(cpu_shares(MAX_MILLI), MAX_SHARES);
+        // Would multiply by ten two billion times.
+        assert_eq!(parse_milli("0e2000000000"), Ok(0));
+        assert!(parse_milli("1e2000000000").is_err());
     }
 
     #[test]
