@@ -547,6 +547,13 @@ fn parse_header_block(mut b: &[u8]) -> Result<Headers, SpdyError> {
             Ok(s)
         };
         let k = field(&mut b)?;
+        // SPDY/3 header names are lower case; upstream's framer refuses others
+        // (UnlowercasedHeaderName), and so do we, rather than read `Port` as `port`.
+        if k.bytes().any(|c| c.is_ascii_uppercase()) {
+            return Err(SpdyError::Malformed(
+                "header block (upper-case header name)",
+            ));
+        }
         let v = field(&mut b)?;
         headers.push((k, v));
     }
@@ -965,6 +972,24 @@ mod tests {
             b = (b + a) % 65521;
         }
         assert_eq!((b << 16) | a, 0xe3c6_a7c2);
+    }
+
+    /// Found by `fuzz/fuzz_targets/spdy_frames.rs` (`fuzz/artifacts/spdy_frames/crash-e4e7b1...`):
+    /// a header name with an upper-case letter was read as given, and re-encoded in lower
+    /// case. Upstream's framer refuses such a block; so do we.
+    #[test]
+    fn upper_case_header_names_are_refused() {
+        let mut c = Codec::new();
+        let mut buf = BytesMut::from(
+            &hex(concat!(
+                "800300010000004600000001000000000000789c63606060666060e02a2e294a4dcc2da9",
+                "2c4805f258538b8af28b800c9682fca21220cd64610024398b520b4b5d8b441253801c46",
+                "b3b30500000080030001000000468e0200000001000000000000789c63000000004b1241",
+                "74416060800300"
+            ))[..],
+        );
+        let err = c.decode(&mut buf).unwrap_err();
+        assert!(err.to_string().contains("upper-case header name"), "{err}");
     }
 
     /// Two SYN_STREAM frames as Go's spdystream framer (what kubectl, crictl and the API
