@@ -2,7 +2,9 @@
 //! rejected pod is never started: its phase becomes Failed with the check's reason and
 //! `Pod was rejected: <message>`, and a Warning event says why (upstream's `rejectPod`).
 //!
-//! Checks today: sysctls ([`crate::sysctls`]).
+//! Checks here: sysctls ([`crate::sysctls`]), in the pod worker. The general predicates that
+//! weigh a pod against the Node and the other pods (resources, affinity, ports, taints) run
+//! once when a pod arrives ([`crate::pods`], [`crate::predicates`]).
 
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use kube::api::{Api, Patch, PatchParams};
@@ -26,12 +28,15 @@ pub fn admit(pod: &Pod, config: &Config) -> Result<(), Rejection> {
     list.admit(pod)
 }
 
+/// How the status message of a rejected pod begins.
+pub const REJECTED_PREFIX: &str = "Pod was rejected: ";
+
 /// The status of a rejected pod.
 pub fn rejected_status(pod: &Pod, r: &Rejection) -> PodStatus {
     PodStatus {
         phase: Some("Failed".into()),
         reason: Some(r.reason.clone()),
-        message: Some(format!("Pod was rejected: {}", r.message)),
+        message: Some(format!("{REJECTED_PREFIX}{}", r.message)),
         qos_class: Some(crate::pod_spec::qos_class(pod).into()),
         ..Default::default()
     }

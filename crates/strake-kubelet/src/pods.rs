@@ -2,18 +2,28 @@
 //! (a watch on `spec.nodeName`) and the static-pod manifests ([`crate::static_pods`]). Each
 //! pod UID gets its own [`pod_worker`]; mirror pods (the API's view of static pods) are never
 //! run.
+//!
+//! A new pod is admitted here, once, before its worker starts, as upstream's
+//! `HandlePodAdditions` does: the general predicates ([`crate::predicates`]: OS, resources
+//! against the Node's allocatable less what the pods already admitted request, node affinity
+//! and selector, host ports, NoExecute taints) against the Node as this kubelet last reported
+//! it. A refused pod gets no worker: it is set Failed with the predicate's reason and a
+//! Warning event ([`crate::admission::reject`]), and stays refused. The per-pod checks that
+//! need no other pod (sysctls) run in the worker ([`crate::admission::admit`]).
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::Api;
 use kube::runtime::watcher;
 use tokio::sync::{mpsc, watch};
 
+use crate::events::Events;
 use crate::pod_worker::{self, Context};
+use crate::predicates;
 use crate::static_pods::{self, ManifestChange};
 
 /// Where a pod came from: a relist of the API replaces only the API's pods.
@@ -34,18 +44,28 @@ enum Change {
 
 /// How many changes may wait for the dispatcher.
 const QUEUE: usize = 1024;
+/// How long pods wait for the Node at start before they are admitted without it.
+const NODE_WAIT: Duration = Duration::from_secs(30);
 
 /// Runs the pods of both sources until they end (they do not: the watch retries through API
 /// outages, and the manifest directory is re-read for ever).
 pub async fn run(ctx: Context, api: Option<kube::Client>, manifests: Option<(PathBuf, Duration)>) {
     let (tx, mut rx) = mpsc::channel::<Change>(QUEUE);
     let mut sources = Vec::new();
-    if let Some(client) = api {
+    let (node_tx, mut node_rx) = watch::channel(None);
+    if let Some(client) = &api {
         sources.push(tokio::spawn(watch_api(
-            client,
+            client.clone(),
             ctx.config.node_name.clone(),
             tx.clone(),
         )));
+        sources.push(tokio::spawn(watch_node(
+            client.clone(),
+            ctx.config.node_name.clone(),
+            node_tx,
+        )));
+        // Admission needs the Node (registered before this runs); pods wait for it a while.
+        let _ = tokio::time::timeout(NODE_WAIT, node_rx.wait_for(Option::is_some)).await;
     }
     if let Some((dir, every)) = manifests {
         let (mtx, mut mrx) = mpsc::channel(QUEUE);
@@ -69,7 +89,12 @@ pub async fn run(ctx: Context, api: Option<kube::Client>, manifests: Option<(Pat
         }));
     }
     drop(tx);
-    let mut workers = Workers::default();
+    let mut workers = Workers {
+        by_uid: HashMap::new(),
+        rejected: HashSet::new(),
+        node: node_rx,
+        events: Events::new(api.clone(), &ctx.config.node_name),
+    };
     while let Some(change) = rx.recv().await {
         workers.apply(&ctx, change);
     }
@@ -124,10 +149,39 @@ async fn watch_api(client: kube::Client, node: String, out: mpsc::Sender<Change>
     }
 }
 
-/// The running pod workers by pod UID.
-#[derive(Default)]
+/// Follows this kubelet's Node object (its allocatable, labels and taints, for admission).
+async fn watch_node(client: kube::Client, node: String, out: watch::Sender<Option<Node>>) {
+    let nodes: Api<Node> = Api::all(client);
+    let selector = format!("metadata.name={node}");
+    let stream = watcher(nodes, watcher::Config::default().fields(&selector));
+    futures::pin_mut!(stream);
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => {
+                out.send_replace(Some(n));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "node watch failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// The running pod workers by pod UID, and the pods admission refused.
 struct Workers {
     by_uid: HashMap<String, (Source, watch::Sender<Option<Pod>>)>,
+    rejected: HashSet<String>,
+    node: watch::Receiver<Option<Node>>,
+    events: Events,
+}
+
+fn is_terminal(pod: &Pod) -> bool {
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
 }
 
 impl Workers {
@@ -135,6 +189,7 @@ impl Workers {
         match change {
             Change::Apply(source, pod) => self.dispatch(ctx, source, *pod),
             Change::Gone(uid) => {
+                self.rejected.remove(&uid);
                 if let Some((_, tx)) = self.by_uid.remove(&uid) {
                     let _ = tx.send(None);
                 }
@@ -166,11 +221,51 @@ impl Workers {
             Some((_, tx)) if !tx.is_closed() => {
                 let _ = tx.send(Some(pod));
             }
+            _ if self.rejected.contains(&uid) => {}
             _ => {
+                if let Err(r) = self.admit(&pod) {
+                    self.rejected.insert(uid);
+                    let (client, events) = (ctx.client.clone(), self.events.clone());
+                    tokio::spawn(async move {
+                        crate::admission::reject(client.as_ref(), &events, &pod, &r).await;
+                    });
+                    return;
+                }
                 let (tx, rx) = watch::channel(Some(pod));
                 tokio::spawn(pod_worker::run(ctx.clone(), uid.clone(), rx));
                 self.by_uid.insert(uid, (source, tx));
             }
         }
+    }
+
+    /// Admits a new pod against the Node and the pods already admitted (those still running
+    /// or to run). A pod that has already ended is not judged again, and one refused before
+    /// (by this kubelet, before a restart) stays refused; without a Node (no API server, or
+    /// none yet) only what needs no Node is left to the worker.
+    fn admit(&self, pod: &Pod) -> Result<(), predicates::Rejection> {
+        if is_terminal(pod) {
+            let status = pod.status.as_ref();
+            let refused = status
+                .and_then(|s| s.message.as_deref())
+                .and_then(|m| m.strip_prefix(crate::admission::REJECTED_PREFIX));
+            return match refused {
+                Some(message) => Err(predicates::Rejection {
+                    reason: status.and_then(|s| s.reason.clone()).unwrap_or_default(),
+                    message: message.to_string(),
+                }),
+                None => Ok(()),
+            };
+        }
+        let Some(node) = self.node.borrow().clone() else {
+            return Ok(());
+        };
+        let admitted: Vec<Pod> = self
+            .by_uid
+            .values()
+            .filter_map(|(_, tx)| tx.borrow().clone())
+            .filter(|p| !is_terminal(p))
+            .collect();
+        let refs: Vec<&Pod> = admitted.iter().collect();
+        predicates::admit(pod, &refs, &node)
     }
 }

@@ -15,7 +15,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use crate::resources::parse_milli;
 
-/// Why a pod was refused: `reason` is the pod status reason, `message` its message.
+/// Why a pod is not admitted (upstream's `PodAdmitResult`): `reason` is the pod status
+/// reason, `message` its message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rejection {
     pub reason: String,

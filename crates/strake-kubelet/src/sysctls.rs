@@ -73,12 +73,7 @@ pub enum SysctlError {
     NotNamespaced(String),
 }
 
-/// Why a pod is not admitted (upstream's `PodAdmitResult`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Rejection {
-    pub reason: String,
-    pub message: String,
-}
+pub use crate::predicates::Rejection;
 
 /// `net/ipv4/ip_forward` as `net.ipv4.ip_forward`: when the first separator is `/`, dots and
 /// slashes swap (a dot then belongs to a name part, such as an interface `eno2.100`).

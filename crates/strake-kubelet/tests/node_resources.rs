@@ -1,6 +1,8 @@
 //! Node resources on a real node: allocatable leaves out the reservations and the hard
 //! eviction thresholds, and container logs are rotated at `containerLogMaxSize`, keeping at
-//! most `containerLogMaxFiles` files while `kubectl logs --tail` still reads the newest line.
+//! most `containerLogMaxFiles` files while `kubectl logs --tail` still reads the newest line;
+//! pods that do not fit the Node (resources against allocatable less what admitted pods
+//! request, node selector, host ports) are refused at admission and never started.
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, PostParams};
@@ -132,4 +134,146 @@ async fn allocatable_is_reserved_and_logs_rotate_within_their_bound() {
     assert_eq!(logs.lines().count(), 1, "{logs:?}");
     let last = logs.trim();
     assert!(last == "0123456789abcdefghij" || last == "last", "{last:?}");
+}
+
+/// The phase, reason and message a pod reports once the kubelet has decided on it.
+async fn decided(pods: &Api<Pod>, name: &str) -> (String, String, String) {
+    wait_for(&format!("{name} decided"), 90, || async {
+        let st = pods.get(name).await.ok()?.status?;
+        let phase = st.phase.clone()?;
+        (phase != "Pending" || st.container_statuses.is_some()).then(|| {
+            (
+                phase,
+                st.reason.unwrap_or_default(),
+                st.message.unwrap_or_default(),
+            )
+        })
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_that_do_not_fit_the_node_are_refused_at_admission() {
+    const ADMIT_NODE: &str = "strake-node-admission-0";
+    let mut cluster = Cluster::start_with(ADMIT_NODE, RuntimeKind::Strake, "").await;
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    let alloc = nodes
+        .get(ADMIT_NODE)
+        .await
+        .expect("node")
+        .status
+        .and_then(|s| s.allocatable)
+        .expect("allocatable");
+    let cpu = milli(&alloc["cpu"].0);
+    let pod = |name: &str, spec: serde_json::Value| -> Pod {
+        let mut spec = spec;
+        spec["nodeName"] = ADMIT_NODE.into();
+        spec["terminationGracePeriodSeconds"] = 1.into();
+        let c = serde_json::json!({
+            "name": "app",
+            "image": cluster.busybox(),
+            "command": ["/bin/sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"],
+        });
+        let containers = spec["containers"].as_array().cloned().unwrap_or_default();
+        spec["containers"] = if containers.is_empty() {
+            serde_json::json!([c])
+        } else {
+            serde_json::Value::Array(
+                containers
+                    .into_iter()
+                    .map(|mut x| {
+                        x["name"] = c["name"].clone();
+                        x["image"] = c["image"].clone();
+                        x["command"] = c["command"].clone();
+                        x
+                    })
+                    .collect(),
+            )
+        };
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": { "name": name }, "spec": spec,
+        }))
+        .expect("pod")
+    };
+    let create = |p: Pod| {
+        let pods = pods.clone();
+        async move {
+            wait_for("pod created", 60, || async {
+                pods.create(&PostParams::default(), &p).await.ok()
+            })
+            .await;
+        }
+    };
+    // Two thirds of the node's CPU fits; another two thirds does not, given the first.
+    let two_thirds = format!("{}m", cpu * 2 / 3);
+    let requests = |q: &str| serde_json::json!({ "containers": [{ "resources": { "requests": { "cpu": q } } }] });
+    create(pod("fits", requests(&two_thirds))).await;
+    wait_for("fits running", 120, || async {
+        let p = pods.get("fits").await.ok()?;
+        (p.status?.phase.as_deref() == Some("Running")).then_some(())
+    })
+    .await;
+    create(pod("too-big", requests(&two_thirds))).await;
+    let (phase, reason, message) = decided(&pods, "too-big").await;
+    assert_eq!((phase.as_str(), reason.as_str()), ("Failed", "OutOfcpu"));
+    assert_eq!(
+        message,
+        format!(
+            "Pod was rejected: Node didn't have enough resource: cpu, requested: {}, used: {}, capacity: {cpu}",
+            cpu * 2 / 3,
+            cpu * 2 / 3
+        )
+    );
+    // A selector no label of the node matches; a host port an admitted pod holds.
+    create(pod(
+        "elsewhere",
+        serde_json::json!({ "nodeSelector": { "disk": "ssd" } }),
+    ))
+    .await;
+    let (phase, reason, _) = decided(&pods, "elsewhere").await;
+    assert_eq!(
+        (phase.as_str(), reason.as_str()),
+        ("Failed", "NodeAffinity")
+    );
+    let port = |name: &str| {
+        pod(
+            name,
+            serde_json::json!({ "containers": [{ "ports": [{ "containerPort": 80, "hostPort": 18080 }] }] }),
+        )
+    };
+    // (The kubelet sees pods in the order the API stored them: port-a is admitted first.)
+    create(port("port-a")).await;
+    create(port("port-b")).await;
+    let (phase, reason, _) = decided(&pods, "port-b").await;
+    assert_eq!((phase.as_str(), reason.as_str()), ("Failed", "NodePorts"));
+    // Refused pods never got a sandbox...
+    fn sandboxes(node: &common::KubeletNode, name: &str) -> String {
+        let out = node
+            .runtime
+            .crictl(&["pods", "-q", "--name", &format!("^{name}$")])
+            .expect("crictl pods");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+    for name in ["too-big", "elsewhere", "port-b"] {
+        assert_eq!(sandboxes(&cluster.node, name), "", "{name} has a sandbox");
+    }
+    // ... nor when room is made and the kubelet restarts: a refused pod is not judged again.
+    pods.delete("fits", &Default::default())
+        .await
+        .expect("delete");
+    cluster.node.restart_kubelet().expect("restart kubelet");
+    wait_for("fits gone", 60, || async {
+        pods.get_opt("fits").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    let st = pods
+        .get("too-big")
+        .await
+        .expect("pod")
+        .status
+        .expect("status");
+    assert_eq!(st.phase.as_deref(), Some("Failed"));
+    assert_eq!(sandboxes(&cluster.node, "too-big"), "");
 }
