@@ -10,7 +10,8 @@ TEST_THREADS ?= 2
 
 .PHONY: help demo build release lint fmt test unit-test integration-test critest bench testbed \
         testbed-packages testbed-upstream testbed-images testbed-env testbed-up clean-testbed-cache \
-        conformance-bed conformance-binaries conformance-images conformance conformance-node-network
+        conformance-bed conformance-binaries conformance-images conformance conformance-node-network \
+        fuzz
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -43,6 +44,9 @@ integration-test: testbed ## Integration tests against the real test bed (root)
 
 critest: testbed ## critest conformance (streaming included) against strake-runtime: minutes long
 	$(CARGO) test -p strake-runtime --test cri_container critest_conformance -- --ignored --nocapture
+
+fuzz: testbed-packages ## Every cargo-fuzz target for FUZZ_SECONDS (default 60) each, nightly; corpora in fuzz/corpus
+	@bash fuzz/run.sh
 
 bench: testbed ## Benchmarks side by side with the upstream peers (release builds); see docs/PERFORMANCE.md
 	$(CARGO) build --release -p strake-runtime -p strake-proxy -p strake-kubelet -p strake-integration --bins
