@@ -302,7 +302,8 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
             "h" => 3600.0,
             _ => return None,
         };
-        total += Duration::from_secs_f64(value * scale);
+        // Go refuses durations past ~292 years ("invalid duration"); never a panic here.
+        total = total.checked_add(Duration::try_from_secs_f64(value * scale).ok()?)?;
         rest = &rest[unit_len..];
     }
     Some(total)
@@ -1007,5 +1008,18 @@ mod tests {
         assert_eq!(parse_go_duration("1h0m0s"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_go_duration("10"), None);
         assert_eq!(parse_go_duration("x"), None);
+    }
+
+    /// Found by `fuzz/fuzz_targets/quantity_duration.rs`
+    /// (`fuzz/artifacts/quantity_duration/crash-41c93b...`): a duration too big for `Duration`
+    /// panicked (a config file field such as `syncFrequency` would have crashed the kubelet).
+    #[test]
+    fn durations_past_what_fits_are_refused_not_a_panic() {
+        assert_eq!(parse_go_duration("131h300h3922337203685472231h3720"), None);
+        assert_eq!(parse_go_duration("1e400s"), None);
+        assert_eq!(
+            parse_go_duration("18446744073709551615s18446744073709551615s"),
+            None
+        );
     }
 }
