@@ -77,26 +77,78 @@ fn state_of(c: &cri::ContainerStatus, runtime: &str) -> ContainerState {
     }
 }
 
-fn condition(
-    kind: &str,
-    ok: bool,
-    reason: Option<&str>,
-    previous: &[PodCondition],
-    now: &Time,
-) -> PodCondition {
-    let status = if ok { "True" } else { "False" };
-    let since = previous
-        .iter()
-        .find(|c| c.type_ == kind && c.status == status)
-        .and_then(|c| c.last_transition_time.clone())
-        .unwrap_or_else(|| now.clone());
-    PodCondition {
-        type_: kind.into(),
-        status: status.into(),
-        reason: reason.map(String::from),
-        last_transition_time: Some(since),
-        ..Default::default()
+/// The condition types this kubelet owns; every other condition on a pod (readiness gates,
+/// `DisruptionTarget`, ...) belongs to someone else and is never written here.
+pub const KUBELET_CONDITIONS: [&str; 5] = [
+    "PodReadyToStartContainers",
+    "Initialized",
+    "Ready",
+    "ContainersReady",
+    "PodScheduled",
+];
+
+/// Makes the kubelet's conditions: `lastTransitionTime` kept while the status holds, and
+/// `observedGeneration` the pod generation they were computed from.
+struct Conditions<'a> {
+    previous: &'a [PodCondition],
+    now: &'a Time,
+    generation: Option<i64>,
+}
+
+impl Conditions<'_> {
+    fn make(
+        &self,
+        kind: &str,
+        ok: bool,
+        reason: Option<&str>,
+        message: Option<String>,
+    ) -> PodCondition {
+        let status = if ok { "True" } else { "False" };
+        let since = self
+            .previous
+            .iter()
+            .find(|c| c.type_ == kind && c.status == status)
+            .and_then(|c| c.last_transition_time.clone())
+            .unwrap_or_else(|| self.now.clone());
+        PodCondition {
+            type_: kind.into(),
+            status: status.into(),
+            reason: reason.map(String::from),
+            message,
+            last_transition_time: Some(since),
+            observed_generation: self.generation,
+            ..Default::default()
+        }
     }
+}
+
+/// Why the pod is not Ready although its containers are: each readiness gate whose condition
+/// is missing or not "True", in upstream's words.
+fn unmet_readiness_gates(pod: &Pod) -> Option<String> {
+    let conditions = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_deref())
+        .unwrap_or_default();
+    let gates = pod.spec.as_ref().and_then(|s| s.readiness_gates.as_deref());
+    let unmet: Vec<String> = gates
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|g| {
+            let kind = &g.condition_type;
+            match conditions.iter().find(|c| &c.type_ == kind) {
+                None => Some(format!(
+                    "corresponding condition of pod readiness gate \"{kind}\" does not exist."
+                )),
+                Some(c) if c.status != "True" => Some(format!(
+                    "the status of pod readiness gate \"{kind}\" is not \"True\", but {}",
+                    c.status
+                )),
+                Some(_) => None,
+            }
+        })
+        .collect();
+    (!unmet.is_empty()).then(|| unmet.join(", "))
 }
 
 fn container_status(
@@ -186,7 +238,6 @@ pub fn pod_status(pod: &Pod, observed: &Observed, host_ip: &str, now: &Time) -> 
                 state.terminated.is_some_and(|t| t.exit_code == 0)
             }
         });
-    let all_ready = !statuses.is_empty() && statuses.iter().all(|s| s.ready);
     let terminated: Vec<i32> = statuses
         .iter()
         .filter_map(|s| s.state.as_ref()?.terminated.as_ref().map(|t| t.exit_code))
@@ -230,33 +281,64 @@ pub fn pod_status(pod: &Pod, observed: &Observed, host_ip: &str, now: &Time) -> 
     } else {
         ips
     };
-    let containers_reason = (!all_ready).then_some("ContainersNotReady");
+    // ContainersReady: every regular container and every sidecar ready; a finished pod's
+    // containers are not ready, whatever they were.
+    let unready: Vec<&str> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .zip(&init_statuses)
+        .filter(|(c, _)| c.restart_policy.as_deref() == Some("Always"))
+        .map(|(_, st)| st)
+        .chain(&statuses)
+        .filter(|st| !st.ready)
+        .map(|st| st.name.as_str())
+        .collect();
+    let (containers_ready, reason, message) = match phase {
+        "Succeeded" => (false, Some("PodCompleted"), None),
+        "Failed" => (false, Some("PodFailed"), None),
+        _ if !unready.is_empty() => (
+            false,
+            Some("ContainersNotReady"),
+            Some(format!(
+                "containers with unready status: [{}]",
+                unready.join(" ")
+            )),
+        ),
+        _ => (true, None, None),
+    };
+    // Ready: ContainersReady and every readiness gate's condition "True".
+    let gates = containers_ready
+        .then(|| unmet_readiness_gates(pod))
+        .flatten();
+    let make = Conditions {
+        previous: &prev_conditions,
+        now,
+        generation: pod.metadata.generation,
+    };
+    let ready = match &gates {
+        Some(why) => make.make(
+            "Ready",
+            false,
+            Some("ReadinessGatesNotReady"),
+            Some(why.clone()),
+        ),
+        None => make.make("Ready", containers_ready, reason, message.clone()),
+    };
     PodStatus {
         phase: Some(phase.into()),
+        observed_generation: pod.metadata.generation,
         conditions: Some(vec![
-            condition(
-                "PodReadyToStartContainers",
-                sandbox_ready,
-                None,
-                &prev_conditions,
-                now,
-            ),
-            condition(
+            make.make("PodReadyToStartContainers", sandbox_ready, None, None),
+            make.make(
                 "Initialized",
                 initialized,
                 (!initialized).then_some("ContainersNotInitialized"),
-                &prev_conditions,
-                now,
+                None,
             ),
-            condition("Ready", all_ready, containers_reason, &prev_conditions, now),
-            condition(
-                "ContainersReady",
-                all_ready,
-                containers_reason,
-                &prev_conditions,
-                now,
-            ),
-            condition("PodScheduled", true, None, &prev_conditions, now),
+            ready,
+            make.make("ContainersReady", containers_ready, reason, message),
+            make.make("PodScheduled", true, None, None),
         ]),
         host_ip: (!host_ip.is_empty()).then(|| host_ip.to_string()),
         host_ips: (!host_ip.is_empty()).then(|| {
@@ -273,6 +355,20 @@ pub fn pod_status(pod: &Pod, observed: &Observed, host_ip: &str, now: &Time) -> 
         qos_class: Some(crate::pod_spec::qos_class(pod).into()),
         ..Default::default()
     }
+}
+
+/// The strategic-merge patch that writes `status`. Conditions merge by type, so a condition
+/// someone else owns (a readiness gate's) is never overwritten by a stale copy; `podIPs` and
+/// `hostIPs` (merge lists keyed by `ip`) are replaced whole, since a new sandbox has new
+/// addresses and a merge would keep the old ones beside them.
+pub fn status_patch(status: &PodStatus) -> serde_json::Value {
+    let mut status = serde_json::to_value(status).unwrap_or_default();
+    for list in ["podIPs", "hostIPs"] {
+        if let Some(serde_json::Value::Array(items)) = status.get_mut(list) {
+            items.push(serde_json::json!({ "$patch": "replace" }));
+        }
+    }
+    serde_json::json!({ "status": status })
 }
 
 #[cfg(test)]
@@ -462,5 +558,137 @@ mod tests {
             2
         );
         assert!(!c.ready);
+    }
+
+    fn condition_of(s: &PodStatus, kind: &str) -> PodCondition {
+        s.conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == kind)
+            .cloned()
+            .unwrap()
+    }
+
+    #[test]
+    fn readiness_gates_hold_ready_until_their_conditions_are_true() {
+        use k8s_openapi::api::core::v1::PodReadinessGate;
+        let running = observed(Some(cs(cri::ContainerState::ContainerRunning, 0, 0)));
+        let mut p = pod("Always");
+        p.spec.as_mut().unwrap().readiness_gates = Some(vec![PodReadinessGate {
+            condition_type: "example.com/lb".into(),
+        }]);
+        let s = pod_status(&p, &running, "", &now());
+        let ready = condition_of(&s, "Ready");
+        assert_eq!(
+            (
+                ready.status.as_str(),
+                ready.reason.as_deref(),
+                ready.message.as_deref()
+            ),
+            (
+                "False",
+                Some("ReadinessGatesNotReady"),
+                Some(
+                    "corresponding condition of pod readiness gate \"example.com/lb\" does not exist."
+                )
+            )
+        );
+        assert_eq!(condition_of(&s, "ContainersReady").status, "True");
+        let gate = |status: &str| PodCondition {
+            type_: "example.com/lb".into(),
+            status: status.into(),
+            ..Default::default()
+        };
+        p.status = Some(PodStatus {
+            conditions: Some(vec![gate("False")]),
+            ..Default::default()
+        });
+        let ready = condition_of(&pod_status(&p, &running, "", &now()), "Ready");
+        assert_eq!(
+            ready.message.as_deref(),
+            Some("the status of pod readiness gate \"example.com/lb\" is not \"True\", but False")
+        );
+        p.status = Some(PodStatus {
+            conditions: Some(vec![gate("True")]),
+            ..Default::default()
+        });
+        let s = pod_status(&p, &running, "", &now());
+        assert_eq!(condition_of(&s, "Ready").status, "True");
+        // The gate's condition is someone else's: the kubelet neither reports nor patches it.
+        assert!(
+            s.conditions
+                .iter()
+                .flatten()
+                .all(|c| KUBELET_CONDITIONS.contains(&c.type_.as_str()))
+        );
+    }
+
+    #[test]
+    fn status_and_conditions_carry_the_observed_generation() {
+        let mut p = pod("Always");
+        p.metadata.generation = Some(3);
+        let s = pod_status(&p, &observed(None), "", &now());
+        assert_eq!(s.observed_generation, Some(3));
+        let conditions = s.conditions.unwrap();
+        assert_eq!(conditions.len(), KUBELET_CONDITIONS.len());
+        assert!(conditions.iter().all(|c| c.observed_generation == Some(3)));
+    }
+
+    #[test]
+    fn unready_sidecars_and_finished_pods_are_not_containers_ready() {
+        let mut p = pod("Always");
+        let mut sidecar = p.spec.as_ref().unwrap().containers[0].clone();
+        sidecar.name = "proxy".into();
+        sidecar.restart_policy = Some("Always".into());
+        p.spec.as_mut().unwrap().init_containers = Some(vec![sidecar]);
+        let s = pod_status(
+            &p,
+            &observed(Some(cs(cri::ContainerState::ContainerRunning, 0, 0))),
+            "",
+            &now(),
+        );
+        let c = condition_of(&s, "ContainersReady");
+        assert_eq!(
+            (c.status.as_str(), c.message.as_deref()),
+            ("False", Some("containers with unready status: [proxy]"))
+        );
+        let done = observed(Some(cs(cri::ContainerState::ContainerExited, 0, 0)));
+        let s = pod_status(&pod("Never"), &done, "", &now());
+        assert_eq!(s.phase.as_deref(), Some("Succeeded"));
+        for kind in ["Ready", "ContainersReady"] {
+            let c = condition_of(&s, kind);
+            assert_eq!(
+                (c.status.as_str(), c.reason.as_deref()),
+                ("False", Some("PodCompleted"))
+            );
+        }
+    }
+
+    #[test]
+    fn the_status_patch_replaces_addresses_and_merges_conditions() {
+        let s = pod_status(
+            &pod("Always"),
+            &observed(Some(cs(cri::ContainerState::ContainerRunning, 0, 0))),
+            "10.213.0.10",
+            &now(),
+        );
+        let patch = status_patch(&s);
+        let status = &patch["status"];
+        for list in ["podIPs", "hostIPs"] {
+            let items = status[list].as_array().unwrap();
+            assert_eq!(
+                items.last().unwrap(),
+                &serde_json::json!({ "$patch": "replace" })
+            );
+            assert_eq!(items.len(), 2, "{list}: one address and the directive");
+        }
+        // Conditions have no directive: a strategic merge by type keeps other owners'.
+        assert!(
+            status["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|c| c.get("$patch").is_none() && c["type"].is_string())
+        );
     }
 }

@@ -1190,9 +1190,9 @@ impl Worker {
             tracing::warn!(pod = %pod_key(pod), error = %e, "mirror pod not created");
             return Ok(());
         }
-        let patch = serde_json::json!({ "status": status });
+        let patch = pod_status::status_patch(&status);
         match api
-            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch))
             .await
         {
             Ok(_) => self.last_status = Some(status),
