@@ -87,6 +87,18 @@ pub struct Flags {
     /// The resolver configuration pods with `dnsPolicy: Default` get ("" = none).
     #[arg(long)]
     pub resolv_conf: Option<String>,
+    /// Requests per second to the API server (0 = client-go's default of 5).
+    #[arg(long)]
+    pub kube_api_qps: Option<i64>,
+    /// Burst of requests to the API server (0 = client-go's default of 10).
+    #[arg(long)]
+    pub kube_api_burst: Option<i64>,
+    /// Event writes per second (0 = unlimited).
+    #[arg(long)]
+    pub event_qps: Option<i64>,
+    /// Burst of event writes.
+    #[arg(long)]
+    pub event_burst: Option<i64>,
 }
 
 /// The KubeletConfiguration fields Strake reads (others are ignored, as the kubelet ignores
@@ -127,6 +139,13 @@ pub struct FileConfig {
     pub container_log_monitor_interval: Option<String>,
     pub allowed_unsafe_sysctls: Option<Vec<String>>,
     pub resolv_conf: Option<String>,
+    #[serde(rename = "kubeAPIQPS")]
+    pub kube_api_qps: Option<i64>,
+    #[serde(rename = "kubeAPIBurst")]
+    pub kube_api_burst: Option<i64>,
+    #[serde(rename = "eventRecordQPS")]
+    pub event_record_qps: Option<i64>,
+    pub event_burst: Option<i64>,
 }
 
 /// `authentication` of the configuration file.
@@ -260,6 +279,8 @@ pub struct Config {
     pub allowed_unsafe_sysctls: Vec<String>,
     /// `resolvConf`: the host's resolver configuration (default `/etc/resolv.conf`).
     pub resolv_conf: String,
+    /// `kubeAPIQPS`/`kubeAPIBurst` and `eventRecordQPS`/`eventBurst` (50/100 each).
+    pub api_limits: crate::api_client::Limits,
 }
 
 /// The configuration is invalid.
@@ -439,6 +460,36 @@ fn reservation(
 
 /// Container log rotation from the file, with upstream's defaults and checks
 /// (`containerLogMaxFiles` > 1, `containerLogMaxWorkers` >= 1).
+/// The client-side rate limits, with upstream's defaults (50 per second, bursts of 100) and
+/// its refusal of negative numbers.
+fn api_limits(flags: &Flags, file: &FileConfig) -> Result<crate::api_client::Limits, ConfigError> {
+    use crate::api_client::{Limits, Rate};
+    let value = |what: &'static str, flag: Option<i64>, file: Option<i64>, default: u32| match flag
+        .or(file)
+    {
+        None => Ok(default),
+        Some(n) => u32::try_from(n).map_err(|_| ConfigError::Invalid {
+            what,
+            value: n.to_string(),
+        }),
+    };
+    Ok(Limits {
+        api: Rate::api(
+            value("kubeAPIQPS", flags.kube_api_qps, file.kube_api_qps, 50)?,
+            value(
+                "kubeAPIBurst",
+                flags.kube_api_burst,
+                file.kube_api_burst,
+                100,
+            )?,
+        ),
+        events: Rate::events(
+            value("eventRecordQPS", flags.event_qps, file.event_record_qps, 50)?,
+            value("eventBurst", flags.event_burst, file.event_burst, 100)?,
+        ),
+    })
+}
+
 fn log_rotation(file: &FileConfig) -> Result<crate::log_rotation::Policy, ConfigError> {
     let default = crate::log_rotation::Policy::default();
     let max_size = match &file.container_log_max_size {
@@ -570,6 +621,7 @@ impl Config {
             what: "allowedUnsafeSysctls",
             value: e.to_string(),
         })?;
+        let api_limits = api_limits(flags, &file)?;
         let authn = authentication(flags, &file)?;
         let authz = authorization(flags, &file)?;
         Ok(Config {
@@ -651,6 +703,7 @@ impl Config {
                 .clone()
                 .or(file.resolv_conf.clone())
                 .unwrap_or_else(|| "/etc/resolv.conf".into()),
+            api_limits,
         })
     }
 }
@@ -658,6 +711,67 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_rate_limits_follow_upstreams_defaults_flags_and_checks() {
+        use crate::api_client::{Limits, Rate};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        let load = |yaml: &str, flags: Flags| {
+            std::fs::write(&path, yaml).unwrap();
+            Config::load(&Flags {
+                config: Some(path.clone()),
+                ..flags
+            })
+        };
+        let d = load("kind: KubeletConfiguration\n", Flags::default()).unwrap();
+        assert_eq!(
+            d.api_limits,
+            Limits {
+                api: Rate::Limited {
+                    qps: 50.0,
+                    burst: 100
+                },
+                events: Rate::Limited {
+                    qps: 50.0,
+                    burst: 100
+                },
+            }
+        );
+        let c = load(
+            "kubeAPIQPS: 0\nkubeAPIBurst: 7\neventRecordQPS: 0\neventBurst: 3\n",
+            Flags::default(),
+        )
+        .unwrap();
+        assert_eq!(c.api_limits.api, Rate::Limited { qps: 5.0, burst: 7 });
+        assert_eq!(c.api_limits.events, Rate::Unlimited);
+        // A flag wins over the file.
+        let c = load(
+            "kubeAPIQPS: 20\n",
+            Flags {
+                kube_api_qps: Some(30),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            c.api_limits.api,
+            Rate::Limited {
+                qps: 30.0,
+                burst: 100
+            }
+        );
+        for bad in [
+            "kubeAPIQPS: -1\n",
+            "kubeAPIBurst: -1\n",
+            "eventRecordQPS: -5\n",
+            "eventBurst: -1\n",
+        ] {
+            let e = load(bad, Flags::default()).unwrap_err().to_string();
+            let field = bad.split(':').next().unwrap();
+            assert!(e.contains(field), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn log_rotation_settings_with_upstream_defaults_and_checks() {

@@ -22,6 +22,7 @@
 
 pub mod admission;
 pub mod allocatable;
+pub mod api_client;
 pub mod config;
 pub mod credentials;
 pub mod dns;
@@ -91,16 +92,13 @@ pub struct App {
     runtime: runtime::Runtime,
 }
 
-async fn client(path: &std::path::Path) -> Result<kube::Client, Error> {
-    let err = |source: Box<dyn std::error::Error + Send + Sync>| Error::Kubeconfig {
-        path: path.to_path_buf(),
-        source,
-    };
-    let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| err(Box::new(e)))?;
-    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+async fn client(path: &std::path::Path, limits: api_client::Limits) -> Result<kube::Client, Error> {
+    api_client::client(path, limits)
         .await
-        .map_err(|e| err(Box::new(e)))?;
-    kube::Client::try_from(config).map_err(|e| err(Box::new(e)))
+        .map_err(|source| Error::Kubeconfig {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 impl App {
@@ -128,19 +126,15 @@ impl App {
             })?;
         tokio::spawn(healthz::serve(listener));
         // Without a kubeconfig the kubelet runs standalone: static pods only, nothing reported.
-        let clients = match &self.config.kubeconfig {
-            // Lease renewals get their own connection so nothing else can hold them up.
-            Some(kc) => Some((client(kc).await?, client(kc).await?)),
+        // One client for everything; lease renewals are exempt from its rate limits.
+        let client = match &self.config.kubeconfig {
+            Some(kc) => Some(client(kc, self.config.api_limits).await?),
             None => None,
         };
-        if clients.is_none() && self.config.pod_manifest_path.is_none() {
+        if client.is_none() && self.config.pod_manifest_path.is_none() {
             return Err(Error::Standalone);
         }
-        // The API's reviews and pod watch get their own connection too.
-        let api_client = match &self.config.kubeconfig {
-            Some(kc) => Some(client(kc).await?),
-            None => None,
-        };
+        let api_client = client.clone();
         let server = server::Server::bind(&self.config, self.runtime.clone(), api_client)
             .await
             .map_err(Error::Server)?;
@@ -148,11 +142,11 @@ impl App {
         let server_task = tokio::spawn(server.serve());
         let work = async {
             let mut tasks = Vec::new();
-            if let Some((main_client, lease_client)) = &clients {
+            if let Some(main_client) = &client {
                 let node =
                     heartbeat::register(main_client.clone(), &self.config, &self.machine).await;
                 tasks.push(tokio::spawn(heartbeat::lease_loop(
-                    lease_client.clone(),
+                    main_client.clone(),
                     node,
                     self.config.node_lease_duration,
                 )));
@@ -172,7 +166,7 @@ impl App {
                     }
                 }
             };
-            let api = clients.as_ref().map(|(c, _)| c.clone());
+            let api = client.clone();
             let ctx = pod_worker::Context {
                 volumes: volumes::Volumes::new(&self.config.root_dir, api.clone()),
                 client: api.clone(),
