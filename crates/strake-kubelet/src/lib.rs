@@ -44,6 +44,7 @@ pub mod prober;
 pub mod resources;
 pub mod runtime;
 pub mod server;
+pub mod services;
 pub mod static_pods;
 pub mod subpath;
 pub mod sync;
@@ -134,10 +135,16 @@ impl App {
         if client.is_none() && self.config.pod_manifest_path.is_none() {
             return Err(Error::Standalone);
         }
-        let api_client = client.clone();
-        let server = server::Server::bind(&self.config, self.runtime.clone(), api_client)
-            .await
-            .map_err(Error::Server)?;
+        // The node's pods are watched once: the pod source fills the store the API serves.
+        let (pod_store, pod_writer) = kube::runtime::reflector::store();
+        let server = server::Server::bind(
+            &self.config,
+            self.runtime.clone(),
+            client.clone(),
+            client.as_ref().map(|_| pod_store),
+        )
+        .await
+        .map_err(Error::Server)?;
         tracing::info!(addr = ?server.local_addr().ok(), "kubelet API listening");
         let server_task = tokio::spawn(server.serve());
         let work = async {
@@ -179,6 +186,7 @@ impl App {
                     .unwrap_or_default(),
                 runtime_name,
                 nudges: pleg::Nudges::default(),
+                services: api.clone().map(services::Services::start),
             };
             tasks.push(tokio::spawn(log_rotation::run(
                 self.runtime.clone(),
@@ -193,6 +201,7 @@ impl App {
                 .pod_manifest_path
                 .clone()
                 .map(|dir| (dir, self.config.file_check_frequency));
+            let api = api.map(|c| (c, pod_writer));
             tasks.push(tokio::spawn(pods::run(ctx, api, manifests)));
             futures::future::join_all(tasks).await;
         };

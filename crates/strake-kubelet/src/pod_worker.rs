@@ -72,6 +72,8 @@ pub struct Context {
     pub runtime_name: String,
     /// Wake-ups from the runtime's container events ([`crate::pleg`]).
     pub nudges: crate::pleg::Nudges,
+    /// The Services informer (`None` in standalone mode).
+    pub services: Option<crate::services::Services>,
 }
 
 /// What the runtime has of the pod at one moment.
@@ -936,11 +938,7 @@ impl Worker {
 
     /// Fetches the ConfigMaps and Secrets container `c`'s environment refers to (each
     /// individually, as the Node authorizer allows).
-    async fn env_sources(
-        &self,
-        pod: &Pod,
-        c: &Container,
-    ) -> Result<pod_spec::EnvSources, kube::Error> {
+    async fn env_sources(&self, pod: &Pod, c: &Container) -> Result<pod_spec::EnvSources, String> {
         let mut sources = pod_spec::EnvSources::default();
         let (cms, secrets) = pod_spec::EnvSources::wanted(c);
         let Some(client) = self.ctx.client.clone() else {
@@ -956,56 +954,33 @@ impl Worker {
         for name in cms {
             let data = cm_api
                 .get_opt(&name)
-                .await?
+                .await
+                .map_err(|e| e.to_string())?
                 .map(|cm| cm.data.unwrap_or_default());
             sources.config_maps.insert(name, data);
         }
-        sources.services = self.services(&client, pod, &ns).await?;
+        if let Some(services) = &self.ctx.services {
+            sources.services = services.for_pod(pod).await.map_err(|e| e.to_string())?;
+        }
         let secret_api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client, &ns);
         for name in secrets {
-            let data = secret_api.get_opt(&name).await?.map(|s| {
-                let mut d: BTreeMap<String, String> = s.string_data.unwrap_or_default();
-                d.extend(
-                    s.data
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned())),
-                );
-                d
-            });
+            let data = secret_api
+                .get_opt(&name)
+                .await
+                .map_err(|e| e.to_string())?
+                .map(|s| {
+                    let mut d: BTreeMap<String, String> = s.string_data.unwrap_or_default();
+                    d.extend(
+                        s.data
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned())),
+                    );
+                    d
+                });
             sources.secrets.insert(name, data);
         }
         Ok(sources)
-    }
-
-    /// The Services whose variables a container of `pod` gets: the `kubernetes` Service of
-    /// the default namespace always, and with `enableServiceLinks` (the default) every Service
-    /// of the pod's namespace, like upstream.
-    async fn services(
-        &self,
-        client: &kube::Client,
-        pod: &Pod,
-        ns: &str,
-    ) -> Result<Vec<k8s_openapi::api::core::v1::Service>, kube::Error> {
-        use k8s_openapi::api::core::v1::Service;
-        let links = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.enable_service_links)
-            .unwrap_or(true);
-        let mut out: Vec<Service> = Vec::new();
-        if links {
-            let api: Api<Service> = Api::namespaced(client.clone(), ns);
-            out = api.list(&kube::api::ListParams::default()).await?.items;
-        }
-        if ns != "default" || !links {
-            let api: Api<Service> = Api::namespaced(client.clone(), "default");
-            if let Some(k) = api.get_opt("kubernetes").await? {
-                out.retain(|s| s.metadata.name.as_deref() != Some("kubernetes"));
-                out.push(k);
-            }
-        }
-        Ok(out)
     }
 
     /// Runs the probes that are due on running containers; their verdicts go to the core,
@@ -1303,6 +1278,7 @@ mod tests {
             host_ip: "10.0.0.1".into(),
             runtime_name: "fake".into(),
             nudges: crate::pleg::Nudges::default(),
+            services: None,
         };
         let w = Worker {
             events: crate::events::Events::new(None, &config.node_name),

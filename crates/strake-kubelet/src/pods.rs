@@ -1,5 +1,6 @@
 //! The pods this kubelet runs, from its two sources: the API server's pods bound to this node
-//! (a watch on `spec.nodeName`) and the static-pod manifests ([`crate::static_pods`]). Each
+//! (a watch on `spec.nodeName`, whose store the HTTPS API also reads) and the static-pod
+//! manifests ([`crate::static_pods`]). Each
 //! pod UID gets its own [`pod_worker`]; mirror pods (the API's view of static pods) are never
 //! run.
 //!
@@ -18,7 +19,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::Api;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tokio::sync::{mpsc, watch};
 
 use crate::events::Events;
@@ -49,13 +50,19 @@ const NODE_WAIT: Duration = Duration::from_secs(30);
 
 /// Runs the pods of both sources until they end (they do not: the watch retries through API
 /// outages, and the manifest directory is re-read for ever).
-pub async fn run(ctx: Context, api: Option<kube::Client>, manifests: Option<(PathBuf, Duration)>) {
+pub async fn run(
+    ctx: Context,
+    api: Option<(kube::Client, reflector::store::Writer<Pod>)>,
+    manifests: Option<(PathBuf, Duration)>,
+) {
     let (tx, mut rx) = mpsc::channel::<Change>(QUEUE);
     let mut sources = Vec::new();
     let (node_tx, mut node_rx) = watch::channel(None);
-    if let Some(client) = &api {
+    let client = api.as_ref().map(|(c, _)| c.clone());
+    if let Some((client, store)) = api {
         sources.push(tokio::spawn(watch_api(
             client.clone(),
+            store,
             ctx.config.node_name.clone(),
             tx.clone(),
         )));
@@ -93,7 +100,7 @@ pub async fn run(ctx: Context, api: Option<kube::Client>, manifests: Option<(Pat
         by_uid: HashMap::new(),
         rejected: HashSet::new(),
         node: node_rx,
-        events: Events::new(api.clone(), &ctx.config.node_name),
+        events: Events::new(client, &ctx.config.node_name),
     };
     while let Some(change) = rx.recv().await {
         workers.apply(&ctx, change);
@@ -103,11 +110,21 @@ pub async fn run(ctx: Context, api: Option<kube::Client>, manifests: Option<(Pat
     }
 }
 
-/// Follows the API's pods bound to `node`.
-async fn watch_api(client: kube::Client, node: String, out: mpsc::Sender<Change>) {
+/// Follows the API's pods bound to `node`: the one watch of them, which also fills `store`
+/// (what the HTTPS API serves as `/pods`). Managed fields are dropped on arrival; nothing
+/// here reads them.
+async fn watch_api(
+    client: kube::Client,
+    store: reflector::store::Writer<Pod>,
+    node: String,
+    out: mpsc::Sender<Change>,
+) {
     let pods: Api<Pod> = Api::all(client);
     let selector = format!("spec.nodeName={node}");
-    let stream = watcher(pods, watcher::Config::default().fields(&selector));
+    let stream = watcher(pods, watcher::Config::default().fields(&selector)).modify(|p| {
+        p.metadata.managed_fields = None;
+    });
+    let stream = reflector(store, stream);
     futures::pin_mut!(stream);
     let mut relist: HashSet<String> = HashSet::new();
     let mut backoff = Duration::from_millis(500);

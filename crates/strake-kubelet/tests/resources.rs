@@ -15,6 +15,22 @@ async fn limits_become_cgroup_settings_and_resource_field_refs() {
     let cluster = Cluster::start(NODE, RuntimeKind::Strake).await;
     let (client, registry, node) = (&cluster.client, &cluster.registry, &cluster.node);
 
+    // A Service of the pod's namespace, created before the pod: its variables come from the
+    // kubelet's Services informer.
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(client.clone(), "default");
+    let svc = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": { "name": "web-front" },
+        "spec": { "ports": [{ "name": "http", "port": 8080 }], "selector": { "app": "none" } }
+    }))
+    .expect("service");
+    let svc = services
+        .create(&PostParams::default(), &svc)
+        .await
+        .expect("create service");
+    let web_ip = svc.spec.and_then(|s| s.cluster_ip).expect("cluster IP");
+
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let pod: Pod = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1",
@@ -84,6 +100,10 @@ async fn limits_become_cgroup_settings_and_resource_field_refs() {
     assert_eq!(
         exec("echo $KUBERNETES_SERVICE_HOST $KUBERNETES_SERVICE_PORT $KUBERNETES_PORT"),
         "10.96.0.1 443 tcp://10.96.0.1:443"
+    );
+    assert_eq!(
+        exec("echo $WEB_FRONT_SERVICE_HOST $WEB_FRONT_SERVICE_PORT_HTTP"),
+        format!("{web_ip} 8080")
     );
     // The container's own cgroup, as the kernel applies it (v1 and v2 layouts).
     let memory = exec(

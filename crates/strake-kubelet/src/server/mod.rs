@@ -22,13 +22,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::runtime::reflector;
 use strake_types::cri;
 use strake_types::http::Limits;
 
@@ -147,8 +146,6 @@ pub struct Server {
     listener: tokio::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
     state: Arc<State>,
-    pod_writer: Option<reflector::store::Writer<Pod>>,
-    client: Option<kube::Client>,
     limits: Limits,
 }
 
@@ -162,11 +159,13 @@ impl std::fmt::Debug for Server {
 
 impl Server {
     /// Loads (or makes) the serving certificate and binds `address:port`. `client` reaches the
-    /// API server for TokenReview, SubjectAccessReview and the node's pods.
+    /// API server for TokenReview and SubjectAccessReview; `pods` is the pod source's store of
+    /// the node's pods (the kubelet watches them once, see [`crate::pods`]).
     pub async fn bind(
         config: &Config,
         runtime: Runtime,
         client: Option<kube::Client>,
+        pods: Option<reflector::Store<Pod>>,
     ) -> Result<Self, ServerError> {
         for what in config.insecure_api_settings() {
             tracing::warn!(
@@ -180,13 +179,6 @@ impl Server {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| ServerError::Bind { addr, source })?;
-        let (pods, pod_writer) = match client {
-            Some(_) => {
-                let (reader, writer) = reflector::store();
-                (Some(reader), Some(writer))
-            }
-            None => (None, None),
-        };
         let state = State {
             auth: Auth::new(
                 config.authentication.clone(),
@@ -204,8 +196,6 @@ impl Server {
             listener,
             acceptor: tokio_rustls::TlsAcceptor::from(tls),
             state: Arc::new(state),
-            pod_writer,
-            client,
             limits: Limits::default(),
         })
     }
@@ -223,17 +213,6 @@ impl Server {
 
     /// Serves until the task is dropped.
     pub async fn serve(self) {
-        if let (Some(writer), Some(client)) = (self.pod_writer, self.client) {
-            let api: kube::Api<Pod> = kube::Api::all(client);
-            let cfg = watcher::Config::default()
-                .fields(&format!("spec.nodeName={}", self.state.config.node_name));
-            let stream = reflector(writer, watcher(api, cfg).default_backoff());
-            tokio::spawn(stream.for_each(|event| async move {
-                if let Err(e) = event {
-                    tracing::debug!(error = %e, "pod watch of the kubelet API failed; retrying");
-                }
-            }));
-        }
         let acceptor = self.acceptor.clone();
         let state = self.state.clone();
         let limits = self.limits;
@@ -882,7 +861,7 @@ mod tests {
             Duration::from_secs(1),
         )
         .unwrap();
-        let server = Server::bind(&config, runtime, None)
+        let server = Server::bind(&config, runtime, None, None)
             .await
             .unwrap()
             .with_limits(Limits {
@@ -968,7 +947,7 @@ mod tests {
             Duration::from_secs(1),
         )
         .unwrap();
-        let server = Server::bind(&config, runtime, None).await.unwrap();
+        let server = Server::bind(&config, runtime, None, None).await.unwrap();
         let addr = server.local_addr().unwrap();
         tokio::spawn(server.serve());
         let ca = dir.path().join("pki/kubelet.crt");
