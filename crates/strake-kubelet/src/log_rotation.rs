@@ -104,6 +104,27 @@ fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RotateErr
     move |source| RotateError::Io { op, path, source }
 }
 
+/// Removes a removed container's log and its rotated siblings, as upstream's container GC
+/// does. Only a regular file under `logs_dir` is touched (the path comes from the runtime).
+pub fn remove_container_log(logs_dir: &Path, log: &Path) {
+    let inside = log.is_absolute()
+        && log.starts_with(logs_dir)
+        && !log
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir));
+    if !inside {
+        return;
+    }
+    let mut files = rotated_files(log).unwrap_or_default();
+    files.push(log.to_path_buf());
+    for f in files {
+        // Never follow a link a pod may have planted; unlink the entry itself.
+        if std::fs::symlink_metadata(&f).is_ok_and(|m| !m.is_dir()) {
+            let _ = std::fs::remove_file(&f);
+        }
+    }
+}
+
 /// The rotated siblings of `log` (`<log>.*`).
 fn rotated_files(log: &Path) -> Result<Vec<PathBuf>, RotateError> {
     let (Some(dir), Some(base)) = (log.parent(), log.file_name()) else {
@@ -277,6 +298,35 @@ pub async fn run(runtime: Runtime, policy: Policy) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_removed_containers_logs_go_but_nothing_outside_the_logs_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().join("pods");
+        let c = logs.join("ns_p_u/app");
+        std::fs::create_dir_all(&c).unwrap();
+        for f in [
+            "0.log",
+            "0.log.20260101-000000.gz",
+            "0.log.20260101-000001",
+            "1.log",
+        ] {
+            std::fs::write(c.join(f), "x").unwrap();
+        }
+        let outside = dir.path().join("secret.log");
+        std::fs::write(&outside, "keep").unwrap();
+        remove_container_log(&logs, &c.join("0.log"));
+        let mut left: Vec<String> = std::fs::read_dir(&c)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["1.log"]);
+        remove_container_log(&logs, &logs.join("../secret.log"));
+        remove_container_log(&logs, &outside);
+        remove_container_log(&logs, Path::new("relative/0.log"));
+        assert!(outside.exists());
+    }
 
     fn paths(names: &[&str]) -> Vec<PathBuf> {
         names

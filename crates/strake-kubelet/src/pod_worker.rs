@@ -84,6 +84,9 @@ struct Observation {
     statuses: BTreeMap<String, cri::ContainerStatus>,
 }
 
+/// Dead instances kept per container (upstream's `maxPerPodContainer`).
+const MAX_PER_POD_CONTAINER: usize = 1;
+
 struct Worker {
     ctx: Context,
     uid: String,
@@ -585,7 +588,38 @@ impl Worker {
             obs
         };
         self.probe(pod, &obs).await;
-        self.report(pod, &obs).await
+        self.report(pod, &obs).await?;
+        self.collect_garbage(pod, &obs).await;
+        Ok(())
+    }
+
+    /// Removes what upstream's container garbage collector would ([`sync::collectable`]):
+    /// exited instances older than the newest of each container, with their log files, and
+    /// old sandboxes left empty. A crash-looping container thus holds one dead instance,
+    /// not one per restart.
+    async fn collect_garbage(&mut self, pod: &Pod, obs: &Observation) {
+        let (containers, sandboxes) = sync::collectable(&obs.state, MAX_PER_POD_CONTAINER);
+        for id in containers {
+            if let Err(e) = self.ctx.cri.remove_container(&id).await {
+                tracing::debug!(pod = %pod_key(pod), container = %id, error = %e, "remove dead container");
+                continue;
+            }
+            self.exited.remove(&id);
+            if let Some(log) = obs.statuses.get(&id).map(|s| s.log_path.clone())
+                && !log.is_empty()
+            {
+                let dir = self.ctx.config.pod_logs_dir.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    crate::log_rotation::remove_container_log(&dir, std::path::Path::new(&log))
+                })
+                .await;
+            }
+        }
+        for id in sandboxes {
+            if let Err(e) = self.ctx.cri.remove_sandbox(&id).await {
+                tracing::debug!(pod = %pod_key(pod), sandbox = %id, error = %e, "remove old sandbox");
+            }
+        }
     }
 
     /// Carries out the core's actions in order.

@@ -546,6 +546,39 @@ pub fn remaining_grace(deadline: Instant, now: Instant) -> Duration {
     Duration::from_secs(secs).max(MIN_GRACE)
 }
 
+/// What upstream's container garbage collector would remove from a live pod: every exited
+/// instance of a container but the newest `keep` (`maxPerPodContainer`, 1: the one `lastState`
+/// and `kubectl logs --previous` show), and every sandbox that is not ready, is not the pod's
+/// newest and holds no container once those are gone. Running and created containers are
+/// never collected.
+pub fn collectable(state: &PodRuntimeState, keep: usize) -> (Vec<String>, Vec<String>) {
+    let mut by_name: BTreeMap<&str, Vec<&ContainerObs>> = BTreeMap::new();
+    for k in &state.containers {
+        if k.state == RunState::Exited {
+            by_name.entry(&k.name).or_default().push(k);
+        }
+    }
+    let mut containers = Vec::new();
+    for dead in by_name.values_mut() {
+        dead.sort_by_key(|k| std::cmp::Reverse((k.attempt, k.started_at)));
+        containers.extend(dead.iter().skip(keep).map(|k| k.id.clone()));
+    }
+    let newest = state.newest_sandbox().map(|s| s.id.as_str());
+    let sandboxes = state
+        .sandboxes
+        .iter()
+        .filter(|s| !s.ready && Some(s.id.as_str()) != newest)
+        .filter(|s| {
+            !state
+                .containers
+                .iter()
+                .any(|k| k.sandbox_id == s.id && !containers.contains(&k.id))
+        })
+        .map(|s| s.id.clone())
+        .collect();
+    (containers, sandboxes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -958,5 +991,49 @@ mod tests {
         deleted.metadata.deletion_grace_period_seconds = Some(4);
         assert_eq!(grace_seconds(&deleted, None, &KillReason::Terminating), 4);
         assert_eq!(grace_seconds(&p, None, &KillReason::Terminating), 30);
+    }
+
+    #[test]
+    fn dead_containers_beyond_the_newest_and_old_empty_sandboxes_are_collectable() {
+        let mut state = obs(vec![
+            ctr("app", 0, RunState::Exited, 1),
+            ctr("app", 1, RunState::Exited, 1),
+            ctr("app", 2, RunState::Exited, 1),
+            ctr("app", 3, RunState::Running, 0),
+            ctr("init", 0, RunState::Exited, 0),
+            ctr("side", 0, RunState::Created, 0),
+        ]);
+        let (containers, sandboxes) = collectable(&state, 1);
+        // The newest dead app (attempt 2) stays for lastState; so do the only dead init
+        // container, the running and the created ones.
+        assert_eq!(containers, vec!["app-1", "app-0"]);
+        assert!(sandboxes.is_empty());
+        assert_eq!(collectable(&state, 3).0, Vec::<String>::new());
+
+        // An old dead sandbox goes once nothing of it is kept; the newest one never does.
+        let mut old = sandbox();
+        (old.id, old.ready, old.created_at) = ("s0".into(), false, 0);
+        state.sandboxes.push(old.clone());
+        let mut in_old = ctr("gone", 0, RunState::Exited, 0);
+        in_old.sandbox_id = "s0".into();
+        state.containers.push(in_old.clone());
+        assert!(
+            collectable(&state, 1).1.is_empty(),
+            "s0 still holds the newest 'gone'"
+        );
+        let mut newer = in_old.clone();
+        (newer.id, newer.attempt, newer.sandbox_id) = ("gone-1".into(), 1, "s1".into());
+        state.containers.push(newer);
+        let (containers, sandboxes) = collectable(&state, 1);
+        assert!(containers.contains(&"gone-0".to_string()));
+        assert_eq!(sandboxes, vec!["s0"]);
+        let lone = PodRuntimeState {
+            sandboxes: vec![old],
+            containers: Vec::new(),
+        };
+        assert!(
+            collectable(&lone, 1).1.is_empty(),
+            "the pod's newest sandbox stays"
+        );
     }
 }

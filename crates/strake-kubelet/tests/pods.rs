@@ -258,7 +258,53 @@ async fn a_crashing_container_restarts_with_backoff_and_reports_why() {
     assert_eq!(last.exit_code, 3);
     assert_eq!(last.reason.as_deref(), Some("Error"));
     assert!(node.log().contains("container started"));
+
+    // Container GC: after the second restart, the runtime keeps one dead instance (the
+    // newest, for lastState), and the removed instances' log files are gone with them.
+    wait_for("restartCount >= 2", 120, || async {
+        let p = pods.get("crasher").await.ok()?;
+        let c = p.status?.container_statuses?.into_iter().next()?;
+        (c.restart_count >= 2 && c.state?.waiting.is_some()).then_some(())
+    })
+    .await;
+    let (ids, logs) = wait_for("one dead instance and its log left", 30, || async {
+        let out = node
+            .runtime
+            .crictl(&["ps", "-a", "-q", "--name", "^app$"])
+            .ok()?;
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        let logs: Vec<String> = walk(&node.dir.path().join("pod-logs"))
+            .into_iter()
+            .filter(|p| p.contains("/app/"))
+            .collect();
+        (ids.len() == 1 && logs.len() == 1).then_some((ids, logs))
+    })
+    .await;
+    assert_eq!(ids.len(), 1);
+    let p = pods.get("crasher").await.expect("pod");
+    let restarts = p.status.unwrap().container_statuses.unwrap()[0].restart_count;
+    assert!(
+        logs[0].ends_with(&format!("/app/{restarts}.log")),
+        "the newest attempt's log is kept: {logs:?} (restartCount {restarts})"
+    );
     drop(node);
+}
+
+/// Every file under `dir`, recursively.
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = e.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path.display().to_string());
+        }
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
