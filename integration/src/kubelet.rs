@@ -261,6 +261,12 @@ impl KubeletNode {
         self.spawn_kubelet()
     }
 
+    /// Restarts the kubelet (as [`KubeletNode::restart_kubelet`]) with `extra` flags added.
+    pub fn restart_kubelet_with(&mut self, extra: &[&str]) -> Result<()> {
+        self.args.extend(extra.iter().map(|a| a.to_string()));
+        self.restart_kubelet()
+    }
+
     /// Where the kubelet logs.
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("kubelet.log")

@@ -99,6 +99,10 @@ pub struct Flags {
     /// Burst of event writes.
     #[arg(long)]
     pub event_burst: Option<i64>,
+    /// How often unused images are considered for removal (Strake only: upstream's is a fixed
+    /// 5m, the default here too).
+    #[arg(long)]
+    pub image_gc_period: Option<String>,
 }
 
 /// The KubeletConfiguration fields Strake reads (others are ignored, as the kubelet ignores
@@ -146,6 +150,14 @@ pub struct FileConfig {
     #[serde(rename = "eventRecordQPS")]
     pub event_record_qps: Option<i64>,
     pub event_burst: Option<i64>,
+    #[serde(rename = "imageGCHighThresholdPercent")]
+    pub image_gc_high_threshold_percent: Option<i64>,
+    #[serde(rename = "imageGCLowThresholdPercent")]
+    pub image_gc_low_threshold_percent: Option<i64>,
+    #[serde(rename = "imageMinimumGCAge")]
+    pub image_minimum_gc_age: Option<String>,
+    #[serde(rename = "imageMaximumGCAge")]
+    pub image_maximum_gc_age: Option<String>,
 }
 
 /// `authentication` of the configuration file.
@@ -281,6 +293,8 @@ pub struct Config {
     pub resolv_conf: String,
     /// `kubeAPIQPS`/`kubeAPIBurst` and `eventRecordQPS`/`eventBurst` (50/100 each).
     pub api_limits: crate::api_client::Limits,
+    /// Image garbage collection (`imageGC*`, `imageMinimumGCAge`, `imageMaximumGCAge`).
+    pub image_gc: crate::image_gc::Policy,
 }
 
 /// The configuration is invalid.
@@ -490,6 +504,61 @@ fn api_limits(flags: &Flags, file: &FileConfig) -> Result<crate::api_client::Lim
     })
 }
 
+/// Image GC settings with upstream's defaults and checks: thresholds within 0..=100, low
+/// below high, a maximum age (if any) not below the minimum.
+fn image_gc(flags: &Flags, file: &FileConfig) -> Result<crate::image_gc::Policy, ConfigError> {
+    let d = crate::image_gc::Policy::default();
+    let invalid = |what: &'static str, value: String| ConfigError::Invalid { what, value };
+    let percent = |what: &'static str, v: Option<i64>, default: u8| match v {
+        None => Ok(default),
+        Some(n) => u8::try_from(n)
+            .ok()
+            .filter(|p| *p <= 100)
+            .ok_or_else(|| invalid(what, format!("{n} (must be between 0 and 100)"))),
+    };
+    let duration = |what: &'static str, v: &Option<String>, default: Duration| match v {
+        None => Ok(default),
+        Some(s) => parse_go_duration(s).ok_or_else(|| invalid(what, s.clone())),
+    };
+    let policy = crate::image_gc::Policy {
+        high_percent: percent(
+            "imageGCHighThresholdPercent",
+            file.image_gc_high_threshold_percent,
+            d.high_percent,
+        )?,
+        low_percent: percent(
+            "imageGCLowThresholdPercent",
+            file.image_gc_low_threshold_percent,
+            d.low_percent,
+        )?,
+        min_age: duration("imageMinimumGCAge", &file.image_minimum_gc_age, d.min_age)?,
+        max_age: duration("imageMaximumGCAge", &file.image_maximum_gc_age, d.max_age)?,
+        period: duration("--image-gc-period", &flags.image_gc_period, d.period)?,
+    };
+    if policy.low_percent >= policy.high_percent {
+        return Err(invalid(
+            "imageGCLowThresholdPercent",
+            format!(
+                "{} (must be less than imageGCHighThresholdPercent {})",
+                policy.low_percent, policy.high_percent
+            ),
+        ));
+    }
+    if !policy.max_age.is_zero() && policy.max_age < policy.min_age {
+        return Err(invalid(
+            "imageMaximumGCAge",
+            format!(
+                "{:?} (must not be less than imageMinimumGCAge)",
+                policy.max_age
+            ),
+        ));
+    }
+    if policy.period.is_zero() {
+        return Err(invalid("--image-gc-period", "0s".into()));
+    }
+    Ok(policy)
+}
+
 fn log_rotation(file: &FileConfig) -> Result<crate::log_rotation::Policy, ConfigError> {
     let default = crate::log_rotation::Policy::default();
     let max_size = match &file.container_log_max_size {
@@ -622,6 +691,7 @@ impl Config {
             value: e.to_string(),
         })?;
         let api_limits = api_limits(flags, &file)?;
+        let image_gc = image_gc(flags, &file)?;
         let authn = authentication(flags, &file)?;
         let authz = authorization(flags, &file)?;
         Ok(Config {
@@ -704,6 +774,7 @@ impl Config {
                 .or(file.resolv_conf.clone())
                 .unwrap_or_else(|| "/etc/resolv.conf".into()),
             api_limits,
+            image_gc,
         })
     }
 }
@@ -711,6 +782,44 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_gc_settings_follow_upstreams_defaults_and_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        let load = |yaml: &str| {
+            std::fs::write(&path, yaml).unwrap();
+            Config::load(&Flags {
+                config: Some(path.clone()),
+                ..Default::default()
+            })
+        };
+        let d = load("kind: KubeletConfiguration\n").unwrap().image_gc;
+        assert_eq!(d, crate::image_gc::Policy::default());
+        assert_eq!((d.high_percent, d.low_percent), (85, 80));
+        assert_eq!(d.min_age, Duration::from_secs(120));
+        let c = load(
+            "imageGCHighThresholdPercent: 50\nimageGCLowThresholdPercent: 10\n\
+             imageMinimumGCAge: 0s\nimageMaximumGCAge: 1h\n",
+        )
+        .unwrap()
+        .image_gc;
+        assert_eq!(
+            (c.high_percent, c.low_percent, c.min_age),
+            (50, 10, Duration::ZERO)
+        );
+        assert_eq!(c.max_age, Duration::from_secs(3600));
+        for bad in [
+            "imageGCHighThresholdPercent: 101\n",
+            "imageGCLowThresholdPercent: -1\n",
+            "imageGCHighThresholdPercent: 50\nimageGCLowThresholdPercent: 50\n",
+            "imageMinimumGCAge: 10m\nimageMaximumGCAge: 5m\n",
+            "imageMinimumGCAge: soon\n",
+        ] {
+            let e = load(bad).unwrap_err().to_string();
+            assert!(e.contains("image"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn api_rate_limits_follow_upstreams_defaults_flags_and_checks() {

@@ -30,6 +30,7 @@ pub mod etc_hosts;
 pub mod events;
 pub mod healthz;
 pub mod heartbeat;
+pub mod image_gc;
 pub mod lifecycle;
 pub mod log_rotation;
 pub mod machine;
@@ -188,6 +189,10 @@ impl App {
                 nudges: pleg::Nudges::default(),
                 services: api.clone().map(services::Services::start),
             };
+            tasks.push(tokio::spawn(image_gc::run(
+                self.runtime.clone(),
+                self.config.image_gc,
+            )));
             tasks.push(tokio::spawn(log_rotation::run(
                 self.runtime.clone(),
                 self.config.log_rotation.clone(),

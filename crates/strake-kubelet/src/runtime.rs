@@ -88,7 +88,7 @@ impl Runtime {
         })
     }
 
-    async fn call<T>(
+    pub(crate) async fn call<T>(
         &self,
         rpc: &'static str,
         fut: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,

@@ -2,7 +2,8 @@
 //! eviction thresholds, and container logs are rotated at `containerLogMaxSize`, keeping at
 //! most `containerLogMaxFiles` files while `kubectl logs --tail` still reads the newest line;
 //! pods that do not fit the Node (resources against allocatable less what admitted pods
-//! request, node selector, host ports) are refused at admission and never started.
+//! request, node selector, host ports) are refused at admission and never started; image GC
+//! removes unused images once the image filesystem passes its threshold, never one in use.
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, PostParams};
@@ -276,4 +277,92 @@ async fn pods_that_do_not_fit_the_node_are_refused_at_admission() {
         .expect("status");
     assert_eq!(st.phase.as_deref(), Some("Failed"));
     assert_eq!(sandboxes(&cluster.node, "too-big"), "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_gc_removes_unused_images_past_the_threshold_and_never_one_in_use_on_strake_runtime()
+{
+    image_gc(RuntimeKind::Strake, "strake-image-gc-0").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_gc_removes_unused_images_past_the_threshold_and_never_one_in_use_on_containerd() {
+    image_gc(RuntimeKind::Containerd, "strake-image-gc-1").await;
+}
+
+/// Thresholds low enough that the shared disk is always "full": every unused image goes, the
+/// image of a running container stays.
+async fn image_gc(kind: RuntimeKind, node: &str) {
+    let mut cluster = Cluster::start_with(
+        node,
+        kind,
+        "imageGCHighThresholdPercent: 1\nimageGCLowThresholdPercent: 0\nimageMinimumGCAge: 0s\n",
+    )
+    .await;
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": "user" },
+        "spec": {
+            "nodeName": node,
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "app", "image": cluster.busybox(),
+                "command": ["/bin/sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]
+            }]
+        }
+    }))
+    .expect("pod");
+    wait_for("pod created", 60, || async {
+        pods.create(&PostParams::default(), &pod).await.ok()
+    })
+    .await;
+    wait_for("pod running", 120, || async {
+        let p = pods.get("user").await.ok()?;
+        (p.status?.phase.as_deref() == Some("Running")).then_some(())
+    })
+    .await;
+    let unused = format!("{}/strake/http:1", cluster.registry.open_in_cluster());
+    let out = cluster
+        .node
+        .runtime
+        .crictl(&["pull", &unused])
+        .expect("crictl pull");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let images = |node: &common::KubeletNode| {
+        let out = node.runtime.crictl(&["images"]).expect("crictl images");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(images(&cluster.node).contains("strake/http"));
+    // Upstream checks every 5 minutes; this node every second.
+    cluster
+        .node
+        .restart_kubelet_with(&["--image-gc-period=1s"])
+        .expect("restart kubelet");
+    let mut listing = images(&cluster.node);
+    for _ in 0..240 {
+        if !listing.contains("strake/http") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        listing = images(&cluster.node);
+    }
+    let log = cluster.node.log();
+    let gc: Vec<&str> = log.lines().filter(|l| l.contains("image")).collect();
+    assert!(
+        !listing.contains("strake/http"),
+        "the unused image is still there:\n{listing}\nkubelet's image lines:\n{}",
+        gc.join("\n")
+    );
+    assert!(
+        listing.contains("strake/busybox"),
+        "the running container's image stays:\n{listing}"
+    );
+    assert!(cluster.node.log().contains("removed unused image"));
+    let p = pods.get("user").await.expect("pod");
+    assert_eq!(p.status.and_then(|s| s.phase).as_deref(), Some("Running"));
 }
