@@ -33,8 +33,9 @@ lint: testbed-packages ## rustfmt check and clippy with warnings denied
 fmt: ## Format the code
 	$(CARGO) fmt --all
 
-test: testbed lint ## Every test: lint, unit, component and integration tests (root)
-	$(CARGO) test --workspace --no-fail-fast -- --test-threads=$(TEST_THREADS)
+test: testbed lint ## Every test: lint, unit, component and integration tests (root), then a check that nothing was left behind
+	@rc=0; $(CARGO) test --workspace --no-fail-fast -- --test-threads=$(TEST_THREADS) || rc=$$?; \
+	bash integration/testbed/check-leftovers.sh || rc=1; exit $$rc
 
 unit-test: testbed-packages ## Unit tests only (no root, no test bed)
 	$(CARGO) test --workspace --lib --bins
