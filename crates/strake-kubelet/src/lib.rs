@@ -42,6 +42,7 @@ pub mod pod_worker;
 pub mod pods;
 pub mod predicates;
 pub mod prober;
+pub mod relist;
 pub mod resources;
 pub mod runtime;
 pub mod server;
@@ -175,10 +176,12 @@ impl App {
                 }
             };
             let api = client.clone();
+            let cri: std::sync::Arc<dyn runtime::Cri> = std::sync::Arc::new(self.runtime.clone());
             let ctx = pod_worker::Context {
                 volumes: volumes::Volumes::new(&self.config.root_dir, api.clone()),
                 client: api.clone(),
-                cri: std::sync::Arc::new(self.runtime.clone()),
+                cri: cri.clone(),
+                relist: std::sync::Arc::new(relist::Relist::new(cri.clone(), relist::PERIOD)),
                 config: self.config.clone(),
                 host_ip: self
                     .config

@@ -72,6 +72,8 @@ pub struct Context {
     pub runtime_name: String,
     /// Wake-ups from the runtime's container events ([`crate::pleg`]).
     pub nudges: crate::pleg::Nudges,
+    /// The node's shared listing of the runtime.
+    pub relist: Arc<crate::relist::Relist>,
     /// The Services informer (`None` in standalone mode).
     pub services: Option<crate::services::Services>,
 }
@@ -99,6 +101,13 @@ struct Worker {
     /// Statuses of exited instances, which do not change: read (with their termination
     /// message) once.
     exited: BTreeMap<String, cri::ContainerStatus>,
+    /// Statuses of running instances, reused while the node's listing says they run.
+    running: BTreeMap<String, cri::ContainerStatus>,
+    /// The ready sandbox's addresses, asked once per sandbox.
+    sandbox_ips: Option<(String, Vec<String>)>,
+    /// Observations must come from this listing or a later one (the first started after the
+    /// worker's last change to the runtime, or the runtime's last event about the pod).
+    min_listing: u64,
     last_status: Option<k8s_openapi::api::core::v1::PodStatus>,
     /// The pod's RuntimeClass and its handler, once resolved.
     runtime_class: Option<(String, String)>,
@@ -117,6 +126,9 @@ pub async fn run(ctx: Context, uid: String, mut updates: watch::Receiver<Option<
         volume_paths: BTreeMap::new(),
         volumes_refreshed: None,
         exited: BTreeMap::new(),
+        running: BTreeMap::new(),
+        sandbox_ips: None,
+        min_listing: 0,
         last_status: None,
         runtime_class: None,
         events,
@@ -144,8 +156,9 @@ pub async fn run(ctx: Context, uid: String, mut updates: watch::Receiver<Option<
         // once when the runtime reports an event of this pod.
         tokio::select! {
             _ = updates.changed() => {}
-            _ = nudge.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            // The runtime reported a change of this pod: look at a listing taken after it.
+            _ = nudge.notified() => w.min_listing = w.ctx.relist.next_listing(),
+            _ = tokio::time::sleep(crate::relist::PERIOD) => {}
         }
     }
 }
@@ -284,8 +297,10 @@ impl Worker {
     /// containers and their statuses.
     async fn observe(&mut self, pod: Option<&Pod>) -> Result<Observation, RuntimeError> {
         let cri = self.ctx.cri.clone();
-        let sandboxes = cri.list_sandboxes(&self.uid).await?;
-        let containers = cri.list_containers(&self.uid).await?;
+        // The node's shared listing: taken after this worker's last action, and at most one
+        // relist period old.
+        let snapshot = self.ctx.relist.snapshot(self.min_listing).await?;
+        let (sandboxes, containers) = snapshot.of_pod(&self.uid);
         let mut obs = Observation::default();
         for s in &sandboxes {
             obs.state.sandboxes.push(SandboxObs {
@@ -297,13 +312,28 @@ impl Worker {
             });
         }
         if let Some(id) = obs.state.ready_sandbox().map(|s| s.id.clone()) {
-            let ips = sandbox_ips(cri.as_ref(), &id).await?;
+            // A sandbox keeps its addresses for life: asked once.
+            let ips = match &self.sandbox_ips {
+                Some((known, ips)) if *known == id => ips.clone(),
+                _ => {
+                    let ips = sandbox_ips(cri.as_ref(), &id).await?;
+                    self.sandbox_ips = Some((id.clone(), ips.clone()));
+                    ips
+                }
+            };
             if let Some(s) = obs.state.sandboxes.iter_mut().find(|s| s.id == id) {
                 s.ips = ips;
             }
         }
         for k in &containers {
-            let st = match self.exited.get(&k.id) {
+            // Exited instances never change; a running one's status holds while the listing
+            // still says running. Anything else is asked for.
+            let cached = self.exited.get(&k.id).or_else(|| {
+                self.running.get(&k.id).filter(|st| {
+                    st.state == k.state && k.state == cri::ContainerState::ContainerRunning as i32
+                })
+            });
+            let st = match cached {
                 Some(st) => st.clone(),
                 None => match cri.container_status(&k.id).await {
                     Ok(Some(st)) => st,
@@ -334,6 +364,9 @@ impl Worker {
                 self.exited.insert(k.id.clone(), st.clone());
                 st
             } else {
+                if run_state(st.state) == RunState::Running {
+                    self.running.insert(k.id.clone(), st.clone());
+                }
                 st
             };
             obs.state.containers.push(ContainerObs {
@@ -349,6 +382,11 @@ impl Worker {
             obs.statuses.insert(k.id.clone(), st);
         }
         self.exited.retain(|id, _| obs.statuses.contains_key(id));
+        self.running.retain(|id, st| {
+            obs.statuses.contains_key(id)
+                && run_state(st.state) == RunState::Running
+                && !self.exited.contains_key(id)
+        });
         Ok(obs)
     }
 
@@ -580,6 +618,8 @@ impl Worker {
             obs
         } else {
             let done = self.execute(pod, &obs, &handler, actions).await;
+            // What was just done must show in the next listing.
+            self.min_listing = self.ctx.relist.next_listing();
             let obs = self.observe(Some(pod)).await?;
             if let Err(e) = done {
                 self.report(pod, &obs).await?;
@@ -599,6 +639,9 @@ impl Worker {
     /// not one per restart.
     async fn collect_garbage(&mut self, pod: &Pod, obs: &Observation) {
         let (containers, sandboxes) = sync::collectable(&obs.state, MAX_PER_POD_CONTAINER);
+        if !containers.is_empty() || !sandboxes.is_empty() {
+            self.min_listing = self.ctx.relist.next_listing();
+        }
         for id in containers {
             if let Err(e) = self.ctx.cri.remove_container(&id).await {
                 tracing::debug!(pod = %pod_key(pod), container = %id, error = %e, "remove dead container");
@@ -1250,7 +1293,7 @@ impl Worker {
             }
             Err(e) => {
                 tracing::warn!(uid = %self.uid, error = %e, "cannot list the pod's containers");
-                cri.list_sandboxes(&self.uid)
+                cri.list_sandboxes(Some(&self.uid))
                     .await
                     .unwrap_or_default()
                     .into_iter()
@@ -1312,6 +1355,8 @@ mod tests {
             host_ip: "10.0.0.1".into(),
             runtime_name: "fake".into(),
             nudges: crate::pleg::Nudges::default(),
+            // Every observation lists: tests change the fake between syncs.
+            relist: Arc::new(crate::relist::Relist::new(fake.clone(), Duration::ZERO)),
             services: None,
         };
         let w = Worker {
@@ -1323,6 +1368,9 @@ mod tests {
             volume_paths: BTreeMap::new(),
             volumes_refreshed: None,
             exited: BTreeMap::new(),
+            running: BTreeMap::new(),
+            sandbox_ips: None,
+            min_listing: 0,
             last_status: None,
             runtime_class: None,
         };

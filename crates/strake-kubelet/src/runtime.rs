@@ -164,8 +164,9 @@ impl Runtime {
 /// The runtime calls a pod worker makes, typed; implemented over tonic by [`Runtime`].
 #[async_trait::async_trait]
 pub trait Cri: Send + Sync + std::fmt::Debug {
-    /// The sandboxes labelled with pod UID `uid`.
-    async fn list_sandboxes(&self, uid: &str) -> Result<Vec<cri::PodSandbox>, RuntimeError>;
+    /// The sandboxes labelled with pod UID `uid`; every sandbox with `None`.
+    async fn list_sandboxes(&self, uid: Option<&str>)
+    -> Result<Vec<cri::PodSandbox>, RuntimeError>;
     /// RunPodSandbox; returns the new sandbox's ID.
     async fn run_sandbox(
         &self,
@@ -176,8 +177,9 @@ pub trait Cri: Send + Sync + std::fmt::Debug {
     async fn remove_sandbox(&self, id: &str) -> Result<(), RuntimeError>;
     async fn sandbox_status(&self, id: &str)
     -> Result<Option<cri::PodSandboxStatus>, RuntimeError>;
-    /// The containers labelled with pod UID `uid`.
-    async fn list_containers(&self, uid: &str) -> Result<Vec<cri::Container>, RuntimeError>;
+    /// The containers labelled with pod UID `uid`; every container with `None`.
+    async fn list_containers(&self, uid: Option<&str>)
+    -> Result<Vec<cri::Container>, RuntimeError>;
     async fn container_status(
         &self,
         id: &str,
@@ -223,18 +225,19 @@ const LONG: Duration = Duration::from_secs(120);
 
 #[async_trait::async_trait]
 impl Cri for Runtime {
-    async fn list_sandboxes(&self, uid: &str) -> Result<Vec<cri::PodSandbox>, RuntimeError> {
+    async fn list_sandboxes(
+        &self,
+        uid: Option<&str>,
+    ) -> Result<Vec<cri::PodSandbox>, RuntimeError> {
         let mut c = self.runtime.clone();
-        let filter = cri::PodSandboxFilter {
+        let filter = uid.map(|uid| cri::PodSandboxFilter {
             label_selector: uid_selector(uid),
             ..Default::default()
-        };
+        });
         let r = self
             .call(
                 "ListPodSandbox",
-                c.list_pod_sandbox(cri::ListPodSandboxRequest {
-                    filter: Some(filter),
-                }),
+                c.list_pod_sandbox(cri::ListPodSandboxRequest { filter }),
             )
             .await?;
         Ok(r.items)
@@ -302,18 +305,19 @@ impl Cri for Runtime {
         Ok(r.status)
     }
 
-    async fn list_containers(&self, uid: &str) -> Result<Vec<cri::Container>, RuntimeError> {
+    async fn list_containers(
+        &self,
+        uid: Option<&str>,
+    ) -> Result<Vec<cri::Container>, RuntimeError> {
         let mut c = self.runtime.clone();
-        let filter = cri::ContainerFilter {
+        let filter = uid.map(|uid| cri::ContainerFilter {
             label_selector: uid_selector(uid),
             ..Default::default()
-        };
+        });
         let r = self
             .call(
                 "ListContainers",
-                c.list_containers(cri::ListContainersRequest {
-                    filter: Some(filter),
-                }),
+                c.list_containers(cri::ListContainersRequest { filter }),
             )
             .await?;
         Ok(r.containers)

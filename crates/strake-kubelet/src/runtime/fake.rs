@@ -12,6 +12,8 @@ use super::{Cri, RuntimeError};
 #[derive(Debug, Default)]
 struct State {
     calls: Vec<String>,
+    /// List calls, counted apart from `calls` (they do not change anything).
+    lists: usize,
     next: u64,
     sandboxes: Vec<cri::PodSandbox>,
     containers: Vec<cri::ContainerStatus>,
@@ -36,6 +38,11 @@ fn status(code: tonic::Code, rpc: &'static str) -> RuntimeError {
 impl FakeCri {
     fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
         f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// How many ListPodSandbox and ListContainers calls were made.
+    pub fn list_calls(&self) -> usize {
+        self.with(|s| s.lists)
     }
 
     /// The calls made so far, one line each.
@@ -101,8 +108,14 @@ impl FakeCri {
 
 #[async_trait::async_trait]
 impl Cri for FakeCri {
-    async fn list_sandboxes(&self, _uid: &str) -> Result<Vec<cri::PodSandbox>, RuntimeError> {
-        Ok(self.with(|s| s.sandboxes.clone()))
+    async fn list_sandboxes(
+        &self,
+        _uid: Option<&str>,
+    ) -> Result<Vec<cri::PodSandbox>, RuntimeError> {
+        Ok(self.with(|s| {
+            s.lists += 1;
+            s.sandboxes.clone()
+        }))
     }
 
     async fn run_sandbox(
@@ -116,6 +129,7 @@ impl Cri for FakeCri {
             s.calls.push("RunPodSandbox".into());
             s.sandboxes.push(cri::PodSandbox {
                 id: id.clone(),
+                labels: config.labels,
                 metadata: config.metadata,
                 state: cri::PodSandboxState::SandboxReady as i32,
                 created_at: s.next as i64,
@@ -170,8 +184,12 @@ impl Cri for FakeCri {
         }))
     }
 
-    async fn list_containers(&self, _uid: &str) -> Result<Vec<cri::Container>, RuntimeError> {
+    async fn list_containers(
+        &self,
+        _uid: Option<&str>,
+    ) -> Result<Vec<cri::Container>, RuntimeError> {
         Ok(self.with(|s| {
+            s.lists += 1;
             s.containers
                 .iter()
                 .map(|c| cri::Container {
@@ -180,6 +198,7 @@ impl Cri for FakeCri {
                     metadata: c.metadata.clone(),
                     state: c.state,
                     created_at: c.created_at,
+                    labels: c.labels.clone(),
                     ..Default::default()
                 })
                 .collect()
