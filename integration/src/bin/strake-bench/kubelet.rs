@@ -1,7 +1,8 @@
-//! `strake-bench kubelet [--pods 30,100] [--steady-secs 60] [--concurrency 10] [--logs DIR]
-//! [--only kubelet|strake-kubelet]`: strake-kubelet versus the upstream kubelet (the test
-//! bed's build of the pinned release), issue #5's benchmark. `--logs DIR` keeps each kubelet's
-//! log; `--only` measures one of them.
+//! `strake-bench kubelet [--pods 30,100] [--steady-secs 60] [--concurrency 10] [--runs 3]
+//! [--logs DIR] [--only kubelet|strake-kubelet]`: strake-kubelet versus the upstream kubelet
+//! (the test bed's build of the pinned release), issue #5's benchmark. `--runs N` measures each
+//! kubelet N times, alternating which goes first, and reports min / median / max with the
+//! ratio of the medians. `--logs DIR` keeps each kubelet's log; `--only` measures one of them.
 //!
 //! One control plane (etcd, kube-apiserver, controller-manager, scheduler) and one local
 //! registry serve both kubelets, one after the other. Each kubelet gets a fresh node namespace
@@ -374,6 +375,8 @@ struct Figures {
 
 struct Settings {
     counts: Vec<usize>,
+    /// Measurements of each kubelet, the order alternating (`--runs`).
+    runs: usize,
     /// Where to copy each kubelet's log (`--logs DIR`).
     logs: Option<std::path::PathBuf>,
     steady_secs: u64,
@@ -485,6 +488,7 @@ async fn measure(
 fn parse(args: &[String]) -> anyhow::Result<(Settings, Vec<Kind>)> {
     let mut s = Settings {
         counts: vec![30, 100],
+        runs: 3,
         logs: None,
         steady_secs: 60,
         concurrency: 10,
@@ -503,6 +507,7 @@ fn parse(args: &[String]) -> anyhow::Result<(Settings, Vec<Kind>)> {
             }
             "--steady-secs" => s.steady_secs = value()?.parse().context("--steady-secs")?,
             "--concurrency" => s.concurrency = value()?.parse().context("--concurrency")?,
+            "--runs" => s.runs = value()?.parse().context("--runs")?,
             "--logs" => s.logs = Some(value()?.into()),
             "--only" => {
                 kinds = match value()?.as_str() {
@@ -516,6 +521,9 @@ fn parse(args: &[String]) -> anyhow::Result<(Settings, Vec<Kind>)> {
     }
     if s.counts.is_empty() || s.counts.contains(&0) {
         bail!("--pods needs counts above zero");
+    }
+    if s.runs == 0 || s.runs > 50 {
+        bail!("--runs takes 1 to 50");
     }
     Ok((s, kinds))
 }
@@ -565,77 +573,133 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
 
-        let mut results = Vec::new();
-        for (index, kind) in kinds.into_iter().enumerate() {
-            eprintln!("measuring {} ...", kind.node_name());
-            let f = measure(
-                kind,
-                index as u8,
-                &cp,
-                &client,
-                &registry.open_in_cluster().to_string(),
-                &settings,
-            )
-            .await?;
-            results.push((kind, f));
+        let mut results: Vec<(Kind, Figures)> = Vec::new();
+        let nodes: Api<Node> = Api::all(client.clone());
+        let mut index = 0u8;
+        for run in 0..settings.runs {
+            // Alternate who goes first, so that neither always meets the warmer machine.
+            let mut order = kinds.clone();
+            if run % 2 == 1 {
+                order.reverse();
+            }
+            for kind in order {
+                eprintln!(
+                    "run {}/{}: measuring {} ...",
+                    run + 1,
+                    settings.runs,
+                    kind.node_name()
+                );
+                let f = measure(
+                    kind,
+                    index,
+                    &cp,
+                    &client,
+                    &registry.open_in_cluster().to_string(),
+                    &settings,
+                )
+                .await?;
+                // Each measurement has a fresh node namespace (a deleted one's veth vanishes
+                // asynchronously), and its Node object goes, so the next one's readiness is
+                // its own.
+                index = index.wrapping_add(1);
+                let _ = nodes
+                    .delete(kind.node_name(), &DeleteParams::default())
+                    .await;
+                results.push((kind, f));
+            }
         }
         print_table(&results, &settings);
         anyhow::Ok(())
     })
 }
 
+/// min / median / max of `values` (the lower median for an even count).
+fn spread(mut values: Vec<f64>) -> (f64, f64, f64) {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => (0.0, 0.0, 0.0),
+        n => (values[0], values[(n - 1) / 2], values[n - 1]),
+    }
+}
+
 fn print_table(results: &[(Kind, Figures)], settings: &Settings) {
-    let get = |k: Kind| results.iter().find(|(kind, _)| *kind == k).map(|(_, f)| f);
-    let empty = Figures::default();
-    let u = get(Kind::Upstream).unwrap_or(&empty);
-    let s = get(Kind::Strake).unwrap_or(&empty);
+    let of = |k: Kind| -> Vec<&Figures> {
+        results
+            .iter()
+            .filter(|(kind, _)| *kind == k)
+            .map(|(_, f)| f)
+            .collect()
+    };
+    let (u, s) = (of(Kind::Upstream), of(Kind::Strake));
     let version = strake_integration::paths::Versions::pinned().kubernetes;
     let max = settings.counts.iter().copied().max().unwrap_or(0);
-    println!("| measure | kubelet {version} | strake-kubelet | strake / kubelet |");
+    println!(
+        "{} runs of each kubelet, alternating which goes first; min / median / max, and the ratio of the medians.\n",
+        settings.runs
+    );
+    println!("| measure | kubelet {version} | strake-kubelet | strake / kubelet (medians) |");
     println!("| --- | --- | --- | --- |");
-    let lat = |f: &Figures, n: usize, p: f64| {
-        f.startup
-            .iter()
-            .find(|(c, _)| *c == n)
-            .map(|(_, l)| percentile(l, p))
-            .unwrap_or_default()
+    let row = |what: String, get: &dyn Fn(&Figures) -> f64, show: &dyn Fn(f64) -> String| {
+        let (a, b) = (
+            spread(u.iter().map(|f| get(f)).collect()),
+            spread(s.iter().map(|f| get(f)).collect()),
+        );
+        let cell = |(lo, mid, hi): (f64, f64, f64)| {
+            if settings.runs == 1 {
+                show(mid)
+            } else {
+                format!("{} / {} / {}", show(lo), show(mid), show(hi))
+            }
+        };
+        println!(
+            "| {what} | {} | {} | {} |",
+            cell(a),
+            cell(b),
+            ratio(b.1, a.1)
+        );
     };
+    let millis = |v: f64| ms(Duration::from_secs_f64(v / 1000.0));
+    let mebi = |v: f64| mib(v as u64);
     for &n in &settings.counts {
         for p in [50.0, 99.0] {
-            let (a, b) = (lat(u, n, p), lat(s, n, p));
-            println!(
-                "| pod startup p{p:.0}, {n} pods at once | {} | {} | {} |",
-                ms(a),
-                ms(b),
-                ratio(b.as_secs_f64(), a.as_secs_f64())
+            let lat = move |f: &Figures| {
+                f.startup
+                    .iter()
+                    .find(|(c, _)| *c == n)
+                    .map(|(_, l)| percentile(l, p))
+                    .unwrap_or_default()
+                    .as_secs_f64()
+                    * 1000.0
+            };
+            row(
+                format!("pod startup p{p:.0}, {n} pods at once"),
+                &lat,
+                &millis,
             );
         }
     }
-    let row = |what: String, a: u64, b: u64| {
-        println!(
-            "| {what} | {} | {} | {} |",
-            mib(a),
-            mib(b),
-            ratio(b as f64, a as f64)
-        );
-    };
     row(
         "RSS, node Ready, no pods".into(),
-        u.idle_rss_kib,
-        s.idle_rss_kib,
+        &|f| f.idle_rss_kib as f64,
+        &mebi,
     );
     row(
         format!("RSS with {max} pods (mean over {} s)", settings.steady_secs),
-        u.steady.rss_mean_kib,
-        s.steady.rss_mean_kib,
+        &|f| f.steady.rss_mean_kib as f64,
+        &mebi,
     );
-    row("peak RSS (VmHWM) over the run".into(), u.hwm_kib, s.hwm_kib);
-    println!(
-        "| CPU with {max} pods (% of one core over {} s) | {:.1} % | {:.1} % | {} |",
-        settings.steady_secs,
-        u.steady.cpu_percent,
-        s.steady.cpu_percent,
-        ratio(s.steady.cpu_percent, u.steady.cpu_percent)
+    row(
+        "peak RSS (VmHWM) over the run".into(),
+        &|f| f.hwm_kib as f64,
+        &mebi,
+    );
+    row(
+        format!(
+            "CPU with {max} pods (% of one core over {} s)",
+            settings.steady_secs
+        ),
+        &|f| f.steady.cpu_percent,
+        &|v| format!("{v:.1} %"),
     );
 }
 
@@ -664,8 +728,17 @@ mod tests {
         assert_eq!(s.counts, vec![5, 7]);
         assert_eq!(s.steady_secs, 3);
         assert_eq!(kinds, vec![Kind::Upstream]);
+        assert_eq!(s.runs, 3);
         assert!(parse(&["--pods".to_string(), "0".to_string()]).is_err());
+        assert!(parse(&["--runs".to_string(), "0".to_string()]).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn spreads_are_min_lower_median_max() {
+        assert_eq!(spread(vec![3.0, 1.0, 2.0]), (1.0, 2.0, 3.0));
+        assert_eq!(spread(vec![4.0, 1.0, 3.0, 2.0]), (1.0, 2.0, 4.0));
+        assert_eq!(spread(vec![]), (0.0, 0.0, 0.0));
     }
 
     #[test]
