@@ -452,8 +452,10 @@ async fn direct_requests_are_authenticated_and_authorized_and_stats_are_served()
             "spec": {
                 "nodeName": NODE,
                 "terminationGracePeriodSeconds": 1,
+                "volumes": [{ "name": "scratch", "emptyDir": {} }],
                 "containers": [{ "name": "app", "image": image, "command": [SH, "-c",
-                    "head -c 4000000 /dev/zero > /tmp/fill; exec sleep 3600"] }]
+                    "head -c 4000000 /dev/zero > /tmp/fill; head -c 2000000 /dev/urandom > /scratch/blob; exec sleep 3600"],
+                    "volumeMounts": [{ "name": "scratch", "mountPath": "/scratch" }] }]
             }
         }),
     )
@@ -544,7 +546,7 @@ async fn direct_requests_are_authenticated_and_authorized_and_stats_are_served()
         .collect();
     assert_eq!(names, ["stats"], "{pods_json}");
 
-    // /stats/summary: the node and the pod, with a nonzero working set.
+    // /stats/summary: the node and the pod, with a nonzero working set and its emptyDir's use.
     let summary: serde_json::Value = wait_for("summary with the pod's memory", 60, || async {
         let (status, body) = api.get("/stats/summary", Some(&token), false).await?;
         let v: serde_json::Value = serde_json::from_str(&body).ok()?;
@@ -553,7 +555,12 @@ async fn direct_requests_are_authenticated_and_authorized_and_stats_are_served()
             .iter()
             .find(|p| p["podRef"]["name"] == "stats")?
             .clone();
-        (status == 200 && pod["memory"]["workingSetBytes"].as_u64()? > 0).then_some(v)
+        let scratch_written = pod["volume"]
+            .as_array()?
+            .iter()
+            .any(|v| v["name"] == "scratch" && v["usedBytes"].as_u64() >= Some(2_000_000));
+        (status == 200 && pod["memory"]["workingSetBytes"].as_u64()? > 0 && scratch_written)
+            .then_some(v)
     })
     .await;
     assert_eq!(summary["node"]["nodeName"], NODE);
@@ -573,6 +580,21 @@ async fn direct_requests_are_authenticated_and_authorized_and_stats_are_served()
         "{pod}"
     );
     assert!(pod["network"]["interfaces"].is_array(), "{pod}");
+    // The emptyDir's own use, and the pod's ephemeral storage counting it.
+    let scratch = pod["volume"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == "scratch"))
+        .unwrap_or_else(|| panic!("no scratch volume: {pod}"));
+    assert!(
+        scratch["usedBytes"].as_u64() >= Some(2_000_000),
+        "{scratch}"
+    );
+    assert!(scratch["capacityBytes"].as_u64() > Some(0), "{scratch}");
+    assert!(scratch["inodesUsed"].as_u64() >= Some(2), "{scratch}");
+    assert!(
+        pod["ephemeral-storage"]["usedBytes"].as_u64() >= Some(2_000_000),
+        "{pod}"
+    );
 
     // /metrics/resource: Prometheus text with the container.
     let (status, metrics) = api

@@ -55,6 +55,17 @@ pub struct PodStats {
     pub network: Option<NetworkStats>,
     #[serde(rename = "ephemeral-storage", skip_serializing_if = "Option::is_none")]
     pub ephemeral_storage: Option<FsStats>,
+    #[serde(rename = "volume", skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeStats>,
+}
+
+/// One of a pod's volumes: its filesystem's figures with what the volume itself uses.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeStats {
+    #[serde(flatten)]
+    pub fs: FsStats,
+    pub name: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -384,6 +395,76 @@ fn dir_size(path: &Path) -> u64 {
         .sum()
 }
 
+/// Entries one volume's walk visits at most (a pod fills its volumes as it likes).
+const VOLUME_WALK_LIMIT: usize = 1_000_000;
+
+/// Disk use of the tree at `path` as `du` counts it: allocated blocks, each inode once (hard
+/// links), links not followed, at most `limit` entries visited; returns (bytes, inodes). The
+/// walk keeps its own stack, so a deep tree costs memory in proportion to the entries, never
+/// the kubelet's stack.
+pub fn disk_usage(path: &Path, limit: usize) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let (mut bytes, mut inodes, mut visited) = (0u64, 0u64, 0usize);
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        visited += 1;
+        if visited > limit {
+            break;
+        }
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if m.nlink() > 1 && !m.is_dir() && !seen.insert((m.dev(), m.ino())) {
+            continue;
+        }
+        bytes = bytes.saturating_add(m.blocks().saturating_mul(512));
+        inodes += 1;
+        if m.is_dir()
+            && let Ok(entries) = std::fs::read_dir(&p)
+        {
+            stack.extend(entries.filter_map(|e| e.ok()).map(|e| e.path()));
+        }
+    }
+    (bytes, inodes)
+}
+
+/// The stats of each volume the kubelet made for pod `uid` (`<root>/pods/<uid>/volumes/<kind>/<name>`):
+/// the filesystem's capacity and free space, and the volume's own use.
+pub fn volume_stats(root_dir: &Path, uid: &str) -> Vec<VolumeStats> {
+    if uid.is_empty() || uid.contains('/') || uid.starts_with('.') {
+        return Vec::new();
+    }
+    let dir = root_dir.join("pods").join(uid).join("volumes");
+    let mut out = Vec::new();
+    for kind in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        if !kind.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        for vol in std::fs::read_dir(kind.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if !vol.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let path = vol.path();
+            let mut fs = statvfs(&path).unwrap_or_default();
+            let (used, inodes) = disk_usage(&path, VOLUME_WALK_LIMIT);
+            fs.time = rfc3339(now_ns());
+            fs.used_bytes = Some(used);
+            fs.inodes_used = Some(inodes);
+            out.push(VolumeStats {
+                fs,
+                name: vol.file_name().to_string_lossy().into_owned(),
+            });
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
 /// Collects the summary: node figures from the machine, pods and containers from the CRI.
 pub async fn summary(
     runtime: &Runtime,
@@ -574,9 +655,17 @@ pub async fn summary(
             .iter()
             .filter_map(|c| c.logs.as_ref()?.used_bytes)
             .sum();
+        let root = root_dir.to_path_buf();
+        let volume_uid = uid.clone();
+        pod.volumes = tokio::task::spawn_blocking(move || volume_stats(&root, &volume_uid))
+            .await
+            .unwrap_or_default();
+        // Ephemeral storage: the writable layers, the logs and the pod's local volumes, as
+        // upstream sums them.
+        let volumes_used: u64 = pod.volumes.iter().filter_map(|v| v.fs.used_bytes).sum();
         pod.ephemeral_storage = Some(FsStats {
             time: rfc3339(now_ns()),
-            used_bytes: Some(rootfs_used.unwrap_or(0) + logs_used),
+            used_bytes: Some(rootfs_used.unwrap_or(0) + logs_used + volumes_used),
             ..Default::default()
         });
         pods.push(pod);
@@ -784,6 +873,46 @@ pub fn resource_metrics(summary: Option<&Summary>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn volumes_report_their_own_use_without_following_links_or_recursing() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let vol = root.join("pods/u1/volumes/kubernetes.io~empty-dir/cache");
+        std::fs::create_dir_all(&vol).unwrap();
+        std::fs::write(vol.join("a"), vec![1u8; 64 * 1024]).unwrap();
+        std::fs::hard_link(vol.join("a"), vol.join("a-again")).unwrap();
+        // A link out and a tree deeper than any stack: neither followed nor a crash.
+        std::os::unix::fs::symlink("/", vol.join("host")).unwrap();
+        let mut deep = vol.join("deep");
+        for _ in 0..2000 {
+            deep.push("d");
+        }
+        std::fs::create_dir_all(&deep).unwrap();
+        let cm = root.join("pods/u1/volumes/kubernetes.io~configmap/config");
+        std::fs::create_dir_all(&cm).unwrap();
+        std::fs::write(cm.join("key"), "v").unwrap();
+        let stats = volume_stats(root, "u1");
+        let names: Vec<&str> = stats.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["cache", "config"]);
+        let cache = &stats[0].fs;
+        assert!(cache.used_bytes.unwrap() >= 64 * 1024);
+        // The file once (hard link), the link, the volume dir, "deep" and its 2000 levels.
+        assert_eq!(cache.inodes_used, Some(1 + 1 + 1 + 1 + 2000));
+        assert!(cache.capacity_bytes.unwrap() > 0);
+        assert!(volume_stats(root, "../u1").is_empty());
+        assert!(volume_stats(root, "none").is_empty());
+        // The walk stops at its limit.
+        assert_eq!(disk_usage(&vol, 3).1, 3);
+        // A hard-linked file counts once: as much as the same file without its second name.
+        let (one, two) = (root.join("one"), root.join("two"));
+        for d in [&one, &two] {
+            std::fs::create_dir(d).unwrap();
+            std::fs::write(d.join("f"), vec![1u8; 64 * 1024]).unwrap();
+        }
+        std::fs::hard_link(two.join("f"), two.join("g")).unwrap();
+        assert_eq!(disk_usage(&one, 10).0, disk_usage(&two, 10).0);
+    }
 
     #[test]
     fn net_dev_parses_without_loopback() {
