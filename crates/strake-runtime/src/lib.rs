@@ -14,7 +14,7 @@
 //! [`streaming`] server. The optional metrics, checkpoint and UpdatePodSandboxResources RPCs
 //! answer `Unimplemented`, as containerd 1.6 does.
 
-pub mod cgroups;
+pub use strake_types::cgroups;
 pub mod cni;
 pub mod config;
 pub mod container;

@@ -1,5 +1,7 @@
 //! Types and helpers shared by the Strake daemons.
 //!
+//! - [`cgroups`]: the host's cgroup hierarchies (v1, hybrid, v2), the cgroupfs and systemd
+//!   drivers' paths, and the readers of a cgroup's figures (runtime and kubelet).
 //! - [`cri`]: the CRI `runtime.v1` API (messages, the RuntimeService/ImageService clients and
 //!   servers), generated from `proto/runtime/v1/api.proto`.
 //! - [`http`]: the accept loop every HTTP server of the daemons uses (connection cap, header
@@ -8,6 +10,7 @@
 //!
 //! A newcomer should start with [`cri`] (the contract between kubelet and runtime).
 
+pub mod cgroups;
 pub mod cri;
 pub mod http;
 pub mod logging;
