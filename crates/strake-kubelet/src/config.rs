@@ -158,6 +158,8 @@ pub struct FileConfig {
     pub image_minimum_gc_age: Option<String>,
     #[serde(rename = "imageMaximumGCAge")]
     pub image_maximum_gc_age: Option<String>,
+    pub pod_pids_limit: Option<i64>,
+    pub enforce_node_allocatable: Option<Vec<String>>,
 }
 
 /// `authentication` of the configuration file.
@@ -295,6 +297,10 @@ pub struct Config {
     pub api_limits: crate::api_client::Limits,
     /// Image garbage collection (`imageGC*`, `imageMinimumGCAge`, `imageMaximumGCAge`).
     pub image_gc: crate::image_gc::Policy,
+    /// `podPidsLimit` (-1: unlimited).
+    pub pod_pids_limit: i64,
+    /// `enforceNodeAllocatable` (`pods`: `kubepods` is held to the node's allocatable).
+    pub enforce_node_allocatable: Vec<String>,
 }
 
 /// The configuration is invalid.
@@ -692,6 +698,28 @@ impl Config {
         })?;
         let api_limits = api_limits(flags, &file)?;
         let image_gc = image_gc(flags, &file)?;
+        // Upstream's choices: pods, system-reserved, kube-reserved, or none alone.
+        let enforce = file
+            .enforce_node_allocatable
+            .clone()
+            .unwrap_or_else(|| vec!["pods".into()]);
+        for e in &enforce {
+            let known = matches!(
+                e.as_str(),
+                "pods"
+                    | "system-reserved"
+                    | "kube-reserved"
+                    | "system-reserved-compressible"
+                    | "kube-reserved-compressible"
+                    | "none"
+            );
+            if !known || (e == "none" && enforce.len() > 1) {
+                return Err(ConfigError::Invalid {
+                    what: "enforceNodeAllocatable",
+                    value: enforce.join(","),
+                });
+            }
+        }
         let authn = authentication(flags, &file)?;
         let authz = authorization(flags, &file)?;
         Ok(Config {
@@ -775,6 +803,8 @@ impl Config {
                 .unwrap_or_else(|| "/etc/resolv.conf".into()),
             api_limits,
             image_gc,
+            pod_pids_limit: file.pod_pids_limit.unwrap_or(-1),
+            enforce_node_allocatable: enforce,
         })
     }
 }
@@ -782,6 +812,36 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pod_pids_limit_and_enforce_node_allocatable_follow_upstream() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        let load = |yaml: &str| {
+            std::fs::write(&path, yaml).unwrap();
+            Config::load(&Flags {
+                config: Some(path.clone()),
+                ..Default::default()
+            })
+        };
+        let d = load("kind: KubeletConfiguration\n").unwrap();
+        assert_eq!(
+            (d.pod_pids_limit, d.enforce_node_allocatable),
+            (-1, vec!["pods".to_string()])
+        );
+        let c = load("podPidsLimit: 1024\nenforceNodeAllocatable: []\n").unwrap();
+        assert_eq!(
+            (c.pod_pids_limit, c.enforce_node_allocatable.len()),
+            (1024, 0)
+        );
+        for bad in [
+            "enforceNodeAllocatable: [pods, none]\n",
+            "enforceNodeAllocatable: [everything]\n",
+        ] {
+            let e = load(bad).unwrap_err().to_string();
+            assert!(e.contains("enforceNodeAllocatable"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn image_gc_settings_follow_upstreams_defaults_and_checks() {

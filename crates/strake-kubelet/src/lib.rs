@@ -36,6 +36,7 @@ pub mod log_rotation;
 pub mod machine;
 pub mod node;
 pub mod pleg;
+pub mod pod_cgroups;
 pub mod pod_spec;
 pub mod pod_status;
 pub mod pod_worker;
@@ -105,6 +106,34 @@ async fn client(path: &std::path::Path, limits: api_client::Limits) -> Result<ku
 }
 
 impl App {
+    /// The QoS cgroups (`kubepods` held to the node's allocatable when `enforceNodeAllocatable`
+    /// names `pods`), made at start; `None` where the host's hierarchies cannot be read.
+    fn pod_cgroups(&self) -> Option<std::sync::Arc<pod_cgroups::PodCgroups>> {
+        let cg =
+            pod_cgroups::PodCgroups::detect(&self.config.cgroup_root, self.config.pod_pids_limit)?;
+        let enforce = self
+            .config
+            .enforce_node_allocatable
+            .iter()
+            .any(|e| e == "pods");
+        let reserved = |name: &str| {
+            let r = &self.config.reservation;
+            r.kube_reserved.get(name).copied().unwrap_or(0)
+                + r.system_reserved.get(name).copied().unwrap_or(0)
+        };
+        let allocatable = enforce.then(|| {
+            pod_cgroups::node_values(
+                i128::from(self.machine.cpus) * 1000 - reserved("cpu"),
+                (i128::from(self.machine.memory_bytes) * 1000 - reserved("memory")) / 1000,
+            )
+        });
+        if let Err(e) = cg.ensure_node(allocatable) {
+            tracing::warn!(error = %e, "QoS cgroups not made; pods get no pod-level cgroup values");
+            return None;
+        }
+        Some(std::sync::Arc::new(cg))
+    }
+
     /// Reads the machine and prepares the runtime connection.
     pub fn build(config: Config) -> Result<Self, Error> {
         let runtime =
@@ -177,11 +206,13 @@ impl App {
             };
             let api = client.clone();
             let cri: std::sync::Arc<dyn runtime::Cri> = std::sync::Arc::new(self.runtime.clone());
+            let cgroups = self.pod_cgroups();
             let ctx = pod_worker::Context {
                 volumes: volumes::Volumes::new(&self.config.root_dir, api.clone()),
                 client: api.clone(),
                 cri: cri.clone(),
                 relist: std::sync::Arc::new(relist::Relist::new(cri.clone(), relist::PERIOD)),
+                cgroups,
                 config: self.config.clone(),
                 host_ip: self
                     .config

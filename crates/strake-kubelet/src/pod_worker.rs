@@ -74,6 +74,8 @@ pub struct Context {
     pub nudges: crate::pleg::Nudges,
     /// The node's shared listing of the runtime.
     pub relist: Arc<crate::relist::Relist>,
+    /// The QoS and pod cgroups (`None` where the host's hierarchies are not known).
+    pub cgroups: Option<Arc<crate::pod_cgroups::PodCgroups>>,
     /// The Services informer (`None` in standalone mode).
     pub services: Option<crate::services::Services>,
 }
@@ -105,6 +107,8 @@ struct Worker {
     running: BTreeMap<String, cri::ContainerStatus>,
     /// The ready sandbox's addresses, asked once per sandbox.
     sandbox_ips: Option<(String, Vec<String>)>,
+    /// Whether the pod's cgroup was made (or found, after a kubelet restart) by this worker.
+    cgroup_made: bool,
     /// Observations must come from this listing or a later one (the first started after the
     /// worker's last change to the runtime, or the runtime's last event about the pod).
     min_listing: u64,
@@ -128,6 +132,7 @@ pub async fn run(ctx: Context, uid: String, mut updates: watch::Receiver<Option<
         exited: BTreeMap::new(),
         running: BTreeMap::new(),
         sandbox_ips: None,
+        cgroup_made: false,
         min_listing: 0,
         last_status: None,
         runtime_class: None,
@@ -612,6 +617,16 @@ impl Worker {
                 Err(e) => tracing::warn!(pod = %pod_key(pod), error = %e, "volume refresh failed"),
             }
         }
+        // Once per worker: the pod's cgroup values (a pod adopted after a restart counts again
+        // towards the Burstable cgroup's shares).
+        if !self.cgroup_made
+            && let Some(cg) = &self.ctx.cgroups
+        {
+            match cg.ensure_pod(pod) {
+                Ok(()) => self.cgroup_made = true,
+                Err(e) => tracing::warn!(pod = %pod_key(pod), error = %e, "pod cgroup"),
+            }
+        }
         let obs = self.observe(Some(pod)).await?;
         let actions = sync::compute_pod_actions(pod, &obs.state, Instant::now(), &mut self.state);
         let obs = if actions.is_empty() {
@@ -692,9 +707,15 @@ impl Worker {
                     }
                 }
                 Action::CreateSandbox { attempt } => {
-                    let id = match pod_spec::sandbox_config(pod, &self.ctx.config, attempt)
-                        .map_err(RuntimeError::SandboxConfig)
-                    {
+                    // The pod's cgroup first, as upstream makes it before the sandbox.
+                    let cgroup = match &self.ctx.cgroups {
+                        Some(cg) => cg.ensure_pod(pod).map_err(RuntimeError::PodCgroup),
+                        None => Ok(()),
+                    };
+                    let id = match cgroup.and_then(|()| {
+                        pod_spec::sandbox_config(pod, &self.ctx.config, attempt)
+                            .map_err(RuntimeError::SandboxConfig)
+                    }) {
                         Ok(config) => cri.run_sandbox(config, handler).await,
                         Err(e) => Err(e),
                     };
@@ -1305,6 +1326,9 @@ impl Worker {
             let _ = cri.stop_sandbox(&id).await;
             let _ = cri.remove_sandbox(&id).await;
         }
+        if let Some(cg) = &self.ctx.cgroups {
+            cg.remove_pod(&self.uid);
+        }
         self.ctx.volumes.cleanup(&self.uid);
         let (Some(p), Some(client)) = (pod, self.ctx.client.clone()) else {
             return;
@@ -1357,6 +1381,7 @@ mod tests {
             nudges: crate::pleg::Nudges::default(),
             // Every observation lists: tests change the fake between syncs.
             relist: Arc::new(crate::relist::Relist::new(fake.clone(), Duration::ZERO)),
+            cgroups: None,
             services: None,
         };
         let w = Worker {
@@ -1370,6 +1395,7 @@ mod tests {
             exited: BTreeMap::new(),
             running: BTreeMap::new(),
             sandbox_ips: None,
+            cgroup_made: false,
             min_listing: 0,
             last_status: None,
             runtime_class: None,

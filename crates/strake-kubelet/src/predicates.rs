@@ -48,10 +48,27 @@ fn max_into(into: &mut Requests, from: &Requests) {
     }
 }
 
-fn container_requests(c: &Container) -> Requests {
+/// Which side of a container's resources to sum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Requests,
+    Limits,
+}
+
+fn side_of(
+    r: &k8s_openapi::api::core::v1::ResourceRequirements,
+    side: Side,
+) -> Option<&BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>> {
+    match side {
+        Side::Requests => r.requests.as_ref(),
+        Side::Limits => r.limits.as_ref(),
+    }
+}
+
+fn container_requests(c: &Container, side: Side) -> Requests {
     c.resources
         .as_ref()
-        .and_then(|r| r.requests.as_ref())
+        .and_then(|r| side_of(r, side))
         .map(|r| {
             r.iter()
                 .filter_map(|(k, q)| parse_milli(&q.0).ok().map(|m| (k.clone(), m)))
@@ -68,17 +85,26 @@ fn is_sidecar(c: &Container) -> bool {
 /// sidecars, at least what each init container needs while it runs (itself plus the sidecars
 /// started before it), pod-level requests where set, plus the RuntimeClass overhead.
 pub fn pod_requests(pod: &Pod) -> Requests {
+    pod_sum(pod, Side::Requests)
+}
+
+/// A pod's effective limits (upstream's `PodLimits`), summed as [`pod_requests`] sums requests.
+pub fn pod_limits(pod: &Pod) -> Requests {
+    pod_sum(pod, Side::Limits)
+}
+
+fn pod_sum(pod: &Pod, side: Side) -> Requests {
     let Some(spec) = pod.spec.as_ref() else {
         return Requests::new();
     };
     let mut total = Requests::new();
     for c in &spec.containers {
-        add(&mut total, &container_requests(c));
+        add(&mut total, &container_requests(c, side));
     }
     let mut sidecars = Requests::new();
     let mut init_peak = Requests::new();
     for c in spec.init_containers.iter().flatten() {
-        let own = container_requests(c);
+        let own = container_requests(c, side);
         if is_sidecar(c) {
             add(&mut total, &own);
             add(&mut sidecars, &own);
@@ -90,7 +116,7 @@ pub fn pod_requests(pod: &Pod) -> Requests {
         }
     }
     max_into(&mut total, &init_peak);
-    if let Some(pod_level) = spec.resources.as_ref().and_then(|r| r.requests.as_ref()) {
+    if let Some(pod_level) = spec.resources.as_ref().and_then(|r| side_of(r, side)) {
         for (k, q) in pod_level {
             // Pod-level resources cover CPU and memory (upstream's supported set).
             if matches!(k.as_str(), "cpu" | "memory")

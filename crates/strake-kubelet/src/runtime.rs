@@ -29,6 +29,9 @@ pub enum RuntimeError {
     /// The pod's sandbox configuration cannot be made (no CRI call was made).
     #[error("pod sandbox configuration")]
     SandboxConfig(#[source] crate::pod_spec::SandboxConfigError),
+    /// The pod's cgroup could not be made (no CRI call was made).
+    #[error("unable to ensure pod container exists")]
+    PodCgroup(#[source] crate::pod_cgroups::CgroupError),
 }
 
 impl RuntimeError {
@@ -39,6 +42,12 @@ impl RuntimeError {
                 format!("CRI {rpc} failed: {}", source.message())
             }
             RuntimeError::SandboxConfig(e) => e.to_string(),
+            RuntimeError::PodCgroup(e) => {
+                let cause = std::error::Error::source(e)
+                    .map(|c| format!(": {c}"))
+                    .unwrap_or_default();
+                format!("unable to ensure pod container exists: {e}{cause}")
+            }
             other => other.to_string(),
         }
     }
