@@ -173,3 +173,53 @@ async fn scenario(node: &str, kind: RuntimeKind) {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_past_its_memory_limit_is_oom_killed_under_its_pod_cgroup_on_strake_runtime() {
+    oom("strake-oom-0", RuntimeKind::Strake).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_past_its_memory_limit_is_oom_killed_under_its_pod_cgroup_on_containerd() {
+    oom("strake-oom-1", RuntimeKind::Containerd).await;
+}
+
+/// A Guaranteed pod limited to 64 MiB (so its pod cgroup is too) that allocates 200 MiB ends
+/// `OOMKilled` with exit code 137.
+async fn oom(node: &str, kind: RuntimeKind) {
+    let cluster = Cluster::start(node, kind).await;
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
+    let limits = serde_json::json!({ "cpu": "200m", "memory": "64Mi" });
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": "hungry" },
+        "spec": {
+            "nodeName": node,
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "app", "image": cluster.busybox(),
+                // dd's 200 MiB block is one buffer, filled (touched) by the read.
+                "command": ["dd", "if=/dev/zero", "of=/dev/null", "bs=200M", "count=1"],
+                "resources": { "requests": limits, "limits": limits }
+            }]
+        }
+    }))
+    .expect("pod");
+    wait_for("pod created", 60, || async {
+        pods.create(&PostParams::default(), &pod).await.ok()
+    })
+    .await;
+    let terminated = wait_for("the container terminated", 120, || async {
+        let p = pods.get("hungry").await.ok()?;
+        let c = p.status?.container_statuses?.into_iter().next()?;
+        c.state?.terminated
+    })
+    .await;
+    assert_eq!(
+        (terminated.reason.as_deref(), terminated.exit_code),
+        (Some("OOMKilled"), 137),
+        "{terminated:?}"
+    );
+    let p = pods.get("hungry").await.expect("pod");
+    assert_eq!(p.status.and_then(|s| s.phase).as_deref(), Some("Failed"));
+}
