@@ -99,6 +99,10 @@ pub struct Flags {
     /// Burst of event writes.
     #[arg(long)]
     pub event_burst: Option<i64>,
+    /// QoS and pod cgroups (`kubepods/...`); without them pods go straight below the cgroup
+    /// root.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub cgroups_per_qos: Option<bool>,
     /// How often unused images are considered for removal (Strake only: upstream's is a fixed
     /// 5m, the default here too).
     #[arg(long)]
@@ -160,6 +164,8 @@ pub struct FileConfig {
     pub image_maximum_gc_age: Option<String>,
     pub pod_pids_limit: Option<i64>,
     pub enforce_node_allocatable: Option<Vec<String>>,
+    #[serde(rename = "cgroupsPerQOS")]
+    pub cgroups_per_qos: Option<bool>,
 }
 
 /// `authentication` of the configuration file.
@@ -301,6 +307,8 @@ pub struct Config {
     pub pod_pids_limit: i64,
     /// `enforceNodeAllocatable` (`pods`: `kubepods` is held to the node's allocatable).
     pub enforce_node_allocatable: Vec<String>,
+    /// `cgroupsPerQOS` (default true): the kubelet makes the QoS and pod cgroups.
+    pub cgroups_per_qos: bool,
 }
 
 /// The configuration is invalid.
@@ -698,11 +706,25 @@ impl Config {
         })?;
         let api_limits = api_limits(flags, &file)?;
         let image_gc = image_gc(flags, &file)?;
-        // Upstream's choices: pods, system-reserved, kube-reserved, or none alone.
-        let enforce = file
-            .enforce_node_allocatable
-            .clone()
-            .unwrap_or_else(|| vec!["pods".into()]);
+        // Upstream's choices: pods, system-reserved, kube-reserved, or none alone; and nothing
+        // to enforce without QoS cgroups.
+        let cgroups_per_qos = flags
+            .cgroups_per_qos
+            .or(file.cgroups_per_qos)
+            .unwrap_or(true);
+        let enforce = file.enforce_node_allocatable.clone().unwrap_or_else(|| {
+            if cgroups_per_qos {
+                vec!["pods".into()]
+            } else {
+                Vec::new()
+            }
+        });
+        if !cgroups_per_qos && enforce.iter().any(|e| e != "none") {
+            return Err(ConfigError::Invalid {
+                what: "enforceNodeAllocatable (must be empty when cgroupsPerQOS is false)",
+                value: enforce.join(","),
+            });
+        }
         for e in &enforce {
             let known = matches!(
                 e.as_str(),
@@ -805,6 +827,7 @@ impl Config {
             image_gc,
             pod_pids_limit: file.pod_pids_limit.unwrap_or(-1),
             enforce_node_allocatable: enforce,
+            cgroups_per_qos,
         })
     }
 }

@@ -107,8 +107,12 @@ async fn client(path: &std::path::Path, limits: api_client::Limits) -> Result<ku
 
 impl App {
     /// The QoS cgroups (`kubepods` held to the node's allocatable when `enforceNodeAllocatable`
-    /// names `pods`), made at start; `None` where the host's hierarchies cannot be read.
+    /// names `pods`), made at start; `None` with `cgroupsPerQOS: false` or where the host's
+    /// hierarchies cannot be read.
     fn pod_cgroups(&self) -> Option<std::sync::Arc<pod_cgroups::PodCgroups>> {
+        if !self.config.cgroups_per_qos {
+            return None;
+        }
         let cg =
             pod_cgroups::PodCgroups::detect(&self.config.cgroup_root, self.config.pod_pids_limit)?;
         let enforce = self

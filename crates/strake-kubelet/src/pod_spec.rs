@@ -267,7 +267,15 @@ pub fn sandbox_config_with(
             .into_iter()
             .collect(),
         linux: Some(cri::LinuxPodSandboxConfig {
-            cgroup_parent: pod_cgroup_parent(&config.cgroup_root, qos_class(pod), &uid),
+            cgroup_parent: if config.cgroups_per_qos {
+                pod_cgroup_parent(&config.cgroup_root, qos_class(pod), &uid)
+            } else {
+                // Without QoS cgroups, pods go straight below the cgroup root, as upstream's.
+                match config.cgroup_root.as_str() {
+                    "" => "/".to_string(),
+                    root => root.to_string(),
+                }
+            },
             security_context: Some(cri::LinuxSandboxSecurityContext {
                 namespace_options: Some(cri::NamespaceOption {
                     network: node_mode(spec.host_network),
@@ -848,6 +856,24 @@ mod tests {
             pod_cgroup_parent("rel", "Guaranteed", "u"),
             "rel/kubepods/podu"
         );
+    }
+
+    #[test]
+    fn without_qos_cgroups_pods_go_below_the_cgroup_root() {
+        let mut config = Config::load(&Flags::default()).unwrap();
+        let p = spec_pod("web", serde_json::json!({}));
+        let parent = |config: &Config| {
+            sandbox_config_with(&p, config, 0, cri::DnsConfig::default())
+                .unwrap()
+                .linux
+                .unwrap()
+                .cgroup_parent
+        };
+        assert!(parent(&config).starts_with("/kubepods/besteffort/pod"));
+        config.cgroups_per_qos = false;
+        assert_eq!(parent(&config), "/");
+        config.cgroup_root = "rel".into();
+        assert_eq!(parent(&config), "rel");
     }
 
     fn spec_pod(name: &str, spec: serde_json::Value) -> Pod {

@@ -223,3 +223,39 @@ async fn oom(node: &str, kind: RuntimeKind) {
     let p = pods.get("hungry").await.expect("pod");
     assert_eq!(p.status.and_then(|s| s.phase).as_deref(), Some("Failed"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_cgroups_per_qos_no_qos_or_pod_cgroups_are_made() {
+    let node = "strake-no-qos-0";
+    let cluster = Cluster::start_with(node, RuntimeKind::Strake, "cgroupsPerQOS: false\n").await;
+    let root = cluster.node.runtime.cgroup_parent().to_string();
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": "plain" },
+        "spec": { "nodeName": node, "terminationGracePeriodSeconds": 1, "containers": [{
+            "name": "app", "image": cluster.busybox(),
+            "command": ["/bin/sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"] }] }
+    }))
+    .expect("pod");
+    wait_for("pod created", 60, || async {
+        pods.create(&PostParams::default(), &pod).await.ok()
+    })
+    .await;
+    wait_for("pod running", 120, || async {
+        let p = pods.get("plain").await.ok()?;
+        (p.status?.phase.as_deref() == Some("Running")).then_some(())
+    })
+    .await;
+    assert!(
+        !dir(&root, "kubepods", "memory").exists(),
+        "no kubepods with cgroupsPerQOS: false"
+    );
+    // The container's cgroup is directly below the cgroup root.
+    let below_root = std::fs::read_dir(dir(&root, ".", "memory"))
+        .expect("cgroup root")
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .count();
+    assert!(below_root >= 1, "no container cgroup below the root");
+}
