@@ -151,10 +151,14 @@ fn unmet_readiness_gates(pod: &Pod) -> Option<String> {
     (!unmet.is_empty()).then(|| unmet.join(", "))
 }
 
+/// `not_created`: the waiting reason of a container with no instance yet: `PodInitializing` in
+/// a pod with init containers (for its init and app containers alike), else
+/// `ContainerCreating`, as upstream's default waiting state.
 fn container_status(
     c: &k8s_openapi::api::core::v1::Container,
     observed: &Observed,
     message_budget: usize,
+    not_created: &str,
 ) -> ContainerStatus {
     let cur = observed.containers.get(&c.name);
     let state_of = |s: &cri::ContainerStatus| {
@@ -176,7 +180,7 @@ fn container_status(
         };
     } else if cur.is_none() {
         state.waiting = Some(ContainerStateWaiting {
-            reason: Some("ContainerCreating".into()),
+            reason: Some(not_created.into()),
             message: None,
         });
     }
@@ -213,16 +217,33 @@ pub fn pod_status(pod: &Pod, observed: &Observed, host_ip: &str, now: &Time) -> 
     let budget = crate::termination::per_container_budget(
         spec.containers.len() + spec.init_containers.as_ref().map_or(0, Vec::len),
     );
+    let not_created = if spec.init_containers.as_ref().is_some_and(|i| !i.is_empty()) {
+        "PodInitializing"
+    } else {
+        "ContainerCreating"
+    };
     let statuses: Vec<ContainerStatus> = spec
         .containers
         .iter()
-        .map(|c| container_status(c, observed, budget))
+        .map(|c| container_status(c, observed, budget, not_created))
         .collect();
     let init_statuses: Vec<ContainerStatus> = spec
         .init_containers
         .iter()
         .flatten()
-        .map(|c| container_status(c, observed, budget))
+        .map(|c| {
+            let mut st = container_status(c, observed, budget, not_created);
+            // A regular init container is ready once it completed, as upstream's prober
+            // manager marks it.
+            if c.restart_policy.as_deref() != Some("Always") {
+                st.ready = st
+                    .state
+                    .as_ref()
+                    .and_then(|s| s.terminated.as_ref())
+                    .is_some_and(|t| t.exit_code == 0);
+            }
+            st
+        })
         .collect();
     // Initialized: every regular init container completed, every sidecar started.
     let initialized = spec
@@ -690,5 +711,56 @@ mod tests {
                 .iter()
                 .all(|c| c.get("$patch").is_none() && c["type"].is_string())
         );
+    }
+
+    #[test]
+    fn containers_not_yet_created_wait_pod_initializing_in_a_pod_with_init_containers() {
+        let reason =
+            |s: &ContainerStatus| s.state.clone().unwrap().waiting.unwrap().reason.unwrap();
+        let plain = pod_status(&pod("Always"), &observed(None), "", &now());
+        assert_eq!(
+            reason(&plain.container_statuses.unwrap()[0]),
+            "ContainerCreating"
+        );
+        let mut with_init = pod("Always");
+        let spec = with_init.spec.as_mut().unwrap();
+        let mut init = spec.containers[0].clone();
+        init.name = "init".into();
+        let mut init2 = init.clone();
+        init2.name = "init2".into();
+        spec.init_containers = Some(vec![init, init2]);
+        // The first init container ran and failed; the second and the app wait.
+        let mut o = observed(None);
+        let mut failed = cs(cri::ContainerState::ContainerExited, 1, 0);
+        failed.metadata.as_mut().unwrap().name = "init".into();
+        o.containers.insert("init".into(), failed);
+        let s = pod_status(&with_init, &o, "", &now());
+        assert_eq!(reason(&s.container_statuses.unwrap()[0]), "PodInitializing");
+        assert_eq!(
+            reason(&s.init_container_statuses.unwrap()[1]),
+            "PodInitializing"
+        );
+    }
+
+    #[test]
+    fn a_completed_init_container_is_ready_and_a_failed_one_is_not() {
+        let mut p = pod("Always");
+        let spec = p.spec.as_mut().unwrap();
+        let mut init = spec.containers[0].clone();
+        init.name = "init".into();
+        spec.init_containers = Some(vec![init]);
+        for (exit, ready) in [(0, true), (1, false)] {
+            let mut o = observed(Some(cs(cri::ContainerState::ContainerRunning, 0, 0)));
+            let mut done = cs(cri::ContainerState::ContainerExited, exit, 0);
+            done.metadata.as_mut().unwrap().name = "init".into();
+            o.containers.insert("init".into(), done);
+            let s = pod_status(&p, &o, "", &now());
+            let init = &s.init_container_statuses.unwrap()[0];
+            assert_eq!(
+                (init.ready, init.started),
+                (ready, Some(false)),
+                "exit {exit}"
+            );
+        }
     }
 }
