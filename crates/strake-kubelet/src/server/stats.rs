@@ -400,8 +400,8 @@ const VOLUME_WALK_LIMIT: usize = 1_000_000;
 
 /// Disk use of the tree at `path` as `du` counts it: allocated blocks, each inode once (hard
 /// links), links not followed, at most `limit` entries visited; returns (bytes, inodes). The
-/// walk keeps its own stack, so a deep tree costs memory in proportion to the entries, never
-/// the kubelet's stack.
+/// walk keeps its own stack, never longer than `limit`, so neither a deep tree nor a wide
+/// directory costs more than that.
 pub fn disk_usage(path: &Path, limit: usize) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
     let mut seen = std::collections::HashSet::new();
@@ -423,7 +423,10 @@ pub fn disk_usage(path: &Path, limit: usize) -> (u64, u64) {
         if m.is_dir()
             && let Ok(entries) = std::fs::read_dir(&p)
         {
-            stack.extend(entries.filter_map(|e| e.ok()).map(|e| e.path()));
+            // The pending paths stay within what may still be visited: a directory of
+            // millions of entries never fills the stack past the limit.
+            let room = limit.saturating_sub(visited + stack.len());
+            stack.extend(entries.filter_map(|e| e.ok()).map(|e| e.path()).take(room));
         }
     }
     (bytes, inodes)
