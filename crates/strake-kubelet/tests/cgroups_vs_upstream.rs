@@ -12,7 +12,6 @@ use strake_integration::containerd::Containerd;
 use strake_integration::control_plane::{ControlPlane, Options};
 use strake_integration::registry::Registry;
 use strake_integration::upstream_kubelet::{self, KubeletCgroupRoot, UpstreamKubelet};
-use strake_types::cgroups::{CgroupDriver, CgroupLayout, ContainerCgroup};
 
 mod common;
 use common::{KubeletNode, RuntimeKind, wait_for};
@@ -28,19 +27,6 @@ const FILES: [(&str, &str); 5] = [
     ("memory", "memory.limit_in_bytes"),
     ("pids", "pids.max"),
 ];
-
-/// strake-kubelet's `path` below its relative `cgroupRoot` `root`, in `controller`'s hierarchy.
-fn strake_dir(root: &str, path: &str, controller: &str) -> PathBuf {
-    let layout = CgroupLayout::detect().expect("cgroup layout");
-    let own = std::fs::read_to_string("/proc/self/cgroup").expect("own cgroup");
-    match layout
-        .pod_cgroup(CgroupDriver::Cgroupfs, &format!("{root}/{path}"), &own)
-        .expect("a cgroup")
-    {
-        ContainerCgroup::V1(m) => m.get(controller).cloned().expect("controller"),
-        ContainerCgroup::V2(d) => d,
-    }
-}
 
 /// The upstream kubelet's `path` below its `cgroupRoot`, in the hierarchy holding `file`.
 fn upstream_dir(root: &KubeletCgroupRoot, path: &str, file: &str) -> PathBuf {
@@ -180,7 +166,7 @@ async fn pod_and_qos_cgroups_match_the_upstream_kubelets_for_the_same_pods() {
         let s_path = format!("{qos_dir}/pod{}", uids[&format!("{kind}-{STRAKE}")]);
         let u_path = format!("{qos_dir}/pod{}", uids[&format!("{kind}-{UPSTREAM}")]);
         for (controller, file) in FILES {
-            let ours = read(&strake_dir(&strake_root, &s_path, controller).join(file));
+            let ours = read(&common::cgroup_dir(&strake_root, &s_path, controller).join(file));
             let theirs = read(&upstream_dir(&cgroup_root, &u_path, file).join(file));
             assert_eq!(
                 ours, theirs,
@@ -191,7 +177,7 @@ async fn pod_and_qos_cgroups_match_the_upstream_kubelets_for_the_same_pods() {
     }
     // The QoS cgroups' shares: BestEffort's floor, Burstable's sum of its pods' requests.
     for qos in ["kubepods/besteffort", "kubepods/burstable"] {
-        let ours = read(&strake_dir(&strake_root, qos, "cpu").join("cpu.shares"));
+        let ours = read(&common::cgroup_dir(&strake_root, qos, "cpu").join("cpu.shares"));
         let theirs = read(&upstream_dir(&cgroup_root, qos, "cpu.shares").join("cpu.shares"));
         assert_eq!(ours, theirs, "{qos} cpu.shares");
     }

@@ -9,7 +9,6 @@ use std::path::PathBuf;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, PostParams};
-use strake_types::cgroups::{CgroupDriver, CgroupLayout, ContainerCgroup};
 
 mod common;
 use common::{Cluster, RuntimeKind, wait_for};
@@ -24,18 +23,8 @@ async fn qos_and_pod_cgroups_hold_upstreams_values_on_containerd() {
     scenario("strake-cgroups-1", RuntimeKind::Containerd).await;
 }
 
-/// The directory of `path` (below the cgroup parent `root`) in controller `controller`'s
-/// hierarchy, resolved as the kubelet resolves its relative `cgroupRoot`.
 fn dir(root: &str, path: &str, controller: &str) -> PathBuf {
-    let layout = CgroupLayout::detect().expect("cgroup layout");
-    let own = std::fs::read_to_string("/proc/self/cgroup").expect("own cgroup");
-    match layout
-        .pod_cgroup(CgroupDriver::Cgroupfs, &format!("{root}/{path}"), &own)
-        .expect("a cgroup")
-    {
-        ContainerCgroup::V1(m) => m.get(controller).cloned().expect("controller mounted"),
-        ContainerCgroup::V2(d) => d,
-    }
+    common::cgroup_dir(root, path, controller)
 }
 
 fn read(root: &str, path: &str, controller: &str, file: &str) -> String {

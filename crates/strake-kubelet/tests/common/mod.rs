@@ -71,3 +71,19 @@ impl Cluster {
         format!("{}/strake/busybox:1", self.registry.open_in_cluster())
     }
 }
+
+/// The directory of cgroup `path` below a node's relative cgroup parent `root` in controller
+/// `controller`'s hierarchy (the single directory on v2), resolved against this process's own
+/// cgroup as the kubelet and the OCI runtime resolve a relative `cgroupRoot`.
+pub fn cgroup_dir(root: &str, path: &str, controller: &str) -> std::path::PathBuf {
+    use strake_types::cgroups::{CgroupDriver, CgroupLayout, ContainerCgroup};
+    let layout = CgroupLayout::detect().expect("cgroup layout");
+    let own = std::fs::read_to_string("/proc/self/cgroup").expect("own cgroup");
+    match layout
+        .pod_cgroup(CgroupDriver::Cgroupfs, &format!("{root}/{path}"), &own)
+        .expect("a cgroup")
+    {
+        ContainerCgroup::V1(m) => m.get(controller).cloned().expect("controller mounted"),
+        ContainerCgroup::V2(d) => d,
+    }
+}
