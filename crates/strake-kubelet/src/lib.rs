@@ -25,6 +25,7 @@ pub mod allocatable;
 pub mod api_client;
 pub mod config;
 pub mod credentials;
+pub mod deadline;
 pub mod dns;
 pub mod etc_hosts;
 pub mod events;
@@ -226,6 +227,7 @@ impl App {
                 runtime_name,
                 nudges: pleg::Nudges::default(),
                 services: api.clone().map(services::Services::start),
+                end_requests: pod_worker::EndRequests::default(),
             };
             tasks.push(tokio::spawn(image_gc::run(
                 self.runtime.clone(),

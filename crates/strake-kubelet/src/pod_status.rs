@@ -28,6 +28,23 @@ pub struct Observed {
     pub unready: std::collections::BTreeSet<String>,
     /// Running containers whose startup probe has not succeeded yet.
     pub not_started: std::collections::BTreeSet<String>,
+    /// Set when the kubelet itself ended the pod (active deadline, eviction).
+    pub ended: Option<Ending>,
+}
+
+/// Why the kubelet ended a pod: its phase becomes Failed with this reason and message, as
+/// upstream's pod sync handlers and eviction manager report it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ending {
+    pub reason: String,
+    pub message: String,
+    /// A condition to add (`DisruptionTarget` for evictions).
+    pub condition: Option<PodCondition>,
+}
+
+/// Whether `phase` is one a pod never leaves.
+pub fn is_terminal(phase: Option<&str>) -> bool {
+    matches!(phase, Some("Succeeded" | "Failed"))
 }
 
 fn time_ns(ns: i64) -> Option<Time> {
@@ -271,7 +288,12 @@ pub fn pod_status(pod: &Pod, observed: &Observed, host_ip: &str, now: &Time) -> 
                 .and_then(|s| s.terminated.as_ref())
                 .is_some_and(|t| t.exit_code != 0)
         });
-    let phase = if init_failed {
+    let phase = if observed.ended.is_some() {
+        "Failed"
+    } else if is_terminal(old.phase.as_deref()) {
+        // Pods are not allowed to leave a terminal phase.
+        old.phase.as_deref().unwrap_or("Failed")
+    } else if init_failed {
         "Failed"
     } else if !initialized {
         "Pending"
@@ -346,21 +368,37 @@ pub fn pod_status(pod: &Pod, observed: &Observed, host_ip: &str, now: &Time) -> 
         ),
         None => make.make("Ready", containers_ready, reason, message.clone()),
     };
+    let mut conditions = vec![
+        make.make("PodReadyToStartContainers", sandbox_ready, None, None),
+        make.make(
+            "Initialized",
+            initialized,
+            (!initialized).then_some("ContainersNotInitialized"),
+            None,
+        ),
+        ready,
+        make.make("ContainersReady", containers_ready, reason, message),
+        make.make("PodScheduled", true, None, None),
+    ];
+    let ended = observed.ended.as_ref();
+    if let Some(c) = ended.and_then(|e| e.condition.clone()) {
+        let since = prev_conditions
+            .iter()
+            .find(|p| p.type_ == c.type_ && p.status == c.status)
+            .and_then(|p| p.last_transition_time.clone())
+            .unwrap_or_else(|| now.clone());
+        conditions.push(PodCondition {
+            last_transition_time: Some(since),
+            observed_generation: pod.metadata.generation,
+            ..c
+        });
+    }
     PodStatus {
         phase: Some(phase.into()),
+        reason: ended.map(|e| e.reason.clone()),
+        message: ended.map(|e| e.message.clone()),
         observed_generation: pod.metadata.generation,
-        conditions: Some(vec![
-            make.make("PodReadyToStartContainers", sandbox_ready, None, None),
-            make.make(
-                "Initialized",
-                initialized,
-                (!initialized).then_some("ContainersNotInitialized"),
-                None,
-            ),
-            ready,
-            make.make("ContainersReady", containers_ready, reason, message),
-            make.make("PodScheduled", true, None, None),
-        ]),
+        conditions: Some(conditions),
         host_ip: (!host_ip.is_empty()).then(|| host_ip.to_string()),
         host_ips: (!host_ip.is_empty()).then(|| {
             vec![HostIP {

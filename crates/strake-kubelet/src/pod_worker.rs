@@ -59,6 +59,33 @@ impl PullBackoff {
 /// How often API-backed volumes are re-read.
 const VOLUME_REFRESH: Duration = Duration::from_secs(5);
 
+/// How the kubelet was asked to end a pod: the Failed status to report and the grace period
+/// its containers get (`None`: the pod's own).
+#[derive(Clone, Debug)]
+pub struct EndRequest {
+    pub ending: pod_status::Ending,
+    pub grace_seconds: Option<i64>,
+}
+
+/// Requests, by pod UID, that a pod's worker end it (the eviction manager's).
+#[derive(Clone, Default)]
+pub struct EndRequests {
+    inner: Arc<std::sync::Mutex<BTreeMap<String, EndRequest>>>,
+}
+
+impl EndRequests {
+    /// Asks the worker of pod `uid` to end it; it acts on its next sync.
+    pub fn request(&self, uid: &str, req: EndRequest) {
+        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(uid.to_string(), req);
+    }
+
+    fn take(&self, uid: &str) -> Option<EndRequest> {
+        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        map.remove(uid)
+    }
+}
+
 /// Shared facts every pod worker needs.
 #[derive(Clone)]
 pub struct Context {
@@ -78,6 +105,8 @@ pub struct Context {
     pub cgroups: Option<Arc<crate::pod_cgroups::PodCgroups>>,
     /// The Services informer (`None` in standalone mode).
     pub services: Option<crate::services::Services>,
+    /// Pods the kubelet was asked to end.
+    pub end_requests: EndRequests,
 }
 
 /// What the runtime has of the pod at one moment.
@@ -116,6 +145,8 @@ struct Worker {
     /// The pod's RuntimeClass and its handler, once resolved.
     runtime_class: Option<(String, String)>,
     events: crate::events::Events,
+    /// Set once the kubelet ended the pod: nothing of it runs again.
+    ended: Option<EndRequest>,
 }
 
 /// Runs the worker of one pod until the pod is gone. `updates` carries the newest pod object,
@@ -137,6 +168,7 @@ pub async fn run(ctx: Context, uid: String, mut updates: watch::Receiver<Option<
         last_status: None,
         runtime_class: None,
         events,
+        ended: None,
     };
     // The last pod object seen: a pod that vanished (deleted from the API, or its static
     // manifest removed) is still terminated with its own spec and grace period.
@@ -581,6 +613,35 @@ impl Worker {
         if let Err(r) = crate::admission::admit(pod, &self.ctx.config) {
             crate::admission::reject(self.ctx.client.as_ref(), &self.events, pod, &r).await;
             return Ok(());
+        }
+        if self.ended.is_none() {
+            self.ended = self.ctx.end_requests.take(&self.uid);
+        }
+        if self.ended.is_none() {
+            let start = self
+                .last_status
+                .as_ref()
+                .and_then(|s| s.start_time.as_ref())
+                .or_else(|| pod.status.as_ref()?.start_time.as_ref());
+            if crate::deadline::past(pod, start, Timestamp::now()) {
+                tracing::info!(pod = %pod_key(pod), "pod past its active deadline");
+                self.events.emit(
+                    pod,
+                    None,
+                    Kind::Normal,
+                    crate::deadline::REASON,
+                    crate::deadline::MESSAGE.into(),
+                );
+                self.ended = Some(EndRequest {
+                    ending: crate::deadline::ending(),
+                    grace_seconds: None,
+                });
+            }
+        }
+        let terminal =
+            pod_status::is_terminal(pod.status.as_ref().and_then(|s| s.phase.as_deref()));
+        if self.ended.is_some() || terminal {
+            return self.finish(pod).await;
         }
         let spec = pod.spec.clone().unwrap_or_default();
         let handler = match self.runtime_handler(pod).await {
@@ -1186,6 +1247,7 @@ impl Worker {
             sandbox_ips: obs.state.ready_sandbox().map(|s| s.ips.clone()),
             waiting: self.state.waiting.clone(),
             runtime_name: self.ctx.runtime_name.clone(),
+            ended: self.ended.as_ref().map(|e| e.ending.clone()),
             ..Default::default()
         };
         let Some(sandbox) = obs.state.newest_sandbox() else {
@@ -1274,6 +1336,68 @@ impl Worker {
         Ok(())
     }
 
+    /// A pod that is over (ended by the kubelet, or terminal in the API server) while still
+    /// bound to the node: its Failed status goes out first, then its running containers stop
+    /// within the grace period and its sandbox is stopped. Nothing of it starts again; what
+    /// it left stays for its status and logs until the pod is deleted.
+    async fn finish(&mut self, pod: &Pod) -> Result<(), RuntimeError> {
+        let obs = self.observe(Some(pod)).await?;
+        self.report(pod, &obs).await?;
+        let running = obs
+            .state
+            .containers
+            .iter()
+            .any(|k| k.state != RunState::Exited);
+        let ready = obs.state.sandboxes.iter().any(|s| s.ready);
+        if !running && !ready {
+            return Ok(());
+        }
+        let grace = self
+            .ended
+            .as_ref()
+            .and_then(|e| e.grace_seconds)
+            .unwrap_or_else(|| sync::grace_seconds(pod, None, &KillReason::Terminating));
+        let deadline = Instant::now() + Duration::from_secs(grace.max(0) as u64);
+        self.stop_running(Some(pod), &obs, deadline).await;
+        for s in obs.state.sandboxes.iter().filter(|s| s.ready) {
+            if let Err(e) = self.ctx.cri.stop_sandbox(&s.id).await {
+                tracing::warn!(pod = %pod_key(pod), sandbox = %s.id, error = %e, "stop sandbox");
+            }
+        }
+        self.min_listing = self.ctx.relist.next_listing();
+        let obs = self.observe(Some(pod)).await?;
+        self.report(pod, &obs).await
+    }
+
+    /// Stops the pod's running containers in upstream's order (preStop hooks included), all
+    /// by `deadline`.
+    async fn stop_running(&self, pod: Option<&Pod>, obs: &Observation, deadline: Instant) {
+        let ip = obs
+            .state
+            .ready_sandbox()
+            .and_then(|s| s.ips.first().cloned())
+            .unwrap_or_default();
+        let waves = sync::termination_waves(pod, &obs.state);
+        if let Some(pod) = pod {
+            for (_, name) in waves.iter().flatten() {
+                self.events.emit(
+                    pod,
+                    Some(name),
+                    Kind::Normal,
+                    "Killing",
+                    format!("Stopping container {name}"),
+                );
+            }
+        }
+        for wave in waves {
+            let left = sync::remaining_grace(deadline, Instant::now());
+            let stops = wave
+                .iter()
+                .map(|(id, name)| self.kill_container(pod, id, name, left, &ip));
+            futures::future::join_all(stops).await;
+        }
+    }
+
     /// Stops everything of the pod in upstream's order within its grace period (preStop
     /// hooks included), removes it from the runtime and confirms the deletion to the API
     /// server.
@@ -1285,31 +1409,7 @@ impl Worker {
         let cri = self.ctx.cri.clone();
         let sandboxes: Vec<String> = match self.observe(pod).await {
             Ok(obs) => {
-                let ip = obs
-                    .state
-                    .ready_sandbox()
-                    .and_then(|s| s.ips.first().cloned())
-                    .unwrap_or_default();
-                let waves = sync::termination_waves(pod, &obs.state);
-                if let Some(pod) = pod {
-                    for (_, name) in waves.iter().flatten() {
-                        self.events.emit(
-                            pod,
-                            Some(name),
-                            Kind::Normal,
-                            "Killing",
-                            format!("Stopping container {name}"),
-                        );
-                    }
-                }
-                for wave in waves {
-                    let left = sync::remaining_grace(deadline, Instant::now());
-                    let this = &*self;
-                    let stops = wave
-                        .iter()
-                        .map(|(id, name)| this.kill_container(pod, id, name, left, &ip));
-                    futures::future::join_all(stops).await;
-                }
+                self.stop_running(pod, &obs, deadline).await;
                 obs.state.sandboxes.iter().map(|s| s.id.clone()).collect()
             }
             Err(e) => {
@@ -1383,6 +1483,7 @@ mod tests {
             relist: Arc::new(crate::relist::Relist::new(fake.clone(), Duration::ZERO)),
             cgroups: None,
             services: None,
+            end_requests: EndRequests::default(),
         };
         let w = Worker {
             events: crate::events::Events::new(None, &config.node_name),
@@ -1399,6 +1500,7 @@ mod tests {
             min_listing: 0,
             last_status: None,
             runtime_class: None,
+            ended: None,
         };
         (w, fake)
     }
@@ -1427,6 +1529,124 @@ mod tests {
             .find(|c| c.name == name)
             .and_then(|c| c.state?.terminated)
             .unwrap_or_else(|| panic!("{name} not terminated"))
+    }
+
+    #[tokio::test]
+    async fn a_pod_past_its_active_deadline_fails_stops_and_never_restarts() {
+        let root = tempfile::tempdir().unwrap();
+        let (mut w, fake) = worker(root.path());
+        let mut pod = test_pod(serde_json::json!({
+            "terminationGracePeriodSeconds": 3,
+            "containers": [{ "name": "a", "image": "busybox:1" }]
+        }));
+        w.sync(&pod).await.unwrap();
+        assert_eq!(
+            w.last_status.clone().unwrap().phase.as_deref(),
+            Some("Running")
+        );
+        // The deadline is set (as a spec update may) and has passed since the pod started.
+        let spec = pod.spec.as_mut().unwrap();
+        spec.active_deadline_seconds = Some(5);
+        w.last_status.as_mut().unwrap().start_time =
+            Some(Time(Timestamp::now() - std::time::Duration::from_secs(6)));
+        w.sync(&pod).await.unwrap();
+        let st = w.last_status.clone().unwrap();
+        assert_eq!(
+            (
+                st.phase.as_deref(),
+                st.reason.as_deref(),
+                st.message.as_deref()
+            ),
+            (
+                Some("Failed"),
+                Some(crate::deadline::REASON),
+                Some(crate::deadline::MESSAGE)
+            )
+        );
+        assert_eq!(
+            calls(&fake, &["StopContainer", "StopPodSandbox"]),
+            ["StopContainer a 3s", "StopPodSandbox"]
+        );
+        // Later syncs start nothing again, and the phase stays Failed.
+        let before = calls(
+            &fake,
+            &["RunPodSandbox", "CreateContainer", "StartContainer"],
+        );
+        w.sync(&pod).await.unwrap();
+        w.sync(&pod).await.unwrap();
+        assert_eq!(
+            calls(
+                &fake,
+                &["RunPodSandbox", "CreateContainer", "StartContainer"]
+            ),
+            before
+        );
+        assert_eq!(
+            w.last_status.clone().unwrap().phase.as_deref(),
+            Some("Failed")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pod_terminal_in_the_api_server_is_not_started() {
+        let root = tempfile::tempdir().unwrap();
+        let (mut w, fake) = worker(root.path());
+        let mut pod = test_pod(serde_json::json!({
+            "containers": [{ "name": "a", "image": "busybox:1" }]
+        }));
+        pod.status = Some(k8s_openapi::api::core::v1::PodStatus {
+            phase: Some("Failed".into()),
+            reason: Some("DeadlineExceeded".into()),
+            ..Default::default()
+        });
+        w.sync(&pod).await.unwrap();
+        assert!(calls(&fake, &["RunPodSandbox", "CreateContainer"]).is_empty());
+        let st = w.last_status.clone().unwrap();
+        assert_eq!((st.phase.as_deref(), st.reason), (Some("Failed"), None));
+    }
+
+    #[tokio::test]
+    async fn an_end_request_fails_the_pod_with_its_reason_condition_and_grace() {
+        let root = tempfile::tempdir().unwrap();
+        let (mut w, fake) = worker(root.path());
+        let pod = test_pod(serde_json::json!({
+            "terminationGracePeriodSeconds": 30,
+            "containers": [{ "name": "a", "image": "busybox:1" }]
+        }));
+        w.sync(&pod).await.unwrap();
+        let condition = k8s_openapi::api::core::v1::PodCondition {
+            type_: "DisruptionTarget".into(),
+            status: "True".into(),
+            reason: Some("TerminationByKubelet".into()),
+            message: Some("evicted".into()),
+            ..Default::default()
+        };
+        w.ctx.end_requests.request(
+            "u1",
+            EndRequest {
+                ending: pod_status::Ending {
+                    reason: "Evicted".into(),
+                    message: "The node was low on resource: memory.".into(),
+                    condition: Some(condition),
+                },
+                grace_seconds: Some(0),
+            },
+        );
+        w.sync(&pod).await.unwrap();
+        let st = w.last_status.clone().unwrap();
+        assert_eq!(
+            (st.phase.as_deref(), st.reason.as_deref()),
+            (Some("Failed"), Some("Evicted"))
+        );
+        let c = st
+            .conditions
+            .unwrap()
+            .into_iter()
+            .find(|c| c.type_ == "DisruptionTarget")
+            .unwrap();
+        assert_eq!(c.reason.as_deref(), Some("TerminationByKubelet"));
+        // Grace 0 is raised to upstream's 2 s floor, not the pod's 30 s.
+        assert_eq!(calls(&fake, &["StopContainer"]), ["StopContainer a 2s"]);
     }
 
     #[tokio::test]

@@ -2,7 +2,8 @@
 //! containerd: the kubelet-managed `/etc/hosts` (pod IP with hostname and FQDN, `hostAliases`,
 //! a container's own `/etc/hosts` mount, host-network pods), `hostname`/`subdomain`/
 //! `setHostnameAsFQDN` (and the error for an FQDN over 64 characters), and `sysctls` (the safe
-//! set and `allowedUnsafeSysctls` applied, anything else rejected at admission).
+//! set and `allowedUnsafeSysctls` applied, anything else rejected at admission), and
+//! `activeDeadlineSeconds` (a running pod past it fails with `DeadlineExceeded` and stops).
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, PostParams};
@@ -275,5 +276,65 @@ async fn scenario(kind: RuntimeKind) {
             fqdn.len()
         )
     );
+
+    // activeDeadlineSeconds set on a running pod (the spec update upstream allows): once the
+    // pod has been active that long it fails with DeadlineExceeded, its container is stopped
+    // and its sandbox with it, and nothing starts again.
+    create(
+        &pods,
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": "deadline" },
+            "spec": {
+                "nodeName": NODE,
+                "terminationGracePeriodSeconds": 2,
+                "containers": [{ "name": "deadline", "image": image, "command": sleep }]
+            }
+        }),
+    )
+    .await;
+    running(&pods, "deadline").await;
+    let patch = serde_json::json!({ "spec": { "activeDeadlineSeconds": 5 } });
+    pods.patch(
+        "deadline",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Strategic(&patch),
+    )
+    .await
+    .expect("set activeDeadlineSeconds");
+    let st = wait_for("deadline exceeded", 60, || async {
+        let st = pods.get("deadline").await.ok()?.status?;
+        (st.phase.as_deref() == Some("Failed")).then_some(st)
+    })
+    .await;
+    assert_eq!(st.reason.as_deref(), Some("DeadlineExceeded"));
+    assert_eq!(
+        st.message.as_deref(),
+        Some("Pod was active on the node longer than the specified deadline")
+    );
+    let stopped = |args: &[&str]| {
+        let out = node.runtime.crictl(args).expect("crictl");
+        String::from_utf8_lossy(&out.stdout).trim().is_empty()
+    };
+    wait_for("deadline pod stopped", 30, || async {
+        (stopped(&["ps", "-q", "--name", "^deadline$", "--state", "running"])
+            && stopped(&["pods", "-q", "--name", "^deadline$", "--state", "ready"]))
+        .then_some(())
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let out = node
+        .runtime
+        .crictl(&["ps", "-a", "-q", "--name", "^deadline$"])
+        .expect("crictl ps");
+    let instances = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert_eq!(instances, 1, "the ended pod's container was started again");
+    let st = pods
+        .get("deadline")
+        .await
+        .expect("pod")
+        .status
+        .expect("status");
+    assert_eq!(st.phase.as_deref(), Some("Failed"));
     drop(node);
 }
