@@ -435,9 +435,9 @@ async fn start_strake_node(
             .map_err(crate::io_err("create", std::env::temp_dir()))?,
     );
     let d = dir.path();
-    // strake-kubelet reports DiskPressure below upstream's default nodefs.available<10% on its
-    // root directory and (unlike the kubelet) takes no evictionHard setting; a shared test
-    // machine's disk is often fuller than that. Its root directory (volumes) is a tmpfs.
+    // The kubelet's root directory (volumes) is a tmpfs, and its eviction thresholds are
+    // absolute ones (`TEST_EVICTION_HARD`): a shared test machine's disk is often fuller than
+    // upstream's defaults allow.
     let root = d.join("root");
     std::fs::create_dir_all(&root).map_err(crate::io_err("create", &root))?;
     process::run(
@@ -451,11 +451,12 @@ async fn start_strake_node(
         &config,
         format!(
             "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n\
-             cgroupRoot: {}\npodLogsDir: {}\n{}authentication:\n  x509:\n    clientCAFile: {}\n",
+             cgroupRoot: {}\npodLogsDir: {}\n{}authentication:\n  x509:\n    clientCAFile: {}\n{}",
             runtime.cgroup_parent(),
             d.join("pod-logs").display(),
             kubelet_tls(cp, &ns, name)?,
             cp.pki().ca.cert.display(),
+            crate::kubelet::TEST_EVICTION_HARD,
         ),
     )
     .map_err(crate::io_err("write", &config))?;

@@ -83,6 +83,13 @@ impl NodeRuntime {
 /// A node: its namespace, a CRI runtime, and strake-kubelet. Dropped in that reverse order:
 /// the kubelet is stopped first, then the runtime removes its pods and stops, then the
 /// namespace goes.
+/// Hard eviction thresholds for kubelets on a shared test machine, absolute as the upstream
+/// kubelet launcher sets them: a busy shared disk (often fuller than upstream's 10 %/15 %
+/// defaults allow) must not make the node evict pods or refuse them for reasons of the bed.
+pub const TEST_EVICTION_HARD: &str = "evictionHard: {memory.available: 1Mi, \
+    nodefs.available: 1Mi, nodefs.inodesFree: 1%, imagefs.available: 1Mi, \
+    imagefs.inodesFree: 1%}\n";
+
 pub struct KubeletNode {
     /// strake-kubelet's PID.
     pub kubelet_pid: u32,
@@ -184,7 +191,7 @@ impl KubeletNode {
         let eviction = if extra_config.contains("evictionHard:") {
             ""
         } else {
-            "evictionHard: {memory.available: 1Mi, nodefs.available: 1Mi}\n"
+            TEST_EVICTION_HARD
         };
         std::fs::write(
             &config,

@@ -54,8 +54,11 @@ async fn node_registers_ready_renews_its_lease_and_goes_not_ready() {
     let config = dir.path().join("kubelet.yaml");
     std::fs::write(
         &config,
-        "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n\
-         nodeStatusUpdateFrequency: 1s\nnodeLeaseDurationSeconds: 8\n",
+        format!(
+            "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n\
+             nodeStatusUpdateFrequency: 1s\nnodeLeaseDurationSeconds: 8\n{}",
+            strake_integration::kubelet::TEST_EVICTION_HARD
+        ),
     )
     .expect("kubelet config");
     let args = [

@@ -86,9 +86,10 @@ impl StrakeKubelet {
             &config,
             format!(
                 "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n\
-                 cgroupRoot: {}\npodLogsDir: {}\n",
+                 cgroupRoot: {}\npodLogsDir: {}\n{}",
                 containerd.cgroup_parent(),
-                d.join("pod-logs").display()
+                d.join("pod-logs").display(),
+                strake_integration::kubelet::TEST_EVICTION_HARD
             ),
         )?;
         let mut cmd = node.ns().command(bin);
