@@ -10,6 +10,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 #[derive(Clone)]
 pub struct Events {
     recorder: Option<Recorder>,
+    node: String,
 }
 
 impl std::fmt::Debug for Events {
@@ -40,15 +41,32 @@ impl Events {
                     },
                 )
             }),
+            node: node.to_string(),
         }
     }
 
     /// Reports `reason` with `note` about `pod` (and its container `container`, if any).
     pub fn emit(&self, pod: &Pod, container: Option<&str>, kind: Kind, reason: &str, note: String) {
+        self.publish(reference(pod, container), kind, reason, note);
+    }
+
+    /// Reports `reason` with `note` about the node itself (as upstream, the Node's UID is its
+    /// name).
+    pub fn emit_node(&self, kind: Kind, reason: &str, note: String) {
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(self.node.clone()),
+            uid: Some(self.node.clone()),
+            ..Default::default()
+        };
+        self.publish(reference, kind, reason, note);
+    }
+
+    fn publish(&self, reference: ObjectReference, kind: Kind, reason: &str, note: String) {
         let Some(recorder) = self.recorder.clone() else {
             return;
         };
-        let reference = reference(pod, container);
         let event = Event {
             type_: match kind {
                 Kind::Normal => EventType::Normal,

@@ -175,11 +175,10 @@ pub async fn run(runtime: crate::runtime::Runtime, policy: Policy) {
     }
 }
 
-async fn collect(
+/// The runtime's images, and which of them containers use.
+async fn listing(
     runtime: &crate::runtime::Runtime,
-    policy: &Policy,
-    records: &mut Records,
-) -> Result<(), crate::runtime::RuntimeError> {
+) -> Result<(Vec<Image>, HashSet<String>), crate::runtime::RuntimeError> {
     let mut images_client = runtime.image_client();
     let listed = runtime
         .call(
@@ -197,7 +196,7 @@ async fn collect(
         .await?
         .containers;
     let in_use = images_in_use(&containers, &listed);
-    let images: Vec<Image> = listed
+    let images = listed
         .iter()
         .map(|i| Image {
             id: i.id.clone(),
@@ -205,8 +204,57 @@ async fn collect(
             pinned: i.pinned,
         })
         .collect();
+    Ok((images, in_use))
+}
+
+async fn remove(runtime: &crate::runtime::Runtime, ids: Vec<String>) -> usize {
+    let mut images_client = runtime.image_client();
+    let mut removed = 0;
+    for id in ids {
+        let request = cri::RemoveImageRequest {
+            image: Some(cri::ImageSpec {
+                image: id.clone(),
+                ..Default::default()
+            }),
+        };
+        match runtime
+            .call("RemoveImage", images_client.remove_image(request))
+            .await
+        {
+            Ok(_) => {
+                removed += 1;
+                tracing::info!(image = %id, "removed unused image");
+            }
+            Err(e) => tracing::warn!(image = %id, error = %e, "remove unused image"),
+        }
+    }
+    removed
+}
+
+/// Removes every image no container uses and nobody pinned (the eviction manager's
+/// node-level reclaim under disk pressure, upstream's `DeleteUnusedImages`); returns how
+/// many went.
+pub async fn remove_all_unused(
+    runtime: &crate::runtime::Runtime,
+) -> Result<usize, crate::runtime::RuntimeError> {
+    let (images, in_use) = listing(runtime).await?;
+    let ids = images
+        .into_iter()
+        .filter(|i| !i.pinned && !in_use.contains(&i.id))
+        .map(|i| i.id)
+        .collect();
+    Ok(remove(runtime, ids).await)
+}
+
+async fn collect(
+    runtime: &crate::runtime::Runtime,
+    policy: &Policy,
+    records: &mut Records,
+) -> Result<(), crate::runtime::RuntimeError> {
+    let (images, in_use) = listing(runtime).await?;
     let now = Instant::now();
     records.detect(&images, &in_use, now);
+    let mut images_client = runtime.image_client();
     let fs = runtime
         .call(
             "ImageFsInfo",
@@ -218,29 +266,15 @@ async fn collect(
         .find_map(|f| f.fs_id.map(|id| id.mountpoint))
         .and_then(|mountpoint| fs_usage(&mountpoint));
     let to_free = fs.map_or(0, |fs| bytes_to_free(fs, policy));
-    let remove = plan(records, &images, &in_use, to_free, policy, now);
+    let ids = plan(records, &images, &in_use, to_free, policy, now);
     if to_free > 0 {
         tracing::info!(
             to_free,
-            images = remove.len(),
+            images = ids.len(),
             "image filesystem over its high threshold"
         );
     }
-    for id in remove {
-        let request = cri::RemoveImageRequest {
-            image: Some(cri::ImageSpec {
-                image: id.clone(),
-                ..Default::default()
-            }),
-        };
-        match runtime
-            .call("RemoveImage", images_client.remove_image(request))
-            .await
-        {
-            Ok(_) => tracing::info!(image = %id, "removed unused image"),
-            Err(e) => tracing::warn!(image = %id, error = %e, "remove unused image"),
-        }
-    }
+    remove(runtime, ids).await;
     Ok(())
 }
 
