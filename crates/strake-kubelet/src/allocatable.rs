@@ -48,7 +48,7 @@ impl Signal {
             .map_or("", |(_, n)| n)
     }
 
-    fn parse(name: &str) -> Option<Signal> {
+    pub fn parse(name: &str) -> Option<Signal> {
         Self::ALL.iter().find(|(_, n)| *n == name).map(|(s, _)| *s)
     }
 }

@@ -107,6 +107,18 @@ pub struct Flags {
     /// 5m, the default here too).
     #[arg(long)]
     pub image_gc_period: Option<String>,
+    /// Soft eviction thresholds, `memory.available<1.5Gi,...` (each needs a grace period).
+    #[arg(long, value_delimiter = ',')]
+    pub eviction_soft: Vec<String>,
+    /// Grace periods of the soft thresholds, `memory.available=1m30s,...`.
+    #[arg(long, value_delimiter = ',')]
+    pub eviction_soft_grace_period: Vec<String>,
+    /// How long a pressure condition outlives its threshold (default 5m0s).
+    #[arg(long)]
+    pub eviction_pressure_transition_period: Option<String>,
+    /// The longest grace period of a pod evicted on a soft threshold (default 0).
+    #[arg(long)]
+    pub eviction_max_pod_grace_period: Option<i64>,
 }
 
 /// The KubeletConfiguration fields Strake reads (others are ignored, as the kubelet ignores
@@ -166,6 +178,10 @@ pub struct FileConfig {
     pub enforce_node_allocatable: Option<Vec<String>>,
     #[serde(rename = "cgroupsPerQOS")]
     pub cgroups_per_qos: Option<bool>,
+    pub eviction_soft: Option<BTreeMap<String, String>>,
+    pub eviction_soft_grace_period: Option<BTreeMap<String, String>>,
+    pub eviction_pressure_transition_period: Option<String>,
+    pub eviction_max_pod_grace_period: Option<i64>,
 }
 
 /// `authentication` of the configuration file.
@@ -309,6 +325,8 @@ pub struct Config {
     pub enforce_node_allocatable: Vec<String>,
     /// `cgroupsPerQOS` (default true): the kubelet makes the QoS and pod cgroups.
     pub cgroups_per_qos: bool,
+    /// The eviction manager's thresholds and periods.
+    pub eviction: crate::eviction::Policy,
 }
 
 /// The configuration is invalid.
@@ -483,6 +501,68 @@ fn reservation(
         kube_reserved: a::parse_reserved("kubeReserved", &kube)?,
         system_reserved: a::parse_reserved("systemReserved", &system)?,
         eviction_hard: a::parse_thresholds(field, &hard.unwrap_or_default())?,
+    })
+}
+
+/// The eviction policy: the hard thresholds (already in the reservation), the soft ones with
+/// their grace periods, and the periods; flags over the file.
+fn eviction(
+    flags: &Flags,
+    file: &FileConfig,
+    hard: &[crate::allocatable::Threshold],
+) -> Result<crate::eviction::Policy, ConfigError> {
+    use crate::allocatable as a;
+    let invalid = |what: &'static str, value: String| ConfigError::Invalid { what, value };
+    let (field, soft) = if flags.eviction_soft.is_empty() {
+        (
+            "evictionSoft",
+            file.eviction_soft.clone().unwrap_or_default(),
+        )
+    } else {
+        (
+            "--eviction-soft",
+            a::parse_statements("--eviction-soft", &flags.eviction_soft)
+                .map_err(ConfigError::Reservation)?,
+        )
+    };
+    let soft = a::parse_thresholds(field, &soft).map_err(ConfigError::Reservation)?;
+    let (field, grace) = if flags.eviction_soft_grace_period.is_empty() {
+        (
+            "evictionSoftGracePeriod",
+            file.eviction_soft_grace_period.clone().unwrap_or_default(),
+        )
+    } else {
+        (
+            "--eviction-soft-grace-period",
+            a::parse_pairs(
+                "--eviction-soft-grace-period",
+                &flags.eviction_soft_grace_period,
+            )
+            .map_err(ConfigError::Reservation)?,
+        )
+    };
+    let grace = crate::eviction::parse_grace_periods(field, &grace)
+        .map_err(|e| invalid("evictionSoftGracePeriod", e))?;
+    let thresholds =
+        crate::eviction::thresholds(hard, &soft, &grace).map_err(|e| invalid("evictionSoft", e))?;
+    let d = crate::eviction::Policy::default();
+    let transition = flags
+        .eviction_pressure_transition_period
+        .as_ref()
+        .or(file.eviction_pressure_transition_period.as_ref());
+    let pressure_transition = match transition {
+        None => d.pressure_transition,
+        Some(s) => parse_go_duration(s)
+            .ok_or_else(|| invalid("evictionPressureTransitionPeriod", s.clone()))?,
+    };
+    let max = flags
+        .eviction_max_pod_grace_period
+        .or(file.eviction_max_pod_grace_period)
+        .unwrap_or(d.max_pod_grace_seconds);
+    Ok(crate::eviction::Policy {
+        thresholds,
+        pressure_transition,
+        max_pod_grace_seconds: max,
     })
 }
 
@@ -706,6 +786,7 @@ impl Config {
         })?;
         let api_limits = api_limits(flags, &file)?;
         let image_gc = image_gc(flags, &file)?;
+        let eviction = eviction(flags, &file, &reservation.eviction_hard)?;
         // Upstream's choices: pods, system-reserved, kube-reserved, or none alone; and nothing
         // to enforce without QoS cgroups.
         let cgroups_per_qos = flags
@@ -828,6 +909,7 @@ impl Config {
             pod_pids_limit: file.pod_pids_limit.unwrap_or(-1),
             enforce_node_allocatable: enforce,
             cgroups_per_qos,
+            eviction,
         })
     }
 }
@@ -863,6 +945,74 @@ mod tests {
         ] {
             let e = load(bad).unwrap_err().to_string();
             assert!(e.contains("enforceNodeAllocatable"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn eviction_settings_come_from_flags_over_the_file_with_upstreams_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        let load = |yaml: &str, flags: Flags| {
+            std::fs::write(&path, yaml).unwrap();
+            Config::load(&Flags {
+                config: Some(path.clone()),
+                ..flags
+            })
+        };
+        let d = load("kind: KubeletConfiguration\n", Flags::default())
+            .unwrap()
+            .eviction;
+        assert_eq!(d.pressure_transition, Duration::from_secs(300));
+        // Upstream's five hard defaults, no soft ones.
+        assert_eq!(d.thresholds.len(), 5);
+        assert!(d.thresholds.iter().all(|t| t.grace.is_none()));
+        let e = load(
+            "evictionSoft: {memory.available: 1Gi}\nevictionSoftGracePeriod: {memory.available: 1m}\nevictionPressureTransitionPeriod: 30s\nevictionMaxPodGracePeriod: 20\n",
+            Flags::default(),
+        )
+        .unwrap()
+        .eviction;
+        let soft: Vec<_> = e.thresholds.iter().filter(|t| t.grace.is_some()).collect();
+        assert_eq!(soft.len(), 1);
+        assert_eq!(soft[0].grace, Some(Duration::from_secs(60)));
+        assert_eq!(
+            (e.pressure_transition, e.max_pod_grace_seconds),
+            (Duration::from_secs(30), 20)
+        );
+        // Flags win over the file.
+        let f = load(
+            "evictionSoft: {memory.available: 1Gi}\nevictionSoftGracePeriod: {memory.available: 1m}\n",
+            Flags {
+                eviction_soft: vec!["nodefs.available<50%".into()],
+                eviction_soft_grace_period: vec!["nodefs.available=0s".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .eviction;
+        let soft: Vec<_> = f.thresholds.iter().filter(|t| t.grace.is_some()).collect();
+        assert_eq!(
+            soft[0].threshold.signal,
+            crate::allocatable::Signal::NodeFsAvailable
+        );
+        // A soft threshold without a grace period, or a bad period, is refused by name.
+        for (yaml, want) in [
+            (
+                "evictionSoft: {memory.available: 1Gi}\n",
+                "grace period must be specified",
+            ),
+            (
+                "evictionPressureTransitionPeriod: soon\n",
+                "evictionPressureTransitionPeriod",
+            ),
+            (
+                "evictionSoft: {memory.available: lots}\nevictionSoftGracePeriod: {memory.available: 1m}\n",
+                "evictionSoft",
+            ),
+        ] {
+            let e = load(yaml, Flags::default()).unwrap_err();
+            let text = format!("{e}: {:?}", std::error::Error::source(&e));
+            assert!(text.contains(want), "{yaml}: {text}");
         }
     }
 

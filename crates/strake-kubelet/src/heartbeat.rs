@@ -127,71 +127,13 @@ async fn renew(
     Ok(())
 }
 
-/// Whether the hard eviction threshold of `signal` is crossed: `available` units of a
-/// resource of `capacity` units are fewer than the threshold says (no threshold, no pressure).
-fn below_threshold(
-    config: &Config,
-    signal: crate::allocatable::Signal,
-    available: u64,
-    capacity: u64,
-) -> bool {
-    config
-        .reservation
-        .eviction_hard
-        .iter()
-        .filter(|t| t.signal == signal)
-        .any(|t| i128::from(available) < t.value.units_of(i128::from(capacity)))
-}
-
-/// Memory pressure per the hard `memory.available` threshold (upstream's default 100Mi).
-fn memory_pressure(config: &Config) -> bool {
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let kib = |key: &str| -> Option<u64> {
-        text.lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-    };
-    match (kib("MemAvailable:"), kib("MemTotal:")) {
-        (Some(avail), Some(total)) => below_threshold(
-            config,
-            crate::allocatable::Signal::MemoryAvailable,
-            avail * 1024,
-            total * 1024,
-        ),
-        _ => false,
-    }
-}
-
-/// Disk pressure per the hard `nodefs.available` threshold (upstream's default 10%) on the
-/// kubelet's root dir.
-fn disk_pressure(config: &Config) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(config.root_dir.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: statvfs writes into the zeroed struct; `c` is a valid path.
-    let st = unsafe {
-        let mut st: libc::statvfs = std::mem::zeroed();
-        if libc::statvfs(c.as_ptr(), &mut st) != 0 || st.f_blocks == 0 {
-            return false;
-        }
-        st
-    };
-    let size = st.f_frsize.max(1);
-    below_threshold(
-        config,
-        crate::allocatable::Signal::NodeFsAvailable,
-        st.f_bavail * size,
-        st.f_blocks * size,
-    )
-}
-
 /// Computes status every update period and posts it on change or every report period.
 pub async fn status_loop(
     client: kube::Client,
     runtime: Runtime,
     config: Config,
     machine: MachineInfo,
+    pressure: crate::eviction::Pressure,
 ) {
     let nodes: Api<Node> = Api::all(client);
     let mut last_posted: Option<(NodeStatus, tokio::time::Instant)> = None;
@@ -211,10 +153,11 @@ pub async fn status_loop(
                 ..Default::default()
             },
         };
+        let conditions = pressure.borrow().clone();
         let health = Health {
-            memory_pressure: memory_pressure(&config),
-            disk_pressure: disk_pressure(&config),
-            pid_pressure: false,
+            memory_pressure: conditions.contains("MemoryPressure"),
+            disk_pressure: conditions.contains("DiskPressure"),
+            pid_pressure: conditions.contains("PIDPressure"),
             ..health
         };
         let previous = last_posted
@@ -271,43 +214,5 @@ mod tests {
         assert_eq!(backoff(0), Duration::from_millis(200));
         assert_eq!(backoff(1), Duration::from_millis(400));
         assert_eq!(backoff(30), Duration::from_secs(7));
-    }
-}
-
-#[cfg(test)]
-mod pressure_tests {
-    use super::*;
-    use crate::config::Flags;
-
-    #[test]
-    fn pressure_follows_the_configured_hard_thresholds() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.yaml");
-        let load = |yaml: &str| {
-            std::fs::write(&path, yaml).unwrap();
-            Config::load(&Flags {
-                config: Some(path.clone()),
-                ..Default::default()
-            })
-            .unwrap()
-        };
-        use crate::allocatable::Signal::{MemoryAvailable, NodeFsAvailable};
-        let defaults = load("kind: KubeletConfiguration\n");
-        // nodefs.available<10%: 5 of 100 is pressure, 20 of 100 is not.
-        assert!(below_threshold(&defaults, NodeFsAvailable, 5, 100));
-        assert!(!below_threshold(&defaults, NodeFsAvailable, 20, 100));
-        assert!(below_threshold(
-            &defaults,
-            MemoryAvailable,
-            50 << 20,
-            8 << 30
-        ));
-        // A test bed that sets 1Mi and 1% sees no pressure on a busy shared disk.
-        let low = load("evictionHard: {memory.available: 1Mi, nodefs.available: 1%}\n");
-        assert!(!below_threshold(&low, NodeFsAvailable, 5, 100));
-        assert!(!below_threshold(&low, MemoryAvailable, 50 << 20, 8 << 30));
-        // Without a threshold for the signal, no pressure.
-        let none = load("evictionHard: {memory.available: 1Mi}\n");
-        assert!(!below_threshold(&none, NodeFsAvailable, 0, 100));
     }
 }

@@ -29,6 +29,7 @@ pub mod deadline;
 pub mod dns;
 pub mod etc_hosts;
 pub mod events;
+pub mod eviction;
 pub mod healthz;
 pub mod heartbeat;
 pub mod image_gc;
@@ -177,7 +178,7 @@ impl App {
             &self.config,
             self.runtime.clone(),
             client.clone(),
-            client.as_ref().map(|_| pod_store),
+            client.as_ref().map(|_| pod_store.clone()),
         )
         .await
         .map_err(Error::Server)?;
@@ -185,6 +186,8 @@ impl App {
         let server_task = tokio::spawn(server.serve());
         let work = async {
             let mut tasks = Vec::new();
+            // The eviction manager's pressure conditions: for the node status and admission.
+            let (pressure_tx, pressure) = tokio::sync::watch::channel(Default::default());
             if let Some(main_client) = &client {
                 let node =
                     heartbeat::register(main_client.clone(), &self.config, &self.machine).await;
@@ -198,6 +201,7 @@ impl App {
                     self.runtime.clone(),
                     self.config.clone(),
                     self.machine.clone(),
+                    pressure.clone(),
                 )));
             }
             let runtime_name = loop {
@@ -228,7 +232,22 @@ impl App {
                 nudges: pleg::Nudges::default(),
                 services: api.clone().map(services::Services::start),
                 end_requests: pod_worker::EndRequests::default(),
+                pressure,
             };
+            if let Some(main_client) = &client {
+                tasks.push(tokio::spawn(eviction::run(
+                    eviction::Inputs {
+                        runtime: self.runtime.clone(),
+                        client: main_client.clone(),
+                        pods: pod_store.clone(),
+                        config: self.config.clone(),
+                        end_requests: ctx.end_requests.clone(),
+                        nudges: ctx.nudges.clone(),
+                        pressure: pressure_tx,
+                    },
+                    self.config.eviction.clone(),
+                )));
+            }
             tasks.push(tokio::spawn(image_gc::run(
                 self.runtime.clone(),
                 self.config.image_gc,

@@ -107,6 +107,8 @@ pub struct Context {
     pub services: Option<crate::services::Services>,
     /// Pods the kubelet was asked to end.
     pub end_requests: EndRequests,
+    /// The node's pressure conditions (from the eviction manager).
+    pub pressure: crate::eviction::Pressure,
 }
 
 /// What the runtime has of the pod at one moment.
@@ -1484,6 +1486,7 @@ mod tests {
             cgroups: None,
             services: None,
             end_requests: EndRequests::default(),
+            pressure: tokio::sync::watch::channel(Default::default()).1,
         };
         let w = Worker {
             events: crate::events::Events::new(None, &config.node_name),

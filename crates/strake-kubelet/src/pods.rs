@@ -240,7 +240,7 @@ impl Workers {
             }
             _ if self.rejected.contains(&uid) => {}
             _ => {
-                if let Err(r) = self.admit(&pod) {
+                if let Err(r) = self.admit(ctx, &pod) {
                     self.rejected.insert(uid);
                     let (client, events) = (ctx.client.clone(), self.events.clone());
                     tokio::spawn(async move {
@@ -259,7 +259,7 @@ impl Workers {
     /// or to run). A pod that has already ended is not judged again, and one refused before
     /// (by this kubelet, before a restart) stays refused; without a Node (no API server, or
     /// none yet) only what needs no Node is left to the worker.
-    fn admit(&self, pod: &Pod) -> Result<(), predicates::Rejection> {
+    fn admit(&self, ctx: &Context, pod: &Pod) -> Result<(), predicates::Rejection> {
         if is_terminal(pod) {
             let status = pod.status.as_ref();
             let refused = status
@@ -273,6 +273,12 @@ impl Workers {
                 None => Ok(()),
             };
         }
+        // Under pressure the eviction manager refuses what it would evict next.
+        let pressure = ctx.pressure.borrow().clone();
+        crate::eviction::admit(pod, &pressure).map_err(|message| predicates::Rejection {
+            reason: crate::eviction::REASON.into(),
+            message,
+        })?;
         let Some(node) = self.node.borrow().clone() else {
             return Ok(());
         };

@@ -3,7 +3,10 @@
 //! most `containerLogMaxFiles` files while `kubectl logs --tail` still reads the newest line;
 //! pods that do not fit the Node (resources against allocatable less what admitted pods
 //! request, node selector, host ports) are refused at admission and never started; image GC
-//! removes unused images once the image filesystem passes its threshold, never one in use.
+//! removes unused images once the image filesystem passes its threshold, never one in use;
+//! the eviction manager evicts a pod past its emptyDir `sizeLimit`, and under memory pressure
+//! reports `MemoryPressure`, evicts the BestEffort pod before the Burstable one and refuses new
+//! BestEffort pods.
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, PostParams};
@@ -23,7 +26,7 @@ async fn allocatable_is_reserved_and_logs_rotate_within_their_bound() {
         NODE,
         RuntimeKind::Strake,
         "kubeReserved: {cpu: 100m, memory: 64Mi}\nsystemReserved: {memory: 32Mi}\n\
-         evictionHard: {memory.available: 50Mi, nodefs.available: 10%}\n\
+         evictionHard: {memory.available: 50Mi, nodefs.available: 1%}\n\
          containerLogMaxSize: 1Mi\ncontainerLogMaxFiles: 3\ncontainerLogMonitorInterval: 1s\n",
     )
     .await;
@@ -43,7 +46,7 @@ async fn allocatable_is_reserved_and_logs_rotate_within_their_bound() {
     );
     let storage = milli(&cap["ephemeral-storage"].0) / 1000;
     let storage_alloc = milli(&alloc["ephemeral-storage"].0) / 1000;
-    assert_eq!(storage_alloc, storage - (storage as f64 * 0.1) as i128);
+    assert_eq!(storage_alloc, storage - (storage as f64 * 0.01) as i128);
 
     // A container writing about 2 MB a second, checked every second against 1 MiB.
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
@@ -365,4 +368,155 @@ async fn image_gc(kind: RuntimeKind, node: &str) {
     assert!(cluster.node.log().contains("removed unused image"));
     let p = pods.get("user").await.expect("pod");
     assert_eq!(p.status.and_then(|s| s.phase).as_deref(), Some("Running"));
+}
+
+/// The first of `names` that reached phase Failed, with its status, and the others' phases.
+async fn first_failed(
+    pods: &Api<Pod>,
+    names: &[&str],
+) -> (String, k8s_openapi::api::core::v1::PodStatus, Vec<String>) {
+    wait_for("a pod evicted", 120, || async {
+        let mut failed = None;
+        let mut others = Vec::new();
+        for n in names {
+            let st = pods.get(n).await.ok()?.status?;
+            if st.phase.as_deref() == Some("Failed") && failed.is_none() {
+                failed = Some((n.to_string(), st));
+            } else {
+                others.push(st.phase.unwrap_or_default());
+            }
+        }
+        failed.map(|(n, st)| (n, st, others))
+    })
+    .await
+}
+
+fn disruption(st: &k8s_openapi::api::core::v1::PodStatus) -> Option<String> {
+    st.conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "DisruptionTarget" && c.status == "True")
+        .and_then(|c| c.reason.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pressure_evicts_the_best_effort_pod_first_and_an_emptydir_past_its_limit_its_pod() {
+    const EVICT_NODE: &str = "strake-node-eviction-0";
+    let mut cluster = Cluster::start_with(EVICT_NODE, RuntimeKind::Strake, "").await;
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
+    let sleep = serde_json::json!(["/bin/sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]);
+    let image = cluster.busybox();
+    let pod = |name: &str, resources: serde_json::Value, extra: serde_json::Value| -> Pod {
+        let mut spec = serde_json::json!({
+            "nodeName": EVICT_NODE,
+            "terminationGracePeriodSeconds": 30,
+            "containers": [{ "name": "app", "image": image,
+                             "command": sleep, "resources": resources }]
+        });
+        if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+            s.extend(e.clone());
+        }
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": { "name": name }, "spec": spec
+        }))
+        .expect("pod")
+    };
+    let best_effort = pod("best-effort", serde_json::json!({}), serde_json::json!({}));
+    let burstable = pod(
+        "burstable",
+        serde_json::json!({ "requests": { "memory": "1Gi", "cpu": "10m" } }),
+        serde_json::json!({}),
+    );
+    // An emptyDir with a 1Mi sizeLimit that its container fills with 4 MiB.
+    let mut scratch = pod(
+        "scratch",
+        serde_json::json!({ "requests": { "memory": "1Gi" } }),
+        serde_json::json!({ "volumes": [{ "name": "scratch", "emptyDir": { "sizeLimit": "1Mi" } }] }),
+    );
+    let c = &mut scratch.spec.as_mut().expect("spec").containers[0];
+    c.command = Some(vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        "dd if=/dev/zero of=/scratch/fill bs=1024 count=4096; trap 'exit 0' TERM; sleep 3600 & wait"
+            .into(),
+    ]);
+    c.volume_mounts = Some(vec![k8s_openapi::api::core::v1::VolumeMount {
+        name: "scratch".into(),
+        mount_path: "/scratch".into(),
+        ..Default::default()
+    }]);
+    for p in [&best_effort, &burstable, &scratch] {
+        wait_for("pod created", 60, || async {
+            pods.create(&PostParams::default(), p).await.ok()
+        })
+        .await;
+    }
+
+    // No node threshold is crossed: only the pod past its emptyDir limit goes.
+    let (name, st, others) = first_failed(&pods, &["best-effort", "burstable", "scratch"]).await;
+    assert_eq!(name, "scratch", "{st:?}");
+    assert_eq!(st.reason.as_deref(), Some("Evicted"));
+    assert_eq!(
+        st.message.as_deref(),
+        Some("Usage of EmptyDir volume \"scratch\" exceeds the limit \"1Mi\". ")
+    );
+    assert_eq!(disruption(&st).as_deref(), Some("TerminationByKubelet"));
+    assert_eq!(others, ["Running", "Running"]);
+
+    // A soft memory threshold no node can meet, acted on at once: MemoryPressure, and the
+    // BestEffort pod (using more than its zero request) is evicted before the Burstable one
+    // (using far less than its 1Gi request).
+    cluster
+        .node
+        .restart_kubelet_with(&[
+            "--eviction-soft=memory.available<1000Ti",
+            "--eviction-soft-grace-period=memory.available=0s",
+        ])
+        .expect("restart kubelet");
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    wait_for("MemoryPressure", 60, || async {
+        let node = nodes.get(EVICT_NODE).await.ok()?;
+        node.status?
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "MemoryPressure" && c.status == "True")
+            .then_some(())
+    })
+    .await;
+    let (name, st, others) = first_failed(&pods, &["best-effort", "burstable"]).await;
+    assert_eq!(name, "best-effort", "{st:?}");
+    assert_eq!(st.reason.as_deref(), Some("Evicted"));
+    let message = st.message.clone().unwrap_or_default();
+    assert!(
+        message.starts_with("The node was low on resource: memory. Threshold quantity: 1000Ti"),
+        "{message}"
+    );
+    assert!(message.contains("Container app was using"), "{message}");
+    assert_eq!(disruption(&st).as_deref(), Some("TerminationByKubelet"));
+    assert_eq!(others, ["Running"]);
+    // The evicted pod's container is stopped.
+    wait_for("best-effort stopped", 60, || async {
+        let out = cluster
+            .node
+            .runtime
+            .crictl(&["ps", "-q", "--name", "^app$", "--state", "running"])
+            .ok()?;
+        (String::from_utf8_lossy(&out.stdout).lines().count() <= 1).then_some(())
+    })
+    .await;
+
+    // Under memory pressure a new BestEffort pod is refused at admission.
+    let late = pod("late", serde_json::json!({}), serde_json::json!({}));
+    pods.create(&PostParams::default(), &late)
+        .await
+        .expect("create late");
+    let (phase, reason, message) = decided(&pods, "late").await;
+    assert_eq!(
+        (phase.as_str(), reason.as_str(), message.as_str()),
+        (
+            "Failed",
+            "Evicted",
+            "Pod was rejected: The node had condition: [MemoryPressure]. "
+        )
+    );
 }
