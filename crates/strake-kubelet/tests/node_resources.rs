@@ -519,4 +519,34 @@ async fn pressure_evicts_the_best_effort_pod_first_and_an_emptydir_past_its_limi
             "Pod was rejected: The node had condition: [MemoryPressure]. "
         )
     );
+
+    // A soft nodefs threshold no disk can meet: DiskPressure too, and then every new pod is
+    // refused, whatever its QoS class.
+    cluster
+        .node
+        .restart_kubelet_with(&[
+            "--eviction-soft=nodefs.available<1000Ti",
+            "--eviction-soft-grace-period=nodefs.available=0s",
+        ])
+        .expect("restart kubelet");
+    wait_for("DiskPressure", 60, || async {
+        let node = nodes.get(EVICT_NODE).await.ok()?;
+        node.status?
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "DiskPressure" && c.status == "True")
+            .then_some(())
+    })
+    .await;
+    let later = pod(
+        "later",
+        serde_json::json!({ "requests": { "memory": "10Mi" } }),
+        serde_json::json!({}),
+    );
+    pods.create(&PostParams::default(), &later)
+        .await
+        .expect("create later");
+    let (phase, reason, message) = decided(&pods, "later").await;
+    assert_eq!((phase.as_str(), reason.as_str()), ("Failed", "Evicted"));
+    assert!(message.contains("DiskPressure"), "{message}");
 }
