@@ -171,7 +171,17 @@ fn parse_line(line: &[u8]) -> Option<(Timestamp, usize, bool, &[u8])> {
 /// Where the last `n` lines of `r` start, reading backwards a block at a time (upstream's
 /// `findTailLineStartIndex`): `[start, end)` holds `n` newlines, or is the whole file.
 pub fn tail_start<R: Read + Seek>(r: &mut R, n: usize) -> std::io::Result<u64> {
+    tail_range(r, n).map(|(start, _)| start)
+}
+
+/// [`tail_start`], with the file's size when the lines were counted: the range holding the last
+/// `n` lines of the file as it was then.
+fn tail_range<R: Read + Seek>(r: &mut R, n: usize) -> std::io::Result<(u64, u64)> {
     let size = r.seek(SeekFrom::End(0))?;
+    tail_range_below(r, n, size).map(|start| (start, size))
+}
+
+fn tail_range_below<R: Read + Seek>(r: &mut R, n: usize, size: u64) -> std::io::Result<u64> {
     if n == 0 {
         return Ok(size);
     }
@@ -211,13 +221,18 @@ pub async fn stream(
 ) -> std::io::Result<()> {
     let file = std::fs::File::open(&path)?;
     let tail = opts.tail_lines;
-    let (file, mut offset) = tokio::task::spawn_blocking(move || {
+    // With `tailLines`, the lines are the last ones of the file as it was when they were
+    // counted: a container writing on meanwhile does not add to them.
+    let (file, mut offset, counted) = tokio::task::spawn_blocking(move || {
         let mut file = file;
-        let start = match tail {
-            Some(n) => tail_start(&mut file, n)?,
-            None => 0,
+        let (start, counted) = match tail {
+            Some(n) => {
+                let (start, size) = tail_range(&mut file, n)?;
+                (start, Some(size))
+            }
+            None => (0, None),
         };
-        Ok::<_, std::io::Error>((file, start))
+        Ok::<_, std::io::Error>((file, start, counted))
     })
     .await
     .map_err(std::io::Error::other)??;
@@ -228,7 +243,10 @@ pub async fn stream(
         line_start: true,
     };
     // What is there now, then (with follow) what comes.
-    let end = file.metadata().await?.len();
+    let end = match counted {
+        Some(size) => size,
+        None => file.metadata().await?.len(),
+    };
     file.seek(std::io::SeekFrom::Start(offset)).await?;
     let mut buf = vec![0u8; BLOCK];
     while offset < end {
