@@ -459,6 +459,40 @@ impl EnvSources {
     }
 }
 
+/// Labels or annotations as the downward API formats them: `key="value"` lines, sorted by key,
+/// with no newline after the last (upstream's `FormatMap`).
+pub fn format_map(m: &std::collections::BTreeMap<String, String>) -> String {
+    let lines: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+    lines.join("\n")
+}
+
+/// A metadata field of `pod` named by a downward API `fieldPath` (upstream's
+/// `ExtractFieldPathAsString`): name, namespace, uid, all labels or annotations, or one of them
+/// by subscript (`metadata.labels['key']`, empty when absent). `None` for any other path.
+pub fn metadata_field(pod: &Pod, path: &str) -> Option<String> {
+    let m = &pod.metadata;
+    let subscripted = path
+        .strip_suffix("']")
+        .and_then(|p| p.split_once("['"))
+        .filter(|(field, _)| !field.is_empty());
+    if let Some((field, key)) = subscripted {
+        let map = match field {
+            "metadata.labels" => m.labels.as_ref(),
+            "metadata.annotations" => m.annotations.as_ref(),
+            _ => return None,
+        };
+        return Some(map.and_then(|m| m.get(key).cloned()).unwrap_or_default());
+    }
+    Some(match path {
+        "metadata.name" => m.name.clone().unwrap_or_default(),
+        "metadata.namespace" => m.namespace.clone().unwrap_or_default(),
+        "metadata.uid" => m.uid.clone().unwrap_or_default(),
+        "metadata.labels" => format_map(&m.labels.clone().unwrap_or_default()),
+        "metadata.annotations" => format_map(&m.annotations.clone().unwrap_or_default()),
+        _ => return None,
+    })
+}
+
 /// The container's environment: `envFrom` sources first, then `env` entries (literal values
 /// with `$(VAR)` expansion, downward-API fields, ConfigMap and Secret keys), as upstream orders
 /// them; later names override earlier ones.
@@ -469,7 +503,6 @@ pub fn env(
     host_ip: &str,
     sources: &EnvSources,
 ) -> Result<Vec<(String, String)>, ContainerConfigError> {
-    let (name, ns, uid) = meta(pod);
     let node_name = pod
         .spec
         .as_ref()
@@ -568,13 +601,13 @@ pub fn env(
         } else if let Some(from) = &e.value_from {
             if let Some(f) = &from.field_ref {
                 match f.field_path.as_str() {
-                    "metadata.name" => name.clone(),
-                    "metadata.namespace" => ns.clone(),
-                    "metadata.uid" => uid.clone(),
                     "spec.nodeName" => node_name.clone(),
                     "spec.serviceAccountName" => sa.clone(),
-                    "status.podIP" => pod_ip.to_string(),
-                    "status.hostIP" => host_ip.to_string(),
+                    "status.podIP" | "status.podIPs" => pod_ip.to_string(),
+                    "status.hostIP" | "status.hostIPs" => host_ip.to_string(),
+                    path if metadata_field(pod, path).is_some() => {
+                        metadata_field(pod, path).unwrap_or_default()
+                    }
                     other => {
                         return Err(ContainerConfigError::Env {
                             name: e.name.clone(),
@@ -1033,11 +1066,34 @@ mod tests {
                     value: Some("hi $(POD)".into()),
                     ..Default::default()
                 },
+                EnvVar {
+                    name: "ANNOTATION".into(),
+                    value_from: field("metadata.annotations['mysubpath']"),
+                    ..Default::default()
+                },
+                EnvVar {
+                    name: "ABSENT".into(),
+                    value_from: field("metadata.labels['none']"),
+                    ..Default::default()
+                },
+                EnvVar {
+                    name: "ANNOTATIONS".into(),
+                    value_from: field("metadata.annotations"),
+                    ..Default::default()
+                },
             ]),
             ..Default::default()
         };
+        let mut annotated = pod(vec![]);
+        annotated.metadata.annotations = Some(
+            [
+                ("mysubpath".to_string(), "mypath".to_string()),
+                ("other".to_string(), "x".to_string()),
+            ]
+            .into(),
+        );
         let env = env(
-            &pod(vec![]),
+            &annotated,
             &c,
             "10.88.0.5",
             "10.213.0.10",
@@ -1049,7 +1105,13 @@ mod tests {
             [
                 ("POD".into(), "web".into()),
                 ("IP".into(), "10.88.0.5".into()),
-                ("GREETING".into(), "hi web".into())
+                ("GREETING".into(), "hi web".into()),
+                ("ANNOTATION".into(), "mypath".into()),
+                ("ABSENT".into(), String::new()),
+                (
+                    "ANNOTATIONS".into(),
+                    "mysubpath=\"mypath\"\nother=\"x\"".into()
+                ),
             ]
         );
         let bad = Container {

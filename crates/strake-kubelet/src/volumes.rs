@@ -124,11 +124,6 @@ pub fn write_atomic_dir(dir: &Path, files: &Files) -> std::io::Result<bool> {
     Ok(true)
 }
 
-/// Labels or annotations in the downward API's file format: `key="value"` lines, sorted.
-pub fn format_map(m: &BTreeMap<String, String>) -> String {
-    m.iter().map(|(k, v)| format!("{k}={v:?}\n")).collect()
-}
-
 fn downward_value(
     pod: &Pod,
     f: &DownwardAPIVolumeFile,
@@ -141,17 +136,9 @@ fn downward_value(
     let Some(field) = &f.field_ref else {
         return Err(invalid(format!("{}: only fieldRef is supported", f.path)));
     };
-    let m = &pod.metadata;
-    Ok(match field.field_path.as_str() {
-        "metadata.name" => m.name.clone().unwrap_or_default().into_bytes(),
-        "metadata.namespace" => m.namespace.clone().unwrap_or_default().into_bytes(),
-        "metadata.uid" => m.uid.clone().unwrap_or_default().into_bytes(),
-        "metadata.labels" => format_map(&m.labels.clone().unwrap_or_default()).into_bytes(),
-        "metadata.annotations" => {
-            format_map(&m.annotations.clone().unwrap_or_default()).into_bytes()
-        }
-        other => return Err(invalid(format!("unsupported fieldRef {other}"))),
-    })
+    crate::pod_spec::metadata_field(pod, &field.field_path)
+        .map(String::into_bytes)
+        .ok_or_else(|| invalid(format!("unsupported fieldRef {}", field.field_path)))
 }
 
 /// Selects `items` (or all keys) of a key/value source into files with their modes.
@@ -837,7 +824,7 @@ mod tests {
             ("b".to_string(), "2".to_string()),
             ("a".to_string(), "x\"y".to_string()),
         ]);
-        assert_eq!(format_map(&m), "a=\"x\\\"y\"\nb=\"2\"\n");
+        assert_eq!(crate::pod_spec::format_map(&m), "a=\"x\\\"y\"\nb=\"2\"");
     }
 
     #[test]
