@@ -368,14 +368,45 @@ pub fn pod_status(pod: &Pod, observed: &Observed, host_ip: &str, now: &Time) -> 
         ),
         None => make.make("Ready", containers_ready, reason, message.clone()),
     };
-    let mut conditions = vec![
-        make.make("PodReadyToStartContainers", sandbox_ready, None, None),
+    // Initialized, in upstream's terms: a completed pod was; one whose regular containers
+    // started was; else each init container not completed (or sidecar not started) is named.
+    let incomplete: Vec<&str> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .zip(&init_statuses)
+        .filter(|(c, st)| {
+            if c.restart_policy.as_deref() == Some("Always") {
+                st.started != Some(true)
+            } else {
+                !st.ready
+            }
+        })
+        .map(|(c, _)| c.name.as_str())
+        .collect();
+    let regular_started = statuses.iter().any(|st| {
+        st.state
+            .as_ref()
+            .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+    });
+    let initialized_condition = if phase == "Succeeded" {
+        make.make("Initialized", true, Some("PodCompleted"), None)
+    } else if regular_started || incomplete.is_empty() {
+        make.make("Initialized", true, None, None)
+    } else {
         make.make(
             "Initialized",
-            initialized,
-            (!initialized).then_some("ContainersNotInitialized"),
-            None,
-        ),
+            false,
+            Some("ContainersNotInitialized"),
+            Some(format!(
+                "containers with incomplete status: [{}]",
+                incomplete.join(" ")
+            )),
+        )
+    };
+    let mut conditions = vec![
+        make.make("PodReadyToStartContainers", sandbox_ready, None, None),
+        initialized_condition,
         ready,
         make.make("ContainersReady", containers_ready, reason, message),
         make.make("PodScheduled", true, None, None),
@@ -800,5 +831,54 @@ mod tests {
                 "exit {exit}"
             );
         }
+    }
+
+    #[test]
+    fn initialized_names_the_incomplete_init_containers_as_upstream() {
+        let mut p = pod("Never");
+        let spec = p.spec.as_mut().unwrap();
+        let mut first = spec.containers[0].clone();
+        first.name = "init1".into();
+        let mut second = first.clone();
+        second.name = "init2".into();
+        spec.init_containers = Some(vec![first, second]);
+        let exited = |name: &str, exit: i32| {
+            let mut c = cs(cri::ContainerState::ContainerExited, exit, 0);
+            c.metadata.as_mut().unwrap().name = name.into();
+            c
+        };
+        // init1 completed, init2 failed, the app never ran: init2 is what is incomplete.
+        let mut o = observed(None);
+        o.containers.insert("init1".into(), exited("init1", 0));
+        o.containers.insert("init2".into(), exited("init2", 1));
+        let s = pod_status(&p, &o, "", &now());
+        assert_eq!(s.phase.as_deref(), Some("Failed"));
+        let c = condition_of(&s, "Initialized");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_deref(), c.message.as_deref()),
+            (
+                "False",
+                Some("ContainersNotInitialized"),
+                Some("containers with incomplete status: [init2]")
+            )
+        );
+        // Neither ran yet: both are named.
+        let s = pod_status(&p, &observed(None), "", &now());
+        let c = condition_of(&s, "Initialized");
+        assert_eq!(
+            c.message.as_deref(),
+            Some("containers with incomplete status: [init1 init2]")
+        );
+        // A pod that completed was initialized, with upstream's reason.
+        let mut o = observed(Some(exited("app", 0)));
+        o.containers.insert("init1".into(), exited("init1", 0));
+        o.containers.insert("init2".into(), exited("init2", 0));
+        let s = pod_status(&p, &o, "", &now());
+        assert_eq!(s.phase.as_deref(), Some("Succeeded"));
+        let c = condition_of(&s, "Initialized");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_deref()),
+            ("True", Some("PodCompleted"))
+        );
     }
 }
