@@ -137,6 +137,32 @@ async fn kubectl_logs_exec_attach_and_port_forward_work_through_the_api_server()
     .await;
     assert!(out.starts_with("first\nsecond\nthird\ntick-0\n"), "{out}");
 
+    // Over a WebSocket (`binary.k8s.io`), as upstream's conformance reads them: the API server
+    // relays the kubelet's answer (which it fetches over HTTP/2, as from upstream's kubelet).
+    let kubeconfig = std::fs::read_to_string(cp.kubeconfig()).expect("kubeconfig");
+    let server = kubeconfig
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: https://"))
+        .expect("server")
+        .to_string();
+    let api = KubeletApi::new(
+        &cp,
+        server.parse().expect("API server address"),
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+    );
+    let (status, ws_out) = api
+        .ws_read(
+            "/api/v1/namespaces/default/pods/logger/log?container=counter",
+            "binary.k8s.io",
+        )
+        .await
+        .expect("websocket");
+    assert_eq!(status, 101, "{ws_out}");
+    assert!(
+        ws_out.starts_with("first\nsecond\nthird\ntick-0\n"),
+        "{ws_out:?}"
+    );
+
     // --tail: the last lines only.
     let o = kubectl_out(&cp, &["logs", "logger", "-c", "counter", "--tail=2"]).await;
     let s = text(&o.stdout);
@@ -374,6 +400,41 @@ impl KubeletApi {
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await.ok()?.to_bytes();
         Some((status, text(&body)))
+    }
+
+    /// A read over WebSocket with the admin certificate and `protocol`: the refusal's status and
+    /// body, or 101 and the payloads of the binary messages until the server closes.
+    async fn ws_read(&self, path: &str, protocol: &str) -> Option<(u16, String)> {
+        use futures::StreamExt;
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::{Error, Message};
+        let tcp = tokio::net::TcpStream::connect(self.addr).await.ok()?;
+        let stream = tokio_rustls::TlsConnector::from(self.admin.clone())
+            .connect(ServerName::IpAddress(self.server_ip.into()), tcp)
+            .await
+            .ok()?;
+        let mut req = format!("wss://{}{path}", self.addr)
+            .into_client_request()
+            .ok()?;
+        req.headers_mut()
+            .insert("sec-websocket-protocol", protocol.parse().ok()?);
+        let mut ws = match tokio_tungstenite::client_async(req, stream).await {
+            Ok((ws, _)) => ws,
+            Err(Error::Http(resp)) => {
+                let body = resp.body().clone().unwrap_or_default();
+                return Some((resp.status().as_u16(), text(&body)));
+            }
+            Err(_) => return None,
+        };
+        let mut out = Vec::new();
+        while let Some(Ok(msg)) = ws.next().await {
+            match msg {
+                Message::Binary(b) => out.extend_from_slice(&b),
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+        Some((101, text(&out)))
     }
 
     /// An exec over WebSocket (`v4.channel.k8s.io`, a GET upgrade) with a bearer token: the

@@ -36,6 +36,14 @@ use crate::pod_spec::labels;
 use crate::runtime::{Runtime, RuntimeError};
 use auth::{Auth, AuthError, User};
 
+/// How much of a log is gathered before a `/containerLogs` answer starts.
+const FIRST_LOG_BLOCK: usize = 64 * 1024;
+
+/// Streams an HTTP/2 client may have open at once on one connection (Go's server default).
+const H2_MAX_STREAMS: u32 = 250;
+/// The largest header block an HTTP/2 client may send (Go's `DefaultMaxHeaderBytes`).
+const H2_MAX_HEADER_LIST: u32 = 1 << 20;
+
 /// How long a client has to complete the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -241,11 +249,22 @@ impl Server {
                     let cert_user = cert_user.clone();
                     async move { Ok::<_, Infallible>(handle(&state, cert_user.as_ref(), req).await) }
                 });
-                let conn = limits
-                    .http1()
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .with_upgrades();
-                if let Err(e) = conn.await {
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+                let served = if h2 {
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .max_concurrent_streams(H2_MAX_STREAMS)
+                        .max_header_list_size(H2_MAX_HEADER_LIST)
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await
+                } else {
+                    limits
+                        .http1()
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .with_upgrades()
+                        .await
+                };
+                if let Err(e) = served {
                     tracing::debug!(%peer, error = %e, "kubelet API connection ended");
                 }
             }
@@ -545,18 +564,44 @@ async fn container_logs(
                 .is_ok_and(|s| s.state == cri::ContainerState::ContainerRunning as i32)
         })
     });
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let follow = opts.follow;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(64);
     tokio::spawn(async move {
         if let Err(e) = logs::stream(path, opts, running, tx).await {
             tracing::debug!(error = %e, "container log stream ended");
         }
     });
-    let body = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|b| (Ok::<_, std::io::Error>(Frame::data(b)), rx))
-    });
-    let mut r = Response::new(BodyExt::boxed(StreamBody::new(body)));
+    // As upstream's kubelet (whose response writer holds the first bytes back), the answer
+    // starts with the log, not before it: the headers go with the first data, and a log that
+    // ends within the first block goes whole, with its length. A client that reads the body
+    // only once it has the headers (the API server relaying to a WebSocket) then has it all.
+    let mut head = Vec::new();
+    let mut ended = false;
+    while head.len() < FIRST_LOG_BLOCK {
+        match rx.recv().await {
+            Some(b) => head.extend_from_slice(&b),
+            None => {
+                ended = true;
+                break;
+            }
+        }
+        if follow {
+            break;
+        }
+    }
+    let body = if ended {
+        full(head)
+    } else {
+        let first =
+            futures::stream::iter([Ok::<_, std::io::Error>(Frame::data(Bytes::from(head)))]);
+        let rest = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|b| (Ok::<_, std::io::Error>(Frame::data(b)), rx))
+        });
+        BodyExt::boxed(StreamBody::new(futures::StreamExt::chain(first, rest)))
+    };
+    let mut r = Response::new(body);
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("text/plain"),

@@ -157,7 +157,10 @@ pub fn server_config(config: &Config) -> Result<Arc<rustls::ServerConfig>, TlsEr
     let mut tls = builder
         .with_single_cert(certs, key)
         .map_err(TlsError::Config)?;
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // HTTP/2 for the clients that offer it (the API server's log and stats requests, as to
+    // upstream's kubelet), HTTP/1.1 for the others and for the upgrades of exec, attach and
+    // port-forward.
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(tls))
 }
 
