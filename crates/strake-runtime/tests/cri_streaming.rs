@@ -476,6 +476,10 @@ async fn exec_clients_that_flood_or_stop_reading_do_not_grow_the_daemon() {
         );
     }
     // A client that never reads: output piles up in crictl's pipe, then TCP, not the daemon.
+    // Measured from its own start: what the floods above left in the allocator is not its
+    // growth (an unbounded daemon would take the gigabytes `cat` writes in these 5 s).
+    let before = rss_bytes(pid);
+    let mut peak = before;
     let mut cmd = env.crictl();
     cmd.args(["exec", &id, "sh", "-c", "cat /dev/zero"])
         .stdin(Stdio::null())
