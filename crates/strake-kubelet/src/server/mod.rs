@@ -41,8 +41,9 @@ const FIRST_LOG_BLOCK: usize = 64 * 1024;
 
 /// Streams an HTTP/2 client may have open at once on one connection (Go's server default).
 const H2_MAX_STREAMS: u32 = 250;
-/// The largest header block an HTTP/2 client may send (Go's `DefaultMaxHeaderBytes`).
-const H2_MAX_HEADER_LIST: u32 = 1 << 20;
+/// The largest header block an HTTP/2 client may send (kubelet API requests carry a few
+/// hundred bytes; hyper's default is 16 KiB).
+const H2_MAX_HEADER_LIST: u32 = 64 * 1024;
 
 /// How long a client has to complete the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -244,19 +245,26 @@ impl Server {
                     .peer_certificates()
                     .and_then(|c| c.first())
                     .and_then(|c| auth::user_from_certificate(c));
+                // When the connection last began a request (HTTP/2 connections idle past the
+                // header deadline are closed, as HTTP/1.1 ones are by it).
+                let last_request = Arc::new(Mutex::new(tokio::time::Instant::now()));
+                let seen = last_request.clone();
                 let svc = hyper::service::service_fn(move |req| {
                     let state = state.clone();
                     let cert_user = cert_user.clone();
+                    *seen.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
                     async move { Ok::<_, Infallible>(handle(&state, cert_user.as_ref(), req).await) }
                 });
                 let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
                 let served = if h2 {
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .max_concurrent_streams(H2_MAX_STREAMS)
-                        .max_header_list_size(H2_MAX_HEADER_LIST)
-                        .serve_connection(TokioIo::new(tls), svc)
-                        .await
+                    let conn = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .max_concurrent_streams(H2_MAX_STREAMS)
+                    .max_header_list_size(H2_MAX_HEADER_LIST)
+                    .serve_connection(TokioIo::new(tls), svc);
+                    close_when_idle(conn, &last_request, limits.header_read_timeout).await
                 } else {
                     limits
                         .http1()
@@ -270,6 +278,52 @@ impl Server {
             }
         })
         .await
+    }
+}
+
+/// Serves HTTP/2 connection `conn` until it ends; once no request began on it for `idle`, it is
+/// shut down gracefully (GOAWAY: the streams under way finish, no new one starts), so that an
+/// idle client does not hold one of the server's connections forever.
+async fn close_when_idle<F>(
+    conn: F,
+    last_request: &Mutex<tokio::time::Instant>,
+    idle: Duration,
+) -> Result<(), hyper::Error>
+where
+    F: std::future::Future<Output = Result<(), hyper::Error>> + GracefulShutdown,
+{
+    tokio::pin!(conn);
+    loop {
+        let since = *last_request.lock().unwrap_or_else(|e| e.into_inner());
+        tokio::select! {
+            r = conn.as_mut() => return r,
+            _ = tokio::time::sleep_until(since + idle) => {
+                let since = *last_request.lock().unwrap_or_else(|e| e.into_inner());
+                if since.elapsed() >= idle {
+                    conn.as_mut().shut_down();
+                    return conn.await;
+                }
+            }
+        }
+    }
+}
+
+/// A connection that can be asked to finish what it has and take nothing new.
+trait GracefulShutdown {
+    fn shut_down(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S, B, E> GracefulShutdown for hyper::server::conn::http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn shut_down(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
     }
 }
 
@@ -884,6 +938,72 @@ mod tests {
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// A client that offers HTTP/2 (as the API server does) is served over it, and its
+    /// connection is let go (GOAWAY, then closed) once no request began on it for the header
+    /// deadline, as an idle HTTP/1.1 connection is.
+    #[tokio::test]
+    async fn http2_clients_are_served_and_idle_ones_let_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::load(&Flags {
+            hostname_override: Some("node-a".into()),
+            root_dir: Some(dir.path().into()),
+            address: Some("127.0.0.1".parse().unwrap()),
+            port: Some(0),
+            ..Default::default()
+        })
+        .unwrap();
+        let runtime = Runtime::new(
+            &format!("unix://{}/no-runtime.sock", dir.path().display()),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let server = Server::bind(&config, runtime, None, None)
+            .await
+            .unwrap()
+            .with_limits(Limits {
+                max_connections: 8,
+                header_read_timeout: Duration::from_secs(1),
+            });
+        let addr = server.local_addr().unwrap();
+        tokio::spawn(server.serve());
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = dir.path().join("pki/kubelet.crt");
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(&ca).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("node-a").unwrap();
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        assert_eq!(stream.get_ref().1.alpn_protocol(), Some(b"h2".as_slice()));
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+        let conn = tokio::spawn(conn);
+        let req = Request::get("https://node-a/healthz")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        assert_eq!(resp.status(), StatusCode::OK);
+        // Idle past the deadline: the server ends the connection.
+        let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
+        assert!(ended.is_ok(), "an idle HTTP/2 connection was kept open");
     }
 
     /// 10250 hangs up on a client trickling its headers (after the TLS handshake) and closes
