@@ -616,8 +616,11 @@ impl Worker {
             crate::admission::reject(self.ctx.client.as_ref(), &self.events, pod, &r).await;
             return Ok(());
         }
+        // A request is taken even when the pod already ended (an eviction may ask twice), so
+        // none is left behind.
+        let requested = self.ctx.end_requests.take(&self.uid);
         if self.ended.is_none() {
-            self.ended = self.ctx.end_requests.take(&self.uid);
+            self.ended = requested;
         }
         if self.ended.is_none() {
             let start = self
@@ -1404,6 +1407,7 @@ impl Worker {
     /// hooks included), removes it from the runtime and confirms the deletion to the API
     /// server.
     async fn terminate(&mut self, pod: Option<&Pod>) {
+        self.ctx.end_requests.take(&self.uid);
         let grace = pod.map_or(30, |p| {
             sync::grace_seconds(p, None, &KillReason::Terminating)
         });
@@ -1649,6 +1653,24 @@ mod tests {
             .unwrap();
         assert_eq!(c.reason.as_deref(), Some("TerminationByKubelet"));
         // Grace 0 is raised to upstream's 2 s floor, not the pod's 30 s.
+        assert_eq!(calls(&fake, &["StopContainer"]), ["StopContainer a 2s"]);
+        // Asked again (the eviction manager may, before the API shows the pod Failed): the
+        // request is consumed, nothing is left behind or stopped twice.
+        let again = w.ctx.end_requests.take("u1");
+        assert!(again.is_none());
+        w.ctx.end_requests.request(
+            "u1",
+            EndRequest {
+                ending: crate::eviction::ending("again".into()),
+                grace_seconds: Some(0),
+            },
+        );
+        w.sync(&pod).await.unwrap();
+        assert!(w.ctx.end_requests.take("u1").is_none());
+        assert_eq!(
+            w.last_status.clone().unwrap().reason.as_deref(),
+            Some("Evicted")
+        );
         assert_eq!(calls(&fake, &["StopContainer"]), ["StopContainer a 2s"]);
     }
 
