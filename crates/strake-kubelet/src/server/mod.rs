@@ -907,19 +907,54 @@ mod tests {
     use crate::config::Flags;
     use rustls::pki_types::pem::PemObject;
 
-    /// A request over TLS to a server on loopback, trusting its self-signed certificate.
-    async fn get(addr: SocketAddr, ca: &std::path::Path, path: &str) -> (u16, String) {
+    /// A flags-only configuration serving on a free loopback port (anonymous requests allowed).
+    fn flags_only(dir: &std::path::Path) -> Config {
+        Config::load(&Flags {
+            hostname_override: Some("node-a".into()),
+            root_dir: Some(dir.into()),
+            address: Some("127.0.0.1".parse().unwrap()),
+            port: Some(0),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    /// Serves `config` within `limits`, with no runtime behind it; returns the address.
+    async fn serve(config: &Config, limits: Limits) -> SocketAddr {
+        let runtime = Runtime::new(
+            &format!("unix://{}/no-runtime.sock", config.root_dir.display()),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let server = Server::bind(config, runtime, None, None)
+            .await
+            .unwrap()
+            .with_limits(limits);
+        let addr = server.local_addr().unwrap();
+        tokio::spawn(server.serve());
+        addr
+    }
+
+    /// A client trusting the self-signed certificate at `ca`, offering `alpn`.
+    fn client_tls(ca: &std::path::Path, alpn: &[&[u8]]) -> rustls::ClientConfig {
         let mut roots = rustls::RootCertStore::empty();
         for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
             roots.add(c.unwrap()).unwrap();
         }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
+        tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tls
+    }
+
+    /// A request over TLS to a server on loopback, trusting its self-signed certificate.
+    async fn get(addr: SocketAddr, ca: &std::path::Path, path: &str) -> (u16, String) {
+        let tls = client_tls(ca, &[]);
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let name = rustls::pki_types::ServerName::try_from("node-a").unwrap();
         let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
@@ -946,41 +981,12 @@ mod tests {
     #[tokio::test]
     async fn http2_clients_are_served_and_idle_ones_let_go() {
         let dir = tempfile::tempdir().unwrap();
-        let config = Config::load(&Flags {
-            hostname_override: Some("node-a".into()),
-            root_dir: Some(dir.path().into()),
-            address: Some("127.0.0.1".parse().unwrap()),
-            port: Some(0),
-            ..Default::default()
-        })
-        .unwrap();
-        let runtime = Runtime::new(
-            &format!("unix://{}/no-runtime.sock", dir.path().display()),
-            Duration::from_secs(1),
-        )
-        .unwrap();
-        let server = Server::bind(&config, runtime, None, None)
-            .await
-            .unwrap()
-            .with_limits(Limits {
-                max_connections: 8,
-                header_read_timeout: Duration::from_secs(1),
-            });
-        let addr = server.local_addr().unwrap();
-        tokio::spawn(server.serve());
-        let mut roots = rustls::RootCertStore::empty();
-        let ca = dir.path().join("pki/kubelet.crt");
-        for c in rustls::pki_types::CertificateDer::pem_file_iter(&ca).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let limits = Limits {
+            max_connections: 8,
+            header_read_timeout: Duration::from_secs(1),
+        };
+        let addr = serve(&flags_only(dir.path()), limits).await;
+        let tls = client_tls(&dir.path().join("pki/kubelet.crt"), &[b"h2"]);
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let name = rustls::pki_types::ServerName::try_from("node-a").unwrap();
         let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
@@ -1012,43 +1018,14 @@ mod tests {
     async fn slow_clients_are_cut_off_and_connections_capped() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let dir = tempfile::tempdir().unwrap();
-        let config = Config::load(&Flags {
-            hostname_override: Some("node-a".into()),
-            root_dir: Some(dir.path().into()),
-            address: Some("127.0.0.1".parse().unwrap()),
-            port: Some(0),
-            ..Default::default()
-        })
-        .unwrap();
+        let config = flags_only(dir.path());
         assert_eq!(config.insecure_api_settings().len(), 2);
-        let runtime = Runtime::new(
-            &format!("unix://{}/no-runtime.sock", dir.path().display()),
-            Duration::from_secs(1),
-        )
-        .unwrap();
-        let server = Server::bind(&config, runtime, None, None)
-            .await
-            .unwrap()
-            .with_limits(Limits {
-                max_connections: 2,
-                header_read_timeout: Duration::from_secs(1),
-            });
-        let addr = server.local_addr().unwrap();
-        tokio::spawn(server.serve());
-        let ca = dir.path().join("pki/kubelet.crt");
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls::pki_types::CertificateDer::pem_file_iter(&ca).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let tls = Arc::new(
-            rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-        );
+        let limits = Limits {
+            max_connections: 2,
+            header_read_timeout: Duration::from_secs(1),
+        };
+        let addr = serve(&config, limits).await;
+        let tls = Arc::new(client_tls(&dir.path().join("pki/kubelet.crt"), &[]));
         let connect = || {
             let tls = tls.clone();
             async move {
