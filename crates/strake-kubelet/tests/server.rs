@@ -402,75 +402,80 @@ impl KubeletApi {
         Some((status, text(&body)))
     }
 
-    /// A read over WebSocket with the admin certificate and `protocol`: the refusal's status and
-    /// body, or 101 and the payloads of the binary messages until the server closes.
-    async fn ws_read(&self, path: &str, protocol: &str) -> Option<(u16, String)> {
+    /// A GET upgraded to a WebSocket speaking `protocol`, with the admin certificate or a bearer
+    /// token: the refusal's status and body, or 101 and the binary messages until the server
+    /// closes.
+    async fn ws(
+        &self,
+        path: &str,
+        protocol: &str,
+        token: Option<&str>,
+    ) -> Option<Result<Vec<Vec<u8>>, (u16, String)>> {
         use futures::StreamExt;
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         use tokio_tungstenite::tungstenite::{Error, Message};
+        let tls = if token.is_some() {
+            &self.anonymous
+        } else {
+            &self.admin
+        };
         let tcp = tokio::net::TcpStream::connect(self.addr).await.ok()?;
-        let stream = tokio_rustls::TlsConnector::from(self.admin.clone())
+        let stream = tokio_rustls::TlsConnector::from(tls.clone())
             .connect(ServerName::IpAddress(self.server_ip.into()), tcp)
             .await
             .ok()?;
         let mut req = format!("wss://{}{path}", self.addr)
             .into_client_request()
             .ok()?;
-        req.headers_mut()
-            .insert("sec-websocket-protocol", protocol.parse().ok()?);
+        let h = req.headers_mut();
+        if let Some(t) = token {
+            h.insert("authorization", format!("Bearer {t}").parse().ok()?);
+        }
+        h.insert("sec-websocket-protocol", protocol.parse().ok()?);
         let mut ws = match tokio_tungstenite::client_async(req, stream).await {
             Ok((ws, _)) => ws,
             Err(Error::Http(resp)) => {
                 let body = resp.body().clone().unwrap_or_default();
-                return Some((resp.status().as_u16(), text(&body)));
+                return Some(Err((resp.status().as_u16(), text(&body))));
             }
             Err(_) => return None,
         };
-        let mut out = Vec::new();
+        let mut messages = Vec::new();
         while let Some(Ok(msg)) = ws.next().await {
             match msg {
-                Message::Binary(b) => out.extend_from_slice(&b),
+                Message::Binary(b) => messages.push(b.to_vec()),
                 Message::Close(_) => break,
                 _ => {}
             }
         }
-        Some((101, text(&out)))
+        Some(Ok(messages))
     }
 
-    /// An exec over WebSocket (`v4.channel.k8s.io`, a GET upgrade) with a bearer token: the
-    /// refusal's status and body, or 101 and what came on stdout.
+    /// Everything a WebSocket read (admin certificate) carried: status 101 and the payloads, or
+    /// the refusal.
+    async fn ws_read(&self, path: &str, protocol: &str) -> Option<(u16, String)> {
+        Some(match self.ws(path, protocol, None).await? {
+            Ok(messages) => (101, text(&messages.concat())),
+            Err(refused) => refused,
+        })
+    }
+
+    /// An exec over WebSocket (`v4.channel.k8s.io`) with a bearer token: the refusal's status
+    /// and body, or 101 and what came on stdout (channel 1).
     async fn ws_exec(&self, path: &str, token: &str) -> Option<(u16, String)> {
-        use futures::StreamExt;
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        use tokio_tungstenite::tungstenite::{Error, Message};
-        let tcp = tokio::net::TcpStream::connect(self.addr).await.ok()?;
-        let stream = tokio_rustls::TlsConnector::from(self.anonymous.clone())
-            .connect(ServerName::IpAddress(self.server_ip.into()), tcp)
-            .await
-            .ok()?;
-        let mut req = format!("wss://{}{path}", self.server_ip)
-            .into_client_request()
-            .ok()?;
-        let h = req.headers_mut();
-        h.insert("authorization", format!("Bearer {token}").parse().ok()?);
-        h.insert("sec-websocket-protocol", "v4.channel.k8s.io".parse().ok()?);
-        let mut ws = match tokio_tungstenite::client_async(req, stream).await {
-            Ok((ws, _)) => ws,
-            Err(Error::Http(resp)) => {
-                let body = resp.body().clone().unwrap_or_default();
-                return Some((resp.status().as_u16(), text(&body)));
-            }
-            Err(_) => return None,
-        };
-        let mut stdout = Vec::new();
-        while let Some(Ok(msg)) = ws.next().await {
-            match msg {
-                Message::Binary(b) if b.first() == Some(&1) => stdout.extend_from_slice(&b[1..]),
-                Message::Close(_) => break,
-                _ => {}
-            }
-        }
-        Some((101, text(&stdout)))
+        Some(
+            match self.ws(path, "v4.channel.k8s.io", Some(token)).await? {
+                Ok(messages) => {
+                    let stdout: Vec<u8> = messages
+                        .iter()
+                        .filter(|m| m.first() == Some(&1))
+                        .flat_map(|m| m[1..].iter().copied())
+                        .collect();
+                    (101, text(&stdout))
+                }
+                Err(refused) => refused,
+            },
+        )
     }
 }
 
