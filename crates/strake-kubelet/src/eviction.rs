@@ -603,15 +603,7 @@ pub async fn run(inputs: Inputs, policy: Policy) {
     let mut tracker = Tracker::default();
     loop {
         tokio::time::sleep(MONITORING_PERIOD).await;
-        let summary = match crate::server::stats::summary(
-            &inputs.runtime,
-            &rates,
-            &inputs.config.node_name,
-            &inputs.config.root_dir,
-            &inputs.config.pod_logs_dir,
-        )
-        .await
-        {
+        let summary = match node_summary(&inputs, &rates).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "eviction manager: no summary");
@@ -677,14 +669,7 @@ pub async fn run(inputs: Inputs, policy: Policy) {
                 .await
                 .unwrap_or(0)
                 > 0
-            && let Ok(after) = crate::server::stats::summary(
-                &inputs.runtime,
-                &rates,
-                &inputs.config.node_name,
-                &inputs.config.root_dir,
-                &inputs.config.pod_logs_dir,
-            )
-            .await
+            && let Ok(after) = node_summary(&inputs, &rates).await
             && !crossed(&t.threshold, &observe(&after))
         {
             tracing::info!("eviction manager: reclaimed enough without evicting pods");
@@ -708,6 +693,21 @@ pub async fn run(inputs: Inputs, policy: Policy) {
         evict(&inputs, &events, pod, m, grace);
         wait_for_cleanup(&inputs.runtime, &uid).await;
     }
+}
+
+/// The node's summary, as `/stats/summary` serves it.
+async fn node_summary(
+    inputs: &Inputs,
+    rates: &crate::server::stats::CpuRates,
+) -> Result<Summary, crate::runtime::RuntimeError> {
+    crate::server::stats::summary(
+        &inputs.runtime,
+        rates,
+        &inputs.config.node_name,
+        &inputs.config.root_dir,
+        &inputs.config.pod_logs_dir,
+    )
+    .await
 }
 
 fn evict(inputs: &Inputs, events: &crate::events::Events, pod: &Pod, message: String, grace: i64) {
