@@ -611,6 +611,7 @@ impl Containers {
             let sc = linux.security_context.get_or_insert_with(Default::default);
             sc.namespace_options = Some(default_namespace_options(&sb));
         }
+        let target_pid_namespace = self.target_pid_namespace(&config, &sb.record.id)?;
         let log_path = match sb.config.log_directory.as_str() {
             "" => PathBuf::new(),
             _ if config.log_path.is_empty() => PathBuf::new(),
@@ -658,7 +659,7 @@ impl Containers {
             );
         }
         let mut c = Container { record, config };
-        match self.make(&mut c, &sb, &image) {
+        match self.make(&mut c, &sb, &image, target_pid_namespace.as_deref()) {
             Ok(()) => {
                 lock(&self.inner).insert(id.clone(), c.clone());
                 self.emit(
@@ -678,7 +679,44 @@ impl Containers {
         }
     }
 
-    fn make(&self, c: &mut Container, sb: &Sandbox, image: &ImageFacts) -> Result<()> {
+    /// The PID namespace a container with `pid: TARGET` joins (an ephemeral container with a
+    /// `targetContainerName`): that of the target's init, which must be a running container
+    /// of the same sandbox.
+    fn target_pid_namespace(
+        &self,
+        config: &cri::ContainerConfig,
+        sandbox_id: &str,
+    ) -> Result<Option<PathBuf>> {
+        let Some(ns) = config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+            .and_then(|s| s.namespace_options.as_ref())
+            .filter(|ns| ns.pid == cri::NamespaceMode::Target as i32)
+        else {
+            return Ok(None);
+        };
+        let inner = lock(&self.inner);
+        let pid = inner
+            .get(&ns.target_id)
+            .filter(|t| t.record.sandbox_id == sandbox_id && t.record.exit.is_none())
+            .and_then(|t| t.record.init_pid)
+            .ok_or_else(|| {
+                ContainerError::InvalidArgument(format!(
+                    "pid namespace target {:?} is not a running container of pod sandbox {sandbox_id}",
+                    ns.target_id
+                ))
+            })?;
+        Ok(Some(PathBuf::from(format!("/proc/{pid}/ns/pid"))))
+    }
+
+    fn make(
+        &self,
+        c: &mut Container,
+        sb: &Sandbox,
+        image: &ImageFacts,
+        target_pid_namespace: Option<&Path>,
+    ) -> Result<()> {
         let name = c.record.name.clone();
         let step = |step: &'static str| {
             let name = name.clone();
@@ -728,7 +766,7 @@ impl Containers {
             image_name: &c.record.image,
             rootfs: &rootfs,
             cgroup_driver: self.driver,
-            target_pid_namespace: None,
+            target_pid_namespace,
             resolved: &resolved,
             node: &self.node,
         };
