@@ -2,7 +2,9 @@
 
 use std::collections::HashMap;
 
-use k8s_openapi::api::core::v1::{Container, Pod};
+use std::borrow::Cow;
+
+use k8s_openapi::api::core::v1::{Container, EphemeralContainer, Pod};
 use strake_types::cri;
 
 use crate::config::Config;
@@ -15,6 +17,99 @@ pub mod labels {
     pub const CONTAINER_NAME: &str = "io.kubernetes.container.name";
     /// Annotation holding the container's restart count.
     pub const RESTART_COUNT: &str = "io.kubernetes.container.restartCount";
+}
+
+/// An ephemeral container as the container it runs: the same fields, less the target (which
+/// only chooses the process namespace, [`target_container`]).
+pub fn ephemeral_container(ec: &EphemeralContainer) -> Container {
+    let EphemeralContainer {
+        args,
+        command,
+        env,
+        env_from,
+        image,
+        image_pull_policy,
+        lifecycle,
+        liveness_probe,
+        name,
+        ports,
+        readiness_probe,
+        resize_policy,
+        resources,
+        restart_policy,
+        restart_policy_rules,
+        security_context,
+        startup_probe,
+        stdin,
+        stdin_once,
+        target_container_name: _,
+        termination_message_path,
+        termination_message_policy,
+        tty,
+        volume_devices,
+        volume_mounts,
+        working_dir,
+    } = ec.clone();
+    Container {
+        args,
+        command,
+        env,
+        env_from,
+        image,
+        image_pull_policy,
+        lifecycle,
+        liveness_probe,
+        name,
+        ports,
+        readiness_probe,
+        resize_policy,
+        resources,
+        restart_policy,
+        restart_policy_rules,
+        security_context,
+        startup_probe,
+        stdin,
+        stdin_once,
+        termination_message_path,
+        termination_message_policy,
+        tty,
+        volume_devices,
+        volume_mounts,
+        working_dir,
+    }
+}
+
+/// Container `name` of the pod's spec: init, app or ephemeral (names are unique across the
+/// three, as the API server validates).
+pub fn find_container<'a>(pod: &'a Pod, name: &str) -> Option<Cow<'a, Container>> {
+    let spec = pod.spec.as_ref()?;
+    let found = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .find(|c| c.name == name);
+    match found {
+        Some(c) => Some(Cow::Borrowed(c)),
+        None => spec
+            .ephemeral_containers
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)
+            .map(|e| Cow::Owned(ephemeral_container(e))),
+    }
+}
+
+/// The container whose process namespace ephemeral container `name` joins, if it names one.
+pub fn target_container<'a>(pod: &'a Pod, name: &str) -> Option<&'a str> {
+    pod.spec
+        .as_ref()?
+        .ephemeral_containers
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)?
+        .target_container_name
+        .as_deref()
 }
 
 /// A pod's QoS class, as the API server and kubelet derive it from requests and limits.
@@ -209,13 +304,6 @@ pub fn sandbox_config_with(
     labels.insert(labels::POD_NAME.into(), name.clone());
     labels.insert(labels::POD_NAMESPACE.into(), ns.clone());
     labels.insert(labels::POD_UID.into(), uid.clone());
-    let node_mode = |on: Option<bool>| {
-        if on.unwrap_or(false) {
-            cri::NamespaceMode::Node as i32
-        } else {
-            cri::NamespaceMode::Pod as i32
-        }
-    };
     let port_mappings = spec
         .containers
         .iter()
@@ -277,18 +365,7 @@ pub fn sandbox_config_with(
                 }
             },
             security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    network: node_mode(spec.host_network),
-                    pid: if spec.host_pid.unwrap_or(false) {
-                        cri::NamespaceMode::Node as i32
-                    } else if spec.share_process_namespace.unwrap_or(false) {
-                        cri::NamespaceMode::Pod as i32
-                    } else {
-                        cri::NamespaceMode::Container as i32
-                    },
-                    ipc: node_mode(spec.host_ipc),
-                    ..Default::default()
-                }),
+                namespace_options: Some(namespace_options(&spec)),
                 ..Default::default()
             }),
             sysctls: crate::sysctls::sandbox_sysctls(pod),
@@ -679,6 +756,44 @@ pub fn explicit_run_as_user(pod: &Pod, c: &Container) -> Option<i64> {
         })
 }
 
+/// The pod's namespaces, for its sandbox and each of its containers alike (upstream's
+/// `namespacesForPod`): the node's network, IPC and PID namespaces when asked for, else the
+/// pod's; processes in a namespace of their own per container unless `shareProcessNamespace`.
+pub fn namespace_options(spec: &k8s_openapi::api::core::v1::PodSpec) -> cri::NamespaceOption {
+    let node_or_pod = |on: Option<bool>| {
+        if on.unwrap_or(false) {
+            cri::NamespaceMode::Node as i32
+        } else {
+            cri::NamespaceMode::Pod as i32
+        }
+    };
+    cri::NamespaceOption {
+        network: node_or_pod(spec.host_network),
+        pid: if spec.host_pid.unwrap_or(false) {
+            cri::NamespaceMode::Node as i32
+        } else if spec.share_process_namespace.unwrap_or(false) {
+            cri::NamespaceMode::Pod as i32
+        } else {
+            cri::NamespaceMode::Container as i32
+        },
+        ipc: node_or_pod(spec.host_ipc),
+        ..Default::default()
+    }
+}
+
+/// Makes an ephemeral container's configuration join the processes of container `target_id`
+/// (`targetContainerName`), as upstream's kubelet asks it of the runtime.
+pub fn join_processes_of(config: &mut cri::ContainerConfig, target_id: &str) {
+    let sc = config
+        .linux
+        .get_or_insert_with(Default::default)
+        .security_context
+        .get_or_insert_with(Default::default);
+    let ns = sc.namespace_options.get_or_insert_with(Default::default);
+    ns.pid = cri::NamespaceMode::Target as i32;
+    ns.target_id = target_id.to_string();
+}
+
 /// The container's Linux security context from its own and the pod's `securityContext`, as
 /// upstream's kubelet translates them: user and group (container first, then pod; without a
 /// `runAsUser` the image's user, so that a `runAsGroup` never reaches the runtime alone, which
@@ -748,6 +863,7 @@ pub fn linux_security_context(
         supplemental_groups: groups,
         no_new_privs: csc.allow_privilege_escalation == Some(false),
         seccomp,
+        namespace_options: Some(namespace_options(&pod.spec.clone().unwrap_or_default())),
         ..Default::default()
     }
 }
@@ -1397,5 +1513,64 @@ mod tests {
         assert_eq!(cfg.labels[labels::CONTAINER_NAME], "app");
         assert_eq!(cfg.labels[labels::POD_UID], "u-1");
         assert_eq!(cfg.image.unwrap().user_specified_image, "busybox");
+    }
+
+    #[test]
+    fn containers_get_the_pods_namespaces_and_an_ephemeral_one_its_targets_processes() {
+        use cri::NamespaceMode as M;
+        let c = Container {
+            name: "app".into(),
+            ..Default::default()
+        };
+        let pid_of = |edit: &dyn Fn(&mut PodSpec), target: Option<&str>| {
+            let mut p = pod(vec![c.clone()]);
+            edit(p.spec.as_mut().unwrap());
+            let mut cfg = container_config(
+                &p,
+                &c,
+                0,
+                "sha256:abc",
+                &ImageUser::default(),
+                &[],
+                vec![],
+                std::path::Path::new("/s"),
+            );
+            if let Some(t) = target {
+                join_processes_of(&mut cfg, t);
+            }
+            let ns = cfg.linux.unwrap().security_context.unwrap();
+            let ns = ns.namespace_options.unwrap();
+            // The network and IPC namespaces are the pod's (its sandbox's) in every case.
+            assert_eq!((ns.network, ns.ipc), (M::Pod as i32, M::Pod as i32));
+            (M::try_from(ns.pid).unwrap(), ns.target_id)
+        };
+        assert_eq!(pid_of(&|_| {}, None), (M::Container, String::new()));
+        assert_eq!(
+            pid_of(&|s| s.share_process_namespace = Some(true), None),
+            (M::Pod, String::new())
+        );
+        assert_eq!(
+            pid_of(&|s| s.host_pid = Some(true), None),
+            (M::Node, String::new())
+        );
+        assert_eq!(pid_of(&|_| {}, Some("c-1")), (M::Target, "c-1".into()));
+        // An ephemeral container runs as the container it describes.
+        let ec = k8s_openapi::api::core::v1::EphemeralContainer {
+            name: "debugger".into(),
+            image: Some("busybox".into()),
+            tty: Some(true),
+            target_container_name: Some("app".into()),
+            ..Default::default()
+        };
+        let mut p = pod(vec![c.clone()]);
+        p.spec.as_mut().unwrap().ephemeral_containers = Some(vec![ec]);
+        let found = find_container(&p, "debugger").unwrap();
+        assert_eq!(
+            (found.image.as_deref(), found.tty),
+            (Some("busybox"), Some(true))
+        );
+        assert_eq!(target_container(&p, "debugger"), Some("app"));
+        assert_eq!(target_container(&p, "app"), None);
+        assert!(matches!(find_container(&p, "app"), Some(Cow::Borrowed(_))));
     }
 }

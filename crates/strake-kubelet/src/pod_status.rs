@@ -262,6 +262,22 @@ pub fn pod_status(pod: &Pod, observed: &Observed, host_ip: &str, now: &Time) -> 
             st
         })
         .collect();
+    // Ephemeral containers: reported, sorted by name as upstream's status manager does, but
+    // never probed, so neither started nor ready, and never part of the phase.
+    let mut ephemeral_statuses: Vec<ContainerStatus> = spec
+        .ephemeral_containers
+        .iter()
+        .flatten()
+        .map(|ec| {
+            let c = crate::pod_spec::ephemeral_container(ec);
+            ContainerStatus {
+                ready: false,
+                started: None,
+                ..container_status(&c, observed, budget, not_created)
+            }
+        })
+        .collect();
+    ephemeral_statuses.sort_by(|a, b| a.name.cmp(&b.name));
     // Initialized: every regular init container completed, every sidecar started.
     let initialized = spec
         .init_containers
@@ -442,6 +458,8 @@ pub fn pod_status(pod: &Pod, observed: &Observed, host_ip: &str, now: &Time) -> 
         start_time: old.start_time.clone().or_else(|| Some(now.clone())),
         container_statuses: Some(statuses),
         init_container_statuses: (!init_statuses.is_empty()).then_some(init_statuses),
+        ephemeral_container_statuses: (!ephemeral_statuses.is_empty())
+            .then_some(ephemeral_statuses),
         qos_class: Some(crate::pod_spec::qos_class(pod).into()),
         ..Default::default()
     }
@@ -508,6 +526,55 @@ mod tests {
             runtime_name: "containerd".into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn ephemeral_containers_are_reported_by_name_and_leave_phase_and_readiness_alone() {
+        let mut p = pod("Never");
+        let spec = p.spec.as_mut().unwrap();
+        spec.ephemeral_containers = Some(
+            ["zz", "debugger"]
+                .map(|n| k8s_openapi::api::core::v1::EphemeralContainer {
+                    name: n.into(),
+                    image: Some("busybox".into()),
+                    ..Default::default()
+                })
+                .to_vec(),
+        );
+        let mut o = observed(Some(cs(cri::ContainerState::ContainerRunning, 0, 0)));
+        let mut done = cs(cri::ContainerState::ContainerExited, 1, 0);
+        done.id = "dbg".into();
+        o.containers.insert("debugger".into(), done);
+        let s = pod_status(&p, &o, "10.213.0.10", &now());
+        let eph = s.ephemeral_container_statuses.clone().unwrap();
+        let names: Vec<&str> = eph.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["debugger", "zz"]);
+        let term = eph[0].state.clone().unwrap().terminated.unwrap();
+        assert_eq!(term.exit_code, 1);
+        assert_eq!(eph[0].container_id.as_deref(), Some("containerd://dbg"));
+        assert_eq!(
+            eph[1]
+                .state
+                .clone()
+                .unwrap()
+                .waiting
+                .unwrap()
+                .reason
+                .as_deref(),
+            Some("ContainerCreating")
+        );
+        assert!(eph.iter().all(|c| !c.ready && c.started.is_none()));
+        // A failed debugger neither fails nor unreadies the pod.
+        assert_eq!(s.phase.as_deref(), Some("Running"));
+        let ready = s
+            .conditions
+            .unwrap()
+            .into_iter()
+            .find(|c| c.type_ == "Ready");
+        assert_eq!(ready.unwrap().status, "True");
+        // Without ephemeral containers the field stays out of the status.
+        let s = pod_status(&pod("Never"), &o, "10.213.0.10", &now());
+        assert!(s.ephemeral_container_statuses.is_none());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! confirms the deletion. Because the runtime is the record, a restarted kubelet adopts
 //! running pods and continues their restart counts.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -210,16 +211,6 @@ fn pod_key(p: &Pod) -> String {
     )
 }
 
-/// Container `name` of the pod's spec (init or app).
-fn spec_container<'a>(pod: &'a Pod, name: &str) -> Option<&'a Container> {
-    let spec = pod.spec.as_ref()?;
-    spec.init_containers
-        .iter()
-        .flatten()
-        .chain(&spec.containers)
-        .find(|c| c.name == name)
-}
-
 /// The named ports of container `c`, for probes and hooks.
 fn named_ports(c: &Container) -> Vec<(String, i32)> {
     c.ports
@@ -393,7 +384,7 @@ impl Worker {
             {
                 let root = self.ctx.config.root_dir.clone();
                 let uid = self.uid.clone();
-                let c = pod.and_then(|p| spec_container(p, &name)).cloned();
+                let c = pod.and_then(|p| pod_spec::find_container(p, &name).map(Cow::into_owned));
                 let raw = st.clone();
                 let st = tokio::task::spawn_blocking(move || {
                     with_termination_message(&root, &uid, c.as_ref(), raw)
@@ -807,11 +798,26 @@ impl Worker {
                     sandbox = Some((id, ips));
                 }
                 Action::StartContainer { name, attempt } => {
-                    let (Some((sid, ips)), Some(c)) = (&sandbox, spec_container(pod, &name)) else {
+                    let (Some((sid, ips)), Some(c)) =
+                        (&sandbox, pod_spec::find_container(pod, &name))
+                    else {
                         continue;
                     };
-                    let (sid, ips, c) = (sid.clone(), ips.clone(), c.clone());
-                    self.start_container(pod, &sid, &ips, &c, attempt).await;
+                    let (sid, ips, c) = (sid.clone(), ips.clone(), c.into_owned());
+                    // An ephemeral container may join another container's processes.
+                    let target = match pod_spec::target_container(pod, &name) {
+                        None => None,
+                        Some(t) => match obs.state.current(&sid, t) {
+                            Some(k) => Some(k.id.clone()),
+                            None => {
+                                let message = format!("unable to find target container {t}");
+                                self.config_error(pod, &c, message);
+                                continue;
+                            }
+                        },
+                    };
+                    self.start_container(pod, &sid, &ips, &c, attempt, target.as_deref())
+                        .await;
                 }
                 Action::KillContainer {
                     id,
@@ -854,9 +860,11 @@ impl Worker {
         pod_ip: &str,
     ) {
         let started = Instant::now();
-        let c = pod.and_then(|p| spec_container(p, name));
-        let pre_stop = c.and_then(|c| c.lifecycle.as_ref()?.pre_stop.as_ref());
-        if let (Some(pod), Some(c), Some(handler)) = (pod, c, pre_stop) {
+        let c = pod.and_then(|p| pod_spec::find_container(p, name));
+        let pre_stop = c
+            .as_ref()
+            .and_then(|c| c.lifecycle.as_ref()?.pre_stop.as_ref());
+        if let (Some(pod), Some(c), Some(handler)) = (pod, c.as_ref(), pre_stop) {
             let hook = Hook::of(handler, pod_ip, &named_ports(c));
             let run = lifecycle::run(&*self.ctx.cri, id, &hook, Some(grace));
             match tokio::time::timeout(grace, run).await {
@@ -885,6 +893,7 @@ impl Worker {
 
     /// Pulls, creates and starts container `c` (instance `attempt`) in sandbox `sandbox_id`,
     /// then runs its postStart hook; a reason it cannot goes to the container's waiting state.
+    /// `target`: the container whose process namespace an ephemeral container joins.
     async fn start_container(
         &mut self,
         pod: &Pod,
@@ -892,6 +901,7 @@ impl Worker {
         ips: &[String],
         c: &Container,
         attempt: u32,
+        target: Option<&str>,
     ) {
         let cri = self.ctx.cri.clone();
         let image_ref = match self.ensure_image(pod, c).await {
@@ -939,7 +949,7 @@ impl Worker {
         if let Err(message) = verify_non_root(pod, c, &image_user) {
             return self.config_error(pod, c, message);
         }
-        let config = pod_spec::container_config(
+        let mut config = pod_spec::container_config(
             pod,
             c,
             attempt,
@@ -949,6 +959,9 @@ impl Worker {
             mounts,
             &self.ctx.config.root_dir.join("seccomp"),
         );
+        if let Some(target) = target {
+            pod_spec::join_processes_of(&mut config, target);
+        }
         let sandbox_config = match pod_spec::sandbox_config(pod, &self.ctx.config, 0) {
             Ok(s) => s,
             Err(e) => return self.config_error(pod, c, e.to_string()),
@@ -973,12 +986,11 @@ impl Worker {
                     Some(&c.name),
                     Kind::Warning,
                     "Failed",
-                    format!("Error: {}", e.detail()),
+                    format!("Error: {}", e.message()),
                 );
-                self.state.waiting.insert(
-                    c.name.clone(),
-                    ("CreateContainerError".into(), e.to_string()),
-                );
+                self.state
+                    .waiting
+                    .insert(c.name.clone(), ("CreateContainerError".into(), e.message()));
                 return;
             }
         };
@@ -988,11 +1000,11 @@ impl Worker {
                 Some(&c.name),
                 Kind::Warning,
                 "Failed",
-                format!("Error: {}", e.detail()),
+                format!("Error: {}", e.message()),
             );
             self.state
                 .waiting
-                .insert(c.name.clone(), ("RunContainerError".into(), e.to_string()));
+                .insert(c.name.clone(), ("RunContainerError".into(), e.message()));
             return;
         }
         self.events.emit(
@@ -1161,7 +1173,7 @@ impl Worker {
             .filter(|k| k.sandbox_id == sandbox.id && k.state == RunState::Running)
             .collect();
         for k in running {
-            let Some(c) = spec_container(pod, &k.name).cloned() else {
+            let Some(c) = pod_spec::find_container(pod, &k.name).map(Cow::into_owned) else {
                 continue;
             };
             let ports = named_ports(&c);

@@ -51,6 +51,15 @@ impl RuntimeError {
             other => other.to_string(),
         }
     }
+
+    /// What the runtime said, alone (upstream's kubelet puts a failed CreateContainer's or
+    /// StartContainer's gRPC message in the container's waiting state and its event as is).
+    pub fn message(&self) -> String {
+        match self {
+            RuntimeError::Call { source, .. } => source.message().to_string(),
+            other => other.detail(),
+        }
+    }
 }
 
 /// A lazily connecting CRI client: a runtime that is down now may be up on the next call.

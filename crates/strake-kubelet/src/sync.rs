@@ -13,6 +13,7 @@
 //!   pod's policy is Never), with CrashLoopBackOff: the first restart at once, then 10 s
 //!   doubling to 300 s, reset after 10 minutes of running;
 //! - a failed liveness or startup probe kills the container (restarted per policy);
+//! - ephemeral containers start in the running sandbox (initialized or not) and never again;
 //! - termination stops app containers first, then sidecars in reverse order, within the pod's
 //!   grace period ([`termination_waves`], [`remaining_grace`]).
 
@@ -291,6 +292,21 @@ pub fn compute_pod_actions(
     let in_sandbox = if sandbox.is_empty() { &empty } else { observed };
     let current = |name: &str| in_sandbox.current(&sandbox, name).cloned();
     let app_started = spec.containers.iter().any(|c| current(&c.name).is_some());
+
+    // Ephemeral containers start in a running sandbox, even before initialization is over,
+    // and are never restarted: one that ran (in any sandbox) stays as it ended.
+    if !sandbox.is_empty() {
+        for ec in spec.ephemeral_containers.iter().flatten() {
+            if observed.containers.iter().any(|k| k.name == ec.name) {
+                state.waiting.remove(&ec.name);
+            } else {
+                actions.push(Action::StartContainer {
+                    name: ec.name.clone(),
+                    attempt: 0,
+                });
+            }
+        }
+    }
 
     let mut initialized = true;
     for c in spec.init_containers.iter().flatten() {
@@ -688,6 +704,38 @@ mod tests {
         // Under restartPolicy Never the pod is over: nothing is recreated.
         let never = pod(serde_json::json!({ "restartPolicy": "Never" }));
         assert!(compute_pod_actions(&never, &o, Instant::now(), &mut st).is_empty());
+    }
+
+    #[test]
+    fn ephemeral_containers_start_in_the_running_sandbox_once_and_never_restart() {
+        let p = pod(serde_json::json!({
+            "initContainers": [{ "name": "init" }],
+            "ephemeralContainers": [{ "name": "debug" }]
+        }));
+        let mut st = WorkerState::default();
+        // Not with a new sandbox: the pod is being (re)created.
+        let a = compute_pod_actions(&p, &PodRuntimeState::default(), Instant::now(), &mut st);
+        assert_eq!(starts(&a), vec![s("init", 0)]);
+        // In a running sandbox, even while an init container still runs.
+        let o = obs(vec![ctr("init", 0, RunState::Running, 0)]);
+        let a = compute_pod_actions(&p, &o, Instant::now(), &mut st);
+        assert_eq!(starts(&a), vec![s("debug", 0)]);
+        // Once it ran, whatever its end, it is left as it is.
+        for exit in [0, 1] {
+            let o = obs(vec![
+                ctr("init", 0, RunState::Exited, 0),
+                ctr("app", 0, RunState::Running, 0),
+                ctr("debug", 0, RunState::Exited, exit),
+            ]);
+            assert!(compute_pod_actions(&p, &o, Instant::now(), &mut st).is_empty());
+        }
+        // Nor when it ran in an earlier sandbox of the pod.
+        let mut o = obs(vec![ctr("app", 0, RunState::Running, 0)]);
+        let mut old = ctr("debug", 0, RunState::Exited, 0);
+        old.sandbox_id = "s0".into();
+        o.containers.push(old);
+        o.containers.push(ctr("init", 0, RunState::Exited, 0));
+        assert!(compute_pod_actions(&p, &o, Instant::now(), &mut st).is_empty());
     }
 
     #[test]

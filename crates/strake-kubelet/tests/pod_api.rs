@@ -3,7 +3,9 @@
 //! a container's own `/etc/hosts` mount, host-network pods), `hostname`/`subdomain`/
 //! `setHostnameAsFQDN` (and the error for an FQDN over 64 characters), and `sysctls` (the safe
 //! set and `allowedUnsafeSysctls` applied, anything else rejected at admission), and
-//! `activeDeadlineSeconds` (a running pod past it fails with `DeadlineExceeded` and stops).
+//! `activeDeadlineSeconds` (a running pod past it fails with `DeadlineExceeded` and stops), and
+//! ephemeral containers (started in a running pod, targeting a container's processes, never
+//! restarted, reported apart).
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, PostParams};
@@ -275,6 +277,97 @@ async fn scenario(kind: RuntimeKind) {
              requested)",
             fqdn.len()
         )
+    );
+
+    // Ephemeral containers, added to the running pod through the `ephemeralcontainers`
+    // subresource: a debugger that runs and takes execs, and a tracer that targets
+    // `named-app` and so sees its processes (its PID 1 is the target's shell). Both are
+    // reported in `ephemeralContainerStatuses`, neither is restarted when it exits, and the
+    // pod stays Running and Ready throughout.
+    let add_ephemeral = |containers: serde_json::Value| {
+        let pods = pods.clone();
+        async move {
+            let patch = serde_json::json!({ "spec": { "ephemeralContainers": containers } });
+            pods.patch_subresource(
+                "ephemeralcontainers",
+                "named",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Strategic(&patch),
+            )
+            .await
+            .expect("add ephemeral containers");
+        }
+    };
+    add_ephemeral(serde_json::json!([{
+        "name": "debugger", "image": image, "stdin": true, "tty": true,
+        "command": ["/bin/sh", "-c", "echo polo; sleep 3; exit 3"]
+    }]))
+    .await;
+    let ephemeral = |name: &'static str| {
+        let pods = pods.clone();
+        async move {
+            let st = pods.get("named").await.ok()?.status?;
+            st.ephemeral_container_statuses?
+                .into_iter()
+                .find(|c| c.name == name)
+        }
+    };
+    wait_for("debugger running", 60, || async {
+        ephemeral("debugger")
+            .await
+            .filter(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+    })
+    .await;
+    assert_eq!(exec(&node, "debugger", "echo marco").trim(), "marco");
+    add_ephemeral(serde_json::json!([
+        { "name": "debugger", "image": image, "stdin": true, "tty": true,
+          "command": ["/bin/sh", "-c", "echo polo; sleep 3; exit 3"] },
+        { "name": "tracer", "image": image, "targetContainerName": "named-app",
+          "terminationMessagePolicy": "File",
+          "command": ["/bin/sh", "-c", "tr '\\0' ' ' < /proc/1/cmdline > /dev/termination-log"] }
+    ]))
+    .await;
+    let tracer = wait_for("tracer done", 60, || async {
+        ephemeral("tracer").await?.state?.terminated
+    })
+    .await;
+    assert_eq!(tracer.exit_code, 0, "{tracer:?}");
+    assert_eq!(
+        tracer.message.as_deref().map(str::trim),
+        Some("/bin/sh -c trap 'exit 0' TERM; sleep 3600 & wait"),
+        "the tracer does not see its target's processes"
+    );
+    let debugger = wait_for("debugger exited", 60, || async {
+        ephemeral("debugger").await?.state?.terminated
+    })
+    .await;
+    assert_eq!(debugger.exit_code, 3);
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let p = pods.get("named").await.expect("named");
+    let st = p.status.expect("status");
+    let eph = st.ephemeral_container_statuses.expect("ephemeral statuses");
+    assert_eq!(
+        eph.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        ["debugger", "tracer"]
+    );
+    assert!(
+        eph.iter().all(|c| c.restart_count == 0
+            && !c.ready
+            && c.state.as_ref().is_some_and(|s| s.terminated.is_some())),
+        "an ephemeral container was restarted or reported ready: {eph:?}"
+    );
+    let out = node
+        .runtime
+        .crictl(&["ps", "-a", "-q", "--name", "^debugger$"])
+        .expect("crictl ps");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+    assert_eq!(st.phase.as_deref(), Some("Running"));
+    let ready = st.conditions.unwrap_or_default();
+    assert!(
+        ready
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True"),
+        "{ready:?}"
     );
 
     // activeDeadlineSeconds set on a running pod (the spec update upstream allows): once the
