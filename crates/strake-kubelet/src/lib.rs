@@ -46,6 +46,7 @@ pub mod pods;
 pub mod predicates;
 pub mod prober;
 pub mod relist;
+pub mod resize;
 pub mod resources;
 pub mod runtime;
 pub mod server;
@@ -233,6 +234,9 @@ impl App {
                 services: api.clone().map(services::Services::start),
                 end_requests: pod_worker::EndRequests::default(),
                 pressure,
+                allocations: resize::Allocations::load(
+                    &self.config.root_dir.join("allocated_pods_state"),
+                ),
             };
             if let Some(main_client) = &client {
                 tasks.push(tokio::spawn(eviction::run(

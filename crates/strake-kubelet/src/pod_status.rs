@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
-    ContainerStatus, HostIP, Pod, PodCondition, PodIP, PodStatus,
+    ContainerStatus, HostIP, Pod, PodCondition, PodIP, PodStatus, ResourceRequirements,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use strake_types::cri;
@@ -30,7 +31,24 @@ pub struct Observed {
     pub not_started: std::collections::BTreeSet<String>,
     /// Set when the kubelet itself ended the pod (active deadline, eviction).
     pub ended: Option<Ending>,
+    /// The resources the runtime's current instance of a container was started or last
+    /// updated with (by name); missing ones are taken to have their allocation.
+    pub resources: BTreeMap<String, ResourceRequirements>,
+    /// Where the pod's in-place resize stands, when it is not done.
+    pub resize: Option<Resize>,
 }
+
+/// A resize that is not done: the `PodResizePending` and `PodResizeInProgress` conditions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resize {
+    /// Not admitted (`Infeasible`, `Deferred`).
+    Pending { reason: String, message: String },
+    /// Admitted, not yet actuated; `error` says why when actuation failed.
+    InProgress { error: Option<String> },
+}
+
+/// The resize conditions, which the kubelet sets and removes.
+pub const RESIZE_CONDITIONS: [&str; 2] = ["PodResizePending", "PodResizeInProgress"];
 
 /// Why the kubelet ended a pod: its phase becomes Failed with this reason and message, as
 /// upstream's pod sync handlers and eviction manager report it.
@@ -210,9 +228,33 @@ fn container_status(
     } else {
         observed.previous.get(&c.name)
     };
+    // What was allocated and what is applied, for every container the runtime has: requests
+    // and limits as given (an empty list is left out, as the API leaves it out).
+    let non_empty = |m: Option<BTreeMap<String, Quantity>>| m.filter(|m| !m.is_empty());
+    let allocated = c.resources.clone().unwrap_or_default();
+    let (allocated_resources, resources) = match cur {
+        None => (None, None),
+        Some(_) => {
+            let applied = observed
+                .resources
+                .get(&c.name)
+                .cloned()
+                .unwrap_or_else(|| allocated.clone());
+            (
+                non_empty(allocated.requests.clone()),
+                Some(ResourceRequirements {
+                    requests: non_empty(applied.requests),
+                    limits: non_empty(applied.limits),
+                    ..Default::default()
+                }),
+            )
+        }
+    };
     ContainerStatus {
         name: c.name.clone(),
         image: c.image.clone().unwrap_or_default(),
+        allocated_resources,
+        resources,
         image_id: cur.map(|s| s.image_ref.clone()).unwrap_or_default(),
         container_id: cur.map(|s| format!("{}://{}", observed.runtime_name, s.id)),
         ready,
@@ -427,6 +469,21 @@ pub fn pod_status(pod: &Pod, observed: &Observed, host_ip: &str, now: &Time) -> 
         make.make("ContainersReady", containers_ready, reason, message),
         make.make("PodScheduled", true, None, None),
     ];
+    match &observed.resize {
+        Some(Resize::Pending { reason, message }) => conditions.push(make.make(
+            "PodResizePending",
+            true,
+            Some(reason),
+            Some(message.clone()),
+        )),
+        Some(Resize::InProgress { error }) => conditions.push(make.make(
+            "PodResizeInProgress",
+            true,
+            error.as_ref().map(|_| "Error"),
+            error.clone(),
+        )),
+        None => {}
+    }
     let ended = observed.ended.as_ref();
     if let Some(c) = ended.and_then(|e| e.condition.clone()) {
         let since = prev_conditions
@@ -471,6 +528,14 @@ pub fn pod_status(pod: &Pod, observed: &Observed, host_ip: &str, now: &Time) -> 
 /// addresses and a merge would keep the old ones beside them.
 pub fn status_patch(status: &PodStatus) -> serde_json::Value {
     let mut status = serde_json::to_value(status).unwrap_or_default();
+    // A resize condition that no longer holds is deleted (conditions merge by type).
+    if let Some(serde_json::Value::Array(conditions)) = status.get_mut("conditions") {
+        for kind in RESIZE_CONDITIONS {
+            if !conditions.iter().any(|c| c["type"] == kind) {
+                conditions.push(serde_json::json!({ "type": kind, "$patch": "delete" }));
+            }
+        }
+    }
     for list in ["podIPs", "hostIPs"] {
         if let Some(serde_json::Value::Array(items)) = status.get_mut(list) {
             items.push(serde_json::json!({ "$patch": "replace" }));
@@ -839,13 +904,41 @@ mod tests {
             );
             assert_eq!(items.len(), 2, "{list}: one address and the directive");
         }
-        // Conditions have no directive: a strategic merge by type keeps other owners'.
+        // Conditions merge by type, which keeps other owners'; only the resize conditions,
+        // the kubelet's to remove once the resize is done, are deleted by name.
+        let conditions = status["conditions"].as_array().unwrap();
+        let deleted: Vec<&serde_json::Value> = conditions
+            .iter()
+            .filter(|c| c.get("$patch").is_some())
+            .map(|c| &c["type"])
+            .collect();
+        assert_eq!(deleted, RESIZE_CONDITIONS);
+        assert!(conditions.iter().all(|c| c["type"].is_string()));
+        // While a resize waits, its condition is written, not deleted.
+        let mut o = observed(Some(cs(cri::ContainerState::ContainerRunning, 0, 0)));
+        o.resize = Some(Resize::Pending {
+            reason: "Deferred".into(),
+            message: "no room".into(),
+        });
+        let patch = status_patch(&pod_status(&pod("Always"), &o, "10.213.0.10", &now()));
+        let conditions = patch["status"]["conditions"].as_array().unwrap();
+        let pending = conditions
+            .iter()
+            .find(|c| c["type"] == "PodResizePending")
+            .unwrap();
+        assert_eq!(
+            (&pending["status"], &pending["reason"], &pending["message"]),
+            (
+                &serde_json::json!("True"),
+                &serde_json::json!("Deferred"),
+                &serde_json::json!("no room")
+            )
+        );
+        assert!(pending.get("$patch").is_none());
         assert!(
-            status["conditions"]
-                .as_array()
-                .unwrap()
+            conditions
                 .iter()
-                .all(|c| c.get("$patch").is_none() && c["type"].is_string())
+                .any(|c| c["type"] == "PodResizeInProgress" && c["$patch"] == "delete")
         );
     }
 

@@ -110,6 +110,8 @@ pub struct Context {
     pub end_requests: EndRequests,
     /// The node's pressure conditions (from the eviction manager).
     pub pressure: crate::eviction::Pressure,
+    /// What each pod's containers were allocated ([`crate::resize`]).
+    pub allocations: crate::resize::Allocations,
 }
 
 /// What the runtime has of the pod at one moment.
@@ -150,6 +152,12 @@ struct Worker {
     events: crate::events::Events,
     /// Set once the kubelet ended the pod: nothing of it runs again.
     ended: Option<EndRequest>,
+    /// The resources each running container (by ID) was started or last updated with.
+    applied: BTreeMap<String, k8s_openapi::api::core::v1::ResourceRequirements>,
+    /// The allocation the pod's cgroup was last written for.
+    cgroup_for: Option<crate::resize::Resources>,
+    /// Why the pod's resize waits, or why its actuation failed (for the status).
+    resize: Option<pod_status::Resize>,
 }
 
 /// Runs the worker of one pod until the pod is gone. `updates` carries the newest pod object,
@@ -172,6 +180,9 @@ pub async fn run(ctx: Context, uid: String, mut updates: watch::Receiver<Option<
         runtime_class: None,
         events,
         ended: None,
+        applied: BTreeMap::new(),
+        cgroup_for: None,
+        resize: None,
     };
     // The last pod object seen: a pod that vanished (deleted from the API, or its static
     // manifest removed) is still terminated with its own spec and grace period.
@@ -181,6 +192,9 @@ pub async fn run(ctx: Context, uid: String, mut updates: watch::Receiver<Option<
         let pod = updates.borrow_and_update().clone();
         match pod {
             Some(p) if p.metadata.deletion_timestamp.is_none() => {
+                // Containers run with what was allocated to them, which a resize not (yet)
+                // admitted leaves behind the spec.
+                let p = w.allocated(p);
                 if let Err(e) = w.sync(&p).await {
                     tracing::warn!(pod = %pod_key(&p), error = %e, "pod sync failed");
                 }
@@ -189,6 +203,7 @@ pub async fn run(ctx: Context, uid: String, mut updates: watch::Receiver<Option<
             other => {
                 w.terminate(other.as_ref().or(last.as_ref())).await;
                 w.ctx.nudges.unregister(&w.uid);
+                w.ctx.allocations.remove(&w.uid);
                 return;
             }
         }
@@ -680,7 +695,10 @@ impl Worker {
             && let Some(cg) = &self.ctx.cgroups
         {
             match cg.ensure_pod(pod) {
-                Ok(()) => self.cgroup_made = true,
+                Ok(()) => {
+                    self.cgroup_made = true;
+                    self.cgroup_for = Some(crate::resize::asked(pod));
+                }
                 Err(e) => tracing::warn!(pod = %pod_key(pod), error = %e, "pod cgroup"),
             }
         }
@@ -699,10 +717,127 @@ impl Worker {
             }
             obs
         };
+        self.actuate_resize(pod, &obs).await;
         self.probe(pod, &obs).await;
         self.report(pod, &obs).await?;
         self.collect_garbage(pod, &obs).await;
         Ok(())
+    }
+
+    /// `pod` with its allocation, and the resize state it reports.
+    fn allocated(&mut self, pod: Pod) -> Pod {
+        let Some(a) = self.ctx.allocations.get(&self.uid) else {
+            return pod;
+        };
+        if let Some(p) = a.pending {
+            self.resize = Some(pod_status::Resize::Pending {
+                reason: p.reason.to_string(),
+                message: p.message,
+            });
+        } else if matches!(self.resize, Some(pod_status::Resize::Pending { .. })) {
+            self.resize = None;
+        }
+        crate::resize::with_allocation(&pod, &a.containers)
+    }
+
+    /// Brings running containers and the pod's cgroup to the pod's allocation (after a
+    /// resize): UpdateContainerResources, or a restart where the container's `resizePolicy`
+    /// asks for one. The pod's cgroup is written before the containers (room to grow) and
+    /// after them (room freed), as upstream orders a resize.
+    async fn actuate_resize(&mut self, pod: &Pod, obs: &Observation) {
+        let ids: std::collections::BTreeSet<&str> =
+            obs.state.containers.iter().map(|k| k.id.as_str()).collect();
+        self.applied.retain(|id, _| ids.contains(id.as_str()));
+        let Some(sandbox) = obs.state.ready_sandbox() else {
+            return;
+        };
+        let allocated = crate::resize::asked(pod);
+        let cgroup_stale = self.ctx.cgroups.is_some()
+            && self
+                .cgroup_for
+                .as_ref()
+                .is_none_or(|c| !crate::resize::same_all(c, &allocated));
+        let mut updates = Vec::new();
+        for k in obs
+            .state
+            .containers
+            .iter()
+            .filter(|k| k.sandbox_id == sandbox.id && k.state == RunState::Running)
+        {
+            let (Some(want), Some(c)) = (
+                allocated.get(&k.name),
+                pod_spec::find_container(pod, &k.name),
+            ) else {
+                continue;
+            };
+            match self.applied.get(&k.id) {
+                Some(have) if crate::resize::same(have, want) => continue,
+                Some(have) => {
+                    let changed = crate::resize::changed(have, want);
+                    if crate::resize::needs_restart(&c, &changed) {
+                        tracing::info!(pod = %pod_key(pod), container = %k.name, "restarting container to resize it");
+                        let grace = Duration::from_secs(sync::grace_seconds(
+                            pod,
+                            Some(&c),
+                            &KillReason::PodFailed,
+                        ) as u64);
+                        let ip = sandbox.ips.first().cloned().unwrap_or_default();
+                        self.kill_container(Some(pod), &k.id, &k.name, grace, &ip)
+                            .await;
+                        self.applied.remove(&k.id);
+                        continue;
+                    }
+                }
+                // Adopted after a kubelet restart: its resources are set once (the same
+                // values again when nothing changed).
+                None => {}
+            }
+            updates.push((k.id.clone(), c.into_owned(), want.clone()));
+        }
+        if updates.is_empty() && !cgroup_stale {
+            if matches!(self.resize, Some(pod_status::Resize::InProgress { .. })) {
+                self.resize = None;
+            }
+            return;
+        }
+        let mut error = None;
+        if cgroup_stale && let Some(cg) = &self.ctx.cgroups {
+            // May fail when it would shrink below what the containers still hold; the
+            // second write below, after them, is the one that must succeed.
+            let _ = cg.ensure_pod(pod);
+        }
+        let qos = pod_spec::qos_class(pod);
+        let memory = crate::resources::NodeAllocatable::of_this_machine()
+            .memory
+            .clamp(0, u64::MAX as i128) as u64;
+        for (id, c, want) in updates {
+            let resources = crate::resources::linux_resources(&c, qos, memory);
+            match self
+                .ctx
+                .cri
+                .update_container_resources(&id, resources)
+                .await
+            {
+                Ok(()) => {
+                    self.applied.insert(id, want);
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %pod_key(pod), container = %c.name, error = %e.detail(), "resize not actuated");
+                    error = Some(e.message());
+                }
+            }
+        }
+        if cgroup_stale && let Some(cg) = &self.ctx.cgroups {
+            match cg.ensure_pod(pod) {
+                Ok(()) => self.cgroup_for = Some(allocated),
+                Err(e) => error = Some(e.to_string()),
+            }
+        }
+        if !matches!(self.resize, Some(pod_status::Resize::Pending { .. })) {
+            self.resize = error.map(|message| pod_status::Resize::InProgress {
+                error: Some(message),
+            });
+        }
     }
 
     /// Removes what upstream's container garbage collector would ([`sync::collectable`]):
@@ -1048,6 +1183,8 @@ impl Worker {
             }
         }
         self.state.waiting.remove(&c.name);
+        self.applied
+            .insert(id.clone(), c.resources.clone().unwrap_or_default());
         tracing::info!(pod = %pod_key(pod), container = %c.name, attempt, "container started");
     }
 
@@ -1265,6 +1402,7 @@ impl Worker {
             waiting: self.state.waiting.clone(),
             runtime_name: self.ctx.runtime_name.clone(),
             ended: self.ended.as_ref().map(|e| e.ending.clone()),
+            resize: self.resize.clone(),
             ..Default::default()
         };
         let Some(sandbox) = obs.state.newest_sandbox() else {
@@ -1288,6 +1426,11 @@ impl Worker {
             }
             if let Some(prev) = list.pop() {
                 observed.previous.insert(name, prev);
+            }
+        }
+        for (name, st) in &observed.containers {
+            if let Some(r) = self.applied.get(&st.id) {
+                observed.resources.insert(name.clone(), r.clone());
             }
         }
         // Probe verdicts of the current instances: no verdict yet counts as failing.
@@ -1503,6 +1646,7 @@ mod tests {
             services: None,
             end_requests: EndRequests::default(),
             pressure: tokio::sync::watch::channel(Default::default()).1,
+            allocations: crate::resize::Allocations::in_memory(),
         };
         let w = Worker {
             events: crate::events::Events::new(None, &config.node_name),
@@ -1520,6 +1664,9 @@ mod tests {
             last_status: None,
             runtime_class: None,
             ended: None,
+            applied: BTreeMap::new(),
+            cgroup_for: None,
+            resize: None,
         };
         (w, fake)
     }

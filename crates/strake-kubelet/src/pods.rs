@@ -210,6 +210,7 @@ impl Workers {
                 if let Some((_, tx)) = self.by_uid.remove(&uid) {
                     let _ = tx.send(None);
                 }
+                self.retry_deferred_resizes(ctx);
             }
             Change::ApiRelisted(uids) => {
                 // Pods that vanished from the API while we were not watching.
@@ -236,6 +237,7 @@ impl Workers {
         };
         match self.by_uid.get(&uid) {
             Some((_, tx)) if !tx.is_closed() => {
+                self.resize(ctx, &uid, &pod);
                 let _ = tx.send(Some(pod));
             }
             _ if self.rejected.contains(&uid) => {}
@@ -248,9 +250,65 @@ impl Workers {
                     });
                     return;
                 }
+                ctx.allocations.admit(&uid, &pod);
                 let (tx, rx) = watch::channel(Some(pod));
                 tokio::spawn(pod_worker::run(ctx.clone(), uid.clone(), rx));
                 self.by_uid.insert(uid, (source, tx));
+            }
+        }
+    }
+
+    /// Decides an in-place resize of pod `uid` (its spec asks for other resources than it was
+    /// allocated) against the Node and the other pods' allocations ([`crate::resize`]).
+    fn resize(&self, ctx: &Context, uid: &str, pod: &Pod) {
+        let Some(allocation) = ctx.allocations.get(uid) else {
+            return;
+        };
+        let asked = crate::resize::asked(pod);
+        let decision = if crate::resize::same_all(&allocation.containers, &asked) {
+            // Nothing to resize (or a pending resize taken back).
+            if allocation.pending.is_none() {
+                return;
+            }
+            Ok(())
+        } else {
+            let others: Vec<Pod> = self
+                .by_uid
+                .iter()
+                .filter(|(other, _)| other.as_str() != uid)
+                .filter_map(|(other, (_, tx))| {
+                    let p = tx.borrow().clone().filter(|p| !is_terminal(p))?;
+                    Some(match ctx.allocations.get(other) {
+                        Some(a) => crate::resize::with_allocation(&p, &a.containers),
+                        None => p,
+                    })
+                })
+                .collect();
+            crate::resize::decide(pod, &others, self.node.borrow().as_ref())
+        };
+        if let Err(p) = &decision {
+            tracing::info!(pod = %uid, reason = p.reason, message = %p.message, "resize not admitted");
+        }
+        ctx.allocations.resolve(uid, pod, decision);
+    }
+
+    /// Decides again the resizes deferred for want of room, once a pod left; a worker whose
+    /// resize is admitted now is woken to actuate it.
+    fn retry_deferred_resizes(&self, ctx: &Context) {
+        for uid in ctx.allocations.deferred() {
+            let Some((_, tx)) = self.by_uid.get(&uid) else {
+                continue;
+            };
+            let Some(pod) = tx.borrow().clone() else {
+                continue;
+            };
+            self.resize(ctx, &uid, &pod);
+            if ctx
+                .allocations
+                .get(&uid)
+                .is_some_and(|a| a.pending.is_none())
+            {
+                tx.send_replace(Some(pod));
             }
         }
     }

@@ -213,6 +213,12 @@ pub trait Cri: Send + Sync + std::fmt::Debug {
     /// StopContainer with `grace` before the runtime kills it.
     async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), RuntimeError>;
     async fn remove_container(&self, id: &str) -> Result<(), RuntimeError>;
+    /// UpdateContainerResources: container `id` gets `resources` while it runs.
+    async fn update_container_resources(
+        &self,
+        id: &str,
+        resources: cri::LinuxContainerResources,
+    ) -> Result<(), RuntimeError>;
     /// ExecSync of `cmd` in container `id`, bounded by `timeout` (zero: the runtime's default).
     async fn exec_sync(
         &self,
@@ -413,6 +419,25 @@ impl Cri for Runtime {
             Some(Duration::from_secs(60)),
             c.remove_container(cri::RemoveContainerRequest {
                 container_id: id.to_string(),
+            }),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn update_container_resources(
+        &self,
+        id: &str,
+        resources: cri::LinuxContainerResources,
+    ) -> Result<(), RuntimeError> {
+        let mut c = self.runtime.clone();
+        self.call_with(
+            "UpdateContainerResources",
+            None,
+            c.update_container_resources(cri::UpdateContainerResourcesRequest {
+                container_id: id.to_string(),
+                linux: Some(resources),
+                ..Default::default()
             }),
         )
         .await

@@ -2,8 +2,9 @@
 //! containerd: `kubepods` held to the node's allocatable (capacity less the reservations), one
 //! cgroup per pod under its QoS class's with the values upstream's kubelet sets (shares from
 //! requests, quota and memory limit where upstream sets them, `podPidsLimit`), the pod's
-//! containers below it, and the pod's cgroup gone once the pod is deleted. All of it below the
-//! test's own cgroup parent (the kubelet's relative `cgroupRoot`).
+//! containers below it, and the pod's cgroup gone once the pod is deleted; an in-place resize
+//! reaching the container's and the pod's cgroups (and one beyond the node left pending). All
+//! of it below the test's own cgroup parent (the kubelet's relative `cgroupRoot`).
 
 use std::path::PathBuf;
 
@@ -60,7 +61,8 @@ async fn scenario(node: &str, kind: RuntimeKind) {
                 { "name": "app", "image": cluster.busybox(), "command": sleep,
                   "resources": resources(serde_json::json!({ "cpu": "100m" }),
                                          serde_json::json!({ "memory": "32Mi" })) },
-                { "name": "other", "image": cluster.busybox(), "command": sleep }
+                { "name": "other", "image": cluster.busybox(), "command": sleep,
+                  "resizePolicy": [{ "resourceName": "memory", "restartPolicy": "RestartContainer" }] }
             ]),
         ),
         (
@@ -144,10 +146,11 @@ async fn scenario(node: &str, kind: RuntimeKind) {
         .count();
     assert!(children >= 1, "no container cgroup below {g}");
 
+    resize(&cluster, &pods, &root, &b).await;
+
     for (name, _) in &specs {
-        pods.delete(name, &Default::default())
-            .await
-            .expect("delete");
+        // The resize scenario deleted the Guaranteed pod already.
+        let _ = pods.delete(name, &Default::default()).await;
     }
     for (name, _) in &specs {
         wait_for(&format!("{name} gone"), 120, || async {
@@ -161,6 +164,221 @@ async fn scenario(node: &str, kind: RuntimeKind) {
         })
         .await;
     }
+}
+
+/// The first line of `file` as container `container` of pod `pod` reads it.
+fn in_container(cluster: &Cluster, pod: &str, container: &str, file: &str) -> String {
+    let crictl = |args: &[&str]| {
+        let out = cluster.node.runtime.crictl(args).expect("crictl");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let sandbox = crictl(&[
+        "pods",
+        "-q",
+        "--name",
+        &format!("^{pod}$"),
+        "--state",
+        "ready",
+    ]);
+    let id = crictl(&[
+        "ps",
+        "-q",
+        "--pod",
+        &sandbox,
+        "--name",
+        &format!("^{container}$"),
+        "--state",
+        "running",
+    ]);
+    assert!(!id.is_empty(), "no running {pod}/{container}");
+    crictl(&["exec", "--sync", &id, "head", "-n", "1", file])
+}
+
+/// In-place resize of the Burstable pod through the `resize` subresource: `app` grows its
+/// CPU request, gains a CPU limit and a larger memory limit, all while it runs; `other` gains
+/// a memory request, which its `resizePolicy` says needs a restart. Then a resize the node
+/// has no room for beside another pod waits as Deferred until that pod is gone.
+async fn resize(cluster: &Cluster, pods: &Api<Pod>, root: &str, pod_cgroup: &str) {
+    let patch = |containers: serde_json::Value| {
+        let pods = pods.clone();
+        async move {
+            let patch = serde_json::json!({ "spec": { "containers": containers } });
+            pods.patch_subresource(
+                "resize",
+                "burstable",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Strategic(&patch),
+            )
+            .await
+            .expect("resize")
+        }
+    };
+    let app = serde_json::json!({
+        "requests": { "cpu": "300m" }, "limits": { "cpu": "500m", "memory": "48Mi" }
+    });
+    let other = serde_json::json!({ "requests": { "memory": "16Mi" } });
+    let resized = patch(serde_json::json!([
+        { "name": "app", "resources": app },
+        { "name": "other", "resources": other }
+    ]))
+    .await;
+    let generation = resized.metadata.generation.expect("generation");
+    let resource_conditions = |p: &Pod| {
+        p.status
+            .iter()
+            .flat_map(|s| s.conditions.iter().flatten())
+            .filter(|c| c.type_.starts_with("PodResize"))
+            .map(|c| format!("{}={:?}", c.type_, c.reason))
+            .collect::<Vec<_>>()
+    };
+    let done = wait_for("resize actuated", 90, || async {
+        let p = pods.get("burstable").await.ok()?;
+        let st = p.status.clone()?;
+        let statuses = st.container_statuses.clone()?;
+        let actuated = st.observed_generation >= Some(generation)
+            && resource_conditions(&p).is_empty()
+            && statuses.iter().all(|c| {
+                c.state.as_ref().is_some_and(|s| s.running.is_some())
+                    && c.resources.as_ref().and_then(|r| r.requests.as_ref())
+                        == c.allocated_resources.as_ref()
+            })
+            && statuses
+                .iter()
+                .any(|c| c.name == "other" && c.restart_count == 1);
+        actuated.then_some(p)
+    })
+    .await;
+    // The status reports what the spec now asks (the API server defaulted app's memory
+    // request to its first limit; the merge kept it).
+    let spec = done.spec.clone().expect("spec");
+    let asked = |name: &str| {
+        spec.containers
+            .iter()
+            .find(|c| c.name == name)
+            .and_then(|c| c.resources.clone())
+            .expect(name)
+    };
+    let statuses = done
+        .status
+        .expect("status")
+        .container_statuses
+        .expect("statuses");
+    let get = |name: &str| {
+        statuses
+            .iter()
+            .find(|c| c.name == name)
+            .expect(name)
+            .clone()
+    };
+    let (a, o) = (get("app"), get("other"));
+    let want = asked("app");
+    assert_eq!(
+        want.limits.as_ref().map(|l| l["cpu"].0.as_str()),
+        Some("500m"),
+        "the resize reached the spec"
+    );
+    assert_eq!(a.resources.as_ref(), Some(&want), "app's status resources");
+    assert_eq!(a.allocated_resources, want.requests);
+    assert_eq!(
+        a.restart_count, 0,
+        "app was restarted for a resize that needs none"
+    );
+    assert_eq!(
+        o.resources.as_ref(),
+        Some(&asked("other")),
+        "other's status resources"
+    );
+    // The values reached app's own cgroup (read from inside, as the conformance specs do)
+    // and the pod's: shares from 300m, the new quota and memory limit.
+    assert_eq!(
+        in_container(cluster, "burstable", "app", "/sys/fs/cgroup/cpu/cpu.shares"),
+        "307"
+    );
+    assert_eq!(
+        in_container(
+            cluster,
+            "burstable",
+            "app",
+            "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"
+        ),
+        "50000"
+    );
+    assert_eq!(
+        in_container(
+            cluster,
+            "burstable",
+            "app",
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes"
+        ),
+        (48u64 << 20).to_string()
+    );
+    assert_eq!(read(root, pod_cgroup, "cpu", "cpu.shares"), "307");
+    assert_eq!(read(root, "kubepods/burstable", "cpu", "cpu.shares"), "307");
+
+    // More than the node has left beside the Guaranteed pod (its 500m of the node's 2000m;
+    // the API server refuses outright only what exceeds the node's allocatable): pending as
+    // Deferred, the allocation and the container unchanged. Once the Guaranteed pod is gone,
+    // the resize is decided again and actuated.
+    let resized = patch(serde_json::json!([
+        { "name": "app", "resources": { "requests": { "cpu": "1800m" }, "limits": { "cpu": "2", "memory": "48Mi" } } }
+    ]))
+    .await;
+    let generation = resized.metadata.generation.expect("generation");
+    let p = wait_for("resize pending", 60, || async {
+        let p = pods.get("burstable").await.ok()?;
+        (p.status.as_ref()?.observed_generation >= Some(generation)
+            && !resource_conditions(&p).is_empty())
+        .then_some(p)
+    })
+    .await;
+    let st = p.status.expect("status");
+    let pending = st
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "PodResizePending")
+        .expect("PodResizePending");
+    assert_eq!(pending.reason.as_deref(), Some("Deferred"));
+    assert_eq!(
+        pending.message.as_deref(),
+        Some("Node didn't have enough resource: cpu, requested: 1800, used: 500, capacity: 2000")
+    );
+    let a = st
+        .container_statuses
+        .iter()
+        .flatten()
+        .find(|c| c.name == "app")
+        .expect("app")
+        .clone();
+    assert_eq!(
+        a.allocated_resources.and_then(|r| r.get("cpu").cloned()),
+        Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+            "300m".into()
+        ))
+    );
+    assert_eq!(
+        in_container(cluster, "burstable", "app", "/sys/fs/cgroup/cpu/cpu.shares"),
+        "307"
+    );
+    pods.delete("guaranteed", &Default::default())
+        .await
+        .expect("delete guaranteed");
+    wait_for("deferred resize actuated", 90, || async {
+        let p = pods.get("burstable").await.ok()?;
+        (resource_conditions(&p).is_empty()
+            && in_container(cluster, "burstable", "app", "/sys/fs/cgroup/cpu/cpu.shares") == "1843")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        in_container(
+            cluster,
+            "burstable",
+            "app",
+            "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"
+        ),
+        "200000"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -279,6 +279,21 @@ impl Cri for FakeCri {
         Ok(())
     }
 
+    async fn update_container_resources(
+        &self,
+        id: &str,
+        resources: cri::LinuxContainerResources,
+    ) -> Result<(), RuntimeError> {
+        self.with(|s| {
+            let name = Self::name_of(s, id);
+            s.calls.push(format!(
+                "UpdateContainerResources {name} shares={} quota={} memory={}",
+                resources.cpu_shares, resources.cpu_quota, resources.memory_limit_in_bytes
+            ));
+        });
+        Ok(())
+    }
+
     async fn exec_sync(
         &self,
         id: &str,
