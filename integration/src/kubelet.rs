@@ -257,6 +257,13 @@ impl KubeletNode {
 
     /// Kills the kubelet with SIGKILL (no chance to clean up) and starts a new one.
     pub fn restart_kubelet(&mut self) -> Result<()> {
+        self.kill_kubelet();
+        self.start_kubelet()
+    }
+
+    /// Kills the kubelet with SIGKILL (no chance to clean up) and waits until it is gone;
+    /// what it ran keeps running. [`KubeletNode::start_kubelet`] starts it again.
+    pub fn kill_kubelet(&mut self) {
         // SAFETY: kill(2) on the kubelet this guard started.
         unsafe { libc::kill(self.kubelet_pid as libc::pid_t, libc::SIGKILL) };
         for _ in 0..100 {
@@ -265,6 +272,10 @@ impl KubeletNode {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Starts the kubelet again after [`KubeletNode::kill_kubelet`].
+    pub fn start_kubelet(&mut self) -> Result<()> {
         self.spawn_kubelet()
     }
 

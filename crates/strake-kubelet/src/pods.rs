@@ -41,12 +41,16 @@ enum Change {
     Gone(String),
     /// The API watch relisted: its pods are exactly these UIDs.
     ApiRelisted(HashSet<String>),
+    /// The manifest directory was read once through.
+    FilesRead,
 }
 
 /// How many changes may wait for the dispatcher.
 const QUEUE: usize = 1024;
 /// How long pods wait for the Node at start before they are admitted without it.
 const NODE_WAIT: Duration = Duration::from_secs(30);
+/// How often what no pod owns is looked for (upstream's housekeeping period).
+const HOUSEKEEPING: Duration = Duration::from_secs(2);
 
 /// Runs the pods of both sources until they end (they do not: the watch retries through API
 /// outages, and the manifest directory is re-read for ever).
@@ -74,6 +78,7 @@ pub async fn run(
         // Admission needs the Node (registered before this runs); pods wait for it a while.
         let _ = tokio::time::timeout(NODE_WAIT, node_rx.wait_for(Option::is_some)).await;
     }
+    let has_manifests = manifests.is_some();
     if let Some((dir, every)) = manifests {
         let (mtx, mut mrx) = mpsc::channel(QUEUE);
         sources.push(tokio::spawn(static_pods::run(
@@ -88,6 +93,7 @@ pub async fn run(
                 let change = match m {
                     ManifestChange::Added(p) => Change::Apply(Source::File, p),
                     ManifestChange::Removed(uid) => Change::Gone(uid),
+                    ManifestChange::Read => Change::FilesRead,
                 };
                 if tx.send(change).await.is_err() {
                     return;
@@ -97,13 +103,24 @@ pub async fn run(
     }
     drop(tx);
     let mut workers = Workers {
+        api_ready: client.is_none(),
+        files_ready: !has_manifests,
         by_uid: HashMap::new(),
         rejected: HashSet::new(),
         node: node_rx,
         events: Events::new(client, &ctx.config.node_name),
+        tasks: HashMap::new(),
     };
-    while let Some(change) = rx.recv().await {
-        workers.apply(&ctx, change);
+    let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+    housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            change = rx.recv() => match change {
+                Some(change) => workers.apply(&ctx, change),
+                None => break,
+            },
+            _ = housekeeping.tick() => workers.housekeeping(&ctx).await,
+        }
     }
     for s in sources {
         s.abort();
@@ -192,6 +209,24 @@ struct Workers {
     rejected: HashSet<String>,
     node: watch::Receiver<Option<Node>>,
     events: Events,
+    /// Whether each source has reported every pod it has once (only then is a pod the
+    /// runtime has and no source names an orphan).
+    api_ready: bool,
+    files_ready: bool,
+    /// The task of each pod UID: its worker, terminating ones included, or the cleanup of
+    /// an orphan.
+    tasks: HashMap<String, tokio::task::JoinHandle<()>>,
+}
+
+/// The names of the directories in `dir` (none when it cannot be read).
+fn child_names(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect()
 }
 
 fn is_terminal(pod: &Pod) -> bool {
@@ -212,7 +247,9 @@ impl Workers {
                 }
                 self.retry_deferred_resizes(ctx);
             }
+            Change::FilesRead => self.files_ready = true,
             Change::ApiRelisted(uids) => {
+                self.api_ready = true;
                 // Pods that vanished from the API while we were not watching.
                 self.by_uid.retain(|uid, (source, tx)| {
                     let keep = *source != Source::Api || uids.contains(uid);
@@ -252,9 +289,84 @@ impl Workers {
                 }
                 ctx.allocations.admit(&uid, &pod);
                 let (tx, rx) = watch::channel(Some(pod));
-                tokio::spawn(pod_worker::run(ctx.clone(), uid.clone(), rx));
+                let task = tokio::spawn(pod_worker::run(ctx.clone(), uid.clone(), rx));
+                self.tasks.insert(uid.clone(), task);
                 self.by_uid.insert(uid, (source, tx));
             }
+        }
+    }
+
+    /// Upstream's housekeeping, once every source has reported its pods: what the runtime
+    /// runs, and the pod directories the kubelet made, of pods no source names any more
+    /// (deleted while the kubelet was down, or left by an interrupted termination) are
+    /// terminated and removed as a worker terminates a deleted pod; the log directories of
+    /// pods that are gone from the node are removed.
+    async fn housekeeping(&mut self, ctx: &Context) {
+        self.tasks.retain(|_, t| !t.is_finished());
+        if !(self.api_ready && self.files_ready) {
+            return;
+        }
+        let snapshot = match ctx.relist.snapshot(0).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "housekeeping: no runtime listing");
+                return;
+            }
+        };
+        let mut in_runtime: HashSet<String> = HashSet::new();
+        for s in &snapshot.sandboxes {
+            if let Some(uid) = s.metadata.as_ref().map(|m| m.uid.clone()) {
+                in_runtime.insert(uid);
+            }
+        }
+        for c in &snapshot.containers {
+            if let Some(uid) = c.labels.get(crate::pod_spec::labels::POD_UID) {
+                in_runtime.insert(uid.clone());
+            }
+        }
+        let pod_dirs = ctx.config.root_dir.join("pods");
+        let (dirs, log_dirs) = tokio::task::spawn_blocking({
+            let logs = ctx.config.pod_logs_dir.clone();
+            move || (child_names(&pod_dirs), child_names(&logs))
+        })
+        .await
+        .unwrap_or_default();
+        let owned = |uid: &str| self.by_uid.contains_key(uid) || self.tasks.contains_key(uid);
+        let orphans: Vec<String> = in_runtime
+            .iter()
+            .chain(&dirs)
+            .filter(|uid| !uid.is_empty() && !owned(uid))
+            .cloned()
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        // Log directories are named <namespace>_<name>_<uid>.
+        let gone: Vec<PathBuf> = log_dirs
+            .iter()
+            .filter_map(|name| {
+                let uid = name.rsplit('_').next()?;
+                (name.matches('_').count() >= 2 && !owned(uid) && !in_runtime.contains(uid))
+                    .then(|| ctx.config.pod_logs_dir.join(name))
+            })
+            .collect();
+        for uid in orphans {
+            tracing::info!(pod_uid = %uid, "cleaning up a pod no source names");
+            // A worker with no pod terminates at once: what runs stops, the sandboxes, cgroup
+            // and directories go.
+            let (_tx, rx) = watch::channel(None);
+            let task = tokio::spawn(pod_worker::run(ctx.clone(), uid.clone(), rx));
+            self.tasks.insert(uid, task);
+        }
+        if !gone.is_empty() {
+            let _ = tokio::task::spawn_blocking(move || {
+                for dir in gone {
+                    tracing::info!(dir = %dir.display(), "removing the logs of a pod that is gone");
+                    if let Err(e) = std::fs::remove_dir_all(&dir) {
+                        tracing::warn!(dir = %dir.display(), error = %e, "pod logs not removed");
+                    }
+                }
+            })
+            .await;
         }
     }
 

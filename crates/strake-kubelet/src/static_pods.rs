@@ -169,6 +169,8 @@ pub enum ManifestChange {
     Added(Box<Pod>),
     /// The pod with this UID lost its manifest.
     Removed(String),
+    /// The directory was read once through: every pod of it has been reported.
+    Read,
 }
 
 /// Re-reads the manifest directory every `every` and reports what changed, until the
@@ -180,6 +182,7 @@ pub async fn run(
     out: mpsc::Sender<ManifestChange>,
 ) {
     let mut known: HashMap<String, ()> = HashMap::new();
+    let mut first = true;
     loop {
         let pods = load_dir(&dir, &node);
         let uids: Vec<String> = pods.iter().filter_map(|p| p.metadata.uid.clone()).collect();
@@ -207,6 +210,9 @@ pub async fn run(
             {
                 return;
             }
+        }
+        if std::mem::take(&mut first) && out.send(ManifestChange::Read).await.is_err() {
+            return;
         }
         tokio::time::sleep(every).await;
     }
@@ -253,6 +259,7 @@ mod tests {
         let Some(ManifestChange::Added(first)) = rx.recv().await else {
             panic!("no pod added")
         };
+        assert!(matches!(rx.recv().await, Some(ManifestChange::Read)));
         std::fs::write(
             d.path().join("web.yaml"),
             MANIFEST.replace("busybox", "busybox:2"),
@@ -263,6 +270,7 @@ mod tests {
             match rx.recv().await.unwrap() {
                 ManifestChange::Removed(uid) => seen.push(format!("removed {uid}")),
                 ManifestChange::Added(p) => seen.push(format!("added {}", p.metadata.uid.unwrap())),
+                ManifestChange::Read => panic!("the first pass was reported once already"),
             }
         }
         assert_eq!(seen[0], format!("removed {}", first.metadata.uid.unwrap()));

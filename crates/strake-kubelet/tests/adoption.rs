@@ -1,6 +1,7 @@
 //! A restarted strake-kubelet adopts what runs: a pod with a completed init container, a sidecar
 //! and an app keeps its sandbox and containers (same IDs, no restart, the init container not run
-//! again), on strake-runtime and on containerd.
+//! again), on strake-runtime and on containerd; a pod deleted while the kubelet was down is
+//! stopped and removed, with its directory and logs, once the kubelet is back.
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
@@ -98,4 +99,46 @@ async fn scenario(node: &str, kind: RuntimeKind) {
             .any(|c| c.type_ == "Ready" && c.status == "True"),
         "still Ready"
     );
+
+    // Deleted while the kubelet was down: once its sources have reported every pod, the
+    // restarted kubelet stops and removes what the runtime still runs of the pod, and the
+    // pod's directory and logs.
+    let uid = p.metadata.uid.clone().expect("uid");
+    let pod_dir = cluster.node.dir.path().join("root/pods").join(&uid);
+    let log_dir = cluster
+        .node
+        .dir
+        .path()
+        .join("pod-logs")
+        .join(format!("default_adopted_{uid}"));
+    assert!(
+        pod_dir.is_dir() && log_dir.is_dir(),
+        "{pod_dir:?} {log_dir:?}"
+    );
+    cluster.node.kill_kubelet();
+    pods.delete(
+        "adopted",
+        &kube::api::DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("delete");
+    wait_for("pod gone from the API", 30, || async {
+        pods.get_opt("adopted").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert_eq!(
+        inventory(&cluster.node),
+        before,
+        "nothing stops without a kubelet"
+    );
+    cluster.node.start_kubelet().expect("start kubelet");
+    wait_for("the orphan removed", 60, || async {
+        let (sandboxes, containers) = inventory(&cluster.node);
+        (sandboxes.is_empty() && containers.is_empty() && !pod_dir.exists() && !log_dir.exists())
+            .then_some(())
+    })
+    .await;
 }
