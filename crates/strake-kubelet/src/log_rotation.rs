@@ -140,6 +140,30 @@ fn rotated_files(log: &Path) -> Result<Vec<PathBuf>, RotateError> {
     Ok(out)
 }
 
+/// The rotated files of `log` that hold its earlier lines, oldest first: compressed or not,
+/// never a compression's temporary file, and a file being compressed once.
+pub fn readable_rotations(log: &Path) -> Vec<PathBuf> {
+    let all = rotated_files(log).unwrap_or_default();
+    let names: std::collections::BTreeSet<String> = all.iter().map(|p| p.display().to_string()).collect();
+    let mut out: Vec<PathBuf> = all
+        .into_iter()
+        .filter(|p| {
+            let name = p.display().to_string();
+            !name.ends_with(TEMPORARY)
+                && name
+                    .strip_suffix(COMPRESSED)
+                    .is_none_or(|plain| !names.contains(plain))
+        })
+        .collect();
+    out.sort_by_key(|p| {
+        let name = p.display().to_string();
+        name.strip_suffix(COMPRESSED)
+            .map(String::from)
+            .unwrap_or(name)
+    });
+    out
+}
+
 /// Gzips `path` to `path.gz` through a temporary file, then removes `path`.
 fn compress(path: &Path) -> Result<(), RotateError> {
     let tmp = PathBuf::from(format!("{}{TEMPORARY}", path.display()));

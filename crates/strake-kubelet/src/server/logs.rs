@@ -1,7 +1,7 @@
 //! `/containerLogs`: reads a container's CRI log file (`<RFC3339Nano> <stream> <P|F> <text>`
 //! lines, `P` = partial line continued by the next one of the same stream) and serves it with
 //! upstream's options: `follow`, `tailLines`, `limitBytes`, `timestamps`, `previous`,
-//! `sinceSeconds`/`sinceTime`.
+//! `sinceSeconds`/`sinceTime` (these two and `previous` also read the rotated files).
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -242,6 +242,15 @@ pub async fn stream(
         left: opts.limit_bytes.unwrap_or(usize::MAX),
         line_start: true,
     };
+    // `sinceTime` and `previous` reach back into the rotated files, oldest first (a tail is
+    // counted in the current file alone).
+    if (opts.since.is_some() || opts.previous) && tail.is_none() {
+        for rotated in crate::log_rotation::readable_rotations(&path) {
+            if !send_rotated(&rotated, &mut out, &tx, &opts).await {
+                return Ok(());
+            }
+        }
+    }
     // What is there now, then (with follow) what comes.
     let end = match counted {
         Some(size) => size,
@@ -298,6 +307,57 @@ pub async fn stream(
         // stopped, read what is left once more.
         stopped = idle.is_multiple_of(5) && !running().await;
     }
+}
+
+/// Sends the lines of rotated log `path` (gzipped or not), a block at a time read off the
+/// async executor; false when the request is done (budget spent or client gone). A file that
+/// rotation removed meanwhile, or cannot read, is skipped.
+async fn send_rotated(
+    path: &std::path::Path,
+    out: &mut Output,
+    tx: &mpsc::Sender<Bytes>,
+    opts: &LogOptions,
+) -> bool {
+    let (blocks, mut rx) = mpsc::channel::<Vec<u8>>(2);
+    let p = path.to_path_buf();
+    let reader = tokio::task::spawn_blocking(move || {
+        let file = match std::fs::File::open(&p) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!(path = %p.display(), error = %e, "rotated log not read");
+                return;
+            }
+        };
+        let mut r: Box<dyn Read> = if p.extension().is_some_and(|e| e == "gz") {
+            Box::new(flate2::read::GzDecoder::new(file))
+        } else {
+            Box::new(file)
+        };
+        loop {
+            let mut buf = vec![0u8; BLOCK];
+            match r.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    buf.truncate(n);
+                    if blocks.blocking_send(buf).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(path = %p.display(), error = %e, "rotated log read failed");
+                    return;
+                }
+            }
+        }
+    });
+    while let Some(block) = rx.recv().await {
+        if !out.send(tx, &block, opts).await {
+            drop(rx);
+            let _ = reader.await;
+            return false;
+        }
+    }
+    true
 }
 
 /// The parser and what is left of the byte budget of one request.
@@ -496,6 +556,59 @@ mod tests {
             run(since).await,
             "2026-01-02T03:04:06.5Z three\n2026-01-02T03:04:06.5Z o\n2026-01-02T03:04:07Z four\n"
         );
+    }
+
+    #[tokio::test]
+    async fn since_and_previous_reach_into_rotated_files_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0.log");
+        let line = |t: &str, text: &str| format!("2026-01-02T03:04:{t}Z stdout F {text}\n");
+        // The oldest rotation compressed, the newest plain, and a compression's leftover.
+        let gz = dir.path().join("0.log.20260102-030401.gz");
+        let mut enc = flate2::write::GzEncoder::new(
+            std::fs::File::create(&gz).unwrap(),
+            flate2::Compression::default(),
+        );
+        std::io::Write::write_all(&mut enc, (line("01", "a") + &line("02", "b")).as_bytes())
+            .unwrap();
+        enc.finish().unwrap();
+        std::fs::write(dir.path().join("0.log.20260102-030403"), line("03", "c")).unwrap();
+        std::fs::write(dir.path().join("0.log.20260102-030403.tmp"), "garbage").unwrap();
+        std::fs::write(&path, line("04", "d")).unwrap();
+        let run = |opts: LogOptions| {
+            let (tx, rx) = mpsc::channel(16);
+            let path = path.clone();
+            async move {
+                let task = tokio::spawn(stream(
+                    path,
+                    opts,
+                    running(Arc::new(AtomicBool::new(false))),
+                    tx,
+                ));
+                let out = collect(rx).await;
+                task.await.unwrap().unwrap();
+                out
+            }
+        };
+        let since = |t: &str| LogOptions {
+            since: Some(format!("2026-01-02T03:04:{t}Z").parse().unwrap()),
+            ..Default::default()
+        };
+        assert_eq!(run(since("02")).await, "b\nc\nd\n");
+        assert_eq!(run(since("00")).await, "a\nb\nc\nd\n");
+        let previous = LogOptions {
+            previous: true,
+            ..Default::default()
+        };
+        assert_eq!(run(previous).await, "a\nb\nc\nd\n");
+        // Without them, as upstream: the current file only; a tail counts in it alone.
+        assert_eq!(run(LogOptions::default()).await, "d\n");
+        let tail = LogOptions {
+            since: Some("2026-01-02T03:04:00Z".parse().unwrap()),
+            tail_lines: Some(5),
+            ..Default::default()
+        };
+        assert_eq!(run(tail).await, "d\n");
     }
 
     #[test]
