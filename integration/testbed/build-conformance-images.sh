@@ -10,7 +10,9 @@
 #
 # Userland images are Debian bookworm root filesystems made with mmdebstrap from Debian's
 # packages (real bash, curl, netcat-openbsd, dig, getent, iproute2, socat: the tools the specs
-# call), not busybox look-alikes. The Go binaries come from build-conformance.sh and
+# call), not busybox look-alikes. The busybox images hold vanilla BusyBox built from upstream's
+# tarball by build-busybox.sh (as upstream's image, which is Docker Hub's busybox; Debian's
+# busybox-static differs). The Go binaries come from build-conformance.sh and
 # build-upstream.sh; pause is upstream's pause.c compiled statically. What each image is, and
 # what cannot be built offline, is in docs/CONFORMANCE.md.
 . "$(dirname "$0")/lib.sh"
@@ -44,7 +46,16 @@ K8S_SRC=$(cd "$(mktemp -d)" && GOTOOLCHAIN=local GOFLAGS=-mod=mod go mod downloa
     "k8s.io/kubernetes@$KUBERNETES_VERSION" | jq -r .Dir)
 [ -f "$K8S_SRC/build/pause/linux/pause.c" ] || { echo "no pause.c in $K8S_SRC" >&2; false; }
 
-KEY=$({ cat "$TESTBED_DIR/build-conformance-images.sh"; sha256sum "$AGNHOST" "$SAMPLE_APISERVER" "$COREDNS" "$ETCD"
+step "build vanilla busybox (build-busybox.sh, cached)"
+bash "$TESTBED_DIR/build-busybox.sh"
+BUSYBOX="$(readlink -f "$STRAKE_CACHE/busybox-current")/bin/busybox"
+[ -x "$BUSYBOX" ] || { echo "$BUSYBOX is missing after build-busybox.sh" >&2; false; }
+# The version must be the one upstream's busybox image is made of (its BASEIMAGE).
+BUSYBOX_VERSION=$(sed -n "s|^linux/$ARCH=.*busybox:\([0-9.]*\)$|\1|p" "$K8S_SRC/test/images/busybox/BASEIMAGE")
+"$BUSYBOX" --help 2>&1 | sed -n 1p | grep -q "^BusyBox v$BUSYBOX_VERSION " ||
+    { echo "$BUSYBOX is not busybox $BUSYBOX_VERSION (test/images/busybox/BASEIMAGE of $KUBERNETES_VERSION)" >&2; false; }
+
+KEY=$({ cat "$TESTBED_DIR/build-conformance-images.sh"; sha256sum "$AGNHOST" "$SAMPLE_APISERVER" "$COREDNS" "$ETCD" "$BUSYBOX"
     echo "$KUBERNETES_VERSION $DEBIAN_SUITE"; uname -m; } | sha256sum | cut -c1-16)
 FINAL="$STRAKE_CACHE/conformance-images-$KEY"
 link_current() {
@@ -198,16 +209,16 @@ for v in 1.27.0-2 1.28.0-2; do
     add_dir "nginx-$v" "$WORK/nginx-$v" "e2e image version $v"
 done
 
-step "build busybox and nonroot (Debian busybox-static)"
+step "build busybox and nonroot (vanilla busybox $BUSYBOX_VERSION, static)"
 B="$WORK/busybox"
 skeleton "$B"
 mkdir -p "$B/bin"
-install -m 755 /bin/busybox "$B/bin/busybox"
-for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -s busybox "$B/bin/$a"; done
+install -m 755 "$BUSYBOX" "$B/bin/busybox"
+for a in $("$BUSYBOX" --list); do [ "$a" = busybox ] || ln -s busybox "$B/bin/$a"; done
 [ -L "$B/bin/sh" ] || ln -s busybox "$B/bin/sh"
 sed -i 's|/sbin/nologin|/bin/sh|' "$B/etc/passwd"
 tar --sort=name --numeric-owner --owner=0 --group=0 -cf "$WORK/busybox.tar" -C "$B" .
-from_tar busybox "$WORK/busybox.tar" "busybox-static $(dpkg-query -W -f='${Version}' busybox-static) with applet links"
+from_tar busybox "$WORK/busybox.tar" "busybox $BUSYBOX_VERSION (upstream tarball, defconfig, static) with applet links"
 umoci config --image "$L:busybox" --no-history --config.cmd sh
 retag busybox nonroot
 umoci config --image "$L:nonroot" --no-history --config.user 1234

@@ -7,8 +7,9 @@ PACKAGES=(
     runc crun nftables conntrack iproute2 iptables containernetworking-plugins
     docker-registry skopeo umoci busybox-static openssl apache2-utils
     protobuf-compiler libprotobuf-dev containerd curl ca-certificates jq util-linux procps
-    # the conformance bed's images (build-conformance-images.sh): Debian root filesystems, pause
-    mmdebstrap gcc libc6-dev
+    # the conformance bed's images (build-conformance-images.sh): Debian root filesystems, pause;
+    # vanilla busybox from its release tarball (build-busybox.sh)
+    mmdebstrap gcc libc6-dev make bzip2
 )
 
 step "check Debian packages"
