@@ -36,9 +36,10 @@ case $(uname -m) in
 esac
 AGNHOST="$CONFORMANCE_DIR/bin/agnhost"
 SAMPLE_APISERVER="$CONFORMANCE_DIR/bin/sample-apiserver"
+NNP="$CONFORMANCE_DIR/bin/nnp"
 COREDNS="$COREDNS_DIR/bin/coredns"
 ETCD="$ETCD_DIR/bin/etcd"
-for b in "$AGNHOST" "$SAMPLE_APISERVER" "$COREDNS" "$ETCD"; do
+for b in "$AGNHOST" "$SAMPLE_APISERVER" "$NNP" "$COREDNS" "$ETCD"; do
     [ -x "$b" ] || { echo "$b is missing: run build-conformance.sh (and build-upstream.sh) first" >&2; false; }
 done
 # The pinned k8s.io/kubernetes source: pause.c, agnhost's porter certificates, kitten/nautilus.
@@ -55,7 +56,7 @@ BUSYBOX_VERSION=$(sed -n "s|^linux/$ARCH=.*busybox:\([0-9.]*\)$|\1|p" "$K8S_SRC/
 "$BUSYBOX" --help 2>&1 | sed -n 1p | grep -q "^BusyBox v$BUSYBOX_VERSION " ||
     { echo "$BUSYBOX is not busybox $BUSYBOX_VERSION (test/images/busybox/BASEIMAGE of $KUBERNETES_VERSION)" >&2; false; }
 
-KEY=$({ cat "$TESTBED_DIR/build-conformance-images.sh"; sha256sum "$AGNHOST" "$SAMPLE_APISERVER" "$COREDNS" "$ETCD" "$BUSYBOX"
+KEY=$({ cat "$TESTBED_DIR/build-conformance-images.sh"; sha256sum "$AGNHOST" "$SAMPLE_APISERVER" "$NNP" "$COREDNS" "$ETCD" "$BUSYBOX"
     echo "$KUBERNETES_VERSION $DEBIAN_SUITE"; uname -m; } | sha256sum | cut -c1-16)
 FINAL="$STRAKE_CACHE/conformance-images-$KEY"
 link_current() {
@@ -209,7 +210,7 @@ for v in 1.27.0-2 1.28.0-2; do
     add_dir "nginx-$v" "$WORK/nginx-$v" "e2e image version $v"
 done
 
-step "build busybox and nonroot (vanilla busybox $BUSYBOX_VERSION, static)"
+step "build busybox, nonroot and nonewprivs (vanilla busybox $BUSYBOX_VERSION, static)"
 B="$WORK/busybox"
 skeleton "$B"
 mkdir -p "$B/bin"
@@ -222,6 +223,14 @@ from_tar busybox "$WORK/busybox.tar" "busybox $BUSYBOX_VERSION (upstream tarball
 umoci config --image "$L:busybox" --no-history --config.cmd sh
 retag busybox nonroot
 umoci config --image "$L:nonroot" --no-history --config.user 1234
+# test/images/nonewprivs/Dockerfile: nnp (prints its effective uid) setuid root, CMD ["nnp"].
+# The spec runs it as uid 1000 with allowPrivilegeEscalation false and expects uid 1000.
+N="$WORK/nonewprivs"
+mkdir -p "$N/usr/local/bin"
+install -m 4755 "$NNP" "$N/usr/local/bin/nnp"
+retag busybox nonewprivs
+add_dir nonewprivs "$N" "nnp of kubernetes $KUBERNETES_VERSION test/images/nonewprivs, setuid root"
+umoci config --image "$L:nonewprivs" --no-history --clear=config.cmd --config.cmd nnp
 
 step "build pause (upstream build/pause/linux/pause.c, static)"
 P="$WORK/pause"
@@ -294,6 +303,7 @@ IMAGES=(
     "glibc-dns-testing $E2E/glibc-dns-testing:2.1.1"
     "sample-apiserver $E2E/sample-apiserver:1.29.2"
     "nonroot $E2E/nonroot:1.5"
+    "nonewprivs $E2E/nonewprivs:1.4"
     "etcd etcd:3.7.0-0"
     "pause pause:3.10.2"
     "coredns-image coredns/coredns:$COREDNS_VERSION"

@@ -7,6 +7,7 @@
 #     ginkgo            github.com/onsi/ginkgo/v2/ginkgo at the version k8s.io/kubernetes requires
 #     agnhost           k8s.io/kubernetes/test/images/agnhost
 #     sample-apiserver  k8s.io/sample-apiserver at v0.<minor>.<patch>
+#     nnp               k8s.io/kubernetes/test/images/nonewprivs (the nonewprivs image's program)
 #   $STRAKE_CACHE/conformance-$KUBERNETES_VERSION/coredns.yaml.base   upstream's CoreDNS addon
 #   $STRAKE_CACHE/coredns-$COREDNS_VERSION/bin/coredns
 #
@@ -139,6 +140,8 @@ build_ginkgo
 step "build agnhost ($KUBERNETES_VERSION test/images/agnhost)"
 build_in_module agnhost k8s.io/kubernetes/test/images/agnhost \
     "-X main.Version=$(cat "$(kubernetes_source)/test/images/agnhost/VERSION")"
+step "build nnp ($KUBERNETES_VERSION test/images/nonewprivs)"
+build_in_module nnp k8s.io/kubernetes/test/images/nonewprivs
 step "build sample-apiserver $STAGING_VERSION"
 build_in_module sample-apiserver k8s.io/sample-apiserver
 step "build CoreDNS $COREDNS_VERSION"
