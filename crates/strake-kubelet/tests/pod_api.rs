@@ -5,7 +5,7 @@
 //! set and `allowedUnsafeSysctls` applied, anything else rejected at admission), and
 //! `activeDeadlineSeconds` (a running pod past it fails with `DeadlineExceeded` and stops), and
 //! ephemeral containers (started in a running pod, targeting a container's processes, never
-//! restarted, reported apart).
+//! restarted, reported apart), and `shareProcessNamespace`.
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, PostParams};
@@ -369,6 +369,51 @@ async fn scenario(kind: RuntimeKind) {
             .any(|c| c.type_ == "Ready" && c.status == "True"),
         "{ready:?}"
     );
+
+    // shareProcessNamespace: one PID namespace for the pod, whose PID 1 is the sandbox's
+    // pause process; each container sees the others' processes.
+    create(
+        &pods,
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": "shared" },
+            "spec": {
+                "nodeName": NODE,
+                "terminationGracePeriodSeconds": 1,
+                "shareProcessNamespace": true,
+                "containers": [
+                    { "name": "shared-a", "image": image, "command": ["/bin/sh", "-c", "exec sleep 3601"] },
+                    { "name": "shared-b", "image": image, "command": sleep }
+                ]
+            }
+        }),
+    )
+    .await;
+    wait_for("shared running", 120, || async {
+        let p = pods.get("shared").await.ok()?;
+        let st = p.status.clone()?;
+        (st.phase.as_deref() == Some("Running")
+            && st
+                .container_statuses?
+                .iter()
+                .all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some())))
+        .then_some(())
+    })
+    .await;
+    // PID 1 is the sandbox's (strake-pause; on containerd the bed's pause image's shell).
+    let init = exec(&node, "shared-b", "tr '\\0' ' ' < /proc/1/cmdline");
+    assert!(
+        !init.contains("sleep 3601") && !init.contains("TERM; sleep 3600"),
+        "PID 1 of a shared pod is one of its containers: {init:?}"
+    );
+    let all = exec(&node, "shared-b", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '");
+    assert!(
+        all.contains("sleep 3601"),
+        "shared-a's process unseen from shared-b: {all:?}"
+    );
+    // Without it, a container is its own PID 1 and sees nothing of the others.
+    let alone = exec(&node, "named-app", "tr '\\0' ' ' < /proc/1/cmdline");
+    assert!(alone.starts_with("/bin/sh -c trap"), "{alone:?}");
 
     // activeDeadlineSeconds set on a running pod (the spec update upstream allows): once the
     // pod has been active that long it fails with DeadlineExceeded, its container is stopped

@@ -565,7 +565,7 @@ impl Containers {
                 network: r.netns.clone(),
                 ipc: r.ipcns.clone(),
                 uts: r.utsns.clone(),
-                pid: None,
+                pid: r.pidns.clone(),
             },
             hosts_path: Some(r.hosts_file.clone()),
             resolv_conf_path: Some(r.resolv_file.clone()),
@@ -1318,10 +1318,10 @@ fn default_namespace_options(sb: &Sandbox) -> cri::NamespaceOption {
         } else {
             M::Pod as i32
         },
-        pid: if sandbox_pid == Some(M::Node as i32) {
-            M::Node as i32
-        } else {
-            M::Container as i32
+        pid: match sandbox_pid {
+            Some(p) if p == M::Node as i32 => M::Node as i32,
+            Some(p) if p == M::Pod as i32 && sb.record.pidns.is_some() => M::Pod as i32,
+            _ => M::Container as i32,
         },
         ipc: if sb.record.ipcns.is_some() {
             M::Pod as i32

@@ -94,6 +94,9 @@ pub struct SandboxRecord {
     pub netns: Option<PathBuf>,
     pub ipcns: Option<PathBuf>,
     pub utsns: Option<PathBuf>,
+    /// The PID namespace the pod's containers share (`shareProcessNamespace`), pinned.
+    #[serde(default)]
+    pub pidns: Option<PathBuf>,
     /// Addresses from CNI, IPv4 first.
     pub ips: Vec<IpAddr>,
     /// The CNI result, for DEL's `prevResult`.
@@ -239,12 +242,7 @@ fn refuse_unsupported(config: &cri::PodSandboxConfig) -> Result<()> {
     if let Some(ns) = ns {
         match M::try_from(ns.pid) {
             Ok(M::Container | M::Node) => {}
-            Ok(M::Pod) => {
-                return unsupported(
-                    "namespace_options.pid=POD (shareProcessNamespace: true)",
-                    "a PID namespace shared by the pod's containers is not implemented yet;                      each container would get its own",
-                );
-            }
+            Ok(M::Pod) => {}
             Ok(M::Target) => {
                 return unsupported(
                     "namespace_options.pid=TARGET",
@@ -295,6 +293,28 @@ fn refuse_unsupported(config: &cri::PodSandboxConfig) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether the pod's containers share one PID namespace (`shareProcessNamespace`).
+fn shares_pid_namespace(config: &cri::PodSandboxConfig) -> bool {
+    config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.as_ref())
+        .is_some_and(|o| o.pid == cri::NamespaceMode::Pod as i32)
+}
+
+/// The PID the pause process prints for the init it forked (bounded: a PID is a few digits).
+fn read_init_pid(out: impl std::io::Read) -> std::io::Result<u32> {
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(out.take(32)), &mut line)?;
+    line.trim().parse().map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("the pause process printed {line:?}, not a PID"),
+        )
+    })
 }
 
 fn namespace_mode(config: &cri::PodSandboxConfig) -> (bool, bool) {
@@ -436,6 +456,7 @@ impl Sandboxes {
             netns: None,
             ipcns: None,
             utsns: None,
+            pidns: None,
             ips: Vec::new(),
             cni_result: serde_json::Value::Null,
             network_attached: false,
@@ -521,13 +542,24 @@ impl Sandboxes {
         if !host_ipc {
             flags |= libc::CLONE_NEWIPC;
         }
+        let share_pid = shares_pid_namespace(config);
+        if share_pid {
+            flags |= libc::CLONE_NEWPID;
+        }
         let host = CString::new(config.hostname.as_bytes()).unwrap_or_default();
         let set_hostname = !r.host_network && !config.hostname.is_empty();
         let mut cmd = Command::new(&self.paths.pause_binary);
         cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(if share_pid {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stderr(Stdio::null())
             .env_clear();
+        if share_pid {
+            cmd.arg("--pid-namespace");
+        }
         // SAFETY: only async-signal-safe syscalls (setsid, unshare, sethostname) run in the child.
         unsafe {
             cmd.pre_exec(move || {
@@ -541,10 +573,16 @@ impl Sandboxes {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(step("start pause process"))?;
+        let mut child = cmd.spawn().map_err(step("start pause process"))?;
         let pid = child.id();
         r.pause_pid = Some(pid);
         r.pause_start_time = process_start_time(pid);
+        // The pod's PID 1 (a child of the pause process) tells its PID once it exists:
+        // containers must not join the namespace before it, or the first would be its init.
+        let init = match child.stdout.take() {
+            Some(out) => Some(read_init_pid(out).map_err(step("start the pod's PID 1"))?),
+            None => None,
+        };
         // The daemon reaps its own pause processes when they exit; after a restart init does.
         std::thread::spawn(move || {
             let mut child = child;
@@ -558,6 +596,12 @@ impl Sandboxes {
             let ipc = run.join("ns/ipc");
             bind_mount(&proc_ns.join("ipc"), &ipc).map_err(step("pin IPC namespace"))?;
             r.ipcns = Some(ipc);
+        }
+        if let Some(init) = init {
+            let pidns = run.join("ns/pid");
+            bind_mount(Path::new(&format!("/proc/{init}/ns/pid")), &pidns)
+                .map_err(step("pin PID namespace"))?;
+            r.pidns = Some(pidns);
         }
         if !r.host_network {
             let net = run.join("ns/net");
@@ -603,7 +647,10 @@ impl Sandboxes {
         if let Some(pid) = r.pause_pid {
             kill_and_reap(pid, r.pause_start_time);
         }
-        for p in [&r.netns, &r.ipcns, &r.utsns].into_iter().flatten() {
+        for p in [&r.netns, &r.ipcns, &r.utsns, &r.pidns]
+            .into_iter()
+            .flatten()
+        {
             if let Err(e) = unmount(p) {
                 failed.push(format!("unmount {}: {e}", p.display()));
             }
@@ -823,11 +870,12 @@ mod tests {
             assert!(matches!(err, SandboxError::Unsupported { .. }), "{err}");
             err.to_string()
         };
-        let msg = refused(cri::NamespaceOption {
+        // shareProcessNamespace: one PID namespace for the pod.
+        refuse_unsupported(&with_ns(cri::NamespaceOption {
             pid: M::Pod as i32,
             ..ordinary.clone()
-        });
-        assert!(msg.contains("shareProcessNamespace"), "{msg}");
+        }))
+        .unwrap();
         refused(cri::NamespaceOption {
             pid: M::Target as i32,
             ..ordinary.clone()
@@ -935,6 +983,7 @@ mod tests {
             netns: Some("/x".into()),
             ipcns: None,
             utsns: None,
+            pidns: None,
             ips: vec!["10.0.0.1".parse().unwrap()],
             cni_result: serde_json::json!({"a":1}),
             network_attached: true,

@@ -270,9 +270,9 @@ fn pod_sandboxes_get_ips_reach_each_other_survive_a_crash_and_leave_nothing() {
 }
 
 /// Options strake-runtime cannot honour yet are refused with `InvalidArgument` and a message
-/// naming them, instead of a pod that silently differs from its spec (a per-container PID
-/// namespace for `shareProcessNamespace: true`, the host's users for `hostUsers: false`), and
-/// nothing is left of the attempt.
+/// naming them, instead of a pod that silently differs from its spec (the host's users for
+/// `hostUsers: false`), and nothing is left of the attempt; what the kubelet sends for an
+/// ordinary pod and for `shareProcessNamespace` is served and leaves nothing either.
 #[test]
 fn pod_options_the_runtime_cannot_honour_are_refused_through_cri() {
     let net = ClusterNet::create().expect("cluster net");
@@ -298,11 +298,6 @@ fn pod_options_the_runtime_cannot_honour_are_refused_through_cri() {
     };
     let namespaces = |ns: serde_json::Value| serde_json::json!({ "linux": { "security_context": { "namespace_options": ns } } });
     let cases = [
-        (
-            "share-pid",
-            namespaces(serde_json::json!({ "network": 0, "pid": 0, "ipc": 0 })),
-            "shareProcessNamespace",
-        ),
         (
             "target-pid",
             namespaces(serde_json::json!({ "pid": 3, "target_id": "abc" })),
@@ -344,6 +339,22 @@ fn pod_options_the_runtime_cannot_honour_are_refused_through_cri() {
         ),
     );
     let id = rt.out(&["runp", &ok]);
+    rt.out(&["stopp", &id]);
+    rt.out(&["rmp", &id]);
+    // shareProcessNamespace: the sandbox pins a PID namespace of its own (whose init is the
+    // pause process's child), and leaves nothing behind either.
+    let shared = pod(
+        "share-pid",
+        namespaces(serde_json::json!({ "network": 0, "pid": 0, "ipc": 0 })),
+    );
+    let id = rt.out(&["runp", &shared]);
+    let pinned = base.join("run/sandboxes").join(&id).join("ns/pid");
+    // A namespace file (same device as our own PID namespace's), not our namespace.
+    use std::os::unix::fs::MetadataExt;
+    let ns = std::fs::metadata(&pinned).expect("pinned pid ns");
+    let own = std::fs::metadata("/proc/self/ns/pid").expect("own pid ns");
+    assert_eq!(ns.dev(), own.dev(), "{pinned:?} is not a namespace");
+    assert_ne!(ns.ino(), own.ino(), "the pod's PID namespace is the host's");
     rt.out(&["stopp", &id]);
     rt.out(&["rmp", &id]);
     assert!(
