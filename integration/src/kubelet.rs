@@ -285,6 +285,11 @@ impl KubeletNode {
         self.restart_kubelet()
     }
 
+    /// The running kubelet's PID.
+    pub fn kubelet_pid(&self) -> u32 {
+        self.kubelet_pid
+    }
+
     /// Where the kubelet logs.
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("kubelet.log")

@@ -144,7 +144,8 @@ fn rotated_files(log: &Path) -> Result<Vec<PathBuf>, RotateError> {
 /// never a compression's temporary file, and a file being compressed once.
 pub fn readable_rotations(log: &Path) -> Vec<PathBuf> {
     let all = rotated_files(log).unwrap_or_default();
-    let names: std::collections::BTreeSet<String> = all.iter().map(|p| p.display().to_string()).collect();
+    let names: std::collections::BTreeSet<String> =
+        all.iter().map(|p| p.display().to_string()).collect();
     let mut out: Vec<PathBuf> = all
         .into_iter()
         .filter(|p| {
@@ -252,7 +253,47 @@ pub async fn check(
             source,
         });
     }
+    // A container that wrote faster than the monitor looks left a rotated file over the size:
+    // only its newest lines within the size are kept, so that the logs on disk stay within
+    // `max_size x max_files` (upstream keeps such a file whole).
+    let max_size = policy.max_size;
+    tokio::task::spawn_blocking(move || trim_to(&rotated, max_size))
+        .await
+        .map_err(|e| io("trim", log)(std::io::Error::other(e)))??;
     Ok(true)
+}
+
+/// Cuts rotated log `path` down to its last whole lines within `max` bytes, through a
+/// temporary file (a leftover of which the next rotation removes).
+fn trim_to(path: &Path, max: u64) -> Result<(), RotateError> {
+    use std::io::{BufRead, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).map_err(io("open", path))?;
+    let size = file.metadata().map_err(io("stat", path))?.len();
+    if size <= max {
+        return Ok(());
+    }
+    // The byte before the window tells whether it starts a line.
+    file.seek(SeekFrom::Start(size - max - 1))
+        .map_err(io("seek", path))?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut before = [0u8];
+    std::io::Read::read_exact(&mut reader, &mut before).map_err(io("read", path))?;
+    if before[0] != b'\n' {
+        // Skip the line cut in the middle (CRI log lines are short: the runtime splits long
+        // ones); never more than the window, which holds nothing whole without a line end.
+        let mut skipped = Vec::new();
+        std::io::Read::take(&mut reader, max)
+            .read_until(b'\n', &mut skipped)
+            .map_err(io("read", path))?;
+    }
+    let tmp = PathBuf::from(format!("{}{TEMPORARY}", path.display()));
+    let result = (|| {
+        let mut out = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+        std::io::copy(&mut reader, &mut out).map_err(io("copy", path))?;
+        std::fs::rename(&tmp, path).map_err(io("rename", &tmp))
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    result
 }
 
 /// Checks every running container's log each interval, `max_workers` at a time.
@@ -387,6 +428,26 @@ mod tests {
         // Two files allowed: no rotated file is kept besides the one being made.
         let p = plan(&paths(&["20260101-000001"]), 2);
         assert_eq!(p.remove, paths(&["20260101-000001"]));
+    }
+
+    #[test]
+    fn an_oversized_rotated_log_keeps_its_newest_whole_lines_within_the_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0.log.20260101-000000");
+        let text: String = (0..1000).map(|i| format!("line {i:04}\n")).collect();
+        std::fs::write(&path, &text).unwrap();
+        trim_to(&path, 100).unwrap();
+        let kept = std::fs::read_to_string(&path).unwrap();
+        assert!(kept.len() <= 100, "{}", kept.len());
+        assert!(
+            kept.ends_with("line 0999\n") && kept.starts_with("line "),
+            "{kept:?}"
+        );
+        assert_eq!(kept.lines().count(), 10);
+        // Within the size already: untouched.
+        trim_to(&path, 100).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), kept);
+        assert!(!dir.path().join("0.log.20260101-000000.tmp").exists());
     }
 
     #[test]

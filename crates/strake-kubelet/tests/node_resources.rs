@@ -140,6 +140,173 @@ async fn allocatable_is_reserved_and_logs_rotate_within_their_bound() {
     assert!(last == "0123456789abcdefghij" || last == "last", "{last:?}");
 }
 
+/// Starts pod `name` whose container writes `bytes` bytes of 1000-byte log lines as fast as
+/// it can, then `done` and sleeps; returns the directory of its container's logs.
+async fn writer(cluster: &Cluster, name: &str, bytes: u64) -> std::path::PathBuf {
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
+    let line = "x".repeat(999);
+    let lines = bytes / 1000;
+    let script =
+        format!("trap 'exit 0' TERM; yes {line} | head -n {lines}; echo done; sleep 3600 & wait");
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name },
+        "spec": {
+            "nodeName": NODE, "terminationGracePeriodSeconds": 1,
+            "containers": [{ "name": "app", "image": cluster.busybox(),
+                             "command": ["/bin/sh", "-c", script] }]
+        }
+    }))
+    .expect("pod");
+    let created = wait_for("pod created", 60, || async {
+        pods.create(&PostParams::default(), &pod).await.ok()
+    })
+    .await;
+    let uid = created.metadata.uid.expect("uid");
+    cluster
+        .node
+        .dir
+        .path()
+        .join("pod-logs")
+        .join(format!("default_{name}_{uid}"))
+        .join("app")
+}
+
+/// The files of a log directory with their sizes.
+fn log_files(dir: &std::path::Path) -> Vec<(String, u64)> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| {
+                    let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                    (e.file_name().to_string_lossy().into_owned(), len)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `kubectl logs <pod> --tail=1` through the API server and the kubelet.
+async fn tail_one(cluster: &Cluster, pod: &str) -> Option<String> {
+    let bin = strake_integration::paths::kubernetes_bin("kubectl").ok()?;
+    let out = tokio::process::Command::new(bin)
+        .arg(format!(
+            "--kubeconfig={}",
+            cluster.cp.kubeconfig().display()
+        ))
+        .args(["logs", pod, "--tail=1"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Whether the log file `path` ends with the line `done`.
+fn ends_with_done(path: &std::path::Path) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut end = Vec::new();
+    f.seek(SeekFrom::End(-64))
+        .and_then(|_| f.read_to_end(&mut end))
+        .is_ok_and(|_| end.ends_with(b" stdout F done\n"))
+}
+
+/// A figure of `/proc/<pid>/status`, in KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .trim()
+                .strip_suffix(" kB")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no {field} for {pid}"))
+}
+
+const TWO_GIB: u64 = 2 << 30;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_writing_2gib_of_logs_keeps_at_most_max_size_times_max_files() {
+    // Upstream's size and count; the monitor every second (upstream: 10 s).
+    let cluster = Cluster::start_with(
+        NODE,
+        RuntimeKind::Strake,
+        "containerLogMaxSize: 10Mi\ncontainerLogMaxFiles: 5\ncontainerLogMonitorInterval: 1s\n",
+    )
+    .await;
+    let dir = writer(&cluster, "gigabytes", TWO_GIB).await;
+    // Between two checks the live file grows as fast as the container writes, so only once
+    // the writing is over is the bound asserted; the largest total seen on the way is told.
+    let mut peak = 0u64;
+    wait_for("2 GiB written", 600, || {
+        let files = log_files(&dir);
+        peak = peak.max(files.iter().map(|(_, l)| l).sum());
+        let done = ends_with_done(&dir.join("0.log"));
+        async move { done.then_some(()) }
+    })
+    .await;
+    eprintln!(
+        "largest total of the log files while writing: {} MiB",
+        peak >> 20
+    );
+    let bound = 5 * (10u64 << 20);
+    let files = wait_for("the logs within their bound", 60, || {
+        let files = log_files(&dir);
+        let total: u64 = files.iter().map(|(_, l)| l).sum();
+        let logs = files.iter().filter(|(n, _)| !n.ends_with(".tmp")).count();
+        async move { (total <= bound && logs <= 5).then_some(files) }
+    })
+    .await;
+    assert!(
+        files.iter().any(|(n, _)| n.ends_with(".gz")),
+        "2 GiB written and nothing rotated: {files:?}"
+    );
+    let tail = wait_for("the last line", 30, || tail_one(&cluster, "gigabytes")).await;
+    assert_eq!(tail, "done\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tail_of_a_2gib_log_costs_the_kubelet_under_10mib() {
+    // No rotation before 3 GiB: the live file itself is over 2 GiB.
+    let cluster = Cluster::start_with(
+        NODE,
+        RuntimeKind::Strake,
+        "containerLogMaxSize: 3Gi\ncontainerLogMonitorInterval: 1s\n",
+    )
+    .await;
+    let dir = writer(&cluster, "gigabytes", TWO_GIB).await;
+    wait_for("2 GiB written", 600, || {
+        let live = dir.join("0.log");
+        let done =
+            ends_with_done(&live) && std::fs::metadata(&live).map_or(0, |m| m.len()) > TWO_GIB;
+        async move { done.then_some(()) }
+    })
+    .await;
+    let pid = cluster.node.kubelet_pid();
+    // Reset the kubelet's peak resident size, then serve the tail a few times.
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("reset peak RSS");
+    let before = status_kib(pid, "VmRSS:");
+    for _ in 0..3 {
+        let tail = wait_for("the last line", 60, || tail_one(&cluster, "gigabytes")).await;
+        assert_eq!(tail, "done\n");
+    }
+    let peak = status_kib(pid, "VmHWM:");
+    eprintln!("kubelet RSS {before} KiB before, peak {peak} KiB while serving the tails");
+    assert!(
+        peak.saturating_sub(before) < 10 << 10,
+        "serving --tail=1 of a 2 GiB log cost the kubelet {} KiB",
+        peak - before
+    );
+}
+
 /// The phase, reason and message a pod reports once the kubelet has decided on it.
 async fn decided(pods: &Api<Pod>, name: &str) -> (String, String, String) {
     wait_for(&format!("{name} decided"), 90, || async {
