@@ -10,7 +10,7 @@
 //! exit record = Exited. A daemon that restarts reads the same files, so a container that exited
 //! while it was away reports its real exit code and a running one is left alone.
 
-use crate::mount::{mount_overlay, unmount};
+use crate::mount::{mount_image_read_only, mount_overlay, unmount};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -161,6 +161,12 @@ pub struct ContainerRecord {
     pub rootfs_mounted: bool,
     /// Set once the exit is known.
     pub exit: Option<ExitInfo>,
+    /// The images the container's image volumes show (IDs): not removable while it exists.
+    #[serde(default)]
+    pub volume_images: Vec<String>,
+    /// Where those images are mounted, read-only, for the container to bind.
+    #[serde(default)]
+    pub image_mounts: Vec<PathBuf>,
 }
 
 /// A container: its record and its CRI configuration.
@@ -239,6 +245,44 @@ pub struct ImageFacts {
     pub lower_dirs: Vec<PathBuf>,
     /// The image config's process defaults.
     pub process: ImageProcessConfig,
+}
+
+/// An image a container mounts as a volume: which of its CRI mounts, and the image's layers.
+#[derive(Clone, Debug)]
+pub struct ImageVolume {
+    /// Index in the container config's `mounts`.
+    pub mount: usize,
+    /// The image ID.
+    pub id: String,
+    /// Overlay lower dirs, top layer first.
+    pub lower_dirs: Vec<PathBuf>,
+}
+
+/// `sub` below the image volume mounted at `root`: relative, without `..`, and through no
+/// symbolic link (the image's content is the image author's, the host is not theirs).
+fn image_sub_path(root: &Path, sub: &str) -> std::result::Result<PathBuf, String> {
+    let mut path = root.to_path_buf();
+    for part in Path::new(sub).components() {
+        match part {
+            std::path::Component::Normal(p) => path.push(p),
+            std::path::Component::CurDir => {}
+            _ => return Err(format!("image_sub_path {sub:?} must stay inside the image")),
+        }
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(format!(
+                    "image_sub_path {sub:?} goes through a symbolic link"
+                ));
+            }
+            Ok(_) => {}
+            Err(_) => {
+                return Err(format!(
+                    "image_sub_path {sub:?} does not exist in the image"
+                ));
+            }
+        }
+    }
+    Ok(path)
 }
 
 /// Where containers keep state and which programs they use.
@@ -581,6 +625,7 @@ impl Containers {
         sandbox_id: &str,
         mut config: cri::ContainerConfig,
         image: ImageFacts,
+        volumes: Vec<ImageVolume>,
     ) -> Result<String> {
         let meta = config
             .metadata
@@ -639,6 +684,8 @@ impl Containers {
             init_pid: None,
             oom_file: None,
             rootfs_mounted: false,
+            volume_images: volumes.iter().map(|v| v.id.clone()).collect(),
+            image_mounts: Vec::new(),
             exit: None,
         };
         // Reserve the name before the slow work, so a concurrent duplicate is refused at once.
@@ -659,7 +706,13 @@ impl Containers {
             );
         }
         let mut c = Container { record, config };
-        match self.make(&mut c, &sb, &image, target_pid_namespace.as_deref()) {
+        match self.make(
+            &mut c,
+            &sb,
+            &image,
+            &volumes,
+            target_pid_namespace.as_deref(),
+        ) {
             Ok(()) => {
                 lock(&self.inner).insert(id.clone(), c.clone());
                 self.emit(
@@ -715,6 +768,7 @@ impl Containers {
         c: &mut Container,
         sb: &Sandbox,
         image: &ImageFacts,
+        volumes: &[ImageVolume],
         target_pid_namespace: Option<&Path>,
     ) -> Result<()> {
         let name = c.record.name.clone();
@@ -750,6 +804,26 @@ impl Containers {
         .map_err(step("mount rootfs"))?;
         c.record.rootfs_mounted = true;
         save(&dir, c)?;
+        // Image volumes: each image mounted read-only, and the container's mount pointed at
+        // it (or at its image_sub_path).
+        let mut config = c.config.clone();
+        for (i, v) in volumes.iter().enumerate() {
+            let target = dir.join("image-volumes").join(i.to_string());
+            mount_image_read_only(&v.lower_dirs, &target).map_err(step("mount image volume"))?;
+            c.record.image_mounts.push(target.clone());
+            save(&dir, c)?;
+            let Some(m) = config.mounts.get_mut(v.mount) else {
+                continue;
+            };
+            let host = match m.image_sub_path.as_str() {
+                "" => target,
+                sub => image_sub_path(&target, sub).map_err(ContainerError::InvalidArgument)?,
+            };
+            m.host_path = host.display().to_string();
+            m.readonly = true;
+            m.image = None;
+            m.image_sub_path.clear();
+        }
 
         let spec_err = |source| ContainerError::Spec {
             name: name.clone(),
@@ -759,7 +833,7 @@ impl Containers {
         let facts = self.sandbox_facts(sb);
         let input = spec::SpecInput {
             container_id: &c.record.id,
-            config: &c.config,
+            config: &config,
             sandbox_config: &sb.config,
             sandbox: &facts,
             image: &image.process,
@@ -998,6 +1072,11 @@ impl Containers {
             && let Err(e) = unmount(&self.dir(&r.id).join("bundle/rootfs"))
         {
             failed.push(format!("unmount rootfs: {e}"));
+        }
+        for m in r.image_mounts.iter().rev() {
+            if let Err(e) = unmount(m) {
+                failed.push(format!("unmount image volume {}: {e}", m.display()));
+            }
         }
         failed
     }
@@ -1578,8 +1657,31 @@ mod tests {
                 oom_file: None,
                 rootfs_mounted: false,
                 exit: None,
+                volume_images: Vec::new(),
+                image_mounts: Vec::new(),
             },
             config: cri::ContainerConfig::default(),
+        }
+    }
+
+    #[test]
+    fn an_image_sub_path_stays_inside_the_image_and_follows_no_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("etc/app")).unwrap();
+        std::os::unix::fs::symlink("/", root.join("escape")).unwrap();
+        std::os::unix::fs::symlink("etc", root.join("inner")).unwrap();
+        assert_eq!(image_sub_path(root, "etc/app"), Ok(root.join("etc/app")));
+        assert_eq!(image_sub_path(root, "./etc"), Ok(root.join("etc")));
+        for bad in [
+            "../x",
+            "/etc",
+            "escape",
+            "escape/etc",
+            "inner/app",
+            "missing",
+        ] {
+            assert!(image_sub_path(root, bad).is_err(), "{bad}");
         }
     }
 
@@ -1727,6 +1829,8 @@ mod tests {
                     reason: "Error".into(),
                     message: String::new(),
                 }),
+                volume_images: vec!["sha256:vol".into()],
+                image_mounts: vec!["/state/c/image-volumes/0".into()],
             },
             config: cri::ContainerConfig {
                 log_path: "app/0.log".into(),

@@ -111,7 +111,10 @@ impl App {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .values()
-                    .any(|c| c.record.image_id == image_id)
+                    .any(|c| {
+                        c.record.image_id == image_id
+                            || c.record.volume_images.iter().any(|v| v == image_id)
+                    })
             },
         )
         .await

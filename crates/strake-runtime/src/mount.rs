@@ -1,5 +1,5 @@
-//! Mount syscalls of the runtime (bind mounts pinning namespaces, tmpfs, overlay rootfs,
-//! unmount): the one place that calls mount(2) and umount2(2).
+//! Mount syscalls of the runtime (bind mounts pinning namespaces, tmpfs, overlay rootfs, image
+//! volumes, unmount): the one place that calls mount(2) and umount2(2).
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -97,6 +97,71 @@ pub(crate) fn mount_overlay(
             0,
             data.as_ptr().cast(),
         )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Mounts an image's layers (`lower`, top first) read-only at directory `target`, for an image
+/// volume: an overlay of them, or the one layer bound, without setuid or device files.
+pub(crate) fn mount_image_read_only(lower: &[PathBuf], target: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(target)?;
+    let t = cstring(target)?;
+    let hardened = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+    let rc = match lower {
+        [] => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the image has no layers",
+            ));
+        }
+        // overlayfs needs two lower layers when it has no upper one.
+        [one] => {
+            let s = cstring(one)?;
+            // SAFETY: valid NUL-terminated paths that outlive the calls; binds take no data.
+            unsafe {
+                let rc = libc::mount(
+                    s.as_ptr(),
+                    t.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                );
+                if rc != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let rc = libc::mount(
+                    std::ptr::null(),
+                    t.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REMOUNT | libc::MS_BIND | hardened,
+                    std::ptr::null(),
+                );
+                if rc != 0 {
+                    let err = std::io::Error::last_os_error();
+                    libc::umount2(t.as_ptr(), libc::MNT_DETACH);
+                    return Err(err);
+                }
+                rc
+            }
+        }
+        many => {
+            let lowers: Vec<String> = many.iter().map(|p| p.display().to_string()).collect();
+            let data = CString::new(format!("lowerdir={}", lowers.join(":")))?;
+            // SAFETY: valid NUL-terminated strings that outlive the call.
+            unsafe {
+                libc::mount(
+                    c"overlay".as_ptr(),
+                    t.as_ptr(),
+                    c"overlay".as_ptr(),
+                    hardened,
+                    data.as_ptr().cast(),
+                )
+            }
+        }
     };
     if rc == 0 {
         Ok(())

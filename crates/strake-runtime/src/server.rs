@@ -13,7 +13,7 @@ use strake_types::cri;
 use tonic::codegen::tokio_stream;
 use tonic::{Request, Response, Status};
 
-use crate::container::{Container, ContainerError, Containers, ImageFacts};
+use crate::container::{Container, ContainerError, Containers, ImageFacts, ImageVolume};
 use crate::image::{ErrorCode, ImageError, ImageService};
 use crate::sandbox::{Sandbox, SandboxError, Sandboxes};
 use crate::spec::ImageProcessConfig;
@@ -742,11 +742,35 @@ impl cri::runtime_service_server::RuntimeService for RuntimeServer {
             lower_dirs,
             process,
         };
+        // Image volumes: each image reserved like the container's own until it is registered.
+        let mut volumes = Vec::new();
+        let mut _volume_reservations = Vec::new();
+        for (i, m) in config.mounts.iter().enumerate() {
+            let Some(spec) = m.image.as_ref().filter(|s| !s.image.is_empty()) else {
+                continue;
+            };
+            let (vol, reserved) = self.images.reserve(&spec.image).ok_or_else(|| {
+                container_status_of(ContainerError::ImageNotFound(spec.image.clone()))
+            })?;
+            let lower_dirs = self.images.lower_dirs(&vol.id).ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "image volume {}: layers are not unpacked",
+                    spec.image
+                ))
+            })?;
+            volumes.push(ImageVolume {
+                mount: i,
+                id: vol.id,
+                lower_dirs,
+            });
+            _volume_reservations.push(reserved);
+        }
         let (containers, sandboxes) = (self.containers.clone(), self.sandboxes.clone());
         let sandbox_id = req.pod_sandbox_id;
-        let container_id =
-            blocking_container(move || containers.create(&sandboxes, &sandbox_id, config, facts))
-                .await?;
+        let container_id = blocking_container(move || {
+            containers.create(&sandboxes, &sandbox_id, config, facts, volumes)
+        })
+        .await?;
         Ok(Response::new(cri::CreateContainerResponse { container_id }))
     }
     async fn start_container(
