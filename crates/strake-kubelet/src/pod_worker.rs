@@ -1046,6 +1046,32 @@ impl Worker {
                 return;
             }
         };
+        // The images of its image volumes, pulled per each volume's pullPolicy.
+        let spec = pod.spec.clone().unwrap_or_default();
+        let mut pulled = BTreeMap::new();
+        for m in c.volume_mounts.iter().flatten() {
+            let Some(source) = crate::volumes::image_volume(&spec, &m.name) else {
+                continue;
+            };
+            if pulled.contains_key(&m.name) {
+                continue;
+            }
+            let volume_image = Container {
+                name: c.name.clone(),
+                image: source.reference.clone(),
+                image_pull_policy: source.pull_policy.clone(),
+                ..Default::default()
+            };
+            match self.ensure_image(pod, &volume_image).await {
+                Ok(r) => {
+                    pulled.insert(m.name.clone(), r);
+                }
+                Err(reason) => {
+                    self.state.waiting.insert(c.name.clone(), reason);
+                    return;
+                }
+            }
+        }
         let sources = match self.env_sources(pod, c).await {
             Ok(s) => s,
             Err(e) => return self.config_error(pod, c, e.to_string()),
@@ -1063,6 +1089,10 @@ impl Worker {
             Ok(m) => m,
             Err(e) => return self.config_error(pod, c, e.to_string()),
         };
+        match crate::volumes::image_mounts(pod, c, &pulled, &env) {
+            Ok(m) => mounts.extend(m),
+            Err(e) => return self.config_error(pod, c, e.to_string()),
+        }
         match crate::etc_hosts::mount(&self.ctx.config, pod, c, ips).await {
             Ok(m) => mounts.extend(m),
             Err(e) => return self.config_error(pod, c, e.to_string()),

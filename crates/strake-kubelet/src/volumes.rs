@@ -218,6 +218,10 @@ impl Volumes {
             .unwrap_or_else(|| "default".into());
         let mut out = BTreeMap::new();
         for v in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
+            if v.image.is_some() {
+                // Mounted by the runtime from its image store ([`image_mounts`]).
+                continue;
+            }
             let path = self.prepare_one(pod, &ns, v).await?;
             out.insert(v.name.clone(), path);
         }
@@ -563,6 +567,9 @@ impl Volumes {
         let spec = pod.spec.clone().unwrap_or_default();
         let mut out = Vec::new();
         for (index, m) in c.volume_mounts.iter().flatten().enumerate() {
+            if image_volume(&spec, &m.name).is_some() {
+                continue;
+            }
             let host = volumes.get(&m.name).ok_or_else(|| VolumeError::Invalid {
                 volume: m.name.clone(),
                 reason: format!("mounted by container {} but not defined in the pod", c.name),
@@ -677,6 +684,55 @@ fn mount_tmpfs(dst: &Path, options: &str) -> std::io::Result<()> {
     } else {
         Err(std::io::Error::last_os_error())
     }
+}
+
+/// The image source of volume `name` of the pod, when it is an image volume.
+pub fn image_volume<'a>(
+    spec: &'a k8s_openapi::api::core::v1::PodSpec,
+    name: &str,
+) -> Option<&'a k8s_openapi::api::core::v1::ImageVolumeSource> {
+    spec.volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == name)?
+        .image
+        .as_ref()
+}
+
+/// The CRI mounts of container `c`'s image volumes, given the image each volume's reference
+/// was pulled as (`pulled`, by volume name): the runtime mounts the image read-only, or its
+/// `subPath` (`subPathExpr` expanded from `env`), as upstream's kubelet asks it.
+pub fn image_mounts(
+    pod: &Pod,
+    c: &Container,
+    pulled: &BTreeMap<String, String>,
+    env: &[(String, String)],
+) -> Result<Vec<cri::Mount>, VolumeError> {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let mut out = Vec::new();
+    for m in c.volume_mounts.iter().flatten() {
+        let Some(source) = image_volume(&spec, &m.name) else {
+            continue;
+        };
+        let Some(image) = pulled.get(&m.name) else {
+            return Err(VolumeError::Invalid {
+                volume: m.name.clone(),
+                reason: "its image is not pulled".into(),
+            });
+        };
+        out.push(cri::Mount {
+            container_path: m.mount_path.clone(),
+            readonly: true,
+            image: Some(cri::ImageSpec {
+                image: image.clone(),
+                user_specified_image: source.reference.clone().unwrap_or_default(),
+                ..Default::default()
+            }),
+            image_sub_path: sub_path(m, env)?.unwrap_or_default(),
+            ..Default::default()
+        });
+    }
+    Ok(out)
 }
 
 /// The sub-path of a volume mount: `subPath` as written, or `subPathExpr` expanded from the

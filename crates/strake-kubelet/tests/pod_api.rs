@@ -5,7 +5,7 @@
 //! set and `allowedUnsafeSysctls` applied, anything else rejected at admission), and
 //! `activeDeadlineSeconds` (a running pod past it fails with `DeadlineExceeded` and stops), and
 //! ephemeral containers (started in a running pod, targeting a container's processes, never
-//! restarted, reported apart), and `shareProcessNamespace`.
+//! restarted, reported apart), `shareProcessNamespace`, and image volumes (strake-runtime).
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, PostParams};
@@ -369,6 +369,63 @@ async fn scenario(kind: RuntimeKind) {
             .any(|c| c.type_ == "Ready" && c.status == "True"),
         "{ready:?}"
     );
+
+    // Image volumes (strake-runtime; the bed's containerd 1.6 predates image mounts): a
+    // many-layer image (an overlay, whiteouts applied) and a one-layer image mounted
+    // read-only, and a subPath of one; an image a volume shows cannot be removed meanwhile.
+    if kind == RuntimeKind::Strake {
+        let multilayer = format!("{}/strake/multilayer:1", registry.open_in_cluster());
+        create(
+            &pods,
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": { "name": "imagevol" },
+                "spec": {
+                    "nodeName": NODE,
+                    "terminationGracePeriodSeconds": 1,
+                    "volumes": [
+                        { "name": "layers", "image": { "reference": multilayer, "pullPolicy": "IfNotPresent" } },
+                        { "name": "one", "image": { "reference": image, "pullPolicy": "Always" } }
+                    ],
+                    "containers": [{
+                        "name": "imagevol-app", "image": image, "command": sleep,
+                        "volumeMounts": [
+                            { "name": "layers", "mountPath": "/layers" },
+                            { "name": "layers", "mountPath": "/sub", "subPath": "data/dir" },
+                            { "name": "one", "mountPath": "/one" }
+                        ]
+                    }]
+                }
+            }),
+        )
+        .await;
+        running(&pods, "imagevol").await;
+        let listing = exec(
+            &node,
+            "imagevol-app",
+            "cd /layers/data && ls -A . opaque | tr '\\n' ' '",
+        );
+        assert_eq!(
+            listing.split_whitespace().collect::<Vec<_>>().join(" "),
+            ".: dir kept.txt link opaque opaque: new.txt",
+            "the image's merged layers"
+        );
+        let file = exec(&node, "imagevol-app", "cat /sub/file.txt");
+        assert!(!file.trim().is_empty(), "the subPath's file");
+        assert!(exec(&node, "imagevol-app", "ls /one/bin").contains("busybox"));
+        let denied = exec(
+            &node,
+            "imagevol-app",
+            "touch /layers/x 2>&1; touch /one/x 2>&1; touch /sub/x 2>&1; true",
+        );
+        assert_eq!(
+            denied.matches("Read-only file system").count(),
+            3,
+            "{denied}"
+        );
+        let rmi = node.runtime.crictl(&["rmi", &multilayer]);
+        assert!(rmi.is_err(), "an image shown by a volume was removed");
+    }
 
     // shareProcessNamespace: one PID namespace for the pod, whose PID 1 is the sandbox's
     // pause process; each container sees the others' processes.
