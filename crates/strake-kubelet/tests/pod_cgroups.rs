@@ -146,6 +146,43 @@ async fn scenario(node: &str, kind: RuntimeKind) {
         .count();
     assert!(children >= 1, "no container cgroup below {g}");
 
+    // Everything the pod runs is charged to it: the sandbox's own process too (strake-runtime's
+    // pause process, containerd's pause container).
+    for (name, uid) in specs.iter().map(|(n, _)| *n).zip(&uids) {
+        let crictl = |args: &[&str]| {
+            let out = cluster.node.runtime.crictl(args).expect("crictl");
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        let id = crictl(&[
+            "pods",
+            "-q",
+            "--name",
+            &format!("^{name}$"),
+            "--state",
+            "ready",
+        ]);
+        let v: serde_json::Value =
+            serde_json::from_str(&crictl(&["inspectp", &id])).expect("inspectp");
+        let info = &v["info"];
+        let pid = info["pause_pid"]
+            .as_u64()
+            .or_else(|| info["pid"].as_u64())
+            .unwrap_or_else(|| panic!("no sandbox process for {name}: {info}"));
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
+        let memory = cgroups
+            .lines()
+            .find(|l| {
+                l.split(':')
+                    .nth(1)
+                    .is_some_and(|c| c.split(',').any(|c| c == "memory"))
+            })
+            .expect("memory line");
+        assert!(
+            memory.contains(&format!("/pod{uid}")),
+            "{name}'s sandbox process is outside its pod cgroup: {memory}"
+        );
+    }
+
     resize(&cluster, &pods, &root, &b).await;
 
     for (name, _) in &specs {

@@ -458,6 +458,68 @@ impl Containers {
         self.driver
     }
 
+    /// The directories of sandbox `id`'s own cgroup below its `cgroup_parent` (where containerd
+    /// puts a pause container: a child of the pod's cgroup, which on v2 must hold no process
+    /// of its own), in the v1 hierarchies that account for what a process uses (a new cpuset
+    /// cgroup has no CPUs until someone copies them in, and joining it fails). Relative parents
+    /// resolve against the daemon's own cgroup, as for runc. None without a parent, and with
+    /// the systemd driver (whose slices systemd makes).
+    fn sandbox_cgroup_dirs(
+        &self,
+        parent: &str,
+        id: &str,
+    ) -> std::io::Result<std::collections::BTreeSet<PathBuf>> {
+        let Some(layout) = self.layout.as_ref() else {
+            return Ok(Default::default());
+        };
+        if parent.is_empty() || self.driver != CgroupDriver::Cgroupfs {
+            return Ok(Default::default());
+        }
+        let own = std::fs::read_to_string("/proc/self/cgroup")?;
+        let path = format!("{}/{id}", parent.trim_end_matches('/'));
+        Ok(match layout.pod_cgroup(self.driver, &path, &own) {
+            None => Default::default(),
+            Some(ContainerCgroup::V1(by_controller)) => by_controller
+                .into_iter()
+                .filter(|(c, _)| {
+                    matches!(
+                        c.as_str(),
+                        "memory" | "cpu" | "cpuacct" | "pids" | "blkio" | "hugetlb"
+                    )
+                })
+                .map(|(_, dir)| dir)
+                .collect(),
+            Some(ContainerCgroup::V2(dir)) => [dir].into(),
+        })
+    }
+
+    /// Moves process `pid` and its children (sandbox `id`'s pause process and the PID 1 it
+    /// forked) into the sandbox's cgroup below the pod's ([`Self::sandbox_cgroup_dirs`]), made
+    /// as runc makes a container's: everything a pod runs is charged to the pod.
+    pub fn join_cgroup(&self, parent: &str, id: &str, pid: u32) -> std::io::Result<()> {
+        let dirs = self.sandbox_cgroup_dirs(parent, id)?;
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        let pids: Vec<String> = std::iter::once(pid.to_string())
+            .chain(children.split_whitespace().map(String::from))
+            .collect();
+        for dir in dirs {
+            std::fs::create_dir_all(&dir)?;
+            for p in &pids {
+                std::fs::write(dir.join("cgroup.procs"), p)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes sandbox `id`'s cgroup once its processes are gone (best effort: a directory
+    /// still in use stays for the kubelet's removal of the pod's cgroup).
+    pub fn leave_cgroup(&self, parent: &str, id: &str) {
+        for dir in self.sandbox_cgroup_dirs(parent, id).unwrap_or_default() {
+            let _ = std::fs::remove_dir(&dir);
+        }
+    }
+
     /// The cgroup of a container whose init lives (created or running), read from the init's
     /// `/proc/<pid>/cgroup` so that relative cgroup parents resolve as the OCI runtime did.
     pub fn cgroup(&self, c: &Container) -> Option<ContainerCgroup> {

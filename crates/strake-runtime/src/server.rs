@@ -584,8 +584,32 @@ impl cri::runtime_service_server::RuntimeService for RuntimeServer {
                 "unknown runtime handler {handler:?}"
             )));
         }
+        let parent = config
+            .linux
+            .as_ref()
+            .map(|l| l.cgroup_parent.clone())
+            .unwrap_or_default();
         let sandboxes = self.sandboxes.clone();
         let pod_sandbox_id = blocking(move || sandboxes.run(config, &handler)).await?;
+        // The pause process in the pod's cgroup, or no sandbox.
+        let pause = self
+            .sandboxes
+            .get(&pod_sandbox_id)
+            .ok()
+            .and_then(|sb| sb.record.pause_pid);
+        if let Some(pid) = pause
+            && let Err(e) = self.containers.join_cgroup(&parent, &pod_sandbox_id, pid)
+        {
+            let (sandboxes, id) = (self.sandboxes.clone(), pod_sandbox_id.clone());
+            let _ = blocking(move || {
+                sandboxes.stop(&id)?;
+                sandboxes.remove(&id)
+            })
+            .await;
+            return Err(Status::internal(format!(
+                "move the pod's pause process into its cgroup {parent:?}: {e}"
+            )));
+        }
         Ok(Response::new(cri::RunPodSandboxResponse { pod_sandbox_id }))
     }
     async fn stop_pod_sandbox(
@@ -604,8 +628,18 @@ impl cri::runtime_service_server::RuntimeService for RuntimeServer {
             })
             .await?;
         }
+        let parent = self.sandboxes.get(&id).ok().map(|sb| {
+            (
+                sb.record.id.clone(),
+                sb.config.linux.unwrap_or_default().cgroup_parent,
+            )
+        });
         let sandboxes = self.sandboxes.clone();
         blocking(move || sandboxes.stop(&id)).await?;
+        // The pause process is gone: so is the sandbox's own cgroup.
+        if let Some((id, parent)) = parent {
+            self.containers.leave_cgroup(&parent, &id);
+        }
         Ok(Response::new(cri::StopPodSandboxResponse {}))
     }
     async fn remove_pod_sandbox(
