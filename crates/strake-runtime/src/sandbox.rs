@@ -295,6 +295,31 @@ fn refuse_unsupported(config: &cri::PodSandboxConfig) -> Result<()> {
     Ok(())
 }
 
+/// Brings `lo` up in the calling process's network namespace. Only async-signal-safe system
+/// calls: it runs between fork and exec.
+fn loopback_up() -> std::io::Result<()> {
+    // SAFETY: socket, ioctl and close on a descriptor this function owns, with a zeroed ifreq
+    // whose name is NUL-terminated.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+            *dst = *src as libc::c_char;
+        }
+        let mut rc = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req);
+        if rc == 0 {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            rc = libc::ioctl(fd, libc::SIOCSIFFLAGS, &req);
+        }
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if rc == 0 { Ok(()) } else { Err(err) }
+    }
+}
+
 /// Whether the pod's containers share one PID namespace (`shareProcessNamespace`).
 fn shares_pid_namespace(config: &cri::PodSandboxConfig) -> bool {
     config
@@ -560,7 +585,9 @@ impl Sandboxes {
         if share_pid {
             cmd.arg("--pid-namespace");
         }
-        // SAFETY: only async-signal-safe syscalls (setsid, unshare, sethostname) run in the child.
+        let new_network = !r.host_network;
+        // SAFETY: only async-signal-safe syscalls (setsid, unshare, sethostname, socket, ioctl,
+        // close) run in the child.
         unsafe {
             cmd.pre_exec(move || {
                 libc::setsid();
@@ -569,6 +596,11 @@ impl Sandboxes {
                 }
                 if set_hostname && libc::sethostname(host.as_ptr(), host.as_bytes().len()) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // The pod's loopback is up whatever the CNI configuration says, as containerd
+                // and CRI-O bring it up: a pod reaches itself (127.0.0.1, its own IP) through it.
+                if new_network {
+                    loopback_up()?;
                 }
                 Ok(())
             });

@@ -272,7 +272,8 @@ fn pod_sandboxes_get_ips_reach_each_other_survive_a_crash_and_leave_nothing() {
 /// Options strake-runtime cannot honour yet are refused with `InvalidArgument` and a message
 /// naming them, instead of a pod that silently differs from its spec (the host's users for
 /// `hostUsers: false`), and nothing is left of the attempt; what the kubelet sends for an
-/// ordinary pod and for `shareProcessNamespace` is served and leaves nothing either.
+/// ordinary pod and for `shareProcessNamespace` is served and leaves nothing either, and a pod's
+/// loopback is up without a CNI loopback plugin.
 #[test]
 fn pod_options_the_runtime_cannot_honour_are_refused_through_cri() {
     let net = ClusterNet::create().expect("cluster net");
@@ -355,6 +356,26 @@ fn pod_options_the_runtime_cannot_honour_are_refused_through_cri() {
     let own = std::fs::metadata("/proc/self/ns/pid").expect("own pid ns");
     assert_eq!(ns.dev(), own.dev(), "{pinned:?} is not a namespace");
     assert_ne!(ns.ino(), own.ino(), "the pod's PID namespace is the host's");
+    rt.out(&["stopp", &id]);
+    rt.out(&["rmp", &id]);
+    // The pod's loopback is up even when the CNI configuration has no loopback plugin (as the
+    // multi-node bed's ptp configuration has none): a pod reaches itself through it.
+    let conflist = base.join("cni/10-pods.conflist");
+    let mut conf: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&conflist).expect("conflist")).expect("json");
+    conf["plugins"]
+        .as_array_mut()
+        .expect("plugins")
+        .retain(|p| p["type"] != "loopback");
+    std::fs::write(&conflist, conf.to_string()).expect("rewrite conflist");
+    let id = rt.out(&["runp", &pod("no-loopback-plugin", serde_json::json!({}))]);
+    let lo = Command::new("nsenter")
+        .arg(format!("--net={}", rt.netns(&id).display()))
+        .args(["ip", "-o", "link", "show", "lo"])
+        .output()
+        .expect("ip link");
+    let lo = String::from_utf8_lossy(&lo.stdout).into_owned();
+    assert!(lo.contains(",UP"), "lo is down in the pod: {lo}");
     rt.out(&["stopp", &id]);
     rt.out(&["rmp", &id]);
     assert!(
