@@ -117,6 +117,20 @@ impl Runtime {
     }
 }
 
+/// A test that fails half-way leaves nothing either: every pod the daemon still has is stopped
+/// and removed (its pause process, mounts and network) before the daemon goes with its node.
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        let Ok(out) = self.crictl(&["pods", "-q"]) else {
+            return;
+        };
+        for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = self.crictl(&["stopp", id]);
+            let _ = self.crictl(&["rmp", id]);
+        }
+    }
+}
+
 fn ip_of(rt: &Runtime, id: &str) -> String {
     let v: serde_json::Value =
         serde_json::from_str(&rt.out(&["inspectp", id])).expect("inspectp json");
