@@ -13,7 +13,26 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
 use crate::cluster::{Cluster, conformance_bin};
+
+/// The ginkgo process of the phase running now (0: none), and whether the run was asked to
+/// stop: [`stop`] ends the run so that its cluster is torn down rather than left behind.
+static GINKGO: AtomicU32 = AtomicU32::new(0);
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// Stops the run: the running ginkgo and its spec processes (a process group of their own)
+/// get SIGINT, as from a terminal's Ctrl-C, on which they interrupt their specs and clean up;
+/// no further phase starts. For a signal handler of the runner.
+pub fn stop() {
+    STOPPING.store(true, Ordering::SeqCst);
+    let pid = GINKGO.load(Ordering::SeqCst);
+    if pid != 0 {
+        // SAFETY: kill(2) on the process group of the ginkgo this run started.
+        unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGINT) };
+    }
+}
 use crate::{Error, Result, paths};
 
 /// Which specs.
@@ -243,6 +262,10 @@ pub fn run(cluster: &Cluster, opts: &RunOptions, out: &mut dyn Write) -> Result<
     };
     let mut total = Summary::default();
     for phase in phases(opts.set, opts.procs, opts.focus.as_deref()) {
+        if STOPPING.load(Ordering::SeqCst) {
+            let _ = writeln!(out, "conformance: stopped; phase {} not run", phase.name);
+            break;
+        }
         let log_path = opts.report_dir.join(format!("ginkgo-{}.log", phase.name));
         let json = opts.report_dir.join(format!("report-{}.json", phase.name));
         let _ = writeln!(
@@ -279,6 +302,8 @@ pub fn run(cluster: &Cluster, opts: &RunOptions, out: &mut dyn Write) -> Result<
                 opts.report_dir.join("e2e-output").display()
             ),
         ]);
+        // A process group of its own: `stop` interrupts ginkgo and its spec processes alone.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         cmd.current_dir(&opts.report_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -289,6 +314,10 @@ pub fn run(cluster: &Cluster, opts: &RunOptions, out: &mut dyn Write) -> Result<
             program: ginkgo.display().to_string(),
             source,
         })?;
+        GINKGO.store(child.id(), Ordering::SeqCst);
+        if STOPPING.load(Ordering::SeqCst) {
+            stop();
+        }
         let mut log =
             std::fs::File::create(&log_path).map_err(crate::io_err("create", &log_path))?;
         let (mut will_run, mut done, mut passed, mut failed) = (0usize, 0usize, 0usize, 0usize);
@@ -326,7 +355,9 @@ pub fn run(cluster: &Cluster, opts: &RunOptions, out: &mut dyn Write) -> Result<
         let status = child.wait().map_err(|source| Error::Spawn {
             program: ginkgo.display().to_string(),
             source,
-        })?;
+        });
+        GINKGO.store(0, Ordering::SeqCst);
+        let status = status?;
         let text = std::fs::read_to_string(&json).map_err(crate::io_err("read", &json))?;
         let s = summarize(&text)?;
         let _ = writeln!(

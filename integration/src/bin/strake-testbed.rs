@@ -188,6 +188,13 @@ fn conformance(copts: &cluster::Options, ropts: &RunOptions) -> anyhow::Result<(
     let summary = rt.block_on(async {
         let mut say = narrate(started);
         let c = Cluster::start(copts, &mut say).await?;
+        // SIGTERM or Ctrl-C stops the specs; the cluster is then torn down as after a run.
+        tokio::spawn(async {
+            if wait_for_signal().await.is_ok() {
+                eprintln!("stopping the conformance run ...");
+                conformance::stop();
+            }
+        });
         let ro = ropts.clone();
         // ginkgo runs for a long time: off the async runtime. The cluster stays owned here.
         let result =
