@@ -1864,6 +1864,90 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_resize_updates_running_containers_restarts_where_asked_and_waits_when_deferred() {
+        let root = tempfile::tempdir().unwrap();
+        let (mut w, fake) = worker(root.path());
+        let pod = |cpu: &str, memory: &str| {
+            test_pod(serde_json::json!({
+                "containers": [
+                    { "name": "a", "image": "busybox:1",
+                      "resources": { "requests": { "cpu": cpu }, "limits": { "cpu": "1" } } },
+                    { "name": "b", "image": "busybox:1",
+                      "resources": { "requests": { "memory": "32Mi" }, "limits": { "memory": memory } },
+                      "resizePolicy": [{ "resourceName": "memory", "restartPolicy": "RestartContainer" }] }
+                ]
+            }))
+        };
+        let first = pod("100m", "64Mi");
+        w.ctx.allocations.admit("u1", &first);
+        let p = w.allocated(first);
+        w.sync(&p).await.unwrap();
+        assert!(calls(&fake, &["UpdateContainerResources", "StopContainer"]).is_empty());
+        // Admitted: a's CPU is updated in place, b (memory, RestartContainer) is stopped to be
+        // started again with its new limit.
+        let second = pod("500m", "128Mi");
+        w.ctx.allocations.resolve("u1", &second, Ok(()));
+        let p = w.allocated(second);
+        w.sync(&p).await.unwrap();
+        let mut done = calls(&fake, &["UpdateContainerResources", "StopContainer"]);
+        done.sort();
+        assert_eq!(
+            done,
+            [
+                "StopContainer b 30s",
+                "UpdateContainerResources a shares=512 quota=100000 memory=0"
+            ]
+        );
+        let st = w.last_status.clone().unwrap();
+        let a = st
+            .container_statuses
+            .unwrap()
+            .into_iter()
+            .find(|c| c.name == "a")
+            .unwrap();
+        assert_eq!(
+            a.allocated_resources.unwrap()["cpu"].0,
+            "500m",
+            "allocatedResources follow the allocation"
+        );
+        assert!(
+            st.conditions
+                .unwrap()
+                .iter()
+                .all(|c| !c.type_.starts_with("PodResize")),
+            "nothing pending or in progress once actuated"
+        );
+        // Deferred: nothing changes on the node, and the pod says why.
+        let third = pod("1500m", "128Mi");
+        w.ctx.allocations.resolve(
+            "u1",
+            &third,
+            Err(crate::resize::Pending {
+                reason: "Deferred",
+                message: "no room".into(),
+            }),
+        );
+        let before = fake.calls().len();
+        let p = w.allocated(third);
+        w.sync(&p).await.unwrap();
+        assert!(
+            fake.calls()[before..]
+                .iter()
+                .all(|c| !c.starts_with("UpdateContainerResources")),
+            "a deferred resize was actuated"
+        );
+        let conditions = w.last_status.clone().unwrap().conditions.unwrap();
+        let pending = conditions
+            .iter()
+            .find(|c| c.type_ == "PodResizePending")
+            .unwrap();
+        assert_eq!(
+            (pending.reason.as_deref(), pending.message.as_deref()),
+            (Some("Deferred"), Some("no room"))
+        );
+    }
+
+    #[tokio::test]
     async fn post_start_runs_right_after_start_and_before_the_next_container() {
         let root = tempfile::tempdir().unwrap();
         let (mut w, fake) = worker(root.path());
