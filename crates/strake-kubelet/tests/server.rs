@@ -1,8 +1,9 @@
 //! strake-kubelet's HTTPS API on 10250 against a real control plane and containerd:
-//! `kubectl logs` (tail, previous, follow), `kubectl exec`, `attach` and `port-forward` through the
-//! API server (which authenticates with its kubelet client certificate and is authorized by
-//! SubjectAccessReview), and direct requests from a ServiceAccount token: 401 without
-//! credentials, 403 without RBAC, 200 with it, plus `/stats/summary` and `/metrics/resource`.
+//! `kubectl logs` (tail, previous, follow), `kubectl exec`, `attach` (to an ephemeral container of
+//! `kubectl debug` too) and `port-forward` through the API server (which authenticates with its
+//! kubelet client certificate and is authorized by SubjectAccessReview), and direct requests
+//! from a ServiceAccount token: 401 without credentials, 403 without RBAC, 200 with it, plus
+//! `/stats/summary` and `/metrics/resource`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -290,6 +291,60 @@ async fn kubectl_logs_exec_attach_and_port_forward_work_through_the_api_server()
     assert!(
         attached.as_ref().is_ok_and(|g| g.len() >= 2),
         "attach saw {attached:?}"
+    );
+
+    // kubectl debug: an ephemeral container joins the running pod, and attach follows it.
+    let o = kubectl_out(
+        &cp,
+        &[
+            "debug",
+            "logger",
+            "--image",
+            &image,
+            "-c",
+            "debugger",
+            "--",
+            SH,
+            "-c",
+            "i=0; while true; do echo debug-$i; i=`expr $i + 1`; sleep 1; done",
+        ],
+    )
+    .await;
+    assert!(o.status.success(), "kubectl debug: {}", text(&o.stderr));
+    let mut debug = None;
+    for _ in 0..60 {
+        let mut attach = kubectl(&cp, &["attach", "logger", "-c", "debugger"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("kubectl attach");
+        let mut lines = tokio::io::BufReader::new(attach.stdout.take().expect("stdout")).lines();
+        let seen = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut got = Vec::new();
+            while let Ok(Some(l)) = lines.next_line().await {
+                if l.starts_with("debug-") {
+                    got.push(l);
+                }
+                if got.len() >= 2 {
+                    break;
+                }
+            }
+            got
+        })
+        .await
+        .unwrap_or_default();
+        let _ = attach.start_kill();
+        let _ = attach.wait().await;
+        if seen.len() >= 2 {
+            debug = Some(seen);
+            break;
+        }
+        // Not running yet: the ephemeral container is being pulled and started.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(
+        debug.is_some(),
+        "attach never followed the ephemeral container"
     );
 
     // port-forward: kubectl listens on root-namespace loopback, the bytes reach the pod.
