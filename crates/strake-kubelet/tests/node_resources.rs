@@ -81,18 +81,7 @@ async fn allocatable_is_reserved_and_logs_rotate_within_their_bound() {
         .join("pod-logs")
         .join(format!("default_chatty_{uid}"))
         .join("app");
-    let files = || -> Vec<(String, u64)> {
-        std::fs::read_dir(&dir)
-            .map(|d| {
-                d.flatten()
-                    .map(|e| {
-                        let len = e.metadata().map(|m| m.len()).unwrap_or(0);
-                        (e.file_name().to_string_lossy().into_owned(), len)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
+    let files = || log_files(&dir);
     // While the container keeps writing, rotation goes on and older files are removed: at no
     // time are there more than containerLogMaxFiles logs (a `.tmp` is a compression under way),
     // yet more rotated files come and go than that. Sizes depend on how often the monitor gets

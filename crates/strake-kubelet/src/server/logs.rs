@@ -520,26 +520,26 @@ mod tests {
         assert_eq!(tail_start(&mut c, 1).unwrap(), 2);
     }
 
+    /// What [`stream`] sends for the log at `path` of a container that has stopped.
+    async fn read_stopped(path: PathBuf, opts: LogOptions) -> String {
+        let (tx, rx) = mpsc::channel(16);
+        let task = tokio::spawn(stream(
+            path,
+            opts,
+            running(Arc::new(AtomicBool::new(false))),
+            tx,
+        ));
+        let out = collect(rx).await;
+        task.await.unwrap().unwrap();
+        out
+    }
+
     #[tokio::test]
     async fn since_and_tail_select_lines() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("0.log");
         std::fs::write(&path, log()).unwrap();
-        let run = |opts: LogOptions| {
-            let (tx, rx) = mpsc::channel(16);
-            let path = path.clone();
-            async move {
-                let task = tokio::spawn(stream(
-                    path,
-                    opts,
-                    running(Arc::new(AtomicBool::new(false))),
-                    tx,
-                ));
-                let out = collect(rx).await;
-                task.await.unwrap().unwrap();
-                out
-            }
-        };
+        let run = |opts: LogOptions| read_stopped(path.clone(), opts);
         let tail = |n| LogOptions {
             tail_lines: Some(n),
             ..Default::default()
@@ -575,21 +575,7 @@ mod tests {
         std::fs::write(dir.path().join("0.log.20260102-030403"), line("03", "c")).unwrap();
         std::fs::write(dir.path().join("0.log.20260102-030403.tmp"), "garbage").unwrap();
         std::fs::write(&path, line("04", "d")).unwrap();
-        let run = |opts: LogOptions| {
-            let (tx, rx) = mpsc::channel(16);
-            let path = path.clone();
-            async move {
-                let task = tokio::spawn(stream(
-                    path,
-                    opts,
-                    running(Arc::new(AtomicBool::new(false))),
-                    tx,
-                ));
-                let out = collect(rx).await;
-                task.await.unwrap().unwrap();
-                out
-            }
-        };
+        let run = |opts: LogOptions| read_stopped(path.clone(), opts);
         let since = |t: &str| LogOptions {
             since: Some(format!("2026-01-02T03:04:{t}Z").parse().unwrap()),
             ..Default::default()
