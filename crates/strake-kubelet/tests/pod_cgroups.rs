@@ -149,20 +149,9 @@ async fn scenario(node: &str, kind: RuntimeKind) {
     // Everything the pod runs is charged to it: the sandbox's own process too (strake-runtime's
     // pause process, containerd's pause container).
     for (name, uid) in specs.iter().map(|(n, _)| *n).zip(&uids) {
-        let crictl = |args: &[&str]| {
-            let out = cluster.node.runtime.crictl(args).expect("crictl");
-            String::from_utf8_lossy(&out.stdout).trim().to_string()
-        };
-        let id = crictl(&[
-            "pods",
-            "-q",
-            "--name",
-            &format!("^{name}$"),
-            "--state",
-            "ready",
-        ]);
+        let id = ready_sandbox(&cluster, name);
         let v: serde_json::Value =
-            serde_json::from_str(&crictl(&["inspectp", &id])).expect("inspectp");
+            serde_json::from_str(&crictl_out(&cluster, &["inspectp", &id])).expect("inspectp");
         let info = &v["info"];
         let pid = info["pause_pid"]
             .as_u64()
@@ -204,19 +193,25 @@ async fn scenario(node: &str, kind: RuntimeKind) {
 }
 
 /// The first line of `file` as container `container` of pod `pod` reads it.
+/// The trimmed standard output of `crictl args` on the cluster's node.
+fn crictl_out(cluster: &Cluster, args: &[&str]) -> String {
+    let out = cluster.node.runtime.crictl(args).expect("crictl");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The ID of pod `pod`'s ready sandbox.
+fn ready_sandbox(cluster: &Cluster, pod: &str) -> String {
+    let name = format!("^{pod}$");
+    crictl_out(
+        cluster,
+        &["pods", "-q", "--name", &name, "--state", "ready"],
+    )
+}
+
+/// The first line of `file` as container `container` of pod `pod` reads it.
 fn in_container(cluster: &Cluster, pod: &str, container: &str, file: &str) -> String {
-    let crictl = |args: &[&str]| {
-        let out = cluster.node.runtime.crictl(args).expect("crictl");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
-    let sandbox = crictl(&[
-        "pods",
-        "-q",
-        "--name",
-        &format!("^{pod}$"),
-        "--state",
-        "ready",
-    ]);
+    let crictl = |args: &[&str]| crictl_out(cluster, args);
+    let sandbox = ready_sandbox(cluster, pod);
     let id = crictl(&[
         "ps",
         "-q",
