@@ -135,8 +135,12 @@ async fn writer(cluster: &Cluster, name: &str, bytes: u64) -> std::path::PathBuf
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
     let line = "x".repeat(999);
     let lines = bytes / 1000;
-    let script =
-        format!("trap 'exit 0' TERM; yes {line} | head -n {lines}; echo done; sleep 3600 & wait");
+    // The pause before `done` lets the log monitor (every second in these tests) rotate what
+    // the flood left over its bound: `done` then lands in the live file and stays there, and
+    // `--tail=1`, which reads the live file alone as upstream's does, finds it.
+    let script = format!(
+        "trap 'exit 0' TERM; yes {line} | head -n {lines}; sleep 5; echo done; sleep 3600 & wait"
+    );
     let pod: Pod = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": { "name": name },
@@ -200,7 +204,10 @@ fn ends_with_done(path: &std::path::Path) -> bool {
         return false;
     };
     let mut end = Vec::new();
-    f.seek(SeekFrom::End(-64))
+    // The last 64 bytes, or the whole file when it is shorter (a live file rotated just
+    // before `done` holds that line alone).
+    let len = f.metadata().map_or(0, |m| m.len());
+    f.seek(SeekFrom::Start(len.saturating_sub(64)))
         .and_then(|_| f.read_to_end(&mut end))
         .is_ok_and(|_| end.ends_with(b" stdout F done\n"))
 }
