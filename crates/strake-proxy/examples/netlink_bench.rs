@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::json;
 use strake_proxy::config::Config;
-use strake_proxy::model;
+use strake_proxy::model::{self, Interner, ServiceObject, SliceObject};
 use strake_proxy::nft::netlink::NftNetlink;
 use strake_proxy::nft::netlink::encode::{self, Layouts};
 use strake_proxy::nft::ruleset::Ruleset;
@@ -107,7 +107,7 @@ struct Bench<'a> {
 
 impl Bench<'_> {
     /// One pass of the daemon's sync pipeline.
-    fn sync(&mut self, svcs: &[Arc<Service>], slices: &[Arc<EndpointSlice>]) -> Sample {
+    fn sync(&mut self, svcs: &[Arc<ServiceObject>], slices: &[Arc<SliceObject>]) -> Sample {
         let (t, c) = (Instant::now(), cpu());
         *self.nft.last.lock().unwrap() = (Duration::ZERO, Duration::ZERO);
         let report = self.programmer.sync(self.nft, svcs, slices, None).unwrap();
@@ -144,6 +144,18 @@ impl std::fmt::Display for Sample {
             self.total, self.total_cpu, self.apply, self.apply_cpu, self.bytes
         )
     }
+}
+
+/// A figure of `/proc/self/status` (`VmRSS:`, `VmHWM:`) in MiB.
+fn status_mib(field: &str) -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().strip_suffix(" kB"))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib / 1024.0
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -187,20 +199,30 @@ fn main() {
         config,
         nft: &nft,
     };
-    let mut svcs: Vec<Arc<Service>> = (0..services).map(|i| Arc::new(service(i))).collect();
-    let mut slices: Vec<Arc<EndpointSlice>> = (0..services)
-        .map(|i| Arc::new(slice(i, endpoints)))
+    // The objects as the daemon's watches keep them.
+    let mut interner = Interner::default();
+    let kept_service = |i| Arc::new(ServiceObject::new(&service(i)));
+    let mut kept_slice = |s: &EndpointSlice| Arc::new(SliceObject::new(s, &mut interner));
+    let mut svcs: Vec<Arc<ServiceObject>> = (0..services).map(kept_service).collect();
+    let mut slices: Vec<Arc<SliceObject>> = (0..services)
+        .map(|i| kept_slice(&slice(i, endpoints)))
         .collect();
     println!(
         "{services} Services x {endpoints} endpoints, backend {}",
         if text { "nft -f" } else { "netlink" }
     );
 
+    let objects = status_mib("VmRSS:");
     let first = bench.sync(&svcs, &slices);
     assert!(first.full);
     println!("full sync (empty table): {first}");
+    // The objects stand for the daemon's watch stores.
+    println!(
+        "  peak RSS {:.1} MiB after the full sync, of which {objects:.1} MiB before it (the objects)",
+        status_mib("VmHWM:")
+    );
     if !text {
-        let (m, _) = model::build(
+        let (m, _) = model::build_from_objects(
             svcs.iter().map(|s| s.as_ref()),
             slices.iter().map(|s| s.as_ref()),
             None,
@@ -275,20 +297,17 @@ fn main() {
     let mut removed = Vec::new();
     for round in 0..rounds {
         // One endpoint added to the last Service...
-        let eps = Arc::make_mut(&mut slices[last]).endpoints.as_mut().unwrap();
-        eps.push(
+        let mut grown = slice(last as u32, endpoints);
+        grown.endpoints.as_mut().unwrap().push(
             serde_json::from_value(
                 json!({ "addresses": [format!("10.255.{round}.1")], "nodeName": "n1" }),
             )
             .unwrap(),
         );
+        slices[last] = kept_slice(&grown);
         added.push(bench.sync(&svcs, &slices));
         // ...and removed again.
-        Arc::make_mut(&mut slices[last])
-            .endpoints
-            .as_mut()
-            .unwrap()
-            .pop();
+        slices[last] = kept_slice(&slice(last as u32, endpoints));
         removed.push(bench.sync(&svcs, &slices));
     }
     report("one endpoint added", added);
@@ -297,8 +316,8 @@ fn main() {
     let mut new_service = Vec::new();
     for round in 0..rounds as u32 {
         let i = services + round;
-        svcs.push(Arc::new(service(i)));
-        slices.push(Arc::new(slice(i, endpoints)));
+        svcs.push(kept_service(i));
+        slices.push(kept_slice(&slice(i, endpoints)));
         new_service.push(bench.sync(&svcs, &slices));
     }
     report("one Service added", new_service);

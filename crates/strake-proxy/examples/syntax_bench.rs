@@ -63,7 +63,7 @@ fn model(services: u32, endpoints: u32) -> Model {
                 ready: true,
                 serving: true,
                 terminating: false,
-                node_name: Some(format!("node-{}", e % 50)),
+                node_name: Some(format!("node-{}", e % 50).into()),
                 zone: None,
             })
             .collect();

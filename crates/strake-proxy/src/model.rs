@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -112,10 +113,10 @@ pub struct Endpoint {
     pub serving: bool,
     /// `conditions.terminating` (absent means not terminating).
     pub terminating: bool,
-    /// The node the endpoint runs on, if known.
-    pub node_name: Option<String>,
-    /// The endpoint's zone, if known.
-    pub zone: Option<String>,
+    /// The node the endpoint runs on, if known (shared by every endpoint naming it).
+    pub node_name: Option<Arc<str>>,
+    /// The endpoint's zone, if known (shared likewise).
+    pub zone: Option<Arc<str>>,
 }
 
 impl Endpoint {
@@ -304,6 +305,22 @@ pub fn build<'a>(
     node: Option<&Node>,
     config: &Config,
 ) -> (Model, Vec<Warning>) {
+    let mut interner = Interner::default();
+    let slices: Vec<SliceObject> = slices
+        .into_iter()
+        .map(|s| SliceObject::new(s, &mut interner))
+        .collect();
+    let services: Vec<ServiceObject> = services.into_iter().map(ServiceObject::new).collect();
+    build_from_objects(&services, &slices, node, config)
+}
+
+/// [`build`] from the objects as the proxy keeps them.
+pub fn build_from_objects<'a>(
+    services: impl IntoIterator<Item = &'a ServiceObject>,
+    slices: impl IntoIterator<Item = &'a SliceObject>,
+    node: Option<&Node>,
+    config: &Config,
+) -> (Model, Vec<Warning>) {
     let mut warnings = Vec::new();
     let mut model = Model {
         services: BTreeMap::new(),
@@ -312,7 +329,7 @@ pub fn build<'a>(
     let by_service = group_slices(slices);
     for svc in services {
         let slices = by_service
-            .get(&object_key(&svc.metadata))
+            .get(&svc.key())
             .map(Vec::as_slice)
             .unwrap_or_default();
         let (ports, mut w) = service_model(svc, slices);
@@ -344,83 +361,229 @@ pub fn object_key(
 
 /// The Service an EndpointSlice belongs to, `(namespace, service name)`, unless it is none of
 /// ours (another proxy's, headless, or without a Service).
-pub fn slice_service(slice: &EndpointSlice) -> Option<(String, String)> {
+fn slice_service(slice: &EndpointSlice) -> Option<String> {
     let labels = slice.metadata.labels.as_ref();
     let label = |k: &str| labels.and_then(|l| l.get(k));
     if label(SERVICE_PROXY_NAME_LABEL).is_some() || label(HEADLESS_LABEL).is_some() {
         return None;
     }
-    let svc = label(SERVICE_NAME_LABEL)?;
-    Some((
-        slice.metadata.namespace.clone().unwrap_or_default(),
-        svc.clone(),
-    ))
+    label(SERVICE_NAME_LABEL).cloned()
 }
 
 /// The EndpointSlices that are ours, by `(namespace, service name)`, each list in slice-name
 /// order (so that merging them is deterministic).
-pub fn group_slices<'a, S>(
-    slices: impl IntoIterator<Item = S>,
-) -> std::collections::HashMap<(String, String), Vec<S>>
-where
-    S: std::ops::Deref<Target = EndpointSlice> + 'a,
-{
-    let mut by_service: std::collections::HashMap<(String, String), Vec<S>> =
+fn group_slices<'a>(
+    slices: impl IntoIterator<Item = &'a SliceObject>,
+) -> std::collections::HashMap<(String, String), Vec<&'a SliceObject>> {
+    let mut by_service: std::collections::HashMap<(String, String), Vec<&'a SliceObject>> =
         std::collections::HashMap::new();
     for slice in slices {
-        if let Some(key) = slice_service(&slice) {
+        if let Some(key) = slice.service_key() {
             by_service.entry(key).or_default().push(slice);
         }
     }
     for list in by_service.values_mut() {
-        list.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        list.sort_by(|a, b| a.name.cmp(&b.name));
     }
     by_service
 }
 
-/// The service ports of one Service with their endpoints merged from its `slices`, and what
-/// had to be left out.
-pub fn service_model<S>(svc: &Service, slices: &[S]) -> (Vec<ServicePort>, Vec<Warning>)
+/// The service ports of one Service with their endpoints merged from its `slices` (in
+/// slice-name order), and what had to be left out.
+pub fn service_model<S>(svc: &ServiceObject, slices: &[S]) -> (Vec<ServicePort>, Vec<Warning>)
 where
-    S: std::ops::Deref<Target = EndpointSlice>,
+    S: std::ops::Deref<Target = SliceObject>,
 {
     let mut warnings = Vec::new();
-    let (ns, name) = object_key(&svc.metadata);
-    let ports = match service_ports(svc, &ns, &name) {
+    let ports = match &svc.ports {
         Ok(Some(ports)) => ports,
         Ok(None) => return (Vec::new(), warnings),
-        Err(w) => return (Vec::new(), vec![w]),
+        Err(w) => return (Vec::new(), vec![w.clone()]),
     };
-    let mut endpoints: BTreeMap<(String, Protocol), BTreeMap<(IpAddr, u16), Endpoint>> =
-        BTreeMap::new();
+    // By service port (name, protocol), then by address and port.
+    type ByAddress = BTreeMap<(IpAddr, u16), Endpoint>;
+    let mut endpoints: BTreeMap<(&str, Protocol), ByAddress> = BTreeMap::new();
     for slice in slices {
-        match slice_endpoints(slice) {
-            Ok(list) => {
-                for (port_name, proto, ep) in list {
-                    let entry = endpoints.entry((port_name, proto)).or_default();
-                    match entry.get(&(ep.ip, ep.port)) {
-                        // The same endpoint in two slices (e.g. while it moves): keep
-                        // the ready copy.
-                        Some(existing) if existing.ready || !ep.ready => {}
-                        _ => {
-                            entry.insert((ep.ip, ep.port), ep);
-                        }
+        let found = match &slice.endpoints {
+            Ok(found) => found,
+            Err(w) => {
+                warnings.push(w.clone());
+                continue;
+            }
+        };
+        for (port_name, protocol, port) in &found.ports {
+            let entry = endpoints.entry((port_name, *protocol)).or_default();
+            for ep in &found.endpoints {
+                let ep = ep.at(*port);
+                match entry.get(&(ep.ip, ep.port)) {
+                    // The same endpoint in two slices (e.g. while it moves): keep the ready
+                    // copy.
+                    Some(existing) if existing.ready || !ep.ready => {}
+                    _ => {
+                        entry.insert((ep.ip, ep.port), ep);
                     }
                 }
             }
-            Err(w) => warnings.push(w),
         }
     }
     let ports = ports
-        .into_iter()
-        .map(|mut port| {
-            if let Some(eps) = endpoints.get(&(port.id.port_name.clone(), port.id.protocol)) {
-                port.endpoints = eps.values().cloned().collect();
+        .iter()
+        .map(|declared| {
+            let mut port = declared.clone();
+            let key = (declared.id.port_name.as_str(), declared.id.protocol);
+            if let Some(eps) = endpoints.remove(&key) {
+                port.endpoints = eps.into_values().collect();
             }
             port
         })
         .collect();
     (ports, warnings)
+}
+
+/// What the proxy keeps of a Service: its service ports as the model holds them (without
+/// endpoints), or why it is left out. Made once per watch event; the API object is dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceObject {
+    /// The Service's namespace.
+    pub namespace: String,
+    /// The Service's name.
+    pub name: String,
+    /// The Service's UID (for Events about it).
+    pub uid: Option<String>,
+    /// Its ports; `Ok(None)` when the Service is not ours to proxy.
+    pub ports: Result<Option<Vec<ServicePort>>, Warning>,
+}
+
+impl ServiceObject {
+    /// Derives what the proxy keeps of `svc`.
+    pub fn new(svc: &Service) -> Self {
+        let (namespace, name) = object_key(&svc.metadata);
+        let ports = service_ports(svc, &namespace, &name);
+        ServiceObject {
+            uid: svc.metadata.uid.clone(),
+            ports,
+            namespace,
+            name,
+        }
+    }
+
+    /// `(namespace, name)`.
+    pub fn key(&self) -> (String, String) {
+        (self.namespace.clone(), self.name.clone())
+    }
+}
+
+/// What the proxy keeps of an EndpointSlice: its Service, its ports and, once for all of
+/// them, its endpoints; or why it is left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceObject {
+    /// The slice's namespace.
+    pub namespace: String,
+    /// The slice's name.
+    pub name: String,
+    /// The slice's UID (for Events about it).
+    pub uid: Option<String>,
+    /// The name of its Service, when the slice is ours.
+    pub service: Option<String>,
+    /// Its ports and endpoints.
+    pub endpoints: Result<SliceEndpoints, Warning>,
+}
+
+impl SliceObject {
+    /// Derives what the proxy keeps of `slice`; node and zone names are shared through
+    /// `interner`.
+    pub fn new(slice: &EndpointSlice, interner: &mut Interner) -> Self {
+        let (namespace, name) = object_key(&slice.metadata);
+        SliceObject {
+            uid: slice.metadata.uid.clone(),
+            service: slice_service(slice),
+            endpoints: slice_endpoints(slice, &namespace, &name, interner),
+            namespace,
+            name,
+        }
+    }
+
+    /// `(namespace, service name)` of its Service, when the slice is ours.
+    pub fn service_key(&self) -> Option<(String, String)> {
+        Some((self.namespace.clone(), self.service.clone()?))
+    }
+}
+
+/// The ports of an EndpointSlice and its endpoints, each of which serves every port.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SliceEndpoints {
+    /// `(port name, protocol, number)` of each port.
+    pub ports: Vec<(String, Protocol, u16)>,
+    /// The endpoints.
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+/// One endpoint of an EndpointSlice, for all its ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceEndpoint {
+    /// Its first address (upstream uses no other).
+    pub ip: IpAddr,
+    /// `conditions.ready` (absent means ready).
+    pub ready: bool,
+    /// `conditions.serving` (absent means the same as ready).
+    pub serving: bool,
+    /// `conditions.terminating` (absent means not terminating).
+    pub terminating: bool,
+    /// Its node, if known.
+    pub node_name: Option<Arc<str>>,
+    /// Its zone, if known.
+    pub zone: Option<Arc<str>>,
+}
+
+impl SliceEndpoint {
+    /// This endpoint at one of its slice's ports.
+    fn at(&self, port: u16) -> Endpoint {
+        Endpoint {
+            ip: self.ip,
+            port,
+            ready: self.ready,
+            serving: self.serving,
+            terminating: self.terminating,
+            node_name: self.node_name.clone(),
+            zone: self.zone.clone(),
+        }
+    }
+}
+
+/// Shares node and zone names between endpoints: a cluster has few nodes and many endpoints.
+/// Names nothing holds any more are dropped once the set has grown, so that a stream of
+/// made-up names cannot grow it for ever.
+#[derive(Debug, Default)]
+pub struct Interner {
+    names: std::collections::HashSet<Arc<str>>,
+    /// Size at which the next prune happens.
+    prune_at: usize,
+}
+
+impl Interner {
+    /// The shared copy of `name`.
+    pub fn intern(&mut self, name: &str) -> Arc<str> {
+        if let Some(shared) = self.names.get(name) {
+            return shared.clone();
+        }
+        if self.names.len() >= self.prune_at.max(1024) {
+            self.names.retain(|n| Arc::strong_count(n) > 1);
+            self.prune_at = self.names.len() * 2;
+        }
+        let shared: Arc<str> = Arc::from(name);
+        self.names.insert(shared.clone());
+        shared
+    }
+
+    /// How many names are held.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Whether no name is held.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
 }
 
 fn warn(
@@ -638,16 +801,19 @@ fn service_ports(svc: &Service, ns: &str, name: &str) -> Result<Option<Vec<Servi
     Ok(Some(out))
 }
 
-/// The endpoints of one slice as (port name, protocol, endpoint), or a warning for the slice.
-fn slice_endpoints(slice: &EndpointSlice) -> Result<Vec<(String, Protocol, Endpoint)>, Warning> {
-    let ns = slice.metadata.namespace.clone().unwrap_or_default();
-    let name = slice.metadata.name.clone().unwrap_or_default();
-    let w = |reason, message| warn("EndpointSlice", &ns, &name, reason, message);
+/// The ports and endpoints of one slice, or a warning for the slice.
+fn slice_endpoints(
+    slice: &EndpointSlice,
+    ns: &str,
+    name: &str,
+    interner: &mut Interner,
+) -> Result<SliceEndpoints, Warning> {
+    let w = |reason, message| warn("EndpointSlice", ns, name, reason, message);
     let want_v4 = match slice.address_type.as_str() {
         "IPv4" => true,
         "IPv6" => false,
         // FQDN slices are not proxied by anyone.
-        _ => return Ok(Vec::new()),
+        _ => return Ok(SliceEndpoints::default()),
     };
     let mut ports = Vec::new();
     for p in slice.ports.iter().flatten() {
@@ -666,45 +832,39 @@ fn slice_endpoints(slice: &EndpointSlice) -> Result<Vec<(String, Protocol, Endpo
             .ok_or_else(|| w("InvalidPort", format!("port {number} is not a port")))?;
         ports.push((p.name.clone().unwrap_or_default(), protocol, number));
     }
-    let mut out = Vec::new();
-    for ep in slice.endpoints.iter().flatten() {
-        // Upstream uses the first address only; the others are reserved for future use.
-        let Some(addr) = ep.addresses.first() else {
-            continue;
-        };
-        let ip: IpAddr = addr.parse().map_err(|_| {
-            w(
-                "InvalidEndpointAddress",
-                format!("{addr:?} is not an IP address"),
-            )
-        })?;
-        if ip.is_ipv4() != want_v4 {
-            return Err(w(
-                "InvalidEndpointAddress",
-                format!("{addr} does not match addressType {}", slice.address_type),
-            ));
-        }
-        let cond = ep.conditions.as_ref();
-        let ready = cond.and_then(|c| c.ready).unwrap_or(true);
-        let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
-        let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
-        for (port_name, protocol, port) in &ports {
-            out.push((
-                port_name.clone(),
-                *protocol,
-                Endpoint {
-                    ip,
-                    port: *port,
-                    ready,
-                    serving,
-                    terminating,
-                    node_name: ep.node_name.clone(),
-                    zone: ep.zone.clone(),
-                },
-            ));
+    let mut endpoints = Vec::new();
+    if !ports.is_empty() {
+        for ep in slice.endpoints.iter().flatten() {
+            // Upstream uses the first address only; the others are reserved for future use.
+            let Some(addr) = ep.addresses.first() else {
+                continue;
+            };
+            let ip: IpAddr = addr.parse().map_err(|_| {
+                w(
+                    "InvalidEndpointAddress",
+                    format!("{addr:?} is not an IP address"),
+                )
+            })?;
+            if ip.is_ipv4() != want_v4 {
+                return Err(w(
+                    "InvalidEndpointAddress",
+                    format!("{addr} does not match addressType {}", slice.address_type),
+                ));
+            }
+            let cond = ep.conditions.as_ref();
+            let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+            endpoints.push(SliceEndpoint {
+                ip,
+                ready,
+                serving: cond.and_then(|c| c.serving).unwrap_or(ready),
+                terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
+                node_name: ep.node_name.as_deref().map(|n| interner.intern(n)),
+                zone: ep.zone.as_deref().map(|z| interner.intern(z)),
+            });
         }
     }
-    Ok(out)
+    endpoints.shrink_to_fit();
+    Ok(SliceEndpoints { ports, endpoints })
 }
 
 #[cfg(test)]
@@ -1009,5 +1169,46 @@ mod tests {
         port.endpoints[1].node_name = Some("other".into());
         let sel = port.select(IpFamily::V4, NODE);
         assert!(sel.local.is_empty() && sel.has_any);
+    }
+
+    #[test]
+    fn kept_objects_drop_what_the_model_does_not_read() {
+        let (svc, mut sl) = simple("default", "web", "10.96.0.1", &["10.244.1.1", "10.244.1.2"]);
+        let eps = sl.endpoints.as_mut().unwrap();
+        eps[0].addresses.push("10.244.1.99".into());
+        eps[0].hostname = Some("web-0".into());
+        let mut interner = Interner::default();
+        let kept = SliceObject::new(&sl, &mut interner);
+        let found = kept.endpoints.as_ref().unwrap();
+        assert_eq!(found.ports, [("http".to_string(), Protocol::Tcp, 8080)]);
+        // One entry per endpoint, not per endpoint and port; only the first address.
+        let ips: Vec<String> = found.endpoints.iter().map(|e| e.ip.to_string()).collect();
+        assert_eq!(ips, ["10.244.1.1", "10.244.1.2"]);
+        // Both endpoints share one copy of their node's name.
+        let (a, b) = (&found.endpoints[0].node_name, &found.endpoints[1].node_name);
+        assert!(Arc::ptr_eq(a.as_ref().unwrap(), b.as_ref().unwrap()));
+        assert_eq!(interner.len(), 1);
+        let kept_svc = ServiceObject::new(&svc);
+        assert_eq!(kept_svc.key(), ("default".to_string(), "web".to_string()));
+        assert!(
+            kept_svc.ports.as_ref().unwrap().as_ref().unwrap()[0]
+                .endpoints
+                .is_empty()
+        );
+        // The model from kept objects is the one from the API objects.
+        let (from_objects, _) = build_from_objects([&kept_svc], [&kept], None, &config());
+        assert_eq!(from_objects, model_of(&[svc], &[sl]));
+    }
+
+    #[test]
+    fn the_interner_forgets_names_nothing_holds_once_it_has_grown() {
+        let mut interner = Interner::default();
+        let kept = interner.intern("node-kept");
+        for i in 0..5000 {
+            interner.intern(&format!("made-up-{i}"));
+        }
+        // Pruned as it grew: never more than twice what is held, plus the threshold.
+        assert!(interner.len() <= 1024 + 1, "{}", interner.len());
+        assert!(Arc::ptr_eq(&kept, &interner.intern("node-kept")));
     }
 }

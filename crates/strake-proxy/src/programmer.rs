@@ -10,11 +10,10 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::Node;
 
 use crate::config::Config;
-use crate::model::{self, Model, ServicePort, Warning};
+use crate::model::{self, Model, ServiceObject, ServicePort, SliceObject, Warning};
 use crate::nft::Nft;
 use crate::nft::ruleset::Rules;
 use crate::nft::sync::{SyncError, SyncReport, apply, full_script, partial_script};
@@ -31,9 +30,17 @@ struct Entry {
 
 /// The objects of the last sync, by identity (the `Arc`s are kept so that an address is
 /// never reused while it is remembered), and the Service each belongs to.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Seen<K> {
     by_ptr: Map<usize, (Arc<K>, Option<Key>)>,
+}
+
+impl<K> Default for Seen<K> {
+    fn default() -> Self {
+        Seen {
+            by_ptr: Map::default(),
+        }
+    }
 }
 
 impl<K> Seen<K> {
@@ -70,10 +77,10 @@ impl<K> Seen<K> {
 #[derive(Debug)]
 pub struct Programmer {
     config: Config,
-    services: Seen<Service>,
-    slices: Seen<EndpointSlice>,
-    service_by_key: Map<Key, Arc<Service>>,
-    slices_by_key: Map<Key, Vec<Arc<EndpointSlice>>>,
+    services: Seen<ServiceObject>,
+    slices: Seen<SliceObject>,
+    service_by_key: Map<Key, Arc<ServiceObject>>,
+    slices_by_key: Map<Key, Vec<Arc<SliceObject>>>,
     entries: Map<Key, Entry>,
     model: Model,
     rules: Option<Rules>,
@@ -124,8 +131,8 @@ impl Programmer {
     /// Updates the model, and the rules, from the current objects.
     fn update_model(
         &mut self,
-        services: &[Arc<Service>],
-        slices: &[Arc<EndpointSlice>],
+        services: &[Arc<ServiceObject>],
+        slices: &[Arc<SliceObject>],
         node: Option<&Node>,
     ) {
         let node = model::node_info(node, &self.config);
@@ -149,7 +156,7 @@ impl Programmer {
         let mut gone_services = Vec::new();
         self.services.update(
             services,
-            |svc| Some(model::object_key(&svc.metadata)),
+            |svc| Some(svc.key()),
             |svc, key| {
                 if let Some(key) = key {
                     by_key.insert(key.clone(), svc.clone());
@@ -172,7 +179,7 @@ impl Programmer {
         let mut gone_slices = Vec::new();
         self.slices.update(
             slices,
-            model::slice_service,
+            SliceObject::service_key,
             |slice, key| {
                 if let Some(key) = key {
                     slices_by_key
@@ -212,7 +219,7 @@ impl Programmer {
             let new = match self.service_by_key.get(&key) {
                 Some(svc) => {
                     let mut slices = self.slices_by_key.get(&key).cloned().unwrap_or_default();
-                    slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+                    slices.sort_by(|a, b| a.name.cmp(&b.name));
                     let (ports, warnings) = model::service_model(svc, &slices);
                     Entry { ports, warnings }
                 }
@@ -231,8 +238,8 @@ impl Programmer {
     pub fn sync(
         &mut self,
         nft: &dyn Nft,
-        services: &[Arc<Service>],
-        slices: &[Arc<EndpointSlice>],
+        services: &[Arc<ServiceObject>],
+        slices: &[Arc<SliceObject>],
         node: Option<&Node>,
     ) -> Result<SyncReport, SyncError> {
         self.update_model(services, slices, node);
@@ -296,9 +303,16 @@ mod tests {
     use crate::nft::RecordingNft;
     use crate::nft::ruleset::Ruleset;
     use crate::testutil::{config, simple};
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-    fn arcs<T>(v: Vec<T>) -> Vec<Arc<T>> {
-        v.into_iter().map(Arc::new).collect()
+    /// What the proxy keeps of a Service and its slice, as its watches store them.
+    fn kept(
+        (svc, slice): (k8s_openapi::api::core::v1::Service, EndpointSlice),
+    ) -> (Arc<ServiceObject>, Arc<SliceObject>) {
+        (
+            Arc::new(ServiceObject::new(&svc)),
+            Arc::new(SliceObject::new(&slice, &mut model::Interner::default())),
+        )
     }
 
     /// After any sequence of partial syncs, the rules equal a build from scratch.
@@ -314,9 +328,8 @@ mod tests {
         for slice in [&mut sb, &mut sc] {
             slice.endpoints.as_mut().unwrap()[0].node_name = Some(crate::testutil::NODE.into());
         }
-        let (a, b, c) = (Arc::new(a), Arc::new(b), Arc::new(c));
-        let (sa, sb, sc) = (Arc::new(sa), Arc::new(sb), Arc::new(sc));
-        type Objects = (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>);
+        let ((a, sa), (b, sb), (c, sc)) = (kept((a, sa)), kept((b, sb)), kept((c, sc)));
+        type Objects = (Vec<Arc<ServiceObject>>, Vec<Arc<SliceObject>>);
         let steps: Vec<Objects> = vec![
             (vec![a.clone(), b.clone()], vec![sa.clone(), sb.clone()]),
             // c shares an endpoint (and so a hairpin element) with b.
@@ -329,17 +342,17 @@ mod tests {
             // a's endpoints change (a new slice object).
             (
                 vec![a.clone(), c.clone()],
-                arcs(vec![
-                    simple("default", "a", "10.96.0.1", &["10.244.1.9"]).1,
-                    (*sc).clone(),
-                ]),
+                vec![
+                    kept(simple("default", "a", "10.96.0.1", &["10.244.1.9"])).1,
+                    Arc::new((*sc).clone()),
+                ],
             ),
             (vec![], vec![]),
         ];
         for (i, (svcs, slices)) in steps.iter().enumerate() {
             let report = p.sync(&nft, svcs, slices, None).unwrap();
             assert_eq!(report.full, i == 0, "step {i}");
-            let (model, _) = model::build(
+            let (model, _) = model::build_from_objects(
                 svcs.iter().map(|s| s.as_ref()),
                 slices.iter().map(|s| s.as_ref()),
                 None,
@@ -378,13 +391,13 @@ mod tests {
         let cfg = config();
         let nft = RecordingNft::default();
         let mut p = Programmer::new(&cfg);
-        let (a, sa) = simple("default", "a", "10.96.0.1", &["10.244.1.1"]);
-        let (svcs, slices) = (arcs(vec![a]), arcs(vec![sa]));
+        let (a, sa) = kept(simple("default", "a", "10.96.0.1", &["10.244.1.1"]));
+        let (svcs, slices) = (vec![a], vec![sa]);
         assert!(p.sync(&nft, &svcs, &slices, None).unwrap().full);
         nft.fail_next
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        let (a2, sa2) = simple("default", "a", "10.96.0.1", &["10.244.1.2"]);
-        let (svcs, slices) = (arcs(vec![a2]), arcs(vec![sa2]));
+        let (a2, sa2) = kept(simple("default", "a", "10.96.0.1", &["10.244.1.2"]));
+        let (svcs, slices) = (vec![a2], vec![sa2]);
         assert!(p.sync(&nft, &svcs, &slices, None).is_err());
         let report = p.sync(&nft, &svcs, &slices, None).unwrap();
         assert!(report.full);

@@ -1,5 +1,6 @@
-//! The running proxy: reflectors on Services, EndpointSlices and the own Node feed a change
-//! tracker; the sync loop turns the stores into rules ([`Programmer::sync`], which re-derives
+//! The running proxy: watches on Services, EndpointSlices and the own Node keep what the
+//! proxy reads of each object in a store (the API objects are dropped on arrival) and feed a
+//! change tracker; the sync loop turns the stores into rules ([`Programmer::sync`], which re-derives
 //! only the changed Services and sends the kernel only their difference, then deletes
 //! [`conntrack::stale`] UDP flows) no more often than
 //! `--min-sync-period`, at least every `--sync-period`, with a full sync at start, after a
@@ -30,7 +31,10 @@ use crate::conntrack::{self, Conntrack, UdpState};
 use crate::health::Health;
 use crate::healthcheck::{self, HealthCheckPorts};
 use crate::metrics::Metrics;
-use crate::model::{HEADLESS_LABEL, NodeInfo, SERVICE_PROXY_NAME_LABEL, Warning};
+use crate::model::{
+    HEADLESS_LABEL, Interner, NodeInfo, SERVICE_PROXY_NAME_LABEL, ServiceObject, SliceObject,
+    Warning,
+};
 use crate::nft::Nft;
 use crate::programmer::Programmer;
 
@@ -145,16 +149,61 @@ fn trigger_time(slice: &EndpointSlice) -> Option<Timestamp> {
         .ok()
 }
 
-/// The reflector stores the sync loop reads.
+/// The stores the sync loop reads: what the proxy keeps of each object ([`ServiceObject`],
+/// [`SliceObject`], a trimmed Node), never the API objects themselves.
 #[derive(Clone)]
 pub struct Stores {
     /// Services.
-    pub services: Store<Service>,
+    pub services: Store<ServiceObject>,
     /// EndpointSlices.
-    pub slices: Store<EndpointSlice>,
+    pub slices: Store<SliceObject>,
     /// The own Node (at most one object).
     pub node: Store<Node>,
 }
+
+/// Keyed by namespace and name alone in the stores: no resource version or UID is copied
+/// into each key.
+macro_rules! lookup {
+    ($kept:ty, $api:ty) => {
+        impl reflector::Lookup for $kept {
+            type DynamicType = ();
+
+            fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+                <$api as k8s_openapi::Resource>::KIND.into()
+            }
+
+            fn group(_: &()) -> std::borrow::Cow<'_, str> {
+                <$api as k8s_openapi::Resource>::GROUP.into()
+            }
+
+            fn version(_: &()) -> std::borrow::Cow<'_, str> {
+                <$api as k8s_openapi::Resource>::VERSION.into()
+            }
+
+            fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+                <$api as k8s_openapi::Resource>::URL_PATH_SEGMENT.into()
+            }
+
+            fn name(&self) -> Option<std::borrow::Cow<'_, str>> {
+                Some(self.name.as_str().into())
+            }
+
+            fn namespace(&self) -> Option<std::borrow::Cow<'_, str>> {
+                Some(self.namespace.as_str().into())
+            }
+
+            fn resource_version(&self) -> Option<std::borrow::Cow<'_, str>> {
+                None
+            }
+
+            fn uid(&self) -> Option<std::borrow::Cow<'_, str>> {
+                None
+            }
+        }
+    };
+}
+lookup!(ServiceObject, Service);
+lookup!(SliceObject, EndpointSlice);
 
 /// Label selector of upstream kube-proxy's informers: objects of other proxies and headless
 /// Services are none of ours.
@@ -162,30 +211,52 @@ fn selector() -> String {
     format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}")
 }
 
-/// Drives one reflector, reporting its changes to `tracker`, until the stream ends.
-async fn drive<K>(
+/// A watch event carrying `keep(object)` instead of the object.
+fn kept<K, T>(event: watcher::Event<K>, keep: &mut impl FnMut(K) -> T) -> watcher::Event<T> {
+    match event {
+        watcher::Event::Apply(obj) => watcher::Event::Apply(keep(obj)),
+        watcher::Event::Delete(obj) => watcher::Event::Delete(keep(obj)),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitApply(obj) => watcher::Event::InitApply(keep(obj)),
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    }
+}
+
+/// Drives one watch until its stream ends: each object becomes `keep(object)` in `store`
+/// (the API object is dropped there), then its change is reported to `tracker`.
+async fn drive<K, T>(
     stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    mut store: reflector::store::Writer<T>,
+    mut keep: impl FnMut(K) -> T,
     kind: Kind,
     tracker: Arc<Tracker>,
     trigger: fn(&K) -> Option<Timestamp>,
-) {
+) where
+    T: reflector::Lookup + Clone,
+    T::DynamicType: Eq + std::hash::Hash + Clone,
+{
     let mut stream = pin!(stream);
     let mut failing = false;
     while let Some(event) = stream.next().await {
         match event {
-            Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) => {
-                failing = false;
-                tracker.changed(kind, trigger(&obj));
-            }
-            // A (re)list replaced the store: whatever changed meanwhile is in it now.
-            Ok(watcher::Event::InitDone) => {
-                if failing {
-                    tracing::info!(?kind, "watch recovered");
+            Ok(event) => {
+                let change = match &event {
+                    watcher::Event::Apply(obj) | watcher::Event::Delete(obj) => Some(trigger(obj)),
+                    // A (re)list replaced the store: whatever changed meanwhile is in it now.
+                    watcher::Event::InitDone => {
+                        if failing {
+                            tracing::info!(?kind, "watch recovered");
+                        }
+                        Some(None)
+                    }
+                    watcher::Event::Init | watcher::Event::InitApply(_) => None,
+                };
+                store.apply_watcher_event(&kept(event, &mut keep));
+                if let Some(trigger) = change {
+                    failing = false;
+                    tracker.changed(kind, trigger);
                 }
-                failing = false;
-                tracker.changed(kind, None);
             }
-            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
             Err(e) => {
                 // The watcher retries with backoff; rules stay as they are meanwhile.
                 if !failing {
@@ -199,7 +270,7 @@ async fn drive<K>(
     }
 }
 
-/// Starts the three reflectors; their tasks end with the returned handles.
+/// Starts the three watches; their tasks end with the returned handles.
 pub fn watch(
     client: &Client,
     node_name: &str,
@@ -211,21 +282,23 @@ pub fn watch(
         .labels(&selector())
         .any_semantic();
     let (services, writer) = reflector::store();
-    let stream = reflector::reflector(
+    let stream = watcher(Api::<Service>::all(client.clone()), config.clone()).default_backoff();
+    let svc_task = tokio::spawn(drive(
+        stream,
         writer,
-        watcher(Api::<Service>::all(client.clone()), config.clone()),
-    )
-    .default_backoff();
-    let svc_task = tokio::spawn(drive(stream, Kind::Service, tracker.clone(), |_| None));
+        |svc| ServiceObject::new(&svc),
+        Kind::Service,
+        tracker.clone(),
+        |_| None,
+    ));
 
     let (slices, writer) = reflector::store();
-    let stream = reflector::reflector(
-        writer,
-        watcher(Api::<EndpointSlice>::all(client.clone()), config),
-    )
-    .default_backoff();
+    let stream = watcher(Api::<EndpointSlice>::all(client.clone()), config).default_backoff();
+    let mut interner = Interner::default();
     let slice_task = tokio::spawn(drive(
         stream,
+        writer,
+        move |slice| SliceObject::new(&slice, &mut interner),
         Kind::EndpointSlice,
         tracker.clone(),
         trigger_time,
@@ -235,8 +308,7 @@ pub fn watch(
     let config = watcher::Config::default()
         .fields(&format!("metadata.name={node_name}"))
         .any_semantic();
-    let stream = reflector::reflector(writer, watcher(Api::<Node>::all(client.clone()), config))
-        .default_backoff();
+    let stream = watcher(Api::<Node>::all(client.clone()), config).default_backoff();
     // Node status is rewritten often (heartbeats); only what the model reads is a change.
     let mut last: Option<NodeInfo> = None;
     let stream = stream.filter(move |event| {
@@ -251,7 +323,14 @@ pub fn watch(
         };
         futures::future::ready(keep)
     });
-    let node_task = tokio::spawn(drive(stream, Kind::Node, tracker.clone(), |_| None));
+    let node_task = tokio::spawn(drive(
+        stream,
+        writer,
+        trim_node,
+        Kind::Node,
+        tracker.clone(),
+        |_| None,
+    ));
     (
         Stores {
             services,
@@ -260,6 +339,25 @@ pub fn watch(
         },
         vec![svc_task, slice_task, node_task],
     )
+}
+
+/// The own Node as the proxy keeps it: its name, labels and addresses (the rest of its
+/// status, images and conditions, is most of its size and changes with every heartbeat).
+fn trim_node(node: Node) -> Node {
+    Node {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: node.metadata.name,
+            labels: node.metadata.labels,
+            ..Default::default()
+        },
+        spec: None,
+        status: node
+            .status
+            .map(|status| k8s_openapi::api::core::v1::NodeStatus {
+                addresses: status.addresses,
+                ..Default::default()
+            }),
+    }
 }
 
 /// Turns model warnings into log lines and (best effort, rate-limited) Events.
@@ -340,16 +438,16 @@ fn object_reference(w: &Warning, stores: Option<&Stores>) -> ObjectReference {
             <Service as k8s_openapi::Resource>::API_VERSION,
             stores.and_then(|s| {
                 s.services
-                    .get(&ObjectRef::new(&name).within(&ns))
-                    .and_then(|o| o.metadata.uid.clone())
+                    .get(&ObjectRef::new_with(&name, ()).within(&ns))
+                    .and_then(|o| o.uid.clone())
             }),
         ),
         _ => (
             <EndpointSlice as k8s_openapi::Resource>::API_VERSION,
             stores.and_then(|s| {
                 s.slices
-                    .get(&ObjectRef::new(&name).within(&ns))
-                    .and_then(|o| o.metadata.uid.clone())
+                    .get(&ObjectRef::new_with(&name, ()).within(&ns))
+                    .and_then(|o| o.uid.clone())
             }),
         ),
     };
@@ -671,6 +769,18 @@ mod tests {
         assert_eq!(r.report(std::slice::from_ref(&w), None), 0);
     }
 
+    /// A Service watch event as the Service watch stores it.
+    fn kept_service(event: watcher::Event<Service>) -> watcher::Event<ServiceObject> {
+        kept(event, &mut |svc| ServiceObject::new(&svc))
+    }
+
+    /// An EndpointSlice watch event as the EndpointSlice watch stores it.
+    fn kept_slice(event: watcher::Event<EndpointSlice>) -> watcher::Event<SliceObject> {
+        kept(event, &mut |slice| {
+            SliceObject::new(&slice, &mut Interner::default())
+        })
+    }
+
     /// Waits (real time, up to 5 s) until `f` holds.
     async fn eventually(what: &str, f: impl Fn() -> bool) {
         for _ in 0..500 {
@@ -687,8 +797,8 @@ mod tests {
         use crate::nft::RecordingNft;
         use crate::testutil::{config, simple};
 
-        let (services, mut svc_writer) = reflector::store::<Service>();
-        let (slices, mut slice_writer) = reflector::store::<EndpointSlice>();
+        let (services, mut svc_writer) = reflector::store::<ServiceObject>();
+        let (slices, mut slice_writer) = reflector::store::<SliceObject>();
         let (node, _node_writer) = reflector::store::<Node>();
         let stores = Stores {
             services,
@@ -734,12 +844,12 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(nft.scripts().is_empty());
         let (a, sa) = simple("default", "a", "10.96.0.1", &["10.244.1.1"]);
-        svc_writer.apply_watcher_event(&watcher::Event::Init);
-        svc_writer.apply_watcher_event(&watcher::Event::InitApply(a));
-        svc_writer.apply_watcher_event(&watcher::Event::InitDone);
-        slice_writer.apply_watcher_event(&watcher::Event::Init);
-        slice_writer.apply_watcher_event(&watcher::Event::InitApply(sa));
-        slice_writer.apply_watcher_event(&watcher::Event::InitDone);
+        svc_writer.apply_watcher_event(&kept_service(watcher::Event::Init));
+        svc_writer.apply_watcher_event(&kept_service(watcher::Event::InitApply(a)));
+        svc_writer.apply_watcher_event(&kept_service(watcher::Event::InitDone));
+        slice_writer.apply_watcher_event(&kept_slice(watcher::Event::Init));
+        slice_writer.apply_watcher_event(&kept_slice(watcher::Event::InitApply(sa)));
+        slice_writer.apply_watcher_event(&kept_slice(watcher::Event::InitDone));
         eventually("the first sync", || nft.scripts().len() == 1).await;
         assert!(nft.scripts()[0].contains("delete table ip strake-proxy"));
         assert!(nft.scripts()[0].contains("10.244.1.1"));
@@ -747,7 +857,7 @@ mod tests {
         // Three changes in a burst: one partial sync, after min-sync-period.
         for ip in ["10.244.1.2", "10.244.1.3", "10.244.1.4"] {
             let (_, slice) = simple("default", "a", "10.96.0.1", &[ip]);
-            slice_writer.apply_watcher_event(&watcher::Event::Apply(slice));
+            slice_writer.apply_watcher_event(&kept_slice(watcher::Event::Apply(slice)));
             tracker.changed(Kind::EndpointSlice, None);
         }
         eventually("the batched sync", || nft.scripts().len() == 2).await;
@@ -764,7 +874,7 @@ mod tests {
         nft.fail_next
             .store(true, std::sync::atomic::Ordering::SeqCst);
         let (_, slice) = simple("default", "a", "10.96.0.1", &["10.244.1.5"]);
-        slice_writer.apply_watcher_event(&watcher::Event::Apply(slice));
+        slice_writer.apply_watcher_event(&kept_slice(watcher::Event::Apply(slice)));
         tracker.changed(Kind::EndpointSlice, None);
         eventually("the failure", || metrics.snapshot().sync_failures == 1).await;
         let wall = Timestamp::now();
@@ -806,8 +916,8 @@ mod tests {
                 serde_json::json!(eps),
             )
         };
-        let (services, mut svc_writer) = reflector::store::<Service>();
-        let (slices, mut slice_writer) = reflector::store::<EndpointSlice>();
+        let (services, mut svc_writer) = reflector::store::<ServiceObject>();
+        let (slices, mut slice_writer) = reflector::store::<SliceObject>();
         let (node, _node_writer) = reflector::store::<Node>();
         let stores = Stores {
             services,
@@ -850,20 +960,22 @@ mod tests {
                 .await;
             })
         };
-        svc_writer.apply_watcher_event(&watcher::Event::Init);
-        svc_writer.apply_watcher_event(&watcher::Event::InitApply(dns));
-        svc_writer.apply_watcher_event(&watcher::Event::InitDone);
-        slice_writer.apply_watcher_event(&watcher::Event::Init);
-        slice_writer.apply_watcher_event(&watcher::Event::InitApply(dns_slice(&[
+        svc_writer.apply_watcher_event(&kept_service(watcher::Event::Init));
+        svc_writer.apply_watcher_event(&kept_service(watcher::Event::InitApply(dns)));
+        svc_writer.apply_watcher_event(&kept_service(watcher::Event::InitDone));
+        slice_writer.apply_watcher_event(&kept_slice(watcher::Event::Init));
+        slice_writer.apply_watcher_event(&kept_slice(watcher::Event::InitApply(dns_slice(&[
             "10.244.1.1",
             "10.244.1.2",
-        ])));
-        slice_writer.apply_watcher_event(&watcher::Event::InitDone);
+        ]))));
+        slice_writer.apply_watcher_event(&kept_slice(watcher::Event::InitDone));
         eventually("the first sync", || nft.scripts().len() == 1).await;
         // After a (re)start the kernel's entries match the kept rules: nothing is deleted.
         assert!(conntrack.deleted().is_empty());
 
-        slice_writer.apply_watcher_event(&watcher::Event::Apply(dns_slice(&["10.244.1.2"])));
+        slice_writer.apply_watcher_event(&kept_slice(watcher::Event::Apply(dns_slice(&[
+            "10.244.1.2",
+        ]))));
         tracker.changed(Kind::EndpointSlice, None);
         eventually("the cleanup", || !conntrack.deleted().is_empty()).await;
         assert_eq!(
@@ -884,6 +996,31 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    #[test]
+    fn the_kept_node_keeps_what_the_model_reads_and_drops_its_status() {
+        let full: Node = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "node-a", "uid": "u",
+                          "labels": { "topology.kubernetes.io/zone": "z1" },
+                          "annotations": { "node.alpha.kubernetes.io/ttl": "0" },
+                          "managedFields": [{ "manager": "kubelet", "operation": "Update" }] },
+            "spec": { "podCIDR": "10.244.1.0/24" },
+            "status": {
+                "addresses": [{ "type": "InternalIP", "address": "10.0.0.5" },
+                              { "type": "Hostname", "address": "node-a" }],
+                "images": [{ "names": ["registry/x:1"], "sizeBytes": 1 }],
+                "capacity": { "cpu": "2" }
+            }
+        }))
+        .unwrap();
+        let kept = trim_node(full.clone());
+        assert_eq!(NodeInfo::from_node(&full), NodeInfo::from_node(&kept));
+        assert_eq!(NodeInfo::from_node(&kept).zone.as_deref(), Some("z1"));
+        let status = kept.status.as_ref().unwrap();
+        assert!(status.images.is_none() && status.capacity.is_none());
+        assert!(kept.metadata.managed_fields.is_none() && kept.metadata.annotations.is_none());
+        assert!(kept.spec.is_none());
     }
 
     #[test]

@@ -912,8 +912,17 @@ fn partial_syncs_reach_the_same_tables_as_a_full_sync() {
 
     // The daemon's incremental pipeline (claims per service port, deltas of the touched
     // objects) reaches the same tables too.
-    let arcs = |v: Vec<EndpointSlice>| v.into_iter().map(Arc::new).collect::<Vec<_>>();
-    let svc_a: Vec<Arc<Service>> = services().into_iter().map(Arc::new).collect();
+    // The objects as the daemon's watches keep them.
+    let mut interner = strake_proxy::model::Interner::default();
+    let mut arcs = |v: Vec<EndpointSlice>| {
+        v.iter()
+            .map(|s| Arc::new(strake_proxy::model::SliceObject::new(s, &mut interner)))
+            .collect::<Vec<_>>()
+    };
+    let svc_a: Vec<Arc<strake_proxy::model::ServiceObject>> = services()
+        .iter()
+        .map(|s| Arc::new(strake_proxy::model::ServiceObject::new(s)))
+        .collect();
     let svc_b = svc_a[..5].to_vec();
     let (sl_a, sl_b) = (arcs(state_a.clone()), arcs(state_b.clone()));
     let mut programmer = Programmer::new(&config);
