@@ -13,20 +13,15 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Node;
 
 use crate::config::Config;
-use crate::model::{self, Model, ServiceObject, ServicePort, SliceObject, Warning};
+use crate::model::{
+    self, Model, Protocol, ServiceObject, ServicePort, ServicePortName, SliceObject, Warning,
+};
 use crate::nft::Nft;
 use crate::nft::ruleset::Rules;
 use crate::nft::sync::{SyncError, SyncReport, apply, full_script, partial_script};
 
 type Key = (String, String);
 type Map<K, V> = foldhash::HashMap<K, V>;
-
-/// What was derived from one Service and its EndpointSlices.
-#[derive(Debug, Default)]
-struct Entry {
-    ports: Vec<ServicePort>,
-    warnings: Vec<Warning>,
-}
 
 /// The objects of the last sync, by identity (the `Arc`s are kept so that an address is
 /// never reused while it is remembered), and the Service each belongs to.
@@ -81,7 +76,9 @@ pub struct Programmer {
     slices: Seen<SliceObject>,
     service_by_key: Map<Key, Arc<ServiceObject>>,
     slices_by_key: Map<Key, Vec<Arc<SliceObject>>>,
-    entries: Map<Key, Entry>,
+    /// What was left out, for the Services that had something left out.
+    warnings: Map<Key, Vec<Warning>>,
+    /// The service ports of the last sync; the only copy of them.
     model: Model,
     rules: Option<Rules>,
     /// Whether the kernel holds what `rules` held after the last sync.
@@ -97,7 +94,7 @@ impl Programmer {
             slices: Seen::default(),
             service_by_key: Map::default(),
             slices_by_key: Map::default(),
-            entries: Map::default(),
+            warnings: Map::default(),
             model: Model {
                 services: Default::default(),
                 node: model::node_info(None, config),
@@ -119,11 +116,7 @@ impl Programmer {
 
     /// Objects left out of the model as of the last sync.
     pub fn warnings(&self) -> Vec<Warning> {
-        let mut out: Vec<Warning> = self
-            .entries
-            .values()
-            .flat_map(|e| e.warnings.iter().cloned())
-            .collect();
+        let mut out: Vec<Warning> = self.warnings.values().flatten().cloned().collect();
         out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         out
     }
@@ -206,29 +199,31 @@ impl Programmer {
         }
 
         if rebuild {
-            for entry in self.entries.values() {
-                for port in &entry.ports {
-                    if !dirty.contains(&(port.id.namespace.clone(), port.id.name.clone())) {
-                        rules.update(None, Some(port));
-                    }
+            for port in self.model.services.values() {
+                if !dirty.contains(&(port.id.namespace.clone(), port.id.name.clone())) {
+                    rules.update(None, Some(port));
                 }
             }
         }
         for key in dirty {
-            let old = self.entries.remove(&key).unwrap_or_default();
-            let new = match self.service_by_key.get(&key) {
+            let old = take_ports(&mut self.model, &key);
+            let (new, warnings) = match self.service_by_key.get(&key) {
                 Some(svc) => {
                     let mut slices = self.slices_by_key.get(&key).cloned().unwrap_or_default();
                     slices.sort_by(|a, b| a.name.cmp(&b.name));
-                    let (ports, warnings) = model::service_model(svc, &slices);
-                    Entry { ports, warnings }
+                    model::service_model(svc, &slices)
                 }
-                None => Entry::default(),
+                None => Default::default(),
             };
             // Rebuilt rules never held the old ports.
-            replace_ports(&mut self.model, rules, &old.ports, &new.ports, !rebuild);
-            if self.service_by_key.contains_key(&key) {
-                self.entries.insert(key, new);
+            replace_ports(rules, &old, &new, !rebuild);
+            for port in new {
+                self.model.services.insert(port.id.clone(), port);
+            }
+            if warnings.is_empty() {
+                self.warnings.remove(&key);
+            } else {
+                self.warnings.insert(key, warnings);
             }
         }
     }
@@ -266,21 +261,33 @@ impl Programmer {
     }
 }
 
-/// Swaps one Service's ports `old` for `new` in the model and the rules (`old_in_rules`:
-/// whether the rules hold `old`, or are being rebuilt and hold none of it).
-fn replace_ports(
-    model: &mut Model,
-    rules: &mut Rules,
-    old: &[ServicePort],
-    new: &[ServicePort],
-    old_in_rules: bool,
-) {
+/// Takes one Service's ports out of the model.
+fn take_ports(model: &mut Model, (namespace, name): &Key) -> Vec<ServicePort> {
+    // Ports sort by namespace, name, port name and protocol: the Service's ports are the run
+    // that starts at its empty port name and TCP.
+    let first = ServicePortName {
+        namespace: namespace.clone(),
+        name: name.clone(),
+        port_name: String::new(),
+        protocol: Protocol::Tcp,
+    };
+    let ids: Vec<ServicePortName> = model
+        .services
+        .range(first..)
+        .take_while(|(id, _)| id.namespace == *namespace && id.name == *name)
+        .map(|(id, _)| id.clone())
+        .collect();
+    ids.iter()
+        .filter_map(|id| model.services.remove(id))
+        .collect()
+}
+
+/// Swaps one Service's ports `old` for `new` in the rules (`old_in_rules`: whether the rules
+/// hold `old`, or are being rebuilt and hold none of it).
+fn replace_ports(rules: &mut Rules, old: &[ServicePort], new: &[ServicePort], old_in_rules: bool) {
     for port in old {
-        if !new.iter().any(|p| p.id == port.id) {
-            if old_in_rules {
-                rules.update(Some(port), None);
-            }
-            model.services.remove(&port.id);
+        if old_in_rules && !new.iter().any(|p| p.id == port.id) {
+            rules.update(Some(port), None);
         }
     }
     for port in new {
@@ -289,9 +296,6 @@ fn replace_ports(
             rules.update(None, Some(port));
         } else if before != Some(port) {
             rules.update(before, Some(port));
-        }
-        if before != Some(port) {
-            model.services.insert(port.id.clone(), port.clone());
         }
     }
 }
@@ -384,6 +388,52 @@ mod tests {
         // Unchanged objects cost nothing.
         let report = p.sync(&nft, &[], &[], None).unwrap();
         assert_eq!((report.full, report.bytes), (false, 0));
+    }
+
+    #[test]
+    fn a_services_ports_are_taken_out_of_the_model_and_no_neighbours_ones() {
+        let port = |ns: &str, name: &str, port_name: &str, protocol| ServicePort {
+            id: ServicePortName {
+                namespace: ns.into(),
+                name: name.into(),
+                port_name: port_name.into(),
+                protocol,
+            },
+            port: 80,
+            cluster_ips: Vec::new(),
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            node_port: None,
+            affinity_timeout_secs: None,
+            external_policy_local: false,
+            internal_policy_local: false,
+            load_balancer_source_ranges: Vec::new(),
+            health_check_node_port: None,
+            endpoints: Vec::new(),
+        };
+        let mut m = Model::default();
+        for p in [
+            port("a", "web", "", Protocol::Udp),
+            port("a", "web", "http", Protocol::Tcp),
+            port("a", "web", "http", Protocol::Sctp),
+            port("a", "we", "x", Protocol::Tcp),
+            port("a", "web-2", "", Protocol::Tcp),
+            port("ab", "web", "", Protocol::Tcp),
+        ] {
+            m.services.insert(p.id.clone(), p);
+        }
+        let taken = take_ports(&mut m, &("a".into(), "web".into()));
+        let names = |ports: Vec<&ServicePort>| -> Vec<String> {
+            ports.iter().map(|p| p.id.to_string()).collect()
+        };
+        assert_eq!(
+            names(taken.iter().collect()),
+            ["a/web/udp", "a/web:http/tcp", "a/web:http/sctp"]
+        );
+        assert_eq!(
+            names(m.services.values().collect()),
+            ["a/we:x/tcp", "a/web-2/tcp", "ab/web/tcp"]
+        );
     }
 
     #[test]
