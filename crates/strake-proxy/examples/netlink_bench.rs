@@ -2,7 +2,10 @@
 //! netlink backend (or `nft -f` with `--text`), for N Services x M endpoints, inside a
 //! throwaway network namespace (needs root; never touches the caller's namespace).
 //!
-//! `cargo run --release -p strake-proxy --example netlink_bench -- [SERVICES] [ENDPOINTS] [--text]`
+//! `cargo run --release -p strake-proxy --example netlink_bench -- [SERVICES] [ENDPOINTS] [--text] [--full-only]`
+//!
+//! `--full-only` exits right after the first full sync, without freeing anything: under
+//! `heaptrack`, the memory "leaked" at exit is what the daemon keeps after a full sync.
 //!
 //! Each step runs the daemon's whole pipeline (`Programmer::sync`: the incremental model
 //! and ruleset, then the kernel): a full sync, then partial ones for one endpoint added, one removed, one
@@ -218,9 +221,14 @@ fn main() {
     println!("full sync (empty table): {first}");
     // The objects stand for the daemon's watch stores.
     println!(
-        "  peak RSS {:.1} MiB after the full sync, of which {objects:.1} MiB before it (the objects)",
-        status_mib("VmHWM:")
+        "  peak RSS {:.1} MiB after the full sync, of which {objects:.1} MiB before it (the objects); {:.1} MiB resident after it",
+        status_mib("VmHWM:"),
+        status_mib("VmRSS:")
     );
+    if args.iter().any(|a| a == "--full-only") {
+        // For heap profilers: what is still allocated at exit is what a full sync keeps.
+        std::process::exit(0);
+    }
     if !text {
         let (m, _) = model::build_from_objects(
             svcs.iter().map(|s| s.as_ref()),

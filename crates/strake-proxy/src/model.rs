@@ -749,7 +749,7 @@ fn service_ports(svc: &Service, ns: &str, name: &str) -> Result<Option<Vec<Servi
             )
         })?),
     };
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(spec.ports.as_ref().map_or(0, Vec::len));
     for sp in spec.ports.iter().flatten() {
         let protocol = Protocol::parse(sp.protocol.as_deref()).ok_or_else(|| {
             w(

@@ -18,7 +18,7 @@ use crate::model::{
 };
 use crate::nft::Nft;
 use crate::nft::ruleset::Rules;
-use crate::nft::sync::{SyncError, SyncReport, apply, full_script, partial_script};
+use crate::nft::sync::{SyncError, SyncReport, apply, full_script_of, partial_script};
 
 type Key = (String, String);
 type Map<K, V> = foldhash::HashMap<K, V>;
@@ -253,7 +253,7 @@ impl Programmer {
         };
         let (script, full) = match partial {
             Some(script) => (script, false),
-            None => (full_script(&rules.materialize()), true),
+            None => (full_script_of(&rules.views()), true),
         };
         let result = apply(nft, &script, full);
         self.in_sync = result.is_ok();
@@ -363,9 +363,16 @@ mod tests {
                 &cfg,
             );
             assert_eq!(p.model(), &model, "step {i}");
+            let rules = p.rules.as_ref().unwrap();
             assert_eq!(
-                p.rules.as_ref().unwrap().materialize(),
+                rules.materialize(),
                 Ruleset::build(&model, &cfg),
+                "step {i}"
+            );
+            // A full sync writes from the claims without copying them, the same script.
+            assert_eq!(
+                full_script_of(&rules.views()),
+                crate::nft::sync::full_script(&rules.materialize()),
                 "step {i}"
             );
         }

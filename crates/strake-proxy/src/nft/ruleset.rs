@@ -125,6 +125,38 @@ impl Ruleset {
     pub fn tables(&self) -> [&Table; 2] {
         [&self.v4, &self.v6]
     }
+
+    /// Both tables, borrowed.
+    pub fn views(&self) -> [TableView<'_>; 2] {
+        [self.v4.view(), self.v6.view()]
+    }
+}
+
+impl Table {
+    /// The table, borrowed.
+    pub fn view(&self) -> TableView<'_> {
+        TableView {
+            family: self.family,
+            chains: self.chains.iter().map(|(n, c)| (n.as_str(), c)).collect(),
+            sets: self
+                .sets
+                .iter()
+                .map(|(n, s)| (n.as_str(), s, s.elements.iter().collect()))
+                .collect(),
+        }
+    }
+}
+
+/// One table's content borrowed from where it is kept, in name and key order, without a copy
+/// of any rule or element: what a full sync writes.
+pub struct TableView<'a> {
+    /// Which family (and so which table) this is.
+    pub family: IpFamily,
+    /// Chains by name.
+    pub chains: Vec<(&'a str, &'a Chain)>,
+    /// Sets and maps by name: the declaration and the elements (the declaration's own are
+    /// not read).
+    pub sets: Vec<(&'a str, &'a Set, Vec<(&'a String, &'a String)>)>,
 }
 
 /// Spelling that differs between the two families.
@@ -352,6 +384,42 @@ impl Claims {
     }
 
     /// The whole table as claimed now.
+    /// What [`Claims::materialize`] gives, borrowed.
+    fn view(&self, family: IpFamily) -> TableView<'_> {
+        // As in `materialize`: a shared chain wins over a claimed one of the same name.
+        let chains: BTreeMap<&str, &Chain> = self
+            .chains
+            .iter()
+            .filter_map(|(k, l)| Some((k.as_str(), &l.first()?.1)))
+            .chain(self.shared_chains.iter().map(|(k, (c, _))| (k.as_str(), c)))
+            .collect();
+        let mut sets: Vec<(&str, &Set, Vec<(&String, &String)>)> = self
+            .sets
+            .iter()
+            .filter_map(|(k, l)| {
+                let set = &l.first()?.1;
+                let elements = match SHARED_SETS.iter().position(|s| s == k) {
+                    Some(i) => {
+                        let mut elements: Vec<(&String, &String)> = self.elements[i]
+                            .iter()
+                            .filter_map(|(k, l)| Some((k, &l.first()?.1)))
+                            .collect();
+                        elements.sort_unstable_by_key(|(k, _)| *k);
+                        elements
+                    }
+                    None => set.elements.iter().collect(),
+                };
+                Some((k.as_str(), set, elements))
+            })
+            .collect();
+        sets.sort_unstable_by_key(|(name, _, _)| *name);
+        TableView {
+            family,
+            chains: chains.into_iter().collect(),
+            sets,
+        }
+    }
+
     fn materialize(&self, family: IpFamily) -> Table {
         let mut table = Table {
             family,
@@ -524,6 +592,14 @@ impl Rules {
             v4: self.claims[0].materialize(IpFamily::V4),
             v6: self.claims[1].materialize(IpFamily::V6),
         }
+    }
+
+    /// Both tables as they stand, borrowed: [`Rules::materialize`] without the copy.
+    pub fn views(&self) -> [TableView<'_>; 2] {
+        [
+            self.claims[0].view(IpFamily::V4),
+            self.claims[1].view(IpFamily::V6),
+        ]
     }
 
     /// Whether to keep track of changes for [`Rules::take_delta`]; off while building for a
@@ -1670,6 +1746,43 @@ mod tests {
             ]
         );
         assert!(t.sets[HAIRPIN].elements.is_empty());
+    }
+
+    #[test]
+    fn a_full_script_from_the_claims_is_the_one_from_a_copy_of_them() {
+        let ips: Vec<String> = (1..=DISPATCH_RULES_MAX + 1)
+            .map(|i| format!("10.244.1.{i}"))
+            .collect();
+        let refs: Vec<&str> = ips.iter().map(String::as_str).collect();
+        let (mut big, big_slice) = simple("default", "big", "10.96.0.11", &refs);
+        big.spec.as_mut().unwrap().session_affinity = Some("ClientIP".into());
+        let (small, small_slice) = simple("default", "small", "10.96.0.12", &["10.244.2.1"]);
+        let lb = crate::testutil::with_status(
+            service(
+                "default",
+                "lb",
+                json!({ "type": "LoadBalancer", "clusterIP": "10.96.0.8", "externalTrafficPolicy": "Local",
+                        "loadBalancerSourceRanges": ["203.0.113.0/24"], "healthCheckNodePort": 30999,
+                        "ports": [{ "port": 80, "nodePort": 30081 }] }),
+            ),
+            json!({ "loadBalancer": { "ingress": [{ "ip": "198.51.100.1" }] } }),
+        );
+        let lb_slice = slice(
+            "default",
+            "lb",
+            "lb-1",
+            "IPv4",
+            json!([{ "port": 80 }]),
+            json!([ep("10.244.3.1", NODE, true), ep("10.244.3.2", "node-b", true)]),
+        );
+        let model = model_of(&[big, small, lb], &[big_slice, small_slice, lb_slice]);
+        let mut rules = Rules::new(&config(), &model.node);
+        for port in model.services.values() {
+            rules.update(None, Some(port));
+        }
+        let copied = crate::nft::sync::full_script(&rules.materialize());
+        assert!(copied.contains("eps-svc-default/big/tcp/http") && copied.contains("30081"));
+        assert_eq!(crate::nft::sync::full_script_of(&rules.views()), copied);
     }
 
     #[test]

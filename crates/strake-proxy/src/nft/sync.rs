@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use crate::model::IpFamily;
-use crate::nft::ruleset::{Chain, Ruleset, Set, Table, table_ref};
+use crate::nft::ruleset::{Chain, Ruleset, Set, Table, TableView, table_ref};
 use crate::nft::{Nft, NftError, TABLE, family_keyword};
 
 /// Map and set elements per `add element` / `delete element` command; keeps lines (and nft's
@@ -127,14 +127,20 @@ pub(crate) fn adds_rules_using_data_maps(script: &str) -> bool {
 
 /// A script that replaces both tables with `desired`.
 pub fn full_script(desired: &Ruleset) -> String {
-    let mut out = String::with_capacity(estimate(desired));
-    for table in desired.tables() {
+    full_script_of(&desired.views())
+}
+
+/// [`full_script`] of tables borrowed from where they are kept (the daemon's claims: no
+/// copy of the ruleset is made to write it).
+pub fn full_script_of(tables: &[TableView<'_>]) -> String {
+    let mut out = String::with_capacity(estimate(tables));
+    for table in tables {
         let t = table_ref(table.family);
         // `add` first so that `delete` cannot fail on a missing table.
         let _ = writeln!(out, "add table {t}");
         let _ = writeln!(out, "delete table {t}");
         let _ = writeln!(out, "add table {t}");
-        for (name, set) in &table.sets {
+        for (name, set, _) in &table.sets {
             add_set(&mut out, &t, name, set);
         }
         for (name, chain) in &table.chains {
@@ -145,8 +151,8 @@ pub fn full_script(desired: &Ruleset) -> String {
         for (name, chain) in &table.chains {
             add_rules(&mut out, &t, name, chain);
         }
-        for (name, set) in &table.sets {
-            add_elements(&mut out, &t, name, set.elements.iter());
+        for (name, _, elements) in &table.sets {
+            add_elements(&mut out, &t, name, elements.iter().copied());
         }
     }
     out
@@ -168,15 +174,14 @@ pub fn cleanup(nft: &dyn Nft) -> Result<(), NftError> {
     nft.apply(&cleanup_script())
 }
 
-fn estimate(desired: &Ruleset) -> usize {
-    desired
-        .tables()
+fn estimate(tables: &[TableView<'_>]) -> usize {
+    tables
         .iter()
         .map(|t| {
             t.chains.len() * 160
                 + t.sets
-                    .values()
-                    .map(|s| s.elements.len() * 80)
+                    .iter()
+                    .map(|(_, _, elements)| elements.len() * 80)
                     .sum::<usize>()
         })
         .sum()
