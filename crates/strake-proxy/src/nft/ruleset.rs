@@ -156,8 +156,11 @@ pub struct TableView<'a> {
     pub chains: Vec<(&'a str, &'a Chain)>,
     /// Sets and maps by name: the declaration and the elements (the declaration's own are
     /// not read).
-    pub sets: Vec<(&'a str, &'a Set, Vec<(&'a String, &'a String)>)>,
+    pub sets: Vec<SetView<'a>>,
 }
+
+/// A set's name, declaration and elements (key, value), borrowed.
+pub type SetView<'a> = (&'a str, &'a Set, Vec<(&'a String, &'a String)>);
 
 /// Spelling that differs between the two families.
 struct Words {
@@ -393,7 +396,7 @@ impl Claims {
             .filter_map(|(k, l)| Some((k.as_str(), &l.first()?.1)))
             .chain(self.shared_chains.iter().map(|(k, (c, _))| (k.as_str(), c)))
             .collect();
-        let mut sets: Vec<(&str, &Set, Vec<(&String, &String)>)> = self
+        let mut sets: Vec<SetView<'_>> = self
             .sets
             .iter()
             .filter_map(|(k, l)| {
@@ -1773,7 +1776,10 @@ mod tests {
             "lb-1",
             "IPv4",
             json!([{ "port": 80 }]),
-            json!([ep("10.244.3.1", NODE, true), ep("10.244.3.2", "node-b", true)]),
+            json!([
+                ep("10.244.3.1", NODE, true),
+                ep("10.244.3.2", "node-b", true)
+            ]),
         );
         let model = model_of(&[big, small, lb], &[big_slice, small_slice, lb_slice]);
         let mut rules = Rules::new(&config(), &model.node);
