@@ -307,8 +307,13 @@ fn table_diff(out: &mut String, old: &Table, new: &Table) -> Option<()> {
                 Side::Both(..) => {}
             }
         }
-        delete_elements(out, &t, name, gone.into_iter());
-        add_elements(out, &t, name, fresh.into_iter());
+        delete_elements(out, &t, name, gone.into_iter().map(String::as_str));
+        add_elements(
+            out,
+            &t,
+            name,
+            fresh.into_iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        );
     }
     // 4. Rules of new and changed chains.
     for (name, chain) in added_chains.iter().chain(&changed_chains) {
@@ -356,19 +361,13 @@ fn add_elements<'a>(
     out: &mut String,
     t: &str,
     name: &str,
-    elements: impl Iterator<Item = (&'a String, &'a String)>,
+    elements: impl Iterator<Item = (&'a str, &'a str)>,
 ) {
     write_elements(out, "add", t, name, elements, true);
 }
 
-fn delete_elements<'a>(
-    out: &mut String,
-    t: &str,
-    name: &str,
-    keys: impl Iterator<Item = &'a String>,
-) {
-    let empty = String::new();
-    write_elements(out, "delete", t, name, keys.map(|k| (k, &empty)), false);
+fn delete_elements<'a>(out: &mut String, t: &str, name: &str, keys: impl Iterator<Item = &'a str>) {
+    write_elements(out, "delete", t, name, keys.map(|k| (k, "")), false);
 }
 
 fn write_elements<'a>(
@@ -376,7 +375,7 @@ fn write_elements<'a>(
     verb: &str,
     t: &str,
     name: &str,
-    elements: impl Iterator<Item = (&'a String, &'a String)>,
+    elements: impl Iterator<Item = (&'a str, &'a str)>,
     with_values: bool,
 ) {
     let mut in_line = 0;
@@ -510,7 +509,7 @@ add element ip strake-proxy endpoints { 10.96.0.2 . tcp . 80 . 0 : 10.244.2.2 . 
             &mut out,
             "ip strake-proxy",
             "service-nodeports",
-            elements.iter(),
+            elements.iter().map(|(k, v)| (k.as_str(), v.as_str())),
         );
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 3);
