@@ -285,6 +285,14 @@ impl KubeletNode {
         self.restart_kubelet()
     }
 
+    /// Restarts the kubelet (as [`KubeletNode::restart_kubelet`]) without the flags that start
+    /// with any of `drop`, and with `extra` added.
+    pub fn restart_kubelet_replacing(&mut self, drop: &[&str], extra: &[&str]) -> Result<()> {
+        self.args
+            .retain(|a| !drop.iter().any(|prefix| a.starts_with(prefix)));
+        self.restart_kubelet_with(extra)
+    }
+
     /// The running kubelet's PID.
     pub fn kubelet_pid(&self) -> u32 {
         self.kubelet_pid

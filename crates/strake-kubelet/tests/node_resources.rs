@@ -565,7 +565,14 @@ fn disruption(st: &k8s_openapi::api::core::v1::PodStatus) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pressure_evicts_the_best_effort_pod_first_and_an_emptydir_past_its_limit_its_pod() {
     const EVICT_NODE: &str = "strake-node-eviction-0";
-    let mut cluster = Cluster::start_with(EVICT_NODE, RuntimeKind::Strake, "").await;
+    // Image GC by thresholds off (a high threshold of 100 %), so that only disk pressure
+    // removes images here.
+    let mut cluster = Cluster::start_with(
+        EVICT_NODE,
+        RuntimeKind::Strake,
+        "imageGCHighThresholdPercent: 100\nimageGCLowThresholdPercent: 99\n",
+    )
+    .await;
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
     let sleep = serde_json::json!(["/bin/sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]);
     let image = cluster.busybox();
@@ -683,14 +690,36 @@ async fn pressure_evicts_the_best_effort_pod_first_and_an_emptydir_past_its_limi
         )
     );
 
-    // A soft nodefs threshold no disk can meet: DiskPressure too, and then every new pod is
-    // refused, whatever its QoS class.
+    // An image no container uses, for the node-level reclaim below.
+    let unused = format!("{}/strake/http:1", cluster.registry.open_in_cluster());
+    let out = cluster
+        .node
+        .runtime
+        .crictl(&["pull", &unused])
+        .expect("crictl pull");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let images = |node: &common::KubeletNode| {
+        let out = node.runtime.crictl(&["images"]).expect("crictl images");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(images(&cluster.node).contains("strake/http"));
+
+    // A soft nodefs threshold no disk can meet, instead of the memory one (memory, reclaimed
+    // first, would otherwise always be the threshold acted on): DiskPressure, and then every
+    // new pod is refused, whatever its QoS class.
     cluster
         .node
-        .restart_kubelet_with(&[
-            "--eviction-soft=nodefs.available<1000Ti",
-            "--eviction-soft-grace-period=nodefs.available=0s",
-        ])
+        .restart_kubelet_replacing(
+            &["--eviction-soft"],
+            &[
+                "--eviction-soft=nodefs.available<1000Ti",
+                "--eviction-soft-grace-period=nodefs.available=0s",
+            ],
+        )
         .expect("restart kubelet");
     wait_for("DiskPressure", 60, || async {
         let node = nodes.get(EVICT_NODE).await.ok()?;
@@ -712,4 +741,24 @@ async fn pressure_evicts_the_best_effort_pod_first_and_an_emptydir_past_its_limi
     let (phase, reason, message) = decided(&pods, "later").await;
     assert_eq!((phase.as_str(), reason.as_str()), ("Failed", "Evicted"));
     assert!(message.contains("DiskPressure"), "{message}");
+    // Before evicting for disk, the node gives back what no pod needs: the unused image goes
+    // (image GC by thresholds is off on this node).
+    let mut listing = images(&cluster.node);
+    for _ in 0..240 {
+        if !listing.contains("strake/http") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        listing = images(&cluster.node);
+    }
+    let log = cluster.node.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("image") || l.contains("evict") || l.contains("reclaim"))
+        .collect();
+    assert!(
+        !listing.contains("strake/http"),
+        "the unused image is still there under disk pressure:\n{listing}\nkubelet's lines:\n{}",
+        lines.join("\n")
+    );
 }
