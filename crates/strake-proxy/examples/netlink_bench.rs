@@ -7,9 +7,11 @@
 //! `--full-only` exits right after the first full sync, without freeing anything: under
 //! `heaptrack`, the memory "leaked" at exit is what the daemon keeps after a full sync.
 //!
-//! Each step runs the daemon's whole pipeline (`Programmer::sync`: the incremental model
-//! and ruleset, then the kernel): a full sync, then partial ones for one endpoint added, one removed, one
-//! Service added (5 rounds each, median shown), then a forced full sync over the full table.
+//! Each step runs the daemon's whole pipeline (the incremental model and ruleset, then the
+//! kernel): a full sync given every object (`Programmer::sync`), then partial ones given only
+//! the changed objects, as the daemon's watches name them (`Programmer::sync_changed`), for
+//! one endpoint added, one removed, one Service added (5 rounds each, median shown), then a
+//! forced full sync over the full table.
 #![allow(clippy::unwrap_used)]
 
 use std::process::Command;
@@ -26,7 +28,7 @@ use strake_proxy::nft::netlink::encode::{self, Layouts};
 use strake_proxy::nft::ruleset::Ruleset;
 use strake_proxy::nft::sync::full_script;
 use strake_proxy::nft::{Nft, NftCommand};
-use strake_proxy::programmer::Programmer;
+use strake_proxy::programmer::{Changed, Programmer};
 
 struct Netns(String);
 
@@ -109,11 +111,28 @@ struct Bench<'a> {
 }
 
 impl Bench<'_> {
-    /// One pass of the daemon's sync pipeline.
+    /// One pass of the daemon's sync pipeline, given every object.
     fn sync(&mut self, svcs: &[Arc<ServiceObject>], slices: &[Arc<SliceObject>]) -> Sample {
+        self.timed(|p, nft| p.sync(nft, svcs, slices, None).unwrap())
+    }
+
+    /// One pass of the daemon's sync pipeline, given the objects that changed (as the
+    /// daemon's watches name them).
+    fn sync_changed(
+        &mut self,
+        svcs: Vec<Changed<ServiceObject>>,
+        slices: Vec<Changed<SliceObject>>,
+    ) -> Sample {
+        self.timed(|p, nft| p.sync_changed(nft, svcs, slices, None).unwrap())
+    }
+
+    fn timed(
+        &mut self,
+        sync: impl FnOnce(&mut Programmer, &dyn Nft) -> strake_proxy::nft::sync::SyncReport,
+    ) -> Sample {
         let (t, c) = (Instant::now(), cpu());
         *self.nft.last.lock().unwrap() = (Duration::ZERO, Duration::ZERO);
-        let report = self.programmer.sync(self.nft, svcs, slices, None).unwrap();
+        let report = sync(&mut self.programmer, self.nft);
         let w = self.programmer.warnings();
         assert!(w.is_empty(), "{:?}", &w[..w.len().min(3)]);
         let (apply, apply_cpu) = *self.nft.last.lock().unwrap();
@@ -313,10 +332,17 @@ fn main() {
             .unwrap(),
         );
         slices[last] = kept_slice(&grown);
-        added.push(bench.sync(&svcs, &slices));
+        let name = |s: &Arc<SliceObject>| (s.namespace.clone(), s.name.clone());
+        added.push(bench.sync_changed(
+            vec![],
+            vec![(name(&slices[last]), Some(slices[last].clone()))],
+        ));
         // ...and removed again.
         slices[last] = kept_slice(&slice(last as u32, endpoints));
-        removed.push(bench.sync(&svcs, &slices));
+        removed.push(bench.sync_changed(
+            vec![],
+            vec![(name(&slices[last]), Some(slices[last].clone()))],
+        ));
     }
     report("one endpoint added", added);
     report("one endpoint removed", removed);
@@ -324,9 +350,13 @@ fn main() {
     let mut new_service = Vec::new();
     for round in 0..rounds as u32 {
         let i = services + round;
-        svcs.push(kept_service(i));
-        slices.push(kept_slice(&slice(i, endpoints)));
-        new_service.push(bench.sync(&svcs, &slices));
+        let (svc, sl) = (kept_service(i), kept_slice(&slice(i, endpoints)));
+        svcs.push(svc.clone());
+        slices.push(sl.clone());
+        new_service.push(bench.sync_changed(
+            vec![(svc.key(), Some(svc))],
+            vec![((sl.namespace.clone(), sl.name.clone()), Some(sl))],
+        ));
     }
     report("one Service added", new_service);
 

@@ -1,12 +1,15 @@
 //! The sync pipeline from API objects to the kernel, kept incremental: a sync costs in
 //! proportion to what changed, not to the number of Services.
 //!
-//! The [`Programmer`] remembers, per Service, the objects it last saw (by identity: the
-//! reflector store hands out a new `Arc` for every change) and the service ports it derived
-//! from them. A sync re-derives only the Services whose Service or EndpointSlice objects
-//! changed, replaces their ports' contributions in [`Rules`], and sends the kernel the
-//! difference of the touched objects alone. A full sync (the first one, after a failure, on
-//! the long period, or when the node's name or addresses change) writes the whole ruleset.
+//! The [`Programmer`] remembers, by namespace and name, the objects it last saw (a store hands
+//! out a new `Arc` for every change, so identity tells a changed object) and the service ports
+//! it derived from them. A sync is given either every object ([`Programmer::sync`]: the first
+//! one, after a relist, on the long period) or only the objects that changed
+//! ([`Programmer::sync_changed`]: what the watches reported), re-derives only the Services
+//! whose Service or EndpointSlice objects changed, replaces their ports' contributions in
+//! [`Rules`], and sends the kernel the difference of the touched objects alone. A full sync
+//! (the first one, after a failure, on the long period, or when the node's name or addresses
+//! change) writes the whole ruleset.
 
 use std::sync::Arc;
 
@@ -20,62 +23,26 @@ use crate::nft::Nft;
 use crate::nft::ruleset::Rules;
 use crate::nft::sync::{SyncError, SyncReport, apply, full_script_of, partial_script};
 
-type Key = (String, String);
+/// `(namespace, name)`.
+pub type Key = (String, String);
 type Map<K, V> = foldhash::HashMap<K, V>;
 
-/// The objects of the last sync, by identity (the `Arc`s are kept so that an address is
-/// never reused while it is remembered), and the Service each belongs to.
-#[derive(Debug)]
-struct Seen<K> {
-    by_ptr: Map<usize, (Arc<K>, Option<Key>)>,
-}
-
-impl<K> Default for Seen<K> {
-    fn default() -> Self {
-        Seen {
-            by_ptr: Map::default(),
-        }
-    }
-}
-
-impl<K> Seen<K> {
-    /// Compares `now` with the last objects: calls `appeared` for each new one (with the key
-    /// `key_of` gives it) and `gone` for each one no longer there.
-    fn update(
-        &mut self,
-        now: &[Arc<K>],
-        key_of: impl Fn(&K) -> Option<Key>,
-        mut appeared: impl FnMut(&Arc<K>, &Option<Key>),
-        mut gone: impl FnMut(&Arc<K>, &Option<Key>),
-    ) {
-        let mut next = Map::with_capacity_and_hasher(now.len(), Default::default());
-        for obj in now {
-            let ptr = Arc::as_ptr(obj) as usize;
-            let entry = match self.by_ptr.remove(&ptr) {
-                Some(entry) => entry,
-                None => {
-                    let key = key_of(obj);
-                    appeared(obj, &key);
-                    (obj.clone(), key)
-                }
-            };
-            next.insert(ptr, entry);
-        }
-        for (_, (obj, key)) in self.by_ptr.drain() {
-            gone(&obj, &key);
-        }
-        self.by_ptr = next;
-    }
-}
+/// One object as it is now, by `(namespace, name)`; `None` when it is gone.
+pub type Changed<T> = (Key, Option<Arc<T>>);
 
 /// Keeps the model and the ruleset of the last sync, and brings the kernel to the next one.
 #[derive(Debug)]
 pub struct Programmer {
     config: Config,
-    services: Seen<ServiceObject>,
-    slices: Seen<SliceObject>,
-    service_by_key: Map<Key, Arc<ServiceObject>>,
+    /// The Services of the last sync, by name.
+    services: Map<Key, Arc<ServiceObject>>,
+    /// The EndpointSlices of the last sync, by name.
+    slices: Map<Key, Arc<SliceObject>>,
+    /// The same slices by the Service they belong to.
     slices_by_key: Map<Key, Vec<Arc<SliceObject>>>,
+    /// Whether a sync was given every object yet (before that, only [`Programmer::sync`]
+    /// can be right).
+    seen_all: bool,
     /// What was left out, for the Services that had something left out.
     warnings: Map<Key, Vec<Warning>>,
     /// The service ports of the last sync; the only copy of them.
@@ -90,10 +57,10 @@ impl Programmer {
     pub fn new(config: &Config) -> Self {
         Programmer {
             config: config.clone(),
-            services: Seen::default(),
-            slices: Seen::default(),
-            service_by_key: Map::default(),
+            services: Map::default(),
+            slices: Map::default(),
             slices_by_key: Map::default(),
+            seen_all: false,
             warnings: Map::default(),
             model: Model {
                 services: Default::default(),
@@ -121,13 +88,115 @@ impl Programmer {
         out
     }
 
-    /// Updates the model, and the rules, from the current objects.
-    fn update_model(
+    /// Whether only [`Programmer::sync`], given every object, can be right for the next
+    /// sync (nothing was given in full yet).
+    pub fn needs_all(&self) -> bool {
+        !self.seen_all
+    }
+
+    /// Notes `now` as the Service named `key`; marks its key dirty if it changed.
+    fn service_now(
+        &mut self,
+        key: Key,
+        now: Option<Arc<ServiceObject>>,
+        dirty: &mut foldhash::HashSet<Key>,
+    ) {
+        let same = match (self.services.get(&key), &now) {
+            (Some(old), Some(now)) => Arc::ptr_eq(old, now),
+            (None, None) => true,
+            _ => false,
+        };
+        if same {
+            return;
+        }
+        match now {
+            Some(now) => self.services.insert(key.clone(), now),
+            None => self.services.remove(&key),
+        };
+        dirty.insert(key);
+    }
+
+    /// Notes `now` as the EndpointSlice named `key`; marks the keys of the Services it left
+    /// and joined dirty if it changed.
+    fn slice_now(
+        &mut self,
+        key: Key,
+        now: Option<Arc<SliceObject>>,
+        dirty: &mut foldhash::HashSet<Key>,
+    ) {
+        let old = match (self.slices.get(&key), &now) {
+            (Some(old), Some(now)) if Arc::ptr_eq(old, now) => return,
+            (None, None) => return,
+            _ => match &now {
+                Some(now) => self.slices.insert(key, now.clone()),
+                None => self.slices.remove(&key),
+            },
+        };
+        if let Some(old) = old
+            && let Some(service) = old.service_key()
+        {
+            if let Some(list) = self.slices_by_key.get_mut(&service) {
+                list.retain(|s| !Arc::ptr_eq(s, &old));
+                if list.is_empty() {
+                    self.slices_by_key.remove(&service);
+                }
+            }
+            dirty.insert(service);
+        }
+        if let Some(now) = now
+            && let Some(service) = now.service_key()
+        {
+            self.slices_by_key
+                .entry(service.clone())
+                .or_default()
+                .push(now);
+            dirty.insert(service);
+        }
+    }
+
+    /// The keys of the Services to derive again, given every object there is.
+    fn all_now(
         &mut self,
         services: &[Arc<ServiceObject>],
         slices: &[Arc<SliceObject>],
-        node: Option<&Node>,
-    ) {
+    ) -> foldhash::HashSet<Key> {
+        let mut dirty = foldhash::HashSet::default();
+        let mut present: foldhash::HashSet<Key> = Default::default();
+        for svc in services {
+            present.insert(svc.key());
+            self.service_now(svc.key(), Some(svc.clone()), &mut dirty);
+        }
+        let gone: Vec<Key> = self
+            .services
+            .keys()
+            .filter(|k| !present.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.service_now(key, None, &mut dirty);
+        }
+        present.clear();
+        for slice in slices {
+            let key = (slice.namespace.clone(), slice.name.clone());
+            present.insert(key.clone());
+            self.slice_now(key, Some(slice.clone()), &mut dirty);
+        }
+        let gone: Vec<Key> = self
+            .slices
+            .keys()
+            .filter(|k| !present.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.slice_now(key, None, &mut dirty);
+        }
+        self.seen_all = true;
+        dirty
+    }
+
+    /// Updates the model, and the rules, for the Services named `dirty` (those whose
+    /// Service or any of whose EndpointSlices appeared, changed or went away).
+    fn update_model(&mut self, dirty: foldhash::HashSet<Key>, node: Option<&Node>) {
         let node = model::node_info(node, &self.config);
         if node != self.model.node {
             // Endpoint locality and source ranges depend on the node: start over.
@@ -142,62 +211,6 @@ impl Programmer {
         // A full sync writes everything: no need to note what changed.
         rules.set_tracking(self.in_sync);
 
-        // Which Services need their ports derived again: those whose Service or any of
-        // whose EndpointSlices appeared, changed (a new object) or went away.
-        let mut dirty: foldhash::HashSet<Key> = Default::default();
-        let (by_key, dirty_ref) = (&mut self.service_by_key, &mut dirty);
-        let mut gone_services = Vec::new();
-        self.services.update(
-            services,
-            |svc| Some(svc.key()),
-            |svc, key| {
-                if let Some(key) = key {
-                    by_key.insert(key.clone(), svc.clone());
-                    dirty_ref.insert(key.clone());
-                }
-            },
-            |svc, key| {
-                if let Some(key) = key {
-                    gone_services.push((svc.clone(), key.clone()));
-                }
-            },
-        );
-        for (svc, key) in gone_services {
-            if by_key.get(&key).is_some_and(|s| Arc::ptr_eq(s, &svc)) {
-                by_key.remove(&key);
-            }
-            dirty_ref.insert(key);
-        }
-        let slices_by_key = &mut self.slices_by_key;
-        let mut gone_slices = Vec::new();
-        self.slices.update(
-            slices,
-            SliceObject::service_key,
-            |slice, key| {
-                if let Some(key) = key {
-                    slices_by_key
-                        .entry(key.clone())
-                        .or_default()
-                        .push(slice.clone());
-                    dirty_ref.insert(key.clone());
-                }
-            },
-            |slice, key| {
-                if let Some(key) = key {
-                    gone_slices.push((slice.clone(), key.clone()));
-                }
-            },
-        );
-        for (slice, key) in gone_slices {
-            if let Some(list) = slices_by_key.get_mut(&key) {
-                list.retain(|s| !Arc::ptr_eq(s, &slice));
-                if list.is_empty() {
-                    slices_by_key.remove(&key);
-                }
-            }
-            dirty_ref.insert(key);
-        }
-
         if rebuild {
             for port in self.model.services.values() {
                 if !dirty.contains(&(port.id.namespace.clone(), port.id.name.clone())) {
@@ -207,7 +220,7 @@ impl Programmer {
         }
         for key in dirty {
             let old = take_ports(&mut self.model, &key);
-            let (new, warnings) = match self.service_by_key.get(&key) {
+            let (new, warnings) = match self.services.get(&key) {
                 Some(svc) => {
                     let mut slices = self.slices_by_key.get(&key).cloned().unwrap_or_default();
                     slices.sort_by(|a, b| a.name.cmp(&b.name));
@@ -237,7 +250,35 @@ impl Programmer {
         slices: &[Arc<SliceObject>],
         node: Option<&Node>,
     ) -> Result<SyncReport, SyncError> {
-        self.update_model(services, slices, node);
+        let dirty = self.all_now(services, slices);
+        self.update_model(dirty, node);
+        self.program(nft)
+    }
+
+    /// As [`Programmer::sync`], given only the objects that changed since the last sync
+    /// (each as it is now, by name): costs in proportion to them. Only right once a sync was
+    /// given every object ([`Programmer::needs_all`]).
+    pub fn sync_changed(
+        &mut self,
+        nft: &dyn Nft,
+        services: Vec<Changed<ServiceObject>>,
+        slices: Vec<Changed<SliceObject>>,
+        node: Option<&Node>,
+    ) -> Result<SyncReport, SyncError> {
+        let mut dirty = foldhash::HashSet::default();
+        for (key, now) in services {
+            self.service_now(key, now, &mut dirty);
+        }
+        for (key, now) in slices {
+            self.slice_now(key, now, &mut dirty);
+        }
+        self.update_model(dirty, node);
+        self.program(nft)
+    }
+
+    /// Sends the kernel the rules' difference since the last successful sync, or all of them
+    /// when a full sync is due.
+    fn program(&mut self, nft: &dyn Nft) -> Result<SyncReport, SyncError> {
         let Some(rules) = self.rules.as_mut() else {
             unreachable!("update_model always leaves rules");
         };
@@ -395,6 +436,96 @@ mod tests {
         // Unchanged objects cost nothing.
         let report = p.sync(&nft, &[], &[], None).unwrap();
         assert_eq!((report.full, report.bytes), (false, 0));
+    }
+
+    /// Given only what changed, a sync reaches the model and rules of one given everything.
+    #[test]
+    fn changed_objects_alone_reach_what_every_object_does() {
+        let cfg = config();
+        let nft = RecordingNft::default();
+        let (mut all, mut changed) = (Programmer::new(&cfg), Programmer::new(&cfg));
+        let (a, sa) = kept(simple("default", "a", "10.96.0.1", &["10.244.1.1"]));
+        let (b, sb) = kept(simple("default", "b", "10.96.0.2", &["10.244.2.1"]));
+        let (c, sc) = kept(simple("default", "c", "10.96.0.3", &["10.244.3.1"]));
+        let (_, sa2) = kept(simple("default", "a", "10.96.0.1", &["10.244.1.9"]));
+        // a's slice, relabelled to belong to c.
+        let mut moved = (*sa2).clone();
+        moved.service = Some("c".into());
+        let moved = Arc::new(moved);
+        let name = |s: &Arc<SliceObject>| (s.namespace.clone(), s.name.clone());
+        type Step = (
+            Vec<Arc<ServiceObject>>,
+            Vec<Arc<SliceObject>>,
+            Vec<Changed<ServiceObject>>,
+            Vec<Changed<SliceObject>>,
+        );
+        let steps: Vec<Step> = vec![
+            (
+                vec![a.clone(), b.clone(), c.clone()],
+                vec![sa.clone(), sb.clone(), sc.clone()],
+                vec![(b.key(), Some(b.clone())), (c.key(), Some(c.clone()))],
+                vec![(name(&sb), Some(sb.clone())), (name(&sc), Some(sc.clone()))],
+            ),
+            (
+                vec![a.clone(), c.clone()],
+                vec![sa.clone(), sc.clone()],
+                vec![(b.key(), None)],
+                vec![(name(&sb), None)],
+            ),
+            (
+                vec![a.clone(), c.clone()],
+                vec![sa2.clone(), sc.clone()],
+                vec![],
+                vec![(name(&sa2), Some(sa2.clone()))],
+            ),
+            (
+                vec![a.clone(), c.clone()],
+                vec![moved.clone(), sc.clone()],
+                // Unchanged objects named again cost nothing.
+                vec![(a.key(), Some(a.clone()))],
+                vec![
+                    (name(&moved), Some(moved.clone())),
+                    (name(&sc), Some(sc.clone())),
+                ],
+            ),
+            (
+                vec![],
+                vec![],
+                vec![(a.key(), None), (c.key(), None)],
+                vec![(name(&moved), None), (name(&sc), None)],
+            ),
+        ];
+        assert!(changed.needs_all());
+        changed
+            .sync(
+                &nft,
+                std::slice::from_ref(&a),
+                std::slice::from_ref(&sa),
+                None,
+            )
+            .unwrap();
+        assert!(!changed.needs_all());
+        for (i, (svcs, slices, changed_svcs, changed_slices)) in steps.into_iter().enumerate() {
+            all.sync(&nft, &svcs, &slices, None).unwrap();
+            let report = changed
+                .sync_changed(&nft, changed_svcs, changed_slices, None)
+                .unwrap();
+            assert!(!report.full, "step {i}");
+            assert_eq!(changed.model(), all.model(), "step {i}");
+            assert_eq!(
+                changed.rules.as_ref().unwrap().materialize(),
+                all.rules.as_ref().unwrap().materialize(),
+                "step {i}"
+            );
+        }
+        // The moved slice gave c the endpoint a had.
+        assert!(
+            nft.scripts()
+                .iter()
+                .any(|s| s.contains("10.96.0.3 . tcp . 80 . 0 : 10.244.1.9 . 8080")),
+            "{:?}",
+            nft.scripts()
+        );
     }
 
     #[test]

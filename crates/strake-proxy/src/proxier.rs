@@ -36,7 +36,7 @@ use crate::model::{
     Warning,
 };
 use crate::nft::Nft;
-use crate::programmer::Programmer;
+use crate::programmer::{Changed, Key, Programmer};
 
 /// How often a full sync rewrites both tables even when nothing failed (upstream: 1 hour).
 pub const FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
@@ -50,12 +50,41 @@ pub const EVENTS_PER_SYNC: usize = 10;
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 /// Trigger times kept per sync for the network programming metric (older ones are dropped).
 const MAX_TRIGGER_TIMES: usize = 4096;
+/// Objects named per sync; past this many, the sync looks at every object instead.
+const MAX_NAMED_CHANGES: usize = 10_000;
 
 /// Changes not yet programmed.
 #[derive(Debug, Default)]
 struct Pending {
     dirty: bool,
     trigger_times: Vec<Timestamp>,
+    /// Every object may have changed (a relist, the Node, or too many to name).
+    all: bool,
+    /// The Services and EndpointSlices that changed, by `(namespace, name)`.
+    services: std::collections::HashSet<Key>,
+    slices: std::collections::HashSet<Key>,
+}
+
+/// The objects one sync is given.
+enum Objects {
+    /// Every Service and EndpointSlice.
+    All(Vec<Arc<ServiceObject>>, Vec<Arc<SliceObject>>),
+    /// Those that changed, as they are now.
+    Changed(Vec<Changed<ServiceObject>>, Vec<Changed<SliceObject>>),
+}
+
+/// Which objects the next sync is to look at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changes {
+    /// Every object.
+    All,
+    /// These Services and EndpointSlices, by `(namespace, name)`.
+    Named {
+        /// Services.
+        services: Vec<Key>,
+        /// EndpointSlices.
+        slices: Vec<Key>,
+    },
 }
 
 /// What the watch task and the sync loop share.
@@ -93,14 +122,32 @@ impl Tracker {
         f(&mut self.pending.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Records a change of `kind` (with the EndpointSlice's trigger time, if any).
-    pub fn changed(&self, kind: Kind, trigger: Option<Timestamp>) {
+    /// Records a change of the object of `kind` named `name` (`None`: any object of any
+    /// kind may have changed), with the EndpointSlice's trigger time, if any.
+    pub fn changed(&self, kind: Kind, name: Option<Key>, trigger: Option<Timestamp>) {
         self.pending(|p| {
             p.dirty = true;
             if let Some(t) = trigger
                 && p.trigger_times.len() < MAX_TRIGGER_TIMES
             {
                 p.trigger_times.push(t);
+            }
+            match (kind, name) {
+                _ if p.all => {}
+                (Kind::Service, Some(name)) => {
+                    p.services.insert(name);
+                }
+                (Kind::EndpointSlice, Some(name)) => {
+                    p.slices.insert(name);
+                }
+                _ => p.all = true,
+            }
+            if p.services.len() + p.slices.len() > MAX_NAMED_CHANGES {
+                p.all = true;
+            }
+            if p.all {
+                p.services.clear();
+                p.slices.clear();
             }
         });
         self.metrics.update(|v| {
@@ -115,16 +162,28 @@ impl Tracker {
         self.notify.notify_one();
     }
 
-    fn take(&self) -> Vec<Timestamp> {
+    fn take(&self) -> (Vec<Timestamp>, Changes) {
         self.pending(|p| {
             p.dirty = false;
-            std::mem::take(&mut p.trigger_times)
+            let changes = if std::mem::take(&mut p.all) {
+                Changes::All
+            } else {
+                Changes::Named {
+                    services: p.services.drain().collect(),
+                    slices: p.slices.drain().collect(),
+                }
+            };
+            (std::mem::take(&mut p.trigger_times), changes)
         })
     }
 
+    /// Gives back what a failed sync took; the next sync looks at every object.
     fn put_back(&self, mut times: Vec<Timestamp>) {
         self.pending(|p| {
             p.dirty = true;
+            p.all = true;
+            p.services.clear();
+            p.slices.clear();
             times.truncate(MAX_TRIGGER_TIMES.saturating_sub(p.trigger_times.len()));
             p.trigger_times.extend(times);
         });
@@ -232,6 +291,7 @@ async fn drive<K, T>(
     tracker: Arc<Tracker>,
     trigger: fn(&K) -> Option<Timestamp>,
 ) where
+    K: kube::Resource,
     T: reflector::Lookup + Clone,
     T::DynamicType: Eq + std::hash::Hash + Clone,
 {
@@ -241,20 +301,27 @@ async fn drive<K, T>(
         match event {
             Ok(event) => {
                 let change = match &event {
-                    watcher::Event::Apply(obj) | watcher::Event::Delete(obj) => Some(trigger(obj)),
+                    watcher::Event::Apply(obj) | watcher::Event::Delete(obj) => {
+                        let meta = obj.meta();
+                        let name = (
+                            meta.namespace.clone().unwrap_or_default(),
+                            meta.name.clone().unwrap_or_default(),
+                        );
+                        Some((Some(name), trigger(obj)))
+                    }
                     // A (re)list replaced the store: whatever changed meanwhile is in it now.
                     watcher::Event::InitDone => {
                         if failing {
                             tracing::info!(?kind, "watch recovered");
                         }
-                        Some(None)
+                        Some((None, None))
                     }
                     watcher::Event::Init | watcher::Event::InitApply(_) => None,
                 };
                 store.apply_watcher_event(&kept(event, &mut keep));
-                if let Some(trigger) = change {
+                if let Some((name, trigger)) = change {
                     failing = false;
-                    tracker.changed(kind, trigger);
+                    tracker.changed(kind, name, trigger);
                 }
             }
             Err(e) => {
@@ -592,14 +659,45 @@ pub async fn sync_loop(
         if schedule.needs_full(started) {
             current.force_full();
         }
-        let trigger_times = tracker.take();
-        let services = stores.services.state();
-        let slices = stores.slices.state();
+        let (trigger_times, changes) = tracker.take();
+        // Every object for a programmer that never saw them all, and on the long period
+        // (a check of the bookkeeping); else only those that changed.
+        let objects = match changes {
+            Changes::Named { services, slices }
+                if !current.needs_all() && !schedule.needs_full(started) =>
+            {
+                let service = |k: Key| {
+                    let now = stores
+                        .services
+                        .get(&ObjectRef::new_with(&k.1, ()).within(&k.0));
+                    (k, now)
+                };
+                let slice = |k: Key| {
+                    let now = stores
+                        .slices
+                        .get(&ObjectRef::new_with(&k.1, ()).within(&k.0));
+                    (k, now)
+                };
+                Objects::Changed(
+                    services.into_iter().map(service).collect(),
+                    slices.into_iter().map(slice).collect(),
+                )
+            }
+            _ => Objects::All(stores.services.state(), stores.slices.state()),
+        };
         let node = stores.node.state().into_iter().next();
         let Kernel { nft, conntrack: ct } = kernel.clone();
         let old_udp = udp.clone();
         let job = tokio::task::spawn_blocking(move || {
-            let result = current.sync(nft.as_ref(), &services, &slices, node.as_deref());
+            let node = node.as_deref();
+            let result = match objects {
+                Objects::All(services, slices) => {
+                    current.sync(nft.as_ref(), &services, &slices, node)
+                }
+                Objects::Changed(services, slices) => {
+                    current.sync_changed(nft.as_ref(), services, slices, node)
+                }
+            };
             let model = current.model();
             let hc = healthcheck::desired(model);
             let new_udp = UdpState::of(model);
@@ -741,18 +839,44 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let t = Tracker::new(health, metrics.clone());
         let ts: Timestamp = "2024-01-01T00:00:00Z".parse().unwrap();
-        t.changed(Kind::Service, None);
-        t.changed(Kind::EndpointSlice, Some(ts));
-        t.changed(Kind::EndpointSlice, None);
+        let name = |n: &str| Some(("default".to_string(), n.to_string()));
+        t.changed(Kind::Service, name("a"), None);
+        t.changed(Kind::EndpointSlice, name("a-1"), Some(ts));
+        t.changed(Kind::EndpointSlice, name("a-1"), None);
         let v = metrics.snapshot();
         assert_eq!((v.service_changes, v.endpoint_changes), (1, 2));
         assert!(t.is_dirty());
-        let taken = t.take();
+        let (taken, changes) = t.take();
         assert_eq!(taken, vec![ts]);
+        // The objects that changed, each once.
+        assert_eq!(
+            changes,
+            Changes::Named {
+                services: vec![name("a").unwrap()],
+                slices: vec![name("a-1").unwrap()],
+            }
+        );
         assert!(!t.is_dirty());
+        // A failed sync gives its changes back as "everything".
         t.put_back(taken);
         assert!(t.is_dirty());
-        assert_eq!(t.take().len(), 1);
+        let (times, changes) = t.take();
+        assert_eq!((times.len(), changes), (1, Changes::All));
+        // A relist or the Node: everything; so are too many names.
+        t.changed(Kind::Service, name("b"), None);
+        t.changed(Kind::Node, None, None);
+        assert_eq!(t.take().1, Changes::All);
+        for i in 0..=MAX_NAMED_CHANGES {
+            t.changed(Kind::Service, name(&format!("s-{i}")), None);
+        }
+        assert_eq!(t.take().1, Changes::All);
+        assert_eq!(
+            t.take().1,
+            Changes::Named {
+                services: vec![],
+                slices: vec![]
+            }
+        );
     }
 
     #[tokio::test]
@@ -779,6 +903,11 @@ mod tests {
         kept(event, &mut |slice| {
             SliceObject::new(&slice, &mut Interner::default())
         })
+    }
+
+    /// `default/<name>`, as a watch names a changed object.
+    fn named(name: &str) -> Option<Key> {
+        Some(("default".to_string(), name.to_string()))
     }
 
     /// Waits (real time, up to 5 s) until `f` holds.
@@ -858,7 +987,7 @@ mod tests {
         for ip in ["10.244.1.2", "10.244.1.3", "10.244.1.4"] {
             let (_, slice) = simple("default", "a", "10.96.0.1", &[ip]);
             slice_writer.apply_watcher_event(&kept_slice(watcher::Event::Apply(slice)));
-            tracker.changed(Kind::EndpointSlice, None);
+            tracker.changed(Kind::EndpointSlice, named("a-1"), None);
         }
         eventually("the batched sync", || nft.scripts().len() == 2).await;
         tokio::time::sleep(Duration::from_millis(400)).await;
@@ -875,7 +1004,7 @@ mod tests {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         let (_, slice) = simple("default", "a", "10.96.0.1", &["10.244.1.5"]);
         slice_writer.apply_watcher_event(&kept_slice(watcher::Event::Apply(slice)));
-        tracker.changed(Kind::EndpointSlice, None);
+        tracker.changed(Kind::EndpointSlice, named("a-1"), None);
         eventually("the failure", || metrics.snapshot().sync_failures == 1).await;
         let wall = Timestamp::now();
         assert!(!health.report(Instant::now(), wall).healthy);
@@ -976,7 +1105,7 @@ mod tests {
         slice_writer.apply_watcher_event(&kept_slice(watcher::Event::Apply(dns_slice(&[
             "10.244.1.2",
         ]))));
-        tracker.changed(Kind::EndpointSlice, None);
+        tracker.changed(Kind::EndpointSlice, named("dns-1"), None);
         eventually("the cleanup", || !conntrack.deleted().is_empty()).await;
         assert_eq!(
             nft.scripts().len(),
