@@ -39,7 +39,13 @@ impl Drop for Netns {
 }
 
 fn service(i: u32) -> Service {
-    let ip = format!("10.96.{}.{}", 1 + i / 250, 1 + i % 250);
+    // 62,500 addresses per /16, from 10.96.1.1 on (endpoints are in 10.128.0.0/9).
+    let ip = format!(
+        "10.{}.{}.{}",
+        96 + i / 62_500,
+        1 + (i / 250) % 250,
+        1 + i % 250
+    );
     serde_json::from_value(json!({
         "metadata": { "namespace": "default", "name": format!("svc-{i}") },
         "spec": { "clusterIP": ip, "clusterIPs": [ip], "ports": [{ "name": "http", "port": 80 }] },
