@@ -456,6 +456,51 @@ async fn image_gc_removes_unused_images_past_the_threshold_and_never_one_in_use_
     image_gc(RuntimeKind::Containerd, "strake-image-gc-1").await;
 }
 
+/// The node's images, as `crictl images` lists them.
+fn images(node: &common::KubeletNode) -> String {
+    let out = node.runtime.crictl(&["images"]).expect("crictl images");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Pulls `strake/http:1`, an image no container of these tests runs, onto the node.
+fn pull_unused_image(cluster: &Cluster) {
+    let unused = format!("{}/strake/http:1", cluster.registry.open_in_cluster());
+    let out = cluster
+        .node
+        .runtime
+        .crictl(&["pull", &unused])
+        .expect("crictl pull");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(images(&cluster.node).contains("strake/http"));
+}
+
+/// Waits up to 60 s for the kubelet to remove the image [`pull_unused_image`] pulled; gives
+/// the listing then. Fails with the listing and the kubelet's image, eviction and reclaim
+/// lines.
+async fn unused_image_gone(cluster: &Cluster) -> String {
+    let mut listing = images(&cluster.node);
+    for _ in 0..240 {
+        if !listing.contains("strake/http") {
+            return listing;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        listing = images(&cluster.node);
+    }
+    let log = cluster.node.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("image") || l.contains("evict") || l.contains("reclaim"))
+        .collect();
+    panic!(
+        "the unused image is still there:\n{listing}\nkubelet's lines:\n{}",
+        lines.join("\n")
+    );
+}
+
 /// Thresholds low enough that the shared disk is always "full": every unused image goes, the
 /// image of a running container stays.
 async fn image_gc(kind: RuntimeKind, node: &str) {
@@ -488,42 +533,13 @@ async fn image_gc(kind: RuntimeKind, node: &str) {
         (p.status?.phase.as_deref() == Some("Running")).then_some(())
     })
     .await;
-    let unused = format!("{}/strake/http:1", cluster.registry.open_in_cluster());
-    let out = cluster
-        .node
-        .runtime
-        .crictl(&["pull", &unused])
-        .expect("crictl pull");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let images = |node: &common::KubeletNode| {
-        let out = node.runtime.crictl(&["images"]).expect("crictl images");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    assert!(images(&cluster.node).contains("strake/http"));
+    pull_unused_image(&cluster);
     // Upstream checks every 5 minutes; this node every second.
     cluster
         .node
         .restart_kubelet_with(&["--image-gc-period=1s"])
         .expect("restart kubelet");
-    let mut listing = images(&cluster.node);
-    for _ in 0..240 {
-        if !listing.contains("strake/http") {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-        listing = images(&cluster.node);
-    }
-    let log = cluster.node.log();
-    let gc: Vec<&str> = log.lines().filter(|l| l.contains("image")).collect();
-    assert!(
-        !listing.contains("strake/http"),
-        "the unused image is still there:\n{listing}\nkubelet's image lines:\n{}",
-        gc.join("\n")
-    );
+    let listing = unused_image_gone(&cluster).await;
     assert!(
         listing.contains("strake/busybox"),
         "the running container's image stays:\n{listing}"
@@ -691,22 +707,7 @@ async fn pressure_evicts_the_best_effort_pod_first_and_an_emptydir_past_its_limi
     );
 
     // An image no container uses, for the node-level reclaim below.
-    let unused = format!("{}/strake/http:1", cluster.registry.open_in_cluster());
-    let out = cluster
-        .node
-        .runtime
-        .crictl(&["pull", &unused])
-        .expect("crictl pull");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let images = |node: &common::KubeletNode| {
-        let out = node.runtime.crictl(&["images"]).expect("crictl images");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    assert!(images(&cluster.node).contains("strake/http"));
+    pull_unused_image(&cluster);
 
     // A soft nodefs threshold no disk can meet, instead of the memory one (memory, reclaimed
     // first, would otherwise always be the threshold acted on): DiskPressure, and then every
@@ -743,22 +744,5 @@ async fn pressure_evicts_the_best_effort_pod_first_and_an_emptydir_past_its_limi
     assert!(message.contains("DiskPressure"), "{message}");
     // Before evicting for disk, the node gives back what no pod needs: the unused image goes
     // (image GC by thresholds is off on this node).
-    let mut listing = images(&cluster.node);
-    for _ in 0..240 {
-        if !listing.contains("strake/http") {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-        listing = images(&cluster.node);
-    }
-    let log = cluster.node.log();
-    let lines: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("image") || l.contains("evict") || l.contains("reclaim"))
-        .collect();
-    assert!(
-        !listing.contains("strake/http"),
-        "the unused image is still there under disk pressure:\n{listing}\nkubelet's lines:\n{}",
-        lines.join("\n")
-    );
+    unused_image_gone(&cluster).await;
 }
