@@ -161,34 +161,20 @@ impl Programmer {
         slices: &[Arc<SliceObject>],
     ) -> foldhash::HashSet<Key> {
         let mut dirty = foldhash::HashSet::default();
-        let mut present: foldhash::HashSet<Key> = Default::default();
-        for svc in services {
-            present.insert(svc.key());
-            self.service_now(svc.key(), Some(svc.clone()), &mut dirty);
-        }
-        let gone: Vec<Key> = self
-            .services
-            .keys()
-            .filter(|k| !present.contains(*k))
-            .cloned()
-            .collect();
-        for key in gone {
+        let present: foldhash::HashSet<Key> = services.iter().map(|s| s.key()).collect();
+        for key in absent(&self.services, &present) {
             self.service_now(key, None, &mut dirty);
         }
-        present.clear();
-        for slice in slices {
-            let key = (slice.namespace.clone(), slice.name.clone());
-            present.insert(key.clone());
-            self.slice_now(key, Some(slice.clone()), &mut dirty);
+        for svc in services {
+            self.service_now(svc.key(), Some(svc.clone()), &mut dirty);
         }
-        let gone: Vec<Key> = self
-            .slices
-            .keys()
-            .filter(|k| !present.contains(*k))
-            .cloned()
-            .collect();
-        for key in gone {
+        let name = |s: &Arc<SliceObject>| (s.namespace.clone(), s.name.clone());
+        let present: foldhash::HashSet<Key> = slices.iter().map(name).collect();
+        for key in absent(&self.slices, &present) {
             self.slice_now(key, None, &mut dirty);
+        }
+        for slice in slices {
+            self.slice_now(name(slice), Some(slice.clone()), &mut dirty);
         }
         self.seen_all = true;
         dirty
@@ -300,6 +286,14 @@ impl Programmer {
         self.in_sync = result.is_ok();
         result
     }
+}
+
+/// The keys of `map` that are not in `present`.
+fn absent<V>(map: &Map<Key, V>, present: &foldhash::HashSet<Key>) -> Vec<Key> {
+    map.keys()
+        .filter(|k| !present.contains(*k))
+        .cloned()
+        .collect()
 }
 
 /// Takes one Service's ports out of the model.
