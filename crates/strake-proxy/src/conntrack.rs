@@ -26,7 +26,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 
-use crate::model::{IpFamily, Model, Protocol, ServicePortName};
+use crate::model::{IpFamily, Model, Protocol, ServicePort, ServicePortName};
 
 /// What one UDP service port looks like to the cleanup.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -50,8 +50,17 @@ pub struct UdpState {
 impl UdpState {
     /// Extracts the UDP service ports of `model`, with the endpoints its rules select.
     pub fn of(model: &Model) -> Self {
+        Self::of_ports(model.services.values(), &model.node.name)
+    }
+
+    /// [`UdpState::of`] some service ports (the UDP ones among them count), on node
+    /// `node_name`.
+    pub fn of_ports<'a>(
+        service_ports: impl IntoIterator<Item = &'a ServicePort>,
+        node_name: &str,
+    ) -> Self {
         let mut ports = BTreeMap::new();
-        for (name, port) in &model.services {
+        for port in service_ports {
             if port.id.protocol != Protocol::Udp {
                 continue;
             }
@@ -68,12 +77,12 @@ impl UdpState {
                 udp.destinations.insert((*ip, port.port));
             }
             for family in [IpFamily::V4, IpFamily::V6] {
-                let sel = port.select(family, &model.node.name);
+                let sel = port.select(family, node_name);
                 for e in sel.cluster.iter().chain(&sel.local) {
                     udp.endpoints.insert((e.ip, e.port));
                 }
             }
-            ports.insert(name.clone(), udp);
+            ports.insert(port.id.clone(), udp);
         }
         UdpState { ports }
     }

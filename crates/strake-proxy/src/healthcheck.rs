@@ -13,7 +13,7 @@ use hyper::{Method, StatusCode};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::health::Health;
-use crate::model::{IpFamily, Model};
+use crate::model::{IpFamily, Model, ServicePort};
 use crate::server::{self, Handler};
 
 /// What one health-check node port reports.
@@ -29,8 +29,22 @@ pub struct ServiceHealth {
 
 /// The health-check node ports the model asks for, with what each reports.
 pub fn desired(model: &Model) -> BTreeMap<u16, ServiceHealth> {
+    desired_of(model.services.values(), &model.node.name)
+}
+
+/// Whether `port` asks for a health-check node port.
+pub fn is_checked(port: &ServicePort) -> bool {
+    port.health_check_node_port.is_some() && port.external_local()
+}
+
+/// [`desired`] of some service ports (those [`is_checked`] among them count), on node
+/// `node_name`.
+pub fn desired_of<'a>(
+    ports: impl IntoIterator<Item = &'a ServicePort>,
+    node_name: &str,
+) -> BTreeMap<u16, ServiceHealth> {
     let mut out: BTreeMap<u16, ServiceHealth> = BTreeMap::new();
-    for port in model.services.values() {
+    for port in ports {
         let Some(hc) = port.health_check_node_port else {
             continue;
         };
@@ -39,12 +53,7 @@ pub fn desired(model: &Model) -> BTreeMap<u16, ServiceHealth> {
         }
         let mut local = BTreeSet::new();
         for family in [IpFamily::V4, IpFamily::V6] {
-            local.extend(
-                port.select(family, &model.node.name)
-                    .local
-                    .iter()
-                    .map(|e| e.ip),
-            );
+            local.extend(port.select(family, node_name).local.iter().map(|e| e.ip));
         }
         let entry = out.entry(hc).or_insert_with(|| ServiceHealth {
             namespace: port.id.namespace.clone(),

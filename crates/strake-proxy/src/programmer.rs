@@ -43,6 +43,10 @@ pub struct Programmer {
     /// Whether a sync was given every object yet (before that, only [`Programmer::sync`]
     /// can be right).
     seen_all: bool,
+    /// The UDP service ports of the model, for [`Programmer::udp_state`].
+    udp: std::collections::BTreeSet<ServicePortName>,
+    /// The service ports with a health-check node port, for [`Programmer::health_checks`].
+    checked: std::collections::BTreeSet<ServicePortName>,
     /// What was left out, for the Services that had something left out.
     warnings: Map<Key, Vec<Warning>>,
     /// The service ports of the last sync; the only copy of them.
@@ -61,6 +65,8 @@ impl Programmer {
             slices: Map::default(),
             slices_by_key: Map::default(),
             seen_all: false,
+            udp: Default::default(),
+            checked: Default::default(),
             warnings: Map::default(),
             model: Model {
                 services: Default::default(),
@@ -79,6 +85,25 @@ impl Programmer {
     /// The model as of the last sync.
     pub fn model(&self) -> &Model {
         &self.model
+    }
+
+    /// The UDP service ports as of the last sync ([`UdpState::of`] the model, without a walk
+    /// of every port).
+    pub fn udp_state(&self) -> crate::conntrack::UdpState {
+        let ports = self.udp.iter().filter_map(|id| self.model.services.get(id));
+        crate::conntrack::UdpState::of_ports(ports, &self.model.node.name)
+    }
+
+    /// The health-check node ports as of the last sync ([`crate::healthcheck::desired`] of
+    /// the model, without a walk of every port).
+    pub fn health_checks(
+        &self,
+    ) -> std::collections::BTreeMap<u16, crate::healthcheck::ServiceHealth> {
+        let ports = self
+            .checked
+            .iter()
+            .filter_map(|id| self.model.services.get(id));
+        crate::healthcheck::desired_of(ports, &self.model.node.name)
     }
 
     /// Objects left out of the model as of the last sync.
@@ -216,7 +241,17 @@ impl Programmer {
             };
             // Rebuilt rules never held the old ports.
             replace_ports(rules, &old, &new, !rebuild);
+            for port in &old {
+                self.udp.remove(&port.id);
+                self.checked.remove(&port.id);
+            }
             for port in new {
+                if port.id.protocol == Protocol::Udp {
+                    self.udp.insert(port.id.clone());
+                }
+                if crate::healthcheck::is_checked(&port) {
+                    self.checked.insert(port.id.clone());
+                }
                 self.model.services.insert(port.id.clone(), port);
             }
             if warnings.is_empty() {
@@ -520,6 +555,99 @@ mod tests {
             "{:?}",
             nft.scripts()
         );
+    }
+
+    /// The UDP and health-check views kept by port name are those of a walk of the model.
+    #[test]
+    fn udp_and_health_check_views_follow_the_model_without_walking_it() {
+        use crate::testutil::{NODE, ep, service, slice, with_status};
+        use serde_json::json;
+        let cfg = config();
+        let nft = RecordingNft::default();
+        let mut p = Programmer::new(&cfg);
+        let dns = |protocol: &str| {
+            service(
+                "default",
+                "dns",
+                json!({ "clusterIP": "10.96.0.53", "ports": [{ "port": 53, "protocol": protocol }] }),
+            )
+        };
+        let dns_slice = |ip: &str, protocol: &str| {
+            slice(
+                "default",
+                "dns",
+                "dns-1",
+                "IPv4",
+                json!([{ "port": 5353, "protocol": protocol }]),
+                json!([ep(ip, "node-b", true)]),
+            )
+        };
+        let lb = with_status(
+            service(
+                "default",
+                "lb",
+                json!({ "type": "LoadBalancer", "clusterIP": "10.96.0.8", "externalTrafficPolicy": "Local",
+                        "healthCheckNodePort": 30999, "ports": [{ "port": 80, "nodePort": 30081 }] }),
+            ),
+            json!({ "loadBalancer": { "ingress": [{ "ip": "198.51.100.1" }] } }),
+        );
+        let lb_slice = slice(
+            "default",
+            "lb",
+            "lb-1",
+            "IPv4",
+            json!([{ "port": 80 }]),
+            json!([ep("10.244.3.1", NODE, true)]),
+        );
+        let (web, web_slice) = simple("default", "web", "10.96.0.1", &["10.244.1.1"]);
+        let mut interner = model::Interner::default();
+        let mut kept_slice = |s| Arc::new(SliceObject::new(&s, &mut interner));
+        let kept_svc = |s| Arc::new(ServiceObject::new(&s));
+        let steps = [
+            (
+                vec![
+                    kept_svc(dns("UDP")),
+                    kept_svc(lb.clone()),
+                    kept_svc(web.clone()),
+                ],
+                vec![
+                    kept_slice(dns_slice("10.244.2.1", "UDP")),
+                    kept_slice(lb_slice.clone()),
+                    kept_slice(web_slice.clone()),
+                ],
+            ),
+            (
+                vec![kept_svc(dns("UDP")), kept_svc(web.clone())],
+                vec![
+                    kept_slice(dns_slice("10.244.2.2", "UDP")),
+                    kept_slice(web_slice),
+                ],
+            ),
+            (
+                vec![kept_svc(dns("TCP")), kept_svc(lb)],
+                vec![
+                    kept_slice(dns_slice("10.244.2.2", "TCP")),
+                    kept_slice(lb_slice),
+                ],
+            ),
+            (vec![], vec![]),
+        ];
+        for (i, (svcs, slices)) in steps.iter().enumerate() {
+            p.sync(&nft, svcs, slices, None).unwrap();
+            let walked_udp = crate::conntrack::UdpState::of(p.model());
+            let walked_hc = crate::healthcheck::desired(p.model());
+            assert_eq!(p.udp_state(), walked_udp, "step {i}");
+            assert_eq!(p.health_checks(), walked_hc, "step {i}");
+            // What each step should hold, so that the views are not trivially empty.
+            let expect = [(1, 1), (1, 0), (0, 1), (0, 0)][i];
+            assert_eq!(
+                (walked_udp.ports.len(), walked_hc.len()),
+                expect,
+                "step {i}"
+            );
+            // Ports that left (or stopped being UDP) are forgotten.
+            assert_eq!((p.udp.len(), p.checked.len()), expect, "step {i}");
+        }
     }
 
     #[test]

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use crate::config::DaemonConfig;
 use crate::conntrack::{self, Conntrack, UdpState};
 use crate::health::Health;
-use crate::healthcheck::{self, HealthCheckPorts};
+use crate::healthcheck::HealthCheckPorts;
 use crate::metrics::Metrics;
 use crate::model::{
     HEADLESS_LABEL, Interner, NodeInfo, SERVICE_PROXY_NAME_LABEL, ServiceObject, SliceObject,
@@ -698,10 +698,9 @@ pub async fn sync_loop(
                     current.sync_changed(nft.as_ref(), services, slices, node)
                 }
             };
-            let model = current.model();
-            let hc = healthcheck::desired(model);
-            let new_udp = UdpState::of(model);
-            let ports = model.services.len();
+            let hc = current.health_checks();
+            let new_udp = current.udp_state();
+            let ports = current.model().services.len();
             let warnings = current.warnings();
             // Only once the new rules are in: a deleted entry is re-made by the next packet.
             if result.is_ok()
