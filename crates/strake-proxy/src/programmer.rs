@@ -560,7 +560,7 @@ mod tests {
     /// The UDP and health-check views kept by port name are those of a walk of the model.
     #[test]
     fn udp_and_health_check_views_follow_the_model_without_walking_it() {
-        use crate::testutil::{NODE, ep, service, slice, with_status};
+        use crate::testutil::{ep, service, slice};
         use serde_json::json;
         let cfg = config();
         let nft = RecordingNft::default();
@@ -582,23 +582,7 @@ mod tests {
                 json!([ep(ip, "node-b", true)]),
             )
         };
-        let lb = with_status(
-            service(
-                "default",
-                "lb",
-                json!({ "type": "LoadBalancer", "clusterIP": "10.96.0.8", "externalTrafficPolicy": "Local",
-                        "healthCheckNodePort": 30999, "ports": [{ "port": 80, "nodePort": 30081 }] }),
-            ),
-            json!({ "loadBalancer": { "ingress": [{ "ip": "198.51.100.1" }] } }),
-        );
-        let lb_slice = slice(
-            "default",
-            "lb",
-            "lb-1",
-            "IPv4",
-            json!([{ "port": 80 }]),
-            json!([ep("10.244.3.1", NODE, true)]),
-        );
+        let (lb, lb_slice) = crate::testutil::local_load_balancer();
         let (web, web_slice) = simple("default", "web", "10.96.0.1", &["10.244.1.1"]);
         let mut interner = model::Interner::default();
         let mut kept_slice = |s| Arc::new(SliceObject::new(&s, &mut interner));

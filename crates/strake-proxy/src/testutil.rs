@@ -84,3 +84,31 @@ pub fn model_of(services: &[Service], slices: &[EndpointSlice]) -> Model {
     assert!(warnings.is_empty(), "unexpected warnings: {warnings:?}");
     model
 }
+
+/// `default/lb`: a LoadBalancer with `externalTrafficPolicy: Local`, health-check node port
+/// 30999, NodePort 30081, source ranges `203.0.113.0/24` and ingress `198.51.100.1`; its slice
+/// has one endpoint on this node and one on `node-b`.
+pub fn local_load_balancer() -> (Service, EndpointSlice) {
+    let svc = with_status(
+        service(
+            "default",
+            "lb",
+            json!({ "type": "LoadBalancer", "clusterIP": "10.96.0.8", "externalTrafficPolicy": "Local",
+                    "loadBalancerSourceRanges": ["203.0.113.0/24"], "healthCheckNodePort": 30999,
+                    "ports": [{ "port": 80, "nodePort": 30081 }] }),
+        ),
+        json!({ "loadBalancer": { "ingress": [{ "ip": "198.51.100.1" }] } }),
+    );
+    let sl = slice(
+        "default",
+        "lb",
+        "lb-1",
+        "IPv4",
+        json!([{ "port": 80 }]),
+        json!([
+            ep("10.244.3.1", NODE, true),
+            ep("10.244.3.2", "node-b", true)
+        ]),
+    );
+    (svc, sl)
+}

@@ -1775,27 +1775,7 @@ mod tests {
         let (mut big, big_slice) = simple("default", "big", "10.96.0.11", &refs);
         big.spec.as_mut().unwrap().session_affinity = Some("ClientIP".into());
         let (small, small_slice) = simple("default", "small", "10.96.0.12", &["10.244.2.1"]);
-        let lb = crate::testutil::with_status(
-            service(
-                "default",
-                "lb",
-                json!({ "type": "LoadBalancer", "clusterIP": "10.96.0.8", "externalTrafficPolicy": "Local",
-                        "loadBalancerSourceRanges": ["203.0.113.0/24"], "healthCheckNodePort": 30999,
-                        "ports": [{ "port": 80, "nodePort": 30081 }] }),
-            ),
-            json!({ "loadBalancer": { "ingress": [{ "ip": "198.51.100.1" }] } }),
-        );
-        let lb_slice = slice(
-            "default",
-            "lb",
-            "lb-1",
-            "IPv4",
-            json!([{ "port": 80 }]),
-            json!([
-                ep("10.244.3.1", NODE, true),
-                ep("10.244.3.2", "node-b", true)
-            ]),
-        );
+        let (lb, lb_slice) = crate::testutil::local_load_balancer();
         let model = model_of(&[big, small, lb], &[big_slice, small_slice, lb_slice]);
         let mut rules = Rules::new(&config(), &model.node);
         for port in model.services.values() {
