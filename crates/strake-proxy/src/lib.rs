@@ -4,10 +4,12 @@
 //! `ip6 strake-proxy`) so that ClusterIP, NodePort and LoadBalancer traffic reaches ready endpoints.
 //!
 //! Start reading at [`App`] (flags -> running daemon), then [`proxier`] (watchers and the sync
-//! loop), [`model::build`] (API objects -> validated model), [`nft::ruleset::Ruleset::build`]
-//! (model -> desired nftables state, a pure function), [`nft::sync::Syncer`] (desired versus
-//! last applied -> one nft transaction) and the [`nft::Nft`] seam that takes it to the kernel
-//! ([`nft::netlink`] by default, or the `nft` program);
+//! loop), [`model::ServiceObject`] and [`model::SliceObject`] (what the watches keep of each
+//! API object), [`programmer::Programmer`] (the changed objects -> the model -> the rules
+//! claimed per service port in [`nft::ruleset::Rules`] -> one transaction of their difference,
+//! or a full one) and the [`nft::Nft`] seam that takes it to the kernel ([`nft::netlink`] by
+//! default, or the `nft` program); [`model::build`] and [`nft::ruleset::Ruleset::build`] are
+//! the same steps from scratch, for tests and benchmarks;
 //! [`conntrack`] then deletes the UDP flows the new rules no longer produce.
 //! [`server`] answers `/healthz`, `/livez`, `/metrics` and `/proxyMode` on its own thread, where
 //! [`healthcheck`] also serves the health-check node ports of `externalTrafficPolicy: Local`.
