@@ -87,7 +87,7 @@ impl Programmer {
         &self.model
     }
 
-    /// The UDP service ports as of the last sync ([`UdpState::of`] the model, without a walk
+    /// The UDP service ports as of the last sync ([`crate::conntrack::UdpState::of`] the model, without a walk
     /// of every port).
     pub fn udp_state(&self) -> crate::conntrack::UdpState {
         let ports = self.udp.iter().filter_map(|id| self.model.services.get(id));
