@@ -547,6 +547,94 @@ impl ContainerCgroup {
         };
         read_trimmed(&dir.join("pids.current")).ok()?.parse().ok()
     }
+
+    /// Processes (thread group leaders) directly in the cgroup (`cgroup.procs`).
+    pub fn processes(&self) -> Option<u64> {
+        let dir = match self {
+            ContainerCgroup::V2(dir) => dir,
+            ContainerCgroup::V1(dirs) => dirs.get("pids").or_else(|| dirs.get("memory"))?,
+        };
+        let text = std::fs::read_to_string(dir.join("cgroup.procs")).ok()?;
+        Some(text.lines().filter(|l| !l.trim().is_empty()).count() as u64)
+    }
+
+    /// The highest memory usage recorded (`memory.peak` on v2, `memory.max_usage_in_bytes`
+    /// on v1); `None` on kernels without it.
+    pub fn memory_peak(&self) -> Option<u64> {
+        let path = match self {
+            ContainerCgroup::V2(dir) => dir.join("memory.peak"),
+            ContainerCgroup::V1(dirs) => dirs.get("memory")?.join("memory.max_usage_in_bytes"),
+        };
+        read_trimmed(&path).ok()?.parse().ok()
+    }
+
+    /// How often usage hit the limit (`memory.failcnt`, v1 only; v2 has no such counter).
+    pub fn memory_failcnt(&self) -> Option<u64> {
+        match self {
+            ContainerCgroup::V2(_) => None,
+            ContainerCgroup::V1(dirs) => read_trimmed(&dirs.get("memory")?.join("memory.failcnt"))
+                .ok()?
+                .parse()
+                .ok(),
+        }
+    }
+
+    /// User and system CPU time and CFS throttling: `cpu.stat` on v2; `cpuacct.stat` (in
+    /// USER_HZ ticks, 100 a second on Linux) and the cpu controller's `cpu.stat` on v1.
+    /// Counters the kernel does not offer stay `None`.
+    pub fn cpu_stat(&self) -> CpuStat {
+        let keyed = |path: PathBuf| -> BTreeMap<String, u64> {
+            std::fs::read_to_string(path)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.split_once(' '))
+                .filter_map(|(k, v)| Some((k.to_string(), v.trim().parse().ok()?)))
+                .collect()
+        };
+        match self {
+            ContainerCgroup::V2(dir) => {
+                let s = keyed(dir.join("cpu.stat"));
+                let usec = |k: &str| s.get(k).map(|v| v.saturating_mul(1000));
+                CpuStat {
+                    user_ns: usec("user_usec"),
+                    system_ns: usec("system_usec"),
+                    periods: s.get("nr_periods").copied(),
+                    throttled_periods: s.get("nr_throttled").copied(),
+                    throttled_ns: usec("throttled_usec"),
+                }
+            }
+            ContainerCgroup::V1(dirs) => {
+                const NS_PER_TICK: u64 = 10_000_000;
+                let acct = dirs
+                    .get("cpuacct")
+                    .map(|d| keyed(d.join("cpuacct.stat")))
+                    .unwrap_or_default();
+                let cpu = dirs
+                    .get("cpu")
+                    .map(|d| keyed(d.join("cpu.stat")))
+                    .unwrap_or_default();
+                let ticks = |k: &str| acct.get(k).map(|v| v.saturating_mul(NS_PER_TICK));
+                CpuStat {
+                    user_ns: ticks("user"),
+                    system_ns: ticks("system"),
+                    periods: cpu.get("nr_periods").copied(),
+                    throttled_periods: cpu.get("nr_throttled").copied(),
+                    throttled_ns: cpu.get("throttled_time").copied(),
+                }
+            }
+        }
+    }
+}
+
+/// CPU counters of a cgroup beyond its total usage; see [`ContainerCgroup::cpu_stat`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuStat {
+    pub user_ns: Option<u64>,
+    pub system_ns: Option<u64>,
+    /// CFS enforcement periods elapsed and those in which the cgroup was throttled.
+    pub periods: Option<u64>,
+    pub throttled_periods: Option<u64>,
+    pub throttled_ns: Option<u64>,
 }
 
 /// The value of `key` in a flat keyed file (`key value` per line).
@@ -911,5 +999,65 @@ mod tests {
         let no_memory = ContainerCgroup::V1(BTreeMap::new());
         assert_eq!(no_memory.memory_working_set().unwrap(), None);
         assert_eq!(no_memory.oom_kills().unwrap(), None);
+    }
+
+    #[test]
+    fn cpu_stat_peak_and_processes_read_from_v1_and_v2_files() {
+        let v2dir = tempfile::tempdir().unwrap();
+        let w2 = |name: &str, text: &str| std::fs::write(v2dir.path().join(name), text).unwrap();
+        w2(
+            "cpu.stat",
+            "usage_usec 5000\nuser_usec 3000\nsystem_usec 2000\nnr_periods 40\nnr_throttled 7\nthrottled_usec 1500\n",
+        );
+        w2("memory.peak", "123456\n");
+        w2("cgroup.procs", "10\n11\n12\n");
+        let v2 = ContainerCgroup::V2(v2dir.path().to_path_buf());
+        assert_eq!(
+            v2.cpu_stat(),
+            CpuStat {
+                user_ns: Some(3_000_000),
+                system_ns: Some(2_000_000),
+                periods: Some(40),
+                throttled_periods: Some(7),
+                throttled_ns: Some(1_500_000),
+            }
+        );
+        assert_eq!(v2.memory_peak(), Some(123_456));
+        assert_eq!(v2.memory_failcnt(), None);
+        assert_eq!(v2.processes(), Some(3));
+
+        let acct = tempfile::tempdir().unwrap();
+        let cpu = tempfile::tempdir().unwrap();
+        let mem = tempfile::tempdir().unwrap();
+        std::fs::write(acct.path().join("cpuacct.stat"), "user 250\nsystem 30\n").unwrap();
+        std::fs::write(
+            cpu.path().join("cpu.stat"),
+            "nr_periods 9\nnr_throttled 2\nthrottled_time 777\n",
+        )
+        .unwrap();
+        std::fs::write(mem.path().join("memory.max_usage_in_bytes"), "4096\n").unwrap();
+        std::fs::write(mem.path().join("memory.failcnt"), "3\n").unwrap();
+        std::fs::write(mem.path().join("cgroup.procs"), "1\n").unwrap();
+        let v1 = ContainerCgroup::V1(BTreeMap::from([
+            ("cpuacct".to_string(), acct.path().to_path_buf()),
+            ("cpu".to_string(), cpu.path().to_path_buf()),
+            ("memory".to_string(), mem.path().to_path_buf()),
+        ]));
+        assert_eq!(
+            v1.cpu_stat(),
+            CpuStat {
+                user_ns: Some(2_500_000_000),
+                system_ns: Some(300_000_000),
+                periods: Some(9),
+                throttled_periods: Some(2),
+                throttled_ns: Some(777),
+            }
+        );
+        assert_eq!(v1.memory_peak(), Some(4096));
+        assert_eq!(v1.memory_failcnt(), Some(3));
+        assert_eq!(v1.processes(), Some(1));
+        let bare = ContainerCgroup::V1(BTreeMap::new());
+        assert_eq!(bare.cpu_stat(), CpuStat::default());
+        assert_eq!(bare.processes(), None);
     }
 }
