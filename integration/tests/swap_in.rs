@@ -161,7 +161,9 @@ async fn upstream_kubelet_on_strake_runtime_runs_probes_logs_exec_and_port_forwa
             kubeconfig: &kubeconfig,
             runtime_endpoint: &runtime.endpoint(),
             cgroup_root: &cgroup_root,
-            extra_config: "",
+            // Stats and /metrics/cadvisor from the runtime (ListPodSandboxStats,
+            // ListMetricDescriptors, ListPodSandboxMetrics), not from cAdvisor.
+            extra_config: "featureGates:\n  PodAndContainerStatsFromCRI: true\n",
         },
         Some(&ServingTls {
             serving: &serving,
@@ -271,6 +273,45 @@ async fn upstream_kubelet_on_strake_runtime_runs_probes_logs_exec_and_port_forwa
     assert_eq!(
         String::from_utf8_lossy(&logs.stdout).trim(),
         "hello-from-strake-runtime"
+    );
+
+    // The kubelet's /metrics/cadvisor, made of strake-runtime's pod metrics: the container's
+    // CPU and memory, and the pod's network as cAdvisor's "POD" container. The kubelet drops a
+    // metric whose labels do not match its descriptor, so each line seen here matched.
+    let metrics = kubectl(
+        &cp,
+        &[
+            "get",
+            "--raw",
+            &format!("/api/v1/nodes/{NODE}/proxy/metrics/cadvisor"),
+        ],
+    )
+    .expect("kubectl get /metrics/cadvisor");
+    let metrics = String::from_utf8_lossy(&metrics.stdout).to_string();
+    let series = |name: &str, labels: &[&str]| {
+        metrics.lines().any(|l| {
+            l.starts_with(&format!("{name}{{")) && labels.iter().all(|want| l.contains(want))
+        })
+    };
+    for name in [
+        "container_cpu_usage_seconds_total",
+        "container_memory_working_set_bytes",
+        "container_start_time_seconds",
+    ] {
+        assert!(
+            series(
+                name,
+                &["container=\"app\"", "pod=\"web\"", "namespace=\"default\""]
+            ),
+            "{name} of web/app missing:\n{metrics}"
+        );
+    }
+    assert!(
+        series(
+            "container_network_receive_bytes_total",
+            &["container=\"POD\"", "pod=\"web\"", "interface=\"eth0\""]
+        ),
+        "the pod's network missing:\n{metrics}"
     );
 
     // `kubectl exec` through the API server and the kubelet to strake-runtime's streaming

@@ -448,6 +448,26 @@ impl Containers {
         self.dir(id).join("upper")
     }
 
+    /// ImageFsInfo's container filesystem: where the writable layers live (the containers'
+    /// state directory) and what they all use, bytes and inodes.
+    pub fn writable_layers(&self, timestamp: i64) -> cri::FilesystemUsage {
+        let ids: Vec<String> = lock(&self.inner).keys().cloned().collect();
+        let (bytes, inodes) = ids
+            .iter()
+            .map(|id| crate::stats::disk_usage(&self.upper_dir(id)))
+            .fold((0u64, 0u64), |(b, i), (db, di)| {
+                (b.saturating_add(db), i.saturating_add(di))
+            });
+        cri::FilesystemUsage {
+            timestamp,
+            fs_id: Some(cri::FilesystemIdentifier {
+                mountpoint: self.paths.state_dir.display().to_string(),
+            }),
+            used_bytes: Some(cri::UInt64Value { value: bytes }),
+            inodes_used: Some(cri::UInt64Value { value: inodes }),
+        }
+    }
+
     /// The host's cgroup hierarchy, if it could be read.
     pub fn layout(&self) -> Option<&CgroupLayout> {
         self.layout.as_ref()

@@ -6,19 +6,21 @@
 //! Start reading at [`App`] (recover state, then serve), then [`server`] (RPC -> parts),
 //! [`sandbox`] (namespaces, pause process, CNI via [`cni`]), [`image`], [`container`] (rootfs,
 //! bundle from [`spec`], [`monitor`], lifecycle through [`runc`]), [`stats`] (cgroups,
-//! writable layer, pod network).
+//! writable layer, pod network) and [`metrics`] (the same readings as cAdvisor-style metrics).
 //!
 //! Version, Status, RuntimeConfig, the pod sandbox, container and image RPCs are served, with
-//! container and pod stats ([`stats`]) and GetContainerEvents (fed by [`container`]'s
+//! container and pod stats ([`stats`]), pod metrics ([`metrics`]), UpdatePodSandboxResources
+//! (recorded in the sandbox's configuration) and GetContainerEvents (fed by [`container`]'s
 //! transitions and the exit watcher); Exec, Attach and PortForward hand out URLs of the
-//! [`streaming`] server. The optional metrics, checkpoint and UpdatePodSandboxResources RPCs
-//! answer `Unimplemented`, as containerd 1.6 does.
+//! [`streaming`] server. The checkpoint RPCs answer `Unimplemented`, as containerd does
+//! without CRIU.
 
 pub use strake_types::cgroups;
 pub mod cni;
 pub mod config;
 pub mod container;
 pub mod image;
+pub mod metrics;
 pub mod monitor;
 mod mount;
 pub mod runc;
@@ -157,7 +159,7 @@ impl App {
         .map_err(Error::Streaming)?;
         let runtime = RuntimeServer {
             sandboxes,
-            containers,
+            containers: containers.clone(),
             streaming: Arc::new(streaming),
             images: images.clone(),
             handlers: config.runtime_handlers.clone(),
@@ -169,7 +171,7 @@ impl App {
         Ok(App {
             config,
             runtime,
-            images: ImageServer { images },
+            images: ImageServer { images, containers },
             stopping,
         })
     }

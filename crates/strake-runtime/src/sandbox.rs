@@ -729,6 +729,26 @@ impl Sandboxes {
         }
     }
 
+    /// UpdatePodSandboxResources: records the pod-level resources the kubelet has just applied
+    /// to the pod's cgroup (it calls this after resizing it), so that the sandbox's
+    /// configuration, and what reads it, tells the pod's current resources. A missing sandbox
+    /// is `NotFound`.
+    pub fn update_resources(
+        &self,
+        id_or_prefix: &str,
+        overhead: Option<cri::LinuxContainerResources>,
+        resources: Option<cri::LinuxContainerResources>,
+    ) -> Result<()> {
+        let mut sb = self.get(id_or_prefix)?;
+        let linux = sb.config.linux.get_or_insert_with(Default::default);
+        linux.overhead = overhead;
+        linux.resources = resources;
+        let id = sb.record.id.clone();
+        save(&self.paths.state_dir.join(&id), &sb)?;
+        self.lock().insert(id, sb);
+        Ok(())
+    }
+
     /// RemovePodSandbox: stops it if needed and forgets it; removing a missing sandbox is fine.
     pub fn remove(&self, id_or_prefix: &str) -> Result<()> {
         let sb = match self.get(id_or_prefix) {

@@ -63,8 +63,8 @@ pub struct RuntimeServer {
     pub streaming: Arc<StreamServer>,
 }
 
-/// The optional RPCs strake-runtime does not serve (as containerd 1.6, the peer it is measured
-/// against): the kubelet treats `Unimplemented` from them as "not supported".
+/// The optional RPCs strake-runtime does not serve (checkpoint and restore, which containerd
+/// serves only with CRIU): the kubelet treats `Unimplemented` from them as "not supported".
 fn not_yet(rpc: &str) -> Status {
     Status::unimplemented(format!("strake-runtime does not implement {rpc}"))
 }
@@ -430,6 +430,26 @@ impl RuntimeServer {
         .await
     }
 
+    /// ListPodSandboxMetrics and StreamPodSandboxMetrics: the ready pods', as containerd
+    /// reports them (a stopped pod has no cgroup or network left to read).
+    async fn all_pod_metrics(&self) -> Result<Vec<cri::PodSandboxMetrics>, Status> {
+        let pods: Vec<Sandbox> = self
+            .sandboxes
+            .list()
+            .into_iter()
+            .filter(|sb| sb.record.ready)
+            .collect();
+        let containers = self.containers.clone();
+        blocking_container(move || {
+            let timestamp = now_ns();
+            Ok(pods
+                .iter()
+                .map(|sb| crate::metrics::pod_metrics(&containers, sb, timestamp))
+                .collect())
+        })
+        .await
+    }
+
     /// Drops CPU readings of containers and pods that are gone.
     fn forget_stale_samples(&self) {
         self.cpu_samples
@@ -438,6 +458,30 @@ impl RuntimeServer {
                 None => self.containers.resolve(k).is_ok(),
             });
     }
+}
+
+/// The pod-level resources of a sandbox's configuration (as RunPodSandbox or the latest
+/// UpdatePodSandboxResources gave them), for verbose PodSandboxStatus.
+fn pod_resources_json(config: &cri::PodSandboxConfig) -> String {
+    let one = |r: Option<&cri::LinuxContainerResources>| {
+        r.map_or(serde_json::Value::Null, |r| {
+            serde_json::json!({
+                "cpuPeriod": r.cpu_period,
+                "cpuQuota": r.cpu_quota,
+                "cpuShares": r.cpu_shares,
+                "memoryLimitInBytes": r.memory_limit_in_bytes,
+                "cpusetCpus": r.cpuset_cpus,
+                "cpusetMems": r.cpuset_mems,
+                "unified": r.unified,
+            })
+        })
+    };
+    let linux = config.linux.as_ref();
+    serde_json::json!({
+        "overhead": one(linux.and_then(|l| l.overhead.as_ref())),
+        "resources": one(linux.and_then(|l| l.resources.as_ref())),
+    })
+    .to_string()
 }
 
 fn matches_filter(sb: &Sandbox, filter: Option<&cri::PodSandboxFilter>) -> bool {
@@ -671,6 +715,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeServer {
         if req.verbose {
             let json = serde_json::to_string(&sb.record).unwrap_or_default();
             info.insert("info".to_string(), json);
+            info.insert("resources".to_string(), pod_resources_json(&sb.config));
         }
         // The kubelet's Evented PLEG reads the containers from a non-verbose status call, so
         // they are always included.
@@ -725,9 +770,15 @@ impl cri::runtime_service_server::RuntimeService for RuntimeServer {
     }
     async fn update_pod_sandbox_resources(
         &self,
-        _request: Request<cri::UpdatePodSandboxResourcesRequest>,
+        request: Request<cri::UpdatePodSandboxResourcesRequest>,
     ) -> Result<Response<cri::UpdatePodSandboxResourcesResponse>, Status> {
-        Err(not_yet("UpdatePodSandboxResources"))
+        let req = request.into_inner();
+        let sandboxes = self.sandboxes.clone();
+        blocking(move || {
+            sandboxes.update_resources(&req.pod_sandbox_id, req.overhead, req.resources)
+        })
+        .await?;
+        Ok(Response::new(cri::UpdatePodSandboxResourcesResponse {}))
     }
     async fn create_container(
         &self,
@@ -1110,20 +1161,34 @@ impl cri::runtime_service_server::RuntimeService for RuntimeServer {
         &self,
         _request: Request<cri::ListMetricDescriptorsRequest>,
     ) -> Result<Response<cri::ListMetricDescriptorsResponse>, Status> {
-        Err(not_yet("ListMetricDescriptors"))
+        Ok(Response::new(cri::ListMetricDescriptorsResponse {
+            descriptors: crate::metrics::descriptors(),
+        }))
     }
     async fn list_pod_sandbox_metrics(
         &self,
         _request: Request<cri::ListPodSandboxMetricsRequest>,
     ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
-        Err(not_yet("ListPodSandboxMetrics"))
+        let pod_metrics = self.all_pod_metrics().await?;
+        Ok(Response::new(cri::ListPodSandboxMetricsResponse {
+            pod_metrics,
+        }))
     }
     type StreamPodSandboxMetricsStream = ResponseStream<cri::StreamPodSandboxMetricsResponse>;
     async fn stream_pod_sandbox_metrics(
         &self,
         _request: Request<cri::StreamPodSandboxMetricsRequest>,
     ) -> Result<Response<Self::StreamPodSandboxMetricsStream>, Status> {
-        Err(not_yet("StreamPodSandboxMetrics"))
+        let metrics = self.all_pod_metrics().await?;
+        let chunks: Vec<Result<cri::StreamPodSandboxMetricsResponse, Status>> = metrics
+            .chunks(STREAM_CHUNK)
+            .map(|c| {
+                Ok(cri::StreamPodSandboxMetricsResponse {
+                    pod_sandbox_metrics: c.to_vec(),
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
     async fn checkpoint_container(
         &self,
@@ -1150,6 +1215,8 @@ impl cri::runtime_service_server::RuntimeService for RuntimeServer {
 pub struct ImageServer {
     /// The image store and puller.
     pub images: ImageService,
+    /// The containers, whose writable layers ImageFsInfo reports as the container filesystem.
+    pub containers: Arc<Containers>,
 }
 
 fn image_name(spec: Option<&cri::ImageSpec>) -> Result<String, Status> {
@@ -1251,9 +1318,11 @@ impl cri::image_service_server::ImageService for ImageServer {
     ) -> Result<Response<cri::ImageFsInfoResponse>, Status> {
         let _ = request;
         let info = self.images.fs_info().await.map_err(image_status_of)?;
+        let containers = self.containers.clone();
+        let writable = blocking_container(move || Ok(containers.writable_layers(now_ns()))).await?;
         Ok(Response::new(cri::ImageFsInfoResponse {
             image_filesystems: vec![crate::image::cri::to_cri_usage(&info)],
-            container_filesystems: Vec::new(),
+            container_filesystems: vec![writable],
         }))
     }
 }

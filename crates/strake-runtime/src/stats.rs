@@ -71,9 +71,13 @@ impl CpuSampler {
 pub struct InterfaceCounters {
     pub name: String,
     pub rx_bytes: u64,
+    pub rx_packets: u64,
     pub rx_errors: u64,
+    pub rx_dropped: u64,
     pub tx_bytes: u64,
+    pub tx_packets: u64,
     pub tx_errors: u64,
+    pub tx_dropped: u64,
 }
 
 /// Parses `/proc/net/dev`: two header lines, then `name: rx(8 fields) tx(8 fields)`.
@@ -92,9 +96,13 @@ pub fn parse_net_dev(text: &str) -> Vec<InterfaceCounters> {
             Some(InterfaceCounters {
                 name: name.trim().to_string(),
                 rx_bytes: f[0],
+                rx_packets: f[1],
                 rx_errors: f[2],
+                rx_dropped: f[3],
                 tx_bytes: f[8],
+                tx_packets: f[9],
                 tx_errors: f[10],
+                tx_dropped: f[11],
             })
         })
         .collect()
@@ -103,12 +111,18 @@ pub fn parse_net_dev(text: &str) -> Vec<InterfaceCounters> {
 /// The interface CNI gives a pod, reported as its default.
 pub const POD_INTERFACE: &str = "eth0";
 
+/// The interfaces of the network namespace `pid` is in, loopback left out.
+pub fn interfaces(pid: u32) -> Option<Vec<InterfaceCounters>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).ok()?;
+    let mut all = parse_net_dev(&text);
+    all.retain(|i| i.name != "lo");
+    Some(all)
+}
+
 /// Network usage of the namespace `pid` is in (loopback left out).
 pub fn network_usage(pid: u32, timestamp: i64) -> Option<cri::NetworkUsage> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).ok()?;
-    let interfaces: Vec<cri::NetworkInterfaceUsage> = parse_net_dev(&text)
+    let interfaces: Vec<cri::NetworkInterfaceUsage> = interfaces(pid)?
         .into_iter()
-        .filter(|i| i.name != "lo")
         .map(|i| cri::NetworkInterfaceUsage {
             name: i.name,
             rx_bytes: value(i.rx_bytes),
@@ -266,6 +280,15 @@ pub fn sum_containers(
     (cpu, memory)
 }
 
+/// A live process in the pod's own network namespace (its pause process, checked against a
+/// recycled PID); `None` for a pod on the host's network.
+pub fn network_pid(sb: &Sandbox) -> Option<u32> {
+    let pid = sb.record.pause_pid.filter(|_| !sb.record.host_network)?;
+    crate::sandbox::process_start_time(pid)
+        .is_some_and(|t| Some(t) == sb.record.pause_start_time)
+        .then_some(pid)
+}
+
 /// The sampler keys of pods' own cgroups start with this (containers are keyed by their ID).
 pub const POD_SAMPLE_PREFIX: &str = "pod/";
 
@@ -336,13 +359,7 @@ pub fn pod_stats(
             (cpu, memory, None)
         }
     };
-    let pause_alive = sb.record.pause_pid.is_some_and(|p| {
-        crate::sandbox::process_start_time(p).is_some_and(|t| Some(t) == sb.record.pause_start_time)
-    });
-    let network = match (sb.record.host_network, sb.record.pause_pid) {
-        (false, Some(pid)) if pause_alive => network_usage(pid, timestamp),
-        _ => None,
-    };
+    let network = network_pid(sb).and_then(|pid| network_usage(pid, timestamp));
     cri::PodSandboxStats {
         attributes: Some(cri::PodSandboxAttributes {
             id: id.clone(),
@@ -410,7 +427,7 @@ mod tests {
 Inter-|   Receive                                                |  Transmit
  face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
     lo:     140       2    0    0    0     0          0         0      140       2    0    0    0     0       0          0
-  eth0: 1296      16    3    0    0     0          0         0      726       9    4    0    0     0       0          0
+  eth0: 1296      16    3    5    0     0          0         0      726       9    4    6    0     0       0          0
 broken: 1 2 3
 ";
         assert_eq!(
@@ -419,16 +436,24 @@ broken: 1 2 3
                 InterfaceCounters {
                     name: "lo".into(),
                     rx_bytes: 140,
+                    rx_packets: 2,
                     rx_errors: 0,
+                    rx_dropped: 0,
                     tx_bytes: 140,
+                    tx_packets: 2,
                     tx_errors: 0,
+                    tx_dropped: 0,
                 },
                 InterfaceCounters {
                     name: "eth0".into(),
                     rx_bytes: 1296,
+                    rx_packets: 16,
                     rx_errors: 3,
+                    rx_dropped: 5,
                     tx_bytes: 726,
+                    tx_packets: 9,
                     tx_errors: 4,
+                    tx_dropped: 6,
                 },
             ]
         );

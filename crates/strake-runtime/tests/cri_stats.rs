@@ -519,3 +519,285 @@ fn container_events_stream_the_lifecycle_in_order() {
     drop(rt);
     drop(node);
 }
+
+/// The metrics of `crictl metricsp -o json` for one pod: `(name, label values, value)` of the
+/// pod's own metrics and of each container's, by container ID.
+type Sample = (String, Vec<String>, u64);
+
+fn samples(metrics: &serde_json::Value) -> Vec<Sample> {
+    metrics
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            let labels = m["labelValues"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|v| v.as_str().unwrap_or_default().to_string())
+                .collect();
+            (
+                m["name"].as_str().unwrap_or_default().to_string(),
+                labels,
+                u64_at(m, &["value"]),
+            )
+        })
+        .collect()
+}
+
+fn find<'a>(samples: &'a [Sample], name: &str) -> Option<&'a Sample> {
+    samples.iter().find(|s| s.0 == name)
+}
+
+#[test]
+fn pod_metrics_descriptors_container_filesystem_and_pod_resources() {
+    let net = ClusterNet::create().expect("cluster net");
+    let regdir = tempfile::tempdir().expect("tempdir");
+    let _registry = Registry::start(&net, &regdir.path().join("registry")).expect("registry");
+    let mut node = net.add_node(0).expect("node");
+    let cgroup = CgroupParent::new();
+    let rt = Runtime::start(&mut node);
+    rt.out(&["pull", BUSYBOX]);
+    let pod = rt.pod_file("metrics", cgroup.name());
+    let pod_id = rt.out(&["runp", &pod]);
+    let busy = rt.container_file("busy", &["sh", "-c", BUSY]);
+    let id = rt.out(&["create", &pod_id, &busy, &pod]);
+    rt.out(&["start", &id]);
+    rt.wait_state(&id, "CONTAINER_RUNNING");
+    // A stopped pod reports no metrics (nothing of it is left to read).
+    let gone = rt.pod_file("gone", cgroup.name());
+    let gone_id = rt.out(&["runp", &gone]);
+    rt.out(&["stopp", &gone_id]);
+
+    // Descriptors: cAdvisor's names, with the label keys containerd gives them.
+    let descs = rt.json(&["metricdescs", "-o", "json"]);
+    let keys: std::collections::HashMap<String, Vec<String>> = descs["descriptors"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{descs}"))
+        .iter()
+        .map(|d| {
+            let keys = d["labelKeys"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|k| k.as_str().unwrap_or_default().to_string())
+                .collect();
+            (d["name"].as_str().unwrap_or_default().to_string(), keys)
+        })
+        .collect();
+    let base = ["pod", "namespace", "container", "id", "image"];
+    assert_eq!(keys["container_cpu_usage_seconds_total"], base, "{descs}");
+    assert_eq!(keys["container_memory_working_set_bytes"], base, "{descs}");
+    assert_eq!(
+        keys["container_network_receive_bytes_total"],
+        [&base[..], &["interface"]].concat(),
+        "{descs}"
+    );
+
+    // Wait for a second of CPU, the 20 MB in /dev/shm and the 5 MB in the writable layer.
+    let mut pod_samples = Vec::new();
+    let mut busy_samples = Vec::new();
+    let mut listed = serde_json::Value::Null;
+    for _ in 0..150 {
+        listed = rt.json(&["metricsp", "-o", "json"]);
+        let pods = listed["podMetrics"].as_array().cloned().unwrap_or_default();
+        let Some(p) = pods.iter().find(|p| p["podSandboxId"] == pod_id.as_str()) else {
+            panic!("pod {pod_id} not listed: {listed}");
+        };
+        assert!(
+            pods.iter().all(|p| p["podSandboxId"] != gone_id.as_str()),
+            "a stopped pod is listed: {listed}"
+        );
+        pod_samples = samples(&p["metrics"]);
+        busy_samples = p["containerMetrics"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["containerId"] == id.as_str())
+            .map(|c| samples(&c["metrics"]))
+            .unwrap_or_default();
+        let at_least = |name: &str, v: u64| find(&busy_samples, name).is_some_and(|s| s.2 >= v);
+        if at_least("container_cpu_usage_seconds_total", 1)
+            && at_least("container_memory_working_set_bytes", 20_000_000)
+            && at_least("container_fs_usage_bytes", 5_000_000)
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Every metric has a descriptor with as many keys as it has label values: the kubelet
+    // drops any other.
+    for (name, labels, _) in pod_samples.iter().chain(&busy_samples) {
+        let k = keys
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} has no descriptor"));
+        assert_eq!(labels.len(), k.len(), "{name}: {labels:?} for {k:?}");
+    }
+    let get = |name: &str| {
+        find(&busy_samples, name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} missing: {listed}"))
+    };
+    let cpu = get("container_cpu_usage_seconds_total");
+    assert_eq!(
+        cpu.1,
+        ["metrics", "default", "busy", id.as_str(), BUSYBOX],
+        "{listed}"
+    );
+    assert!(cpu.2 >= 1, "{listed}");
+    assert!(
+        get("container_cpu_user_seconds_total").2 + get("container_cpu_system_seconds_total").2
+            >= 1,
+        "{listed}"
+    );
+    assert!(
+        get("container_memory_working_set_bytes").2 > 20_000_000,
+        "{listed}"
+    );
+    assert!(
+        get("container_memory_usage_bytes").2 >= get("container_memory_working_set_bytes").2,
+        "{listed}"
+    );
+    // The shell, its busy loop and sleep.
+    assert!(get("container_processes").2 >= 2, "{listed}");
+    let fs = get("container_fs_usage_bytes");
+    assert!(fs.2 >= 5_000_000, "{listed}");
+    assert!(fs.1[5].ends_with("/upper"), "{listed}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let started = get("container_start_time_seconds").2;
+    assert!(started <= now && started + 300 > now, "{listed}");
+
+    // The pod's network, once, as cAdvisor's "POD" container, per interface.
+    let rx = |samples: &[Sample]| {
+        let s = find(samples, "container_network_receive_bytes_total")
+            .cloned()
+            .unwrap_or_else(|| panic!("no network metrics: {samples:?}"));
+        assert_eq!(
+            s.1,
+            ["metrics", "default", "POD", pod_id.as_str(), "", "eth0"]
+        );
+        s.2
+    };
+    let rx0 = rx(&pod_samples);
+    let ping = rt.out(&["exec", "-s", &id, "ping", "-c", "3", "-W", "2", GATEWAY]);
+    assert!(ping.contains("3 packets received"), "{ping}");
+
+    let tokio = tokio::runtime::Runtime::new().expect("tokio");
+    tokio.block_on(async {
+        let mut rs = client(&rt.socket);
+        // The streaming variant answers the same pods.
+        let mut stream = rs
+            .stream_pod_sandbox_metrics(cri::StreamPodSandboxMetricsRequest {})
+            .await
+            .expect("stream pod metrics")
+            .into_inner();
+        let mut pods = Vec::new();
+        while let Some(chunk) = stream.message().await.expect("stream") {
+            pods.extend(chunk.pod_sandbox_metrics);
+        }
+        assert_eq!(pods.len(), 1, "{pods:?}");
+        let after: Vec<Sample> = pods[0]
+            .metrics
+            .iter()
+            .map(|m| (m.name.clone(), m.label_values.clone(), value(m.value)))
+            .collect();
+        // Three echo requests and replies: at least 3 * 84 bytes received.
+        let rx1 = rx(&after);
+        assert!(rx1 >= rx0 + 252, "rx {rx0} -> {rx1}");
+
+        // ImageFsInfo: the image store, and the writable layers as the container filesystem.
+        let endpoint = rt.socket.clone();
+        let channel = tonic::transport::Endpoint::from_static("http://[::]:50051")
+            .connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
+                let path = endpoint.clone();
+                async move {
+                    let stream = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                }
+            }));
+        let fs = cri::image_service_client::ImageServiceClient::new(channel)
+            .image_fs_info(cri::ImageFsInfoRequest {})
+            .await
+            .expect("image fs info")
+            .into_inner();
+        assert_eq!(fs.image_filesystems.len(), 1, "{fs:?}");
+        assert_eq!(fs.container_filesystems.len(), 1, "{fs:?}");
+        let containers_fs = &fs.container_filesystems[0];
+        let mountpoint = containers_fs
+            .fs_id
+            .as_ref()
+            .map(|f| f.mountpoint.clone())
+            .unwrap_or_default();
+        assert!(
+            fs.container_filesystems[0].fs_id != fs.image_filesystems[0].fs_id,
+            "{fs:?}"
+        );
+        assert!(
+            Path::new(&mountpoint).join(&id).join("upper").is_dir(),
+            "{fs:?}"
+        );
+        assert!(value(containers_fs.used_bytes) >= 5_000_000, "{fs:?}");
+        assert!(value(containers_fs.inodes_used) >= 1, "{fs:?}");
+
+        // UpdatePodSandboxResources records the pod-level resources; verbose status shows them.
+        let resources = |shares: i64, memory: i64| cri::LinuxContainerResources {
+            cpu_shares: shares,
+            cpu_quota: 50_000,
+            cpu_period: 100_000,
+            memory_limit_in_bytes: memory,
+            ..Default::default()
+        };
+        rs.update_pod_sandbox_resources(cri::UpdatePodSandboxResourcesRequest {
+            pod_sandbox_id: pod_id.clone(),
+            overhead: Some(resources(10, 1 << 20)),
+            resources: Some(resources(512, 128 << 20)),
+        })
+        .await
+        .expect("update pod sandbox resources");
+        let status = rs
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: pod_id.clone(),
+                verbose: true,
+            })
+            .await
+            .expect("pod status")
+            .into_inner();
+        let recorded: serde_json::Value =
+            serde_json::from_str(&status.info["resources"]).expect("resources json");
+        assert_eq!(recorded["resources"]["cpuShares"], 512, "{recorded}");
+        assert_eq!(
+            recorded["resources"]["memoryLimitInBytes"],
+            128 << 20,
+            "{recorded}"
+        );
+        assert_eq!(recorded["overhead"]["cpuShares"], 10, "{recorded}");
+        let missing = rs
+            .update_pod_sandbox_resources(cri::UpdatePodSandboxResourcesRequest {
+                pod_sandbox_id: "no-such-pod".into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("update of a missing pod");
+        assert_eq!(missing.code(), tonic::Code::NotFound);
+    });
+    // The record survives on disk: the sandbox's saved configuration carries the update.
+    let saved = std::fs::read(
+        rt.dir
+            .path()
+            .join("state/sandboxes")
+            .join(&pod_id)
+            .join("config.pb"),
+    )
+    .expect("saved sandbox config");
+    let saved =
+        <cri::PodSandboxConfig as prost::Message>::decode(saved.as_slice()).expect("decode");
+    let linux = saved.linux.unwrap_or_default();
+    assert_eq!(linux.resources.map(|r| r.cpu_shares), Some(512));
+
+    rt.out(&["stopp", &pod_id]);
+    rt.out(&["rmp", &pod_id]);
+    drop(rt);
+    drop(node);
+}
