@@ -56,6 +56,7 @@ pub mod subpath;
 pub mod sync;
 pub mod sysctls;
 pub mod termination;
+pub mod trust_bundles;
 pub mod volumes;
 
 use std::time::Duration;

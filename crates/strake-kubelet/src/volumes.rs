@@ -1,5 +1,6 @@
 //! Pod volumes that need no plugin: emptyDir, hostPath, configMap, secret, downwardAPI and
-//! projected (service-account token via TokenRequest, configMap, secret, downwardAPI).
+//! projected (service-account token via TokenRequest, configMap, secret, downwardAPI,
+//! clusterTrustBundle through [`crate::trust_bundles`]).
 //!
 //! Each volume lives under `<root>/pods/<uid>/volumes/<kind>/<name>`. Files of API-backed volumes
 //! are published atomically as upstream's atomic writer does: a fresh `..<timestamp>` directory,
@@ -393,10 +394,16 @@ impl Volumes {
                         .await?;
                     // Upstream writes tokens 0600 when the pod sets no fsGroup; 0644 by default.
                     files.insert(t.path.clone(), (token, default_mode));
-                } else if src.cluster_trust_bundle.is_some() || src.pod_certificate.is_some() {
-                    return Err(invalid(
-                        "clusterTrustBundle and podCertificate projections are not supported yet",
-                    ));
+                } else if let Some(b) = &src.cluster_trust_bundle {
+                    if !safe_relative(&b.path) {
+                        return Err(invalid(&format!("invalid path {:?}", b.path)));
+                    }
+                    let anchors = crate::trust_bundles::anchors(self.api(name)?, b)
+                        .await
+                        .map_err(|e| invalid(&error_chain(&e)))?;
+                    files.insert(b.path.clone(), (anchors, default_mode));
+                } else if src.pod_certificate.is_some() {
+                    return Err(invalid("podCertificate projections are not supported yet"));
                 }
             }
             "kubernetes.io~projected"

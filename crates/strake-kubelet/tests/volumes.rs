@@ -421,3 +421,159 @@ async fn subpath_symlink_escape_is_refused_and_subpath_expr_mounts_only_its_dire
  {
     subpath_scenario("strake-subpath-1", RuntimeKind::Containerd).await;
 }
+
+/// A self-signed CA certificate (DER) named `cn`.
+fn ca_der(cn: &str) -> Vec<u8> {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .self_signed(&key)
+        .expect("self-signed")
+        .der()
+        .to_vec()
+}
+
+fn pem_of(ders: &[&[u8]]) -> String {
+    ders.iter()
+        .map(|d| pem::encode(&pem::Pem::new("CERTIFICATE", d.to_vec())))
+        .collect()
+}
+
+/// The DER blocks of a PEM file, as a set.
+fn ders_in(text: &str) -> std::collections::BTreeSet<Vec<u8>> {
+    pem::parse_many(text)
+        .unwrap_or_else(|e| panic!("{e}: {text}"))
+        .into_iter()
+        .map(pem::Pem::into_contents)
+        .collect()
+}
+
+/// `clusterTrustBundle` projections: by name, by signer and label selector (bundles merged,
+/// duplicates dropped), an optional missing one (an empty file); a pod naming a missing
+/// bundle that is not optional waits with FailedMount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_trust_bundle_projections_by_name_and_by_signer() {
+    use k8s_openapi::api::certificates::v1::ClusterTrustBundle;
+    let cluster = Cluster::start("strake-ctb-0", RuntimeKind::Strake).await;
+    let client = cluster.client.clone();
+    let (ca1, ca2, ca3) = (ca_der("ca-one"), ca_der("ca-two"), ca_der("ca-three"));
+    let bundles: Api<ClusterTrustBundle> = Api::all(client.clone());
+    for (name, signer, label, certs) in [
+        (
+            "example.com:test:one",
+            Some("example.com/test"),
+            "primary",
+            pem_of(&[&ca1, &ca2]),
+        ),
+        (
+            "example.com:test:two",
+            Some("example.com/test"),
+            "primary",
+            pem_of(&[&ca2]),
+        ),
+        (
+            "example.com:test:other",
+            Some("example.com/test"),
+            "secondary",
+            pem_of(&[&ca3]),
+        ),
+        ("plain", None, "primary", pem_of(&[&ca3])),
+    ] {
+        let b: ClusterTrustBundle = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name, "labels": { "bundle": label } },
+            "spec": { "signerName": signer, "trustBundle": certs }
+        }))
+        .expect("bundle");
+        bundles
+            .create(&PostParams::default(), &b)
+            .await
+            .unwrap_or_else(|e| panic!("create {name}: {e}"));
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod = |name: &str, sources: serde_json::Value| -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name },
+            "spec": {
+                "nodeName": "strake-ctb-0",
+                "terminationGracePeriodSeconds": 1,
+                "containers": [{
+                    "name": name,
+                    "image": cluster.busybox(),
+                    "command": ["sleep", "3600"],
+                    "volumeMounts": [{ "name": "anchors", "mountPath": "/anchors" }]
+                }],
+                "volumes": [{ "name": "anchors", "projected": { "sources": sources } }]
+            }
+        }))
+        .expect("pod")
+    };
+    let trusting = pod(
+        "trusting",
+        serde_json::json!([
+            { "clusterTrustBundle": { "name": "plain", "path": "by-name.pem" } },
+            { "clusterTrustBundle": {
+                "signerName": "example.com/test",
+                "labelSelector": { "matchLabels": { "bundle": "primary" } },
+                "path": "by-signer.pem" } },
+            { "clusterTrustBundle": { "name": "absent", "optional": true, "path": "optional.pem" } }
+        ]),
+    );
+    wait_for("pod created", 60, || async {
+        pods.create(&PostParams::default(), &trusting).await.ok()
+    })
+    .await;
+    wait_for("trusting running", 90, || async {
+        let st = pods.get("trusting").await.ok()?.status?;
+        (st.phase.as_deref() == Some("Running")).then_some(())
+    })
+    .await;
+    let by_name = exec_in(&cluster.node, "trusting", "cat /anchors/by-name.pem");
+    assert_eq!(ders_in(&by_name), [ca3.clone()].into());
+    let by_signer = exec_in(&cluster.node, "trusting", "cat /anchors/by-signer.pem");
+    assert_eq!(ders_in(&by_signer), [ca1.clone(), ca2.clone()].into());
+    assert_eq!(
+        by_signer.matches("BEGIN CERTIFICATE").count(),
+        2,
+        "{by_signer}"
+    );
+    assert_eq!(
+        exec_in(&cluster.node, "trusting", "wc -c < /anchors/optional.pem"),
+        "0"
+    );
+
+    let missing = pod(
+        "missing",
+        serde_json::json!([{ "clusterTrustBundle": { "name": "absent", "path": "a.pem" } }]),
+    );
+    pods.create(&PostParams::default(), &missing)
+        .await
+        .expect("create missing");
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), "default");
+    let message = wait_for("FailedMount of missing", 60, || async {
+        events
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some("FailedMount")
+                    && e.involved_object.name.as_deref() == Some("missing")
+            })
+            .and_then(|e| e.message)
+    })
+    .await;
+    assert!(message.contains("\"absent\" not found"), "{message}");
+    let st = pods
+        .get("missing")
+        .await
+        .expect("missing")
+        .status
+        .unwrap_or_default();
+    assert_eq!(st.phase.as_deref(), Some("Pending"));
+    drop(cluster);
+}
