@@ -38,6 +38,7 @@ pub mod log_rotation;
 pub mod machine;
 pub mod node;
 pub mod pleg;
+pub mod pod_certificates;
 pub mod pod_cgroups;
 pub mod pod_spec;
 pub mod pod_status;
@@ -219,7 +220,8 @@ impl App {
             let cri: std::sync::Arc<dyn runtime::Cri> = std::sync::Arc::new(self.runtime.clone());
             let cgroups = self.pod_cgroups();
             let ctx = pod_worker::Context {
-                volumes: volumes::Volumes::new(&self.config.root_dir, api.clone()),
+                volumes: volumes::Volumes::new(&self.config.root_dir, api.clone())
+                    .with_pod_certificates(&self.config.node_name),
                 client: api.clone(),
                 cri: cri.clone(),
                 relist: std::sync::Arc::new(relist::Relist::new(cri.clone(), relist::PERIOD)),

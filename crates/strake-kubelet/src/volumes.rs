@@ -1,6 +1,7 @@
 //! Pod volumes that need no plugin: emptyDir, hostPath, configMap, secret, downwardAPI and
 //! projected (service-account token via TokenRequest, configMap, secret, downwardAPI,
-//! clusterTrustBundle through [`crate::trust_bundles`]).
+//! clusterTrustBundle through [`crate::trust_bundles`], podCertificate through
+//! [`crate::pod_certificates`]).
 //!
 //! Each volume lives under `<root>/pods/<uid>/volumes/<kind>/<name>`. Files of API-backed volumes
 //! are published atomically as upstream's atomic writer does: a fresh `..<timestamp>` directory,
@@ -186,6 +187,7 @@ pub struct Volumes {
     root: PathBuf,
     client: Option<kube::Client>,
     tokens: std::sync::Arc<std::sync::Mutex<TokenCache>>,
+    certificates: Option<std::sync::Arc<crate::pod_certificates::PodCertificates>>,
 }
 
 impl Volumes {
@@ -195,7 +197,19 @@ impl Volumes {
             root: root_dir.join("pods"),
             client,
             tokens: Default::default(),
+            certificates: None,
         }
+    }
+
+    /// Serves `podCertificate` sources as node `node_name` (needs the API client).
+    pub fn with_pod_certificates(mut self, node_name: &str) -> Self {
+        self.certificates = self.client.clone().map(|c| {
+            std::sync::Arc::new(crate::pod_certificates::PodCertificates::new(
+                c,
+                node_name.to_string(),
+            ))
+        });
+        self
     }
 
     /// The API client; static pods without an API server cannot use API-backed volumes.
@@ -351,7 +365,7 @@ impl Volumes {
             "kubernetes.io~downward-api"
         } else if let Some(p) = &v.projected {
             let default_mode = p.default_mode.map_or(0o644, |m| m as u32);
-            for src in p.sources.iter().flatten() {
+            for (index, src) in p.sources.iter().flatten().enumerate() {
                 if let Some(c) = &src.config_map {
                     if let Some(data) = self
                         .config_map(ns, &c.name, c.optional.unwrap_or(false), name)
@@ -402,8 +416,33 @@ impl Volumes {
                         .await
                         .map_err(|e| invalid(&error_chain(&e)))?;
                     files.insert(b.path.clone(), (anchors, default_mode));
-                } else if src.pod_certificate.is_some() {
-                    return Err(invalid("podCertificate projections are not supported yet"));
+                } else if let Some(c) = &src.pod_certificate {
+                    let paths = [
+                        &c.credential_bundle_path,
+                        &c.key_path,
+                        &c.certificate_chain_path,
+                    ];
+                    if let Some(bad) = paths.iter().copied().flatten().find(|p| !safe_relative(p)) {
+                        return Err(invalid(&format!("invalid path {bad:?}")));
+                    }
+                    let certificates = self.certificates.as_ref().ok_or_else(|| {
+                        invalid(
+                            "podCertificate needs the API server, and this kubelet runs standalone",
+                        )
+                    })?;
+                    let (key, chain) = certificates
+                        .credentials(pod, name, index, c)
+                        .await
+                        .map_err(|e| invalid(&error_chain(&e)))?;
+                    if let Some(p) = &c.credential_bundle_path {
+                        files.insert(p.clone(), ([key.as_slice(), &chain].concat(), default_mode));
+                    }
+                    if let Some(p) = &c.key_path {
+                        files.insert(p.clone(), (key, default_mode));
+                    }
+                    if let Some(p) = &c.certificate_chain_path {
+                        files.insert(p.clone(), (chain, default_mode));
+                    }
                 }
             }
             "kubernetes.io~projected"
@@ -664,6 +703,9 @@ impl Volumes {
             && e.kind() != std::io::ErrorKind::NotFound
         {
             tracing::warn!(pod_uid = uid, error = %e, "remove pod directory failed");
+        }
+        if let Some(c) = &self.certificates {
+            c.forget(uid);
         }
         self.tokens
             .lock()

@@ -577,3 +577,207 @@ async fn cluster_trust_bundle_projections_by_name_and_by_signer() {
     assert_eq!(st.phase.as_deref(), Some("Pending"));
     drop(cluster);
 }
+
+/// Acts as the signer `signer` for the PodCertificateRequests of `ns`: issues each pending one
+/// with `ca` (a one-hour leaf for the CSR's key, refresh from half an hour), or denies it when
+/// `deny` is set. Returns the requests it answered.
+async fn sign_requests(
+    client: &kube::Client,
+    signer: &str,
+    ca: &rcgen::CertifiedIssuer<'_, rcgen::KeyPair>,
+    deny: bool,
+) -> Vec<k8s_openapi::api::certificates::v1::PodCertificateRequest> {
+    use k8s_openapi::api::certificates::v1::PodCertificateRequest;
+    let api: Api<PodCertificateRequest> = Api::namespaced(client.clone(), "default");
+    let mut answered = Vec::new();
+    for pcr in api
+        .list(&Default::default())
+        .await
+        .expect("list PCRs")
+        .items
+    {
+        let done = pcr
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| !c.is_empty());
+        if done || pcr.spec.signer_name != signer {
+            continue;
+        }
+        let name = pcr.metadata.name.clone().unwrap_or_default();
+        let now = time::OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .expect("seconds");
+        let rfc3339 = |t: time::OffsetDateTime| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .expect("format")
+        };
+        let status = if deny {
+            serde_json::json!({ "conditions": [{
+                "type": "Denied", "status": "True", "reason": "NotThisPod",
+                "message": "the test signer refuses", "lastTransitionTime": rfc3339(now) }] })
+        } else {
+            let der = pcr.spec.stub_pkc_s10_request.0.clone();
+            let mut csr = rcgen::CertificateSigningRequestParams::from_der(&der.into())
+                .expect("the kubelet's CSR parses and its signature verifies");
+            csr.params.not_before = now;
+            csr.params.not_after = now + time::Duration::hours(1);
+            let leaf = csr.signed_by(ca).expect("sign");
+            let chain = format!("{}{}", leaf.pem(), ca.pem());
+            serde_json::json!({
+                "conditions": [{ "type": "Issued", "status": "True", "reason": "Issued",
+                    "message": "issued by the test signer", "lastTransitionTime": rfc3339(now) }],
+                "certificateChain": chain,
+                "notBefore": rfc3339(now),
+                "beginRefreshAt": rfc3339(now + time::Duration::minutes(30)),
+                "notAfter": rfc3339(now + time::Duration::hours(1)),
+            })
+        };
+        api.patch_status(
+            &name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&serde_json::json!({ "status": status })),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("answer {name}: {e}"));
+        answered.push(pcr);
+    }
+    answered
+}
+
+/// `podCertificate` projections: the kubelet makes a key, asks for a certificate with a
+/// PodCertificateRequest naming the pod, its ServiceAccount and the node; the pod starts once
+/// the signer issued it and sees the key, the chain and the bundle. A denied request keeps its
+/// pod waiting with the signer's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_certificate_projection_is_requested_issued_and_written() {
+    let node_name = "strake-pcr-0";
+    let cluster = Cluster::start(node_name, RuntimeKind::Strake).await;
+    let client = cluster.client.clone();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "test pod signer");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca =
+        rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().expect("key"))
+            .expect("ca");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod = |name: &str, signer: &str| -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name },
+            "spec": {
+                "nodeName": node_name,
+                "terminationGracePeriodSeconds": 1,
+                "containers": [{
+                    "name": name,
+                    "image": cluster.busybox(),
+                    "command": ["sleep", "3600"],
+                    "volumeMounts": [{ "name": "identity", "mountPath": "/identity" }]
+                }],
+                "volumes": [{ "name": "identity", "projected": { "sources": [
+                    { "podCertificate": {
+                        "signerName": signer,
+                        "keyType": "ED25519",
+                        "maxExpirationSeconds": 3600,
+                        "credentialBundlePath": "bundle.pem",
+                        "keyPath": "key.pem",
+                        "certificateChainPath": "chain.pem" } }
+                ] } }]
+            }
+        }))
+        .expect("pod")
+    };
+    let signed = pod("signed", "example.com/pod-signer");
+    wait_for("pod created", 60, || async {
+        pods.create(&PostParams::default(), &signed).await.ok()
+    })
+    .await;
+    let pcr = wait_for("a PodCertificateRequest, issued", 60, || async {
+        sign_requests(&client, "example.com/pod-signer", &ca, false)
+            .await
+            .into_iter()
+            .next()
+    })
+    .await;
+    let created = pods.get("signed").await.expect("pod");
+    assert_eq!(pcr.spec.pod_name, "signed");
+    assert_eq!(Some(&pcr.spec.pod_uid), created.metadata.uid.as_ref());
+    assert_eq!(pcr.spec.node_name, node_name);
+    assert_eq!(pcr.spec.service_account_name, "default");
+    assert_eq!(pcr.spec.max_expiration_seconds, Some(3600));
+    let owner = &pcr.metadata.owner_references.clone().unwrap_or_default()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("Pod", "signed")
+    );
+    wait_for("signed running", 90, || async {
+        let st = pods.get("signed").await.ok()?.status?;
+        (st.phase.as_deref() == Some("Running")).then_some(())
+    })
+    .await;
+
+    let key = exec_in(&cluster.node, "signed", "cat /identity/key.pem");
+    let chain = exec_in(&cluster.node, "signed", "cat /identity/chain.pem");
+    let bundle = exec_in(&cluster.node, "signed", "cat /identity/bundle.pem");
+    let key_pair = rcgen::KeyPair::from_pem(&format!("{key}\n")).expect("a PKCS#8 key");
+    let certs: Vec<Vec<u8>> = pem::parse_many(&chain)
+        .expect("chain")
+        .into_iter()
+        .map(pem::Pem::into_contents)
+        .collect();
+    assert_eq!(certs.len(), 2, "{chain}");
+    assert_eq!(certs[1], ca.der().to_vec(), "the CA follows the leaf");
+    // The leaf is for the key the pod holds.
+    use x509_parser::prelude::FromDer;
+    let (_, leaf) = x509_parser::certificate::X509Certificate::from_der(&certs[0]).expect("leaf");
+    assert_eq!(
+        &*leaf.public_key().subject_public_key.data,
+        rcgen::PublicKeyData::der_bytes(&key_pair)
+    );
+    assert_eq!(
+        bundle,
+        format!("{key}\n{chain}"),
+        "the bundle is the key, then the chain"
+    );
+
+    // A denied request: the pod waits, and says why.
+    let refused = pod("refused", "example.com/denier");
+    pods.create(&PostParams::default(), &refused)
+        .await
+        .expect("create refused");
+    wait_for("a PodCertificateRequest, denied", 60, || async {
+        sign_requests(&client, "example.com/denier", &ca, true)
+            .await
+            .into_iter()
+            .next()
+    })
+    .await;
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), "default");
+    let message = wait_for("FailedMount naming the denial", 60, || async {
+        events
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .filter(|e| {
+                e.reason.as_deref() == Some("FailedMount")
+                    && e.involved_object.name.as_deref() == Some("refused")
+            })
+            .find_map(|e| e.message.filter(|m| m.contains("denied")))
+    })
+    .await;
+    assert!(
+        message.contains("NotThisPod") && message.contains("the test signer refuses"),
+        "{message}"
+    );
+    let st = pods
+        .get("refused")
+        .await
+        .expect("refused")
+        .status
+        .unwrap_or_default();
+    assert_eq!(st.phase.as_deref(), Some("Pending"));
+    drop(cluster);
+}
