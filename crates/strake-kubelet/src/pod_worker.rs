@@ -748,60 +748,61 @@ impl Worker {
         let ids: std::collections::BTreeSet<&str> =
             obs.state.containers.iter().map(|k| k.id.as_str()).collect();
         self.applied.retain(|id, _| ids.contains(id.as_str()));
-        let Some(sandbox) = obs.state.ready_sandbox() else {
-            return;
-        };
-        let allocated = crate::resize::asked(pod);
-        let cgroup_stale = self.ctx.cgroups.is_some()
-            && self
-                .cgroup_for
-                .as_ref()
-                .is_none_or(|c| !crate::resize::same_all(c, &allocated));
-        let mut updates = Vec::new();
-        for k in obs
-            .state
-            .containers
-            .iter()
-            .filter(|k| k.sandbox_id == sandbox.id && k.state == RunState::Running)
-        {
-            let (Some(want), Some(c)) = (
-                allocated.get(&k.name),
-                pod_spec::find_container(pod, &k.name),
-            ) else {
-                continue;
-            };
-            match self.applied.get(&k.id) {
-                Some(have) if crate::resize::same(have, want) => continue,
-                Some(have) => {
-                    let changed = crate::resize::changed(have, want);
-                    if crate::resize::needs_restart(&c, &changed) {
-                        tracing::info!(pod = %pod_key(pod), container = %k.name, "restarting container to resize it");
-                        let grace = Duration::from_secs(sync::grace_seconds(
-                            pod,
-                            Some(&c),
-                            &KillReason::PodFailed,
-                        ) as u64);
-                        let ip = sandbox.ips.first().cloned().unwrap_or_default();
-                        self.kill_container(Some(pod), &k.id, &k.name, grace, &ip)
-                            .await;
-                        self.applied.remove(&k.id);
-                        continue;
-                    }
-                }
-                // Adopted after a kubelet restart: its resources are set once (the same
-                // values again when nothing changed).
-                None => {}
-            }
-            updates.push((k.id.clone(), c.into_owned(), want.clone()));
-        }
-        if updates.is_empty() && !cgroup_stale {
+        let actions = sync::compute_resize_actions(
+            pod,
+            &obs.state,
+            &self.applied,
+            self.ctx.cgroups.is_some(),
+            self.cgroup_for.as_ref(),
+        );
+        if actions.is_empty() {
             if matches!(self.resize, Some(pod_status::Resize::InProgress { .. })) {
                 self.resize = None;
             }
             return;
         }
+        let ip = obs
+            .state
+            .ready_sandbox()
+            .and_then(|s| s.ips.first().cloned())
+            .unwrap_or_default();
         let mut error = None;
-        if cgroup_stale && let Some(cg) = &self.ctx.cgroups {
+        for action in actions {
+            match action {
+                Action::KillContainer {
+                    id, name, grace, ..
+                } => {
+                    tracing::info!(pod = %pod_key(pod), container = %name, "restarting container to resize it");
+                    self.kill_container(Some(pod), &id, &name, grace, &ip).await;
+                    self.applied.remove(&id);
+                }
+                Action::Resize {
+                    pod_cgroup,
+                    updates,
+                } => error = self.resize_in_place(pod, pod_cgroup, updates).await,
+                other => {
+                    tracing::warn!(pod = %pod_key(pod), action = ?other, "not a resize action")
+                }
+            }
+        }
+        if !matches!(self.resize, Some(pod_status::Resize::Pending { .. })) {
+            self.resize = error.map(|message| pod_status::Resize::InProgress {
+                error: Some(message),
+            });
+        }
+    }
+
+    /// [`Action::Resize`]: the pod's cgroup, UpdateContainerResources of each container, and
+    /// the pod's cgroup again; the last error, if any.
+    async fn resize_in_place(
+        &mut self,
+        pod: &Pod,
+        pod_cgroup: bool,
+        updates: Vec<sync::ResizeUpdate>,
+    ) -> Option<String> {
+        let mut error = None;
+        let cgroups = self.ctx.cgroups.clone().filter(|_| pod_cgroup);
+        if let Some(cg) = &cgroups {
             // May fail when it would shrink below what the containers still hold; the
             // second write below, after them, is the one that must succeed.
             let _ = cg.ensure_pod(pod);
@@ -810,34 +811,33 @@ impl Worker {
         let memory = crate::resources::NodeAllocatable::of_this_machine()
             .memory
             .clamp(0, u64::MAX as i128) as u64;
-        for (id, c, want) in updates {
+        for u in updates {
+            let Some(c) = pod_spec::find_container(pod, &u.name) else {
+                continue;
+            };
             let resources = crate::resources::linux_resources(&c, qos, memory);
             match self
                 .ctx
                 .cri
-                .update_container_resources(&id, resources)
+                .update_container_resources(&u.id, resources)
                 .await
             {
                 Ok(()) => {
-                    self.applied.insert(id, want);
+                    self.applied.insert(u.id, u.resources);
                 }
                 Err(e) => {
-                    tracing::warn!(pod = %pod_key(pod), container = %c.name, error = %e.detail(), "resize not actuated");
+                    tracing::warn!(pod = %pod_key(pod), container = %u.name, error = %e.detail(), "resize not actuated");
                     error = Some(e.message());
                 }
             }
         }
-        if cgroup_stale && let Some(cg) = &self.ctx.cgroups {
+        if let Some(cg) = &cgroups {
             match cg.ensure_pod(pod) {
-                Ok(()) => self.cgroup_for = Some(allocated),
+                Ok(()) => self.cgroup_for = Some(crate::resize::asked(pod)),
                 Err(e) => error = Some(e.to_string()),
             }
         }
-        if !matches!(self.resize, Some(pod_status::Resize::Pending { .. })) {
-            self.resize = error.map(|message| pod_status::Resize::InProgress {
-                error: Some(message),
-            });
-        }
+        error
     }
 
     /// Removes what upstream's container garbage collector would ([`sync::collectable`]):
@@ -980,6 +980,16 @@ impl Worker {
                 } => self
                     .events
                     .emit(pod, container.as_deref(), kind, reason, note),
+                Action::Resize {
+                    pod_cgroup,
+                    updates,
+                } => {
+                    if let Some(message) = self.resize_in_place(pod, pod_cgroup, updates).await {
+                        self.resize = Some(pod_status::Resize::InProgress {
+                            error: Some(message),
+                        });
+                    }
+                }
             }
         }
         Ok(())

@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::api::core::v1::{Container, Pod, ResourceRequirements};
 use tokio::time::Instant;
 
 use crate::events::Kind;
@@ -145,10 +145,12 @@ pub enum KillReason {
     PodFailed,
     /// The pod is being deleted.
     Terminating,
+    /// An in-place resize of a resource whose `resizePolicy` is `RestartContainer`.
+    Resize,
 }
 
 /// One step the worker takes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Action {
     /// Stop and remove a sandbox, and with it its containers.
     KillSandbox { id: String },
@@ -171,6 +173,84 @@ pub enum Action {
         reason: &'static str,
         note: String,
     },
+    /// Actuate an in-place resize: the pod's cgroup (when it was made for other resources)
+    /// around UpdateContainerResources of each running container whose resources change.
+    Resize {
+        pod_cgroup: bool,
+        updates: Vec<ResizeUpdate>,
+    },
+}
+
+/// One container's part of [`Action::Resize`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResizeUpdate {
+    pub id: String,
+    pub name: String,
+    /// The container's allocated resources, which it is to have.
+    pub resources: ResourceRequirements,
+}
+
+/// What an in-place resize asks of the pod's running containers, given `desired` (the pod with
+/// its allocation), what each running instance was last given (`applied`, by container ID)
+/// and, when the kubelet manages pod cgroups, the resources the pod's cgroup was made for
+/// (`pod_cgroup_for`, `None` before it was made). A changed resource whose `resizePolicy` is `RestartContainer`
+/// kills the container (the restart policy starts it again with the new resources); the other
+/// changes are one [`Action::Resize`]. An instance adopted after a kubelet restart, with
+/// nothing recorded, is given its resources once.
+pub fn compute_resize_actions(
+    desired: &Pod,
+    observed: &PodRuntimeState,
+    applied: &BTreeMap<String, ResourceRequirements>,
+    manages_pod_cgroups: bool,
+    pod_cgroup_for: Option<&crate::resize::Resources>,
+) -> Vec<Action> {
+    let Some(sandbox) = observed.ready_sandbox() else {
+        return Vec::new();
+    };
+    let allocated = crate::resize::asked(desired);
+    let mut actions = Vec::new();
+    let mut updates = Vec::new();
+    for k in observed
+        .containers
+        .iter()
+        .filter(|k| k.sandbox_id == sandbox.id && k.state == RunState::Running)
+    {
+        let (Some(want), Some(c)) = (
+            allocated.get(&k.name),
+            crate::pod_spec::find_container(desired, &k.name),
+        ) else {
+            continue;
+        };
+        if let Some(have) = applied.get(&k.id) {
+            if crate::resize::same(have, want) {
+                continue;
+            }
+            if crate::resize::needs_restart(&c, &crate::resize::changed(have, want)) {
+                let grace = grace_seconds(desired, Some(&c), &KillReason::Resize);
+                actions.push(Action::KillContainer {
+                    id: k.id.clone(),
+                    name: k.name.clone(),
+                    grace: Duration::from_secs(grace as u64),
+                    reason: KillReason::Resize,
+                });
+                continue;
+            }
+        }
+        updates.push(ResizeUpdate {
+            id: k.id.clone(),
+            name: k.name.clone(),
+            resources: want.clone(),
+        });
+    }
+    let pod_cgroup = manages_pod_cgroups
+        && pod_cgroup_for.is_none_or(|made| !crate::resize::same_all(made, &allocated));
+    if pod_cgroup || !updates.is_empty() {
+        actions.push(Action::Resize {
+            pod_cgroup,
+            updates,
+        });
+    }
+    actions
 }
 
 /// What a worker remembers between syncs.
@@ -246,7 +326,7 @@ pub fn grace_seconds(pod: &Pod, c: Option<&Container>, reason: &KillReason) -> i
             })
             .and_then(|p| p.termination_grace_period_seconds)
             .unwrap_or(pod_grace),
-        KillReason::PodFailed => pod_grace,
+        KillReason::PodFailed | KillReason::Resize => pod_grace,
     };
     grace.max(0)
 }
@@ -1083,5 +1163,159 @@ mod tests {
             collectable(&lone, 1).1.is_empty(),
             "the pod's newest sandbox stays"
         );
+    }
+
+    fn resources(cpu: &str, memory: &str) -> ResourceRequirements {
+        serde_json::from_value(serde_json::json!({
+            "requests": { "cpu": cpu }, "limits": { "memory": memory }
+        }))
+        .unwrap()
+    }
+
+    fn resizable(a_cpu: &str, b_memory: &str) -> Pod {
+        pod(serde_json::json!({
+            "terminationGracePeriodSeconds": 7,
+            "containers": [
+                { "name": "a", "resources": { "requests": { "cpu": a_cpu }, "limits": { "memory": "64Mi" } } },
+                { "name": "b", "resources": { "requests": { "cpu": "100m" }, "limits": { "memory": b_memory } },
+                  "resizePolicy": [{ "resourceName": "memory", "restartPolicy": "RestartContainer" }] }
+            ]
+        }))
+    }
+
+    fn updates(actions: &[Action]) -> Vec<(String, bool)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Resize {
+                    pod_cgroup,
+                    updates,
+                } => Some(
+                    updates
+                        .iter()
+                        .map(|u| (u.name.clone(), *pod_cgroup))
+                        .collect::<Vec<_>>(),
+                ),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    #[test]
+    fn resize_updates_in_place_restarts_where_the_policy_says_and_leaves_the_rest() {
+        let running = obs(vec![
+            ctr("a", 0, RunState::Running, 0),
+            ctr("b", 0, RunState::Running, 0),
+        ]);
+        let applied = |a_cpu: &str, b_memory: &str| {
+            BTreeMap::from([
+                ("a-0".to_string(), resources(a_cpu, "64Mi")),
+                ("b-0".to_string(), resources("100m", b_memory)),
+            ])
+        };
+        let before = resizable("100m", "64Mi");
+        let made = crate::resize::asked(&before);
+        // Nothing changed: nothing to do.
+        assert!(
+            compute_resize_actions(
+                &before,
+                &running,
+                &applied("100m", "64Mi"),
+                true,
+                Some(&made)
+            )
+            .is_empty()
+        );
+        // The same quantity written differently is no change.
+        assert!(
+            compute_resize_actions(
+                &before,
+                &running,
+                &applied("0.1", "64Mi"),
+                true,
+                Some(&made)
+            )
+            .is_empty()
+        );
+        // a's CPU in place (with the pod's cgroup, made for the old values); b's memory, whose
+        // policy is RestartContainer, by a kill within the pod's grace period.
+        let after = resizable("500m", "128Mi");
+        let a = compute_resize_actions(
+            &after,
+            &running,
+            &applied("100m", "64Mi"),
+            true,
+            Some(&made),
+        );
+        assert_eq!(updates(&a), [("a".to_string(), true)]);
+        assert_eq!(
+            kills(&a),
+            [("b".to_string(), Duration::from_secs(7), KillReason::Resize)]
+        );
+        let Some(Action::Resize { updates: u, .. }) =
+            a.iter().find(|a| matches!(a, Action::Resize { .. }))
+        else {
+            panic!("{a:?}")
+        };
+        assert_eq!(u[0].id, "a-0");
+        assert!(crate::resize::same(
+            &u[0].resources,
+            &resources("500m", "64Mi")
+        ));
+        // b's CPU alone changes in place: its policy restarts it for memory only.
+        let cpu_only = pod(serde_json::json!({
+            "containers": [
+                { "name": "a", "resources": { "requests": { "cpu": "100m" }, "limits": { "memory": "64Mi" } } },
+                { "name": "b", "resources": { "requests": { "cpu": "300m" }, "limits": { "memory": "64Mi" } },
+                  "resizePolicy": [{ "resourceName": "memory", "restartPolicy": "RestartContainer" }] }
+            ]
+        }));
+        let a = compute_resize_actions(&cpu_only, &running, &applied("100m", "64Mi"), false, None);
+        assert_eq!(updates(&a), [("b".to_string(), false)]);
+        assert!(kills(&a).is_empty());
+        // Once actuated, nothing is left to do; without pod cgroups none is asked for.
+        assert!(
+            compute_resize_actions(&after, &running, &applied("500m", "128Mi"), false, None)
+                .is_empty()
+        );
+        assert_eq!(
+            compute_resize_actions(&after, &running, &applied("500m", "128Mi"), true, None),
+            [Action::Resize {
+                pod_cgroup: true,
+                updates: Vec::new()
+            }]
+        );
+    }
+
+    #[test]
+    fn resize_sets_adopted_instances_once_and_skips_what_does_not_run() {
+        let p = resizable("100m", "64Mi");
+        let made = crate::resize::asked(&p);
+        // Adopted after a restart: nothing recorded, the resources are set once.
+        let running = obs(vec![ctr("a", 0, RunState::Running, 0)]);
+        let a = compute_resize_actions(&p, &running, &BTreeMap::new(), true, Some(&made));
+        assert_eq!(updates(&a), [("a".to_string(), false)]);
+        // Exited instances, instances of an old sandbox and a pod without a ready sandbox get
+        // nothing; the pod's cgroup still follows the allocation once made.
+        let mut old = ctr("a", 0, RunState::Running, 0);
+        old.sandbox_id = "s0".into();
+        let others = obs(vec![old, ctr("b", 0, RunState::Exited, 1)]);
+        assert!(
+            compute_resize_actions(&p, &others, &BTreeMap::new(), true, Some(&made)).is_empty()
+        );
+        let a = compute_resize_actions(&p, &others, &BTreeMap::new(), true, None);
+        assert_eq!(
+            a,
+            [Action::Resize {
+                pod_cgroup: true,
+                updates: Vec::new()
+            }]
+        );
+        let no_sandbox = PodRuntimeState {
+            sandboxes: Vec::new(),
+            containers: vec![ctr("a", 0, RunState::Running, 0)],
+        };
+        assert!(compute_resize_actions(&p, &no_sandbox, &BTreeMap::new(), true, None).is_empty());
     }
 }
