@@ -74,14 +74,13 @@ fn daemonset_runs_the_image_with_flags_the_daemon_accepts() {
         probe.port,
         k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(10256)
     );
-    let modules = c
-        .volume_mounts
-        .as_ref()
-        .unwrap()
-        .iter()
-        .find(|m| m.mount_path == "/lib/modules")
-        .unwrap();
-    assert_eq!(modules.read_only, Some(true));
+    // Nothing of the host is mounted: nft needs no /lib/modules (the kernel loads modules in
+    // the host's namespaces), and some hosts have none.
+    assert!(
+        pod.volumes.iter().flatten().all(|v| v.host_path.is_none()),
+        "{:?}",
+        pod.volumes
+    );
 
     // The arguments, with the downward API's node name substituted, are the daemon's flags,
     // and the config file they name is the ConfigMap's key.
