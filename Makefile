@@ -33,7 +33,7 @@ lint: testbed-packages ## rustfmt check and clippy with warnings denied
 fmt: ## Format the code
 	$(CARGO) fmt --all
 
-test: testbed lint ## Every test: lint, unit, component and integration tests (root), then a check that nothing was left behind
+test: testbed conformance-bed lint ## Every test: lint, unit, component and integration tests (root; the multi-node ones need the conformance bed), then a check that nothing was left behind
 	@rc=0; $(CARGO) test --workspace --no-fail-fast -- --test-threads=$(TEST_THREADS) || rc=$$?; \
 	bash integration/testbed/check-leftovers.sh || rc=1; exit $$rc
 
@@ -74,7 +74,7 @@ conformance-binaries: testbed-upstream ## e2e.test, ginkgo, agnhost, sample-apis
 conformance-images: conformance-binaries ## The images the [Conformance] specs run, under their upstream names (mmdebstrap), cached
 	@bash integration/testbed/build-conformance-images.sh
 
-# Conformance runs: NODE_KIND=strake|upstream, NODES=<n>, CONFORMANCE_PROCS=<parallel ginkgo
+# Conformance runs: NODE_KIND=strake|upstream|swap-runtime|swap-kubelet|swap-proxy, NODES=<n>, CONFORMANCE_PROCS=<parallel ginkgo
 # processes>, CONFORMANCE_FOCUS=<regex narrowing the selection>, REPORTS=<reports folder>,
 # CONFORMANCE_PROFILE=release|dev (the cargo profile the Strake daemons are built with).
 NODE_KIND ?= strake

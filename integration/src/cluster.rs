@@ -19,8 +19,11 @@
 //! (Deployment + `kube-dns` Service at [`CLUSTER_DNS`]). Images named `registry.k8s.io/...`
 //! come from the conformance registry through the runtimes' registry mirrors.
 //!
-//! Node kinds: [`NodeKind::Strake`] (strake-runtime + strake-kubelet + strake-proxy) and
-//! [`NodeKind::Upstream`] (containerd + kubelet + kube-proxy, the baseline).
+//! Node kinds: [`NodeKind::Strake`] (strake-runtime + strake-kubelet + strake-proxy),
+//! [`NodeKind::Upstream`] (containerd + kubelet + kube-proxy, the baseline) and the swap-in
+//! mixes, each one upstream daemon replaced by its Strake twin: [`NodeKind::SwapRuntime`],
+//! [`NodeKind::SwapKubelet`] and [`NodeKind::SwapProxy`] (strake-proxy deployed as the
+//! DaemonSet of `manifests/proxy/`, its image pushed to a [`ScratchRegistry`]).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -34,9 +37,10 @@ use kube::api::Api;
 use crate::containerd::Containerd;
 use crate::control_plane::{ControlPlane, Options as CpOptions, POD_CIDR};
 use crate::forward::Forward;
+use crate::kubelet::{NodeRuntime, RuntimeKind};
 use crate::netns::{CLUSTER_GATEWAY, NodeNs};
 use crate::process::Daemon;
-use crate::registry::Registry;
+use crate::registry::{Registry, SCRATCH_PORT, ScratchRegistry};
 use crate::strake_runtime::StrakeRuntime;
 use crate::upstream_kubelet::{self, KubeletCgroupRoot, UpstreamKubelet};
 use crate::{Error, Result, kube_proxy, paths, process};
@@ -52,35 +56,99 @@ pub const MIRRORED_REGISTRIES: &[&str] = &["registry.k8s.io"];
 
 const VERSIONS_ENV: &str = include_str!("../versions.env");
 
-/// Which daemons a node runs.
+/// Which daemons a node runs: all of Strake's, all of upstream's, or one of the swap-in mixes
+/// (one upstream daemon replaced by its Strake twin, the way a user would try Strake).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NodeKind {
     /// strake-runtime, strake-kubelet, strake-proxy.
     Strake,
     /// containerd, the upstream kubelet, kube-proxy.
     Upstream,
+    /// (a) The runtime swapped in: the upstream kubelet on strake-runtime, kube-proxy.
+    SwapRuntime,
+    /// (b) The kubelet swapped in: strake-kubelet on containerd, kube-proxy.
+    SwapKubelet,
+    /// (c) The proxy swapped in: the upstream kubelet on containerd, strake-proxy deployed as
+    /// the DaemonSet of `manifests/proxy/` through the API (its image built and pushed to a
+    /// registry of the bed) instead of kube-proxy.
+    SwapProxy,
+}
+
+/// How a node's Services are proxied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyKind {
+    KubeProxy,
+    /// strake-proxy started by the bed next to the kubelet.
+    StrakeProxy,
+    /// strake-proxy as a DaemonSet, after the nodes are up.
+    StrakeProxyDaemonSet,
+}
+
+impl NodeKind {
+    /// Every kind, for `--help` and tests.
+    pub const ALL: [NodeKind; 5] = [
+        NodeKind::Strake,
+        NodeKind::Upstream,
+        NodeKind::SwapRuntime,
+        NodeKind::SwapKubelet,
+        NodeKind::SwapProxy,
+    ];
+
+    /// The node's CRI runtime.
+    pub fn runtime(self) -> RuntimeKind {
+        match self {
+            NodeKind::Strake | NodeKind::SwapRuntime => RuntimeKind::Strake,
+            NodeKind::Upstream | NodeKind::SwapKubelet | NodeKind::SwapProxy => {
+                RuntimeKind::Containerd
+            }
+        }
+    }
+
+    /// Whether the node's kubelet is strake-kubelet.
+    pub fn strake_kubelet(self) -> bool {
+        matches!(self, NodeKind::Strake | NodeKind::SwapKubelet)
+    }
+
+    /// The node's proxy.
+    pub fn proxy(self) -> ProxyKind {
+        match self {
+            NodeKind::Strake => ProxyKind::StrakeProxy,
+            NodeKind::SwapProxy => ProxyKind::StrakeProxyDaemonSet,
+            NodeKind::Upstream | NodeKind::SwapRuntime | NodeKind::SwapKubelet => {
+                ProxyKind::KubeProxy
+            }
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            NodeKind::Strake => "strake",
+            NodeKind::Upstream => "upstream",
+            NodeKind::SwapRuntime => "swap-runtime",
+            NodeKind::SwapKubelet => "swap-kubelet",
+            NodeKind::SwapProxy => "swap-proxy",
+        }
+    }
 }
 
 impl std::str::FromStr for NodeKind {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "strake" => Ok(NodeKind::Strake),
-            "upstream" => Ok(NodeKind::Upstream),
-            other => Err(Error::Invalid(format!(
-                "unknown node kind {other:?} (strake or upstream)"
-            ))),
-        }
+        NodeKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "unknown node kind {s:?} (strake, upstream, swap-runtime, swap-kubelet or swap-proxy)"
+                ))
+            })
     }
 }
 
 impl std::fmt::Display for NodeKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            NodeKind::Strake => "strake",
-            NodeKind::Upstream => "upstream",
-        })
+        f.write_str(self.name())
     }
 }
 
@@ -248,21 +316,20 @@ impl ConformanceRegistry {
     }
 }
 
-/// A running node. Dropped kubelet first (it would recreate pods), then the proxy, then the
-/// runtime (which removes the pods), then the namespace (and the cgroups).
-pub enum ClusterNode {
-    /// strake-runtime + strake-kubelet + strake-proxy.
-    Strake(StrakeNode),
-    /// containerd + kubelet + kube-proxy.
-    Upstream(UpstreamNode),
+/// A node's kubelet.
+enum NodeKubelet {
+    Strake(Daemon),
+    Upstream(UpstreamKubelet),
 }
 
-/// A node of kind [`NodeKind::Strake`].
-pub struct StrakeNode {
-    kubelet: Daemon,
+/// A running node. Dropped kubelet first (it would recreate pods), then the proxy, then the
+/// runtime (which removes the pods), then the namespace, the cgroups and the directory.
+pub struct ClusterNode {
+    kubelet: NodeKubelet,
     proxy: Option<Daemon>,
-    runtime: StrakeRuntime,
+    runtime: NodeRuntime,
     ns: NodeNs,
+    _cgroup_root: Option<KubeletCgroupRoot>,
     dir: NodeDir,
     name: String,
 }
@@ -272,6 +339,15 @@ pub struct StrakeNode {
 struct NodeDir(tempfile::TempDir);
 
 impl NodeDir {
+    fn new() -> Result<Self> {
+        Ok(NodeDir(
+            tempfile::Builder::new()
+                .prefix("strake-cluster-node-")
+                .tempdir()
+                .map_err(crate::io_err("create", std::env::temp_dir()))?,
+        ))
+    }
+
     fn path(&self) -> &Path {
         self.0.path()
     }
@@ -286,28 +362,11 @@ impl Drop for NodeDir {
 /// Size of the tmpfs holding a strake-kubelet's root directory.
 const KUBELET_ROOT_TMPFS: &str = "size=4g,mode=0755";
 
-/// A node of kind [`NodeKind::Upstream`].
-pub struct UpstreamNode {
-    proxy: Option<Daemon>,
-    kubelet: UpstreamKubelet,
-    runtime: Containerd,
-    ns: NodeNs,
-    _cgroup_root: KubeletCgroupRoot,
-    dir: tempfile::TempDir,
-    name: String,
-}
-
-impl Drop for StrakeNode {
+impl Drop for ClusterNode {
     fn drop(&mut self) {
-        self.kubelet.stop(Duration::from_secs(10));
-        if let Some(p) = self.proxy.as_mut() {
-            p.stop(Duration::from_secs(10));
+        if let NodeKubelet::Strake(k) = &mut self.kubelet {
+            k.stop(Duration::from_secs(10));
         }
-    }
-}
-
-impl Drop for UpstreamNode {
-    fn drop(&mut self) {
         if let Some(p) = self.proxy.as_mut() {
             p.stop(Duration::from_secs(10));
         }
@@ -317,82 +376,69 @@ impl Drop for UpstreamNode {
 impl ClusterNode {
     /// The Node's name.
     pub fn name(&self) -> &str {
-        match self {
-            ClusterNode::Strake(n) => &n.name,
-            ClusterNode::Upstream(n) => &n.name,
-        }
+        &self.name
     }
 
     /// The node's namespace.
     pub fn ns(&self) -> &NodeNs {
-        match self {
-            ClusterNode::Strake(n) => &n.ns,
-            ClusterNode::Upstream(n) => &n.ns,
-        }
+        &self.ns
+    }
+
+    /// The node's CRI runtime.
+    pub fn runtime(&self) -> &NodeRuntime {
+        &self.runtime
     }
 
     /// Where the runtime reads its CNI configuration.
     fn cni_conf_dir(&self) -> PathBuf {
-        match self {
-            ClusterNode::Strake(n) => n.runtime.dir().join("cni"),
-            ClusterNode::Upstream(n) => n.runtime.dir().join("cni"),
+        match &self.runtime {
+            NodeRuntime::Strake(r) => r.dir().join("cni"),
+            NodeRuntime::Containerd(r) => r.dir().join("cni"),
         }
     }
 
     /// Log files of the node's daemons (for failure messages and the reports folder).
     pub fn logs(&self) -> Vec<(String, PathBuf)> {
         let mut v = Vec::new();
-        match self {
-            ClusterNode::Strake(n) => {
-                v.push(("strake-kubelet".into(), n.dir.path().join("kubelet.log")));
-                v.push(("strake-proxy".into(), n.dir.path().join("proxy.log")));
-                v.push(("strake-runtime".into(), n.runtime.dir().join("runtime.log")));
+        match &self.kubelet {
+            NodeKubelet::Strake(_) => {
+                v.push(("strake-kubelet".into(), self.dir.path().join("kubelet.log")))
             }
-            ClusterNode::Upstream(n) => {
-                v.push(("kubelet".into(), n.kubelet.log_path()));
-                v.push(("kube-proxy".into(), n.dir.path().join("proxy.log")));
-                v.push(("containerd".into(), n.runtime.dir().join("containerd.log")));
+            NodeKubelet::Upstream(k) => v.push(("kubelet".into(), k.log_path())),
+        }
+        if self.proxy.is_some() {
+            v.push(("proxy".into(), self.dir.path().join("proxy.log")));
+        }
+        match &self.runtime {
+            NodeRuntime::Strake(r) => {
+                v.push(("strake-runtime".into(), r.dir().join("runtime.log")))
+            }
+            NodeRuntime::Containerd(r) => {
+                v.push(("containerd".into(), r.dir().join("containerd.log")))
             }
         }
         v
     }
 
     fn check_running(&mut self) -> Result<()> {
-        match self {
-            ClusterNode::Strake(n) => {
-                n.kubelet.check_running()?;
-                if let Some(p) = n.proxy.as_mut() {
-                    p.check_running()?;
-                }
-                if !process::pid_alive(n.runtime.pid()) {
-                    return Err(Error::Invalid(format!(
-                        "strake-runtime of {} exited",
-                        n.name
-                    )));
-                }
-            }
-            ClusterNode::Upstream(n) => {
-                n.kubelet.check_running()?;
-                if let Some(p) = n.proxy.as_mut() {
-                    p.check_running()?;
-                }
-            }
+        match &mut self.kubelet {
+            NodeKubelet::Strake(k) => k.check_running()?,
+            NodeKubelet::Upstream(k) => k.check_running()?,
+        }
+        if let Some(p) = self.proxy.as_mut() {
+            p.check_running()?;
+        }
+        if !process::pid_alive(self.runtime.pid()) {
+            return Err(Error::Invalid(format!(
+                "the runtime of {} exited",
+                self.name
+            )));
         }
         Ok(())
     }
 
-    fn set_proxy(&mut self, d: Daemon) {
-        match self {
-            ClusterNode::Strake(n) => n.proxy = Some(d),
-            ClusterNode::Upstream(n) => n.proxy = Some(d),
-        }
-    }
-
     fn dir(&self) -> &Path {
-        match self {
-            ClusterNode::Strake(n) => n.dir.path(),
-            ClusterNode::Upstream(n) => n.dir.path(),
-        }
+        self.dir.path()
     }
 }
 
@@ -417,28 +463,57 @@ fn mirror_flags(registry: SocketAddr) -> Vec<String> {
         .map(|r| format!("--registry-mirror={r}=http://{registry}"))
         .collect();
     v.push(format!("--insecure-registry={registry}"));
+    v.push(format!(
+        "--insecure-registry={}",
+        SocketAddr::from((CLUSTER_GATEWAY, SCRATCH_PORT))
+    ));
     v
 }
 
-async fn start_strake_node(
-    cp: &ControlPlane,
+/// Starts the node's runtime, with `registry.k8s.io` mirrored to the conformance registry.
+async fn start_runtime(
+    kind: RuntimeKind,
+    ns: &mut NodeNs,
     index: u8,
-    name: &str,
     mirror: SocketAddr,
-) -> Result<ClusterNode> {
-    let mut ns = cp.net().add_node(index)?;
-    let runtime = StrakeRuntime::start_with(&mut ns, index, &mirror_flags(mirror)).await?;
-    let dir = NodeDir(
-        tempfile::Builder::new()
-            .prefix("strake-cluster-node-")
-            .tempdir()
-            .map_err(crate::io_err("create", std::env::temp_dir()))?,
-    );
-    let d = dir.path();
+) -> Result<NodeRuntime> {
+    Ok(match kind {
+        RuntimeKind::Strake => {
+            NodeRuntime::Strake(StrakeRuntime::start_with(ns, index, &mirror_flags(mirror)).await?)
+        }
+        RuntimeKind::Containerd => {
+            let runtime = Containerd::start(ns, index).await?;
+            // containerd reads its hosts directory at each pull: send registry.k8s.io to the
+            // mirror.
+            for r in MIRRORED_REGISTRIES {
+                let hosts = runtime.dir().join("certs.d").join(r);
+                std::fs::create_dir_all(&hosts).map_err(crate::io_err("create", &hosts))?;
+                let file = hosts.join("hosts.toml");
+                std::fs::write(
+                    &file,
+                    format!(
+                        "server = \"https://{r}\"\n[host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+                    ),
+                )
+                .map_err(crate::io_err("write", &file))?;
+            }
+            NodeRuntime::Containerd(runtime)
+        }
+    })
+}
+
+/// strake-kubelet on `runtime`, its root directory on a tmpfs.
+fn start_strake_kubelet(
+    cp: &ControlPlane,
+    ns: &NodeNs,
+    name: &str,
+    runtime: &NodeRuntime,
+    dir: &Path,
+) -> Result<Daemon> {
     // The kubelet's root directory (volumes) is a tmpfs, and its eviction thresholds are
     // absolute ones (`TEST_EVICTION_HARD`): a shared test machine's disk is often fuller than
     // upstream's defaults allow.
-    let root = d.join("root");
+    let root = dir.join("root");
     std::fs::create_dir_all(&root).map_err(crate::io_err("create", &root))?;
     process::run(
         Command::new("mount")
@@ -446,15 +521,15 @@ async fn start_strake_node(
             .arg(&root),
     )?;
     let kubeconfig = cp.node_kubeconfig(name)?;
-    let config = d.join("kubelet.yaml");
+    let config = dir.join("kubelet.yaml");
     std::fs::write(
         &config,
         format!(
             "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n\
              cgroupRoot: {}\npodLogsDir: {}\n{}authentication:\n  x509:\n    clientCAFile: {}\n{}",
             runtime.cgroup_parent(),
-            d.join("pod-logs").display(),
-            kubelet_tls(cp, &ns, name)?,
+            dir.join("pod-logs").display(),
+            kubelet_tls(cp, ns, name)?,
             cp.pki().ca.cert.display(),
             crate::kubelet::TEST_EVICTION_HARD,
         ),
@@ -466,46 +541,20 @@ async fn start_strake_node(
         format!("--hostname-override={name}"),
         format!("--node-ip={}", ns.ip()),
         format!("--container-runtime-endpoint={}", runtime.endpoint()),
-        format!("--root-dir={}", d.join("root").display()),
+        format!("--root-dir={}", root.display()),
         format!("--kubeconfig={}", kubeconfig.display()),
     ]);
-    let kubelet = Daemon::spawn("strake-kubelet", cmd, &d.join("kubelet.log"))?;
-    Ok(ClusterNode::Strake(StrakeNode {
-        kubelet,
-        proxy: None,
-        runtime,
-        ns,
-        dir,
-        name: name.to_string(),
-    }))
+    Daemon::spawn("strake-kubelet", cmd, &dir.join("kubelet.log"))
 }
 
-async fn start_upstream_node(
+/// The upstream kubelet on `runtime`, under `cgroup_root`.
+fn start_upstream_kubelet(
     cp: &ControlPlane,
-    index: u8,
+    ns: &NodeNs,
     name: &str,
-    mirror: SocketAddr,
-) -> Result<ClusterNode> {
-    let cgroup_root = KubeletCgroupRoot::create()?;
-    let mut ns = cp.net().add_node(index)?;
-    let runtime = Containerd::start(&mut ns, index).await?;
-    // containerd reads its hosts directory at each pull: send registry.k8s.io to the mirror.
-    for r in MIRRORED_REGISTRIES {
-        let hosts = runtime.dir().join("certs.d").join(r);
-        std::fs::create_dir_all(&hosts).map_err(crate::io_err("create", &hosts))?;
-        let file = hosts.join("hosts.toml");
-        std::fs::write(
-            &file,
-            format!(
-                "server = \"https://{r}\"\n[host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
-            ),
-        )
-        .map_err(crate::io_err("write", &file))?;
-    }
-    let dir = tempfile::Builder::new()
-        .prefix("strake-cluster-node-")
-        .tempdir()
-        .map_err(crate::io_err("create", std::env::temp_dir()))?;
+    runtime: &NodeRuntime,
+    cgroup_root: &KubeletCgroupRoot,
+) -> Result<UpstreamKubelet> {
     let kubeconfig = cp.node_kubeconfig(name)?;
     // The launcher's configuration has its own `authentication` block; this one, given later,
     // replaces it whole (the kubelet decodes leniently after a strict failure on the duplicate
@@ -518,33 +567,56 @@ async fn start_upstream_node(
          x509:\n    clientCAFile: {}\nevictionHard:\n  memory.available: 1Mi\n  \
          nodefs.available: 1Mi\n  nodefs.inodesFree: 1%\n  imagefs.available: 1Mi\n  \
          imagefs.inodesFree: 1%\n",
-        kubelet_tls(cp, &ns, name)?,
+        kubelet_tls(cp, ns, name)?,
         cp.pki().ca.cert.display()
     );
     let endpoint = runtime.endpoint();
-    let kubelet = UpstreamKubelet::start(
-        &ns,
+    UpstreamKubelet::start(
+        ns,
         &upstream_kubelet::Options {
             node_name: name,
             kubeconfig: &kubeconfig,
             runtime_endpoint: &endpoint,
-            cgroup_root: &cgroup_root,
+            cgroup_root,
             extra_config: &extra,
         },
-    )?;
-    Ok(ClusterNode::Upstream(UpstreamNode {
-        proxy: None,
+    )
+}
+
+/// Starts node `name` of `kind`: its runtime, then its kubelet (the proxy comes once the
+/// pod CIDRs are known).
+async fn start_node(
+    cp: &ControlPlane,
+    kind: NodeKind,
+    index: u8,
+    name: &str,
+    mirror: SocketAddr,
+) -> Result<ClusterNode> {
+    let cgroup_root = if kind.strake_kubelet() {
+        None
+    } else {
+        Some(KubeletCgroupRoot::create()?)
+    };
+    let mut ns = cp.net().add_node(index)?;
+    let runtime = start_runtime(kind.runtime(), &mut ns, index, mirror).await?;
+    let dir = NodeDir::new()?;
+    let kubelet = match &cgroup_root {
+        None => NodeKubelet::Strake(start_strake_kubelet(cp, &ns, name, &runtime, dir.path())?),
+        Some(root) => NodeKubelet::Upstream(start_upstream_kubelet(cp, &ns, name, &runtime, root)?),
+    };
+    Ok(ClusterNode {
         kubelet,
+        proxy: None,
         runtime,
         ns,
         _cgroup_root: cgroup_root,
         dir,
         name: name.to_string(),
-    }))
+    })
 }
 
 /// Starts the node's proxy (strake-proxy or kube-proxy) as upstream's `system:kube-proxy`.
-fn start_proxy(cp: &ControlPlane, node: &mut ClusterNode, kind: NodeKind) -> Result<()> {
+fn start_proxy(cp: &ControlPlane, node: &mut ClusterNode, kind: ProxyKind) -> Result<()> {
     let dir = node.dir().to_path_buf();
     let name = node.name().to_string();
     let certs = cp
@@ -555,8 +627,9 @@ fn start_proxy(cp: &ControlPlane, node: &mut ClusterNode, kind: NodeKind) -> Res
         .write_kubeconfig(&kubeconfig, &cp.cluster_server(), &certs)?;
     let log = dir.join("proxy.log");
     let (program, args) = match kind {
-        NodeKind::Upstream => (kube_proxy::binary()?, kube_proxy::args(&name, &kubeconfig)),
-        NodeKind::Strake => {
+        ProxyKind::StrakeProxyDaemonSet => return Ok(()),
+        ProxyKind::KubeProxy => (kube_proxy::binary()?, kube_proxy::args(&name, &kubeconfig)),
+        ProxyKind::StrakeProxy => {
             let config = dir.join("kube-proxy.yaml");
             std::fs::write(
                 &config,
@@ -578,8 +651,7 @@ fn start_proxy(cp: &ControlPlane, node: &mut ClusterNode, kind: NodeKind) -> Res
     };
     let mut cmd = node.ns().ns().command(program);
     cmd.args(args);
-    let d = Daemon::spawn("proxy", cmd, &log)?;
-    node.set_proxy(d);
+    node.proxy = Some(Daemon::spawn("proxy", cmd, &log)?);
     Ok(())
 }
 
@@ -588,6 +660,8 @@ fn start_proxy(cp: &ControlPlane, node: &mut ClusterNode, kind: NodeKind) -> Res
 pub struct Cluster {
     /// The nodes, in index order.
     pub nodes: Vec<ClusterNode>,
+    /// The registry of the strake-proxy image ([`NodeKind::SwapProxy`]).
+    pub scratch_registry: Option<ScratchRegistry>,
     /// The conformance image registry.
     pub conformance_registry: ConformanceRegistry,
     /// The test bed's own registries (containerd's sandbox image).
@@ -629,6 +703,7 @@ impl Cluster {
         let conformance_registry = ConformanceRegistry::start(&cp, &cp.dir().join("registry"))?;
         let mut cluster = Cluster {
             nodes: Vec::new(),
+            scratch_registry: None,
             conformance_registry,
             registry,
             cp,
@@ -638,10 +713,7 @@ impl Cluster {
         for i in 0..opts.nodes {
             let name = format!("{}-node-{i}", opts.kind);
             say(format!("starting {name} ({} node) ...", opts.kind));
-            let node = match opts.kind {
-                NodeKind::Strake => start_strake_node(&cluster.cp, i, &name, mirror).await?,
-                NodeKind::Upstream => start_upstream_node(&cluster.cp, i, &name, mirror).await?,
-            };
+            let node = start_node(&cluster.cp, opts.kind, i, &name, mirror).await?;
             cluster.nodes.push(node);
         }
         let cidrs = cluster.wait_pod_cidrs(Duration::from_secs(120)).await?;
@@ -649,9 +721,13 @@ impl Cluster {
         cluster.network(&cidrs)?;
         for i in 0..cluster.nodes.len() {
             let (cp, node) = (&cluster.cp, &mut cluster.nodes[i]);
-            start_proxy(cp, node, opts.kind)?;
+            start_proxy(cp, node, opts.kind.proxy())?;
         }
         cluster.wait_nodes_ready(Duration::from_secs(180)).await?;
+        if opts.kind.proxy() == ProxyKind::StrakeProxyDaemonSet {
+            say("building the strake-proxy image; deploying manifests/proxy/ ...".into());
+            cluster.deploy_proxy_daemonset().await?;
+        }
         say("all nodes Ready; deploying CoreDNS (upstream's addon manifest) ...".into());
         cluster.deploy_coredns(&manifest).await?;
         say(format!(
@@ -787,6 +863,102 @@ impl Cluster {
         )
     }
 
+    /// strake-proxy as users run it: its image built by `manifests/proxy/build-image.sh` from
+    /// the workspace's binary and pushed to a scratch registry, the manifests of
+    /// `manifests/proxy/` applied with the image pointed there, and the API server's address
+    /// given as `KUBERNETES_SERVICE_HOST`/`_PORT` (the `kubernetes` Service's ClusterIP is
+    /// what the proxy is to program, so it cannot be reached through it yet, as for any
+    /// kube-proxy replacement). Returns once every node runs a ready proxy pod.
+    async fn deploy_proxy_daemonset(&mut self) -> Result<()> {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .ok_or_else(|| Error::Invalid("no repository root".into()))?
+            .to_path_buf();
+        let manifests = repo.join("manifests/proxy");
+        let dir = self.cp.dir().join("scratch-registry");
+        let registry = ScratchRegistry::start(self.cp.net(), &dir)?;
+        process::run(
+            Command::new(manifests.join("build-image.sh"))
+                .arg(registry.local().to_string())
+                .env("STRAKE_PROXY_BIN", paths::workspace_bin("strake-proxy")?),
+        )?;
+        let version = env!("CARGO_PKG_VERSION");
+        let image = format!("{}/strake/strake-proxy:{version}", registry.in_cluster());
+        self.scratch_registry = Some(registry);
+        let ds = manifests.join("daemonset.yaml").display().to_string();
+        let with_image = self.kubectl(&[
+            "set",
+            "image",
+            "--local",
+            "-o",
+            "yaml",
+            "-f",
+            &ds,
+            &format!("strake-proxy={image}"),
+        ])?;
+        let step = self.cp.dir().join("strake-proxy-daemonset.yaml");
+        std::fs::write(&step, &with_image.stdout).map_err(crate::io_err("write", &step))?;
+        let with_env = self.kubectl(&[
+            "set",
+            "env",
+            "--local",
+            "-o",
+            "yaml",
+            "-f",
+            &step.display().to_string(),
+            &format!("KUBERNETES_SERVICE_HOST={CLUSTER_GATEWAY}"),
+            &format!(
+                "KUBERNETES_SERVICE_PORT={}",
+                crate::control_plane::APISERVER_PORT
+            ),
+        ])?;
+        std::fs::write(&step, &with_env.stdout).map_err(crate::io_err("write", &step))?;
+        for file in [
+            "serviceaccount.yaml",
+            "clusterrole.yaml",
+            "clusterrolebinding.yaml",
+            "configmap.yaml",
+        ] {
+            self.kubectl(&["apply", "-f", &manifests.join(file).display().to_string()])?;
+        }
+        self.kubectl(&["apply", "-f", &step.display().to_string()])?;
+        let daemonsets: Api<k8s_openapi::api::apps::v1::DaemonSet> =
+            Api::namespaced(self.client().await?, "kube-system");
+        let want = self.nodes.len() as i32;
+        let timeout = Duration::from_secs(120);
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_nodes()?;
+            let ready = daemonsets
+                .get_opt("strake-proxy")
+                .await
+                .ok()
+                .flatten()
+                .and_then(|d| d.status)
+                .map_or(0, |s| s.number_ready);
+            if ready >= want {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let mut pods = String::new();
+                for args in [
+                    &["-n", "kube-system", "get", "pods", "-o", "wide"][..],
+                    &["-n", "kube-system", "get", "events"][..],
+                ] {
+                    if let Ok(o) = self.kubectl(args) {
+                        pods.push_str(&String::from_utf8_lossy(&o.stdout));
+                    }
+                }
+                return Err(Error::Timeout {
+                    what: "the strake-proxy DaemonSet ready on every node".into(),
+                    secs: timeout.as_secs(),
+                    last_error: format!("{ready} of {want} ready\n{pods}"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     async fn deploy_coredns(&mut self, manifest: &Path) -> Result<()> {
         let base = std::fs::read_to_string(manifest).map_err(crate::io_err("read", manifest))?;
         let filled = self.cp.dir().join("coredns.yaml");
@@ -876,6 +1048,29 @@ mod tests {
         assert_eq!("upstream".parse::<NodeKind>().unwrap(), NodeKind::Upstream);
         assert!("containerd".parse::<NodeKind>().is_err());
         assert_eq!(NodeKind::Upstream.to_string(), "upstream");
+        for k in NodeKind::ALL {
+            assert_eq!(k.to_string().parse::<NodeKind>().unwrap(), k);
+        }
+        // Each mix replaces exactly one upstream daemon.
+        let strake_parts = |k: NodeKind| {
+            [
+                k.runtime() == RuntimeKind::Strake,
+                k.strake_kubelet(),
+                k.proxy() != ProxyKind::KubeProxy,
+            ]
+            .iter()
+            .filter(|x| **x)
+            .count()
+        };
+        assert_eq!(strake_parts(NodeKind::Strake), 3);
+        assert_eq!(strake_parts(NodeKind::Upstream), 0);
+        for k in [
+            NodeKind::SwapRuntime,
+            NodeKind::SwapKubelet,
+            NodeKind::SwapProxy,
+        ] {
+            assert_eq!(strake_parts(k), 1, "{k}");
+        }
     }
 
     #[test]

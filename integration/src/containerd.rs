@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::cgroup::CgroupParent;
 use crate::netns::NodeNs;
 use crate::process;
-use crate::registry::{OPEN_PORT, PROTECTED_PORT};
+use crate::registry::{OPEN_PORT, PROTECTED_PORT, SCRATCH_PORT};
 use crate::{Error, Result, netns::CLUSTER_GATEWAY, paths};
 
 /// A containerd running inside a node namespace. Dropping it removes every pod it runs (through
@@ -88,7 +88,7 @@ impl Containerd {
             &cni_conf.join("10-strake-testbed.conflist"),
             &cni_conflist(node_index, &d.join("ipam")),
         )?;
-        for port in [OPEN_PORT, PROTECTED_PORT] {
+        for port in [OPEN_PORT, PROTECTED_PORT, SCRATCH_PORT] {
             let host = format!("{CLUSTER_GATEWAY}:{port}");
             write(
                 &d.join("certs.d").join(&host).join("hosts.toml"),

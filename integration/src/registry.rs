@@ -24,6 +24,8 @@ pub const PASSWORD: &str = "strake-test-password";
 pub const OPEN_PORT: u16 = 5000;
 /// Port of the registry that requires credentials.
 pub const PROTECTED_PORT: u16 = 5001;
+/// Port of a [`ScratchRegistry`] (images built during a test) in the cluster namespace.
+pub const SCRATCH_PORT: u16 = 5003;
 
 /// Registries critest pulls from. The open registry holds local equivalents of those images
 /// under the same repository paths (`integration/testbed/README.md`), so a runtime that mirrors
@@ -168,6 +170,70 @@ impl Registry {
     /// The registry that needs credentials, as nodes see it (`10.213.0.1:5001`).
     pub fn protected_in_cluster(&self) -> SocketAddr {
         SocketAddr::from((CLUSTER_GATEWAY, PROTECTED_PORT))
+    }
+}
+
+/// A writable registry for images a test builds itself (the strake-proxy image of the
+/// DaemonSet), on [`SCRATCH_PORT`] in the cluster namespace, its storage under the test's own
+/// directory: pushed to from the root namespace through a loopback forwarder, pulled from by
+/// nodes at `10.213.0.1:5003` (plain HTTP).
+pub struct ScratchRegistry {
+    fwd: Forward,
+    _daemon: Daemon,
+}
+
+impl ScratchRegistry {
+    /// Starts it with storage in `dir/storage`.
+    pub fn start(net: &ClusterNet, dir: &Path) -> Result<Self> {
+        let exe = PathBuf::from("/usr/bin/docker-registry");
+        if !exe.exists() {
+            return Err(Error::MissingBinary { path: exe });
+        }
+        let storage = dir.join("storage");
+        std::fs::create_dir_all(&storage).map_err(crate::io_err("create", &storage))?;
+        let config = dir.join("registry-scratch.yml");
+        let text = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  \
+             delete:\n    enabled: true\nhttp:\n  addr: 0.0.0.0:{SCRATCH_PORT}\n  secret: strake-testbed\n",
+            storage.display()
+        );
+        std::fs::write(&config, text).map_err(crate::io_err("write", &config))?;
+        let mut cmd = net.ns().command(&exe);
+        cmd.arg("serve").arg(&config);
+        let daemon = Daemon::spawn("registry-scratch", cmd, &dir.join("registry-scratch.log"))?;
+        let fwd = Forward::start(
+            net.ns(),
+            SocketAddr::from((Ipv4Addr::LOCALHOST, SCRATCH_PORT)),
+            &dir.join("forward-registry-scratch.log"),
+        )?;
+        let reg = ScratchRegistry {
+            fwd,
+            _daemon: daemon,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match http_status(reg.local(), "/v2/") {
+                Ok(200) => return Ok(reg),
+                other if Instant::now() > deadline => {
+                    return Err(Error::Timeout {
+                        what: format!("scratch registry at {}", reg.local()),
+                        secs: 30,
+                        last_error: format!("{other:?}"),
+                    });
+                }
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// From the root namespace (loopback), for pushing.
+    pub fn local(&self) -> SocketAddr {
+        self.fwd.local_addr()
+    }
+
+    /// As nodes see it (`10.213.0.1:5003`).
+    pub fn in_cluster(&self) -> SocketAddr {
+        SocketAddr::from((CLUSTER_GATEWAY, SCRATCH_PORT))
     }
 }
 

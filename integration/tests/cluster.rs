@@ -1,16 +1,20 @@
-//! The conformance bed's multi-node cluster works: pods on different nodes reach each other over
-//! the routed pod CIDRs, the cluster DNS answers, Services reach pods on the other node, and
-//! nothing is left behind.
+//! The swap-in matrix on the conformance bed's multi-node cluster: for each node kind (all
+//! Strake, all upstream, and the three mixes where one upstream daemon is replaced by its Strake
+//! twin) two nodes run one workload as a user would: a Deployment spread over both nodes behind
+//! a Service, reached by name through the cluster DNS and across nodes, `kubectl exec`,
+//! `kubectl logs`, `kubectl port-forward`, a liveness restart, and a pod reaching a pod on the
+//! other node by its address. Nothing is left behind.
 //!
-//! These need root, `make testbed` and `make conformance-bed` (the conformance images, which
-//! `make testbed` does not build): they are ignored by default; run them with
-//! `cargo test -p strake-integration --test cluster -- --ignored --test-threads=1`.
+//! They need `make conformance-bed` (CoreDNS and agnhost come from the conformance images),
+//! which `make test` builds (cached).
 
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, ListParams, PostParams};
 use strake_integration::cluster::{Cluster, NodeKind, Options};
+use strake_integration::paths;
 
 const AGNHOST: &str = "registry.k8s.io/e2e-test-images/agnhost:2.66.1";
 
@@ -19,25 +23,6 @@ fn init_tracing() {
         .with_test_writer()
         .with_env_filter("info,kube_client=off")
         .try_init();
-}
-
-fn pod(name: &str, node: &str) -> Pod {
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": { "name": name, "labels": { "app": "netexec" } },
-        "spec": {
-            "nodeName": node,
-            "terminationGracePeriodSeconds": 1,
-            "containers": [{
-                "name": "netexec",
-                "image": AGNHOST,
-                "args": ["netexec", "--http-port=8080"],
-                "ports": [{ "containerPort": 8080 }]
-            }]
-        }
-    }))
-    .expect("pod literal")
 }
 
 fn kubectl(c: &Cluster, args: &[&str]) -> String {
@@ -71,7 +56,64 @@ fn exec(c: &Cluster, pod: &str, cmd: &[&str]) -> Option<String> {
     Some(String::from_utf8_lossy(&out.stdout).trim().to_string()).filter(|s| !s.is_empty())
 }
 
-async fn two_nodes_route_pods_and_serve_dns(kind: NodeKind) {
+/// Stops (by PID) and reaps the `kubectl port-forward` this test started.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `kubectl port-forward pod/<pod> :<port>` on loopback, then one HTTP/1.0 GET of `path`
+/// through it: the response body.
+fn port_forward_get(c: &Cluster, pod: &str, port: u16, path: &str) -> String {
+    use std::io::{BufRead, Read, Write};
+    let kubectl = paths::kubernetes_bin("kubectl").expect("kubectl");
+    let mut child = Child(
+        std::process::Command::new(kubectl)
+            .arg(format!("--kubeconfig={}", c.cp.kubeconfig().display()))
+            .args(["port-forward", "--address=127.0.0.1"])
+            .arg(format!("pod/{pod}"))
+            .arg(format!(":{port}"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("kubectl port-forward"),
+    );
+    // "Forwarding from 127.0.0.1:<local> -> <port>"
+    let stdout = child.0.stdout.take().expect("stdout");
+    let mut stdout = std::io::BufReader::new(stdout);
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("port-forward output");
+    // Keep reading: kubectl writes a line per connection and dies of a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let local = line
+        .split_whitespace()
+        .nth(2)
+        .unwrap_or_else(|| panic!("unexpected port-forward output: {line:?}"))
+        .to_string();
+    let mut conn = std::net::TcpStream::connect(&local).expect("connect to the forwarded port");
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    write!(conn, "GET {path} HTTP/1.0\r\n\r\n").expect("request");
+    let mut response = String::new();
+    conn.read_to_string(&mut response)
+        .expect("response through the forwarded port");
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.trim().to_string())
+        .unwrap_or(response)
+}
+
+fn object<T: k8s_openapi::serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
+    serde_json::from_value(v).expect("object literal")
+}
+
+/// The workload of the matrix on a 2-node cluster of `kind`.
+async fn two_nodes_run_the_workload(kind: NodeKind) {
     init_tracing();
     let mut say = |line: String| eprintln!("{line}");
     let c = Cluster::start(&Options { nodes: 2, kind }, &mut say)
@@ -84,71 +126,192 @@ async fn two_nodes_route_pods_and_serve_dns(kind: NodeKind) {
         .collect();
     let cluster_ns = c.cp.net().ns().name().to_string();
     let client = c.cp.client().await.expect("client");
-    let pods: Api<Pod> = Api::namespaced(client, "default");
-    let names = ["a", "b"];
-    for (name, node) in names.iter().zip(&c.nodes) {
-        let p = pod(name, node.name());
-        retry("pod created", 60, || async {
-            pods.create(&PostParams::default(), &p).await.ok()
-        })
-        .await;
-    }
-    let mut ips = Vec::new();
-    for name in names {
-        let ip = retry(&format!("pod {name} running"), 180, || async {
-            let st = pods.get(name).await.ok()?.status?;
-            (st.phase.as_deref() == Some("Running")).then_some(())?;
-            st.pod_ip
-        })
-        .await;
-        ips.push(ip);
-    }
-    // Different nodes, different pod CIDRs (the controller-manager's /24s).
-    let net = |ip: &str| ip.rsplit_once('.').map(|(n, _)| n.to_string());
-    assert_ne!(net(&ips[0]), net(&ips[1]), "{ips:?}");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let node_names: Vec<String> = c.nodes.iter().map(|n| n.name().to_string()).collect();
 
-    // Pod a (node 0) reaches pod b (node 1) directly: routes between the pod CIDRs.
-    let url = format!("http://{}:8080/hostname", ips[1]);
-    let answer = retry("pod a reaches pod b", 60, || async {
-        exec(&c, "a", &["curl", "-s", "--max-time", "3", &url])
+    // A Deployment of two netexec servers, one per node (required anti-affinity), behind a
+    // Service.
+    let web: Deployment = object(serde_json::json!({
+        "metadata": { "name": "web" },
+        "spec": {
+            "replicas": 2,
+            "selector": { "matchLabels": { "app": "web" } },
+            "template": {
+                "metadata": { "labels": { "app": "web" } },
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "affinity": { "podAntiAffinity": { "requiredDuringSchedulingIgnoredDuringExecution": [
+                        { "labelSelector": { "matchLabels": { "app": "web" } },
+                          "topologyKey": "kubernetes.io/hostname" } ] } },
+                    "containers": [{
+                        "name": "netexec",
+                        "image": AGNHOST,
+                        "args": ["netexec", "--http-port=8080"],
+                        "ports": [{ "containerPort": 8080 }],
+                        "readinessProbe": { "httpGet": { "path": "/healthz", "port": 8080 },
+                                            "periodSeconds": 1 }
+                    }]
+                }
+            }
+        }
+    }));
+    retry("deployment created", 60, || async {
+        deployments.create(&PostParams::default(), &web).await.ok()
     })
     .await;
-    assert_eq!(answer, "b");
-
-    // The cluster DNS (CoreDNS at 10.96.0.10, reached through the node's proxy) answers.
-    let resolved = retry("cluster DNS answers", 60, || async {
-        exec(
-            &c,
-            "a",
-            &["getent", "hosts", "kubernetes.default.svc.cluster.local"],
-        )
-    })
-    .await;
-    assert!(resolved.starts_with("10.96.0.1 "), "{resolved:?}");
-
-    // A Service in front of pod b, reached from pod a by name.
     kubectl(
         &c,
         &[
             "expose",
-            "pod",
-            "b",
-            "--name=svc-b",
+            "deployment",
+            "web",
             "--port=80",
             "--target-port=8080",
         ],
     );
-    let answer = retry("pod a reaches svc-b by name", 60, || async {
-        exec(
-            &c,
-            "a",
-            &["curl", "-s", "--max-time", "3", "http://svc-b/hostname"],
-        )
+    // A client on the first node that says hello in its log, and a pod whose liveness probe
+    // always fails.
+    let client_pod: Pod = object(serde_json::json!({
+        "metadata": { "name": "client" },
+        "spec": {
+            "nodeName": node_names[0],
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "client",
+                "image": AGNHOST,
+                "command": ["/bin/sh", "-c", "echo hello-from-client; exec /agnhost pause"]
+            }]
+        }
+    }));
+    let unhealthy: Pod = object(serde_json::json!({
+        "metadata": { "name": "unhealthy" },
+        "spec": {
+            "nodeName": node_names[1],
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "app",
+                "image": AGNHOST,
+                "args": ["pause"],
+                "livenessProbe": { "exec": { "command": ["/bin/false"] },
+                                   "initialDelaySeconds": 1, "periodSeconds": 1,
+                                   "failureThreshold": 1 }
+            }]
+        }
+    }));
+    for p in [&client_pod, &unhealthy] {
+        pods.create(&PostParams::default(), p)
+            .await
+            .expect("create pod");
+    }
+    // Both replicas ready, one on each node.
+    let replicas = retry("both web replicas ready", 180, || async {
+        let list = pods
+            .list(&ListParams::default().labels("app=web"))
+            .await
+            .ok()?;
+        let ready: Vec<(String, String, String)> = list
+            .items
+            .iter()
+            .filter_map(|p| {
+                let st = p.status.as_ref()?;
+                st.conditions
+                    .as_ref()?
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+                    .then_some(())?;
+                Some((
+                    p.metadata.name.clone()?,
+                    p.spec.as_ref()?.node_name.clone()?,
+                    st.pod_ip.clone()?,
+                ))
+            })
+            .collect();
+        (ready.len() == 2).then_some(ready)
     })
     .await;
-    assert_eq!(answer, "b");
+    let mut on: Vec<&str> = replicas.iter().map(|r| r.1.as_str()).collect();
+    on.sort_unstable();
+    assert_eq!(on, [node_names[0].as_str(), node_names[1].as_str()]);
+    retry("client running", 120, || async {
+        let st = pods.get("client").await.ok()?.status?;
+        (st.phase.as_deref() == Some("Running")).then_some(())
+    })
+    .await;
+
+    // `kubectl logs`.
+    let logs = retry("client logs", 30, || async {
+        let out = c.kubectl(&["logs", "client"]).ok()?;
+        Some(String::from_utf8_lossy(&out.stdout).trim().to_string()).filter(|s| !s.is_empty())
+    })
+    .await;
+    // agnhost's pause then says "Paused".
+    assert_eq!(logs.lines().next(), Some("hello-from-client"), "{logs}");
+
+    // A pod reaches the replica on the other node by its address (`kubectl exec`).
+    let (remote_name, _, remote_ip) = replicas
+        .iter()
+        .find(|r| r.1 == node_names[1])
+        .cloned()
+        .expect("a replica on the second node");
+    let url = format!("http://{remote_ip}:8080/hostname");
+    let answer = retry(
+        "client reaches the replica on the other node",
+        60,
+        || async { exec(&c, "client", &["curl", "-s", "--max-time", "3", &url]) },
+    )
+    .await;
+    assert_eq!(answer, remote_name);
+
+    // The Service by name, through the cluster DNS and the node's proxy: both replicas
+    // answer, the one on this node and the one on the other.
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while seen.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the Service reached only {seen:?} of {replicas:?}"
+        );
+        if let Some(name) = exec(
+            &c,
+            "client",
+            &["curl", "-s", "--max-time", "3", "http://web/hostname"],
+        ) {
+            seen.insert(name);
+        }
+    }
+    let names: std::collections::BTreeSet<String> = replicas.iter().map(|r| r.0.clone()).collect();
+    assert_eq!(seen, names);
+    let resolved = exec(
+        &c,
+        "client",
+        &["getent", "hosts", "web.default.svc.cluster.local"],
+    )
+    .expect("the Service's name resolves");
+    assert!(resolved.starts_with("10.96."), "{resolved}");
+
+    // `kubectl exec` reports the command's exit code.
+    let failed = c
+        .kubectl(&["exec", "client", "--", "/bin/sh", "-c", "exit 3"])
+        .expect_err("a failing command fails kubectl exec");
+    assert!(failed.to_string().contains("exit code 3"), "{failed}");
+
+    // `kubectl port-forward` to the replica on the other node.
+    assert_eq!(
+        port_forward_get(&c, &remote_name, 8080, "/hostname"),
+        remote_name
+    );
+
+    // The liveness probe's restarts are counted.
+    retry("a liveness restart of unhealthy", 120, || async {
+        let st = pods.get("unhealthy").await.ok()?.status?;
+        let restarts: i32 = st.container_statuses?.iter().map(|s| s.restart_count).sum();
+        (restarts >= 1).then_some(())
+    })
+    .await;
 
     drop(pods);
+    drop(deployments);
     drop(c);
     let left: Vec<String> = std::fs::read_dir("/run/netns")
         .map(|d| {
@@ -163,13 +326,30 @@ async fn two_nodes_route_pods_and_serve_dns(kind: NodeKind) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs make conformance-bed (conformance images)"]
-async fn upstream_nodes_route_pods_and_serve_dns() {
-    two_nodes_route_pods_and_serve_dns(NodeKind::Upstream).await;
+async fn upstream_nodes_run_the_workload() {
+    two_nodes_run_the_workload(NodeKind::Upstream).await;
 }
 
+/// (a) The upstream kubelet on strake-runtime.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs make conformance-bed (conformance images)"]
-async fn strake_nodes_route_pods_and_serve_dns() {
-    two_nodes_route_pods_and_serve_dns(NodeKind::Strake).await;
+async fn swap_runtime_nodes_run_the_workload() {
+    two_nodes_run_the_workload(NodeKind::SwapRuntime).await;
+}
+
+/// (b) strake-kubelet on containerd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swap_kubelet_nodes_run_the_workload() {
+    two_nodes_run_the_workload(NodeKind::SwapKubelet).await;
+}
+
+/// (c) strake-proxy as a DaemonSet on upstream nodes, in place of kube-proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swap_proxy_nodes_run_the_workload() {
+    two_nodes_run_the_workload(NodeKind::SwapProxy).await;
+}
+
+/// (d) All three Strake daemons.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strake_nodes_run_the_workload() {
+    two_nodes_run_the_workload(NodeKind::Strake).await;
 }

@@ -6,7 +6,7 @@
 //! - `strake-testbed demo [--keep]`: a whole Strake node (strake-runtime, strake-kubelet,
 //!   strake-proxy) serving a Deployment behind a Service on the test bed (`make demo`; see
 //!   `strake_integration::demo`).
-//! - `strake-testbed cluster --nodes N [--node-kind strake|upstream] [--keep]`: a multi-node
+//! - `strake-testbed cluster --nodes N [--node-kind K] [--keep]`: a multi-node
 //!   cluster (control plane with aggregator routing, CoreDNS, N nodes with routed pod CIDRs; see
 //!   `strake_integration::cluster`); prints its environment, then tears it down (or keeps it
 //!   until Ctrl-C with `--keep`).
@@ -59,8 +59,10 @@ enum Cmd {
         /// Number of nodes.
         #[arg(long, default_value_t = 2)]
         nodes: u8,
-        /// strake (strake-runtime, strake-kubelet, strake-proxy) or upstream (containerd,
-        /// kubelet, kube-proxy).
+        /// strake (strake-runtime, strake-kubelet, strake-proxy), upstream (containerd,
+        /// kubelet, kube-proxy), or a swap-in mix: swap-runtime (kubelet on strake-runtime),
+        /// swap-kubelet (strake-kubelet on containerd), swap-proxy (upstream nodes with
+        /// strake-proxy as a DaemonSet).
         #[arg(long, default_value = "strake")]
         node_kind: NodeKind,
         /// Keep the cluster running until Ctrl-C or SIGTERM.
@@ -72,7 +74,7 @@ enum Cmd {
         /// Number of nodes.
         #[arg(long, default_value_t = 2)]
         nodes: u8,
-        /// strake or upstream.
+        /// strake, upstream, swap-runtime, swap-kubelet or swap-proxy (see `cluster`).
         #[arg(long, default_value = "strake")]
         node_kind: NodeKind,
         /// all (every [Conformance] spec) or node-network ([sig-node] and [sig-network] ones).
