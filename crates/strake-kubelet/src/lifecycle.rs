@@ -13,7 +13,9 @@ use crate::runtime::Cri;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Hook {
     Exec(Vec<String>),
+    /// An HTTP GET, over TLS (not verified, as upstream's) when `tls`.
     Http {
+        tls: bool,
         host: String,
         port: u16,
         path: String,
@@ -45,20 +47,21 @@ impl Hook {
         };
         match prober::action(&as_probe, pod_ip, ports) {
             prober::Action::Exec(cmd) => Hook::Exec(cmd),
-            prober::Action::Http { scheme, .. } if !scheme.eq_ignore_ascii_case("HTTP") => {
-                Hook::Invalid(format!("httpGet scheme {scheme} is not supported in hooks"))
-            }
             prober::Action::Http {
+                scheme,
                 host,
                 port,
                 path,
                 headers,
-                ..
-            } => Hook::Http {
-                host,
-                port,
-                path,
-                headers,
+            } => match prober::is_https(&scheme) {
+                Ok(tls) => Hook::Http {
+                    tls,
+                    host,
+                    port,
+                    path,
+                    headers,
+                },
+                Err(why) => Hook::Invalid(why),
             },
             prober::Action::Unsupported(why) => Hook::Invalid(why),
             other => Hook::Invalid(format!("unsupported lifecycle handler {other:?}")),
@@ -98,15 +101,24 @@ pub async fn run(
             ))
         }
         Hook::Http {
+            tls,
             host,
             port,
             path,
             headers,
         } => {
             let limit = timeout.unwrap_or(HTTP_TIMEOUT).min(HTTP_TIMEOUT);
-            prober::http_request(host, *port, path, headers, "kube-lifecycle/1.37", limit)
-                .await
-                .map(drop)
+            prober::http_request(
+                *tls,
+                host,
+                *port,
+                path,
+                headers,
+                "kube-lifecycle/1.37",
+                limit,
+            )
+            .await
+            .map(drop)
         }
         Hook::Sleep(d) => {
             tokio::time::sleep(timeout.map_or(*d, |t| (*d).min(t))).await;
@@ -144,12 +156,34 @@ mod tests {
                 &[("web".into(), 8080)]
             ),
             Hook::Http {
+                tls: false,
                 host: "10.88.0.9".into(),
                 port: 8080,
                 path: "/bye".into(),
                 headers: vec![]
             }
         );
+        // HTTPS hooks run over TLS, as upstream's do; an unknown scheme cannot run.
+        assert!(matches!(
+            Hook::of(
+                &handler(serde_json::json!({ "httpGet": { "port": 8443, "scheme": "HTTPS" } })),
+                "10.88.0.9",
+                &[]
+            ),
+            Hook::Http {
+                tls: true,
+                port: 8443,
+                ..
+            }
+        ));
+        assert!(matches!(
+            Hook::of(
+                &handler(serde_json::json!({ "httpGet": { "port": 80, "scheme": "GOPHER" } })),
+                "10.88.0.9",
+                &[]
+            ),
+            Hook::Invalid(_)
+        ));
         assert_eq!(
             Hook::of(
                 &handler(serde_json::json!({ "sleep": { "seconds": 5 } })),
@@ -161,14 +195,6 @@ mod tests {
         assert!(matches!(
             Hook::of(
                 &handler(serde_json::json!({ "tcpSocket": { "port": 80 } })),
-                "",
-                &[]
-            ),
-            Hook::Invalid(_)
-        ));
-        assert!(matches!(
-            Hook::of(
-                &handler(serde_json::json!({ "httpGet": { "port": 443, "scheme": "HTTPS" } })),
                 "",
                 &[]
             ),

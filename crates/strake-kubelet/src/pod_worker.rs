@@ -1400,12 +1400,12 @@ impl Worker {
                             }
                         }),
                     prober::Action::Http {
+                        scheme,
                         host,
                         port,
                         path,
                         headers,
-                        ..
-                    } => prober::http_get(&host, port, &path, &headers, timeout).await,
+                    } => prober::http_get(&scheme, &host, port, &path, &headers, timeout).await,
                     prober::Action::Tcp { host, port } => prober::tcp(&host, port, timeout).await,
                     prober::Action::Grpc {
                         host,
