@@ -161,6 +161,14 @@ pub struct Options {
     pub kind: NodeKind,
 }
 
+/// The repository (the test-bed scripts and `manifests/` are run from it).
+fn repo_root() -> Result<PathBuf> {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| Error::Invalid("no repository root".into()))
+}
+
 /// The pinned version of `key` in `integration/versions.env`.
 fn pinned(key: &str) -> String {
     VERSIONS_ENV
@@ -870,13 +878,8 @@ impl Cluster {
     /// what the proxy is to program, so it cannot be reached through it yet, as for any
     /// kube-proxy replacement). Returns once every node runs a ready proxy pod.
     async fn deploy_proxy_daemonset(&mut self) -> Result<()> {
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .ok_or_else(|| Error::Invalid("no repository root".into()))?
-            .to_path_buf();
-        let manifests = repo.join("manifests/proxy");
-        let dir = self.cp.dir().join("scratch-registry");
-        let registry = ScratchRegistry::start(self.cp.net(), &dir)?;
+        let manifests = repo_root()?.join("manifests/proxy");
+        let registry = self.scratch_registry()?;
         process::run(
             Command::new(manifests.join("build-image.sh"))
                 .arg(registry.local().to_string())
@@ -884,7 +887,6 @@ impl Cluster {
         )?;
         let version = env!("CARGO_PKG_VERSION");
         let image = format!("{}/strake/strake-proxy:{version}", registry.in_cluster());
-        self.scratch_registry = Some(registry);
         let ds = manifests.join("daemonset.yaml").display().to_string();
         let with_image = self.kubectl(&[
             "set",
@@ -956,6 +958,104 @@ impl Cluster {
                 });
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// The writable registry for images built during the run, started on first use.
+    fn scratch_registry(&mut self) -> Result<&ScratchRegistry> {
+        if self.scratch_registry.is_none() {
+            let dir = self.cp.dir().join("scratch-registry");
+            self.scratch_registry = Some(ScratchRegistry::start(self.cp.net(), &dir)?);
+        }
+        self.scratch_registry
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("no scratch registry".into()))
+    }
+
+    /// metrics-server as its own `manifests/base` deploys it (the pinned release, built by
+    /// `build-conformance.sh`, its image pushed to the scratch registry), so that `kubectl top`
+    /// works: it scrapes every kubelet's `/metrics/resource` over the kubelets' serving
+    /// certificates (of the cluster CA, which it trusts through its service account) and
+    /// serves `metrics.k8s.io` through the aggregator. Returns once the APIService is
+    /// Available.
+    pub async fn deploy_metrics_server(&mut self) -> Result<()> {
+        let version = pinned("METRICS_SERVER_VERSION");
+        let manifests = existing(
+            paths::cache_dir()
+                .join(format!("metrics-server-{version}"))
+                .join("manifests"),
+            "make conformance-bed",
+        )?;
+        let registry = self.scratch_registry()?;
+        process::run(
+            Command::new(repo_root()?.join("integration/testbed/push-metrics-server.sh"))
+                .arg(registry.local().to_string()),
+        )?;
+        let image = format!(
+            "{}/metrics-server/metrics-server:{version}",
+            registry.in_cluster()
+        );
+        // An overlay naming our image, as a user would deploy it from another registry.
+        let overlay = self.cp.dir().join("metrics-server");
+        let base = overlay.join("base");
+        std::fs::create_dir_all(&base).map_err(crate::io_err("create", &base))?;
+        for e in std::fs::read_dir(&manifests).map_err(crate::io_err("read", &manifests))? {
+            let e = e.map_err(crate::io_err("read", &manifests))?;
+            let to = base.join(e.file_name());
+            std::fs::copy(e.path(), &to).map_err(crate::io_err("copy to", &to))?;
+        }
+        let (name, tag) = image.rsplit_once(':').unwrap_or((&image, "latest"));
+        let kustomization = overlay.join("kustomization.yaml");
+        std::fs::write(
+            &kustomization,
+            format!(
+                "resources:\n- base\nimages:\n- name: gcr.io/k8s-staging-metrics-server/metrics-server\n  \
+                 newName: {name}\n  newTag: {tag}\n"
+            ),
+        )
+        .map_err(crate::io_err("write", &kustomization))?;
+        self.kubectl(&["apply", "-k", &overlay.display().to_string()])?;
+        let timeout = Duration::from_secs(180);
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_nodes()?;
+            let available = self
+                .kubectl(&[
+                    "get",
+                    "apiservice",
+                    "v1beta1.metrics.k8s.io",
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type==\"Available\")].status}",
+                ])
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "True")
+                .unwrap_or(false);
+            if available {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let mut why = String::new();
+                for args in [
+                    &["-n", "kube-system", "get", "pods", "-o", "wide"][..],
+                    &[
+                        "-n",
+                        "kube-system",
+                        "logs",
+                        "deployment/metrics-server",
+                        "--tail=30",
+                    ][..],
+                    &["get", "apiservice", "v1beta1.metrics.k8s.io", "-o", "yaml"][..],
+                ] {
+                    if let Ok(o) = self.kubectl(args) {
+                        why.push_str(&String::from_utf8_lossy(&o.stdout));
+                    }
+                }
+                return Err(Error::Timeout {
+                    what: "metrics-server's APIService Available".into(),
+                    secs: timeout.as_secs(),
+                    last_error: why,
+                });
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 

@@ -10,6 +10,8 @@
 #     nnp               k8s.io/kubernetes/test/images/nonewprivs (the nonewprivs image's program)
 #   $STRAKE_CACHE/conformance-$KUBERNETES_VERSION/coredns.yaml.base   upstream's CoreDNS addon
 #   $STRAKE_CACHE/coredns-$COREDNS_VERSION/bin/coredns
+#   $STRAKE_CACHE/metrics-server-$METRICS_SERVER_VERSION/bin/metrics-server, and manifests/
+#     (the module's manifests/base: what `kubectl apply -k` deploys)
 #
 # Each binary is linked to a temporary name and renamed into place when complete, so an
 # interrupted build is never taken for a finished one; a present binary is not rebuilt. The
@@ -124,6 +126,30 @@ build_coredns() {
     report "coredns $COREDNS_VERSION" "$final" $(($(date +%s) - t0))
 }
 
+# metrics-server is a program of its module: go get -tool in a throw-away module, then build.
+build_metrics_server() {
+    local final="$METRICS_SERVER_DIR/bin/metrics-server" src t0 dir
+    mkdir -p "$METRICS_SERVER_DIR/bin"
+    if [ -x "$final" ] && [ -f "$METRICS_SERVER_DIR/manifests/kustomization.yaml" ]; then
+        echo "    cached: $final"
+        return
+    fi
+    t0=$(date +%s)
+    src=$(mktemp -d "$STRAKE_CACHE/.metrics-server.XXXXXX")
+    printf 'module strake.invalid/metricsserver\ngo 1.26\n' >"$src/go.mod"
+    (cd "$src" && GOFLAGS= go get -tool "sigs.k8s.io/metrics-server/cmd/metrics-server@$METRICS_SERVER_VERSION" &&
+        GOFLAGS= go build -trimpath -ldflags "-s -w" -o "$final.tmp" sigs.k8s.io/metrics-server/cmd/metrics-server)
+    dir=$(cd "$src" && GOFLAGS= go mod download -json "sigs.k8s.io/metrics-server@$METRICS_SERVER_VERSION" | jq -r .Dir)
+    rm -rf "$METRICS_SERVER_DIR/manifests.tmp"
+    cp -r "$dir/manifests/base" "$METRICS_SERVER_DIR/manifests.tmp"
+    chmod -R u+w "$METRICS_SERVER_DIR/manifests.tmp"
+    rm -rf "$METRICS_SERVER_DIR/manifests"
+    mv "$METRICS_SERVER_DIR/manifests.tmp" "$METRICS_SERVER_DIR/manifests"
+    publish_file "$final.tmp" "$final"
+    rm -rf "$src"
+    report "metrics-server $METRICS_SERVER_VERSION" "$final" $(($(date +%s) - t0))
+}
+
 build_e2e() {
     local final="$CONF_BIN/e2e.test" t0
     [ -x "$final" ] && { echo "    cached: $final"; return; }
@@ -153,6 +179,8 @@ if [ ! -f "$CONFORMANCE_DIR/coredns.yaml.base" ]; then
     mv "$CONFORMANCE_DIR/coredns.yaml.base.tmp" "$CONFORMANCE_DIR/coredns.yaml.base"
 fi
 echo "    $CONFORMANCE_DIR/coredns.yaml.base"
+step "build metrics-server $METRICS_SERVER_VERSION"
+build_metrics_server
 step "build e2e.test $KUBERNETES_VERSION (long: tens of minutes on two cores)"
 build_e2e
 rm -rf "$SRC"

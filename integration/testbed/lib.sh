@@ -22,6 +22,8 @@ CNI_DIR="$STRAKE_CACHE/cni-plugins-$CNI_PLUGINS_VERSION"
 # Conformance bed (build-conformance.sh): e2e.test, ginkgo, agnhost, sample-apiserver; CoreDNS.
 CONFORMANCE_DIR="$STRAKE_CACHE/conformance-$KUBERNETES_VERSION"
 COREDNS_DIR="$STRAKE_CACHE/coredns-$COREDNS_VERSION"
+# metrics-server and its manifests/base (build-conformance.sh).
+METRICS_SERVER_DIR="$STRAKE_CACHE/metrics-server-$METRICS_SERVER_VERSION"
 
 _step_name=""
 _on_err() {

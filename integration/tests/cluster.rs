@@ -112,11 +112,12 @@ fn object<T: k8s_openapi::serde::de::DeserializeOwned>(v: serde_json::Value) -> 
     serde_json::from_value(v).expect("object literal")
 }
 
-/// The workload of the matrix on a 2-node cluster of `kind`.
-async fn two_nodes_run_the_workload(kind: NodeKind) {
+/// The workload of the matrix on a 2-node cluster of `kind`; with `top`, metrics-server too,
+/// and `kubectl top` of the nodes and the workload's pods.
+async fn two_nodes_run_the_workload(kind: NodeKind, top: bool) {
     init_tracing();
     let mut say = |line: String| eprintln!("{line}");
-    let c = Cluster::start(&Options { nodes: 2, kind }, &mut say)
+    let mut c = Cluster::start(&Options { nodes: 2, kind }, &mut say)
         .await
         .expect("cluster starts");
     let ns_names: Vec<String> = c
@@ -310,6 +311,10 @@ async fn two_nodes_run_the_workload(kind: NodeKind) {
     })
     .await;
 
+    if top {
+        kubectl_top_shows_nodes_and_pods(&mut c, &node_names).await;
+    }
+
     drop(pods);
     drop(deployments);
     drop(c);
@@ -325,31 +330,79 @@ async fn two_nodes_run_the_workload(kind: NodeKind) {
     }
 }
 
+/// metrics-server, deployed from its own manifests, scrapes the kubelets' `/metrics/resource`:
+/// `kubectl top nodes` gives CPU and memory for every node, `kubectl top pods` for the pods.
+async fn kubectl_top_shows_nodes_and_pods(c: &mut Cluster, node_names: &[String]) {
+    c.deploy_metrics_server()
+        .await
+        .expect("metrics-server deployed and its APIService Available");
+    // NAME  CPU(cores)  CPU(%)  MEMORY(bytes)  MEMORY(%)
+    let nodes = retry("kubectl top nodes lists every node", 120, || async {
+        let out = c.kubectl(&["top", "nodes", "--no-headers"]).ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        node_names
+            .iter()
+            .all(|n| text.lines().any(|l| l.starts_with(n.as_str())))
+            .then_some(text)
+    })
+    .await;
+    for line in nodes.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert!(f.len() >= 5, "{nodes}");
+        assert!(f[1].ends_with('m') && f[3].ends_with("Mi"), "{nodes}");
+        let mem: u64 = f[3].trim_end_matches("Mi").parse().unwrap_or(0);
+        assert!(mem > 0, "a node's memory: {nodes}");
+    }
+    // NAME  CPU(cores)  MEMORY(bytes)
+    let pods = retry("kubectl top pods lists the workload", 120, || async {
+        let out = c.kubectl(&["top", "pods", "--no-headers"]).ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        (text.lines().any(|l| l.starts_with("client "))
+            && text.lines().filter(|l| l.starts_with("web-")).count() == 2)
+            .then_some(text)
+    })
+    .await;
+    for line in pods.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(f.len(), 3, "{pods}");
+        assert!(f[1].ends_with('m') && f[2].ends_with("Mi"), "{pods}");
+    }
+    let mem = |name: &str| -> u64 {
+        pods.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .and_then(|m| m.trim_end_matches("Mi").parse().ok())
+            .unwrap_or(0)
+    };
+    // agnhost holds a few MiB at least.
+    assert!(mem("client ") >= 1, "{pods}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_nodes_run_the_workload() {
-    two_nodes_run_the_workload(NodeKind::Upstream).await;
+    two_nodes_run_the_workload(NodeKind::Upstream, false).await;
 }
 
 /// (a) The upstream kubelet on strake-runtime.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swap_runtime_nodes_run_the_workload() {
-    two_nodes_run_the_workload(NodeKind::SwapRuntime).await;
+    two_nodes_run_the_workload(NodeKind::SwapRuntime, false).await;
 }
 
 /// (b) strake-kubelet on containerd.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swap_kubelet_nodes_run_the_workload() {
-    two_nodes_run_the_workload(NodeKind::SwapKubelet).await;
+    two_nodes_run_the_workload(NodeKind::SwapKubelet, false).await;
 }
 
 /// (c) strake-proxy as a DaemonSet on upstream nodes, in place of kube-proxy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swap_proxy_nodes_run_the_workload() {
-    two_nodes_run_the_workload(NodeKind::SwapProxy).await;
+    two_nodes_run_the_workload(NodeKind::SwapProxy, false).await;
 }
 
-/// (d) All three Strake daemons.
+/// (d) All three Strake daemons, and `kubectl top` through metrics-server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn strake_nodes_run_the_workload() {
-    two_nodes_run_the_workload(NodeKind::Strake).await;
+async fn strake_nodes_run_the_workload_and_kubectl_top() {
+    two_nodes_run_the_workload(NodeKind::Strake, true).await;
 }
