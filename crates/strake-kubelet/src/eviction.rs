@@ -661,19 +661,25 @@ pub async fn run(inputs: Inputs, policy: Policy) {
             "EvictionThresholdMet",
             format!("Attempting to reclaim {}", resource_of(signal)),
         );
-        // Disk first gives back what no pod needs: unused images. Enough of it, and no pod
-        // goes.
-        if resource_of(signal) != "memory"
-            && resource_of(signal) != "pids"
-            && crate::image_gc::remove_all_unused(&inputs.runtime)
+        // Disk first gives back what no pod needs (upstream's node-level reclaim): the dead
+        // containers of finished pods, then unused images (the containers' images may be
+        // among them). Enough of it, and no pod goes.
+        if resource_of(signal) != "memory" && resource_of(signal) != "pids" {
+            let containers = remove_dead_containers_of_finished_pods(&inputs, &all).await;
+            let images = crate::image_gc::remove_all_unused(&inputs.runtime)
                 .await
-                .unwrap_or(0)
-                > 0
-            && let Ok(after) = node_summary(&inputs, &rates).await
-            && !crossed(&t.threshold, &observe(&after))
-        {
-            tracing::info!("eviction manager: reclaimed enough without evicting pods");
-            continue;
+                .unwrap_or(0);
+            if containers + images > 0
+                && let Ok(after) = node_summary(&inputs, &rates).await
+                && !crossed(&t.threshold, &observe(&after))
+            {
+                tracing::info!(
+                    containers,
+                    images,
+                    "eviction manager: reclaimed enough without evicting pods"
+                );
+                continue;
+            }
         }
         let mut ranked: Vec<&Pod> = active.iter().copied().filter(|p| !is_critical(p)).collect();
         rank(&mut ranked, &stats, signal);
@@ -731,6 +737,107 @@ fn evict(inputs: &Inputs, events: &crate::events::Events, pod: &Pod, message: St
         },
     );
     inputs.nudges.nudge(&uid);
+}
+
+/// The pod UID label the kubelet puts on every container and sandbox.
+const POD_UID_LABEL: &str = "io.kubernetes.pod.uid";
+
+/// Which pods are over on this node: their UIDs, from the pods bound here whose phase is
+/// Succeeded or Failed. A pod being deleted is its worker's to clean up, and a container of a
+/// UID the API does not know (a static pod's) is left alone.
+pub fn finished_pods<'a>(pods: impl IntoIterator<Item = &'a Pod>, node: &str) -> BTreeSet<String> {
+    pods.into_iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            crate::pod_status::is_terminal(p.status.as_ref().and_then(|s| s.phase.as_deref()))
+        })
+        .filter_map(|p| p.metadata.uid.clone())
+        .collect()
+}
+
+/// Upstream's `DeleteAllUnusedContainers` under disk pressure, for the pods that are over: the
+/// IDs of their containers that are not running and of their sandboxes that are not ready.
+/// Dead instances of pods still running are kept: the newest one of each container is what
+/// tells a `restartPolicy: Never` container from one never started (upstream removes those
+/// too, and restarts such a container when its last instance is gone).
+pub fn dead_of_finished(
+    finished: &BTreeSet<String>,
+    containers: &[strake_types::cri::Container],
+    sandboxes: &[strake_types::cri::PodSandbox],
+) -> (Vec<String>, Vec<String>) {
+    use strake_types::cri::{ContainerState, PodSandboxState};
+    let of_finished = |labels: &std::collections::HashMap<String, String>| {
+        labels
+            .get(POD_UID_LABEL)
+            .is_some_and(|uid| finished.contains(uid))
+    };
+    let containers = containers
+        .iter()
+        .filter(|c| c.state != ContainerState::ContainerRunning as i32 && of_finished(&c.labels))
+        .map(|c| c.id.clone())
+        .collect();
+    let sandboxes = sandboxes
+        .iter()
+        .filter(|s| s.state != PodSandboxState::SandboxReady as i32 && of_finished(&s.labels))
+        .map(|s| s.id.clone())
+        .collect();
+    (containers, sandboxes)
+}
+
+/// Removes the dead containers (with their log files) and sandboxes of finished pods; returns
+/// how many containers went.
+async fn remove_dead_containers_of_finished_pods(
+    inputs: &Inputs,
+    pods: &[std::sync::Arc<Pod>],
+) -> usize {
+    use crate::runtime::Cri;
+    let finished = finished_pods(pods.iter().map(|p| p.as_ref()), &inputs.config.node_name);
+    if finished.is_empty() {
+        return 0;
+    }
+    let (Ok(containers), Ok(sandboxes)) = (
+        inputs.runtime.list_containers(None).await,
+        inputs.runtime.list_sandboxes(None).await,
+    ) else {
+        return 0;
+    };
+    let (dead, empty) = dead_of_finished(&finished, &containers, &sandboxes);
+    let mut removed = 0;
+    for id in dead {
+        let log = inputs
+            .runtime
+            .container_status(&id)
+            .await
+            .ok()
+            .flatten()
+            .map(|s| s.log_path)
+            .filter(|l| !l.is_empty());
+        if let Err(e) = inputs.runtime.remove_container(&id).await {
+            tracing::debug!(container = %id, error = %e, "eviction manager: remove dead container");
+            continue;
+        }
+        removed += 1;
+        if let Some(log) = log {
+            let dir = inputs.config.pod_logs_dir.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                crate::log_rotation::remove_container_log(&dir, std::path::Path::new(&log))
+            })
+            .await;
+        }
+    }
+    for id in empty {
+        if let Err(e) = inputs.runtime.remove_sandbox(&id).await {
+            tracing::debug!(sandbox = %id, error = %e, "eviction manager: remove sandbox");
+        }
+    }
+    if removed > 0 {
+        tracing::info!(
+            removed,
+            "eviction manager: removed dead containers of finished pods"
+        );
+    }
+    removed
 }
 
 /// Waits until nothing of pod `uid` runs any more, or [`CLEANUP_TIMEOUT`].
@@ -1136,5 +1243,94 @@ mod tests {
             "The node had condition: [DiskPressure MemoryPressure]. "
         );
         assert!(admit(&be, &BTreeSet::new()).is_ok());
+    }
+
+    #[test]
+    fn only_dead_containers_and_sandboxes_of_finished_pods_are_reclaimed() {
+        use strake_types::cri;
+        let p = |uid: &str, node: &str, phase: &str, deleting: bool| -> Pod {
+            let mut v = serde_json::json!({
+                "metadata": { "name": uid, "namespace": "ns", "uid": uid },
+                "spec": { "nodeName": node, "containers": [{ "name": "app" }] },
+                "status": { "phase": phase }
+            });
+            if deleting {
+                v["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z".into();
+            }
+            serde_json::from_value(v).unwrap()
+        };
+        let pods = [
+            p("done", "n", "Succeeded", false),
+            p("failed", "n", "Failed", false),
+            p("running", "n", "Running", false),
+            p("going", "n", "Failed", true),
+            p("elsewhere", "m", "Succeeded", false),
+        ];
+        let finished = finished_pods(&pods, "n");
+        assert_eq!(
+            finished,
+            ["done", "failed"].map(String::from).into_iter().collect()
+        );
+        let labels = |uid: &str| {
+            std::collections::HashMap::from([(POD_UID_LABEL.to_string(), uid.to_string())])
+        };
+        let c = |id: &str, uid: &str, state: cri::ContainerState| cri::Container {
+            id: id.into(),
+            labels: labels(uid),
+            state: state as i32,
+            ..Default::default()
+        };
+        let containers = [
+            c("done-exited", "done", cri::ContainerState::ContainerExited),
+            c(
+                "failed-exited",
+                "failed",
+                cri::ContainerState::ContainerExited,
+            ),
+            c(
+                "failed-created",
+                "failed",
+                cri::ContainerState::ContainerCreated,
+            ),
+            // Still running (its pod just turned Failed): left to the pod's worker.
+            c(
+                "failed-running",
+                "failed",
+                cri::ContainerState::ContainerRunning,
+            ),
+            c(
+                "running-exited",
+                "running",
+                cri::ContainerState::ContainerExited,
+            ),
+            c(
+                "going-exited",
+                "going",
+                cri::ContainerState::ContainerExited,
+            ),
+            c(
+                "static-exited",
+                "static-uid",
+                cri::ContainerState::ContainerExited,
+            ),
+        ];
+        let sb = |id: &str, uid: &str, state: cri::PodSandboxState| cri::PodSandbox {
+            id: id.into(),
+            labels: labels(uid),
+            state: state as i32,
+            ..Default::default()
+        };
+        let sandboxes = [
+            sb("done-sb", "done", cri::PodSandboxState::SandboxNotready),
+            sb("failed-sb", "failed", cri::PodSandboxState::SandboxReady),
+            sb(
+                "running-sb",
+                "running",
+                cri::PodSandboxState::SandboxNotready,
+            ),
+        ];
+        let (dead, empty) = dead_of_finished(&finished, &containers, &sandboxes);
+        assert_eq!(dead, ["done-exited", "failed-exited", "failed-created"]);
+        assert_eq!(empty, ["done-sb"]);
     }
 }

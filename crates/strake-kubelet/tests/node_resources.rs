@@ -706,8 +706,39 @@ async fn pressure_evicts_the_best_effort_pod_first_and_an_emptydir_past_its_limi
         )
     );
 
-    // An image no container uses, for the node-level reclaim below.
+    // An image no container uses, and a finished pod's dead container, for the node-level
+    // reclaim below.
     pull_unused_image(&cluster);
+    let mut finished = pod(
+        "finished",
+        serde_json::json!({ "requests": { "memory": "10Mi" } }),
+        serde_json::json!({ "restartPolicy": "Never" }),
+    );
+    let c = &mut finished.spec.as_mut().expect("spec").containers[0];
+    c.name = "finished".into();
+    c.command = Some(vec!["true".into()]);
+    // Admitted before the disk threshold below, which refuses every new pod.
+    pods.create(&PostParams::default(), &finished)
+        .await
+        .expect("create finished");
+    wait_for("finished Succeeded", 90, || async {
+        let st = pods.get("finished").await.ok()?.status?;
+        (st.phase.as_deref() == Some("Succeeded")).then_some(())
+    })
+    .await;
+    let finished_containers = |cluster: &Cluster| {
+        let out = cluster
+            .node
+            .runtime
+            .crictl(&["ps", "-a", "-q", "--name", "^finished$"])
+            .expect("crictl ps");
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    assert_eq!(
+        finished_containers(&cluster),
+        1,
+        "the finished pod's container is kept"
+    );
 
     // A soft nodefs threshold no disk can meet, instead of the memory one (memory, reclaimed
     // first, would otherwise always be the threshold acted on): DiskPressure, and then every
@@ -742,7 +773,25 @@ async fn pressure_evicts_the_best_effort_pod_first_and_an_emptydir_past_its_limi
     let (phase, reason, message) = decided(&pods, "later").await;
     assert_eq!((phase.as_str(), reason.as_str()), ("Failed", "Evicted"));
     assert!(message.contains("DiskPressure"), "{message}");
-    // Before evicting for disk, the node gives back what no pod needs: the unused image goes
-    // (image GC by thresholds is off on this node).
+    // Before evicting for disk, the node gives back what no pod needs: the finished pod's
+    // dead container and the unused image go (image GC by thresholds is off on this node);
+    // the finished pod stays Succeeded, not evicted.
+    wait_for("the finished pod's dead container removed", 60, || async {
+        (finished_containers(&cluster) == 0).then_some(())
+    })
+    .await;
+    let log = std::fs::read_to_string(cluster.node.log_path()).unwrap_or_default();
+    assert!(
+        log.contains("removed dead containers of finished pods"),
+        "the eviction manager's reclaim removed it"
+    );
     unused_image_gone(&cluster).await;
+    let st = pods
+        .get("finished")
+        .await
+        .expect("finished")
+        .status
+        .unwrap_or_default();
+    assert_eq!(st.phase.as_deref(), Some("Succeeded"));
+    assert_eq!(st.reason, None);
 }
