@@ -279,6 +279,22 @@ impl KubeletNode {
         self.spawn_kubelet()
     }
 
+    /// Kills the kubelet and starts it again with `env` added to its environment (the
+    /// flags stay).
+    pub fn restart_kubelet_with_env(&mut self, env: &[(&str, &std::ffi::OsStr)]) -> Result<()> {
+        self.kill_kubelet();
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let log = self.log_path();
+        self.kubelet_pid = self.ns.spawn_with_env(
+            "strake-kubelet",
+            &paths::workspace_bin("strake-kubelet")?,
+            &args,
+            env,
+            &log,
+        )?;
+        Ok(())
+    }
+
     /// Restarts the kubelet (as [`KubeletNode::restart_kubelet`]) with `extra` flags added.
     pub fn restart_kubelet_with(&mut self, extra: &[&str]) -> Result<()> {
         self.args.extend(extra.iter().map(|a| a.to_string()));

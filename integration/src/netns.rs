@@ -259,8 +259,21 @@ impl NodeNs {
     /// Starts a daemon inside the node's network namespace; it is stopped when the node is
     /// dropped. Returns its PID.
     pub fn spawn(&mut self, name: &str, program: &Path, args: &[&str], log: &Path) -> Result<u32> {
+        self.spawn_with_env(name, program, args, &[], log)
+    }
+
+    /// [`NodeNs::spawn`] with `env` added to the daemon's environment.
+    pub fn spawn_with_env(
+        &mut self,
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+        log: &Path,
+    ) -> Result<u32> {
         let mut cmd = self.ns.command(program);
         cmd.args(args);
+        cmd.envs(env.iter().copied());
         let daemon = Daemon::spawn(name, cmd, log)?;
         let pid = daemon.pid();
         self.daemons.push(daemon);

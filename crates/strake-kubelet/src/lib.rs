@@ -186,6 +186,7 @@ impl App {
         .await
         .map_err(Error::Server)?;
         tracing::info!(addr = ?server.local_addr().ok(), "kubelet API listening");
+        strake_types::notify::ready();
         let server_task = tokio::spawn(server.serve());
         let work = async {
             let mut tasks = Vec::new();

@@ -14,6 +14,8 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
+    // SAFETY: first thing in main, before the async runtime or any other thread exists.
+    unsafe { strake_types::notify::take_from_env() };
     let cli = Cli::parse();
     cli.log.init()?;
     let config = Config::load(&cli.flags)?;

@@ -114,3 +114,38 @@ async fn a_static_pod_is_mirrored_to_the_api_server() {
     .await;
     drop(node);
 }
+
+/// Under systemd's `Type=notify` (its unit), the kubelet sends `READY=1` once its API and
+/// healthz serve. systemd is not PID 1 here: the test plays the service manager's part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubelet_tells_the_service_manager_it_is_ready() {
+    let net = ClusterNet::create().expect("cluster net");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir_all(&manifests).expect("manifest dir");
+    let extra = format!("staticPodPath: {}\n", manifests.display());
+    let mut node = KubeletNode::start_standalone(&net, 0, "notified", &extra)
+        .await
+        .expect("start node");
+    let notify = dir.path().join("notify.sock");
+    let manager =
+        std::os::unix::net::UnixDatagram::bind(&notify).expect("bind the notification socket");
+    manager
+        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .expect("timeout");
+    node.restart_kubelet_with_env(&[("NOTIFY_SOCKET", notify.as_os_str())])
+        .expect("restart the kubelet under a notification socket");
+    let mut buf = [0u8; 256];
+    let n = manager.recv(&mut buf).unwrap_or_else(|e| {
+        panic!(
+            "no READY=1: {e}\n{}",
+            std::fs::read_to_string(node.log_path()).unwrap_or_default()
+        )
+    });
+    assert_eq!(&buf[..n], b"READY=1\n");
+    assert!(
+        strake_integration::process::pid_alive(node.kubelet_pid),
+        "the kubelet keeps running"
+    );
+    drop(node);
+}

@@ -207,6 +207,8 @@ impl App {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))
             .map_err(listen_err)?;
         tracing::info!(socket = %path.display(), "serving CRI");
+        // Units ordered after this one (the kubelet's) may start: the socket answers.
+        strake_types::notify::ready();
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
         let watcher = tokio::spawn(watch_exits(self.runtime.containers.clone()));
         let streaming = tokio::spawn(self.runtime.streaming.clone().serve());

@@ -7,6 +7,7 @@
 //! - [`http`]: the accept loop every HTTP server of the daemons uses (connection cap, header
 //!   deadline, accept back-off).
 //! - [`logging`]: the `--log-level`/`--log-format` flags and `tracing` setup every daemon uses.
+//! - [`notify`]: readiness for systemd's `Type=notify` units (`NOTIFY_SOCKET`, `READY=1`).
 //!
 //! A newcomer should start with [`cri`] (the contract between kubelet and runtime).
 
@@ -14,3 +15,4 @@ pub mod cgroups;
 pub mod cri;
 pub mod http;
 pub mod logging;
+pub mod notify;
