@@ -942,22 +942,32 @@ impl Cluster {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                let mut pods = String::new();
-                for args in [
-                    &["-n", "kube-system", "get", "pods", "-o", "wide"][..],
-                    &["-n", "kube-system", "get", "events"][..],
-                ] {
-                    if let Ok(o) = self.kubectl(args) {
-                        pods.push_str(&String::from_utf8_lossy(&o.stdout));
-                    }
-                }
-                return Err(Error::Timeout {
-                    what: "the strake-proxy DaemonSet ready on every node".into(),
-                    secs: timeout.as_secs(),
-                    last_error: format!("{ready} of {want} ready\n{pods}"),
-                });
+                return Err(self.timed_out(
+                    "the strake-proxy DaemonSet ready on every node".into(),
+                    timeout,
+                    &[
+                        &["-n", "kube-system", "get", "pods", "-o", "wide"][..],
+                        &["-n", "kube-system", "get", "events"][..],
+                    ],
+                ));
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// A timeout waiting for `what`, with what `kubectl` says of each of `diagnostics` (the
+    /// pods, events, logs that tell why) as its last error.
+    fn timed_out(&self, what: String, timeout: Duration, diagnostics: &[&[&str]]) -> Error {
+        let mut why = String::new();
+        for args in diagnostics {
+            if let Ok(o) = self.kubectl(args) {
+                why.push_str(&String::from_utf8_lossy(&o.stdout));
+            }
+        }
+        Error::Timeout {
+            what,
+            secs: timeout.as_secs(),
+            last_error: why,
         }
     }
 
@@ -1033,27 +1043,21 @@ impl Cluster {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                let mut why = String::new();
-                for args in [
-                    &["-n", "kube-system", "get", "pods", "-o", "wide"][..],
+                return Err(self.timed_out(
+                    "metrics-server's APIService Available".into(),
+                    timeout,
                     &[
-                        "-n",
-                        "kube-system",
-                        "logs",
-                        "deployment/metrics-server",
-                        "--tail=30",
-                    ][..],
-                    &["get", "apiservice", "v1beta1.metrics.k8s.io", "-o", "yaml"][..],
-                ] {
-                    if let Ok(o) = self.kubectl(args) {
-                        why.push_str(&String::from_utf8_lossy(&o.stdout));
-                    }
-                }
-                return Err(Error::Timeout {
-                    what: "metrics-server's APIService Available".into(),
-                    secs: timeout.as_secs(),
-                    last_error: why,
-                });
+                        &["-n", "kube-system", "get", "pods", "-o", "wide"][..],
+                        &[
+                            "-n",
+                            "kube-system",
+                            "logs",
+                            "deployment/metrics-server",
+                            "--tail=30",
+                        ][..],
+                        &["get", "apiservice", "v1beta1.metrics.k8s.io", "-o", "yaml"][..],
+                    ],
+                ));
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
@@ -1080,26 +1084,20 @@ impl Cluster {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                let mut pods = String::new();
-                for args in [
-                    &["-n", "kube-system", "get", "pods", "-o", "wide"][..],
-                    &["-n", "kube-system", "get", "events"][..],
+                return Err(self.timed_out(
+                    "CoreDNS available".into(),
+                    timeout,
                     &[
-                        "get",
-                        "nodes",
-                        "-o",
-                        "custom-columns=NAME:.metadata.name,TAINTS:.spec.taints",
-                    ][..],
-                ] {
-                    if let Ok(o) = self.kubectl(args) {
-                        pods.push_str(&String::from_utf8_lossy(&o.stdout));
-                    }
-                }
-                return Err(Error::Timeout {
-                    what: "CoreDNS available".into(),
-                    secs: timeout.as_secs(),
-                    last_error: pods,
-                });
+                        &["-n", "kube-system", "get", "pods", "-o", "wide"][..],
+                        &["-n", "kube-system", "get", "events"][..],
+                        &[
+                            "get",
+                            "nodes",
+                            "-o",
+                            "custom-columns=NAME:.metadata.name,TAINTS:.spec.taints",
+                        ][..],
+                    ],
+                ));
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }

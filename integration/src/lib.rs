@@ -29,6 +29,7 @@ pub mod cri;
 pub mod demo;
 pub mod forward;
 pub mod kube_proxy;
+pub mod kubectl;
 pub mod kubelet;
 pub mod netns;
 pub mod paths;

@@ -14,7 +14,6 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, PostParams};
 use strake_integration::cluster::{Cluster, NodeKind, Options};
-use strake_integration::paths;
 
 const AGNHOST: &str = "registry.k8s.io/e2e-test-images/agnhost:2.66.1";
 
@@ -56,52 +55,11 @@ fn exec(c: &Cluster, pod: &str, cmd: &[&str]) -> Option<String> {
     Some(String::from_utf8_lossy(&out.stdout).trim().to_string()).filter(|s| !s.is_empty())
 }
 
-/// Stops (by PID) and reaps the `kubectl port-forward` this test started.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `kubectl port-forward pod/<pod> :<port>` on loopback, then one HTTP/1.0 GET of `path`
-/// through it: the response body.
+/// `kubectl port-forward` to `pod`, one GET of `path`: the response's body.
 fn port_forward_get(c: &Cluster, pod: &str, port: u16, path: &str) -> String {
-    use std::io::{BufRead, Read, Write};
-    let kubectl = paths::kubernetes_bin("kubectl").expect("kubectl");
-    let mut child = Child(
-        std::process::Command::new(kubectl)
-            .arg(format!("--kubeconfig={}", c.cp.kubeconfig().display()))
-            .args(["port-forward", "--address=127.0.0.1"])
-            .arg(format!("pod/{pod}"))
-            .arg(format!(":{port}"))
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .expect("kubectl port-forward"),
-    );
-    // "Forwarding from 127.0.0.1:<local> -> <port>"
-    let stdout = child.0.stdout.take().expect("stdout");
-    let mut stdout = std::io::BufReader::new(stdout);
-    let mut line = String::new();
-    stdout.read_line(&mut line).expect("port-forward output");
-    // Keep reading: kubectl writes a line per connection and dies of a closed pipe.
-    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-    let local = line
-        .split_whitespace()
-        .nth(2)
-        .unwrap_or_else(|| panic!("unexpected port-forward output: {line:?}"))
-        .to_string();
-    let mut conn = std::net::TcpStream::connect(&local).expect("connect to the forwarded port");
-    conn.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    write!(conn, "GET {path} HTTP/1.0\r\n\r\n").expect("request");
-    let mut response = String::new();
-    conn.read_to_string(&mut response)
-        .expect("response through the forwarded port");
+    let response =
+        strake_integration::kubectl::port_forward_get(c.cp.kubeconfig(), pod, port, path)
+            .expect("kubectl port-forward");
     response
         .split_once("\r\n\r\n")
         .map(|(_, body)| body.trim().to_string())

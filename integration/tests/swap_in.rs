@@ -67,55 +67,6 @@ fn kubectl(cp: &ControlPlane, args: &[&str]) -> strake_integration::Result<Outpu
     )
 }
 
-/// Stops (by PID) and reaps the `kubectl port-forward` this test started.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `kubectl port-forward pod/<pod> :<port>` on loopback, then one HTTP/1.0 GET through it: the
-/// response (headers and body).
-fn port_forward_get(cp: &ControlPlane, pod: &str, port: u16) -> String {
-    use std::io::{BufRead, Read, Write};
-    let kubectl = paths::kubernetes_bin("kubectl").expect("kubectl");
-    let mut child = Child(
-        std::process::Command::new(kubectl)
-            .arg(format!("--kubeconfig={}", cp.kubeconfig().display()))
-            .args(["port-forward", "--address=127.0.0.1"])
-            .arg(format!("pod/{pod}"))
-            .arg(format!(":{port}"))
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .expect("kubectl port-forward"),
-    );
-    // "Forwarding from 127.0.0.1:<local> -> <port>"
-    let stdout = child.0.stdout.take().expect("stdout");
-    let mut stdout = std::io::BufReader::new(stdout);
-    let mut line = String::new();
-    stdout.read_line(&mut line).expect("port-forward output");
-    // Keep reading: kubectl writes a line per connection and dies of a closed pipe.
-    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-    let local = line
-        .split_whitespace()
-        .nth(2)
-        .unwrap_or_else(|| panic!("unexpected port-forward output: {line:?}"))
-        .to_string();
-    let mut conn = std::net::TcpStream::connect(&local).expect("connect to the forwarded port");
-    conn.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    conn.write_all(b"GET / HTTP/1.0\r\n\r\n").expect("request");
-    let mut response = String::new();
-    conn.read_to_string(&mut response)
-        .expect("response through the forwarded port");
-    response
-}
-
 fn ready(p: &Pod) -> bool {
     p.status
         .as_ref()
@@ -328,7 +279,8 @@ async fn upstream_kubelet_on_strake_runtime_runs_probes_logs_exec_and_port_forwa
 
     // `kubectl port-forward` through the kubelet to the runtime's PortForward, into the pod's
     // network namespace: an HTTP request reaches the pod's server.
-    let body = port_forward_get(&cp, "web", 8080);
+    let body = strake_integration::kubectl::port_forward_get(cp.kubeconfig(), "web", 8080, "/")
+        .expect("kubectl port-forward");
     assert!(body.ends_with("served-by-web\n"), "{body}");
 
     // The liveness probe's restarts are counted.

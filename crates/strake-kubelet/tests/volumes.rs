@@ -452,6 +452,29 @@ fn ders_in(text: &str) -> std::collections::BTreeSet<Vec<u8>> {
         .collect()
 }
 
+/// The message of a FailedMount event of pod `pod` (in `default`) that contains `text`.
+async fn failed_mount(client: &kube::Client, pod: &str, text: &str) -> String {
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), "default");
+    wait_for(
+        &format!("FailedMount of {pod} saying {text:?}"),
+        60,
+        || async {
+            events
+                .list(&Default::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .filter(|e| {
+                    e.reason.as_deref() == Some("FailedMount")
+                        && e.involved_object.name.as_deref() == Some(pod)
+                })
+                .find_map(|e| e.message.filter(|m| m.contains(text)))
+        },
+    )
+    .await
+}
+
 /// `clusterTrustBundle` projections: by name, by signer and label selector (bundles merged,
 /// duplicates dropped), an optional missing one (an empty file); a pod naming a missing
 /// bundle that is not optional waits with FailedMount.
@@ -552,21 +575,7 @@ async fn cluster_trust_bundle_projections_by_name_and_by_signer() {
     pods.create(&PostParams::default(), &missing)
         .await
         .expect("create missing");
-    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), "default");
-    let message = wait_for("FailedMount of missing", 60, || async {
-        events
-            .list(&Default::default())
-            .await
-            .ok()?
-            .items
-            .into_iter()
-            .find(|e| {
-                e.reason.as_deref() == Some("FailedMount")
-                    && e.involved_object.name.as_deref() == Some("missing")
-            })
-            .and_then(|e| e.message)
-    })
-    .await;
+    let message = failed_mount(&client, "missing", "not found").await;
     assert!(message.contains("\"absent\" not found"), "{message}");
     let st = pods
         .get("missing")
@@ -753,21 +762,7 @@ async fn pod_certificate_projection_is_requested_issued_and_written() {
             .next()
     })
     .await;
-    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), "default");
-    let message = wait_for("FailedMount naming the denial", 60, || async {
-        events
-            .list(&Default::default())
-            .await
-            .ok()?
-            .items
-            .into_iter()
-            .filter(|e| {
-                e.reason.as_deref() == Some("FailedMount")
-                    && e.involved_object.name.as_deref() == Some("refused")
-            })
-            .find_map(|e| e.message.filter(|m| m.contains("denied")))
-    })
-    .await;
+    let message = failed_mount(&client, "refused", "denied").await;
     assert!(
         message.contains("NotThisPod") && message.contains("the test signer refuses"),
         "{message}"

@@ -146,6 +146,21 @@ impl Runtime {
     }
 }
 
+impl Runtime {
+    /// Pulls busybox and runs pod `name` (below `cgroup`) with container `busy` running
+    /// [`BUSY`]; its pod file, pod ID and container ID.
+    fn busy_pod(&self, name: &str, cgroup: &CgroupParent) -> (String, String, String) {
+        self.out(&["pull", BUSYBOX]);
+        let pod = self.pod_file(name, cgroup.name());
+        let pod_id = self.out(&["runp", &pod]);
+        let busy = self.container_file("busy", &["sh", "-c", BUSY]);
+        let id = self.out(&["create", &pod_id, &busy, &pod]);
+        self.out(&["start", &id]);
+        self.wait_state(&id, "CONTAINER_RUNNING");
+        (pod, pod_id, id)
+    }
+}
+
 impl Drop for Runtime {
     fn drop(&mut self) {
         let _ = self.crictl(&["rmp", "--all", "--force"]);
@@ -204,13 +219,7 @@ fn crictl_stats_and_statsp_report_cpu_memory_writable_layer_and_network() {
     let mut node = net.add_node(0).expect("node");
     let cgroup = CgroupParent::new();
     let rt = Runtime::start(&mut node);
-    rt.out(&["pull", BUSYBOX]);
-    let pod = rt.pod_file("stats", cgroup.name());
-    let pod_id = rt.out(&["runp", &pod]);
-    let busy = rt.container_file("busy", &["sh", "-c", BUSY]);
-    let id = rt.out(&["create", &pod_id, &busy, &pod]);
-    rt.out(&["start", &id]);
-    rt.wait_state(&id, "CONTAINER_RUNNING");
+    let (pod, pod_id, id) = rt.busy_pod("stats", &cgroup);
     let idle = rt.container_file("idle", &["sleep", "300"]);
     let idle = rt.out(&["create", &pod_id, &idle, &pod]);
 
@@ -557,13 +566,7 @@ fn pod_metrics_descriptors_container_filesystem_and_pod_resources() {
     let mut node = net.add_node(0).expect("node");
     let cgroup = CgroupParent::new();
     let rt = Runtime::start(&mut node);
-    rt.out(&["pull", BUSYBOX]);
-    let pod = rt.pod_file("metrics", cgroup.name());
-    let pod_id = rt.out(&["runp", &pod]);
-    let busy = rt.container_file("busy", &["sh", "-c", BUSY]);
-    let id = rt.out(&["create", &pod_id, &busy, &pod]);
-    rt.out(&["start", &id]);
-    rt.wait_state(&id, "CONTAINER_RUNNING");
+    let (_, pod_id, id) = rt.busy_pod("metrics", &cgroup);
     // A stopped pod reports no metrics (nothing of it is left to read).
     let gone = rt.pod_file("gone", cgroup.name());
     let gone_id = rt.out(&["runp", &gone]);
