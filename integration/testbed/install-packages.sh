@@ -10,6 +10,9 @@ PACKAGES=(
     # the conformance bed's images (build-conformance-images.sh): Debian root filesystems, pause;
     # vanilla busybox from its release tarball (build-busybox.sh)
     mmdebstrap gcc libc6-dev make bzip2
+    # systemd-analyze, which verifies manifests/systemd/ (integration/tests/systemd_units.rs);
+    # installed, not run: nothing here makes it PID 1
+    systemd
 )
 
 step "check Debian packages"
