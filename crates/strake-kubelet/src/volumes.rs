@@ -135,12 +135,33 @@ fn downward_value(
         volume: volume.into(),
         reason,
     };
-    let Some(field) = &f.field_ref else {
-        return Err(invalid(format!("{}: only fieldRef is supported", f.path)));
+    if let Some(field) = &f.field_ref {
+        return crate::pod_spec::metadata_field(pod, &field.field_path)
+            .map(String::into_bytes)
+            .ok_or_else(|| invalid(format!("unsupported fieldRef {}", field.field_path)));
+    }
+    let Some(sel) = &f.resource_field_ref else {
+        return Err(invalid(format!(
+            "{}: neither fieldRef nor resourceFieldRef",
+            f.path
+        )));
     };
-    crate::pod_spec::metadata_field(pod, &field.field_path)
+    // A volume names the container whose resources it shows (the API requires it).
+    let name = sel.container_name.as_deref().unwrap_or_default();
+    let spec = pod.spec.as_ref();
+    let container = spec
+        .into_iter()
+        .flat_map(|s| {
+            s.containers
+                .iter()
+                .chain(s.init_containers.iter().flatten())
+        })
+        .find(|c| c.name == name)
+        .ok_or_else(|| invalid(format!("{}: no container {name:?}", f.path)))?;
+    let node = crate::resources::NodeAllocatable::of_this_machine();
+    crate::resources::field_value(sel, container, &node)
         .map(String::into_bytes)
-        .ok_or_else(|| invalid(format!("unsupported fieldRef {}", field.field_path)))
+        .map_err(|reason| invalid(format!("{}: {reason}", f.path)))
 }
 
 /// Selects `items` (or all keys) of a key/value source into files with their modes.
@@ -930,6 +951,60 @@ mod tests {
             ("a".to_string(), "x\"y".to_string()),
         ]);
         assert_eq!(crate::pod_spec::format_map(&m), "a=\"x\\\"y\"\nb=\"2\"");
+    }
+
+    #[test]
+    fn downward_api_files_show_a_named_containers_resources() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "p", "namespace": "ns" },
+            "spec": { "containers": [{
+                "name": "app",
+                "resources": {
+                    "requests": { "cpu": "250m", "memory": "32Mi" },
+                    "limits": { "cpu": "1250m", "memory": "64Mi" }
+                }
+            }] }
+        }))
+        .unwrap();
+        let item = |resource: &str, container: &str, divisor: Option<&str>| {
+            serde_json::from_value::<DownwardAPIVolumeFile>(serde_json::json!({
+                "path": "f",
+                "resourceFieldRef": {
+                    "containerName": container, "resource": resource, "divisor": divisor
+                }
+            }))
+            .unwrap()
+        };
+        let value = |f: &DownwardAPIVolumeFile| {
+            downward_value(&pod, f, "podinfo").map(|b| String::from_utf8(b).unwrap())
+        };
+        // Rounded up to whole units of the divisor (1 by default), as upstream's.
+        assert_eq!(value(&item("limits.cpu", "app", None)).unwrap(), "2");
+        assert_eq!(
+            value(&item("limits.cpu", "app", Some("1m"))).unwrap(),
+            "1250"
+        );
+        assert_eq!(
+            value(&item("requests.cpu", "app", Some("1m"))).unwrap(),
+            "250"
+        );
+        assert_eq!(
+            value(&item("limits.memory", "app", Some("1Mi"))).unwrap(),
+            "64"
+        );
+        assert_eq!(
+            value(&item("requests.memory", "app", None)).unwrap(),
+            (32 << 20).to_string()
+        );
+        // A container that does not exist is an error that names it, not an empty file.
+        let err = value(&item("limits.cpu", "nope", None)).unwrap_err();
+        assert!(err.to_string().contains("nope") || format!("{err:?}").contains("nope"));
+        // Metadata still comes through fieldRef.
+        let name: DownwardAPIVolumeFile = serde_json::from_value(serde_json::json!({
+            "path": "name", "fieldRef": { "fieldPath": "metadata.name" }
+        }))
+        .unwrap();
+        assert_eq!(value(&name).unwrap(), "p");
     }
 
     #[test]
