@@ -597,11 +597,11 @@ fn pod_metrics_descriptors_container_filesystem_and_pod_resources() {
         "{descs}"
     );
 
-    // Wait for a second of CPU, the 20 MB in /dev/shm and the 5 MB in the writable layer.
+    // Wait for a second of CPU (total, and user plus system), the 20 MB in /dev/shm and the 5 MB in the writable layer.
     let mut pod_samples = Vec::new();
     let mut busy_samples = Vec::new();
     let mut listed = serde_json::Value::Null;
-    for _ in 0..150 {
+    for _ in 0..300 {
         listed = rt.json(&["metricsp", "-o", "json"]);
         let pods = listed["podMetrics"].as_array().cloned().unwrap_or_default();
         let Some(p) = pods.iter().find(|p| p["podSandboxId"] == pod_id.as_str()) else {
@@ -620,7 +620,17 @@ fn pod_metrics_descriptors_container_filesystem_and_pod_resources() {
             .map(|c| samples(&c["metrics"]))
             .unwrap_or_default();
         let at_least = |name: &str, v: u64| find(&busy_samples, name).is_some_and(|s| s.2 >= v);
+        // Whole seconds (CRI metric values are integers): user and system time each round
+        // down, so their sum reaches a second after the total does.
+        let user_and_system = [
+            "container_cpu_user_seconds_total",
+            "container_cpu_system_seconds_total",
+        ]
+        .iter()
+        .filter_map(|n| find(&busy_samples, n).map(|s| s.2))
+        .sum::<u64>();
         if at_least("container_cpu_usage_seconds_total", 1)
+            && user_and_system >= 1
             && at_least("container_memory_working_set_bytes", 20_000_000)
             && at_least("container_fs_usage_bytes", 5_000_000)
         {
