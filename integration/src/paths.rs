@@ -14,6 +14,7 @@ pub struct Versions {
     pub etcd: String,
     pub cri_tools: String,
     pub cni_plugins: String,
+    pub gvisor: String,
 }
 
 impl Versions {
@@ -35,6 +36,7 @@ impl Versions {
             etcd: get("ETCD_VERSION"),
             cri_tools: get("CRI_TOOLS_VERSION"),
             cni_plugins: get("CNI_PLUGINS_VERSION"),
+            gvisor: get("GVISOR_VERSION"),
         }
     }
 }
@@ -77,6 +79,12 @@ pub fn cri_tools_bin(name: &str) -> Result<PathBuf> {
 pub fn cni_bin_dir() -> Result<PathBuf> {
     let v = Versions::pinned();
     existing(cache_dir().join(format!("cni-plugins-{}/bin", v.cni_plugins)))
+}
+
+/// gVisor's `runsc` of the pinned commit.
+pub fn runsc_bin() -> Result<PathBuf> {
+    let v = Versions::pinned();
+    existing(cache_dir().join(format!("gvisor-{}/bin/runsc", v.gvisor)))
 }
 
 /// The published test images (registry storage roots, htpasswd, `images.txt`).
@@ -137,6 +145,7 @@ mod tests {
             ("etcd", &v.etcd),
             ("cri-tools", &v.cri_tools),
             ("cni-plugins", &v.cni_plugins),
+            ("gvisor", &v.gvisor),
         ] {
             assert!(
                 value.starts_with('v') && value.matches('.').count() == 2,

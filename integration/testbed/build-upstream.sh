@@ -101,4 +101,17 @@ step "build cri-tools $CRI_TOOLS_VERSION (crictl, critest)"
 build_cri_tools
 step "build CNI plugins $CNI_PLUGINS_VERSION"
 build_cni_plugins
+build_gvisor() {
+    local final="$GVISOR_DIR" tmp
+    [ -x "$final/bin/runsc" ] && { echo "    cached: $final"; return; }
+    tmp=$(mktemp -d "$STRAKE_CACHE/.gvisor.XXXXXX")
+    gomod "$tmp/src" "gvisor.dev/gvisor@$GVISOR_VERSION"
+    (cd "$tmp/src" && GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" \
+        -o "$tmp/bin/runsc" gvisor.dev/gvisor/runsc)
+    rm -rf "$tmp/src"
+    publish_dir "$tmp" "$final"
+}
+
+step "build gVisor runsc $GVISOR_VERSION"
+build_gvisor
 step "upstream binaries ready"
