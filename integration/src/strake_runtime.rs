@@ -67,6 +67,15 @@ impl StrakeRuntime {
         for port in [OPEN_PORT, PROTECTED_PORT] {
             args.push(format!("--insecure-registry={CLUSTER_GATEWAY}:{port}"));
         }
+        // RuntimeClass handler "gvisor", as an operator adds it: gVisor's runsc on its systrap
+        // platform (no KVM or ptrace needed), each pod in one sandbox started by an infra
+        // container of the test bed's pause image.
+        args.extend([
+            format!("--runtime-handler=gvisor={}", paths::runsc_bin()?.display()),
+            "--runtime-handler-option=gvisor=--platform=systrap".into(),
+            "--infra-container-handler=gvisor".into(),
+            format!("--sandbox-image={CLUSTER_GATEWAY}:{OPEN_PORT}/strake/pause:1"),
+        ]);
         args.extend(extra_args.iter().cloned());
         let config = d.join("runtime.toml");
         std::fs::write(&config, "").map_err(crate::io_err("write", &config))?;

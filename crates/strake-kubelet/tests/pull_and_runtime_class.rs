@@ -1,7 +1,8 @@
 //! Pods name what the runtime needs: `imagePullSecrets` (a Docker config Secret) let the kubelet
 //! pull from the test bed's protected registry, which refuses the same pull without them, and
 //! `runtimeClassName` reaches the runtime as the RuntimeClass's handler (a known handler runs,
-//! an unknown one is refused by the runtime with the pod told why). On strake-runtime. (A pod
+//! an unknown one is refused by the runtime with the pod told why; RuntimeClass `gvisor` runs
+//! its pod on gVisor's kernel). On strake-runtime. (A pod
 //! naming a RuntimeClass that does not exist is refused by the API server's admission.) The
 //! kubelet's Events tell the same story.
 
@@ -79,7 +80,11 @@ async fn pull_secrets_and_runtime_classes_reach_the_runtime() {
         .await
         .expect("create secret");
     let classes: Api<RuntimeClass> = Api::all(client.clone());
-    for (name, handler) in [("plain", "runc"), ("bogus", "no-such-handler")] {
+    for (name, handler) in [
+        ("plain", "runc"),
+        ("bogus", "no-such-handler"),
+        ("gvisor", "gvisor"),
+    ] {
         let rc: RuntimeClass = serde_json::from_value(serde_json::json!({
             "apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
             "metadata": { "name": name }, "handler": handler
@@ -108,6 +113,18 @@ async fn pull_secrets_and_runtime_classes_reach_the_runtime() {
             "bogus-class",
             &open,
             serde_json::json!({ "runtimeClassName": "bogus" }),
+        ),
+        pod(
+            "gvisor-class",
+            &open,
+            serde_json::json!({
+                "runtimeClassName": "gvisor",
+                "containers": [{
+                    "name": "app",
+                    "image": open,
+                    "command": ["/bin/sh", "-c", "uname -r; trap 'exit 0' TERM; sleep 3600 & wait"]
+                }]
+            }),
         ),
     ];
     // The default ServiceAccount appears shortly after the control plane starts.
@@ -209,11 +226,24 @@ async fn pull_secrets_and_runtime_classes_reach_the_runtime() {
             .then_some(())
     })
     .await;
-    // The bogus handler's pod never got a sandbox: two pods run (with-secret, plain-class)
-    // and the one without credentials has a sandbox but no container.
+    // The gVisor pod runs on gVisor's kernel, not the node's.
+    wait_for("the pod of RuntimeClass gvisor Running", 90, || async {
+        get("gvisor-class").await.filter(running)
+    })
+    .await;
+    let release = wait_for("the gVisor pod's kernel release in its log", 30, || async {
+        let text = pods.logs("gvisor-class", &Default::default()).await.ok()?;
+        Some(text.lines().next()?.trim().to_string()).filter(|l| !l.is_empty())
+    })
+    .await;
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    assert_ne!(release, host.trim(), "the gvisor pod saw the node's kernel");
+
+    // The bogus handler's pod never got a sandbox: three pods run (with-secret, plain-class,
+    // gvisor-class) and the one without credentials has a sandbox but no container.
     let out = node.runtime.crictl(&["pods", "-q"]).expect("crictl pods");
     let sandboxes = String::from_utf8_lossy(&out.stdout).lines().count();
-    assert_eq!(sandboxes, 3, "{}", log());
+    assert_eq!(sandboxes, 4, "{}", log());
 
     // Deleting a pod stops its containers, with an event saying so.
     pods.delete("plain-class", &Default::default())

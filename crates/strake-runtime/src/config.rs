@@ -20,6 +20,10 @@ pub const DEFAULT_STREAM_IDLE_TIMEOUT: std::time::Duration =
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/strake/runtime.toml";
 
+/// The image of infra containers unless configured: the pause image of the Kubernetes version
+/// this runtime is tested with (kubeadm's `PauseVersion` of v1.37.2).
+pub const DEFAULT_SANDBOX_IMAGE: &str = "registry.k8s.io/pause:3.10.2";
+
 /// Flags of `strake-runtime`. Every setting may also come from the configuration file; a flag
 /// given on the command line wins.
 #[derive(Clone, Debug, Default, clap::Args)]
@@ -46,6 +50,18 @@ pub struct Flags {
     /// handler.
     #[arg(long = "runtime-handler", value_parser = parse_handler)]
     pub runtime_handlers: Vec<(String, PathBuf)>,
+    /// A global option given to a handler's OCI runtime before every command, `NAME=OPTION`
+    /// (repeatable, in order; e.g. `gvisor=--platform=ptrace`). Flags for a handler replace the
+    /// file's options of that handler.
+    #[arg(long = "runtime-handler-option", value_parser = parse_handler_option)]
+    pub runtime_handler_options: Vec<(String, String)>,
+    /// A handler whose pods each get an infra container of the sandbox image, run by the
+    /// handler's runtime (repeatable). gVisor needs one: it starts a pod's sandbox with it.
+    #[arg(long = "infra-container-handler")]
+    pub infra_container_handlers: Vec<String>,
+    /// The image of infra containers (containerd's `sandbox_image`).
+    #[arg(long)]
+    pub sandbox_image: Option<String>,
     /// Registries reached over plain HTTP or without TLS verification (repeatable, `host[:port]`).
     #[arg(long = "insecure-registry")]
     pub insecure_registries: Vec<String>,
@@ -122,6 +138,74 @@ fn de_duration<'de, D: serde::Deserializer<'de>>(
         .transpose()
 }
 
+fn parse_handler_option(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, option)) if !name.is_empty() && !option.is_empty() => {
+            Ok((name.to_string(), option.to_string()))
+        }
+        _ => Err(format!("expected NAME=OPTION, got {s:?}")),
+    }
+}
+
+/// The OCI runtime behind a RuntimeClass handler.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuntimeHandler {
+    /// The binary, which speaks runc's command line: `runc`, `/usr/bin/crun`, `/usr/bin/runsc`.
+    pub binary: PathBuf,
+    /// Global options placed before every command (runsc's `--platform=ptrace`, say).
+    pub options: Vec<String>,
+    /// Each pod of this handler gets an infra container of the sandbox image, run by this
+    /// runtime and annotated `container-type: sandbox`: runtimes that hold a pod's containers
+    /// in one sandbox (gVisor) start it with that container and add the others to it.
+    pub infra_container: bool,
+}
+
+impl RuntimeHandler {
+    /// A runtime run with no options of its own.
+    pub fn new(binary: impl Into<PathBuf>) -> Self {
+        RuntimeHandler {
+            binary: binary.into(),
+            options: Vec::new(),
+            infra_container: false,
+        }
+    }
+}
+
+/// A `[runtime_handlers]` entry: a path, or a table with the path and the runtime's options.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(
+    untagged,
+    expecting = "a path, or a table { path = \"...\", options = [\"...\"], infra_container = true }"
+)]
+pub enum HandlerEntry {
+    Path(PathBuf),
+    Table(HandlerTable),
+}
+
+/// The table form of a `[runtime_handlers]` entry.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerTable {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub options: Vec<String>,
+    #[serde(default)]
+    pub infra_container: bool,
+}
+
+impl From<HandlerEntry> for RuntimeHandler {
+    fn from(e: HandlerEntry) -> Self {
+        match e {
+            HandlerEntry::Path(path) => RuntimeHandler::new(path),
+            HandlerEntry::Table(t) => RuntimeHandler {
+                binary: t.path,
+                options: t.options,
+                infra_container: t.infra_container,
+            },
+        }
+    }
+}
+
 fn parse_handler(s: &str) -> Result<(String, PathBuf), String> {
     let (name, path) = s
         .split_once('=')
@@ -141,7 +225,8 @@ pub struct FileConfig {
     pub run_dir: Option<PathBuf>,
     pub cni_conf_dir: Option<PathBuf>,
     pub cni_bin_dirs: Option<Vec<PathBuf>>,
-    pub runtime_handlers: Option<BTreeMap<String, PathBuf>>,
+    pub runtime_handlers: Option<BTreeMap<String, HandlerEntry>>,
+    pub sandbox_image: Option<String>,
     pub insecure_registries: Option<Vec<String>>,
     /// `[registry_mirrors]` table: registry host = list of endpoints.
     pub registry_mirrors: Option<Mirrors>,
@@ -170,7 +255,9 @@ pub struct Config {
     pub run_dir: PathBuf,
     pub cni_conf_dir: PathBuf,
     pub cni_bin_dirs: Vec<PathBuf>,
-    pub runtime_handlers: BTreeMap<String, PathBuf>,
+    pub runtime_handlers: BTreeMap<String, RuntimeHandler>,
+    /// The image infra containers run.
+    pub sandbox_image: String,
     pub insecure_registries: Vec<String>,
     pub registry_mirrors: Mirrors,
     pub cgroup_driver: CgroupDriverKind,
@@ -208,6 +295,8 @@ pub enum ConfigError {
         #[source]
         source: toml::de::Error,
     },
+    #[error("{flag} names {name:?}, which is not a configured runtime handler")]
+    UnknownHandler { flag: &'static str, name: String },
 }
 
 impl Config {
@@ -227,16 +316,61 @@ impl Config {
             }
             Err(source) => return Err(ConfigError::Read { path, source }),
         };
-        Ok(Self::merge(flags, file))
+        let config = Self::merge(flags, file);
+        let named = flags
+            .runtime_handler_options
+            .iter()
+            .map(|(name, _)| ("--runtime-handler-option", name))
+            .chain(
+                flags
+                    .infra_container_handlers
+                    .iter()
+                    .map(|name| ("--infra-container-handler", name)),
+            );
+        for (flag, name) in named {
+            if !config.runtime_handlers.contains_key(name) {
+                return Err(ConfigError::UnknownHandler {
+                    flag,
+                    name: name.clone(),
+                });
+            }
+        }
+        Ok(config)
     }
 
     fn merge(flags: &Flags, file: FileConfig) -> Self {
         let mut handlers = BTreeMap::from([
-            (DEFAULT_HANDLER.to_string(), PathBuf::from("runc")),
-            ("crun".to_string(), PathBuf::from("crun")),
+            (DEFAULT_HANDLER.to_string(), RuntimeHandler::new("runc")),
+            ("crun".to_string(), RuntimeHandler::new("crun")),
         ]);
-        handlers.extend(file.runtime_handlers.unwrap_or_default());
-        handlers.extend(flags.runtime_handlers.iter().cloned());
+        handlers.extend(
+            file.runtime_handlers
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(name, entry)| (name, entry.into())),
+        );
+        // A flag's path keeps what the file says of that handler besides its path.
+        for (name, path) in &flags.runtime_handlers {
+            handlers
+                .entry(name.clone())
+                .and_modify(|h| h.binary = path.clone())
+                .or_insert_with(|| RuntimeHandler::new(path));
+        }
+        for name in flags.runtime_handler_options.iter().map(|(n, _)| n) {
+            if let Some(h) = handlers.get_mut(name) {
+                h.options.clear();
+            }
+        }
+        for (name, option) in &flags.runtime_handler_options {
+            if let Some(h) = handlers.get_mut(name) {
+                h.options.push(option.clone());
+            }
+        }
+        for name in &flags.infra_container_handlers {
+            if let Some(h) = handlers.get_mut(name) {
+                h.infra_container = true;
+            }
+        }
         let non_empty = |v: &Vec<PathBuf>| (!v.is_empty()).then(|| v.clone());
         let mut registry_mirrors = file.registry_mirrors.unwrap_or_default();
         for registry in flags.registry_mirrors.iter().map(|(r, _)| r) {
@@ -273,6 +407,11 @@ impl Config {
                 .or(file.cni_bin_dirs)
                 .unwrap_or_else(|| vec!["/opt/cni/bin".into(), "/usr/lib/cni".into()]),
             runtime_handlers: handlers,
+            sandbox_image: flags
+                .sandbox_image
+                .clone()
+                .or(file.sandbox_image)
+                .unwrap_or_else(|| DEFAULT_SANDBOX_IMAGE.into()),
             insecure_registries: if flags.insecure_registries.is_empty() {
                 file.insecure_registries.unwrap_or_default()
             } else {
@@ -385,8 +524,8 @@ mod tests {
             c.cni_bin_dirs,
             vec![PathBuf::from("/opt/cni/bin"), PathBuf::from("/usr/lib/cni")]
         );
-        assert_eq!(c.runtime_handlers["runc"], PathBuf::from("runc"));
-        assert_eq!(c.runtime_handlers["crun"], PathBuf::from("crun"));
+        assert_eq!(c.runtime_handlers["runc"], RuntimeHandler::new("runc"));
+        assert_eq!(c.runtime_handlers["crun"], RuntimeHandler::new("crun"));
         assert_eq!(c.cgroup_driver, CgroupDriverKind::Cgroupfs);
         assert_eq!(c.stream_server_address, "127.0.0.1");
         assert_eq!(c.stream_server_port, 0);
@@ -456,9 +595,12 @@ mod tests {
         assert_eq!(c.insecure_registries, vec!["10.0.0.1:5000".to_string()]);
         assert_eq!(
             c.runtime_handlers["kata"],
-            PathBuf::from("/opt/kata/bin/kata-runtime")
+            RuntimeHandler::new("/opt/kata/bin/kata-runtime")
         );
-        assert_eq!(c.runtime_handlers["runc"], PathBuf::from("/usr/sbin/runc"));
+        assert_eq!(
+            c.runtime_handlers["runc"],
+            RuntimeHandler::new("/usr/sbin/runc")
+        );
     }
 
     #[test]
@@ -510,6 +652,91 @@ mod tests {
             parse_handler("crun=/usr/bin/crun").unwrap().1,
             PathBuf::from("/usr/bin/crun")
         );
+    }
+
+    #[test]
+    fn handlers_take_global_options_from_the_file_or_flags() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            [runtime_handlers]
+            gvisor = { path = "/usr/bin/runsc", options = ["--platform=ptrace", "--debug"] }
+            kata = "/opt/kata/bin/kata-runtime"
+            "#,
+        )
+        .unwrap();
+        let c = Config::merge(&Flags::default(), file.clone());
+        assert_eq!(
+            c.runtime_handlers["gvisor"],
+            RuntimeHandler {
+                binary: "/usr/bin/runsc".into(),
+                options: vec!["--platform=ptrace".into(), "--debug".into()],
+                infra_container: false,
+            }
+        );
+        assert!(c.runtime_handlers["kata"].options.is_empty());
+        // A flag's path keeps the file's options; flag options replace them.
+        let flags = Flags {
+            runtime_handlers: vec![("gvisor".into(), "/opt/runsc".into())],
+            ..Default::default()
+        };
+        let c = Config::merge(&flags, file.clone());
+        assert_eq!(
+            c.runtime_handlers["gvisor"].binary,
+            PathBuf::from("/opt/runsc")
+        );
+        assert_eq!(c.runtime_handlers["gvisor"].options.len(), 2);
+        let flags = Flags {
+            runtime_handler_options: vec![("gvisor".into(), "--platform=kvm".into())],
+            ..Default::default()
+        };
+        let c = Config::merge(&flags, file);
+        assert_eq!(c.runtime_handlers["gvisor"].options, vec!["--platform=kvm"]);
+
+        // Infra containers: from the table or the flag, and the image they run.
+        let file: FileConfig = toml::from_str(
+            r#"
+            sandbox_image = "10.0.0.1:5000/pause:3.10.2"
+            [runtime_handlers]
+            gvisor = { path = "/usr/bin/runsc", infra_container = true }
+            "#,
+        )
+        .unwrap();
+        let c = Config::merge(&Flags::default(), file);
+        assert!(c.runtime_handlers["gvisor"].infra_container);
+        assert!(!c.runtime_handlers["runc"].infra_container);
+        assert_eq!(c.sandbox_image, "10.0.0.1:5000/pause:3.10.2");
+        let flags = Flags {
+            infra_container_handlers: vec!["crun".into()],
+            ..Default::default()
+        };
+        let c = Config::merge(&flags, FileConfig::default());
+        assert!(c.runtime_handlers["crun"].infra_container);
+        assert_eq!(c.sandbox_image, DEFAULT_SANDBOX_IMAGE);
+
+        // An option for a handler nobody configured is an error, not silently dropped.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("runtime.toml");
+        std::fs::write(&path, "").unwrap();
+        let flags = Flags {
+            config: Some(path),
+            runtime_handler_options: vec![("gvisr".into(), "--platform=ptrace".into())],
+            ..Default::default()
+        };
+        assert!(matches!(
+            Config::load(&flags),
+            Err(ConfigError::UnknownHandler { name, .. }) if name == "gvisr"
+        ));
+        assert!(parse_handler_option("gvisor").is_err());
+        assert!(parse_handler_option("gvisor=").is_err());
+        assert_eq!(
+            parse_handler_option("gvisor=--platform=ptrace").unwrap(),
+            ("gvisor".to_string(), "--platform=ptrace".to_string())
+        );
+        // A table with a misspelt key is refused.
+        let bad = toml::from_str::<FileConfig>(
+            "[runtime_handlers]\ngvisor = { path = \"/usr/bin/runsc\", option = [] }\n",
+        );
+        assert!(bad.is_err());
     }
 
     #[test]

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use strake_types::cri;
 
 use crate::cgroups::{CgroupDriver, CgroupLayout, ContainerCgroup};
+use crate::config::RuntimeHandler;
 use crate::monitor::{self, ExitRecord, Ready};
 use crate::runc::{ExecOptions, ProcessIo, Runc, RuncCli, RuncConfig, RuncError};
 use crate::sandbox::{Sandbox, Sandboxes, new_id, process_start_time};
@@ -167,6 +168,10 @@ pub struct ContainerRecord {
     /// Where those images are mounted, read-only, for the container to bind.
     #[serde(default)]
     pub image_mounts: Vec<PathBuf>,
+    /// The pod's infra (pause) container, which the runtime runs for handlers that need one:
+    /// not a container of the kubelet's, so CRI lists and statuses leave it out.
+    #[serde(default)]
+    pub infra: bool,
 }
 
 /// A container: its record and its CRI configuration.
@@ -320,7 +325,7 @@ pub type ContainerMap = Arc<Mutex<HashMap<String, Container>>>;
 /// Creates, tracks and removes containers.
 pub struct Containers {
     paths: ContainerPaths,
-    handlers: BTreeMap<String, PathBuf>,
+    handlers: BTreeMap<String, RuntimeHandler>,
     driver: CgroupDriver,
     layout: Option<CgroupLayout>,
     node: NodeOptions,
@@ -351,7 +356,7 @@ impl Containers {
     /// Opens the container store and adopts every container recorded there (before serving).
     pub fn recover(
         paths: ContainerPaths,
-        handlers: BTreeMap<String, PathBuf>,
+        handlers: BTreeMap<String, RuntimeHandler>,
         driver: CgroupDriver,
         inner: ContainerMap,
     ) -> Result<Self> {
@@ -435,6 +440,9 @@ impl Containers {
     }
 
     fn emit(&self, c: &Container, kind: cri::ContainerEventType, at_ns: i64) {
+        if c.record.infra {
+            return;
+        }
         // No subscriber is not an error: events are only for those listening.
         let _ = self.events.send(ContainerEvent {
             container: Box::new(c.clone()),
@@ -564,19 +572,27 @@ impl Containers {
         }
     }
 
-    fn runc(&self, handler: &str) -> RuncCli {
-        let binary = self
-            .handlers
+    /// The OCI runtime of a handler. A container recorded under a handler that is no longer
+    /// configured is driven by the binary of that name, so that it can still be stopped and
+    /// removed (RunPodSandbox refuses handlers that are not configured).
+    fn handler(&self, handler: &str) -> RuntimeHandler {
+        self.handlers
             .get(handler)
             .cloned()
-            .unwrap_or_else(|| PathBuf::from(handler));
+            .unwrap_or_else(|| RuntimeHandler::new(handler))
+    }
+
+    fn runc(&self, handler: &str) -> RuncCli {
+        let RuntimeHandler {
+            binary, options, ..
+        } = self.handler(handler);
         RuncCli::new(RuncConfig {
             binary,
             root: Some(self.runtime_root(handler)),
             systemd_cgroup: self.driver == CgroupDriver::Systemd,
             temp_dir: self.paths.runtime_dir.join("tmp"),
             env: Vec::new(),
-            global_args: Vec::new(),
+            global_args: options,
         })
     }
 
@@ -605,19 +621,31 @@ impl Containers {
         self.refresh(&id)
     }
 
-    /// Copies of all containers, exits brought up to date.
+    /// Copies of all containers but infra containers, exits brought up to date.
     pub fn list(&self) -> Vec<Container> {
-        let ids: Vec<String> = lock(&self.inner).keys().cloned().collect();
+        let ids: Vec<String> = lock(&self.inner)
+            .values()
+            .filter(|c| !c.record.infra)
+            .map(|c| c.record.id.clone())
+            .collect();
         ids.iter().filter_map(|id| self.refresh(id).ok()).collect()
     }
 
-    /// IDs of the containers of one sandbox.
+    /// IDs of the containers of one sandbox, its infra container left out.
     pub fn of_sandbox(&self, sandbox_id: &str) -> Vec<String> {
         lock(&self.inner)
             .values()
-            .filter(|c| c.record.sandbox_id == sandbox_id)
+            .filter(|c| c.record.sandbox_id == sandbox_id && !c.record.infra)
             .map(|c| c.record.id.clone())
             .collect()
+    }
+
+    /// The infra container of one sandbox, if it has one.
+    pub fn infra_of(&self, sandbox_id: &str) -> Option<String> {
+        lock(&self.inner)
+            .values()
+            .find(|c| c.record.sandbox_id == sandbox_id && c.record.infra)
+            .map(|c| c.record.id.clone())
     }
 
     /// Reads the exit record if the monitor wrote one since we last looked.
@@ -700,7 +728,8 @@ impl Containers {
         }
     }
 
-    /// CreateContainer: makes everything, or nothing.
+    /// CreateContainer: makes everything, or nothing. `infra` makes the pod's infra container
+    /// (see [`ContainerRecord::infra`]).
     pub fn create(
         &self,
         sandboxes: &Sandboxes,
@@ -708,6 +737,7 @@ impl Containers {
         mut config: cri::ContainerConfig,
         image: ImageFacts,
         volumes: Vec<ImageVolume>,
+        infra: bool,
     ) -> Result<String> {
         let meta = config
             .metadata
@@ -726,7 +756,13 @@ impl Containers {
         }
         let pod = sb.config.metadata.clone().unwrap_or_default();
         let name = container_name(&meta, &pod);
-        let id = new_id().map_err(io(Path::new("/dev/urandom")))?;
+        // The infra container goes by the sandbox's ID, as containerd's does: runtimes that
+        // group a pod's containers (gVisor) find the sandbox by that ID.
+        let id = if infra {
+            sb.record.id.clone()
+        } else {
+            new_id().map_err(io(Path::new("/dev/urandom")))?
+        };
         if config
             .linux
             .as_ref()
@@ -769,6 +805,7 @@ impl Containers {
             volume_images: volumes.iter().map(|v| v.id.clone()).collect(),
             image_mounts: Vec::new(),
             exit: None,
+            infra,
         };
         // Reserve the name before the slow work, so a concurrent duplicate is refused at once.
         {
@@ -925,6 +962,7 @@ impl Containers {
             target_pid_namespace,
             resolved: &resolved,
             node: &self.node,
+            infra: c.record.infra,
         };
         let mut oci = spec::build_spec(&input).map_err(spec_err)?;
         if let Some(p) = oci.process_mut()
@@ -960,14 +998,12 @@ impl Containers {
         } else {
             c.record.log_path.clone()
         };
+        let runtime = self.handler(&handler);
         let args = monitor::Args {
             id: c.record.id.clone(),
             bundle: bundle.clone(),
-            runtime: self
-                .handlers
-                .get(&handler)
-                .cloned()
-                .unwrap_or_else(|| PathBuf::from(&handler)),
+            runtime: runtime.binary,
+            runtime_options: runtime.options,
             runtime_root,
             systemd_cgroup: self.driver == CgroupDriver::Systemd,
             log_path,
@@ -978,6 +1014,7 @@ impl Containers {
             stdin_once: c.config.stdin_once,
             tty: c.config.tty,
             attach_socket: Some(dir.join(ATTACH_SOCKET)),
+            stdio_fifos: runtime.infra_container,
         };
         let (pid, ready) = spawn_monitor(&self.paths.monitor_binary, &args, &dir)
             .map_err(step("start monitor"))?;
@@ -1058,13 +1095,29 @@ impl Containers {
             });
         }
         let id = c.record.id.clone();
-        self.runc(&c.record.runtime_handler)
-            .start(&id)
-            .map_err(|source| ContainerError::Runtime {
-                op: "start",
-                id: id.clone(),
-                source,
-            })?;
+        let runtime_err = |source| ContainerError::Runtime {
+            op: "start",
+            id: id.clone(),
+            source,
+        };
+        let runc = self.runc(&c.record.runtime_handler);
+        // A sandboxed runtime's container takes its stdio when it joins the pod's sandbox at
+        // start (its monitor made the FIFOs); the infra container starts the sandbox itself.
+        if self.handler(&c.record.runtime_handler).infra_container
+            && !c.record.infra
+            && !c.config.tty
+        {
+            let io = monitor::open_stdio_fifos(&self.dir(&id).join("bundle"), c.config.stdin)
+                .map_err(|e| {
+                    runtime_err(RuncError::TempFile {
+                        program: runc.config().binary.clone(),
+                        source: e,
+                    })
+                })?;
+            runc.start_with_io(&id, io).map_err(runtime_err)?;
+        } else {
+            runc.start(&id).map_err(runtime_err)?;
+        }
         c.record.started_at_ns = now_ns();
         self.save_record(&c)?;
         self.emit(
@@ -1741,6 +1794,7 @@ mod tests {
                 exit: None,
                 volume_images: Vec::new(),
                 image_mounts: Vec::new(),
+                infra: false,
             },
             config: cri::ContainerConfig::default(),
         }
@@ -1913,6 +1967,7 @@ mod tests {
                 }),
                 volume_images: vec!["sha256:vol".into()],
                 image_mounts: vec!["/state/c/image-volumes/0".into()],
+                infra: false,
             },
             config: cri::ContainerConfig {
                 log_path: "app/0.log".into(),

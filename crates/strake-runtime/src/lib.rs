@@ -163,6 +163,7 @@ impl App {
             streaming: Arc::new(streaming),
             images: images.clone(),
             handlers: config.runtime_handlers.clone(),
+            sandbox_image: config.sandbox_image.clone(),
             cgroup_driver: config.cgroup_driver,
             default_cgroup_parent: config.default_cgroup_parent.clone(),
             cpu_samples: Default::default(),

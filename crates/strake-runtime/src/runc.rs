@@ -23,6 +23,10 @@ use std::process::{Command, ExitStatus, Stdio};
 use oci_spec::runtime::{LinuxResources, Process};
 use serde::Deserialize;
 
+/// The most of a runtime's output (stdout, stderr or log) that is read: state and stats are
+/// a few KiB, and a runtime gone wrong must not fill the daemon's memory.
+const MAX_OUTPUT_BYTES: u64 = 4 << 20;
+
 /// The `PATH` runtimes run with (they exec helpers such as `criu` or `newuidmap`).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -250,6 +254,9 @@ pub trait Runc: Send + Sync {
     fn create(&self, id: &str, bundle: &Path, opts: CreateOptions) -> Result<(), RuncError>;
     /// `start`: runs the user process of a created container.
     fn start(&self, id: &str) -> Result<(), RuncError>;
+    /// `start` with the container's stdio as the runtime's own: runsc hands the stdio of its
+    /// `start`, not of `create`, to a container that joins an existing sandbox.
+    fn start_with_io(&self, id: &str, io: ProcessIo) -> Result<(), RuncError>;
     /// `state`.
     fn state(&self, id: &str) -> Result<ContainerState, RuncError>;
     /// `kill [--all] id signal`.
@@ -358,34 +365,55 @@ impl RuncCli {
         }
     }
 
-    /// Runs a command whose output is ours to read to the end.
+    /// Runs a command whose output is ours to read. Its stdout and stderr are files, not pipes,
+    /// and only the runtime process is waited for: a helper the runtime leaves behind holds
+    /// whatever stdio it inherited (runsc's `start` of a container in an existing sandbox
+    /// starts that container's file server), and a pipe would not end until it exits.
     fn run(&self, args: &[OsString]) -> Result<Captured, RuncError> {
         let log = self.temp_file("runc-log-")?;
+        let out = self.temp_file("runc-out-")?;
+        let err = self.temp_file("runc-err-")?;
         let args = self.full_args(log.path(), args);
         let printable = printable(&args);
         tracing::debug!(runtime = %self.config.binary.display(), args = ?printable, "oci runtime");
-        let output = self
+        let (out_file, err_file) = (
+            out.reopen().map_err(|e| self.temp_err(e))?,
+            err.reopen().map_err(|e| self.temp_err(e))?,
+        );
+        let status = self
             .command(&args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .output()
+            .stdout(out_file)
+            .stderr(err_file)
+            .status()
             .map_err(|source| RuncError::Spawn {
                 program: self.program(),
                 source,
             })?;
-        if !output.status.success() {
-            let mut message = String::from_utf8_lossy(&output.stderr).trim().to_string();
-            let logged = log_errors(&std::fs::read(log.path()).unwrap_or_default());
+        let read = |f: &tempfile::NamedTempFile| -> Result<Vec<u8>, RuncError> {
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(
+                    f.reopen().map_err(|e| self.temp_err(e))?,
+                    MAX_OUTPUT_BYTES,
+                ),
+                &mut buf,
+            )
+            .map_err(|e| self.temp_err(e))?;
+            Ok(buf)
+        };
+        if !status.success() {
+            let mut message = String::from_utf8_lossy(&read(&err)?).trim().to_string();
+            let logged = log_errors(&read(&log)?);
             if !logged.is_empty() && !message.contains(&logged) {
                 if !message.is_empty() {
                     message.push_str("; ");
                 }
                 message.push_str(&logged);
             }
-            return Err(self.failed(printable, output.status, message));
+            return Err(self.failed(printable, status, message));
         }
         Ok(Captured {
-            stdout: output.stdout,
+            stdout: read(&out)?,
             args: printable,
         })
     }
@@ -438,6 +466,18 @@ impl RuncCli {
                 })?;
         let logged = log_errors(&std::fs::read(log.path()).unwrap_or_default());
         Ok((status, printable, logged))
+    }
+
+    /// runsc's `wait`: blocks until a started container exits, and returns its exit status
+    /// (128 + the signal for a killed one). runc has no such command.
+    pub fn wait(&self, id: &str) -> Result<i32, RuncError> {
+        #[derive(Deserialize)]
+        struct Waited {
+            #[serde(rename = "exitStatus")]
+            exit_status: i32,
+        }
+        let out = self.run(&[os("wait"), os(id)])?;
+        self.parse::<Waited>(&out).map(|w| w.exit_status)
     }
 
     fn parse<T: serde::de::DeserializeOwned>(&self, out: &Captured) -> Result<T, RuncError> {
@@ -505,6 +545,14 @@ impl Runc for RuncCli {
 
     fn start(&self, id: &str) -> Result<(), RuncError> {
         self.run(&[os("start"), os(id)]).map(|_| ())
+    }
+
+    fn start_with_io(&self, id: &str, io: ProcessIo) -> Result<(), RuncError> {
+        let (status, args, logged) = self.run_with_io(&[os("start"), os(id)], io)?;
+        if !status.success() {
+            return Err(self.failed(args, status, logged));
+        }
+        Ok(())
     }
 
     fn state(&self, id: &str) -> Result<ContainerState, RuncError> {
@@ -604,7 +652,7 @@ done
 echo "$*" >> "$FAKE_DIR/calls"
 env | sort > "$FAKE_DIR/env"
 case "$cmd" in
-  state) echo '{"ociVersion":"1.0.2","id":"c1","pid":42,"status":"running","bundle":"/b","rootfs":"/b/rootfs","created":"2026-01-01T00:00:00Z","owner":""}';;
+  state) sleep 4 & echo '{"ociVersion":"1.0.2","id":"c1","pid":42,"status":"running","bundle":"/b","rootfs":"/b/rootfs","created":"2026-01-01T00:00:00Z","owner":""}';;
   list) echo null;;
   events) echo '{"type":"stats","id":"c1","data":{"cpu":{"usage":{"total":5,"kernel":2,"user":3}},"memory":{"usage":{"usage":100,"limit":200},"raw":{"rss":7}},"pids":{"current":3}}}';;
   create) sleep 4 & echo created-out; echo '{"level":"info","msg":"fine"}' > "$log";;
@@ -722,6 +770,20 @@ exit 0
 
         let missing = RuncCli::new(RuncConfig::new("/nonexistent/runc"));
         assert!(matches!(missing.start("c1"), Err(RuncError::Spawn { .. })));
+    }
+
+    #[test]
+    fn commands_wait_for_the_runtime_only_not_for_helpers_it_leaves_behind() {
+        // The fake's `state` leaves a `sleep 4` holding its stdout and stderr, as runsc's
+        // `start` leaves a file server: the answer comes when the runtime exits.
+        let fake = Fake::new(false);
+        let started = Instant::now();
+        let state = fake.runc.state("c1").unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "state waited for the runtime's helper"
+        );
+        assert_eq!(state.pid, 42);
     }
 
     #[test]

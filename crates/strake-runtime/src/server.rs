@@ -48,8 +48,10 @@ pub struct RuntimeServer {
     pub containers: Arc<Containers>,
     /// Images, for CreateContainer.
     pub images: ImageService,
-    /// OCI runtime binaries by RuntimeClass handler name.
-    pub handlers: BTreeMap<String, std::path::PathBuf>,
+    /// OCI runtimes by RuntimeClass handler name.
+    pub handlers: BTreeMap<String, crate::config::RuntimeHandler>,
+    /// The image of infra containers.
+    pub sandbox_image: String,
     /// The cgroup driver reported by RuntimeConfig.
     pub cgroup_driver: CgroupDriverKind,
     /// cgroup parent of sandboxes whose request names none (empty: the driver's default).
@@ -500,6 +502,158 @@ fn matches_filter(sb: &Sandbox, filter: Option<&cri::PodSandboxFilter>) -> bool 
         .all(|(k, v)| sb.config.labels.get(k) == Some(v))
 }
 
+/// The metadata name of infra containers (the kubelet's and cAdvisor's name for them; no
+/// container of a pod can have it, as Kubernetes names are lower case).
+const INFRA_CONTAINER_NAME: &str = "POD";
+
+impl RuntimeServer {
+    /// Stops and removes a sandbox whose creation failed after it was made, its infra
+    /// container included (best effort: the caller reports the first failure).
+    async fn discard_sandbox(&self, id: &str) {
+        let containers = self.containers.clone();
+        let sandbox_id = id.to_string();
+        let _ = blocking_container(move || {
+            if let Some(infra) = containers.infra_of(&sandbox_id) {
+                let _ = containers.stop(&infra, std::time::Duration::ZERO);
+                containers.remove(&infra)?;
+            }
+            Ok(())
+        })
+        .await;
+        let (sandboxes, id) = (self.sandboxes.clone(), id.to_string());
+        let _ = blocking(move || {
+            sandboxes.stop(&id)?;
+            sandboxes.remove(&id)
+        })
+        .await;
+    }
+
+    /// CreateContainer's work, also for infra containers: the image and the image volumes are
+    /// reserved until the container is registered.
+    async fn create_from_image(
+        &self,
+        sandbox_id: String,
+        config: cri::ContainerConfig,
+        infra: bool,
+    ) -> Result<String, Status> {
+        let image = config
+            .image
+            .as_ref()
+            .map(|i| i.image.clone())
+            .unwrap_or_default();
+        if image.is_empty() {
+            return Err(Status::invalid_argument("config.image.image is required"));
+        }
+        // Reserved until the container is registered, so RemoveImage cannot slip in between.
+        let (record, _reserved) = self
+            .images
+            .reserve(&image)
+            .ok_or_else(|| container_status_of(ContainerError::ImageNotFound(image.clone())))?;
+        let blob = self
+            .images
+            .config(&record.id)
+            .await
+            .map_err(image_status_of)?;
+        let process = serde_json::from_slice::<oci_spec::image::ImageConfiguration>(&blob)
+            .map_err(|e| {
+                Status::failed_precondition(format!("image {image}: invalid config: {e}"))
+            })?
+            .config()
+            .as_ref()
+            .map(ImageProcessConfig::from)
+            .unwrap_or_default();
+        let lower_dirs = self.images.lower_dirs(&record.id).ok_or_else(|| {
+            Status::failed_precondition(format!("image {image}: layers are not unpacked"))
+        })?;
+        let facts = ImageFacts {
+            image_ref: record
+                .repo_digests
+                .first()
+                .cloned()
+                .unwrap_or_else(|| record.id.clone()),
+            id: record.id,
+            lower_dirs,
+            process,
+        };
+        // Image volumes: each image reserved like the container's own until it is registered.
+        let mut volumes = Vec::new();
+        let mut _volume_reservations = Vec::new();
+        for (i, m) in config.mounts.iter().enumerate() {
+            let Some(spec) = m.image.as_ref().filter(|s| !s.image.is_empty()) else {
+                continue;
+            };
+            let (vol, reserved) = self.images.reserve(&spec.image).ok_or_else(|| {
+                container_status_of(ContainerError::ImageNotFound(spec.image.clone()))
+            })?;
+            let lower_dirs = self.images.lower_dirs(&vol.id).ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "image volume {}: layers are not unpacked",
+                    spec.image
+                ))
+            })?;
+            volumes.push(ImageVolume {
+                mount: i,
+                id: vol.id,
+                lower_dirs,
+            });
+            _volume_reservations.push(reserved);
+        }
+        let (containers, sandboxes) = (self.containers.clone(), self.sandboxes.clone());
+        blocking_container(move || {
+            containers.create(&sandboxes, &sandbox_id, config, facts, volumes, infra)
+        })
+        .await
+    }
+
+    /// Runs the pod's infra container (for handlers that have one): the sandbox image, pulled
+    /// if absent, with its own command, in the pod's namespaces and cgroup.
+    async fn run_infra_container(
+        &self,
+        sandbox_id: &str,
+        pod: &cri::PodSandboxConfig,
+    ) -> Result<(), Status> {
+        if self.images.reserve(&self.sandbox_image).is_none() {
+            self.images
+                .pull(&self.sandbox_image, &Default::default())
+                .await
+                .map_err(|e| {
+                    Status::unavailable(format!(
+                        "pull the sandbox image {}: {}",
+                        self.sandbox_image,
+                        error_chain(&e)
+                    ))
+                })?;
+        }
+        let linux = pod.linux.clone().unwrap_or_default();
+        let config = cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata {
+                name: INFRA_CONTAINER_NAME.into(),
+                attempt: 0,
+            }),
+            image: Some(cri::ImageSpec {
+                image: self.sandbox_image.clone(),
+                ..Default::default()
+            }),
+            linux: Some(cri::LinuxContainerConfig {
+                resources: linux.resources.clone(),
+                security_context: Some(cri::LinuxContainerSecurityContext {
+                    namespace_options: linux
+                        .security_context
+                        .as_ref()
+                        .and_then(|s| s.namespace_options.clone()),
+                    ..Default::default()
+                }),
+            }),
+            ..Default::default()
+        };
+        let id = self
+            .create_from_image(sandbox_id.to_string(), config, true)
+            .await?;
+        let containers = self.containers.clone();
+        blocking_container(move || containers.start(&id)).await
+    }
+}
+
 #[tonic::async_trait]
 impl cri::runtime_service_server::RuntimeService for RuntimeServer {
     async fn version(
@@ -633,6 +787,8 @@ impl cri::runtime_service_server::RuntimeService for RuntimeServer {
             .as_ref()
             .map(|l| l.cgroup_parent.clone())
             .unwrap_or_default();
+        let infra = self.handlers[&handler].infra_container;
+        let pod = config.clone();
         let sandboxes = self.sandboxes.clone();
         let pod_sandbox_id = blocking(move || sandboxes.run(config, &handler)).await?;
         // The pause process in the pod's cgroup, or no sandbox.
@@ -654,6 +810,13 @@ impl cri::runtime_service_server::RuntimeService for RuntimeServer {
                 "move the pod's pause process into its cgroup {parent:?}: {e}"
             )));
         }
+        if infra && let Err(status) = self.run_infra_container(&pod_sandbox_id, &pod).await {
+            self.discard_sandbox(&pod_sandbox_id).await;
+            return Err(Status::new(
+                status.code(),
+                format!("run the pod's infra container: {}", status.message()),
+            ));
+        }
         Ok(Response::new(cri::RunPodSandboxResponse { pod_sandbox_id }))
     }
     async fn stop_pod_sandbox(
@@ -667,6 +830,10 @@ impl cri::runtime_service_server::RuntimeService for RuntimeServer {
             blocking_container(move || {
                 for c in containers.of_sandbox(&sb.record.id) {
                     containers.stop(&c, std::time::Duration::ZERO)?;
+                }
+                // The infra container last: in gVisor it is the pod's sandbox.
+                if let Some(infra) = containers.infra_of(&sb.record.id) {
+                    containers.stop(&infra, std::time::Duration::ZERO)?;
                 }
                 Ok(())
             })
@@ -696,6 +863,9 @@ impl cri::runtime_service_server::RuntimeService for RuntimeServer {
             blocking_container(move || {
                 for c in containers.of_sandbox(&sb.record.id) {
                     containers.remove(&c)?;
+                }
+                if let Some(infra) = containers.infra_of(&sb.record.id) {
+                    containers.remove(&infra)?;
                 }
                 Ok(())
             })
@@ -788,74 +958,9 @@ impl cri::runtime_service_server::RuntimeService for RuntimeServer {
         let config = req
             .config
             .ok_or_else(|| Status::invalid_argument("config is required"))?;
-        let image = config
-            .image
-            .as_ref()
-            .map(|i| i.image.clone())
-            .unwrap_or_default();
-        if image.is_empty() {
-            return Err(Status::invalid_argument("config.image.image is required"));
-        }
-        // Reserved until the container is registered, so RemoveImage cannot slip in between.
-        let (record, _reserved) = self
-            .images
-            .reserve(&image)
-            .ok_or_else(|| container_status_of(ContainerError::ImageNotFound(image.clone())))?;
-        let blob = self
-            .images
-            .config(&record.id)
-            .await
-            .map_err(image_status_of)?;
-        let process = serde_json::from_slice::<oci_spec::image::ImageConfiguration>(&blob)
-            .map_err(|e| {
-                Status::failed_precondition(format!("image {image}: invalid config: {e}"))
-            })?
-            .config()
-            .as_ref()
-            .map(ImageProcessConfig::from)
-            .unwrap_or_default();
-        let lower_dirs = self.images.lower_dirs(&record.id).ok_or_else(|| {
-            Status::failed_precondition(format!("image {image}: layers are not unpacked"))
-        })?;
-        let facts = ImageFacts {
-            image_ref: record
-                .repo_digests
-                .first()
-                .cloned()
-                .unwrap_or_else(|| record.id.clone()),
-            id: record.id,
-            lower_dirs,
-            process,
-        };
-        // Image volumes: each image reserved like the container's own until it is registered.
-        let mut volumes = Vec::new();
-        let mut _volume_reservations = Vec::new();
-        for (i, m) in config.mounts.iter().enumerate() {
-            let Some(spec) = m.image.as_ref().filter(|s| !s.image.is_empty()) else {
-                continue;
-            };
-            let (vol, reserved) = self.images.reserve(&spec.image).ok_or_else(|| {
-                container_status_of(ContainerError::ImageNotFound(spec.image.clone()))
-            })?;
-            let lower_dirs = self.images.lower_dirs(&vol.id).ok_or_else(|| {
-                Status::failed_precondition(format!(
-                    "image volume {}: layers are not unpacked",
-                    spec.image
-                ))
-            })?;
-            volumes.push(ImageVolume {
-                mount: i,
-                id: vol.id,
-                lower_dirs,
-            });
-            _volume_reservations.push(reserved);
-        }
-        let (containers, sandboxes) = (self.containers.clone(), self.sandboxes.clone());
-        let sandbox_id = req.pod_sandbox_id;
-        let container_id = blocking_container(move || {
-            containers.create(&sandboxes, &sandbox_id, config, facts, volumes)
-        })
-        .await?;
+        let container_id = self
+            .create_from_image(req.pod_sandbox_id, config, false)
+            .await?;
         Ok(Response::new(cri::CreateContainerResponse { container_id }))
     }
     async fn start_container(

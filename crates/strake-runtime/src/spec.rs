@@ -354,6 +354,9 @@ pub struct SpecInput<'a> {
     pub resolved: &'a Resolved,
     /// Node-wide settings.
     pub node: &'a NodeOptions,
+    /// This is the pod's infra container: annotated `container-type: sandbox`, which runtimes
+    /// that run a pod's containers in one sandbox (gVisor) start that sandbox with.
+    pub infra: bool,
 }
 
 fn security_context(config: &cri::ContainerConfig) -> Option<&cri::LinuxContainerSecurityContext> {
@@ -585,7 +588,10 @@ fn spec_annotations(input: &SpecInput<'_>) -> HashMap<String, String> {
         .map(|m| m.name.clone())
         .unwrap_or_default();
     HashMap::from([
-        (annotations::CONTAINER_TYPE.into(), "container".into()),
+        (
+            annotations::CONTAINER_TYPE.into(),
+            if input.infra { "sandbox" } else { "container" }.into(),
+        ),
         (annotations::SANDBOX_ID.into(), input.sandbox.id.clone()),
         (annotations::SANDBOX_NAME.into(), pod.name),
         (annotations::SANDBOX_NAMESPACE.into(), pod.namespace),
@@ -1855,6 +1861,7 @@ mod tests {
         node: NodeOptions,
         driver: CgroupDriver,
         target: Option<PathBuf>,
+        infra: bool,
     }
 
     impl Fixture {
@@ -1907,6 +1914,7 @@ mod tests {
                 node: NodeOptions::default(),
                 driver: CgroupDriver::Cgroupfs,
                 target: None,
+                infra: false,
             }
         }
 
@@ -1937,6 +1945,7 @@ mod tests {
                 target_pid_namespace: self.target.as_deref(),
                 resolved: &self.resolved,
                 node: &self.node,
+                infra: self.infra,
             })
         }
 
@@ -2896,6 +2905,12 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
             )
         );
+        // The infra container starts the pod's sandbox in runtimes that group by annotation.
+        f.infra = true;
+        let infra = f.spec().annotations().clone().unwrap();
+        assert_eq!(infra["io.kubernetes.cri.container-type"], "sandbox");
+        assert_eq!(infra["io.kubernetes.cri.sandbox-id"], "sb1");
+        f.infra = false;
 
         f.sandbox_config.linux.as_mut().unwrap().sysctls = HashMap::from([(
             "net.ipv4.ip_unprivileged_port_start".to_string(),

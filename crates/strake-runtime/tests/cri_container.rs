@@ -564,10 +564,12 @@ fn crun_handler(dir: &Path) -> PathBuf {
 
 #[test]
 fn a_pod_with_the_crun_handler_runs_under_crun() {
-    if !Path::new("/usr/bin/crun").exists() {
-        eprintln!("skipped: /usr/bin/crun is missing");
-        return;
-    }
+    // The test bed installs crun (`install-packages.sh`); without it this test fails rather
+    // than passing unchecked.
+    assert!(
+        Path::new("/usr/bin/crun").exists(),
+        "/usr/bin/crun is missing: run integration/testbed/install-packages.sh"
+    );
     let net = ClusterNet::create().expect("cluster net");
     let regdir = tempfile::tempdir().expect("tempdir");
     let _registry = start_registry(&net, regdir.path());
@@ -1099,4 +1101,156 @@ fn critest_conformance() {
             ran.len()
         );
     }
+}
+
+/// Processes whose command line names `dir` (the runtime's own state below it).
+fn processes_naming(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&needle))
+        .collect()
+}
+
+#[test]
+fn a_pod_with_the_gvisor_handler_runs_on_gvisors_kernel_in_one_sandbox() {
+    let runsc = strake_integration::paths::runsc_bin().expect("runsc: run make testbed");
+    let net = ClusterNet::create().expect("cluster net");
+    let regdir = tempfile::tempdir().expect("tempdir");
+    let _registry = start_registry(&net, regdir.path());
+    let mut node = net.add_node(0).expect("node");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().to_path_buf();
+    let cgroup = TestCgroup::new();
+    // systrap: gVisor's default platform, which needs neither KVM nor ptrace here.
+    let rt = Runtime::start(
+        &mut node,
+        dir,
+        vec![
+            format!("--runtime-handler=gvisor={}", runsc.display()),
+            "--runtime-handler-option=gvisor=--platform=systrap".into(),
+            "--infra-container-handler=gvisor".into(),
+            "--sandbox-image=10.213.0.1:5000/strake/pause:1".into(),
+        ],
+    );
+    rt.out(&["pull", BUSYBOX]);
+    let pod = rt.pod_file("sandboxed", cgroup.name());
+    let pod_id = rt.out(&["runp", "--runtime", "gvisor", &pod]);
+    // The sandbox image was pulled for the infra container, which no CRI list shows.
+    assert!(rt.out(&["images", "-q"]).lines().count() >= 2);
+    assert!(
+        rt.out(&["ps", "-a", "-q"]).is_empty(),
+        "infra container listed"
+    );
+    let id = rt.run(
+        &pod_id,
+        &pod,
+        "app",
+        &[
+            "sh",
+            "-c",
+            "echo served by gVisor > /tmp/index.html; echo serving; exec httpd -f -p 8080 -h /tmp",
+        ],
+    );
+    rt.wait_state(&id, "CONTAINER_RUNNING");
+    assert_eq!(rt.out(&["ps", "-a", "-q"]).lines().count(), 1);
+
+    // The kernel the pod sees is gVisor's, not the host's.
+    let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let release = rt.out(&["exec", "-s", &id, "uname", "-r"]);
+    assert_ne!(release, host_release.trim(), "the pod sees the host kernel");
+    let dmesg = rt.out(&["exec", "-s", &id, "dmesg"]);
+    assert!(dmesg.contains("gVisor"), "dmesg: {dmesg}");
+    // gVisor's network stack took over the pod's interface: its address is the pod's IP,
+    // and the node reaches the pod's server through it.
+    let ip = rt.json(&["inspectp", &pod_id])["status"]["network"]["ip"]
+        .as_str()
+        .expect("pod ip")
+        .to_string();
+    let addrs = rt.out(&["exec", "-s", &id, "ip", "-4", "addr"]);
+    assert!(addrs.contains(&ip), "pod ip {ip} not in {addrs}");
+    let log_file = base.join("logs/sandboxed/app/0.log");
+    let mut logs = String::new();
+    for _ in 0..100 {
+        logs = std::fs::read_to_string(&log_file).unwrap_or_default();
+        if logs.contains("serving") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The container's output reaches its log: runsc hands a container the stdio of `start`.
+    assert!(logs.contains("stdout F serving"), "app log: {logs:?}");
+    let mut served = String::new();
+    for _ in 0..50 {
+        served = node
+            .ns()
+            .command("curl")
+            .args(["-s", "--max-time", "2"])
+            .arg(format!("http://{ip}:8080/index.html"))
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        if served.contains("served by gVisor") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        served.contains("served by gVisor"),
+        "the node got {served:?}"
+    );
+    // A container that ends inside the sandbox is no child of its monitor: runsc's `wait`
+    // tells its exit.
+    let job = rt.run(&pod_id, &pod, "job", &["sh", "-c", "exit 3"]);
+    let exited = rt.wait_state(&job, "CONTAINER_EXITED");
+    assert_eq!(exited["status"]["exitCode"], 3, "{exited}");
+    rt.out(&["rm", &job]);
+
+    // One gVisor sandbox for the pod: runsc names each container's state
+    // `<container>_sandbox:<sandbox>.state`, and the app's sandbox is the infra container.
+    let state = base.join("run/oci/gvisor");
+    let states: Vec<String> = std::fs::read_dir(&state)
+        .expect("runsc state")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".state"))
+        .collect();
+    assert_eq!(states.len(), 2, "runsc state: {states:?}");
+    let sandbox_ids: std::collections::BTreeSet<&str> = states
+        .iter()
+        .filter_map(|n| n.strip_suffix(".state")?.split_once("_sandbox:"))
+        .map(|(_, sandbox)| sandbox)
+        .collect();
+    assert_eq!(sandbox_ids.len(), 1, "more than one sandbox: {states:?}");
+    assert!(
+        states
+            .iter()
+            .any(|n| n == &format!("{id}_sandbox:{}.state", sandbox_ids.first().unwrap())),
+        "the app is not in the infra container's sandbox: {states:?}"
+    );
+
+    rt.out(&["stopp", &pod_id]);
+    rt.out(&["rmp", &pod_id]);
+    assert!(rt.out(&["ps", "-a", "-q"]).is_empty());
+    assert!(
+        processes_naming(&state).is_empty(),
+        "runsc processes left: {:?}",
+        processes_naming(&state)
+    );
+    assert!(
+        mounts_below(&base).is_empty(),
+        "mounts left: {:?}",
+        mounts_below(&base)
+    );
+    assert!(
+        cgroup.left().is_empty(),
+        "cgroups left: {:?}",
+        cgroup.left()
+    );
+    drop(rt);
+    drop(node);
 }

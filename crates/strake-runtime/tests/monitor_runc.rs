@@ -79,6 +79,7 @@ impl Bundle {
             id: self.id.clone(),
             bundle: self.path("bundle"),
             runtime: "runc".into(),
+            runtime_options: Vec::new(),
             runtime_root: self.path("runc-root"),
             systemd_cgroup: false,
             log_path: self.path("logs/0.log"),
@@ -89,6 +90,7 @@ impl Bundle {
             stdin_once: false,
             tty: false,
             attach_socket: None,
+            stdio_fifos: false,
         };
         let raw = w.as_raw_fd();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_strake-monitor"));

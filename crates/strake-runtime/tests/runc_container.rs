@@ -297,6 +297,7 @@ fn write_bundle(
             bounding_capabilities: current_bounding_capabilities(),
             ..Default::default()
         },
+        infra: false,
     })
     .unwrap();
     std::fs::write(

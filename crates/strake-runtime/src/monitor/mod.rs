@@ -59,6 +59,8 @@ pub struct Args {
     pub id: String,
     pub bundle: PathBuf,
     pub runtime: PathBuf,
+    /// The runtime's global options (repeatable `--runtime-option`, in order).
+    pub runtime_options: Vec<String>,
     pub runtime_root: PathBuf,
     pub systemd_cgroup: bool,
     pub log_path: PathBuf,
@@ -73,6 +75,62 @@ pub struct Args {
     pub tty: bool,
     /// Where to serve the attach socket.
     pub attach_socket: Option<PathBuf>,
+    /// The container's stdio pipes are also FIFOs in the bundle ([`STDIO_FIFOS`]), for runtimes
+    /// that take the stdio at `start` ([`open_stdio_fifos`]).
+    pub stdio_fifos: bool,
+}
+
+/// The FIFOs of a container's stdin, stdout and stderr in its bundle (`--stdio-fifos`).
+pub const STDIO_FIFOS: [&str; 3] = ["stdin.fifo", "stdout.fifo", "stderr.fifo"];
+
+/// A pipe whose ends are opened through a new FIFO at `path` (mode 0600), so that another
+/// process can open an end later; the FIFO is gone with the bundle.
+fn fifo_pipe(path: &std::path::Path) -> std::io::Result<(OwnedFd, OwnedFd)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: mkfifo with a NUL-terminated path.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // The read end first and non-blocking (no writer yet), then the write end, which finds it.
+    let read = open_fifo(path, libc::O_RDONLY)?;
+    let write = open_fifo(path, libc::O_WRONLY)?;
+    Ok((read, write))
+}
+
+/// Opens an end of a FIFO without waiting for the other end (a write end fails with ENXIO if
+/// nobody reads), then makes it blocking, as a pipe's ends are.
+fn open_fifo(path: &std::path::Path, mode: libc::c_int) -> std::io::Result<OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(mode == libc::O_RDONLY)
+        .write(mode == libc::O_WRONLY)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    let fd = OwnedFd::from(f);
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+    }
+    Ok(fd)
+}
+
+/// The container's stdio through the FIFOs its monitor made (`--stdio-fifos`): stdout and
+/// stderr write into the monitor's log, stdin (when the container has one) reads what attached
+/// clients send. Fails if the monitor is gone.
+pub fn open_stdio_fifos(bundle: &std::path::Path, stdin: bool) -> std::io::Result<ProcessIo> {
+    let [stdin_fifo, stdout_fifo, stderr_fifo] = STDIO_FIFOS.map(|n| bundle.join(n));
+    Ok(ProcessIo {
+        stdin: if stdin {
+            Some(open_fifo(&stdin_fifo, libc::O_RDONLY)?)
+        } else {
+            None
+        },
+        stdout: Some(open_fifo(&stdout_fifo, libc::O_WRONLY)?),
+        stderr: Some(open_fifo(&stderr_fifo, libc::O_WRONLY)?),
+    })
 }
 
 impl Args {
@@ -82,13 +140,21 @@ impl Args {
         let mut get = std::collections::HashMap::new();
         let mut systemd_cgroup = false;
         let (mut stdin, mut stdin_once, mut tty) = (false, false, false);
+        let mut stdio_fifos = false;
+        let mut runtime_options = Vec::new();
         while let Some(a) = it.next() {
             let a = a.to_string_lossy().into_owned();
+            if a == "--runtime-option" {
+                let value = it.next().ok_or("--runtime-option needs a value")?;
+                runtime_options.push(value.to_string_lossy().into_owned());
+                continue;
+            }
             let switch = match a.as_str() {
                 "--systemd-cgroup" => &mut systemd_cgroup,
                 "--stdin" => &mut stdin,
                 "--stdin-once" => &mut stdin_once,
                 "--tty" => &mut tty,
+                "--stdio-fifos" => &mut stdio_fifos,
                 _ => {
                     let key = a
                         .strip_prefix("--")
@@ -107,6 +173,7 @@ impl Args {
             id: take("id")?.to_string_lossy().into_owned(),
             bundle: take("bundle")?.into(),
             runtime: take("runtime")?.into(),
+            runtime_options,
             runtime_root: take("runtime-root")?.into(),
             systemd_cgroup,
             log_path: take("log-path")?.into(),
@@ -120,6 +187,7 @@ impl Args {
             stdin_once,
             tty,
             attach_socket,
+            stdio_fifos,
         };
         if let Some(k) = get.keys().next() {
             return Err(format!("unknown flag --{k}"));
@@ -137,6 +205,9 @@ impl Args {
         push("id", self.id.as_ref());
         push("bundle", self.bundle.as_os_str());
         push("runtime", self.runtime.as_os_str());
+        for option in &self.runtime_options {
+            push("runtime-option", option.as_ref());
+        }
         push("runtime-root", self.runtime_root.as_os_str());
         push("log-path", self.log_path.as_os_str());
         push("exit-file", self.exit_file.as_os_str());
@@ -151,6 +222,7 @@ impl Args {
             (self.stdin, "--stdin"),
             (self.stdin_once, "--stdin-once"),
             (self.tty, "--tty"),
+            (self.stdio_fifos, "--stdio-fifos"),
         ] {
             if on {
                 v.push(flag.into());
@@ -161,6 +233,37 @@ impl Args {
 }
 
 static REOPEN: AtomicBool = AtomicBool::new(false);
+/// Set once the waiter of a container in a runtime's sandbox recorded its exit.
+static SANDBOXED_EXITED: AtomicBool = AtomicBool::new(false);
+
+/// Waits, on a thread, for the exit of a container that lives in a runtime's sandbox (its
+/// process is not our child: gVisor runs it inside the pod's sandbox), through the runtime's
+/// `wait`, which answers only once the container has started; records the exit and wakes the
+/// monitor's loop. A container the runtime no longer knows (its sandbox gone) is recorded as
+/// exited with 255, the status containerd gives an unknown exit.
+fn wait_in_sandbox(runtime: RuncCli, id: String, exit_file: PathBuf) {
+    std::thread::spawn(move || {
+        let exit_code = loop {
+            match runtime.wait(&id) {
+                Ok(code) => break code,
+                Err(RuncError::CommandFailed { stderr, .. }) if stderr.contains("not started") => {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+                Err(e) => {
+                    eprintln!("strake-monitor: wait for {id}: {e}");
+                    break 255;
+                }
+            }
+        };
+        write_exit(&exit_file, exit_code, None);
+        SANDBOXED_EXITED.store(true, Ordering::SeqCst);
+        let fd = WAKE_FD.load(Ordering::SeqCst);
+        if fd >= 0 {
+            // SAFETY: write(2) of one byte to our own wake-up pipe.
+            unsafe { libc::write(fd, [0u8].as_ptr().cast(), 1) };
+        }
+    });
+}
 static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
 
 extern "C" fn on_signal(signal: libc::c_int) {
@@ -248,6 +351,7 @@ fn monitor(args: &Args, ready: &mut File) -> Result<(), String> {
 
     // Output: two pipes, or the terminal's master (which runc sends while `create` runs).
     let mut io = ProcessIo::default();
+    let mut held_writers: Vec<OwnedFd> = Vec::new();
     let mut outputs: Vec<(File, LineSplitter, bool, attach::Message)> = Vec::new();
     let mut stdin_w: Option<File> = None;
     let mut console = None;
@@ -265,8 +369,26 @@ fn monitor(args: &Args, ready: &mut File) -> Result<(), String> {
         });
         console = Some((path, rx));
     } else {
-        let (out_r, out_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
-        let (err_r, err_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
+        let [in_fifo, out_fifo, err_fifo] = STDIO_FIFOS.map(|n| args.bundle.join(n));
+        let make = |fifo: &std::path::Path| {
+            if args.stdio_fifos {
+                fifo_pipe(fifo).map_err(|e| format!("fifo {}: {e}", fifo.display()))
+            } else {
+                pipe().map_err(|e| format!("pipe: {e}"))
+            }
+        };
+        let (out_r, out_w) = make(&out_fifo)?;
+        let (err_r, err_w) = make(&err_fifo)?;
+        if args.stdio_fifos {
+            // The container's writers come with `start`, long after `create` closed its
+            // copies: until the container exits, our own keep the output from ending.
+            for fifo in [&out_fifo, &err_fifo] {
+                held_writers.push(
+                    open_fifo(fifo, libc::O_WRONLY)
+                        .map_err(|e| format!("fifo {}: {e}", fifo.display()))?,
+                );
+            }
+        }
         io.stdout = Some(out_w);
         io.stderr = Some(err_w);
         outputs.push((
@@ -282,7 +404,7 @@ fn monitor(args: &Args, ready: &mut File) -> Result<(), String> {
             attach::Message::Stderr(Vec::new()),
         ));
         if args.stdin {
-            let (in_r, in_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
+            let (in_r, in_w) = make(&in_fifo)?;
             io.stdin = Some(in_r);
             stdin_w = Some(File::from(in_w));
         }
@@ -295,7 +417,7 @@ fn monitor(args: &Args, ready: &mut File) -> Result<(), String> {
         systemd_cgroup: args.systemd_cgroup,
         temp_dir: args.bundle.clone(),
         env: Vec::new(),
-        global_args: Vec::new(),
+        global_args: args.runtime_options.clone(),
     });
     let created = runtime.create(
         &args.id,
@@ -352,6 +474,11 @@ fn monitor(args: &Args, ready: &mut File) -> Result<(), String> {
     let line =
         serde_json::to_string(&Ready::Created { pid: pid as u32 }).map_err(|e| e.to_string())?;
     writeln!(ready, "{line}").map_err(|e| format!("report ready: {e}"))?;
+    // In a runtime's sandbox the PID is the sandbox's, not the container's, and no child of
+    // ours: the runtime tells the exit.
+    if args.stdio_fifos {
+        wait_in_sandbox(runtime.clone(), args.id.clone(), args.exit_file.clone());
+    }
 
     let mut log =
         open_log(&args.log_path).map_err(|e| format!("open {}: {e}", args.log_path.display()))?;
@@ -367,7 +494,18 @@ fn monitor(args: &Args, ready: &mut File) -> Result<(), String> {
             }
         }
         if !exited {
-            exited = reap(pid, &args.exit_file);
+            exited = if args.stdio_fifos {
+                // Reap the runtime's `wait` processes; the waiter records the exit.
+                // SAFETY: waitpid with WNOHANG on any child.
+                while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+                SANDBOXED_EXITED.load(Ordering::SeqCst)
+            } else {
+                reap(pid, &args.exit_file)
+            };
+            if exited {
+                // Output ends once the container's own writers are gone too.
+                held_writers.clear();
+            }
         } else {
             // Other descendants reparented to us are reaped too, but recorded nowhere.
             // SAFETY: waitpid with WNOHANG on any child.
@@ -499,6 +637,23 @@ fn monitor(args: &Args, ready: &mut File) -> Result<(), String> {
 }
 
 /// Reaps children; when `pid` is among them, writes its exit record. Returns whether it exited.
+/// Writes the exit record the runtime reads.
+fn write_exit(exit_file: &Path, exit_code: i32, signal: Option<i32>) {
+    let record = ExitRecord {
+        exit_code,
+        signal,
+        finished_at_ns: now_ns() as i64,
+    };
+    match serde_json::to_vec(&record) {
+        Ok(bytes) => {
+            if let Err(e) = crate::state::write_atomic(exit_file, &bytes) {
+                eprintln!("strake-monitor: write {}: {e}", exit_file.display());
+            }
+        }
+        Err(e) => eprintln!("strake-monitor: encode exit record: {e}"),
+    }
+}
+
 fn reap(pid: i32, exit_file: &Path) -> bool {
     loop {
         let mut status = 0;
@@ -516,19 +671,7 @@ fn reap(pid: i32, exit_file: &Path) -> bool {
         } else {
             (libc::WEXITSTATUS(status), None)
         };
-        let record = ExitRecord {
-            exit_code,
-            signal,
-            finished_at_ns: now_ns() as i64,
-        };
-        match serde_json::to_vec(&record) {
-            Ok(bytes) => {
-                if let Err(e) = crate::state::write_atomic(exit_file, &bytes) {
-                    eprintln!("strake-monitor: write {}: {e}", exit_file.display());
-                }
-            }
-            Err(e) => eprintln!("strake-monitor: encode exit record: {e}"),
-        }
+        write_exit(exit_file, exit_code, signal);
         return true;
     }
 }
@@ -543,6 +686,7 @@ mod tests {
             id: "c1".into(),
             bundle: "/b".into(),
             runtime: "/usr/sbin/runc".into(),
+            runtime_options: vec!["--platform=ptrace".into(), "--debug".into()],
             runtime_root: "/run/r".into(),
             systemd_cgroup: true,
             log_path: "/l".into(),
@@ -553,6 +697,7 @@ mod tests {
             stdin_once: false,
             tty: true,
             attach_socket: Some("/a".into()),
+            stdio_fifos: true,
         };
         assert_eq!(Args::parse(a.to_args()).unwrap(), a);
         assert!(Args::parse(vec!["--id".into()]).is_err());
