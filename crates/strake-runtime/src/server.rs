@@ -507,6 +507,31 @@ fn matches_filter(sb: &Sandbox, filter: Option<&cri::PodSandboxFilter>) -> bool 
 const INFRA_CONTAINER_NAME: &str = "POD";
 
 impl RuntimeServer {
+    /// A sandbox as the kubelet sees it: not ready once its infra container (if it has one)
+    /// has exited, since with gVisor the pod's sandbox died with it and no container of the
+    /// pod can start again; the kubelet then makes a new sandbox.
+    fn with_infra_state(&self, mut sb: Sandbox) -> Sandbox {
+        if sb.record.ready
+            && let Some(infra) = self.containers.infra_of(&sb.record.id)
+            && self
+                .containers
+                .get(&infra)
+                .is_ok_and(|c| c.state() == cri::ContainerState::ContainerExited)
+        {
+            sb.record.ready = false;
+        }
+        sb
+    }
+
+    /// Every sandbox, as [`Self::with_infra_state`] shows it.
+    fn sandboxes_now(&self) -> Vec<Sandbox> {
+        self.sandboxes
+            .list()
+            .into_iter()
+            .map(|sb| self.with_infra_state(sb))
+            .collect()
+    }
+
     /// Stops and removes a sandbox whose creation failed after it was made, its infra
     /// container included (best effort: the caller reports the first failure).
     async fn discard_sandbox(&self, id: &str) {
@@ -880,7 +905,11 @@ impl cri::runtime_service_server::RuntimeService for RuntimeServer {
         request: Request<cri::PodSandboxStatusRequest>,
     ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
         let req = request.into_inner();
-        let sb = self.sandboxes.get(&req.pod_sandbox_id).map_err(status_of)?;
+        let sb = self
+            .sandboxes
+            .get(&req.pod_sandbox_id)
+            .map(|sb| self.with_infra_state(sb))
+            .map_err(status_of)?;
         let mut info = std::collections::HashMap::new();
         if req.verbose {
             let json = serde_json::to_string(&sb.record).unwrap_or_default();
@@ -906,8 +935,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeServer {
     ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
         let filter = request.into_inner().filter;
         let items = self
-            .sandboxes
-            .list()
+            .sandboxes_now()
             .iter()
             .filter(|sb| matches_filter(sb, filter.as_ref()))
             .map(sandbox_item)
@@ -921,8 +949,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeServer {
     ) -> Result<Response<Self::StreamPodSandboxesStream>, Status> {
         let filter = request.into_inner().filter;
         let items: Vec<cri::PodSandbox> = self
-            .sandboxes
-            .list()
+            .sandboxes_now()
             .iter()
             .filter(|sb| matches_filter(sb, filter.as_ref()))
             .map(sandbox_item)

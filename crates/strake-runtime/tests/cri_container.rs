@@ -1233,6 +1233,31 @@ fn a_pod_with_the_gvisor_handler_runs_on_gvisors_kernel_in_one_sandbox() {
         "the app is not in the infra container's sandbox: {states:?}"
     );
 
+    // The sandbox dying (here its process killed) makes the pod NotReady, so that the kubelet
+    // makes a new one, and its containers exited.
+    let runsc_state = Command::new(&runsc)
+        .arg("--root")
+        .arg(&state)
+        .args(["state", &pod_id])
+        .output()
+        .expect("runsc state");
+    let sandbox_pid = serde_json::from_slice::<serde_json::Value>(&runsc_state.stdout)
+        .expect("runsc state json")["pid"]
+        .as_i64()
+        .expect("sandbox pid");
+    // SAFETY: kill(2) of the gVisor sandbox this test's runtime started.
+    unsafe { libc::kill(sandbox_pid as libc::pid_t, libc::SIGKILL) };
+    let mut pod_state = serde_json::Value::Null;
+    for _ in 0..100 {
+        pod_state = rt.json(&["inspectp", &pod_id])["status"]["state"].clone();
+        if pod_state == "SANDBOX_NOTREADY" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(pod_state, "SANDBOX_NOTREADY");
+    rt.wait_state(&id, "CONTAINER_EXITED");
+
     rt.out(&["stopp", &pod_id]);
     rt.out(&["rmp", &pod_id]);
     assert!(rt.out(&["ps", "-a", "-q"]).is_empty());
