@@ -44,7 +44,10 @@ fuzz_target!(|data: &[u8]| {
         user: String::new(),
         stop_signal: String::new(),
     };
-    for driver in [CgroupDriver::Cgroupfs, CgroupDriver::Systemd] {
+    for (driver, infra) in [
+        (CgroupDriver::Cgroupfs, false),
+        (CgroupDriver::Systemd, true),
+    ] {
         let built = build_spec(&SpecInput {
             container_id: "c",
             config: &config,
@@ -57,6 +60,7 @@ fuzz_target!(|data: &[u8]| {
             target_pid_namespace: None,
             resolved: &Resolved::default(),
             node: &NodeOptions::default(),
+            infra,
         });
         if let Ok(spec) = built {
             serde_json::to_vec(&spec).expect("a built spec serialises");
