@@ -1,13 +1,12 @@
 //! Quantities and durations as pod specs and configuration files write them: the kubelet's
-//! quantity parser (every resource request and limit), its Go duration parser, reserved
-//! resources and eviction thresholds, and the runtime's and the proxy's duration flags.
+//! quantity parser (every resource request and limit), the Go duration parser every daemon's
+//! flags and files use (`strake_types::duration`), reserved resources and eviction thresholds.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use strake_kubelet::allocatable::{
     parse_pairs, parse_reserved, parse_statements, parse_thresholds,
 };
-use strake_kubelet::config::parse_go_duration;
 use strake_kubelet::resources::{cpu_quota, cpu_shares, parse_milli};
 
 fuzz_target!(|data: &[u8]| {
@@ -22,9 +21,9 @@ fuzz_target!(|data: &[u8]| {
         );
         let _ = (cpu_shares(milli), cpu_quota(milli, 100_000));
     }
-    let _ = parse_go_duration(text);
-    let _ = strake_runtime::config::parse_duration(text);
-    let _ = strake_proxy::config::parse_duration(text);
+    if let Ok(d) = strake_types::duration::parse(text) {
+        assert!(d.as_nanos() <= i64::MAX as u128, "{text}: {d:?}");
+    }
     // Flags as written on a command line: `--eviction-hard`, `--kube-reserved`.
     let flags: Vec<String> = text.split(',').map(str::to_string).collect();
     if let Ok(map) = parse_statements("evictionHard", &flags) {

@@ -346,36 +346,6 @@ pub enum ConfigError {
     Reservation(#[source] crate::allocatable::ThresholdError),
 }
 
-/// Parses a Go duration (`10s`, `1m30s`, `500ms`, `1h`).
-pub fn parse_go_duration(s: &str) -> Option<Duration> {
-    let mut total = Duration::ZERO;
-    let mut rest = s.trim();
-    if rest.is_empty() {
-        return None;
-    }
-    while !rest.is_empty() {
-        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
-        let value: f64 = rest[..num_len].parse().ok()?;
-        rest = &rest[num_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let scale = match &rest[..unit_len] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return None,
-        };
-        // Go refuses durations past ~292 years ("invalid duration"); never a panic here.
-        total = total.checked_add(Duration::try_from_secs_f64(value * scale).ok()?)?;
-        rest = &rest[unit_len..];
-    }
-    Some(total)
-}
-
 fn parse_taint(s: &str) -> Result<TaintSpec, ConfigError> {
     let invalid = || ConfigError::Invalid {
         what: "taint",
@@ -552,8 +522,8 @@ fn eviction(
         .or(file.eviction_pressure_transition_period.as_ref());
     let pressure_transition = match transition {
         None => d.pressure_transition,
-        Some(s) => parse_go_duration(s)
-            .ok_or_else(|| invalid("evictionPressureTransitionPeriod", s.clone()))?,
+        Some(s) => strake_types::duration::parse(s)
+            .map_err(|_| invalid("evictionPressureTransitionPeriod", s.clone()))?,
     };
     let max = flags
         .eviction_max_pod_grace_period
@@ -612,7 +582,7 @@ fn image_gc(flags: &Flags, file: &FileConfig) -> Result<crate::image_gc::Policy,
     };
     let duration = |what: &'static str, v: &Option<String>, default: Duration| match v {
         None => Ok(default),
-        Some(s) => parse_go_duration(s).ok_or_else(|| invalid(what, s.clone())),
+        Some(s) => strake_types::duration::parse(s).map_err(|_| invalid(what, s.clone())),
     };
     let policy = crate::image_gc::Policy {
         high_percent: percent(
@@ -702,7 +672,9 @@ fn go_duration_or(
     default_secs: u64,
 ) -> Result<Duration, ConfigError> {
     match v {
-        Some(s) => parse_go_duration(&s).ok_or(ConfigError::Invalid { what, value: s }),
+        Some(s) => {
+            strake_types::duration::parse(&s).map_err(|_| ConfigError::Invalid { what, value: s })
+        }
         None => Ok(Duration::from_secs(default_secs)),
     }
 }
@@ -750,7 +722,8 @@ impl Config {
                         default: u64|
          -> Result<Duration, ConfigError> {
             match v {
-                Some(s) => parse_go_duration(&s).ok_or(ConfigError::Invalid { what, value: s }),
+                Some(s) => strake_types::duration::parse(&s)
+                    .map_err(|_| ConfigError::Invalid { what, value: s }),
                 None => Ok(Duration::from_secs(default)),
             }
         };
@@ -1453,29 +1426,6 @@ mod tests {
         assert_eq!(
             c.authentication.client_ca_file,
             Some(PathBuf::from("/ca.crt"))
-        );
-    }
-
-    #[test]
-    fn go_durations() {
-        assert_eq!(parse_go_duration("10s"), Some(Duration::from_secs(10)));
-        assert_eq!(parse_go_duration("1m30s"), Some(Duration::from_secs(90)));
-        assert_eq!(parse_go_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_go_duration("1h0m0s"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_go_duration("10"), None);
-        assert_eq!(parse_go_duration("x"), None);
-    }
-
-    /// Found by `fuzz/fuzz_targets/quantity_duration.rs`
-    /// (`fuzz/artifacts/quantity_duration/crash-41c93b...`): a duration too big for `Duration`
-    /// panicked (a config file field such as `syncFrequency` would have crashed the kubelet).
-    #[test]
-    fn durations_past_what_fits_are_refused_not_a_panic() {
-        assert_eq!(parse_go_duration("131h300h3922337203685472231h3720"), None);
-        assert_eq!(parse_go_duration("1e400s"), None);
-        assert_eq!(
-            parse_go_duration("18446744073709551615s18446744073709551615s"),
-            None
         );
     }
 }

@@ -74,8 +74,8 @@ pub fn parse_grace_periods(
         .map(|(k, v)| {
             let signal = Signal::parse(k)
                 .ok_or_else(|| format!("{field}: unsupported eviction signal {k:?}"))?;
-            let d = crate::config::parse_go_duration(v)
-                .ok_or_else(|| format!("{field}[{k}]: invalid eviction grace period {v:?}"))?;
+            let d = strake_types::duration::parse(v)
+                .map_err(|e| format!("{field}[{k}]: invalid eviction grace period: {e}"))?;
             Ok((signal, d))
         })
         .collect()

@@ -112,10 +112,10 @@ pub struct Flags {
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub masquerade_all: Option<bool>,
     /// Maximum interval between syncs of the rules (e.g. `30s`, `1m`).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = strake_types::duration::parse)]
     pub sync_period: Option<Duration>,
     /// Minimum interval between syncs; changes within it are batched (e.g. `1s`).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = strake_types::duration::parse)]
     pub min_sync_period: Option<Duration>,
     /// Address (`ip:port`) of the health server (`/healthz`, `/livez`).
     #[arg(long)]
@@ -316,7 +316,7 @@ impl DaemonConfig {
         let nft = file.nftables.clone().unwrap_or_default();
         let file_duration = |field: &'static str, v: &Option<String>| -> Result<_, ConfigError> {
             v.as_deref()
-                .map(|s| parse_duration(s).map_err(|e| invalid(field, s, e)))
+                .map(|s| strake_types::duration::parse(s).map_err(|e| invalid(field, s, e.reason)))
                 .transpose()
         };
         let sync_period = match flags.sync_period {
@@ -446,44 +446,6 @@ fn parse_cidrs(text: &str) -> Result<Vec<IpNet>, ConfigError> {
         .collect()
 }
 
-/// Parses a Go duration (`300ms`, `1.5s`, `1m30s`, `1h`); a bare `0` is zero.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if text == "0" {
-        return Ok(Duration::ZERO);
-    }
-    if text.is_empty() {
-        return Err("empty duration".into());
-    }
-    let mut total = 0f64;
-    let mut rest = text;
-    while !rest.is_empty() {
-        let number_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| format!("{text:?}: missing unit"))?;
-        let (number, tail) = rest.split_at(number_len);
-        let value: f64 = number
-            .parse()
-            .map_err(|_| format!("{text:?}: bad number {number:?}"))?;
-        let unit_len = tail
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(tail.len());
-        let (unit, tail) = tail.split_at(unit_len);
-        let scale = match unit {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return Err(format!("{text:?}: unknown unit {unit:?}")),
-        };
-        total += value * scale;
-        rest = tail;
-    }
-    Duration::try_from_secs_f64(total).map_err(|e| format!("{text:?}: {e}"))
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -536,17 +498,6 @@ mod tests {
         })
         .unwrap();
         assert_eq!(c.proxy.nodeport_addresses, primary_only);
-    }
-
-    #[test]
-    fn go_durations() {
-        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
-        assert!(parse_duration("10").is_err());
-        assert!(parse_duration("10x").is_err());
     }
 
     #[test]

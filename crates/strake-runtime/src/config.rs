@@ -89,52 +89,15 @@ pub struct Flags {
     pub stream_port: Option<u16>,
     /// Close streaming connections idle this long (Go duration, e.g. `4h`, `30m`; `0`:
     /// never); containerd's `stream_idle_timeout`, default 4h.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = strake_types::duration::parse)]
     pub stream_idle_timeout: Option<std::time::Duration>,
-}
-
-/// A Go duration (`4h`, `1h30m`, `90s`, `500ms`, `0`), as containerd's configuration writes
-/// them.
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let s = s.trim();
-    if s == "0" {
-        return Ok(std::time::Duration::ZERO);
-    }
-    let bad = || format!("invalid duration {s:?} (e.g. 4h, 30m, 1h30m, 90s)");
-    let mut total = 0f64;
-    let mut rest = s;
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    while !rest.is_empty() {
-        let n = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(bad)?;
-        let value: f64 = rest[..n].parse().map_err(|_| bad())?;
-        rest = &rest[n..];
-        let u = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let secs = match &rest[..u] {
-            "h" => 3600.0,
-            "m" => 60.0,
-            "s" => 1.0,
-            "ms" => 1e-3,
-            "us" | "µs" => 1e-6,
-            "ns" => 1e-9,
-            _ => return Err(bad()),
-        };
-        total += value * secs;
-        rest = &rest[u..];
-    }
-    std::time::Duration::try_from_secs_f64(total).map_err(|_| bad())
 }
 
 fn de_duration<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<Option<std::time::Duration>, D::Error> {
     let s: Option<String> = Option::deserialize(d)?;
-    s.map(|s| parse_duration(&s).map_err(serde::de::Error::custom))
+    s.map(|s| strake_types::duration::parse(&s).map_err(serde::de::Error::custom))
         .transpose()
 }
 
@@ -533,16 +496,8 @@ mod tests {
     }
 
     #[test]
-    fn durations_parse_like_go() {
+    fn durations_in_the_file_parse_like_go() {
         use std::time::Duration;
-        assert_eq!(parse_duration("4h"), Ok(Duration::from_secs(14400)));
-        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
-        for bad in ["", "4", "h", "4d", "-1s", "1h x"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
         let file: FileConfig = toml::from_str("stream_idle_timeout = \"30m\"").unwrap();
         assert_eq!(file.stream_idle_timeout, Some(Duration::from_secs(1800)));
         assert!(toml::from_str::<FileConfig>("stream_idle_timeout = \"soon\"").is_err());

@@ -4,6 +4,7 @@
 //!   drivers' paths, and the readers of a cgroup's figures (runtime and kubelet).
 //! - [`cri`]: the CRI `runtime.v1` API (messages, the RuntimeService/ImageService clients and
 //!   servers), generated from `proto/runtime/v1/api.proto`.
+//! - [`duration`]: Go's duration syntax (`1m30s`), which upstream's flags and files use.
 //! - [`http`]: the accept loop every HTTP server of the daemons uses (connection cap, header
 //!   deadline, accept back-off).
 //! - [`logging`]: the `--log-level`/`--log-format` flags and `tracing` setup every daemon uses.
@@ -13,6 +14,7 @@
 
 pub mod cgroups;
 pub mod cri;
+pub mod duration;
 pub mod http;
 pub mod logging;
 pub mod notify;
