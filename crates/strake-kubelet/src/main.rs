@@ -23,18 +23,7 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async move {
         let app = App::build(config)?;
         app.run(async {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot watch SIGTERM");
-                        return std::future::pending().await;
-                    }
-                };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
+            strake_types::shutdown::signal().await;
         })
         .await?;
         anyhow::Ok(())

@@ -8,6 +8,7 @@
 //! - [`http`]: the accept loop every HTTP server of the daemons uses (connection cap, header
 //!   deadline, accept back-off).
 //! - [`logging`]: the `--log-level`/`--log-format` flags and `tracing` setup every daemon uses.
+//! - [`shutdown`]: the stop signal (SIGTERM or SIGINT) every daemon waits for.
 //! - [`notify`]: readiness for systemd's `Type=notify` units (`NOTIFY_SOCKET`, `READY=1`).
 //!
 //! A newcomer should start with [`cri`] (the contract between kubelet and runtime).
@@ -18,3 +19,4 @@ pub mod duration;
 pub mod http;
 pub mod logging;
 pub mod notify;
+pub mod shutdown;
