@@ -225,8 +225,7 @@ pub async fn client(
     kubeconfig: &std::path::Path,
     limits: Limits,
 ) -> Result<kube::Client, Box<dyn std::error::Error + Send + Sync>> {
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
-    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    let config = strake_types::kube_client::config(Some(kubeconfig)).await?;
     Ok(kube::client::ClientBuilder::try_from(config)?
         .with_layer(&RateLimitLayer::<kube::client::Body>::new(limits))
         .build())

@@ -193,14 +193,8 @@ async fn client(config: &DaemonConfig) -> Result<kube::Client, Error> {
         kubeconfig: config.kubeconfig.clone(),
         source,
     };
-    let kube_config = match &config.kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| err(Box::new(e)))?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                .await
-                .map_err(|e| err(Box::new(e)))?
-        }
-        None => kube::Config::infer().await.map_err(|e| err(Box::new(e)))?,
-    };
+    let kube_config = strake_types::kube_client::config(config.kubeconfig.as_deref())
+        .await
+        .map_err(|e| err(Box::new(e)))?;
     kube::Client::try_from(kube_config).map_err(|e| err(Box::new(e)))
 }

@@ -7,6 +7,7 @@
 //! - [`duration`]: Go's duration syntax (`1m30s`), which upstream's flags and files use.
 //! - [`http`]: the accept loop every HTTP server of the daemons uses (connection cap, header
 //!   deadline, accept back-off).
+//! - [`kube_client`] (feature `kube`): the API server configuration from `--kubeconfig`.
 //! - [`logging`]: the `--log-level`/`--log-format` flags and `tracing` setup every daemon uses.
 //! - [`shutdown`]: the stop signal (SIGTERM or SIGINT) every daemon waits for.
 //! - [`notify`]: readiness for systemd's `Type=notify` units (`NOTIFY_SOCKET`, `READY=1`).
@@ -17,6 +18,8 @@ pub mod cgroups;
 pub mod cri;
 pub mod duration;
 pub mod http;
+#[cfg(feature = "kube")]
+pub mod kube_client;
 pub mod logging;
 pub mod notify;
 pub mod shutdown;
