@@ -66,14 +66,27 @@ pub fn safe_relative(p: &str) -> bool {
 }
 
 /// Publishes `files` under `dir` atomically (see the module docs). Returns whether anything
-/// changed.
-pub fn write_atomic_dir(dir: &Path, files: &Files) -> std::io::Result<bool> {
+/// changed. With the pod's `fsGroup`, as upstream's volume ownership does for these read-only
+/// volumes: every file and directory belongs to that group, files are group-readable
+/// (`mode | 0440`) and directories set-group-ID and group-searchable.
+pub fn write_atomic_dir(dir: &Path, files: &Files, fs_group: Option<u32>) -> std::io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
     std::fs::create_dir_all(dir)?;
     let data = dir.join("..data");
+    let file_mode = |mode: u32| {
+        if fs_group.is_some() {
+            mode | 0o440
+        } else {
+            mode
+        }
+    };
     let unchanged = files.iter().all(|(k, (bytes, mode))| {
         let p = data.join(k);
         std::fs::read(&p).is_ok_and(|b| &b == bytes)
-            && std::fs::metadata(&p).is_ok_and(|m| m.permissions().mode() & 0o7777 == *mode)
+            && std::fs::metadata(&p).is_ok_and(|m| {
+                m.permissions().mode() & 0o7777 == file_mode(*mode)
+                    && fs_group.is_none_or(|g| m.gid() == g)
+            })
     });
     let current_tops: Vec<String> = std::fs::read_dir(dir)?
         .flatten()
@@ -104,7 +117,29 @@ pub fn write_atomic_dir(dir: &Path, files: &Files) -> std::io::Result<bool> {
             std::fs::create_dir_all(parent)?;
         }
         std::fs::write(&p, bytes)?;
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(file_mode(*mode)))?;
+        if let Some(g) = fs_group {
+            std::os::unix::fs::chown(&p, None, Some(g))?;
+        }
+    }
+    if let Some(g) = fs_group {
+        // The directories: the volume's, this version's and those the keys' paths made.
+        let mut dirs = vec![dir.to_path_buf(), vdir.clone()];
+        dirs.extend(
+            files
+                .keys()
+                .flat_map(|k| Path::new(k).ancestors().skip(1).map(Path::to_path_buf))
+                .filter(|a| !a.as_os_str().is_empty())
+                .map(|a| vdir.join(a)),
+        );
+        for d in dirs {
+            std::os::unix::fs::chown(&d, None, Some(g))?;
+            let mode = std::fs::metadata(&d)?.permissions().mode() & 0o7777;
+            std::fs::set_permissions(
+                &d,
+                std::fs::Permissions::from_mode(mode | 0o2000 | 0o110 | 0o440),
+            )?;
+        }
     }
     let old = std::fs::read_link(&data).ok();
     let tmp = dir.join("..data_tmp");
@@ -473,7 +508,13 @@ impl Volumes {
             ));
         };
         let d = dir(kind);
-        write_atomic_dir(&d, &files).map_err(io("write", &d))?;
+        let fs_group = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.security_context.as_ref())
+            .and_then(|c| c.fs_group)
+            .and_then(|g| u32::try_from(g).ok());
+        write_atomic_dir(&d, &files, fs_group).map_err(io("write", &d))?;
         Ok(d)
     }
 
@@ -886,12 +927,38 @@ mod tests {
     }
 
     #[test]
+    fn with_an_fs_group_the_files_are_the_groups_to_read() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let f = files(&[("data-1", "value-1", 0o400), ("sub/b", "2", 0o600)]);
+        assert!(write_atomic_dir(d.path(), &f, Some(4321)).unwrap());
+        for (path, mode) in [("data-1", 0o440), ("sub/b", 0o640)] {
+            let m = std::fs::metadata(d.path().join(path)).unwrap();
+            assert_eq!(m.gid(), 4321, "{path}");
+            assert_eq!(m.permissions().mode() & 0o7777, mode, "{path}");
+        }
+        for dir in [d.path().to_path_buf(), d.path().join("..data/sub")] {
+            let m = std::fs::metadata(&dir).unwrap();
+            assert_eq!(m.gid(), 4321, "{}", dir.display());
+            assert_eq!(m.permissions().mode() & 0o2550, 0o2550, "{}", dir.display());
+        }
+        // Written again unchanged: nothing to do; with another group: rewritten.
+        assert!(!write_atomic_dir(d.path(), &f, Some(4321)).unwrap());
+        assert!(write_atomic_dir(d.path(), &f, Some(4322)).unwrap());
+        assert_eq!(
+            std::fs::metadata(d.path().join("data-1")).unwrap().gid(),
+            4322
+        );
+    }
+
+    #[test]
     fn atomic_writer_publishes_through_data_symlink_and_updates_in_place() {
         let d = tempfile::tempdir().unwrap();
         assert!(
             write_atomic_dir(
                 d.path(),
-                &files(&[("a", "1", 0o644), ("sub/b", "2", 0o600)])
+                &files(&[("a", "1", 0o644), ("sub/b", "2", 0o600)]),
+                None
             )
             .unwrap()
         );
@@ -913,12 +980,13 @@ mod tests {
         assert!(
             !write_atomic_dir(
                 d.path(),
-                &files(&[("a", "1", 0o644), ("sub/b", "2", 0o600)])
+                &files(&[("a", "1", 0o644), ("sub/b", "2", 0o600)]),
+                None
             )
             .unwrap(),
             "unchanged"
         );
-        assert!(write_atomic_dir(d.path(), &files(&[("a", "changed", 0o644)])).unwrap());
+        assert!(write_atomic_dir(d.path(), &files(&[("a", "changed", 0o644)]), None).unwrap());
         assert_eq!(
             std::fs::read_to_string(d.path().join("a")).unwrap(),
             "changed"
