@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::Command;
 
 use crate::model::{IpFamily, Model, Protocol, ServicePort, ServicePortName};
 
@@ -205,31 +205,9 @@ pub fn stale(old: &UdpState, new: &UdpState) -> Vec<Deletion> {
     out.into_iter().collect()
 }
 
-/// A conntrack deletion that failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ConntrackError {
-    /// The program ran and exited unsuccessfully.
-    #[error("{program} {args:?} failed ({status}): {stderr}")]
-    CommandFailed {
-        /// The program that ran (`conntrack`, or `nsenter` wrapping it).
-        program: String,
-        /// Its arguments.
-        args: Vec<String>,
-        /// How it exited.
-        status: ExitStatus,
-        /// What it printed on stderr.
-        stderr: String,
-    },
-    /// The program could not be started.
-    #[error("cannot run {program}")]
-    Spawn {
-        /// The program that was to run.
-        program: String,
-        /// Why it did not.
-        #[source]
-        source: std::io::Error,
-    },
-}
+/// A conntrack deletion that failed: `conntrack` (or `nsenter` wrapping it) could not run, or
+/// ran and failed.
+pub type ConntrackError = strake_types::command::CommandError;
 
 /// The seam to the kernel's connection tracking table.
 pub trait Conntrack: Send + Sync {
@@ -289,29 +267,13 @@ impl Conntrack for ConntrackCommand {
         cmd.args(deletion.args())
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("LC_ALL", "C")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let program = cmd.get_program().to_string_lossy().into_owned();
-        let output = cmd.output().map_err(|source| ConntrackError::Spawn {
-            program: program.clone(),
-            source,
-        })?;
-        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+            .env("LC_ALL", "C");
+        let ran = strake_types::command::run(&mut cmd, None)?;
         // conntrack exits 1 when nothing matched; that is the common, successful case.
-        if output.status.success() || stderr.contains("0 flow entries have been deleted") {
+        if ran.status.success() || ran.stderr.contains("0 flow entries have been deleted") {
             return Ok(());
         }
-        Err(ConntrackError::CommandFailed {
-            program,
-            args: cmd
-                .get_args()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect(),
-            status: output.status,
-            stderr,
-        })
+        Err(ran.failed())
     }
 }
 
@@ -520,10 +482,10 @@ mod tests {
         struct Failing;
         impl Conntrack for Failing {
             fn delete(&self, _: &Deletion) -> Result<(), ConntrackError> {
-                Err(ConntrackError::Spawn {
-                    program: "conntrack".into(),
-                    source: std::io::Error::other("no"),
-                })
+                Err(ConntrackError::spawn(
+                    "conntrack",
+                    std::io::Error::other("no"),
+                ))
             }
         }
         let d = [

@@ -2,6 +2,8 @@
 //!
 //! - [`cgroups`]: the host's cgroup hierarchies (v1, hybrid, v2), the cgroupfs and systemd
 //!   drivers' paths, and the readers of a cgroup's figures (runtime and kubelet).
+//! - [`command`]: running a helper program (`nft`, `conntrack`) with bounded output and its
+//!   failure in its own words.
 //! - [`cri`]: the CRI `runtime.v1` API (messages, the RuntimeService/ImageService clients and
 //!   servers), generated from `proto/runtime/v1/api.proto`.
 //! - [`duration`]: Go's duration syntax (`1m30s`), which upstream's flags and files use.
@@ -15,6 +17,7 @@
 //! A newcomer should start with [`cri`] (the contract between kubelet and runtime).
 
 pub mod cgroups;
+pub mod command;
 pub mod cri;
 pub mod duration;
 pub mod http;

@@ -23,9 +23,8 @@ pub mod ruleset;
 pub mod sync;
 
 use std::ffi::OsString;
-use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::Command;
 
 use crate::model::IpFamily;
 
@@ -43,27 +42,9 @@ pub fn family_keyword(family: IpFamily) -> &'static str {
 /// An nft invocation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
-    /// `nft` ran and exited unsuccessfully.
-    #[error("{program} {args:?} failed ({status}): {stderr}")]
-    CommandFailed {
-        /// The program that ran (`nft`, or `nsenter` wrapping it).
-        program: String,
-        /// Its arguments.
-        args: Vec<String>,
-        /// How it exited.
-        status: ExitStatus,
-        /// What it printed on stderr.
-        stderr: String,
-    },
-    /// The program could not be started or fed its script.
-    #[error("cannot run {program}")]
-    Spawn {
-        /// The program that was to run.
-        program: String,
-        /// Why it did not.
-        #[source]
-        source: std::io::Error,
-    },
+    /// `nft` (or `nsenter` wrapping it) could not run, or ran and failed.
+    #[error(transparent)]
+    Command(#[from] strake_types::command::CommandError),
     /// The script holds a command the netlink backend cannot encode; nothing was sent.
     #[error("encode the transaction as netlink messages")]
     Encode {
@@ -161,52 +142,9 @@ impl NftCommand {
     }
 
     fn run(&self, args: &[&str], stdin: Option<&str>) -> Result<String, NftError> {
-        let mut cmd = self.command(args);
-        let program = cmd.get_program().to_string_lossy().into_owned();
-        let argv: Vec<String> = cmd
-            .get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        let spawn_err = |source| NftError::Spawn {
-            program: program.clone(),
-            source,
-        };
-        cmd.stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(spawn_err)?;
-        // Feed stdin from another thread so that a chatty nft cannot deadlock us on a full
-        // stderr pipe while we are still writing a large script.
-        let output = std::thread::scope(|scope| {
-            let writer = child.stdin.take().map(|mut pipe| {
-                let script = stdin.unwrap_or_default();
-                scope.spawn(move || pipe.write_all(script.as_bytes()))
-            });
-            let output = child.wait_with_output();
-            let written = match writer {
-                Some(handle) => handle
-                    .join()
-                    .unwrap_or_else(|_| Err(std::io::Error::other("stdin writer panicked"))),
-                None => Ok(()),
-            };
-            (output, written)
-        });
-        let (output, written) = output;
-        let output = output.map_err(spawn_err)?;
-        if !output.status.success() {
-            return Err(NftError::CommandFailed {
-                program,
-                args: argv,
-                status: output.status,
-                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-            });
-        }
-        written.map_err(spawn_err)?;
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        let ran = strake_types::command::run(&mut self.command(args), stdin.map(str::as_bytes))?
+            .success()?;
+        Ok(String::from_utf8_lossy(&ran.stdout).into_owned())
     }
 }
 
@@ -246,10 +184,11 @@ impl Nft for RecordingNft {
             .fail_next
             .swap(false, std::sync::atomic::Ordering::SeqCst)
         {
-            return Err(NftError::Spawn {
-                program: "nft".into(),
-                source: std::io::Error::other("told to fail"),
-            });
+            return Err(strake_types::command::CommandError::spawn(
+                "nft",
+                std::io::Error::other("told to fail"),
+            )
+            .into());
         }
         if let Ok(mut s) = self.scripts.lock() {
             s.push(script.to_string());
