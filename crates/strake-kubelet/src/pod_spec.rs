@@ -366,6 +366,8 @@ pub fn sandbox_config_with(
             },
             security_context: Some(cri::LinuxSandboxSecurityContext {
                 namespace_options: Some(namespace_options(&spec)),
+                // Runtimes refuse a privileged container in a sandbox that is not.
+                privileged: has_privileged_container(&spec),
                 ..Default::default()
             }),
             sysctls: crate::sysctls::sandbox_sysctls(pod),
@@ -373,6 +375,23 @@ pub fn sandbox_config_with(
         }),
         windows: None,
     })
+}
+
+/// Whether any container of the pod (init and ephemeral ones included) is privileged, which
+/// makes its sandbox privileged (upstream's `HasPrivilegedContainer`).
+fn has_privileged_container(spec: &k8s_openapi::api::core::v1::PodSpec) -> bool {
+    let privileged = |sc: Option<&k8s_openapi::api::core::v1::SecurityContext>| {
+        sc.and_then(|s| s.privileged).unwrap_or(false)
+    };
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .any(|c| privileged(c.security_context.as_ref()))
+        || spec
+            .ephemeral_containers
+            .iter()
+            .flatten()
+            .any(|c| privileged(c.security_context.as_ref()))
 }
 
 /// Why a container's configuration cannot be made (CreateContainerConfigError).
@@ -1095,6 +1114,28 @@ mod tests {
                 fqdn.len()
             )
         );
+    }
+
+    #[test]
+    fn a_privileged_container_makes_a_privileged_sandbox() {
+        let config = Config::load(&Flags::default()).unwrap();
+        let privileged = |extra: serde_json::Value| {
+            let p = spec_pod("web", extra);
+            sandbox_config_with(&p, &config, 0, cri::DnsConfig::default())
+                .unwrap()
+                .linux
+                .unwrap()
+                .security_context
+                .unwrap()
+                .privileged
+        };
+        assert!(!privileged(serde_json::json!({})));
+        assert!(privileged(serde_json::json!({ "initContainers": [{
+            "name": "init", "image": "busybox", "securityContext": { "privileged": true }
+        }] })));
+        assert!(!privileged(serde_json::json!({ "initContainers": [{
+            "name": "init", "image": "busybox", "securityContext": { "privileged": false }
+        }] })));
     }
 
     #[test]
