@@ -36,6 +36,11 @@ pub struct Observed {
     pub resources: BTreeMap<String, ResourceRequirements>,
     /// Where the pod's in-place resize stands, when it is not done.
     pub resize: Option<Resize>,
+    /// The pod is deleted and the kubelet has stopped its containers: its last status is
+    /// terminal (Succeeded when every container exited 0, else Failed), as upstream's for a
+    /// terminated pod, so that controllers waiting on it (the Job controller's finalizer) see
+    /// it end before it goes.
+    pub terminated: bool,
 }
 
 /// A resize that is not done: the `PodResizePending` and `PodResizeInProgress` conditions.
@@ -351,6 +356,11 @@ pub fn pod_status(pod: &Pod, observed: &Observed, host_ip: &str, now: &Time) -> 
     } else if is_terminal(old.phase.as_deref()) {
         // Pods are not allowed to leave a terminal phase.
         old.phase.as_deref().unwrap_or("Failed")
+    } else if observed.terminated && !crate::static_pods::is_static(pod) {
+        let all_ok = !statuses.is_empty()
+            && terminated.len() == statuses.len()
+            && terminated.iter().all(|c| *c == 0);
+        if all_ok { "Succeeded" } else { "Failed" }
     } else if init_failed {
         "Failed"
     } else if !initialized {
@@ -591,6 +601,35 @@ mod tests {
             runtime_name: "containerd".into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_deleted_pod_whose_containers_were_stopped_ends_terminal() {
+        let now = now();
+        // Killed (137) under restartPolicy Always: Failed, where a live pod would stay Running.
+        let mut o = observed(Some(cs(cri::ContainerState::ContainerExited, 137, 0)));
+        assert_eq!(
+            pod_status(&pod("Always"), &o, "10.0.0.1", &now)
+                .phase
+                .as_deref(),
+            Some("Running")
+        );
+        o.terminated = true;
+        assert_eq!(
+            pod_status(&pod("Always"), &o, "10.0.0.1", &now)
+                .phase
+                .as_deref(),
+            Some("Failed")
+        );
+        // Every container exited 0: Succeeded.
+        let mut ok = observed(Some(cs(cri::ContainerState::ContainerExited, 0, 0)));
+        ok.terminated = true;
+        assert_eq!(
+            pod_status(&pod("Always"), &ok, "10.0.0.1", &now)
+                .phase
+                .as_deref(),
+            Some("Succeeded")
+        );
     }
 
     #[test]

@@ -149,6 +149,8 @@ struct Worker {
     last_status: Option<k8s_openapi::api::core::v1::PodStatus>,
     /// The pod's RuntimeClass and its handler, once resolved.
     runtime_class: Option<(String, String)>,
+    /// Set once the pod is deleted and its containers stopped: its last status is terminal.
+    terminated: bool,
     events: crate::events::Events,
     /// Set once the kubelet ended the pod: nothing of it runs again.
     ended: Option<EndRequest>,
@@ -178,6 +180,7 @@ pub async fn run(ctx: Context, uid: String, mut updates: watch::Receiver<Option<
         min_listing: 0,
         last_status: None,
         runtime_class: None,
+        terminated: false,
         events,
         ended: None,
         applied: BTreeMap::new(),
@@ -1443,6 +1446,7 @@ impl Worker {
             runtime_name: self.ctx.runtime_name.clone(),
             ended: self.ended.as_ref().map(|e| e.ending.clone()),
             resize: self.resize.clone(),
+            terminated: self.terminated,
             ..Default::default()
         };
         let Some(sandbox) = obs.state.newest_sandbox() else {
@@ -1611,6 +1615,20 @@ impl Worker {
         let sandboxes: Vec<String> = match self.observe(pod).await {
             Ok(obs) => {
                 self.stop_running(pod, &obs, deadline).await;
+                // The last status, terminal, before the pod goes (upstream's status manager
+                // writes it before the kubelet's final delete).
+                if let Some(p) = pod {
+                    self.min_listing = self.ctx.relist.next_listing();
+                    match self.observe(Some(p)).await {
+                        Ok(after) => {
+                            self.terminated = true;
+                            let _ = self.report(p, &after).await;
+                        }
+                        Err(e) => {
+                            tracing::warn!(pod = %pod_key(p), error = %e, "no final status")
+                        }
+                    }
+                }
                 obs.state.sandboxes.iter().map(|s| s.id.clone()).collect()
             }
             Err(e) => {
@@ -1703,6 +1721,7 @@ mod tests {
             min_listing: 0,
             last_status: None,
             runtime_class: None,
+            terminated: false,
             ended: None,
             applied: BTreeMap::new(),
             cgroup_for: None,
