@@ -1,10 +1,11 @@
 //! Pod spec -> CRI configuration: pure functions, the kubelet's rules as upstream applies them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use std::borrow::Cow;
 
-use k8s_openapi::api::core::v1::{Container, EphemeralContainer, Pod};
+use k8s_openapi::api::core::v1::{Container, EphemeralContainer, Pod, ResourceRequirements};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use strake_types::cri;
 
 use crate::config::Config;
@@ -112,29 +113,66 @@ pub fn target_container<'a>(pod: &'a Pod, name: &str) -> Option<&'a str> {
         .as_deref()
 }
 
-/// A pod's QoS class, as the API server and kubelet derive it from requests and limits.
+/// A pod's QoS class: the API server's (`status.qosClass`, immutable once set), else derived
+/// as upstream derives it.
 pub fn qos_class(pod: &Pod) -> &'static str {
-    let containers: Vec<&Container> = pod.spec.iter().flat_map(|s| s.containers.iter()).collect();
-    let mut any = false;
-    let mut guaranteed = !containers.is_empty();
-    for c in &containers {
-        let res = c.resources.clone().unwrap_or_default();
-        let req = res.requests.unwrap_or_default();
-        let lim = res.limits.unwrap_or_default();
-        if !req.is_empty() || !lim.is_empty() {
-            any = true;
+    match pod.status.as_ref().and_then(|s| s.qos_class.as_deref()) {
+        Some("Guaranteed") => "Guaranteed",
+        Some("Burstable") => "Burstable",
+        Some("BestEffort") => "BestEffort",
+        _ => compute_qos_class(pod),
+    }
+}
+
+/// Upstream's QoS rules: only CPU and memory count, zero quantities count as unset, init
+/// containers count, and a pod is Guaranteed when every container limits both and the pod's
+/// summed requests equal its summed limits (a request left out defaults to its limit, as the
+/// API server's defaulting makes it). Pod-level `resources`, when set, stand for the
+/// containers'.
+pub fn compute_qos_class(pod: &Pod) -> &'static str {
+    const QOS_RESOURCES: [&str; 2] = ["cpu", "memory"];
+    let Some(spec) = pod.spec.as_ref() else {
+        return "BestEffort";
+    };
+    let nonzero = |map: Option<&BTreeMap<String, Quantity>>, name: &str| {
+        map.and_then(|m| m.get(name))
+            .and_then(|q| crate::resources::parse_milli(&q.0).ok())
+            .filter(|v| *v > 0)
+    };
+    let mut requests: BTreeMap<&str, i128> = BTreeMap::new();
+    let mut limits: BTreeMap<&str, i128> = BTreeMap::new();
+    let mut guaranteed = true;
+    let mut add = |res: Option<&ResourceRequirements>| {
+        let (req, lim) = (
+            res.and_then(|r| r.requests.as_ref()),
+            res.and_then(|r| r.limits.as_ref()),
+        );
+        for name in QOS_RESOURCES {
+            let limit = nonzero(lim, name);
+            if let Some(v) = nonzero(req, name).or(limit) {
+                *requests.entry(name).or_default() += v;
+            }
+            match limit {
+                Some(v) => *limits.entry(name).or_default() += v,
+                None => guaranteed = false,
+            }
         }
-        for r in ["cpu", "memory"] {
-            match (lim.get(r), req.get(r)) {
-                (Some(l), Some(q)) if l == q => {}
-                (Some(_), None) => {} // requests default to limits
-                _ => guaranteed = false,
+    };
+    match spec.resources.as_ref() {
+        Some(pod_level) => add(Some(pod_level)),
+        None => {
+            for c in spec
+                .containers
+                .iter()
+                .chain(spec.init_containers.iter().flatten())
+            {
+                add(c.resources.as_ref());
             }
         }
     }
-    if !any {
+    if requests.is_empty() && limits.is_empty() {
         "BestEffort"
-    } else if guaranteed {
+    } else if guaranteed && requests == limits {
         "Guaranteed"
     } else {
         "Burstable"
@@ -1016,6 +1054,30 @@ mod tests {
             qos_class(&pod(vec![c(res(&[], &[("cpu", "1"), ("memory", "1Gi")]))])),
             "Guaranteed"
         );
+        // Only CPU and memory count: an extended resource alone is BestEffort, as upstream's
+        // (the API server's status.qosClass, which the kubelet must not contradict).
+        assert_eq!(
+            qos_class(&pod(vec![c(res(
+                &[("example.com/fakecpu", "800")],
+                &[("example.com/fakecpu", "800")]
+            ))])),
+            "BestEffort"
+        );
+        // Zero quantities count as unset.
+        assert_eq!(
+            qos_class(&pod(vec![c(res(&[("cpu", "0")], &[]))])),
+            "BestEffort"
+        );
+        // An init container without limits makes the pod Burstable.
+        let mut p = pod(vec![c(res(&[], &[("cpu", "1"), ("memory", "1Gi")]))]);
+        p.spec.as_mut().unwrap().init_containers = Some(vec![c(res(&[("cpu", "1")], &[]))]);
+        assert_eq!(qos_class(&p), "Burstable");
+        // The API server's class wins.
+        p.status = Some(k8s_openapi::api::core::v1::PodStatus {
+            qos_class: Some("Guaranteed".into()),
+            ..Default::default()
+        });
+        assert_eq!(qos_class(&p), "Guaranteed");
         assert_eq!(
             pod_cgroup_parent("", "Burstable", "u"),
             "/kubepods/burstable/podu"

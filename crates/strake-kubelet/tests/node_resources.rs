@@ -780,11 +780,19 @@ async fn pressure_evicts_the_best_effort_pod_first_and_an_emptydir_past_its_limi
         (finished_containers(&cluster) == 0).then_some(())
     })
     .await;
-    let log = std::fs::read_to_string(cluster.node.log_path()).unwrap_or_default();
-    assert!(
-        log.contains("removed dead containers of finished pods"),
-        "the eviction manager's reclaim removed it"
-    );
+    // The eviction manager logs once it has also removed the pod's empty sandbox, a moment
+    // after the container is gone.
+    wait_for(
+        "the eviction manager's reclaim to say it removed it",
+        30,
+        || async {
+            std::fs::read_to_string(cluster.node.log_path())
+                .unwrap_or_default()
+                .contains("removed dead containers of finished pods")
+                .then_some(())
+        },
+    )
+    .await;
     unused_image_gone(&cluster).await;
     let st = pods
         .get("finished")
