@@ -600,19 +600,7 @@ fn a_pod_with_the_crun_handler_runs_under_crun() {
     );
     let exec = rt.out(&["exec", "-s", &id, "echo", "under crun"]);
     assert_eq!(exec, "under crun");
-    rt.out(&["stopp", &pod_id]);
-    rt.out(&["rmp", &pod_id]);
-    assert!(rt.out(&["ps", "-a", "-q"]).is_empty());
-    assert!(
-        mounts_below(&base).is_empty(),
-        "mounts left: {:?}",
-        mounts_below(&base)
-    );
-    assert!(
-        cgroup.left().is_empty(),
-        "cgroups left: {:?}",
-        cgroup.left()
-    );
+    remove_pod_leaving_nothing(&rt, &pod_id, &base, &cgroup);
     drop(rt);
     drop(node);
 }
@@ -1103,6 +1091,24 @@ fn critest_conformance() {
     }
 }
 
+/// Stops and removes a pod, then checks that no container, mount below `base` or cgroup of
+/// the test is left.
+fn remove_pod_leaving_nothing(rt: &Runtime, pod_id: &str, base: &Path, cgroup: &TestCgroup) {
+    rt.out(&["stopp", pod_id]);
+    rt.out(&["rmp", pod_id]);
+    assert!(rt.out(&["ps", "-a", "-q"]).is_empty());
+    assert!(
+        mounts_below(base).is_empty(),
+        "mounts left: {:?}",
+        mounts_below(base)
+    );
+    assert!(
+        cgroup.left().is_empty(),
+        "cgroups left: {:?}",
+        cgroup.left()
+    );
+}
+
 /// Processes whose command line names `dir` (the runtime's own state below it).
 fn processes_naming(dir: &Path) -> Vec<String> {
     let needle = dir.to_string_lossy().into_owned();
@@ -1258,23 +1264,11 @@ fn a_pod_with_the_gvisor_handler_runs_on_gvisors_kernel_in_one_sandbox() {
     assert_eq!(pod_state, "SANDBOX_NOTREADY");
     rt.wait_state(&id, "CONTAINER_EXITED");
 
-    rt.out(&["stopp", &pod_id]);
-    rt.out(&["rmp", &pod_id]);
-    assert!(rt.out(&["ps", "-a", "-q"]).is_empty());
+    remove_pod_leaving_nothing(&rt, &pod_id, &base, &cgroup);
     assert!(
         processes_naming(&state).is_empty(),
         "runsc processes left: {:?}",
         processes_naming(&state)
-    );
-    assert!(
-        mounts_below(&base).is_empty(),
-        "mounts left: {:?}",
-        mounts_below(&base)
-    );
-    assert!(
-        cgroup.left().is_empty(),
-        "cgroups left: {:?}",
-        cgroup.left()
     );
     drop(rt);
     drop(node);
