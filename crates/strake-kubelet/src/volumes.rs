@@ -119,7 +119,7 @@ pub fn write_atomic_dir(dir: &Path, files: &Files, fs_group: Option<u32>) -> std
         std::fs::write(&p, bytes)?;
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(file_mode(*mode)))?;
         if let Some(g) = fs_group {
-            std::os::unix::fs::chown(&p, None, Some(g))?;
+            std::os::unix::fs::lchown(&p, None, Some(g))?;
         }
     }
     if let Some(g) = fs_group {
@@ -133,7 +133,7 @@ pub fn write_atomic_dir(dir: &Path, files: &Files, fs_group: Option<u32>) -> std
                 .map(|a| vdir.join(a)),
         );
         for d in dirs {
-            std::os::unix::fs::chown(&d, None, Some(g))?;
+            std::os::unix::fs::lchown(&d, None, Some(g))?;
             let mode = std::fs::metadata(&d)?.permissions().mode() & 0o7777;
             std::fs::set_permissions(
                 &d,
