@@ -222,6 +222,19 @@ impl Drop for NodeNs {
         while let Some(mut d) = self.daemons.pop() {
             d.stop(std::time::Duration::from_secs(10));
         }
+        self.kill_leftovers();
+        // Deleting one end of a veth pair deletes both at once; the kernel would also delete
+        // them with the namespace, but later, from a work queue, after `ip netns del` returned.
+        if let Err(e) = self.ns.ip(&["link", "del", "eth0"]) {
+            tracing::warn!(ns = %self.ns.name(), error = %e, "cannot delete the node's veth");
+        }
+    }
+}
+
+impl NodeNs {
+    /// Kills by PID whatever still runs in the namespace (descendants of what the test
+    /// started there).
+    fn kill_leftovers(&self) {
         let Ok(ino) = self.ns.inode() else { return };
         for _ in 0..50 {
             let left = pids_in_netns(ino);
