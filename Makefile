@@ -9,7 +9,7 @@ CARGO ?= cargo
 TEST_THREADS ?= 2
 
 .PHONY: help demo build release lint fmt test unit-test integration-test critest bench testbed \
-        testbed-packages testbed-upstream testbed-images testbed-env testbed-up clean-testbed-cache \
+        testbed-packages testbed-upstream testbed-images testbed-env testbed-up testbed-prune clean-testbed-cache \
         conformance-bed conformance-binaries conformance-images conformance conformance-node-network \
         fuzz
 
@@ -33,7 +33,7 @@ lint: testbed-packages ## rustfmt check and clippy with warnings denied
 fmt: ## Format the code
 	$(CARGO) fmt --all
 
-test: testbed conformance-bed lint ## Every test: lint, unit, component and integration tests (root; the multi-node ones need the conformance bed), then a check that nothing was left behind
+test: testbed conformance-bed testbed-prune lint ## Every test: lint, unit, component and integration tests (root; the multi-node ones need the conformance bed), then a check that nothing was left behind
 	@rc=0; $(CARGO) test --workspace --no-fail-fast -- --test-threads=$(TEST_THREADS) || rc=$$?; \
 	bash integration/testbed/check-leftovers.sh || rc=1; exit $$rc
 
@@ -99,6 +99,9 @@ testbed-env: ## Print shell exports for the test bed: eval "$$(make -s testbed-e
 
 testbed-up: testbed ## Run a control plane and registries until Ctrl-C
 	$(CARGO) run -q -p strake-integration --bin strake-testbed -- up
+
+testbed-prune: ## Drop from the cache what the pinned versions no longer use, and the bed's Go build cache
+	@bash integration/testbed/prune-cache.sh
 
 clean-testbed-cache: ## Remove the cached upstream binaries and images
 	rm -rf "$${STRAKE_CACHE:-/var/cache/strake}"
