@@ -18,6 +18,8 @@
 //! spends most of the 6.7 s of a full load in its own parser and evaluator. The netlink
 //! backend sends one batch per sync and lists nothing (figures in [`netlink`]).
 
+#[cfg(test)]
+mod golden;
 pub mod netlink;
 pub mod ruleset;
 pub mod sync;
