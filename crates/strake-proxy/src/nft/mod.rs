@@ -21,6 +21,7 @@
 #[cfg(test)]
 mod golden;
 pub mod netlink;
+pub mod objects;
 pub mod ruleset;
 pub mod sync;
 
