@@ -10,6 +10,7 @@ use strake_integration::netns::NetNs;
 use strake_proxy::config::Config;
 use strake_proxy::model::{self, IpFamily};
 use strake_proxy::nft::netlink::NftNetlink;
+use strake_proxy::nft::objects::{Rule, Verdict};
 use strake_proxy::nft::ruleset::Ruleset;
 use strake_proxy::nft::sync::{SyncError, Syncer};
 use strake_proxy::nft::{Nft, NftCommand, NftError, TABLE};
@@ -334,7 +335,7 @@ fn a_refused_batch_keeps_the_previous_ruleset_and_says_why() {
         .get_mut("services")
         .unwrap()
         .rules
-        .push("jump no-such-chain".into());
+        .push(Rule::from(Verdict::jump("no-such-chain")));
     let err = syncer.sync(&nft, bad.clone()).unwrap_err();
     let SyncError::ApplyRuleset { full, source, .. } = &err;
     assert!(!full);

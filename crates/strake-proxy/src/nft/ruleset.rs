@@ -43,6 +43,11 @@ use std::net::IpAddr;
 use crate::config::Config;
 use crate::model::{Endpoint, IpFamily, Model, ServicePort, ServicePortName};
 use crate::nft::family_keyword;
+pub use crate::nft::objects::Chain;
+use crate::nft::objects::{
+    Addr, AddrValue, BaseChain, ChainType, Expr, Hook, KeyPart, MarkOp, NamedPriority, Priority,
+    Reject, Rule, SetData, SetDecl, Stmt, Verdict,
+};
 
 /// Services with at most this many endpoints pick one with a rule ladder, larger ones with a
 /// named verdict map (see `Builder::dispatch_rules`).
@@ -51,44 +56,13 @@ pub const DISPATCH_RULES_MAX: usize = 16;
 /// The packet mark bit meaning "masquerade this" (upstream's default bit 14).
 pub const MASQUERADE_MARK: u32 = 0x4000;
 
-/// A chain: its base-chain declaration (hook, priority), if any, and its rules in nft syntax.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Chain {
-    /// E.g. `type nat hook prerouting priority dstnat ; policy accept ;` for a base chain.
-    pub base: Option<String>,
-    /// Rules in nft text syntax, in order.
-    pub rules: Vec<String>,
-}
-
 /// A set or map: its declaration and its elements.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Set {
-    /// `map` or `set`.
-    pub kind: SetKind,
-    /// The declaration body, e.g. `type ipv4_addr . inet_proto . inet_service : verdict ;`.
-    pub spec: String,
+    /// The declaration.
+    pub decl: SetDecl,
     /// Elements: key to value (the value is empty for plain sets).
     pub elements: BTreeMap<String, String>,
-}
-
-/// Whether a [`Set`] is a set or a map.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum SetKind {
-    /// A set.
-    #[default]
-    Set,
-    /// A map (here always a verdict map).
-    Map,
-}
-
-impl SetKind {
-    /// The nft keyword.
-    pub fn keyword(self) -> &'static str {
-        match self {
-            SetKind::Set => "set",
-            SetKind::Map => "map",
-        }
-    }
 }
 
 /// The desired content of one table.
@@ -169,31 +143,59 @@ pub struct TableView<'a> {
 /// A set's name, declaration and elements (key, value), borrowed.
 pub type SetView<'a> = (&'a str, &'a Set, Vec<(&'a str, &'a str)>);
 
-/// Spelling that differs between the two families.
-struct Words {
-    ipx: &'static str,
-    addr_type: &'static str,
-    loopback: &'static str,
-    unreachable: &'static str,
+/// The loopback addresses of a family, which NodePorts do not answer on.
+fn loopback(family: IpFamily) -> AddrValue {
+    match family {
+        IpFamily::V4 => AddrValue::Net(ipnet::IpNet::V4(ipnet::Ipv4Net::new_assert(
+            std::net::Ipv4Addr::new(127, 0, 0, 0),
+            8,
+        ))),
+        IpFamily::V6 => AddrValue::Addr(std::net::Ipv6Addr::LOCALHOST.into()),
+    }
 }
 
-impl Words {
-    fn of(family: IpFamily) -> Words {
-        match family {
-            IpFamily::V4 => Words {
-                ipx: "ip",
-                addr_type: "ipv4_addr",
-                loopback: "127.0.0.0/8",
-                unreachable: "reject with icmp type host-unreachable",
-            },
-            IpFamily::V6 => Words {
-                ipx: "ip6",
-                addr_type: "ipv6_addr",
-                loopback: "::1",
-                unreachable: "reject with icmpv6 type addr-unreachable",
-            },
-        }
+fn jump(chain: &str) -> Stmt {
+    Stmt::Verdict(Verdict::jump(chain))
+}
+
+fn goto(chain: &str) -> Stmt {
+    Stmt::Verdict(Verdict::goto(chain))
+}
+
+/// `ip saddr|daddr [!=] value`.
+fn addr_cmp(addr: Addr, neq: bool, value: AddrValue) -> Stmt {
+    Stmt::AddrCmp { addr, neq, value }
+}
+
+/// `ip saddr|daddr [!=] @set`.
+fn in_set(addr: Addr, neq: bool, set: &str) -> Stmt {
+    Stmt::Lookup {
+        key: [Expr::Addr(addr)].into(),
+        neq,
+        set: set.into(),
     }
+}
+
+/// `ip daddr . meta l4proto . th dport vmap @map`.
+fn frontend_vmap(map: &str) -> Stmt {
+    Stmt::Vmap {
+        key: Expr::FRONTEND.into(),
+        map: map.into(),
+    }
+}
+
+/// `meta l4proto . th dport vmap @map`.
+fn port_vmap(map: &str) -> Stmt {
+    Stmt::Vmap {
+        key: [Expr::L4proto, Expr::Dport].into(),
+        map: map.into(),
+    }
+}
+
+fn interval_set(family: IpFamily) -> SetDecl {
+    let mut decl = SetDecl::of_type([KeyPart::addr(family)], false);
+    decl.flags.interval = true;
+    decl
 }
 
 const SERVICE_IPS: &str = "service-ips";
@@ -211,7 +213,6 @@ const REJECT_CHAIN: &str = "reject-chain";
 
 struct Builder<'a> {
     family: IpFamily,
-    words: Words,
     config: &'a Config,
     frag: Fragment,
 }
@@ -671,45 +672,48 @@ fn endpoint_suffix(ep: &Endpoint) -> String {
     format!("{}/{}", ep.ip.to_string().replace(':', "."), ep.port)
 }
 
-fn dnat_target(ep: &Endpoint) -> String {
-    match ep.ip {
-        IpAddr::V4(ip) => format!("{ip}:{}", ep.port),
-        IpAddr::V6(ip) => format!("[{ip}]:{}", ep.port),
-    }
-}
-
 impl<'a> Builder<'a> {
     fn new(family: IpFamily, config: &'a Config) -> Self {
         Builder {
             family,
-            words: Words::of(family),
             config,
             frag: Fragment::default(),
         }
     }
 
-    fn chain(&mut self, name: impl Into<String>, rules: Vec<String>) {
+    fn chain(&mut self, name: impl Into<String>, rules: Vec<Rule>) {
         self.frag
             .chains
             .insert(name.into(), Chain { base: None, rules });
     }
 
-    fn base_chain(&mut self, name: &str, base: &str, rules: &[&str]) {
+    fn base_chain(
+        &mut self,
+        name: &str,
+        kind: ChainType,
+        hook: Hook,
+        priority: Priority,
+        rules: Vec<Rule>,
+    ) {
+        let base = BaseChain {
+            kind,
+            hook,
+            priority,
+        };
         self.frag.chains.insert(
             name.to_string(),
             Chain {
-                base: Some(format!("{base} ; policy accept ;")),
-                rules: rules.iter().map(|r| r.to_string()).collect(),
+                base: Some(base),
+                rules,
             },
         );
     }
 
-    fn set(&mut self, name: impl Into<String>, kind: SetKind, spec: String) {
+    fn set(&mut self, name: impl Into<String>, decl: SetDecl) {
         self.frag.sets.insert(
             name.into(),
             Set {
-                kind,
-                spec,
+                decl,
                 elements: BTreeMap::new(),
             },
         );
@@ -724,18 +728,19 @@ impl<'a> Builder<'a> {
         }
     }
 
-    /// The chains, sets and maps every table has, whatever the Services.
     /// What selects NodePort traffic (`--nodeport-addresses`): every local address but
     /// loopback, or those in the set `nodeport-ips` (filled here), or nothing (`None`).
-    fn nodeport_match(&mut self, node_ips: &[IpAddr]) -> Option<String> {
-        let Words { ipx, loopback, .. } = self.words;
-        let local = format!("fib daddr type local {ipx} daddr != {loopback}");
+    fn nodeport_match(&mut self, node_ips: &[IpAddr]) -> Option<Vec<Stmt>> {
+        let family = self.family;
+        let mut local = vec![
+            Stmt::FibLocal(Addr::Destination),
+            addr_cmp(Addr::Destination, true, loopback(family)),
+        ];
         let crate::config::NodePortAddresses::Only { cidrs, primary } =
             &self.config.nodeport_addresses
         else {
             return Some(local);
         };
-        let family = self.family;
         let mut ranges: Vec<ipnet::IpNet> = cidrs
             .iter()
             .copied()
@@ -755,160 +760,191 @@ impl<'a> Builder<'a> {
         if ranges.is_empty() {
             return None;
         }
-        self.set(
-            NODEPORT_IPS,
-            SetKind::Set,
-            format!("type {} ; flags interval ;", self.words.addr_type),
-        );
+        self.set(NODEPORT_IPS, interval_set(family));
         for range in outermost(ranges) {
             self.element(NODEPORT_IPS, range, String::new());
         }
-        Some(format!("{local} {ipx} daddr @{NODEPORT_IPS}"))
+        local.push(in_set(Addr::Destination, false, NODEPORT_IPS));
+        Some(local)
     }
 
+    /// The chains, sets and maps every table has, whatever the Services.
     fn fixed(&mut self, node_ips: &[IpAddr]) {
-        let Words {
-            ipx,
-            addr_type,
-            unreachable,
-            ..
-        } = self.words;
-        let addr_key = format!("type {addr_type} . inet_proto . inet_service : verdict ;");
-        let port_key = "type inet_proto . inet_service : verdict ;".to_string();
-        self.set(SERVICE_IPS, SetKind::Map, addr_key.clone());
-        self.set(NO_ENDPOINT_SERVICES, SetKind::Map, addr_key.clone());
-        self.set(FIREWALL_IPS, SetKind::Map, addr_key);
-        self.set(SERVICE_NODEPORTS, SetKind::Map, port_key.clone());
-        self.set(NO_ENDPOINT_NODEPORTS, SetKind::Map, port_key);
-        self.set(CLUSTER_IPS, SetKind::Set, format!("type {addr_type} ;"));
+        let family = self.family;
+        let addr_type = KeyPart::addr(family);
+        let addr_key = [addr_type, KeyPart::Proto, KeyPart::Service];
+        let port_key = [KeyPart::Proto, KeyPart::Service];
+        self.set(SERVICE_IPS, SetDecl::of_type(addr_key, true));
+        self.set(NO_ENDPOINT_SERVICES, SetDecl::of_type(addr_key, true));
+        self.set(FIREWALL_IPS, SetDecl::of_type(addr_key, true));
+        self.set(SERVICE_NODEPORTS, SetDecl::of_type(port_key, true));
+        self.set(NO_ENDPOINT_NODEPORTS, SetDecl::of_type(port_key, true));
+        self.set(CLUSTER_IPS, SetDecl::of_type([addr_type], false));
+        // The modulus in `typeof` only gives the key's type (see `dispatch_rules`).
+        let target = SetData::Typeof([Expr::Addr(Addr::Destination), Expr::Dport].into());
         self.set(
             ENDPOINTS,
-            SetKind::Map,
-            format!(
-                "typeof {ipx} daddr . meta l4proto . th dport . numgen random mod 1 : {ipx} daddr . th dport ;"
+            SetDecl::of_typeof(
+                [
+                    Expr::Addr(Addr::Destination),
+                    Expr::L4proto,
+                    Expr::Dport,
+                    Expr::Numgen(1),
+                ],
+                target.clone(),
             ),
         );
         self.set(
             NODEPORT_ENDPOINTS,
-            SetKind::Map,
-            format!(
-                "typeof meta l4proto . th dport . numgen random mod 1 : {ipx} daddr . th dport ;"
-            ),
+            SetDecl::of_typeof([Expr::L4proto, Expr::Dport, Expr::Numgen(1)], target),
         );
-        self.set(
-            HAIRPIN,
-            SetKind::Set,
-            format!("type {addr_type} . {addr_type} ;"),
-        );
+        self.set(HAIRPIN, SetDecl::of_type([addr_type, addr_type], false));
 
+        let jump_to = |chain: &str| vec![Rule::from(Verdict::jump(chain))];
+        let when_new = |chains: &[&str]| -> Vec<Rule> {
+            chains
+                .iter()
+                .map(|c| Rule::new([Stmt::CtStateNew, jump(c)]))
+                .collect()
+        };
+        use ChainType::{Filter, Nat};
+        let dstnat = |offset| Priority::Named(NamedPriority::Dstnat, offset);
         self.base_chain(
             "nat-prerouting",
-            "type nat hook prerouting priority dstnat",
-            &["jump services"],
+            Nat,
+            Hook::Prerouting,
+            dstnat(0),
+            jump_to("services"),
         );
         self.base_chain(
             "nat-output",
-            "type nat hook output priority -100",
-            &["jump services"],
+            Nat,
+            Hook::Output,
+            Priority::Number(-100),
+            jump_to("services"),
         );
         self.base_chain(
             "nat-postrouting",
-            "type nat hook postrouting priority srcnat",
-            &["jump masquerading"],
+            Nat,
+            Hook::Postrouting,
+            Priority::Named(NamedPriority::Srcnat, 0),
+            jump_to("masquerading"),
         );
         // Source ranges are checked before DNAT, so at a more urgent priority.
         self.base_chain(
             "filter-prerouting",
-            "type filter hook prerouting priority dstnat - 10",
-            &["ct state new jump firewall-check"],
+            Filter,
+            Hook::Prerouting,
+            dstnat(-10),
+            when_new(&["firewall-check"]),
         );
         self.base_chain(
             "filter-input",
-            "type filter hook input priority -110",
-            &[
-                "ct state new jump nodeport-endpoints-check",
-                "ct state new jump service-endpoints-check",
-            ],
+            Filter,
+            Hook::Input,
+            Priority::Number(-110),
+            when_new(&["nodeport-endpoints-check", "service-endpoints-check"]),
         );
         self.base_chain(
             "filter-forward",
-            "type filter hook forward priority -110",
-            &[
-                "ct state new jump service-endpoints-check",
-                "ct state new jump cluster-ips-check",
-            ],
+            Filter,
+            Hook::Forward,
+            Priority::Number(-110),
+            when_new(&["service-endpoints-check", "cluster-ips-check"]),
         );
         self.base_chain(
             "filter-output",
-            "type filter hook output priority -110",
-            &[
-                "ct state new jump service-endpoints-check",
-                "ct state new jump firewall-check",
-            ],
+            Filter,
+            Hook::Output,
+            Priority::Number(-110),
+            when_new(&["service-endpoints-check", "firewall-check"]),
         );
         // Unused ClusterIP ports are recognised after DNAT had its chance.
         self.base_chain(
             "filter-output-post-dnat",
-            "type filter hook output priority -90",
-            &["ct state new jump cluster-ips-check"],
+            Filter,
+            Hook::Output,
+            Priority::Number(-90),
+            when_new(&["cluster-ips-check"]),
         );
 
         self.chain(
             MARK_FOR_MASQUERADE,
-            vec![format!("meta mark set meta mark | {MASQUERADE_MARK:#x}")],
+            vec![Rule::new([Stmt::SetMark(MarkOp::Or, MASQUERADE_MARK)])],
         );
         self.chain(
             "masquerading",
             vec![
                 // A pod reaching a Service and landing on itself (hairpin): its reply must
                 // come back through the node.
-                format!("{ipx} saddr . {ipx} daddr @{HAIRPIN} masquerade fully-random"),
-                format!("meta mark & {MASQUERADE_MARK:#x} == 0 return"),
-                format!("meta mark set meta mark ^ {MASQUERADE_MARK:#x}"),
-                "masquerade fully-random".to_string(),
+                Rule::new([
+                    Stmt::Lookup {
+                        key: [Expr::Addr(Addr::Source), Expr::Addr(Addr::Destination)].into(),
+                        neq: false,
+                        set: HAIRPIN.into(),
+                    },
+                    Stmt::Masquerade { fully_random: true },
+                ]),
+                Rule::new([
+                    Stmt::Mark {
+                        mask: MASQUERADE_MARK,
+                        neq: false,
+                        value: 0,
+                    },
+                    Stmt::Verdict(Verdict::Return),
+                ]),
+                Rule::new([Stmt::SetMark(MarkOp::Xor, MASQUERADE_MARK)]),
+                Rule::new([Stmt::Masquerade { fully_random: true }]),
             ],
         );
         self.chain(
             REJECT_CHAIN,
             vec![
-                "meta l4proto tcp reject with tcp reset".to_string(),
-                unreachable.to_string(),
+                Rule::new([
+                    Stmt::L4proto(crate::model::Protocol::Tcp),
+                    Stmt::Reject(Reject::TcpReset),
+                ]),
+                Rule::new([Stmt::Reject(Reject::HostUnreachable)]),
             ],
         );
         let nodeports = self.nodeport_match(node_ips);
-        let mut services = vec![format!(
-            "{ipx} daddr . meta l4proto . th dport vmap @{SERVICE_IPS}"
-        )];
+        let mut services = vec![Rule::new([frontend_vmap(SERVICE_IPS)])];
         if let Some(m) = &nodeports {
-            services.push(format!(
-                "{m} meta l4proto . th dport vmap @{SERVICE_NODEPORTS}"
-            ));
+            let mut rule = m.clone();
+            rule.push(port_vmap(SERVICE_NODEPORTS));
+            services.push(Rule(rule));
         }
         self.chain("services", services);
         self.chain(
             "firewall-check",
-            vec![format!(
-                "{ipx} daddr . meta l4proto . th dport vmap @{FIREWALL_IPS}"
-            )],
+            vec![Rule::new([frontend_vmap(FIREWALL_IPS)])],
         );
         self.chain(
             "service-endpoints-check",
-            vec![format!(
-                "{ipx} daddr . meta l4proto . th dport vmap @{NO_ENDPOINT_SERVICES}"
-            )],
+            vec![Rule::new([frontend_vmap(NO_ENDPOINT_SERVICES)])],
         );
         self.chain(
             "nodeport-endpoints-check",
             nodeports
-                .iter()
-                .map(|m| format!("{m} meta l4proto . th dport vmap @{NO_ENDPOINT_NODEPORTS}"))
+                .into_iter()
+                .map(|mut m| {
+                    m.push(port_vmap(NO_ENDPOINT_NODEPORTS));
+                    Rule(m)
+                })
                 .collect(),
         );
         self.chain(
             "cluster-ips-check",
             vec![
-                format!("{ipx} daddr @{CLUSTER_IPS} meta l4proto tcp reject with tcp reset"),
-                format!("{ipx} daddr @{CLUSTER_IPS} reject"),
+                Rule::new([
+                    in_set(Addr::Destination, false, CLUSTER_IPS),
+                    Stmt::L4proto(crate::model::Protocol::Tcp),
+                    Stmt::Reject(Reject::TcpReset),
+                ]),
+                Rule::new([
+                    in_set(Addr::Destination, false, CLUSTER_IPS),
+                    Stmt::Reject(Reject::PortUnreachable),
+                ]),
             ],
         );
     }
@@ -935,8 +971,8 @@ impl<'a> Builder<'a> {
         if cluster_ips.is_empty() {
             return;
         }
-        let ipx = self.words.ipx;
-        let proto = svc.id.protocol.nft_name();
+        let protocol = svc.id.protocol;
+        let proto = protocol.nft_name();
         let base = port_base(svc);
         let sel = svc.select(family, node_name);
 
@@ -991,17 +1027,20 @@ impl<'a> Builder<'a> {
             let mut rules = Vec::new();
             if let Some(timeout) = svc.affinity_timeout_secs {
                 let set = format!("aff-{base}__{suffix}");
-                self.set(
-                    set.clone(),
-                    SetKind::Set,
-                    format!(
-                        "type {} ; flags dynamic,timeout ; timeout {timeout}s ;",
-                        self.words.addr_type
-                    ),
-                );
-                rules.push(format!("update @{set} {{ {ipx} saddr }}"));
+                let mut decl = SetDecl::of_type([KeyPart::addr(family)], false);
+                decl.flags.dynamic = true;
+                decl.flags.timeout = true;
+                decl.timeout_secs = Some(timeout);
+                rules.push(Rule::new([Stmt::Update {
+                    set: set.as_str().into(),
+                    key: Addr::Source,
+                }]));
+                self.set(set, decl);
             }
-            rules.push(format!("meta l4proto {proto} dnat to {}", dnat_target(ep)));
+            rules.push(Rule::new([
+                Stmt::L4proto(protocol),
+                Stmt::DnatTo(ep.ip, ep.port),
+            ]));
             self.chain(format!("ep-{base}__{suffix}"), rules);
         }
 
@@ -1009,13 +1048,23 @@ impl<'a> Builder<'a> {
         // itself, because external traffic passes through the same chain.
         let mut masq_rules = Vec::new();
         for cip in &cluster_ips {
-            let matcher = format!("{ipx} daddr {cip} {proto} dport {}", svc.port);
+            let matcher = [
+                addr_cmp(Addr::Destination, false, AddrValue::Addr(*cip)),
+                Stmt::Dport(protocol, svc.port),
+            ];
             if self.config.masquerade_all {
-                masq_rules.push(format!("{matcher} jump {MARK_FOR_MASQUERADE}"));
+                masq_rules.push(Rule::new([
+                    matcher[0].clone(),
+                    matcher[1].clone(),
+                    jump(MARK_FOR_MASQUERADE),
+                ]));
             } else if let Some(cidr) = self.cluster_cidr() {
-                masq_rules.push(format!(
-                    "{matcher} {ipx} saddr != {cidr} jump {MARK_FOR_MASQUERADE}"
-                ));
+                masq_rules.push(Rule::new([
+                    matcher[0].clone(),
+                    matcher[1].clone(),
+                    addr_cmp(Addr::Source, true, AddrValue::Net(cidr)),
+                    jump(MARK_FOR_MASQUERADE),
+                ]));
             }
         }
         if has_cluster_chain {
@@ -1055,7 +1104,10 @@ impl<'a> Builder<'a> {
             if svc.external_local() {
                 // Pods reaching an external address get the internal behaviour.
                 if let (Some(cidr), Some(chain)) = (self.cluster_cidr(), internal_chain) {
-                    rules.push(format!("{ipx} saddr {cidr} goto {chain}"));
+                    rules.push(Rule::new([
+                        addr_cmp(Addr::Source, false, AddrValue::Net(cidr)),
+                        goto(chain),
+                    ]));
                 }
                 // The node itself has a local source address that the endpoint could not
                 // answer to: masquerade it and use any endpoint.
@@ -1064,12 +1116,18 @@ impl<'a> Builder<'a> {
                 } else {
                     &local_chain
                 };
-                rules.push(format!("fib saddr type local jump {MARK_FOR_MASQUERADE}"));
-                rules.push(format!("fib saddr type local goto {local_target}"));
-                rules.push(format!("goto {local_chain}"));
+                rules.push(Rule::new([
+                    Stmt::FibLocal(Addr::Source),
+                    jump(MARK_FOR_MASQUERADE),
+                ]));
+                rules.push(Rule::new([
+                    Stmt::FibLocal(Addr::Source),
+                    goto(local_target),
+                ]));
+                rules.push(Rule::new([goto(&local_chain)]));
             } else {
-                rules.push(format!("jump {MARK_FOR_MASQUERADE}"));
-                rules.push(format!("goto {svc_chain}"));
+                rules.push(Rule::new([jump(MARK_FOR_MASQUERADE)]));
+                rules.push(Rule::new([goto(&svc_chain)]));
             }
             self.chain(ext_chain.clone(), rules);
         }
@@ -1114,7 +1172,6 @@ impl<'a> Builder<'a> {
         node_ips: &[IpAddr],
     ) {
         let family = self.family;
-        let ipx = self.words.ipx;
         let proto = svc.id.protocol.nft_name();
         if !lb_ips.is_empty() && !svc.load_balancer_source_ranges.is_empty() {
             let mut allowed: Vec<ipnet::IpNet> = svc
@@ -1136,17 +1193,16 @@ impl<'a> Builder<'a> {
             let allowed = outermost(allowed);
             let fw_chain = format!("fw-{base}");
             // A named set, not an anonymous one (see `dispatch_rules`).
-            self.set(
-                fw_chain.clone(),
-                SetKind::Set,
-                format!("type {} ; flags interval ;", self.words.addr_type),
-            );
+            self.set(fw_chain.clone(), interval_set(family));
             for range in allowed {
                 self.element(&fw_chain, range, String::new());
             }
             self.chain(
                 fw_chain.clone(),
-                vec![format!("{ipx} saddr != @{fw_chain} drop")],
+                vec![Rule::new([
+                    in_set(Addr::Source, true, &fw_chain),
+                    Stmt::Verdict(Verdict::Drop),
+                ])],
             );
             for ip in lb_ips {
                 let key = format!("{ip} . {proto} . {}", svc.port);
@@ -1234,30 +1290,41 @@ impl<'a> Builder<'a> {
         if self.frag.shared_chains.contains_key(&name) {
             return name;
         }
-        let ipx = self.words.ipx;
         let mut rules = Vec::new();
         match kind {
             // Pods reaching a ClusterIP keep their source; anything else is masqueraded
             // (everything with --masquerade-all).
             Shared::Cluster => {
                 if self.config.masquerade_all {
-                    rules.push(format!("jump {MARK_FOR_MASQUERADE}"));
+                    rules.push(Rule::new([jump(MARK_FOR_MASQUERADE)]));
                 } else if let Some(cidr) = self.cluster_cidr() {
-                    rules.push(format!("{ipx} saddr != {cidr} jump {MARK_FOR_MASQUERADE}"));
+                    rules.push(Rule::new([
+                        addr_cmp(Addr::Source, true, AddrValue::Net(cidr)),
+                        jump(MARK_FOR_MASQUERADE),
+                    ]));
                 }
             }
             Shared::External | Shared::NodePort => {
-                rules.push(format!("jump {MARK_FOR_MASQUERADE}"));
+                rules.push(Rule::new([jump(MARK_FOR_MASQUERADE)]));
             }
         }
-        rules.push(match kind {
-            Shared::Cluster | Shared::External => format!(
-                "dnat {ipx} to {ipx} daddr . meta l4proto . th dport . numgen random mod {n} map @{ENDPOINTS}"
-            ),
-            Shared::NodePort => format!(
-                "dnat {ipx} to meta l4proto . th dport . numgen random mod {n} map @{NODEPORT_ENDPOINTS}"
-            ),
-        });
+        let slot = Expr::Numgen(n as u32);
+        rules.push(Rule::new([match kind {
+            Shared::Cluster | Shared::External => Stmt::DnatMap {
+                key: [
+                    Expr::Addr(Addr::Destination),
+                    Expr::L4proto,
+                    Expr::Dport,
+                    slot,
+                ]
+                .into(),
+                map: ENDPOINTS.into(),
+            },
+            Shared::NodePort => Stmt::DnatMap {
+                key: [Expr::L4proto, Expr::Dport, slot].into(),
+                map: NODEPORT_ENDPOINTS.into(),
+            },
+        }]));
         self.frag
             .shared_chains
             .insert(name.clone(), Chain { base: None, rules });
@@ -1296,25 +1363,26 @@ impl<'a> Builder<'a> {
         base: &str,
         svc: &ServicePort,
         endpoints: &[&Endpoint],
-        mut rules: Vec<String>,
-    ) -> Vec<String> {
-        let ipx = self.words.ipx;
+        mut rules: Vec<Rule>,
+    ) -> Vec<Rule> {
         if svc.affinity_timeout_secs.is_some() {
             for ep in endpoints {
                 let suffix = endpoint_suffix(ep);
-                rules.push(format!(
-                    "{ipx} saddr @aff-{base}__{suffix} goto ep-{base}__{suffix}"
-                ));
+                rules.push(Rule::new([
+                    in_set(Addr::Source, false, &format!("aff-{base}__{suffix}")),
+                    goto(&format!("ep-{base}__{suffix}")),
+                ]));
             }
         }
         if endpoints.len() <= DISPATCH_RULES_MAX {
             let n = endpoints.len();
             for (i, ep) in endpoints.iter().enumerate() {
-                let target = format!("goto ep-{base}__{}", endpoint_suffix(ep));
+                let target = goto(&format!("ep-{base}__{}", endpoint_suffix(ep)));
                 if i + 1 == n {
-                    rules.push(target);
+                    rules.push(Rule::new([target]));
                 } else {
-                    rules.push(format!("numgen random mod {} 0 {target}", n - i));
+                    let modulus = (n - i) as u32;
+                    rules.push(Rule::new([Stmt::Numgen { modulus, value: 0 }, target]));
                 }
             }
             return rules;
@@ -1324,8 +1392,7 @@ impl<'a> Builder<'a> {
         // change the declaration.
         self.set(
             map.clone(),
-            SetKind::Map,
-            "typeof numgen random mod 1 : verdict ;".to_string(),
+            SetDecl::of_typeof([Expr::Numgen(1)], SetData::Verdict),
         );
         for (i, ep) in endpoints.iter().enumerate() {
             self.element(
@@ -1334,7 +1401,10 @@ impl<'a> Builder<'a> {
                 format!("goto ep-{base}__{}", endpoint_suffix(ep)),
             );
         }
-        rules.push(format!("numgen random mod {} vmap @{map}", endpoints.len()));
+        rules.push(Rule::new([Stmt::Vmap {
+            key: [Expr::Numgen(endpoints.len() as u32)].into(),
+            map: map.into(),
+        }]));
         rules
     }
 }
@@ -1390,10 +1460,12 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::nft::objects::Syntax as _;
     use crate::testutil::{NODE, config, ep, model_of, service, simple, slice};
 
-    fn rules<'a>(t: &'a Table, chain: &str) -> &'a [String] {
-        &t.chains
+    /// The rules of a chain, rendered.
+    fn rules(t: &Table, chain: &str) -> Vec<String> {
+        t.chains
             .get(chain)
             .unwrap_or_else(|| {
                 panic!(
@@ -1402,6 +1474,9 @@ mod tests {
                 )
             })
             .rules
+            .iter()
+            .map(|r| r.text(t.family).to_string())
+            .collect()
     }
 
     fn elem<'a>(t: &'a Table, set: &str, key: &str) -> Option<&'a str> {
@@ -1540,7 +1615,7 @@ mod tests {
             &format!("numgen random mod {n} vmap @eps-svc-default/big/tcp/http")
         );
         let eps = &t.sets["eps-svc-default/big/tcp/http"];
-        assert_eq!(eps.kind, SetKind::Map);
+        assert!(eps.decl.is_map());
         assert_eq!(eps.elements.len(), n);
         assert_eq!(
             elem(t, "eps-svc-default/big/tcp/http", "0"),
@@ -1749,7 +1824,7 @@ mod tests {
         let t = &rs.v4;
         let set = "aff-default/sticky/tcp/80__10.244.1.1/80";
         assert_eq!(
-            t.sets[set].spec,
+            t.sets[set].decl.text(t.family).to_string(),
             "type ipv4_addr ; flags dynamic,timeout ; timeout 30s ;"
         );
         assert_eq!(
@@ -1882,7 +1957,7 @@ mod tests {
         let mut changed = Vec::new();
         for (name, set) in &after.v4.sets {
             let old = &before.v4.sets[name];
-            assert_eq!(old.spec, set.spec);
+            assert_eq!(old.decl, set.decl);
             for (k, v) in &set.elements {
                 if old.elements.get(k) != Some(v) {
                     changed.push(format!("{name}: +{k}"));

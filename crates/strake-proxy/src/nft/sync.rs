@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use crate::model::IpFamily;
+use crate::nft::objects::Syntax as _;
 use crate::nft::ruleset::{Chain, Ruleset, Set, Table, TableView, table_ref};
 use crate::nft::{Nft, NftError, TABLE, family_keyword};
 
@@ -141,7 +142,7 @@ pub fn full_script_of(tables: &[TableView<'_>]) -> String {
         let _ = writeln!(out, "delete table {t}");
         let _ = writeln!(out, "add table {t}");
         for (name, set, _) in &table.sets {
-            add_set(&mut out, &t, name, set);
+            add_set(&mut out, table.family, &t, name, set);
         }
         for (name, chain) in &table.chains {
             add_chain(&mut out, &t, name, chain);
@@ -149,7 +150,7 @@ pub fn full_script_of(tables: &[TableView<'_>]) -> String {
         // Rules before elements: a rule that looks up a set makes the kernel walk the set's
         // elements, which are none yet.
         for (name, chain) in &table.chains {
-            add_rules(&mut out, &t, name, chain);
+            add_rules(&mut out, table.family, &t, name, chain);
         }
         for (name, _, elements) in &table.sets {
             add_elements(&mut out, &t, name, elements.iter().copied());
@@ -242,7 +243,7 @@ fn table_diff(out: &mut String, old: &Table, new: &Table) -> Option<()> {
             Side::Both(name, prev, set) => {
                 // Declarations that changed in place cannot be patched (and happen only on
                 // config change).
-                if prev.spec != set.spec || prev.kind != set.kind {
+                if prev.decl != set.decl {
                     return None;
                 }
                 common_sets.push((name, prev, set));
@@ -269,7 +270,7 @@ fn table_diff(out: &mut String, old: &Table, new: &Table) -> Option<()> {
 
     // 1. New sets and chains, empty, so everything below can refer to them.
     for (name, set) in &added_sets {
-        add_set(out, &t, name, set);
+        add_set(out, new.family, &t, name, set);
     }
     for (name, chain) in &added_chains {
         add_chain(out, &t, name, chain);
@@ -317,12 +318,12 @@ fn table_diff(out: &mut String, old: &Table, new: &Table) -> Option<()> {
     }
     // 4. Rules of new and changed chains.
     for (name, chain) in added_chains.iter().chain(&changed_chains) {
-        add_rules(out, &t, name, chain);
+        add_rules(out, new.family, &t, name, chain);
     }
     // 5. Removed sets and maps: the rules that used them were flushed above; removing the
     //    maps drops their references to chains...
     for (name, set) in &removed_sets {
-        let _ = writeln!(out, "delete {} {t} {name}", set.kind.keyword());
+        let _ = writeln!(out, "delete {} {t} {name}", set.decl.keyword());
     }
     // 6. ...so that nothing refers to removed chains any more.
     for name in &removed_chains {
@@ -331,12 +332,12 @@ fn table_diff(out: &mut String, old: &Table, new: &Table) -> Option<()> {
     Some(())
 }
 
-fn add_set(out: &mut String, t: &str, name: &str, set: &Set) {
+fn add_set(out: &mut String, family: IpFamily, t: &str, name: &str, set: &Set) {
     let _ = writeln!(
         out,
         "add {} {t} {name} {{ {} }}",
-        set.kind.keyword(),
-        set.spec
+        set.decl.keyword(),
+        set.decl.text(family)
     );
 }
 
@@ -351,9 +352,9 @@ fn add_chain(out: &mut String, t: &str, name: &str, chain: &Chain) {
     }
 }
 
-fn add_rules(out: &mut String, t: &str, name: &str, chain: &Chain) {
+fn add_rules(out: &mut String, family: IpFamily, t: &str, name: &str, chain: &Chain) {
     for rule in &chain.rules {
-        let _ = writeln!(out, "add rule {t} {name} {rule}");
+        let _ = writeln!(out, "add rule {t} {name} {}", rule.text(family));
     }
 }
 
@@ -485,7 +486,7 @@ add element ip strake-proxy endpoints { 10.96.0.2 . tcp . 80 . 0 : 10.244.2.2 . 
         let mut a = ruleset(&["10.244.2.1"]);
         let b = a.clone();
         if let Some(set) = a.v4.sets.get_mut("cluster-ips") {
-            set.spec = "type ipv4_addr ; flags interval ;".into();
+            set.decl.flags.interval = true;
         }
         assert!(partial_script(&b, &a).is_none());
     }
