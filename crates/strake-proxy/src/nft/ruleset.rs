@@ -45,8 +45,8 @@ use crate::model::{Endpoint, IpFamily, Model, ServicePort, ServicePortName};
 use crate::nft::family_keyword;
 pub use crate::nft::objects::Chain;
 use crate::nft::objects::{
-    Addr, AddrValue, BaseChain, ChainType, Expr, Hook, KeyPart, MarkOp, NamedPriority, Priority,
-    Reject, Rule, SetData, SetDecl, Stmt, Verdict,
+    Addr, AddrValue, BaseChain, ChainType, Expr, Hook, Key, KeyPart, MarkOp, NamedPriority,
+    Priority, Reject, Rule, SetData, SetDecl, Stmt, Value, Verdict,
 };
 
 /// Services with at most this many endpoints pick one with a rule ladder, larger ones with a
@@ -61,8 +61,8 @@ pub const MASQUERADE_MARK: u32 = 0x4000;
 pub struct Set {
     /// The declaration.
     pub decl: SetDecl,
-    /// Elements: key to value (the value is empty for plain sets).
-    pub elements: BTreeMap<String, String>,
+    /// Elements: key to value ([`Value::None`] for plain sets).
+    pub elements: BTreeMap<Key, Value>,
 }
 
 /// The desired content of one table.
@@ -115,14 +115,7 @@ impl Table {
             sets: self
                 .sets
                 .iter()
-                .map(|(n, s)| {
-                    let elements = s.elements.iter();
-                    (
-                        n.as_str(),
-                        s,
-                        elements.map(|(k, v)| (k.as_str(), v.as_str())).collect(),
-                    )
-                })
+                .map(|(n, s)| (n.as_str(), s, s.elements.iter().collect()))
                 .collect(),
         }
     }
@@ -141,7 +134,7 @@ pub struct TableView<'a> {
 }
 
 /// A set's name, declaration and elements (key, value), borrowed.
-pub type SetView<'a> = (&'a str, &'a Set, Vec<(&'a str, &'a str)>);
+pub type SetView<'a> = (&'a str, &'a Set, Vec<(&'a Key, &'a Value)>);
 
 /// The loopback addresses of a family, which NodePorts do not answer on.
 fn loopback(family: IpFamily) -> AddrValue {
@@ -152,6 +145,10 @@ fn loopback(family: IpFamily) -> AddrValue {
         ))),
         IpFamily::V6 => AddrValue::Addr(std::net::Ipv6Addr::LOCALHOST.into()),
     }
+}
+
+fn goto_value(chain: &str) -> Value {
+    Value::Verdict(Verdict::goto(chain))
 }
 
 fn jump(chain: &str) -> Stmt {
@@ -240,7 +237,7 @@ struct Fragment {
     shared_chains: BTreeMap<String, Chain>,
     sets: BTreeMap<String, Set>,
     /// (index in [`SHARED_SETS`], key, value).
-    elements: Vec<(usize, String, String)>,
+    elements: Vec<(usize, Key, Value)>,
 }
 
 /// Who claims an object: a service port, or [`fixed_owner`] for the fixed part.
@@ -277,13 +274,13 @@ fn unclaim<T>(list: &mut ClaimList<T>, owner: &Owner) {
 /// [`Claims::take_delta`]: the old value of every object touched since (first touch wins).
 #[derive(Debug, Default)]
 struct Claims {
-    /// Keys and values as boxed strings: a third of the memory of the ruleset lies here.
-    elements: [foldhash::HashMap<Box<str>, ClaimList<Box<str>>>; SHARED_SETS.len()],
+    /// Most of the memory of the ruleset lies here (an endpoint map element per endpoint).
+    elements: [foldhash::HashMap<Key, ClaimList<Value>>; SHARED_SETS.len()],
     chains: foldhash::HashMap<String, ClaimList<Chain>>,
     /// Shared chains and how many ports use each.
     shared_chains: foldhash::HashMap<String, (Chain, usize)>,
     sets: foldhash::HashMap<String, ClaimList<Set>>,
-    touched_elements: [foldhash::HashMap<Box<str>, Option<Box<str>>>; SHARED_SETS.len()],
+    touched_elements: [foldhash::HashMap<Key, Option<Value>>; SHARED_SETS.len()],
     touched_chains: foldhash::HashMap<String, Option<Chain>>,
     touched_sets: foldhash::HashMap<String, Option<Set>>,
     /// Skip the bookkeeping of touched objects (a full sync follows).
@@ -329,7 +326,6 @@ impl Claims {
             claim(self.sets.entry(name).or_default(), owner, set);
         }
         for (i, key, value) in frag.elements {
-            let (key, value) = (key.into_boxed_str(), value.into_boxed_str());
             if track {
                 let old = first(self.elements[i].get(&key));
                 self.touched_elements[i].entry(key.clone()).or_insert(old);
@@ -342,17 +338,17 @@ impl Claims {
         fn drop_claim<K, T: Clone>(
             map: &mut foldhash::HashMap<K, ClaimList<T>>,
             touched: Option<&mut foldhash::HashMap<K, Option<T>>>,
-            name: &str,
+            name: &K,
             owner: &Owner,
         ) where
-            K: std::borrow::Borrow<str> + for<'s> From<&'s str> + std::hash::Hash + Eq,
+            K: Clone + std::hash::Hash + Eq,
         {
             let Some(list) = map.get_mut(name) else {
                 return;
             };
             if let Some(touched) = touched {
                 touched
-                    .entry(K::from(name))
+                    .entry(name.clone())
                     .or_insert_with(|| list.first().map(|(_, v)| v.clone()));
             }
             unclaim(list, owner);
@@ -415,18 +411,14 @@ impl Claims {
                 let set = &l.first()?.1;
                 let elements = match SHARED_SETS.iter().position(|s| s == k) {
                     Some(i) => {
-                        let mut elements: Vec<(&str, &str)> = self.elements[i]
+                        let mut elements: Vec<(&Key, &Value)> = self.elements[i]
                             .iter()
-                            .filter_map(|(k, l)| Some((&**k, &*l.first()?.1)))
+                            .filter_map(|(k, l)| Some((k, &l.first()?.1)))
                             .collect();
                         elements.sort_unstable_by_key(|(k, _)| *k);
                         elements
                     }
-                    None => set
-                        .elements
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), v.as_str()))
-                        .collect(),
+                    None => set.elements.iter().collect(),
                 };
                 Some((k.as_str(), set, elements))
             })
@@ -462,7 +454,7 @@ impl Claims {
             if let Some(set) = table.sets.get_mut(*name) {
                 set.elements = self.elements[i]
                     .iter()
-                    .filter_map(|(k, l)| Some((k.to_string(), l.first()?.1.to_string())))
+                    .filter_map(|(k, l)| Some((k.clone(), l.first()?.1.clone())))
                     .collect();
             }
         }
@@ -528,14 +520,14 @@ impl Claims {
                         .entry(name.to_string())
                         .or_insert_with(|| decl.clone())
                         .elements
-                        .insert(key.to_string(), v.into_string());
+                        .insert(key.clone(), v);
                 }
                 if let Some(v) = now {
                     new.sets
                         .entry(name.to_string())
                         .or_insert_with(|| decl.clone())
                         .elements
-                        .insert(key.to_string(), v.into_string());
+                        .insert(key.clone(), v);
                 }
                 // A set whose elements changed must be in both, so that the difference is one
                 // of elements, not of sets.
@@ -720,7 +712,7 @@ impl<'a> Builder<'a> {
     }
 
     /// Adds an element to one of the fragment's own sets, or claims one in a shared set.
-    fn element(&mut self, set: &str, key: String, value: String) {
+    fn element(&mut self, set: &str, key: Key, value: Value) {
         if let Some(s) = self.frag.sets.get_mut(set) {
             s.elements.entry(key).or_insert(value);
         } else if let Some(i) = SHARED_SETS.iter().position(|s| *s == set) {
@@ -762,7 +754,7 @@ impl<'a> Builder<'a> {
         }
         self.set(NODEPORT_IPS, interval_set(family));
         for range in outermost(ranges) {
-            self.element(NODEPORT_IPS, range, String::new());
+            self.element(NODEPORT_IPS, Key::Prefix(range), Value::None);
         }
         local.push(in_set(Addr::Destination, false, NODEPORT_IPS));
         Some(local)
@@ -972,7 +964,6 @@ impl<'a> Builder<'a> {
             return;
         }
         let protocol = svc.id.protocol;
-        let proto = protocol.nft_name();
         let base = port_base(svc);
         let sel = svc.select(family, node_name);
 
@@ -991,11 +982,11 @@ impl<'a> Builder<'a> {
         } else {
             has_cluster_chain
         };
-        let no_endpoint_verdict = if sel.has_any {
-            "drop".to_string()
+        let no_endpoint_verdict = Value::Verdict(if sel.has_any {
+            Verdict::Drop
         } else {
-            format!("goto {REJECT_CHAIN}")
-        };
+            Verdict::goto(REJECT_CHAIN)
+        });
         let lb_ips: Vec<IpAddr> = svc
             .load_balancer_ips
             .iter()
@@ -1088,12 +1079,12 @@ impl<'a> Builder<'a> {
 
         // ClusterIPs.
         for cip in &cluster_ips {
-            let key = format!("{cip} . {proto} . {}", svc.port);
+            let key = Key::AddrProtoPort(*cip, protocol, svc.port);
             match internal_chain {
-                Some(chain) => self.element(SERVICE_IPS, key, format!("goto {chain}")),
+                Some(chain) => self.element(SERVICE_IPS, key, goto_value(chain)),
                 None => self.element(NO_ENDPOINT_SERVICES, key, no_endpoint_verdict.clone()),
             }
-            self.element(CLUSTER_IPS, cip.to_string(), String::new());
+            self.element(CLUSTER_IPS, Key::Addr(*cip), Value::None);
         }
 
         if !svc.externally_accessible() {
@@ -1132,7 +1123,7 @@ impl<'a> Builder<'a> {
             self.chain(ext_chain.clone(), rules);
         }
         let external_verdict = if external_has_endpoints {
-            format!("goto {ext_chain}")
+            goto_value(&ext_chain)
         } else {
             no_endpoint_verdict.clone()
         };
@@ -1148,11 +1139,11 @@ impl<'a> Builder<'a> {
             .filter(|ip| family.contains(*ip))
             .chain(lb_ips.iter().copied())
         {
-            let key = format!("{ip} . {proto} . {}", svc.port);
+            let key = Key::AddrProtoPort(ip, protocol, svc.port);
             self.element(external_map, key, external_verdict.clone());
         }
         if let Some(node_port) = svc.node_port {
-            let key = format!("{proto} . {node_port}");
+            let key = Key::ProtoPort(protocol, node_port);
             let map = if external_has_endpoints {
                 SERVICE_NODEPORTS
             } else {
@@ -1172,7 +1163,6 @@ impl<'a> Builder<'a> {
         node_ips: &[IpAddr],
     ) {
         let family = self.family;
-        let proto = svc.id.protocol.nft_name();
         if !lb_ips.is_empty() && !svc.load_balancer_source_ranges.is_empty() {
             let mut allowed: Vec<ipnet::IpNet> = svc
                 .load_balancer_source_ranges
@@ -1195,7 +1185,7 @@ impl<'a> Builder<'a> {
             // A named set, not an anonymous one (see `dispatch_rules`).
             self.set(fw_chain.clone(), interval_set(family));
             for range in allowed {
-                self.element(&fw_chain, range, String::new());
+                self.element(&fw_chain, Key::Prefix(range), Value::None);
             }
             self.chain(
                 fw_chain.clone(),
@@ -1205,8 +1195,8 @@ impl<'a> Builder<'a> {
                 ])],
             );
             for ip in lb_ips {
-                let key = format!("{ip} . {proto} . {}", svc.port);
-                self.element(FIREWALL_IPS, key, format!("goto {fw_chain}"));
+                let key = Key::AddrProtoPort(*ip, svc.id.protocol, svc.port);
+                self.element(FIREWALL_IPS, key, goto_value(&fw_chain));
             }
         }
     }
@@ -1225,25 +1215,21 @@ impl<'a> Builder<'a> {
         cluster_ips: &[IpAddr],
         lb_ips: &[IpAddr],
         endpoints: &[&Endpoint],
-        no_endpoint_verdict: &str,
+        no_endpoint_verdict: &Value,
     ) {
-        let proto = svc.id.protocol.nft_name();
+        let protocol = svc.id.protocol;
         let n = endpoints.len();
-        let targets: Vec<String> = endpoints
-            .iter()
-            .map(|ep| format!("{} . {}", ep.ip, ep.port))
-            .collect();
         for ep in endpoints {
             self.hairpin(ep);
         }
-        let frontend = |b: &mut Self, kind: Shared, map: &str, key: String| {
+        let frontend = |b: &mut Self, kind: Shared, map: &str, key: Key| {
             if n == 0 {
                 let no_endpoints = if kind == Shared::NodePort {
                     NO_ENDPOINT_NODEPORTS
                 } else {
                     NO_ENDPOINT_SERVICES
                 };
-                b.element(no_endpoints, key, no_endpoint_verdict.to_string());
+                b.element(no_endpoints, key, no_endpoint_verdict.clone());
                 return;
             }
             let chain = b.shared_chain(kind, n);
@@ -1254,15 +1240,21 @@ impl<'a> Builder<'a> {
             };
             // Should another port win this frontend, its own slots win too; ours beyond its
             // count stay unused.
-            for (slot, target) in targets.iter().enumerate() {
-                b.element(map, format!("{key} . {slot}"), target.clone());
+            for (slot, ep) in endpoints.iter().enumerate() {
+                let slot = slot as u32;
+                let slot_key = match &key {
+                    Key::AddrProtoPort(ip, p, port) => Key::AddrProtoPortSlot(*ip, *p, *port, slot),
+                    Key::ProtoPort(p, port) => Key::ProtoPortSlot(*p, *port, slot),
+                    _ => continue,
+                };
+                b.element(map, slot_key, Value::AddrPort(ep.ip, ep.port));
             }
-            b.element(verdicts, key, format!("goto {chain}"));
+            b.element(verdicts, key, goto_value(&chain));
         };
         for cip in cluster_ips {
-            let key = format!("{cip} . {proto} . {}", svc.port);
+            let key = Key::AddrProtoPort(*cip, protocol, svc.port);
             frontend(self, Shared::Cluster, ENDPOINTS, key);
-            self.element(CLUSTER_IPS, cip.to_string(), String::new());
+            self.element(CLUSTER_IPS, Key::Addr(*cip), Value::None);
         }
         if !svc.externally_accessible() {
             return;
@@ -1275,11 +1267,11 @@ impl<'a> Builder<'a> {
             .filter(|ip| family.contains(*ip))
             .chain(lb_ips.iter().copied())
         {
-            let key = format!("{ip} . {proto} . {}", svc.port);
+            let key = Key::AddrProtoPort(ip, protocol, svc.port);
             frontend(self, Shared::External, ENDPOINTS, key);
         }
         if let Some(node_port) = svc.node_port {
-            let key = format!("{proto} . {node_port}");
+            let key = Key::ProtoPort(protocol, node_port);
             frontend(self, Shared::NodePort, NODEPORT_ENDPOINTS, key);
         }
     }
@@ -1343,7 +1335,11 @@ impl<'a> Builder<'a> {
         {
             return;
         }
-        self.element(HAIRPIN, format!("{0} . {0}", ep.ip), String::new());
+        self.element(
+            HAIRPIN,
+            Key::AddrPair(Box::new((ep.ip, ep.ip))),
+            Value::None,
+        );
     }
 
     /// Rules of the `svc-`/`local-` chain `chain`: masquerade marks, affinity checks, then a
@@ -1395,11 +1391,8 @@ impl<'a> Builder<'a> {
             SetDecl::of_typeof([Expr::Numgen(1)], SetData::Verdict),
         );
         for (i, ep) in endpoints.iter().enumerate() {
-            self.element(
-                &map,
-                i.to_string(),
-                format!("goto ep-{base}__{}", endpoint_suffix(ep)),
-            );
+            let target = format!("ep-{base}__{}", endpoint_suffix(ep));
+            self.element(&map, Key::Slot(i as u32), goto_value(&target));
         }
         rules.push(Rule::new([Stmt::Vmap {
             key: [Expr::Numgen(endpoints.len() as u32)].into(),
@@ -1410,14 +1403,14 @@ impl<'a> Builder<'a> {
 }
 
 /// The ranges of `ranges` not inside another one: interval sets refuse overlapping elements.
-fn outermost(mut ranges: Vec<ipnet::IpNet>) -> Vec<String> {
+fn outermost(mut ranges: Vec<ipnet::IpNet>) -> Vec<ipnet::IpNet> {
     ranges.sort_by_key(|r| (r.prefix_len(), r.addr()));
     ranges.dedup();
     ranges
         .iter()
         .enumerate()
         .filter(|(i, r)| !ranges[..*i].iter().any(|outer| outer.contains(*r)))
-        .map(|(_, r)| r.to_string())
+        .map(|(_, r)| *r)
         .collect()
 }
 
@@ -1479,8 +1472,30 @@ mod tests {
             .collect()
     }
 
-    fn elem<'a>(t: &'a Table, set: &str, key: &str) -> Option<&'a str> {
-        t.sets[set].elements.get(key).map(String::as_str)
+    /// An element's value, rendered, found by its key's text.
+    fn elem(t: &Table, set: &str, key: &str) -> Elem {
+        Elem(
+            t.sets[set]
+                .elements
+                .iter()
+                .find(|(k, _)| k.to_string() == key)
+                .map(|(_, v)| v.to_string()),
+        )
+    }
+
+    /// What [`elem`] found, comparable with `Some("text")`.
+    #[derive(Debug)]
+    struct Elem(Option<String>);
+
+    impl PartialEq<Option<&str>> for Elem {
+        fn eq(&self, other: &Option<&str>) -> bool {
+            self.0.as_deref() == *other
+        }
+    }
+
+    /// A set's keys, rendered.
+    fn keys(t: &Table, set: &str) -> Vec<String> {
+        t.sets[set].elements.keys().map(|k| k.to_string()).collect()
     }
 
     /// A shared dispatch chain: `cluster-<n>`, `external-<n>` or `nodeport-<n>`.
@@ -1554,7 +1569,7 @@ mod tests {
             ]),
         );
         let rs = Ruleset::build(&model_of(&[svc], &[sl]), &config());
-        let hairpin: Vec<&String> = rs.v4.sets[HAIRPIN].elements.keys().collect();
+        let hairpin = keys(&rs.v4, HAIRPIN);
         assert_eq!(
             hairpin,
             ["10.244.1.1 . 10.244.1.1", "10.244.1.3 . 10.244.1.3"]
@@ -1798,7 +1813,7 @@ mod tests {
                 "{matcher} meta l4proto . th dport vmap @no-endpoint-nodeports"
             )]
         );
-        let ips: Vec<&String> = rs.v4.sets[NODEPORT_IPS].elements.keys().collect();
+        let ips = keys(&rs.v4, NODEPORT_IPS);
         assert_eq!(ips, ["10.0.0.7/32", "192.168.0.0/16"]);
         // No IPv6 address is selected: no IPv6 NodePorts at all.
         assert_eq!(rules(&rs.v6, "services").len(), 1);

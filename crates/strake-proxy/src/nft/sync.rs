@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use crate::model::IpFamily;
-use crate::nft::objects::Syntax as _;
+use crate::nft::objects::{Key, Syntax as _, Value};
 use crate::nft::ruleset::{Chain, Ruleset, Set, Table, TableView, table_ref};
 use crate::nft::{Nft, NftError, TABLE, family_keyword};
 
@@ -199,21 +199,21 @@ pub fn partial_script(applied: &Ruleset, desired: &Ruleset) -> Option<String> {
 }
 
 /// One key of two sorted maps, walked together.
-enum Side<'a, V> {
+enum Side<'a, K, V> {
     /// Only in the old map.
-    Old(&'a String, &'a V),
+    Old(&'a K, &'a V),
     /// Only in the new map.
-    New(&'a String, &'a V),
+    New(&'a K, &'a V),
     /// In both: (old, new).
-    Both(&'a String, &'a V, &'a V),
+    Both(&'a K, &'a V, &'a V),
 }
 
 /// Walks two maps in key order at once: one string comparison per step, where a lookup per
 /// key would cost a tree descent (noticeable at 100k+ chains whose names share long prefixes).
-fn merge<'a, V>(
-    old: &'a BTreeMap<String, V>,
-    new: &'a BTreeMap<String, V>,
-) -> impl Iterator<Item = Side<'a, V>> {
+fn merge<'a, K: Ord, V>(
+    old: &'a BTreeMap<K, V>,
+    new: &'a BTreeMap<K, V>,
+) -> impl Iterator<Item = Side<'a, K, V>> {
     let mut old = old.iter().peekable();
     let mut new = new.iter().peekable();
     std::iter::from_fn(move || match (old.peek(), new.peek()) {
@@ -285,7 +285,7 @@ fn table_diff(out: &mut String, old: &Table, new: &Table) -> Option<()> {
     // 3. Elements: removed and changed ones out, new and changed ones in (sets in name order,
     //    as before: new sets have only fresh elements).
     let empty = BTreeMap::new();
-    let mut with_elements: Vec<(&String, &BTreeMap<String, String>, &Set)> = common_sets
+    let mut with_elements: Vec<(&String, &BTreeMap<Key, Value>, &Set)> = common_sets
         .iter()
         .map(|(name, prev, set)| (*name, &prev.elements, *set))
         .chain(added_sets.iter().map(|(name, set)| (*name, &empty, *set)))
@@ -308,13 +308,8 @@ fn table_diff(out: &mut String, old: &Table, new: &Table) -> Option<()> {
                 Side::Both(..) => {}
             }
         }
-        delete_elements(out, &t, name, gone.into_iter().map(String::as_str));
-        add_elements(
-            out,
-            &t,
-            name,
-            fresh.into_iter().map(|(k, v)| (k.as_str(), v.as_str())),
-        );
+        delete_elements(out, &t, name, gone.into_iter());
+        add_elements(out, &t, name, fresh.into_iter());
     }
     // 4. Rules of new and changed chains.
     for (name, chain) in added_chains.iter().chain(&changed_chains) {
@@ -362,13 +357,20 @@ fn add_elements<'a>(
     out: &mut String,
     t: &str,
     name: &str,
-    elements: impl Iterator<Item = (&'a str, &'a str)>,
+    elements: impl Iterator<Item = (&'a Key, &'a Value)>,
 ) {
     write_elements(out, "add", t, name, elements, true);
 }
 
-fn delete_elements<'a>(out: &mut String, t: &str, name: &str, keys: impl Iterator<Item = &'a str>) {
-    write_elements(out, "delete", t, name, keys.map(|k| (k, "")), false);
+fn delete_elements<'a>(out: &mut String, t: &str, name: &str, keys: impl Iterator<Item = &'a Key>) {
+    write_elements(
+        out,
+        "delete",
+        t,
+        name,
+        keys.map(|k| (k, &Value::None)),
+        false,
+    );
 }
 
 fn write_elements<'a>(
@@ -376,7 +378,7 @@ fn write_elements<'a>(
     verb: &str,
     t: &str,
     name: &str,
-    elements: impl Iterator<Item = (&'a str, &'a str)>,
+    elements: impl Iterator<Item = (&'a Key, &'a Value)>,
     with_values: bool,
 ) {
     let mut in_line = 0;
@@ -386,10 +388,9 @@ fn write_elements<'a>(
         } else {
             out.push_str(", ");
         }
-        out.push_str(key);
-        if with_values && !value.is_empty() {
-            out.push_str(" : ");
-            out.push_str(value);
+        let _ = write!(out, "{key}");
+        if with_values && *value != Value::None {
+            let _ = write!(out, " : {value}");
         }
         in_line += 1;
         if in_line == ELEMENT_CHUNK {
@@ -503,14 +504,20 @@ add element ip strake-proxy endpoints { 10.96.0.2 . tcp . 80 . 0 : 10.244.2.2 . 
     #[test]
     fn huge_element_lists_are_chunked() {
         let mut out = String::new();
-        let elements: BTreeMap<String, String> = (0..2500)
-            .map(|i| (format!("tcp . {}", 10000 + i), "drop".to_string()))
+        let drop = Value::Verdict(crate::nft::objects::Verdict::Drop);
+        let elements: BTreeMap<Key, Value> = (0..2500)
+            .map(|i| {
+                (
+                    Key::ProtoPort(crate::model::Protocol::Tcp, 10000 + i),
+                    drop.clone(),
+                )
+            })
             .collect();
         add_elements(
             &mut out,
             "ip strake-proxy",
             "service-nodeports",
-            elements.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            elements.iter(),
         );
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 3);
