@@ -1,5 +1,5 @@
 //! The CPU cost of one sync in the daemon, without `nft`: API objects -> `model::build` ->
-//! `Ruleset::build` -> `Syncer::plan`, for N Services x M endpoints, as a full sync and as a
+//! `Ruleset::build` -> `Syncer::plan` (and the plan as nft text), for N Services x M endpoints, as a full sync and as a
 //! partial one after a single endpoint change. No root needed.
 //!
 //! `cargo run --release -p strake-proxy --example sync_cost -- [SERVICES] [ENDPOINTS]`
@@ -79,17 +79,22 @@ fn main() {
         let t_model = t.elapsed();
         let r = Ruleset::build(&m, &config);
         let t_rules = t.elapsed() - t_model;
-        let (script, full) = syncer.plan(&r);
+        let (tx, full) = syncer.plan(&r);
         let t_plan = t.elapsed() - t_model - t_rules;
+        let script = tx.to_string();
+        let t_text = t.elapsed() - t_model - t_rules - t_plan;
         println!(
-            "{} sync: model {:?}, ruleset {:?}, plan {:?} ({} bytes); total {:?}",
+            "{} sync: model {:?}, ruleset {:?}, plan {:?} ({} commands), as text {:?} ({} bytes); total {:?}",
             if full { "full" } else { "partial" },
             t_model,
             t_rules,
             t_plan,
+            tx.commands.len(),
+            t_text,
             script.len(),
             t.elapsed()
         );
+        drop(tx);
         r
     };
     println!("{services} Services x {endpoints} endpoints");

@@ -371,7 +371,7 @@ fn main() {
     let ruleset2 = Ruleset::build(&m2, &config);
     let t_build2 = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let (script, _) = syncer.plan(&ruleset2);
+    let script = syncer.plan(&ruleset2).0.to_string();
     let t_plan = t.elapsed().as_secs_f64();
     println!(
         "one endpoint changed: diff {t_plan:.3} s, {} bytes",

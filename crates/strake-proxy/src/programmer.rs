@@ -21,7 +21,7 @@ use crate::model::{
 };
 use crate::nft::Nft;
 use crate::nft::ruleset::Rules;
-use crate::nft::sync::{SyncError, SyncReport, apply, full_script_of, partial_script};
+use crate::nft::sync::{SyncError, SyncReport, apply, full_transaction_of, partial_transaction};
 
 /// `(namespace, name)`.
 pub type Key = (String, String);
@@ -303,21 +303,20 @@ impl Programmer {
         let Some(rules) = self.rules.as_mut() else {
             unreachable!("update_model always leaves rules");
         };
-        let partial = if self.in_sync {
-            let (old, new) = rules.take_delta();
-            partial_script(&old, &new).filter(|script| {
-                nft.rules_on_existing_data_maps()
-                    || !crate::nft::sync::adds_rules_using_data_maps(script)
-            })
+        let delta = if self.in_sync {
+            Some(rules.take_delta())
         } else {
             rules.discard_delta();
             None
         };
-        let (script, full) = match partial {
-            Some(script) => (script, false),
-            None => (full_script_of(&rules.views()), true),
+        let partial = delta
+            .as_ref()
+            .and_then(|(old, new)| partial_transaction(old, new))
+            .filter(|tx| nft.rules_on_existing_data_maps() || !tx.adds_rules_using_data_maps());
+        let result = match partial {
+            Some(tx) => apply(nft, &tx, false),
+            None => apply(nft, &full_transaction_of(&rules.views()), true),
         };
-        let result = apply(nft, &script, full);
         self.in_sync = result.is_ok();
         result
     }
@@ -441,7 +440,7 @@ mod tests {
             );
             // A full sync writes from the claims without copying them, the same script.
             assert_eq!(
-                full_script_of(&rules.views()),
+                crate::nft::sync::full_script_of(&rules.views()),
                 crate::nft::sync::full_script(&rules.materialize()),
                 "step {i}"
             );

@@ -1,5 +1,6 @@
-//! Getting the desired [`Ruleset`] into the kernel: one atomic transaction per sync, written
-//! as an nft script and carried by an [`Nft`] backend (one netlink batch, or one `nft -f`).
+//! Getting the desired [`Ruleset`] into the kernel: one atomic transaction per sync, a list
+//! of typed [`Command`]s carried by an [`Nft`] backend (one netlink batch, or one `nft -f`
+//! script rendered from it).
 //!
 //! The [`Syncer`] remembers what it last applied successfully. A partial sync sends only the
 //! difference between that and the desired state; a full sync (the first one, the one after a
@@ -9,11 +10,11 @@
 //! listed to compute a sync.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::fmt;
 
 use crate::model::IpFamily;
-use crate::nft::objects::{Key, Syntax as _, Value};
-use crate::nft::ruleset::{Chain, Ruleset, Set, Table, TableView, table_ref};
+use crate::nft::objects::{BaseChain, Key, Rule, SetDecl, Syntax as _, Value};
+use crate::nft::ruleset::{Chain, Ruleset, Set, Table, TableView};
 use crate::nft::{Nft, NftError, TABLE, family_keyword};
 
 /// Map and set elements per `add element` / `delete element` command; keeps lines (and nft's
@@ -25,12 +26,12 @@ pub const ELEMENT_CHUNK: usize = 1000;
 pub enum SyncError {
     /// The kernel (or `nft`) refused the transaction, or it could not be sent; the kernel keeps
     /// its previous ruleset and the next sync is a full one.
-    #[error("apply {} ruleset ({bytes} bytes)", if *.full { "full" } else { "partial" })]
+    #[error("apply {} ruleset ({commands} commands)", if *.full { "full" } else { "partial" })]
     ApplyRuleset {
         /// Whether this was a full sync.
         full: bool,
-        /// Size of the script.
-        bytes: usize,
+        /// Commands in the transaction.
+        commands: usize,
         /// Why it failed.
         #[source]
         source: NftError,
@@ -44,8 +45,267 @@ pub struct SyncReport {
     pub full: bool,
     /// Size of the script sent (0 when nothing changed and nothing was sent).
     pub bytes: usize,
-    /// Commands in the script.
+    /// Commands in the transaction.
     pub commands: usize,
+}
+
+/// One command of a transaction, on one of the proxy's own tables (no other can be named).
+/// Rendered, each is one line of an nft script.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command<'a> {
+    /// `add table`: creates the table if it does not exist.
+    AddTable(IpFamily),
+    /// `delete table`, with everything in it.
+    DeleteTable(IpFamily),
+    /// `add chain`, with its hook for a base chain.
+    AddChain {
+        /// The table.
+        family: IpFamily,
+        /// The chain.
+        name: &'a str,
+        /// Its hook, for a base chain.
+        base: Option<&'a BaseChain>,
+    },
+    /// `flush chain`: deletes its rules.
+    FlushChain {
+        /// The table.
+        family: IpFamily,
+        /// The chain.
+        name: &'a str,
+    },
+    /// `delete chain`.
+    DeleteChain {
+        /// The table.
+        family: IpFamily,
+        /// The chain.
+        name: &'a str,
+    },
+    /// `add set` / `add map`, empty.
+    AddSet {
+        /// The table.
+        family: IpFamily,
+        /// The set.
+        name: &'a str,
+        /// Its declaration.
+        decl: &'a SetDecl,
+    },
+    /// `delete set` / `delete map`.
+    DeleteSet {
+        /// The table.
+        family: IpFamily,
+        /// The set.
+        name: &'a str,
+        /// Its declaration (`set` or `map`).
+        decl: &'a SetDecl,
+    },
+    /// `add element`: at most [`ELEMENT_CHUNK`] elements.
+    AddElements {
+        /// The table.
+        family: IpFamily,
+        /// The set.
+        set: &'a str,
+        /// Keys and values.
+        elements: Vec<(&'a Key, &'a Value)>,
+    },
+    /// `delete element`: at most [`ELEMENT_CHUNK`] elements.
+    DeleteElements {
+        /// The table.
+        family: IpFamily,
+        /// The set.
+        set: &'a str,
+        /// Keys.
+        keys: Vec<&'a Key>,
+    },
+    /// `add rule`: appends a rule to a chain.
+    AddRule {
+        /// The table.
+        family: IpFamily,
+        /// The chain.
+        chain: &'a str,
+        /// The rule.
+        rule: &'a Rule,
+    },
+}
+
+/// `ip strake-proxy` / `ip6 strake-proxy`.
+struct TableRef(IpFamily);
+
+impl fmt::Display for TableRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {TABLE}", family_keyword(self.0))
+    }
+}
+
+impl fmt::Display for Command<'_> {
+    /// One line of an nft script, without its newline.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Command::AddTable(family) => write!(f, "add table {}", TableRef(*family)),
+            Command::DeleteTable(family) => write!(f, "delete table {}", TableRef(*family)),
+            Command::AddChain { family, name, base } => {
+                write!(f, "add chain {} {name}", TableRef(*family))?;
+                match base {
+                    Some(base) => write!(f, " {{ {base} }}"),
+                    None => Ok(()),
+                }
+            }
+            Command::FlushChain { family, name } => {
+                write!(f, "flush chain {} {name}", TableRef(*family))
+            }
+            Command::DeleteChain { family, name } => {
+                write!(f, "delete chain {} {name}", TableRef(*family))
+            }
+            Command::AddSet { family, name, decl } => write!(
+                f,
+                "add {} {} {name} {{ {} }}",
+                decl.keyword(),
+                TableRef(*family),
+                decl.text(*family)
+            ),
+            Command::DeleteSet { family, name, decl } => {
+                write!(f, "delete {} {} {name}", decl.keyword(), TableRef(*family))
+            }
+            Command::AddElements {
+                family,
+                set,
+                elements,
+            } => {
+                write!(f, "add element {} {set} {{ ", TableRef(*family))?;
+                for (i, (key, value)) in elements.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{key}")?;
+                    if **value != Value::None {
+                        write!(f, " : {value}")?;
+                    }
+                }
+                f.write_str(" }")
+            }
+            Command::DeleteElements { family, set, keys } => {
+                write!(f, "delete element {} {set} {{ ", TableRef(*family))?;
+                for (i, key) in keys.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{key}")?;
+                }
+                f.write_str(" }")
+            }
+            Command::AddRule {
+                family,
+                chain,
+                rule,
+            } => write!(
+                f,
+                "add rule {} {chain} {}",
+                TableRef(*family),
+                rule.text(*family)
+            ),
+        }
+    }
+}
+
+impl Command<'_> {
+    /// Whether this adds a rule that looks a value up in a data map (`... map @name`).
+    pub fn adds_rule_using_data_map(&self) -> bool {
+        matches!(self, Command::AddRule { rule, .. } if rule.uses_data_map())
+    }
+}
+
+/// Commands applied as one atomic transaction, in order. Rendered, an nft script.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Transaction<'a> {
+    /// The commands.
+    pub commands: Vec<Command<'a>>,
+}
+
+impl fmt::Display for Transaction<'_> {
+    /// The nft script: one line per command.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in &self.commands {
+            writeln!(f, "{c}")?;
+        }
+        Ok(())
+    }
+}
+
+impl<'a> Transaction<'a> {
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.commands.is_empty()
+    }
+
+    /// Whether a command adds a rule that looks a value up in a data map.
+    pub fn adds_rules_using_data_maps(&self) -> bool {
+        self.commands.iter().any(Command::adds_rule_using_data_map)
+    }
+
+    fn push(&mut self, c: Command<'a>) {
+        self.commands.push(c);
+    }
+
+    fn add_set(&mut self, family: IpFamily, name: &'a str, set: &'a Set) {
+        self.push(Command::AddSet {
+            family,
+            name,
+            decl: &set.decl,
+        });
+    }
+
+    fn add_chain(&mut self, family: IpFamily, name: &'a str, chain: &'a Chain) {
+        self.push(Command::AddChain {
+            family,
+            name,
+            base: chain.base.as_ref(),
+        });
+    }
+
+    fn add_rules(&mut self, family: IpFamily, name: &'a str, chain: &'a Chain) {
+        for rule in &chain.rules {
+            self.push(Command::AddRule {
+                family,
+                chain: name,
+                rule,
+            });
+        }
+    }
+
+    /// `add element` commands of at most [`ELEMENT_CHUNK`] elements.
+    fn add_elements(
+        &mut self,
+        family: IpFamily,
+        set: &'a str,
+        elements: impl IntoIterator<Item = (&'a Key, &'a Value)>,
+    ) {
+        let mut elements = elements.into_iter().peekable();
+        while elements.peek().is_some() {
+            let chunk: Vec<_> = elements.by_ref().take(ELEMENT_CHUNK).collect();
+            self.push(Command::AddElements {
+                family,
+                set,
+                elements: chunk,
+            });
+        }
+    }
+
+    /// `delete element` commands of at most [`ELEMENT_CHUNK`] elements.
+    fn delete_elements(
+        &mut self,
+        family: IpFamily,
+        set: &'a str,
+        keys: impl IntoIterator<Item = &'a Key>,
+    ) {
+        let mut keys = keys.into_iter().peekable();
+        while keys.peek().is_some() {
+            let chunk: Vec<_> = keys.by_ref().take(ELEMENT_CHUNK).collect();
+            self.push(Command::DeleteElements {
+                family,
+                set,
+                keys: chunk,
+            });
+        }
+    }
 }
 
 /// Keeps the last applied ruleset and turns desired states into nft transactions.
@@ -70,104 +330,138 @@ impl Syncer {
         self.applied = None;
     }
 
-    /// The script that would bring the kernel from the last applied state to `desired`, and
-    /// whether it is a full rewrite. An empty script means nothing to do.
-    pub fn plan(&self, desired: &Ruleset) -> (String, bool) {
+    /// The transaction that would bring the kernel from the last applied state to `desired`,
+    /// and whether it is a full rewrite. An empty transaction means nothing to do.
+    pub fn plan<'a>(&'a self, desired: &'a Ruleset) -> (Transaction<'a>, bool) {
         match &self.applied {
-            Some(applied) => match partial_script(applied, desired) {
-                Some(script) => (script, false),
-                None => (full_script(desired), true),
+            Some(applied) => match partial_transaction(applied, desired) {
+                Some(tx) => (tx, false),
+                None => (full_transaction(desired), true),
             },
-            None => (full_script(desired), true),
+            None => (full_transaction(desired), true),
         }
     }
 
-    /// Applies `desired` through `nft` (either backend) as one transaction. On failure the applied state is
-    /// forgotten, so the next sync is full.
+    /// Applies `desired` through `nft` (either backend) as one transaction. On failure the
+    /// applied state is forgotten, so the next sync is full.
     pub fn sync(&mut self, nft: &dyn Nft, desired: Ruleset) -> Result<SyncReport, SyncError> {
-        let (mut script, mut full) = self.plan(&desired);
-        if !full && !nft.rules_on_existing_data_maps() && adds_rules_using_data_maps(&script) {
-            script = full_script(&desired);
-            full = true;
-        }
-        let result = apply(nft, &script, full);
+        let result = {
+            let (mut tx, mut full) = self.plan(&desired);
+            if !full && !nft.rules_on_existing_data_maps() && tx.adds_rules_using_data_maps() {
+                tx = full_transaction(&desired);
+                full = true;
+            }
+            apply(nft, &tx, full)
+        };
         self.applied = result.is_ok().then_some(desired);
         result
     }
 }
 
-/// Sends `script` (nothing when it is empty) as one transaction.
-pub fn apply(nft: &dyn Nft, script: &str, full: bool) -> Result<SyncReport, SyncError> {
-    if script.is_empty() {
+/// Sends `tx` (nothing when it is empty) as one transaction.
+pub fn apply(nft: &dyn Nft, tx: &Transaction<'_>, full: bool) -> Result<SyncReport, SyncError> {
+    if tx.is_empty() {
         return Ok(SyncReport {
             full,
             bytes: 0,
             commands: 0,
         });
     }
-    match nft.apply(script) {
+    let script = tx.to_string();
+    match nft.apply(&script) {
         Ok(()) => Ok(SyncReport {
             full,
             bytes: script.len(),
-            commands: script.lines().count(),
+            commands: tx.commands.len(),
         }),
         Err(source) => Err(SyncError::ApplyRuleset {
             full,
-            bytes: script.len(),
+            commands: tx.commands.len(),
             source,
         }),
     }
 }
 
-/// Whether `script` adds a rule that looks a value up in a data map (`... map @name`).
-pub(crate) fn adds_rules_using_data_maps(script: &str) -> bool {
-    script
-        .lines()
-        .any(|line| line.starts_with("add rule ") && line.contains(" map @"))
+/// A transaction that replaces both tables with `desired`.
+pub fn full_transaction(desired: &Ruleset) -> Transaction<'_> {
+    let mut tx = Transaction::default();
+    for table in desired.tables() {
+        let sets = table
+            .sets
+            .iter()
+            .map(|(name, set)| (name.as_str(), set, set.elements.iter()));
+        let chains = table.chains.iter().map(|(name, c)| (name.as_str(), c));
+        full_table(&mut tx, table.family, chains, sets);
+    }
+    tx
 }
 
-/// A script that replaces both tables with `desired`.
-pub fn full_script(desired: &Ruleset) -> String {
-    full_script_of(&desired.views())
-}
-
-/// [`full_script`] of tables borrowed from where they are kept (the daemon's claims: no
+/// [`full_transaction`] of tables borrowed from where they are kept (the daemon's claims: no
 /// copy of the ruleset is made to write it).
-pub fn full_script_of(tables: &[TableView<'_>]) -> String {
-    let mut out = String::with_capacity(estimate(tables));
+pub fn full_transaction_of<'a>(tables: &'a [TableView<'a>]) -> Transaction<'a> {
+    let mut tx = Transaction::default();
     for table in tables {
-        let t = table_ref(table.family);
-        // `add` first so that `delete` cannot fail on a missing table.
-        let _ = writeln!(out, "add table {t}");
-        let _ = writeln!(out, "delete table {t}");
-        let _ = writeln!(out, "add table {t}");
-        for (name, set, _) in &table.sets {
-            add_set(&mut out, table.family, &t, name, set);
-        }
-        for (name, chain) in &table.chains {
-            add_chain(&mut out, &t, name, chain);
-        }
-        // Rules before elements: a rule that looks up a set makes the kernel walk the set's
-        // elements, which are none yet.
-        for (name, chain) in &table.chains {
-            add_rules(&mut out, table.family, &t, name, chain);
-        }
-        for (name, _, elements) in &table.sets {
-            add_elements(&mut out, &t, name, elements.iter().copied());
-        }
+        let sets = table
+            .sets
+            .iter()
+            .map(|(name, set, elements)| (*name, *set, elements.iter().copied()));
+        full_table(&mut tx, table.family, table.chains.iter().copied(), sets);
     }
-    out
+    tx
 }
 
-/// A script that removes the proxy's own tables (and nothing else), whether or not they exist.
-pub fn cleanup_script() -> String {
-    let mut out = String::new();
-    for family in [IpFamily::V4, IpFamily::V6] {
-        let t = format!("{} {TABLE}", family_keyword(family));
-        let _ = writeln!(out, "add table {t}");
-        let _ = writeln!(out, "delete table {t}");
+fn full_table<'a, E>(
+    tx: &mut Transaction<'a>,
+    family: IpFamily,
+    chains: impl Iterator<Item = (&'a str, &'a Chain)> + Clone,
+    sets: impl Iterator<Item = (&'a str, &'a Set, E)> + Clone,
+) where
+    E: Iterator<Item = (&'a Key, &'a Value)>,
+{
+    // `add` first so that `delete` cannot fail on a missing table.
+    tx.push(Command::AddTable(family));
+    tx.push(Command::DeleteTable(family));
+    tx.push(Command::AddTable(family));
+    for (name, set, _) in sets.clone() {
+        tx.add_set(family, name, set);
     }
-    out
+    for (name, chain) in chains.clone() {
+        tx.add_chain(family, name, chain);
+    }
+    // Rules before elements: a rule that looks up a set makes the kernel walk the set's
+    // elements, which are none yet.
+    for (name, chain) in chains {
+        tx.add_rules(family, name, chain);
+    }
+    for (name, _, elements) in sets {
+        tx.add_elements(family, name, elements);
+    }
+}
+
+/// A script that replaces both tables with `desired`: [`full_transaction`], rendered.
+pub fn full_script(desired: &Ruleset) -> String {
+    full_transaction(desired).to_string()
+}
+
+/// [`full_transaction_of`], rendered.
+pub fn full_script_of(tables: &[TableView<'_>]) -> String {
+    full_transaction_of(tables).to_string()
+}
+
+/// A transaction that removes the proxy's own tables (and nothing else), whether or not they
+/// exist.
+pub fn cleanup_transaction() -> Transaction<'static> {
+    let mut tx = Transaction::default();
+    for family in [IpFamily::V4, IpFamily::V6] {
+        tx.push(Command::AddTable(family));
+        tx.push(Command::DeleteTable(family));
+    }
+    tx
+}
+
+/// [`cleanup_transaction`], rendered.
+pub fn cleanup_script() -> String {
+    cleanup_transaction().to_string()
 }
 
 /// Removes the proxy's own tables (`--cleanup`) in one transaction.
@@ -175,27 +469,22 @@ pub fn cleanup(nft: &dyn Nft) -> Result<(), NftError> {
     nft.apply(&cleanup_script())
 }
 
-fn estimate(tables: &[TableView<'_>]) -> usize {
-    tables
-        .iter()
-        .map(|t| {
-            t.chains.len() * 160
-                + t.sets
-                    .iter()
-                    .map(|(_, _, elements)| elements.len() * 80)
-                    .sum::<usize>()
-        })
-        .sum()
+/// The difference between two states as one transaction, or `None` when only a full sync can
+/// express it (a base chain or a set declaration changed).
+pub fn partial_transaction<'a>(
+    applied: &'a Ruleset,
+    desired: &'a Ruleset,
+) -> Option<Transaction<'a>> {
+    let mut tx = Transaction::default();
+    for (old, new) in applied.tables().into_iter().zip(desired.tables()) {
+        table_diff(&mut tx, old, new)?;
+    }
+    Some(tx)
 }
 
-/// The difference between two states as one script, or `None` when only a full sync can
-/// express it (a base chain or a set declaration changed).
+/// [`partial_transaction`], rendered.
 pub fn partial_script(applied: &Ruleset, desired: &Ruleset) -> Option<String> {
-    let mut out = String::new();
-    for (old, new) in applied.tables().into_iter().zip(desired.tables()) {
-        table_diff(&mut out, old, new)?;
-    }
-    Some(out)
+    partial_transaction(applied, desired).map(|tx| tx.to_string())
 }
 
 /// One key of two sorted maps, walked together.
@@ -231,8 +520,8 @@ fn merge<'a, K: Ord, V>(
     })
 }
 
-fn table_diff(out: &mut String, old: &Table, new: &Table) -> Option<()> {
-    let t = table_ref(new.family);
+fn table_diff<'a>(tx: &mut Transaction<'a>, old: &'a Table, new: &'a Table) -> Option<()> {
+    let family = new.family;
     let mut added_sets = Vec::new();
     let mut removed_sets = Vec::new();
     let mut common_sets = Vec::new();
@@ -270,25 +559,25 @@ fn table_diff(out: &mut String, old: &Table, new: &Table) -> Option<()> {
 
     // 1. New sets and chains, empty, so everything below can refer to them.
     for (name, set) in &added_sets {
-        add_set(out, new.family, &t, name, set);
+        tx.add_set(family, name, set);
     }
     for (name, chain) in &added_chains {
-        add_chain(out, &t, name, chain);
+        tx.add_chain(family, name, chain);
     }
     // 2. Empty changed and doomed chains: drops their references to other objects.
     for (name, _) in &changed_chains {
-        let _ = writeln!(out, "flush chain {t} {name}");
+        tx.push(Command::FlushChain { family, name });
     }
     for name in &removed_chains {
-        let _ = writeln!(out, "flush chain {t} {name}");
+        tx.push(Command::FlushChain { family, name });
     }
     // 3. Elements: removed and changed ones out, new and changed ones in (sets in name order,
     //    as before: new sets have only fresh elements).
-    let empty = BTreeMap::new();
+    static EMPTY: BTreeMap<Key, Value> = BTreeMap::new();
     let mut with_elements: Vec<(&String, &BTreeMap<Key, Value>, &Set)> = common_sets
         .iter()
         .map(|(name, prev, set)| (*name, &prev.elements, *set))
-        .chain(added_sets.iter().map(|(name, set)| (*name, &empty, *set)))
+        .chain(added_sets.iter().map(|(name, set)| (*name, &EMPTY, *set)))
         .collect();
     with_elements.sort_by(|a, b| a.0.cmp(b.0));
     for (name, old_elements, set) in with_elements {
@@ -308,99 +597,27 @@ fn table_diff(out: &mut String, old: &Table, new: &Table) -> Option<()> {
                 Side::Both(..) => {}
             }
         }
-        delete_elements(out, &t, name, gone.into_iter());
-        add_elements(out, &t, name, fresh.into_iter());
+        tx.delete_elements(family, name, gone);
+        tx.add_elements(family, name, fresh);
     }
     // 4. Rules of new and changed chains.
     for (name, chain) in added_chains.iter().chain(&changed_chains) {
-        add_rules(out, new.family, &t, name, chain);
+        tx.add_rules(family, name, chain);
     }
     // 5. Removed sets and maps: the rules that used them were flushed above; removing the
     //    maps drops their references to chains...
     for (name, set) in &removed_sets {
-        let _ = writeln!(out, "delete {} {t} {name}", set.decl.keyword());
+        tx.push(Command::DeleteSet {
+            family,
+            name,
+            decl: &set.decl,
+        });
     }
     // 6. ...so that nothing refers to removed chains any more.
     for name in &removed_chains {
-        let _ = writeln!(out, "delete chain {t} {name}");
+        tx.push(Command::DeleteChain { family, name });
     }
     Some(())
-}
-
-fn add_set(out: &mut String, family: IpFamily, t: &str, name: &str, set: &Set) {
-    let _ = writeln!(
-        out,
-        "add {} {t} {name} {{ {} }}",
-        set.decl.keyword(),
-        set.decl.text(family)
-    );
-}
-
-fn add_chain(out: &mut String, t: &str, name: &str, chain: &Chain) {
-    match &chain.base {
-        Some(base) => {
-            let _ = writeln!(out, "add chain {t} {name} {{ {base} }}");
-        }
-        None => {
-            let _ = writeln!(out, "add chain {t} {name}");
-        }
-    }
-}
-
-fn add_rules(out: &mut String, family: IpFamily, t: &str, name: &str, chain: &Chain) {
-    for rule in &chain.rules {
-        let _ = writeln!(out, "add rule {t} {name} {}", rule.text(family));
-    }
-}
-
-fn add_elements<'a>(
-    out: &mut String,
-    t: &str,
-    name: &str,
-    elements: impl Iterator<Item = (&'a Key, &'a Value)>,
-) {
-    write_elements(out, "add", t, name, elements, true);
-}
-
-fn delete_elements<'a>(out: &mut String, t: &str, name: &str, keys: impl Iterator<Item = &'a Key>) {
-    write_elements(
-        out,
-        "delete",
-        t,
-        name,
-        keys.map(|k| (k, &Value::None)),
-        false,
-    );
-}
-
-fn write_elements<'a>(
-    out: &mut String,
-    verb: &str,
-    t: &str,
-    name: &str,
-    elements: impl Iterator<Item = (&'a Key, &'a Value)>,
-    with_values: bool,
-) {
-    let mut in_line = 0;
-    for (key, value) in elements {
-        if in_line == 0 {
-            let _ = write!(out, "{verb} element {t} {name} {{ ");
-        } else {
-            out.push_str(", ");
-        }
-        let _ = write!(out, "{key}");
-        if with_values && *value != Value::None {
-            let _ = write!(out, " : {value}");
-        }
-        in_line += 1;
-        if in_line == ELEMENT_CHUNK {
-            out.push_str(" }\n");
-            in_line = 0;
-        }
-    }
-    if in_line > 0 {
-        out.push_str(" }\n");
-    }
 }
 
 #[cfg(test)]
@@ -503,7 +720,7 @@ add element ip strake-proxy endpoints { 10.96.0.2 . tcp . 80 . 0 : 10.244.2.2 . 
 
     #[test]
     fn huge_element_lists_are_chunked() {
-        let mut out = String::new();
+        let mut tx = Transaction::default();
         let drop = Value::Verdict(crate::nft::objects::Verdict::Drop);
         let elements: BTreeMap<Key, Value> = (0..2500)
             .map(|i| {
@@ -513,12 +730,8 @@ add element ip strake-proxy endpoints { 10.96.0.2 . tcp . 80 . 0 : 10.244.2.2 . 
                 )
             })
             .collect();
-        add_elements(
-            &mut out,
-            "ip strake-proxy",
-            "service-nodeports",
-            elements.iter(),
-        );
+        tx.add_elements(IpFamily::V4, "service-nodeports", elements.iter());
+        let out = tx.to_string();
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 3);
         assert_eq!(lines[0].matches(" : drop").count(), ELEMENT_CHUNK);
