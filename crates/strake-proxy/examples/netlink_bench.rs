@@ -24,7 +24,7 @@ use serde_json::json;
 use strake_proxy::config::Config;
 use strake_proxy::model::{self, Interner, ServiceObject, SliceObject};
 use strake_proxy::nft::netlink::NftNetlink;
-use strake_proxy::nft::netlink::encode::{self, Layouts};
+use strake_proxy::nft::netlink::text::{self as encode, Layouts};
 use strake_proxy::nft::ruleset::Ruleset;
 use strake_proxy::nft::sync::full_script;
 use strake_proxy::nft::{Nft, NftCommand};

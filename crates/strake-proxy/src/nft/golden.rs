@@ -17,10 +17,17 @@
 use std::fmt::Write as _;
 
 use crate::nft::ruleset::{Rules, Ruleset};
-use crate::nft::sync::{full_script, full_script_of, partial_script};
+use crate::nft::sync::{
+    Transaction, full_script, full_script_of, full_transaction_of, partial_script,
+    partial_transaction,
+};
 use crate::testutil::{Case, corpus};
 
 const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/nft/testdata/golden.nft");
+const GOLDEN_BATCHES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/src/nft/testdata/golden-batches.txt"
+);
 
 /// The ports of `new` replace those of `old` in `rules`, one by one, as the daemon does.
 fn update(rules: &mut Rules, old: &Case, new: &Case) {
@@ -36,6 +43,62 @@ fn update(rules: &mut Rules, old: &Case, new: &Case) {
             rules.update(before, Some(port));
         }
     }
+}
+
+/// Every transaction of the corpus, named: the full ones, then the partial ones between states.
+fn transactions(mut each: impl FnMut(String, &Transaction<'_>)) {
+    let cases = corpus();
+    for case in &cases {
+        let rules = case.rules();
+        each(
+            format!("full: {}", case.name),
+            &full_transaction_of(&rules.views()),
+        );
+    }
+    for (a, b) in [(0, 1), (1, 2), (2, 1), (1, 0), (0, 2)] {
+        let (old, new) = (&cases[a], &cases[b]);
+        let applied = Ruleset::build(&old.model(), &old.config);
+        let desired = Ruleset::build(&new.model(), &new.config);
+        let tx = partial_transaction(&applied, &desired).unwrap();
+        each(format!("diff: {} -> {}", old.name, new.name), &tx);
+    }
+}
+
+/// FNV-1a, 64 bits: a digest that needs no crate.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The netlink batch of every transaction of the corpus: its size and digest.
+fn batches() -> String {
+    let mut out = String::new();
+    transactions(|name, tx| {
+        let batch = crate::nft::netlink::encode::encode(tx, 1).unwrap();
+        let _ = writeln!(
+            out,
+            "{name}: {} bytes, {} messages, fnv1a {:016x}",
+            batch.bytes.len(),
+            batch.commands.len(),
+            fnv1a(&batch.bytes)
+        );
+    });
+    out
+}
+
+/// The batches the netlink backend sends for the corpus are the golden ones, byte for byte
+/// (as digests; the file was written when the typed encoder was proven to give the bytes of
+/// the text encoder before it). Integers in native byte order: a little-endian host's.
+#[test]
+#[cfg(target_endian = "little")]
+fn batches_are_the_golden_ones() {
+    let now = batches();
+    if std::env::var_os("STRAKE_UPDATE_GOLDEN").is_some() {
+        std::fs::write(GOLDEN_BATCHES, &now).unwrap();
+        return;
+    }
+    assert_eq!(now, std::fs::read_to_string(GOLDEN_BATCHES).unwrap());
 }
 
 /// Every script of the corpus, in one text.

@@ -53,7 +53,7 @@ pub enum NftError {
     Encode {
         /// The offending line.
         #[source]
-        source: netlink::encode::EncodeError,
+        source: netlink::text::EncodeError,
     },
     /// The netlink socket could not be opened, written or read.
     #[error("netlink: {op}")]

@@ -30,14 +30,15 @@
 
 pub mod encode;
 pub mod socket;
+pub mod text;
 pub mod wire;
 
 use std::path::PathBuf;
 use std::sync::Mutex;
 
 use crate::model::IpFamily;
-use crate::nft::netlink::encode::Layouts;
 use crate::nft::netlink::socket::Socket;
+use crate::nft::netlink::text::Layouts;
 use crate::nft::{Nft, NftCommand, NftError};
 
 /// One refused command of a batch.
@@ -129,7 +130,7 @@ impl Nft for NftNetlink {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut layouts = state.layouts.clone();
         let first_seq = state.seq.wrapping_add(1);
-        let batch = encode::compile(script, first_seq, &mut layouts)
+        let batch = text::compile(script, first_seq, &mut layouts)
             .map_err(|source| NftError::Encode { source })?;
         state.seq = first_seq.wrapping_add(batch.lines.len() as u32 + 1);
         if batch.lines.is_empty() {
@@ -158,7 +159,7 @@ impl Nft for NftNetlink {
     }
 }
 
-fn send(state: &mut State, batch: &encode::Batch, script: &str) -> Result<(), NftError> {
+fn send(state: &mut State, batch: &text::Batch, script: &str) -> Result<(), NftError> {
     let Some(socket) = state.socket.as_mut() else {
         return Err(NftError::Netlink {
             op: "open socket",

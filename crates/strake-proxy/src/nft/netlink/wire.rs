@@ -230,7 +230,7 @@ impl Writer {
     pub fn data_verdict(&mut self, ty: u16, verdict: &Verdict) {
         let n = self.open(ty);
         let v = self.open(attr::DATA_VERDICT);
-        self.u32(attr::VERDICT_CODE, verdict.code() as u32);
+        self.u32(attr::VERDICT_CODE, verdict_code(verdict) as u32);
         if let Some(chain) = verdict.chain() {
             self.str(attr::VERDICT_CHAIN, chain);
         }
@@ -239,36 +239,15 @@ impl Writer {
     }
 }
 
-/// A verdict, as in rules and verdict maps.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// `accept`.
-    Accept,
-    /// `drop`.
-    Drop,
-    /// `return`.
-    Return,
-    /// `jump CHAIN`.
-    Jump(String),
-    /// `goto CHAIN`.
-    Goto(String),
-}
+pub use crate::nft::objects::Verdict;
 
-impl Verdict {
-    fn code(&self) -> i32 {
-        match self {
-            Verdict::Drop => 0,
-            Verdict::Accept => 1,
-            Verdict::Jump(_) => -3,
-            Verdict::Goto(_) => -4,
-            Verdict::Return => -5,
-        }
-    }
-
-    fn chain(&self) -> Option<&str> {
-        match self {
-            Verdict::Jump(c) | Verdict::Goto(c) => Some(c),
-            _ => None,
-        }
+/// The kernel's code of a verdict (`NF_DROP`, `NFT_JUMP`, ...).
+fn verdict_code(v: &Verdict) -> i32 {
+    match v {
+        Verdict::Drop => 0,
+        Verdict::Accept => 1,
+        Verdict::Jump(_) => -3,
+        Verdict::Goto(_) => -4,
+        Verdict::Return => -5,
     }
 }
