@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use strake_proxy::nft::netlink::encode::{Layouts, compile};
+use strake_proxy::nft::netlink::text::{Layouts, compile};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(script) = std::str::from_utf8(data) else {

@@ -22,11 +22,13 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::json;
 use strake_proxy::config::Config;
+use strake_proxy::model::IpFamily;
 use strake_proxy::model::{self, Interner, ServiceObject, SliceObject};
 use strake_proxy::nft::netlink::NftNetlink;
-use strake_proxy::nft::netlink::text::{self as encode, Layouts};
+use strake_proxy::nft::netlink::encode;
+use strake_proxy::nft::objects::{Key, Rule, Value, Verdict};
 use strake_proxy::nft::ruleset::Ruleset;
-use strake_proxy::nft::sync::full_script;
+use strake_proxy::nft::sync::{Command as Op, Transaction, full_transaction};
 use strake_proxy::nft::{Nft, NftCommand};
 use strake_proxy::programmer::{Changed, Programmer};
 
@@ -94,9 +96,9 @@ struct Timed<'a> {
 }
 
 impl Nft for Timed<'_> {
-    fn apply(&self, script: &str) -> Result<(), strake_proxy::nft::NftError> {
+    fn apply(&self, tx: &Transaction<'_>) -> Result<usize, strake_proxy::nft::NftError> {
         let (t, c) = (Instant::now(), cpu());
-        let result = self.inner.apply(script);
+        let result = self.inner.apply(tx);
         *self.last.lock().unwrap() = (t.elapsed(), cpu() - c);
         result
     }
@@ -168,7 +170,7 @@ impl std::fmt::Display for Sample {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "total {:.1?} (cpu {:.1?}), of which apply {:.1?} (cpu {:.1?}); {} bytes of script",
+            "total {:.1?} (cpu {:.1?}), of which apply {:.1?} (cpu {:.1?}); {} bytes sent",
             self.total, self.total_cpu, self.apply, self.apply_cpu, self.bytes
         )
     }
@@ -263,42 +265,77 @@ fn main() {
         );
         let r = Ruleset::build(&m, &bench.config);
         let t = Instant::now();
-        let script = full_script(&r);
-        let t_script = t.elapsed();
+        let tx = full_transaction(&r);
+        let t_plan = t.elapsed();
         let t = Instant::now();
-        let batch = encode::compile(&script, 1, &mut Layouts::new()).unwrap();
+        let batch = encode::encode(&tx, 1).unwrap();
+        let t_encode = t.elapsed();
+        let t = Instant::now();
+        let script = tx.to_string();
         println!(
-            "  of a full sync: script {t_script:?}, netlink encoding {:?} ({} bytes, {} messages)",
-            t.elapsed(),
+            "  of a full sync: transaction {t_plan:?}, netlink encoding {t_encode:?} ({} bytes, {} messages); as nft text {:?} ({} bytes)",
             batch.bytes.len(),
-            batch.lines.len()
+            batch.commands.len(),
+            t.elapsed(),
+            script.len(),
         );
     }
 
     if !text {
         // What the kernel charges for tiny transactions on a table this size.
-        for (what, script) in [
+        let v4 = IpFamily::V4;
+        let ip = Key::Addr("10.99.0.1".parse().unwrap());
+        let (drop, jump) = (
+            Rule::from(Verdict::Drop),
+            Rule::from(Verdict::jump("mark-for-masquerade")),
+        );
+        let chain = |name| Op::AddChain {
+            family: v4,
+            name,
+            base: None,
+        };
+        let rule = |rule| Op::AddRule {
+            family: v4,
+            chain: "probe",
+            rule,
+        };
+        let probes: [(&str, Vec<Op<'_>>); 6] = [
             (
                 "add a set element",
-                "add element ip strake-proxy cluster-ips { 10.99.0.1 }\n",
+                vec![Op::AddElements {
+                    family: v4,
+                    set: "cluster-ips",
+                    elements: vec![(&ip, &Value::None)],
+                }],
             ),
-            ("add an empty chain", "add chain ip strake-proxy probe\n"),
-            ("add a rule: drop", "add rule ip strake-proxy probe drop\n"),
-            (
-                "add a rule: jump",
-                "add rule ip strake-proxy probe jump mark-for-masquerade\n",
-            ),
+            ("add an empty chain", vec![chain("probe")]),
+            ("add a rule: drop", vec![rule(&drop)]),
+            ("add a rule: jump", vec![rule(&jump)]),
             (
                 "flush and delete the chain",
-                "flush chain ip strake-proxy probe\ndelete chain ip strake-proxy probe\n",
+                vec![
+                    Op::FlushChain {
+                        family: v4,
+                        name: "probe",
+                    },
+                    Op::DeleteChain {
+                        family: v4,
+                        name: "probe",
+                    },
+                ],
             ),
             (
                 "delete the set element",
-                "delete element ip strake-proxy cluster-ips { 10.99.0.1 }\n",
+                vec![Op::DeleteElements {
+                    family: v4,
+                    set: "cluster-ips",
+                    keys: vec![&ip],
+                }],
             ),
-        ] {
+        ];
+        for (what, commands) in probes {
             let (t, c) = (Instant::now(), cpu());
-            backend.apply(script).unwrap();
+            backend.apply(&Transaction { commands }).unwrap();
             println!(
                 "  kernel probe, {what}: {:.1?} (cpu {:.1?})",
                 t.elapsed(),

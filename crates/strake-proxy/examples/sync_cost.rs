@@ -14,15 +14,15 @@ use strake_proxy::config::Config;
 use strake_proxy::model;
 use strake_proxy::model::IpFamily;
 use strake_proxy::nft::ruleset::Ruleset;
-use strake_proxy::nft::sync::Syncer;
+use strake_proxy::nft::sync::{Syncer, Transaction};
 use strake_proxy::nft::{Nft, NftError};
 
-/// Accepts every script without running anything.
+/// Accepts every transaction without sending anything.
 struct NullNft;
 
 impl Nft for NullNft {
-    fn apply(&self, _script: &str) -> Result<(), NftError> {
-        Ok(())
+    fn apply(&self, _tx: &Transaction<'_>) -> Result<usize, NftError> {
+        Ok(0)
     }
 
     fn list_table(&self, _family: IpFamily, _name: &str) -> Result<String, NftError> {

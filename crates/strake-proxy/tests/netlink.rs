@@ -1,6 +1,7 @@
 //! The netlink backend against the real kernel, in network namespaces these tests create
-//! (needs root): it must build the same tables as `nft -f` does from the same sync scripts,
-//! keep the previous ruleset when the kernel refuses a batch, and touch only its own tables.
+//! (needs root): it must build the same tables as `nft -f` does from the same transactions
+//! (rendered as scripts for it), keep the previous ruleset when the kernel refuses a batch,
+//! and touch only its own tables.
 #![allow(clippy::unwrap_used)]
 
 use k8s_openapi::api::core::v1::Service;
@@ -10,9 +11,9 @@ use strake_integration::netns::NetNs;
 use strake_proxy::config::Config;
 use strake_proxy::model::{self, IpFamily};
 use strake_proxy::nft::netlink::NftNetlink;
-use strake_proxy::nft::objects::{Rule, Verdict};
+use strake_proxy::nft::objects::{Rule, Stmt, Verdict};
 use strake_proxy::nft::ruleset::Ruleset;
-use strake_proxy::nft::sync::{SyncError, Syncer};
+use strake_proxy::nft::sync::{Command, SyncError, Syncer, Transaction};
 use strake_proxy::nft::{Nft, NftCommand, NftError, TABLE};
 
 const NFT: &str = "/usr/sbin/nft";
@@ -399,14 +400,39 @@ fn cleanup_removes_only_the_proxy_tables() {
     );
 }
 
+/// Commands name no table but the proxy's own (see `Command`); a transaction that cannot be
+/// encoded is refused whole, before anything reaches the kernel.
 #[test]
-fn scripts_for_other_tables_are_refused_before_reaching_the_kernel() {
+fn a_transaction_that_cannot_be_encoded_sends_nothing() {
     let ns = NetNs::create("nlo").unwrap();
     ns.run(NFT, &["add", "table", "ip", "someone-else"])
         .unwrap();
     let nft = NftNetlink::in_netns(ns.path()).with_list_program(NFT);
-    let err = nft.apply("delete table ip someone-else\n").unwrap_err();
-    assert!(matches!(err, NftError::Encode { .. }), "{err:?}");
+    // An IPv6 endpoint in the IPv4 table, after a valid command.
+    let rule = Rule::new([Stmt::DnatTo("fd00::1".parse().unwrap(), 80)]);
+    let tx = Transaction {
+        commands: vec![
+            Command::AddTable(IpFamily::V4),
+            Command::AddChain {
+                family: IpFamily::V4,
+                name: "c",
+                base: None,
+            },
+            Command::AddRule {
+                family: IpFamily::V4,
+                chain: "c",
+                rule: &rule,
+            },
+        ],
+    };
+    let err = nft.apply(&tx).unwrap_err();
+    match &err {
+        NftError::Encode { source } => {
+            assert_eq!(source.line, 3, "{source}");
+            assert!(source.command.contains("dnat to [fd00::1]:80"), "{source}");
+        }
+        other => panic!("unexpected error {other:?}"),
+    }
     let out = ns.run(NFT, &["list", "tables"]).unwrap();
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),

@@ -1,10 +1,12 @@
-//! The nftables data plane: the desired ruleset ([`ruleset`]), the transactions that get it
-//! into the kernel ([`sync`]) and the [`Nft`] seam, the only code that touches the kernel's
-//! rules: [`netlink::NftNetlink`] (the default) or [`NftCommand`] (the `nft` program).
+//! The nftables data plane: the desired ruleset ([`ruleset`]) made of typed objects
+//! ([`objects`]), the transactions that get it into the kernel ([`sync`]) and the [`Nft`] seam,
+//! the only code that touches the kernel's rules: [`netlink::NftNetlink`] (the default) or
+//! [`NftCommand`] (the `nft` program).
 //!
-//! Transactions are written in nft's text syntax, whichever backend carries them: `nft -f`
-//! reads it directly, and the netlink backend compiles that (small, fixed) vocabulary into
-//! nf_tables messages the way nft linearises it, so both leave identical tables.
+//! Transactions are typed commands whichever backend carries them: the netlink backend
+//! encodes them as nf_tables messages the way nft linearises the same statements, and
+//! `nft -f` reads them rendered in its text syntax, so both leave identical tables. Text is
+//! only ever written (for `nft -f`, logs and tests), never parsed.
 //!
 //! Why not the `nftables` crate's JSON (`nft -j -f`): measured with `examples/syntax_bench.rs`
 //! at 10k Services x 10 endpoints (nft 1.0.6), the text full sync is generated in 0.07 s
@@ -30,6 +32,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use crate::model::IpFamily;
+use crate::nft::sync::Transaction;
 
 /// The name of both tables the proxy owns (`ip strake-proxy` and `ip6 strake-proxy`).
 pub const TABLE: &str = "strake-proxy";
@@ -48,12 +51,12 @@ pub enum NftError {
     /// `nft` (or `nsenter` wrapping it) could not run, or ran and failed.
     #[error(transparent)]
     Command(#[from] strake_types::command::CommandError),
-    /// The script holds a command the netlink backend cannot encode; nothing was sent.
+    /// The transaction holds a command the netlink backend cannot encode; nothing was sent.
     #[error("encode the transaction as netlink messages")]
     Encode {
-        /// The offending line.
+        /// The offending command.
         #[source]
-        source: netlink::text::EncodeError,
+        source: netlink::encode::EncodeError,
     },
     /// The netlink socket could not be opened, written or read.
     #[error("netlink: {op}")]
@@ -74,8 +77,9 @@ pub enum NftError {
 
 /// The seam to nftables: everything the proxy does to the kernel's rules goes through here.
 pub trait Nft: Send + Sync {
-    /// Applies `script` (nft text syntax) as one atomic transaction.
-    fn apply(&self, script: &str) -> Result<(), NftError>;
+    /// Applies `tx` as one atomic transaction. Returns the size of what was sent (the
+    /// netlink batch, or the script).
+    fn apply(&self, tx: &Transaction<'_>) -> Result<usize, NftError>;
 
     /// Lists one table in text syntax. For tests and diagnostics only: syncs never list.
     fn list_table(&self, family: IpFamily, name: &str) -> Result<String, NftError>;
@@ -152,8 +156,10 @@ impl NftCommand {
 }
 
 impl Nft for NftCommand {
-    fn apply(&self, script: &str) -> Result<(), NftError> {
-        self.run(&["-f", "/dev/stdin"], Some(script)).map(drop)
+    fn apply(&self, tx: &Transaction<'_>) -> Result<usize, NftError> {
+        let script = tx.to_string();
+        self.run(&["-f", "/dev/stdin"], Some(&script))?;
+        Ok(script.len())
     }
 
     fn rules_on_existing_data_maps(&self) -> bool {
@@ -165,7 +171,7 @@ impl Nft for NftCommand {
     }
 }
 
-/// A fake [`Nft`] that records scripts; can be told to fail.
+/// A fake [`Nft`] that records transactions as scripts; can be told to fail.
 #[cfg(test)]
 #[derive(Debug, Default)]
 pub(crate) struct RecordingNft {
@@ -182,7 +188,8 @@ impl RecordingNft {
 
 #[cfg(test)]
 impl Nft for RecordingNft {
-    fn apply(&self, script: &str) -> Result<(), NftError> {
+    fn apply(&self, tx: &Transaction<'_>) -> Result<usize, NftError> {
+        let script = tx.to_string();
         if self
             .fail_next
             .swap(false, std::sync::atomic::Ordering::SeqCst)
@@ -193,10 +200,11 @@ impl Nft for RecordingNft {
             )
             .into());
         }
+        let bytes = script.len();
         if let Ok(mut s) = self.scripts.lock() {
-            s.push(script.to_string());
+            s.push(script);
         }
-        Ok(())
+        Ok(bytes)
     }
 
     fn list_table(&self, _family: IpFamily, _name: &str) -> Result<String, NftError> {

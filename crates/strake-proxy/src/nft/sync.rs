@@ -43,7 +43,8 @@ pub enum SyncError {
 pub struct SyncReport {
     /// Whether both tables were rewritten.
     pub full: bool,
-    /// Size of the script sent (0 when nothing changed and nothing was sent).
+    /// Size of what was sent: the netlink batch or the script (0 when nothing changed and
+    /// nothing was sent).
     pub bytes: usize,
     /// Commands in the transaction.
     pub commands: usize,
@@ -367,11 +368,10 @@ pub fn apply(nft: &dyn Nft, tx: &Transaction<'_>, full: bool) -> Result<SyncRepo
             commands: 0,
         });
     }
-    let script = tx.to_string();
-    match nft.apply(&script) {
-        Ok(()) => Ok(SyncReport {
+    match nft.apply(tx) {
+        Ok(bytes) => Ok(SyncReport {
             full,
-            bytes: script.len(),
+            bytes,
             commands: tx.commands.len(),
         }),
         Err(source) => Err(SyncError::ApplyRuleset {
@@ -466,7 +466,7 @@ pub fn cleanup_script() -> String {
 
 /// Removes the proxy's own tables (`--cleanup`) in one transaction.
 pub fn cleanup(nft: &dyn Nft) -> Result<(), NftError> {
-    nft.apply(&cleanup_script())
+    nft.apply(&cleanup_transaction()).map(drop)
 }
 
 /// The difference between two states as one transaction, or `None` when only a full sync can

@@ -2,8 +2,8 @@
 //! (`NFNL_MSG_BATCH_BEGIN` ... `END`), sent in one `sendmsg`, so the kernel applies it as one
 //! transaction or not at all. No `nft` process runs and nothing is listed or dumped.
 //!
-//! [`encode`] compiles the sync script (the nft text [`crate::nft::sync`] writes) into
-//! messages, [`socket`] sends them and collects the kernel's answers, and [`wire`] holds the
+//! [`encode`] turns the typed transaction [`crate::nft::sync`] plans into messages,
+//! [`socket`] sends them and collects the kernel's answers, and [`wire`] holds the
 //! protocol's numbers. Hand-written rather than a crate: no Rust crate we found encodes
 //! `fib`, `numgen`, `dynset` and concatenated verdict-map keys, and `nftnl` needs the C
 //! library; the encoding itself is plain TLV.
@@ -14,13 +14,13 @@
 //!   attribute.
 //! - Answers: only the last command asks for an ACK; the kernel reports every refused message
 //!   (with its extended-ACK reason) and a refused commit against `BATCH_BEGIN`. Each refusal is
-//!   mapped back to its script line ([`NftError::Rejected`]); the kernel then keeps the previous
-//!   ruleset, and [`crate::nft::sync::Syncer`] makes the next sync full.
-//! - Set layouts: element keys are encoded from the set's declared type, which a partial sync
-//!   does not repeat; the backend remembers the declarations of the batches the kernel accepted
-//!   (a fresh backend refuses elements of sets it never declared, which costs one full sync).
-//! - Ownership: only `ip strake-proxy` and `ip6 strake-proxy` can be named; any other table is
-//!   refused before anything is sent.
+//!   mapped back to its command, rendered as the line of the equivalent script
+//!   ([`NftError::Rejected`]); the kernel then keeps the previous ruleset, and the next sync
+//!   is full.
+//! - Element keys and values are typed: they are encoded as they are, with no memory of the
+//!   sets' declarations between syncs.
+//! - Ownership: a command names no table but the family's own (`ip strake-proxy`,
+//!   `ip6 strake-proxy`): no other can be written.
 //!
 //! Measured with `examples/netlink_bench.rs`. What bounds a one-change sync at 10k Services is
 //! no longer nft but the kernel: a transaction that adds any rule, or a verdict-map element
@@ -38,13 +38,14 @@ use std::sync::Mutex;
 
 use crate::model::IpFamily;
 use crate::nft::netlink::socket::Socket;
-use crate::nft::netlink::text::Layouts;
+use crate::nft::sync::Transaction;
 use crate::nft::{Nft, NftCommand, NftError};
 
 /// One refused command of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
-    /// The script line (the whole transaction's commit when the kernel refused at commit).
+    /// The command, as a line of the equivalent script (`commit` when the kernel refused the
+    /// whole transaction at commit).
     pub command: String,
     /// The errno the kernel answered.
     pub errno: i32,
@@ -76,8 +77,6 @@ pub fn describe(refusals: &[Refusal]) -> String {
 #[derive(Debug, Default)]
 struct State {
     socket: Option<Socket>,
-    /// Sets the kernel holds, as far as this backend declared them.
-    layouts: Layouts,
     seq: u32,
 }
 
@@ -123,18 +122,16 @@ impl NftNetlink {
 }
 
 impl Nft for NftNetlink {
-    fn apply(&self, script: &str) -> Result<(), NftError> {
+    fn apply(&self, tx: &Transaction<'_>) -> Result<usize, NftError> {
         let mut state = self
             .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut layouts = state.layouts.clone();
         let first_seq = state.seq.wrapping_add(1);
-        let batch = text::compile(script, first_seq, &mut layouts)
-            .map_err(|source| NftError::Encode { source })?;
-        state.seq = first_seq.wrapping_add(batch.lines.len() as u32 + 1);
-        if batch.lines.is_empty() {
-            return Ok(());
+        let batch = encode::encode(tx, first_seq).map_err(|source| NftError::Encode { source })?;
+        state.seq = first_seq.wrapping_add(batch.commands.len() as u32 + 1);
+        if batch.commands.is_empty() {
+            return Ok(0);
         }
         if state.socket.is_none() {
             let socket =
@@ -144,14 +141,12 @@ impl Nft for NftNetlink {
                 })?;
             state.socket = Some(socket);
         }
-        let result = send(&mut state, &batch, script);
-        match &result {
-            Ok(()) => state.layouts = layouts,
+        let result = send(&mut state, &batch, tx);
+        if let Err(NftError::Netlink { .. }) = &result {
             // A broken socket is replaced on the next apply.
-            Err(NftError::Netlink { .. }) => state.socket = None,
-            Err(_) => {}
+            state.socket = None;
         }
-        result
+        result.map(|()| batch.bytes.len())
     }
 
     fn list_table(&self, family: IpFamily, name: &str) -> Result<String, NftError> {
@@ -159,7 +154,7 @@ impl Nft for NftNetlink {
     }
 }
 
-fn send(state: &mut State, batch: &text::Batch, script: &str) -> Result<(), NftError> {
+fn send(state: &mut State, batch: &encode::Batch, tx: &Transaction<'_>) -> Result<(), NftError> {
     let Some(socket) = state.socket.as_mut() else {
         return Err(NftError::Netlink {
             op: "open socket",
@@ -171,7 +166,6 @@ fn send(state: &mut State, batch: &text::Batch, script: &str) -> Result<(), NftE
     socket.drain().map_err(netlink("drain socket"))?;
     socket.send(&batch.bytes).map_err(netlink("send batch"))?;
     let answers = socket.drain().map_err(netlink("read answers"))?;
-    let lines: Vec<&str> = script.lines().collect();
     let mut refusals = Vec::new();
     let mut acked = false;
     for answer in &answers {
@@ -179,12 +173,11 @@ fn send(state: &mut State, batch: &text::Batch, script: &str) -> Result<(), NftE
             acked |= Some(answer.seq) == batch.last_seq;
             continue;
         }
-        let command = match batch.line_of(answer.seq) {
-            Some(line) => format!(
-                "line {}: {}",
-                line + 1,
-                lines.get(line).copied().unwrap_or_default().trim()
-            ),
+        let command = match batch.command_of(answer.seq) {
+            Some(i) => match tx.commands.get(i) {
+                Some(command) => format!("line {}: {command}", i + 1),
+                None => format!("line {}", i + 1),
+            },
             None => "commit".to_string(),
         };
         refusals.push(Refusal {
