@@ -957,113 +957,883 @@ fn prefix_mask(prefix: u32, len: usize) -> Vec<u8> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::nft::netlink::text;
+    use crate::nft::objects::{AddrValue, Syntax as _};
     use crate::nft::ruleset::Ruleset;
-    use crate::nft::sync::{full_transaction_of, partial_transaction};
-    use crate::testutil::corpus;
 
-    /// Encodes `tx` both ways: from the typed commands, and by parsing its text with the
-    /// encoder that came before (`layouts`: the sets the kernel holds, for the latter).
-    fn both(tx: &Transaction<'_>, layouts: &mut text::Layouts) -> (Batch, text::Batch) {
-        let typed = encode(tx, 7).unwrap();
-        let parsed = text::compile(&tx.to_string(), 7, layouts).unwrap();
-        (typed, parsed)
+    /// Attributes of a netlink attribute stream: (type without flags, payload).
+    fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
+        let mut out = Vec::new();
+        while b.len() >= 4 {
+            let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
+            let ty = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff;
+            out.push((ty, &b[4..len]));
+            b = &b[((len + 3) & !3).min(b.len())..];
+        }
+        out
     }
 
-    fn assert_same(what: &str, typed: &Batch, parsed: &text::Batch) {
-        assert_eq!(typed.last_seq, parsed.last_seq, "{what}");
-        assert_eq!(typed.commands, parsed.lines, "{what}");
-        if typed.bytes != parsed.bytes {
-            let at = typed
-                .bytes
-                .iter()
-                .zip(&parsed.bytes)
-                .position(|(a, b)| a != b)
-                .unwrap_or(typed.bytes.len().min(parsed.bytes.len()));
-            panic!(
-                "{what}: batches differ at byte {at} of {}/{}",
-                typed.bytes.len(),
-                parsed.bytes.len()
-            );
+    fn get<'a>(a: &[(u16, &'a [u8])], ty: u16) -> Option<&'a [u8]> {
+        a.iter().find(|(t, _)| *t == ty).map(|(_, v)| *v)
+    }
+
+    fn be(a: &[(u16, &[u8])], ty: u16) -> u32 {
+        u32::from_be_bytes(get(a, ty).unwrap().try_into().unwrap())
+    }
+
+    fn string(v: &[u8]) -> String {
+        String::from_utf8_lossy(v.split(|c| *c == 0).next().unwrap()).into_owned()
+    }
+
+    /// Data as libnftnl prints it: native-endian 32-bit words.
+    fn words(v: &[u8]) -> String {
+        v.chunks(4)
+            .map(|c| {
+                let mut w = [0u8; 4];
+                w[..c.len()].copy_from_slice(c);
+                format!("0x{:08x}", u32::from_ne_bytes(w))
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn data(nested: &[u8]) -> String {
+        let a = attrs(nested);
+        if let Some(v) = get(&a, attr::DATA_VALUE) {
+            return words(v);
+        }
+        let v = attrs(get(&a, attr::DATA_VERDICT).unwrap());
+        let code = be(&v, attr::VERDICT_CODE) as i32;
+        let chain = get(&v, attr::VERDICT_CHAIN).map(string);
+        match (code, chain) {
+            (0, _) => "drop".into(),
+            (1, _) => "accept".into(),
+            (-5, _) => "return".into(),
+            (-3, Some(c)) => format!("jump -> {c}"),
+            (-4, Some(c)) => format!("goto -> {c}"),
+            other => panic!("verdict {other:?}"),
         }
     }
 
-    /// Over the whole corpus, full and partial, encoding the typed transaction gives the same
-    /// bytes as parsing its text did.
-    #[test]
-    fn typed_transactions_encode_as_their_text_did() {
-        let cases = corpus();
-        for case in &cases {
-            let rules = case.rules();
-            let views = rules.views();
-            let tx = full_transaction_of(&views);
-            let (typed, parsed) = both(&tx, &mut text::Layouts::new());
-            assert!(typed.commands.len() > 100, "{}", case.name);
-            assert_same(case.name, &typed, &parsed);
-        }
-        for (a, b) in [(0, 1), (1, 2), (2, 1), (1, 0), (0, 2)] {
-            let (old, new) = (&cases[a], &cases[b]);
-            let applied = Ruleset::build(&old.model(), &old.config);
-            let desired = Ruleset::build(&new.model(), &new.config);
-            let mut layouts = text::Layouts::new();
-            let full = crate::nft::sync::full_transaction(&applied);
-            text::compile(&full.to_string(), 1, &mut layouts).unwrap();
-            let tx = partial_transaction(&applied, &desired).unwrap();
-            let (typed, parsed) = both(&tx, &mut layouts);
-            assert_same(&format!("{} -> {}", old.name, new.name), &typed, &parsed);
-        }
+    /// One rule message rendered like `nft --debug=netlink` prints it (libnftnl's format).
+    fn render(message: &[u8]) -> Vec<String> {
+        let top = attrs(&message[20..]);
+        let exprs = attrs(get(&top, attr::RULE_EXPRESSIONS).unwrap());
+        exprs
+            .iter()
+            .map(|(_, e)| {
+                let e = attrs(e);
+                let name = string(get(&e, attr::EXPR_NAME).unwrap());
+                let d = attrs(get(&e, attr::EXPR_DATA).unwrap());
+                let text = match name.as_str() {
+                    "payload" => format!(
+                        "payload load {}b @ {} header + {} => reg {}",
+                        be(&d, 4),
+                        ["link", "network", "transport"][be(&d, 2) as usize],
+                        be(&d, 3),
+                        be(&d, 1)
+                    ),
+                    "meta" => {
+                        let key = match be(&d, 2) {
+                            3 => "mark",
+                            16 => "l4proto",
+                            k => panic!("meta key {k}"),
+                        };
+                        match get(&d, 1) {
+                            Some(_) => format!("meta load {key} => reg {}", be(&d, 1)),
+                            None => format!("meta set {key} with reg {}", be(&d, 3)),
+                        }
+                    }
+                    "cmp" => format!(
+                        "cmp {} reg {} {}",
+                        ["eq", "neq"][be(&d, 2) as usize],
+                        be(&d, 1),
+                        data(get(&d, 3).unwrap())
+                    ),
+                    "bitwise" => format!(
+                        "bitwise reg {} = ( reg {} & {} ) ^ {}",
+                        be(&d, 2),
+                        be(&d, 1),
+                        data(get(&d, 4).unwrap()),
+                        data(get(&d, 5).unwrap())
+                    ),
+                    "immediate" => {
+                        format!("immediate reg {} {}", be(&d, 1), data(get(&d, 2).unwrap()))
+                    }
+                    "lookup" => {
+                        let mut s = format!(
+                            "lookup reg {} set {}",
+                            be(&d, 2),
+                            string(get(&d, 1).unwrap())
+                        );
+                        if get(&d, 3).is_some() {
+                            s.push_str(&format!(" dreg {}", be(&d, 3)));
+                        }
+                        if get(&d, 5).is_some() {
+                            s.push_str(&format!(" 0x{:x}", be(&d, 5)));
+                        }
+                        s
+                    }
+                    "ct" => format!("ct load state => reg {}", be(&d, 1)),
+                    "fib" => format!(
+                        "fib {} type => reg {}",
+                        if be(&d, 3) == 1 { "saddr" } else { "daddr" },
+                        be(&d, 1)
+                    ),
+                    "numgen" => format!(
+                        "numgen reg {} = {} mod {}",
+                        be(&d, 1),
+                        if be(&d, 3) == 1 { "random" } else { "inc" },
+                        be(&d, 2)
+                    ),
+                    "dynset" => format!(
+                        "dynset update reg_key {} set {}",
+                        be(&d, 4),
+                        string(get(&d, 1).unwrap())
+                    ),
+                    "nat" => format!(
+                        "nat dnat {} addr_min reg {} proto_min reg {} flags 0x{:x}",
+                        if be(&d, 2) == 2 { "ip" } else { "ip6" },
+                        be(&d, 3),
+                        be(&d, 5),
+                        be(&d, 7)
+                    ),
+                    "masq" => format!("masq flags 0x{:x}", be(&d, 1)),
+                    "reject" => {
+                        format!("reject type {} code {}", be(&d, 1), get(&d, 2).unwrap()[0])
+                    }
+                    other => panic!("expression {other}"),
+                };
+                format!("[ {text} ]")
+            })
+            .collect()
     }
 
-    #[test]
-    fn large_element_lists_are_split_into_messages_of_one_batch() {
-        let (svc, sl) = crate::testutil::simple("default", "big", "10.96.0.1", &[]);
-        let mut rs = Ruleset::build(
-            &crate::testutil::model_of(&[svc], &[sl]),
-            &crate::testutil::config(),
-        );
-        let ips = rs.v4.sets.get_mut("service-ips").unwrap();
-        for i in 0..5000u32 {
-            ips.elements.insert(
-                Key::AddrProtoPort(
-                    std::net::Ipv4Addr::from(0x0a60_0000 + i).into(),
-                    Protocol::Tcp,
-                    80,
-                ),
-                Value::Verdict(Verdict::goto("svc-default/some-long-service-name/tcp/http")),
-            );
+    /// The messages of a batch, BEGIN and END included.
+    fn messages(bytes: &[u8]) -> Vec<&[u8]> {
+        let mut out = Vec::new();
+        let mut b = bytes;
+        while !b.is_empty() {
+            let len = u32::from_ne_bytes(b[..4].try_into().unwrap()) as usize;
+            out.push(&b[..len]);
+            b = &b[len..];
         }
-        let tx = crate::nft::sync::full_transaction(&rs);
-        let (typed, parsed) = both(&tx, &mut text::Layouts::new());
-        assert_same("5000 elements", &typed, &parsed);
-        let element_messages = typed.commands.windows(2).filter(|w| w[0] == w[1]).count();
-        assert!(element_messages > 1, "{element_messages}");
+        out
     }
 
-    #[test]
-    fn what_the_kernel_cannot_take_is_refused_with_its_command() {
-        let name = "c".repeat(70_000);
-        let tx = Transaction {
-            commands: vec![
-                Command::AddTable(IpFamily::V4),
-                Command::AddChain {
-                    family: IpFamily::V4,
-                    name: &name,
-                    base: None,
-                },
-            ],
+    fn tx<'a>(commands: Vec<Command<'a>>) -> Transaction<'a> {
+        Transaction { commands }
+    }
+
+    /// One rule's expressions as `nft --debug=netlink` prints them.
+    fn linearised(family: IpFamily, rule: &Rule) -> Vec<String> {
+        let batch = encode(
+            &tx(vec![Command::AddRule {
+                family,
+                chain: "c",
+                rule,
+            }]),
+            100,
+        )
+        .unwrap();
+        let msgs = messages(&batch.bytes);
+        assert_eq!(msgs.len(), 3);
+        render(msgs[1])
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn addr(addr: Addr, neq: bool, value: &str) -> Stmt {
+        let value = match value.parse::<ipnet::IpNet>() {
+            Ok(net) => AddrValue::Net(net),
+            Err(_) => AddrValue::Addr(ip(value)),
         };
-        let e = encode(&tx, 1).unwrap_err();
+        Stmt::AddrCmp { addr, neq, value }
+    }
+
+    fn lookup(key: &[Expr], neq: bool, set: &str) -> Stmt {
+        Stmt::Lookup {
+            key: key.into(),
+            neq,
+            set: set.into(),
+        }
+    }
+
+    fn vmap(key: &[Expr], map: &str) -> Stmt {
+        Stmt::Vmap {
+            key: key.into(),
+            map: map.into(),
+        }
+    }
+
+    fn verdict(v: Verdict) -> Stmt {
+        Stmt::Verdict(v)
+    }
+
+    /// What `nft --debug=netlink` (nft 1.0.6) printed for the same rules, given as text.
+    #[test]
+    fn rules_are_linearised_as_nft_does() {
+        use Addr::{Destination as Daddr, Source as Saddr};
+        use IpFamily::{V4, V6};
+        let daddr = Expr::Addr(Daddr);
+        let cases: Vec<(IpFamily, Vec<Stmt>, &str, &[&str])> = vec![
+            (
+                V4,
+                vec![vmap(&Expr::FRONTEND, "service-ips")],
+                "ip daddr . meta l4proto . th dport vmap @service-ips",
+                &[
+                    "[ payload load 4b @ network header + 16 => reg 1 ]",
+                    "[ meta load l4proto => reg 9 ]",
+                    "[ payload load 2b @ transport header + 2 => reg 10 ]",
+                    "[ lookup reg 1 set service-ips dreg 0 ]",
+                ],
+            ),
+            (
+                V4,
+                vec![
+                    Stmt::FibLocal(Daddr),
+                    addr(Daddr, true, "127.0.0.0/8"),
+                    vmap(&[Expr::L4proto, Expr::Dport], "service-nodeports"),
+                ],
+                "fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports",
+                &[
+                    "[ fib daddr type => reg 1 ]",
+                    "[ cmp eq reg 1 0x00000002 ]",
+                    "[ payload load 1b @ network header + 16 => reg 1 ]",
+                    "[ cmp neq reg 1 0x0000007f ]",
+                    "[ meta load l4proto => reg 1 ]",
+                    "[ payload load 2b @ transport header + 2 => reg 9 ]",
+                    "[ lookup reg 1 set service-nodeports dreg 0 ]",
+                ],
+            ),
+            (
+                V4,
+                vec![Stmt::CtStateNew, verdict(Verdict::jump("services"))],
+                "ct state new jump services",
+                &[
+                    "[ ct load state => reg 1 ]",
+                    "[ bitwise reg 1 = ( reg 1 & 0x00000008 ) ^ 0x00000000 ]",
+                    "[ cmp neq reg 1 0x00000000 ]",
+                    "[ immediate reg 0 jump -> services ]",
+                ],
+            ),
+            (
+                V4,
+                vec![Stmt::SetMark(MarkOp::Or, 0x4000)],
+                "meta mark set meta mark | 0x4000",
+                &[
+                    "[ meta load mark => reg 1 ]",
+                    "[ bitwise reg 1 = ( reg 1 & 0xffffbfff ) ^ 0x00004000 ]",
+                    "[ meta set mark with reg 1 ]",
+                ],
+            ),
+            (
+                V4,
+                vec![
+                    Stmt::Mark {
+                        mask: 0x4000,
+                        neq: false,
+                        value: 0,
+                    },
+                    verdict(Verdict::Return),
+                ],
+                "meta mark & 0x4000 == 0 return",
+                &[
+                    "[ meta load mark => reg 1 ]",
+                    "[ bitwise reg 1 = ( reg 1 & 0x00004000 ) ^ 0x00000000 ]",
+                    "[ cmp eq reg 1 0x00000000 ]",
+                    "[ immediate reg 0 return ]",
+                ],
+            ),
+            (
+                V4,
+                vec![Stmt::SetMark(MarkOp::Xor, 0x4000)],
+                "meta mark set meta mark ^ 0x4000",
+                &[
+                    "[ meta load mark => reg 1 ]",
+                    "[ bitwise reg 1 = ( reg 1 & 0xffffffff ) ^ 0x00004000 ]",
+                    "[ meta set mark with reg 1 ]",
+                ],
+            ),
+            (
+                V4,
+                vec![Stmt::Masquerade { fully_random: true }],
+                "masquerade fully-random",
+                &["[ masq flags 0x10 ]"],
+            ),
+            (
+                V4,
+                vec![
+                    lookup(&[Expr::Addr(Saddr), daddr], false, "hairpin"),
+                    Stmt::Masquerade { fully_random: true },
+                ],
+                "ip saddr . ip daddr @hairpin masquerade fully-random",
+                &[
+                    "[ payload load 4b @ network header + 12 => reg 1 ]",
+                    "[ payload load 4b @ network header + 16 => reg 9 ]",
+                    "[ lookup reg 1 set hairpin ]",
+                    "[ masq flags 0x10 ]",
+                ],
+            ),
+            (
+                V4,
+                vec![Stmt::L4proto(Protocol::Tcp), Stmt::Reject(Reject::TcpReset)],
+                "meta l4proto tcp reject with tcp reset",
+                &[
+                    "[ meta load l4proto => reg 1 ]",
+                    "[ cmp eq reg 1 0x00000006 ]",
+                    "[ reject type 1 code 0 ]",
+                ],
+            ),
+            (
+                V4,
+                vec![Stmt::Reject(Reject::HostUnreachable)],
+                "reject with icmp type host-unreachable",
+                &["[ reject type 0 code 1 ]"],
+            ),
+            (
+                V4,
+                vec![
+                    lookup(&[daddr], false, "cluster-ips"),
+                    Stmt::Reject(Reject::PortUnreachable),
+                ],
+                "ip daddr @cluster-ips reject",
+                &[
+                    "[ payload load 4b @ network header + 16 => reg 1 ]",
+                    "[ lookup reg 1 set cluster-ips ]",
+                    "[ reject type 0 code 3 ]",
+                ],
+            ),
+            (
+                V4,
+                vec![
+                    addr(Saddr, false, "10.244.1.1"),
+                    verdict(Verdict::jump("mark-for-masquerade")),
+                ],
+                "ip saddr 10.244.1.1 jump mark-for-masquerade",
+                &[
+                    "[ payload load 4b @ network header + 12 => reg 1 ]",
+                    "[ cmp eq reg 1 0x0101f40a ]",
+                    "[ immediate reg 0 jump -> mark-for-masquerade ]",
+                ],
+            ),
+            (
+                V4,
+                vec![Stmt::Update {
+                    set: "aff".into(),
+                    key: Saddr,
+                }],
+                "update @aff { ip saddr }",
+                &[
+                    "[ payload load 4b @ network header + 12 => reg 1 ]",
+                    "[ dynset update reg_key 1 set aff ]",
+                ],
+            ),
+            (
+                V4,
+                vec![
+                    Stmt::L4proto(Protocol::Tcp),
+                    Stmt::DnatTo(ip("10.244.1.1"), 8080),
+                ],
+                "meta l4proto tcp dnat to 10.244.1.1:8080",
+                &[
+                    "[ meta load l4proto => reg 1 ]",
+                    "[ cmp eq reg 1 0x00000006 ]",
+                    "[ immediate reg 1 0x0101f40a ]",
+                    "[ immediate reg 2 0x0000901f ]",
+                    "[ nat dnat ip addr_min reg 1 proto_min reg 2 flags 0x2 ]",
+                ],
+            ),
+            (
+                V4,
+                vec![
+                    addr(Daddr, false, "10.96.0.10"),
+                    Stmt::Dport(Protocol::Tcp, 80),
+                    addr(Saddr, true, "10.244.0.0/16"),
+                    verdict(Verdict::jump("mark-for-masquerade")),
+                ],
+                "ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade",
+                &[
+                    "[ payload load 4b @ network header + 16 => reg 1 ]",
+                    "[ cmp eq reg 1 0x0a00600a ]",
+                    "[ meta load l4proto => reg 1 ]",
+                    "[ cmp eq reg 1 0x00000006 ]",
+                    "[ payload load 2b @ transport header + 2 => reg 1 ]",
+                    "[ cmp eq reg 1 0x00005000 ]",
+                    "[ payload load 2b @ network header + 12 => reg 1 ]",
+                    "[ cmp neq reg 1 0x0000f40a ]",
+                    "[ immediate reg 0 jump -> mark-for-masquerade ]",
+                ],
+            ),
+            (
+                V4,
+                vec![
+                    Stmt::FibLocal(Saddr),
+                    verdict(Verdict::jump("mark-for-masquerade")),
+                ],
+                "fib saddr type local jump mark-for-masquerade",
+                &[
+                    "[ fib saddr type => reg 1 ]",
+                    "[ cmp eq reg 1 0x00000002 ]",
+                    "[ immediate reg 0 jump -> mark-for-masquerade ]",
+                ],
+            ),
+            (
+                V4,
+                vec![
+                    Stmt::Numgen {
+                        modulus: 2,
+                        value: 0,
+                    },
+                    verdict(Verdict::goto("ep")),
+                ],
+                "numgen random mod 2 0 goto ep",
+                &[
+                    "[ numgen reg 1 = random mod 2 ]",
+                    "[ cmp eq reg 1 0x00000000 ]",
+                    "[ immediate reg 0 goto -> ep ]",
+                ],
+            ),
+            (
+                V4,
+                vec![vmap(&[Expr::Numgen(17)], "eps")],
+                "numgen random mod 17 vmap @eps",
+                &[
+                    "[ numgen reg 1 = random mod 17 ]",
+                    "[ lookup reg 1 set eps dreg 0 ]",
+                ],
+            ),
+            (
+                V4,
+                vec![
+                    lookup(&[Expr::Addr(Saddr)], true, "fw"),
+                    verdict(Verdict::Drop),
+                ],
+                "ip saddr != @fw drop",
+                &[
+                    "[ payload load 4b @ network header + 12 => reg 1 ]",
+                    "[ lookup reg 1 set fw 0x1 ]",
+                    "[ immediate reg 0 drop ]",
+                ],
+            ),
+            (
+                V4,
+                vec![
+                    addr(Saddr, false, "10.240.0.0/12"),
+                    verdict(Verdict::jump("c")),
+                ],
+                "ip saddr 10.240.0.0/12 jump c",
+                &[
+                    "[ payload load 4b @ network header + 12 => reg 1 ]",
+                    "[ bitwise reg 1 = ( reg 1 & 0x0000f0ff ) ^ 0x00000000 ]",
+                    "[ cmp eq reg 1 0x0000f00a ]",
+                    "[ immediate reg 0 jump -> c ]",
+                ],
+            ),
+            (
+                V6,
+                vec![vmap(&Expr::FRONTEND, "service-ips")],
+                "ip6 daddr . meta l4proto . th dport vmap @service-ips",
+                &[
+                    "[ payload load 16b @ network header + 24 => reg 1 ]",
+                    "[ meta load l4proto => reg 2 ]",
+                    "[ payload load 2b @ transport header + 2 => reg 13 ]",
+                    "[ lookup reg 1 set service-ips dreg 0 ]",
+                ],
+            ),
+            (
+                V6,
+                vec![
+                    addr(Daddr, false, "fd00:96::9"),
+                    Stmt::Dport(Protocol::Tcp, 80),
+                    addr(Saddr, true, "fd00:244::/64"),
+                    verdict(Verdict::jump("c")),
+                ],
+                "ip6 daddr fd00:96::9 tcp dport 80 ip6 saddr != fd00:244::/64 jump c",
+                &[
+                    "[ payload load 16b @ network header + 24 => reg 1 ]",
+                    "[ cmp eq reg 1 0x960000fd 0x00000000 0x00000000 0x09000000 ]",
+                    "[ meta load l4proto => reg 1 ]",
+                    "[ cmp eq reg 1 0x00000006 ]",
+                    "[ payload load 2b @ transport header + 2 => reg 1 ]",
+                    "[ cmp eq reg 1 0x00005000 ]",
+                    "[ payload load 8b @ network header + 8 => reg 1 ]",
+                    "[ cmp neq reg 1 0x440200fd 0x00000000 ]",
+                    "[ immediate reg 0 jump -> c ]",
+                ],
+            ),
+            (
+                V6,
+                vec![
+                    addr(Saddr, false, "fd00:244::/60"),
+                    verdict(Verdict::jump("c")),
+                ],
+                "ip6 saddr fd00:244::/60 jump c",
+                &[
+                    "[ payload load 16b @ network header + 8 => reg 1 ]",
+                    "[ bitwise reg 1 = ( reg 1 & 0xffffffff 0xf0ffffff 0x00000000 0x00000000 ) ^ 0x00000000 0x00000000 0x00000000 0x00000000 ]",
+                    "[ cmp eq reg 1 0x440200fd 0x00000000 0x00000000 0x00000000 ]",
+                    "[ immediate reg 0 jump -> c ]",
+                ],
+            ),
+            (
+                V6,
+                vec![
+                    Stmt::L4proto(Protocol::Udp),
+                    Stmt::DnatTo(ip("fd00:244::1"), 80),
+                ],
+                "meta l4proto udp dnat to [fd00:244::1]:80",
+                &[
+                    "[ meta load l4proto => reg 1 ]",
+                    "[ cmp eq reg 1 0x00000011 ]",
+                    "[ immediate reg 1 0x440200fd 0x00000000 0x00000000 0x01000000 ]",
+                    "[ immediate reg 2 0x00005000 ]",
+                    "[ nat dnat ip6 addr_min reg 1 proto_min reg 2 flags 0x2 ]",
+                ],
+            ),
+            (
+                V6,
+                vec![Stmt::Reject(Reject::HostUnreachable)],
+                "reject with icmpv6 type addr-unreachable",
+                &["[ reject type 0 code 3 ]"],
+            ),
+            (
+                V6,
+                vec![Stmt::Reject(Reject::PortUnreachable)],
+                "reject",
+                &["[ reject type 0 code 4 ]"],
+            ),
+        ];
+        for (family, stmts, text, expected) in cases {
+            let rule = Rule(stmts);
+            assert_eq!(rule.text(family).to_string(), text);
+            assert_eq!(linearised(family, &rule), expected, "{family:?} {text}");
+        }
+    }
+
+    #[test]
+    fn batch_is_framed_and_only_the_last_command_asks_for_an_ack() {
+        let t = tx(vec![
+            Command::AddTable(IpFamily::V4),
+            Command::DeleteTable(IpFamily::V4),
+        ]);
+        assert_eq!(
+            t.to_string(),
+            "add table ip strake-proxy\ndelete table ip strake-proxy\n"
+        );
+        let batch = encode(&t, 7).unwrap();
+        let msgs = messages(&batch.bytes);
+        assert_eq!(msgs.len(), 4);
+        let header = |m: &[u8]| {
+            (
+                u16::from_ne_bytes(m[4..6].try_into().unwrap()),
+                u16::from_ne_bytes(m[6..8].try_into().unwrap()),
+                u32::from_ne_bytes(m[8..12].try_into().unwrap()),
+                m[16],
+                u16::from_be_bytes(m[18..20].try_into().unwrap()),
+            )
+        };
+        // BATCH_BEGIN for the nftables subsystem, AF_UNSPEC.
+        assert_eq!(header(msgs[0]), (0x10, NLM_F_REQUEST, 7, 0, 10));
+        assert_eq!(
+            header(msgs[1]),
+            (0x0a00, NLM_F_REQUEST | NLM_F_CREATE, 8, 2, 0)
+        );
+        assert_eq!(
+            header(msgs[2]),
+            (0x0a02, NLM_F_REQUEST | NLM_F_ACK, 9, 2, 0)
+        );
+        assert_eq!(header(msgs[3]), (0x11, NLM_F_REQUEST, 10, 0, 10));
+        assert_eq!(batch.last_seq, Some(9));
+        assert_eq!(
+            (
+                batch.command_of(8),
+                batch.command_of(9),
+                batch.command_of(7)
+            ),
+            (Some(0), Some(1), None)
+        );
+        // The table message: "strake-proxy\0" padded, then flags 0.
+        assert_eq!(
+            &msgs[1][20..],
+            b"\x11\x00\x01\x00strake-proxy\x00\x00\x00\x00\x08\x00\x02\x00\x00\x00\x00\x00"
+        );
+    }
+
+    fn elements_of(t: &Transaction<'_>) -> Vec<(Vec<u8>, Option<String>, u32)> {
+        let batch = encode(t, 1).unwrap();
+        let mut out = Vec::new();
+        for m in messages(&batch.bytes) {
+            if u16::from_ne_bytes(m[4..6].try_into().unwrap()) != 0x0a00 | msg::NEWSETELEM {
+                continue;
+            }
+            let top = attrs(&m[20..]);
+            for (_, e) in attrs(get(&top, attr::SET_ELEM_LIST_ELEMENTS).unwrap()) {
+                let e = attrs(e);
+                let key = attrs(get(&e, attr::SET_ELEM_KEY).unwrap());
+                let key = get(&key, attr::DATA_VALUE).unwrap().to_vec();
+                let value = get(&e, attr::SET_ELEM_DATA).map(data);
+                let flags =
+                    get(&e, attr::SET_ELEM_FLAGS).map_or(0, |_| be(&e, attr::SET_ELEM_FLAGS));
+                out.push((key, value, flags));
+            }
+        }
+        out
+    }
+
+    fn add<'a>(family: IpFamily, set: &'a str, elements: &'a [(Key, Value)]) -> Command<'a> {
+        Command::AddElements {
+            family,
+            set,
+            elements: elements.iter().map(|(k, v)| (k, v)).collect(),
+        }
+    }
+
+    #[test]
+    fn map_and_interval_elements_are_encoded_as_nft_does() {
+        // nft: "element 0100600a 00000006 00005000  : goto -> ep", "element 00000006 00008075".
+        let ips = [
+            (
+                Key::AddrProtoPort(ip("10.96.0.1"), Protocol::Tcp, 80),
+                Value::Verdict(Verdict::goto("ep")),
+            ),
+            (
+                Key::AddrProtoPort(ip("10.96.0.2"), Protocol::Udp, 53),
+                Value::Verdict(Verdict::Drop),
+            ),
+        ];
+        let ports = [(
+            Key::ProtoPort(Protocol::Tcp, 30080),
+            Value::Verdict(Verdict::goto("reject-chain")),
+        )];
+        let els = elements_of(&tx(vec![
+            add(IpFamily::V4, "service-ips", &ips),
+            add(IpFamily::V4, "service-nodeports", &ports),
+        ]));
+        assert_eq!(
+            els,
+            [
+                (
+                    vec![10, 96, 0, 1, 6, 0, 0, 0, 0, 80, 0, 0],
+                    Some("goto -> ep".into()),
+                    0
+                ),
+                (
+                    vec![10, 96, 0, 2, 17, 0, 0, 0, 0, 53, 0, 0],
+                    Some("drop".into()),
+                    0
+                ),
+                (
+                    vec![6, 0, 0, 0, 0x75, 0x80, 0, 0],
+                    Some("goto -> reject-chain".into()),
+                    0
+                ),
+            ]
+        );
+        // Prefixes: a start and an end (flag 1) element; a prefix reaching the end of the
+        // address space has no end. (nft: "element 0302010a : 0", "element 0402010a : 1 [end]")
+        let prefixes: Vec<(Key, Value)> = [
+            "10.1.2.3/32",
+            "203.0.113.0/24",
+            "255.255.255.0/24",
+            "0.0.0.0/0",
+        ]
+        .iter()
+        .map(|p| (Key::Prefix(p.parse().unwrap()), Value::None))
+        .collect();
+        let els = elements_of(&tx(vec![add(IpFamily::V4, "fw", &prefixes)]));
+        assert_eq!(
+            els,
+            [
+                (vec![10, 1, 2, 3], None, 0),
+                (vec![10, 1, 2, 4], None, 1),
+                (vec![203, 0, 113, 0], None, 0),
+                (vec![203, 0, 114, 0], None, 1),
+                (vec![255, 255, 255, 0], None, 0),
+                (vec![0, 0, 0, 0], None, 0),
+            ]
+        );
+        // typeof numgen keys are host-order integers; endpoint values address . port.
+        let slots = [(Key::Slot(1), Value::Verdict(Verdict::goto("x")))];
+        let endpoints = [(
+            Key::AddrProtoPortSlot(ip("fd00::1"), Protocol::Tcp, 80, 2),
+            Value::AddrPort(ip("fd00::2"), 8080),
+        )];
+        let els = elements_of(&tx(vec![
+            add(IpFamily::V6, "eps", &slots),
+            add(IpFamily::V6, "endpoints", &endpoints),
+        ]));
+        let mut endpoint_key = ip("fd00::1").to_string().len().to_ne_bytes().to_vec();
+        endpoint_key.clear();
+        endpoint_key.extend_from_slice(&addr_bytes(ip("fd00::1")));
+        endpoint_key.extend_from_slice(&[6, 0, 0, 0, 0, 80, 0, 0]);
+        endpoint_key.extend_from_slice(&2u32.to_ne_bytes());
+        assert_eq!(
+            els,
+            [
+                (1u32.to_ne_bytes().to_vec(), Some("goto -> x".into()), 0),
+                (
+                    endpoint_key,
+                    Some("0x000000fd 0x00000000 0x00000000 0x02000000 0x0000901f".into()),
+                    0
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn large_element_lists_are_split_into_messages_of_one_command() {
+        let elements: Vec<(Key, Value)> = (0..5000u32)
+            .map(|i| {
+                (
+                    Key::AddrProtoPort(
+                        std::net::Ipv4Addr::from(0x0a60_0000 + i).into(),
+                        Protocol::Tcp,
+                        80,
+                    ),
+                    Value::Verdict(Verdict::goto("svc-default/some-long-service-name/tcp/http")),
+                )
+            })
+            .collect();
+        let batch = encode(&tx(vec![add(IpFamily::V4, "m", &elements)]), 1).unwrap();
+        let msgs = messages(&batch.bytes);
+        assert!(msgs.len() - 2 > 1, "{}", msgs.len());
+        assert!(msgs.iter().all(|m| m.len() < 64 * 1024));
+        assert!(batch.commands.iter().all(|c| *c == 0));
+        assert_eq!(
+            elements_of(&tx(vec![add(IpFamily::V4, "m", &elements)])).len(),
+            5000
+        );
+    }
+
+    #[test]
+    fn set_declarations_carry_nft_key_types_and_flags() {
+        let mut aff = SetDecl::of_type([KeyPart::Ipv6], false);
+        aff.flags.dynamic = true;
+        aff.flags.timeout = true;
+        aff.timeout_secs = Some(10_800);
+        let decl = |family, decl| {
+            let batch = encode(
+                &tx(vec![Command::AddSet {
+                    family,
+                    name: "s",
+                    decl,
+                }]),
+                1,
+            )
+            .unwrap();
+            let msgs = messages(&batch.bytes);
+            attrs(&msgs[1][20..])
+                .into_iter()
+                .map(|(t, v)| (t, v.to_vec()))
+                .collect::<Vec<_>>()
+        };
+        let a = decl(IpFamily::V6, &aff);
+        let a: Vec<(u16, &[u8])> = a.iter().map(|(t, v)| (*t, v.as_slice())).collect();
+        assert_eq!(be(&a, attr::SET_FLAGS), 0x30);
+        assert_eq!(be(&a, attr::SET_KEY_TYPE), 8);
+        assert_eq!(be(&a, attr::SET_KEY_LEN), 16);
+        assert_eq!(
+            get(&a, attr::SET_TIMEOUT),
+            Some(&10_800_000u64.to_be_bytes()[..])
+        );
+        let map = SetDecl::of_type([KeyPart::Ipv4, KeyPart::Proto, KeyPart::Service], true);
+        let a = decl(IpFamily::V4, &map);
+        let a: Vec<(u16, &[u8])> = a.iter().map(|(t, v)| (*t, v.as_slice())).collect();
+        // (7 << 12) | (12 << 6) | 13, as nft shows 0x0000730d.
+        assert_eq!(be(&a, attr::SET_KEY_TYPE), 0x730d);
+        assert_eq!(be(&a, attr::SET_KEY_LEN), 12);
+        assert_eq!(be(&a, attr::SET_FLAGS), 0x8);
+        assert_eq!(be(&a, attr::SET_DATA_TYPE), 0xffff_ff00);
+        // A `typeof` the encoder has no nft user data for is refused, not guessed at.
+        let odd = SetDecl::of_typeof([Expr::Numgen(2)], SetData::Verdict);
+        let e = encode(
+            &tx(vec![Command::AddSet {
+                family: IpFamily::V4,
+                name: "odd",
+                decl: &odd,
+            }]),
+            1,
+        )
+        .unwrap_err();
+        assert!(e.reason.contains("typeof"), "{e}");
+        assert_eq!(
+            e.command,
+            "add map ip strake-proxy odd { typeof numgen random mod 2 : verdict ; }"
+        );
+    }
+
+    #[test]
+    fn base_chains_get_hook_priority_and_policy() {
+        let rs = Ruleset::build(&Default::default(), &crate::testutil::config());
+        let chain = &rs.v4.chains["filter-prerouting"];
+        let t = tx(vec![Command::AddChain {
+            family: IpFamily::V4,
+            name: "filter-prerouting",
+            base: chain.base.as_ref(),
+        }]);
+        assert_eq!(
+            t.to_string(),
+            "add chain ip strake-proxy filter-prerouting { type filter hook prerouting priority dstnat - 10 ; policy accept ; }\n"
+        );
+        let batch = encode(&t, 1).unwrap();
+        let a = attrs(&messages(&batch.bytes)[1][20..]);
+        assert_eq!(string(get(&a, attr::CHAIN_TYPE).unwrap()), "filter");
+        assert_eq!(be(&a, attr::CHAIN_POLICY), 1);
+        let hook = attrs(get(&a, attr::CHAIN_HOOK).unwrap());
+        assert_eq!(be(&hook, attr::HOOK_HOOKNUM), 0);
+        assert_eq!(be(&hook, attr::HOOK_PRIORITY) as i32, -110);
+    }
+
+    #[test]
+    fn an_attribute_past_64_kib_is_refused_not_wrapped() {
+        let mut w = Writer::new();
+        w.attr(1, &[0u8; 100]);
+        w.str(2, "short");
+        assert!(!w.overflowed());
+        w.attr(3, &vec![0u8; 70_000]);
+        assert!(
+            w.overflowed(),
+            "a 70,000-byte attribute fits no 16-bit length"
+        );
+        let mut nested = Writer::new();
+        let n = nested.open(4);
+        for _ in 0..20 {
+            nested.attr(5, &[0u8; 4000]);
+        }
+        nested.close(n);
+        assert!(nested.overflowed(), "a nest of 80,000 bytes");
+        // Through the encoder: a clear error naming the command, no batch.
+        let name = "c".repeat(70_000);
+        let t = tx(vec![
+            Command::AddTable(IpFamily::V4),
+            Command::AddChain {
+                family: IpFamily::V4,
+                name: &name,
+                base: None,
+            },
+        ]);
+        let e = encode(&t, 1).unwrap_err();
         assert_eq!(e.line, 2);
         assert!(e.reason.contains("65535"), "{e}");
-        let rule = Rule::new([Stmt::DnatTo("fd00::1".parse().unwrap(), 80)]);
-        let tx = Transaction {
-            commands: vec![Command::AddRule {
+    }
+
+    #[test]
+    fn values_of_the_other_family_are_refused() {
+        let rule = Rule::new([Stmt::DnatTo(ip("fd00::1"), 80)]);
+        let e = encode(
+            &tx(vec![Command::AddRule {
                 family: IpFamily::V4,
                 chain: "c",
                 rule: &rule,
-            }],
-        };
-        let e = encode(&tx, 1).unwrap_err();
+            }]),
+            1,
+        )
+        .unwrap_err();
+        assert!(e.reason.contains("family"), "{e}");
+        let keys = [(Key::Addr(ip("10.0.0.1")), Value::None)];
+        let e = encode(&tx(vec![add(IpFamily::V6, "s", &keys)]), 1).unwrap_err();
         assert!(e.reason.contains("family"), "{e}");
     }
 }

@@ -30,7 +30,6 @@
 
 pub mod encode;
 pub mod socket;
-pub mod text;
 pub mod wire;
 
 use std::path::PathBuf;
