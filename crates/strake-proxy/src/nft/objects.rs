@@ -649,25 +649,46 @@ impl Syntax for SetDecl {
     }
 }
 
-/// A set or map element's key. Every element of one set has the same kind of key.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A `numgen random mod N` value, as a key component. Two-byte aligned, so that the keys
+/// holding one stay 26 bytes rather than 28 (an endpoint map has an element per endpoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(C, packed(2))]
+pub struct Slot(pub u32);
+
+impl Slot {
+    /// The number.
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl fmt::Display for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.get().fmt(f)
+    }
+}
+
+/// A set or map element's key. Every element of one set has the same kind of key. Kept
+/// small and without heap (26 bytes): the maps hold one per endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Key {
     /// `ADDR` (`type ipv4_addr`).
     Addr(IpAddr),
     /// `ADDR/LEN` (`type ipv4_addr ; flags interval`).
     Prefix(IpNet),
-    /// `ADDR . ADDR`; boxed, being rare, so that it does not make every key larger.
-    AddrPair(Box<(IpAddr, IpAddr)>),
+    /// `ADDR . ADDR` with the same address twice (`type ipv4_addr . ipv4_addr`): a packet
+    /// from an address to itself, the only pair the ruleset looks up (hairpin traffic).
+    AddrTwice(IpAddr),
     /// `PROTO . PORT`.
     ProtoPort(Protocol, u16),
     /// `ADDR . PROTO . PORT`.
     AddrProtoPort(IpAddr, Protocol, u16),
     /// `PROTO . PORT . SLOT` (`typeof meta l4proto . th dport . numgen ...`).
-    ProtoPortSlot(Protocol, u16, u32),
+    ProtoPortSlot(Protocol, u16, Slot),
     /// `ADDR . PROTO . PORT . SLOT`.
-    AddrProtoPortSlot(IpAddr, Protocol, u16, u32),
+    AddrProtoPortSlot(IpAddr, Protocol, u16, Slot),
     /// `SLOT` (`typeof numgen ...`).
-    Slot(u32),
+    Slot(Slot),
 }
 
 impl fmt::Display for Key {
@@ -675,7 +696,7 @@ impl fmt::Display for Key {
         match self {
             Key::Addr(a) => a.fmt(f),
             Key::Prefix(n) => n.fmt(f),
-            Key::AddrPair(pair) => write!(f, "{} . {}", pair.0, pair.1),
+            Key::AddrTwice(a) => write!(f, "{a} . {a}"),
             Key::ProtoPort(p, port) => write!(f, "{} . {port}", p.nft_name()),
             Key::AddrProtoPort(a, p, port) => write!(f, "{a} . {} . {port}", p.nft_name()),
             Key::ProtoPortSlot(p, port, slot) => {
@@ -689,15 +710,23 @@ impl fmt::Display for Key {
     }
 }
 
-/// A map element's value (none for a set's).
+/// A map element's value (none for a set's). 24 bytes: an endpoint map holds one per
+/// endpoint, and verdicts (boxed) are the fewer.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Value {
     /// A set element's: nothing.
     None,
     /// A verdict map's.
-    Verdict(Verdict),
+    Verdict(Box<Verdict>),
     /// `ADDR . PORT`: an endpoint map's.
     AddrPort(IpAddr, u16),
+}
+
+impl Value {
+    /// A verdict map's value.
+    pub fn verdict(v: Verdict) -> Value {
+        Value::Verdict(Box::new(v))
+    }
 }
 
 impl fmt::Display for Value {
@@ -705,7 +734,7 @@ impl fmt::Display for Value {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Value::None => Ok(()),
-            Value::Verdict(v) => v.fmt(f),
+            Value::Verdict(v) => (**v).fmt(f),
             Value::AddrPort(a, port) => write!(f, "{a} . {port}"),
         }
     }
@@ -986,39 +1015,37 @@ mod tests {
         let keys = [
             (Key::Addr(ip("10.96.0.1")), "10.96.0.1"),
             (Key::Prefix("10.0.0.7/32".parse().unwrap()), "10.0.0.7/32"),
-            (
-                Key::AddrPair(Box::new((ip("fd00::1"), ip("fd00::1")))),
-                "fd00::1 . fd00::1",
-            ),
+            (Key::AddrTwice(ip("fd00::1")), "fd00::1 . fd00::1"),
             (Key::ProtoPort(Protocol::Udp, 30080), "udp . 30080"),
             (
                 Key::AddrProtoPort(ip("10.96.0.2"), Protocol::Tcp, 80),
                 "10.96.0.2 . tcp . 80",
             ),
             (
-                Key::ProtoPortSlot(Protocol::Sctp, 30080, 3),
+                Key::ProtoPortSlot(Protocol::Sctp, 30080, Slot(3)),
                 "sctp . 30080 . 3",
             ),
             (
-                Key::AddrProtoPortSlot(ip("fd00:96::9"), Protocol::Tcp, 80, 0),
+                Key::AddrProtoPortSlot(ip("fd00:96::9"), Protocol::Tcp, 80, Slot(0)),
                 "fd00:96::9 . tcp . 80 . 0",
             ),
-            (Key::Slot(16), "16"),
+            (Key::Slot(Slot(16)), "16"),
         ];
         for (key, text) in keys {
             assert_eq!(key.to_string(), text);
         }
         assert_eq!(Value::None.to_string(), "");
         assert_eq!(
-            Value::Verdict(Verdict::goto("cluster-2")).to_string(),
+            Value::verdict(Verdict::goto("cluster-2")).to_string(),
             "goto cluster-2"
         );
         assert_eq!(
             Value::AddrPort(ip("10.244.2.2"), 8080).to_string(),
             "10.244.2.2 . 8080"
         );
+        assert!(std::mem::size_of::<Value>() <= 24);
         assert!(
-            std::mem::size_of::<Key>() <= 32,
+            std::mem::size_of::<Key>() <= 26,
             "{}",
             std::mem::size_of::<Key>()
         );

@@ -46,7 +46,7 @@ use crate::nft::family_keyword;
 pub use crate::nft::objects::Chain;
 use crate::nft::objects::{
     Addr, AddrValue, BaseChain, ChainType, Expr, Hook, Key, KeyPart, MarkOp, NamedPriority,
-    Priority, Reject, Rule, SetData, SetDecl, Stmt, Value, Verdict,
+    Priority, Reject, Rule, SetData, SetDecl, Slot, Stmt, Value, Verdict,
 };
 
 /// Services with at most this many endpoints pick one with a rule ladder, larger ones with a
@@ -148,7 +148,7 @@ fn loopback(family: IpFamily) -> AddrValue {
 }
 
 fn goto_value(chain: &str) -> Value {
-    Value::Verdict(Verdict::goto(chain))
+    Value::verdict(Verdict::goto(chain))
 }
 
 fn jump(chain: &str) -> Stmt {
@@ -328,7 +328,7 @@ impl Claims {
         for (i, key, value) in frag.elements {
             if track {
                 let old = first(self.elements[i].get(&key));
-                self.touched_elements[i].entry(key.clone()).or_insert(old);
+                self.touched_elements[i].entry(key).or_insert(old);
             }
             claim(self.elements[i].entry(key).or_default(), owner, value);
         }
@@ -454,7 +454,7 @@ impl Claims {
             if let Some(set) = table.sets.get_mut(*name) {
                 set.elements = self.elements[i]
                     .iter()
-                    .filter_map(|(k, l)| Some((k.clone(), l.first()?.1.clone())))
+                    .filter_map(|(k, l)| Some((*k, l.first()?.1.clone())))
                     .collect();
             }
         }
@@ -520,14 +520,14 @@ impl Claims {
                         .entry(name.to_string())
                         .or_insert_with(|| decl.clone())
                         .elements
-                        .insert(key.clone(), v);
+                        .insert(key, v);
                 }
                 if let Some(v) = now {
                     new.sets
                         .entry(name.to_string())
                         .or_insert_with(|| decl.clone())
                         .elements
-                        .insert(key.clone(), v);
+                        .insert(key, v);
                 }
                 // A set whose elements changed must be in both, so that the difference is one
                 // of elements, not of sets.
@@ -982,7 +982,7 @@ impl<'a> Builder<'a> {
         } else {
             has_cluster_chain
         };
-        let no_endpoint_verdict = Value::Verdict(if sel.has_any {
+        let no_endpoint_verdict = Value::verdict(if sel.has_any {
             Verdict::Drop
         } else {
             Verdict::goto(REJECT_CHAIN)
@@ -1241,7 +1241,7 @@ impl<'a> Builder<'a> {
             // Should another port win this frontend, its own slots win too; ours beyond its
             // count stay unused.
             for (slot, ep) in endpoints.iter().enumerate() {
-                let slot = slot as u32;
+                let slot = Slot(slot as u32);
                 let slot_key = match &key {
                     Key::AddrProtoPort(ip, p, port) => Key::AddrProtoPortSlot(*ip, *p, *port, slot),
                     Key::ProtoPort(p, port) => Key::ProtoPortSlot(*p, *port, slot),
@@ -1335,11 +1335,7 @@ impl<'a> Builder<'a> {
         {
             return;
         }
-        self.element(
-            HAIRPIN,
-            Key::AddrPair(Box::new((ep.ip, ep.ip))),
-            Value::None,
-        );
+        self.element(HAIRPIN, Key::AddrTwice(ep.ip), Value::None);
     }
 
     /// Rules of the `svc-`/`local-` chain `chain`: masquerade marks, affinity checks, then a
@@ -1392,7 +1388,7 @@ impl<'a> Builder<'a> {
         );
         for (i, ep) in endpoints.iter().enumerate() {
             let target = format!("ep-{base}__{}", endpoint_suffix(ep));
-            self.element(&map, Key::Slot(i as u32), goto_value(&target));
+            self.element(&map, Key::Slot(Slot(i as u32)), goto_value(&target));
         }
         rules.push(Rule::new([Stmt::Vmap {
             key: [Expr::Numgen(endpoints.len() as u32)].into(),
@@ -1503,6 +1499,13 @@ mod tests {
         chain.split_once('-').is_some_and(|(kind, n)| {
             ["cluster", "external", "nodeport"].contains(&kind) && n.parse::<usize>().is_ok()
         })
+    }
+
+    /// A claimed element costs its hash table slot and nothing on the heap (bar a verdict):
+    /// the maps hold one per endpoint.
+    #[test]
+    fn claimed_elements_are_small() {
+        assert!(std::mem::size_of::<(Key, ClaimList<Value>)>() <= 72);
     }
 
     #[test]

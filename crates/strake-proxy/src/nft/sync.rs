@@ -721,7 +721,7 @@ add element ip strake-proxy endpoints { 10.96.0.2 . tcp . 80 . 0 : 10.244.2.2 . 
     #[test]
     fn huge_element_lists_are_chunked() {
         let mut tx = Transaction::default();
-        let drop = Value::Verdict(crate::nft::objects::Verdict::Drop);
+        let drop = Value::verdict(crate::nft::objects::Verdict::Drop);
         let elements: BTreeMap<Key, Value> = (0..2500)
             .map(|i| {
                 (

@@ -510,13 +510,12 @@ fn key_bytes(key: &Key, family: IpFamily) -> Res<Vec<u8>> {
             check_family(*ip, family)?;
             return Ok(addr_bytes(*ip));
         }
-        Key::Slot(slot) => return Ok(slot.to_ne_bytes().to_vec()),
+        Key::Slot(slot) => return Ok(slot.get().to_ne_bytes().to_vec()),
         Key::Prefix(_) => return Err("a prefix outside an interval".into()),
-        Key::AddrPair(pair) => {
-            check_family(pair.0, family)?;
-            check_family(pair.1, family)?;
-            part(&addr_bytes(pair.0));
-            part(&addr_bytes(pair.1));
+        Key::AddrTwice(ip) => {
+            check_family(*ip, family)?;
+            part(&addr_bytes(*ip));
+            part(&addr_bytes(*ip));
         }
         Key::ProtoPort(p, port) => {
             part(&[proto_number(*p)]);
@@ -531,14 +530,14 @@ fn key_bytes(key: &Key, family: IpFamily) -> Res<Vec<u8>> {
         Key::ProtoPortSlot(p, port, slot) => {
             part(&[proto_number(*p)]);
             part(&port.to_be_bytes());
-            part(&slot.to_ne_bytes());
+            part(&slot.get().to_ne_bytes());
         }
         Key::AddrProtoPortSlot(ip, p, port, slot) => {
             check_family(*ip, family)?;
             part(&addr_bytes(*ip));
             part(&[proto_number(*p)]);
             part(&port.to_be_bytes());
-            part(&slot.to_ne_bytes());
+            part(&slot.get().to_ne_bytes());
         }
     }
     Ok(out)
@@ -957,7 +956,7 @@ fn prefix_mask(prefix: u32, len: usize) -> Vec<u8> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::nft::objects::{AddrValue, Syntax as _};
+    use crate::nft::objects::{AddrValue, Slot, Syntax as _};
     use crate::nft::ruleset::Ruleset;
 
     /// Attributes of a netlink attribute stream: (type without flags, payload).
@@ -1596,16 +1595,16 @@ mod tests {
         let ips = [
             (
                 Key::AddrProtoPort(ip("10.96.0.1"), Protocol::Tcp, 80),
-                Value::Verdict(Verdict::goto("ep")),
+                Value::verdict(Verdict::goto("ep")),
             ),
             (
                 Key::AddrProtoPort(ip("10.96.0.2"), Protocol::Udp, 53),
-                Value::Verdict(Verdict::Drop),
+                Value::verdict(Verdict::Drop),
             ),
         ];
         let ports = [(
             Key::ProtoPort(Protocol::Tcp, 30080),
-            Value::Verdict(Verdict::goto("reject-chain")),
+            Value::verdict(Verdict::goto("reject-chain")),
         )];
         let els = elements_of(&tx(vec![
             add(IpFamily::V4, "service-ips", &ips),
@@ -1655,9 +1654,9 @@ mod tests {
             ]
         );
         // typeof numgen keys are host-order integers; endpoint values address . port.
-        let slots = [(Key::Slot(1), Value::Verdict(Verdict::goto("x")))];
+        let slots = [(Key::Slot(Slot(1)), Value::verdict(Verdict::goto("x")))];
         let endpoints = [(
-            Key::AddrProtoPortSlot(ip("fd00::1"), Protocol::Tcp, 80, 2),
+            Key::AddrProtoPortSlot(ip("fd00::1"), Protocol::Tcp, 80, Slot(2)),
             Value::AddrPort(ip("fd00::2"), 8080),
         )];
         let els = elements_of(&tx(vec![
@@ -1692,7 +1691,7 @@ mod tests {
                         Protocol::Tcp,
                         80,
                     ),
-                    Value::Verdict(Verdict::goto("svc-default/some-long-service-name/tcp/http")),
+                    Value::verdict(Verdict::goto("svc-default/some-long-service-name/tcp/http")),
                 )
             })
             .collect();
