@@ -28,7 +28,7 @@ use strake_proxy::nft::netlink::NftNetlink;
 use strake_proxy::nft::netlink::encode;
 use strake_proxy::nft::objects::{Key, Rule, Value, Verdict};
 use strake_proxy::nft::ruleset::Ruleset;
-use strake_proxy::nft::sync::{Command as Op, Transaction, full_transaction};
+use strake_proxy::nft::transaction::{Command as Op, Transaction, full_transaction};
 use strake_proxy::nft::{Nft, NftCommand};
 use strake_proxy::programmer::{Changed, Programmer};
 
@@ -136,7 +136,7 @@ impl Bench<'_> {
 
     fn timed(
         &mut self,
-        sync: impl FnOnce(&mut Programmer, &dyn Nft) -> strake_proxy::nft::sync::SyncReport,
+        sync: impl FnOnce(&mut Programmer, &dyn Nft) -> strake_proxy::nft::transaction::SyncReport,
     ) -> Sample {
         let (t, c) = (Instant::now(), cpu());
         *self.nft.last.lock().unwrap() = (Duration::ZERO, Duration::ZERO);

@@ -14,7 +14,7 @@ use strake_proxy::config::Config;
 use strake_proxy::model;
 use strake_proxy::model::IpFamily;
 use strake_proxy::nft::ruleset::Ruleset;
-use strake_proxy::nft::sync::{Syncer, Transaction};
+use strake_proxy::nft::transaction::{Syncer, Transaction};
 use strake_proxy::nft::{Nft, NftError};
 
 /// Accepts every transaction without sending anything.

@@ -26,7 +26,7 @@ use nftables::types::NfFamily;
 use strake_proxy::config::Config;
 use strake_proxy::model::{Endpoint, Model, NodeInfo, Protocol, ServicePort, ServicePortName};
 use strake_proxy::nft::ruleset::Ruleset;
-use strake_proxy::nft::sync::{Syncer, full_script};
+use strake_proxy::nft::transaction::{Syncer, full_script};
 use strake_proxy::nft::{Nft, NftCommand};
 
 struct Netns(String);

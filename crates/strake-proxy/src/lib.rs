@@ -183,7 +183,7 @@ impl App {
 
 /// Removes the proxy's own nftables tables (`--cleanup`); no API server needed.
 pub fn cleanup(nft: &dyn Nft) -> Result<(), Error> {
-    nft::sync::cleanup(nft).map_err(|source| Error::Cleanup { source })?;
+    nft::transaction::cleanup(nft).map_err(|source| Error::Cleanup { source })?;
     tracing::info!("removed tables ip/ip6 {}", nft::TABLE);
     Ok(())
 }

@@ -21,7 +21,9 @@ use crate::model::{
 };
 use crate::nft::Nft;
 use crate::nft::ruleset::Rules;
-use crate::nft::sync::{SyncError, SyncReport, apply, full_transaction_of, partial_transaction};
+use crate::nft::transaction::{
+    SyncError, SyncReport, apply, full_transaction_of, partial_transaction,
+};
 
 /// `(namespace, name)`.
 pub type Key = (String, String);
@@ -440,8 +442,8 @@ mod tests {
             );
             // A full sync writes from the claims without copying them, the same script.
             assert_eq!(
-                crate::nft::sync::full_script_of(&rules.views()),
-                crate::nft::sync::full_script(&rules.materialize()),
+                crate::nft::transaction::full_script_of(&rules.views()),
+                crate::nft::transaction::full_script(&rules.materialize()),
                 "step {i}"
             );
         }

@@ -33,7 +33,7 @@ use strake_proxy::conntrack::{self, ConntrackCommand, Deletion, UdpState};
 use strake_proxy::model::{self, IpFamily};
 use strake_proxy::nft::netlink::NftNetlink;
 use strake_proxy::nft::ruleset::Ruleset;
-use strake_proxy::nft::sync::Syncer;
+use strake_proxy::nft::transaction::Syncer;
 use strake_proxy::nft::{Nft, TABLE};
 use strake_proxy::programmer::Programmer;
 

@@ -13,7 +13,7 @@ use strake_proxy::model::{self, IpFamily};
 use strake_proxy::nft::netlink::NftNetlink;
 use strake_proxy::nft::objects::{Rule, Stmt, Verdict};
 use strake_proxy::nft::ruleset::Ruleset;
-use strake_proxy::nft::sync::{Command, SyncError, Syncer, Transaction};
+use strake_proxy::nft::transaction::{Command, SyncError, Syncer, Transaction};
 use strake_proxy::nft::{Nft, NftCommand, NftError, TABLE};
 
 const NFT: &str = "/usr/sbin/nft";

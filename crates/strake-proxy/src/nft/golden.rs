@@ -7,7 +7,7 @@
 //! order of the elements within one `add element`/`delete element` command: typed keys sort
 //! as values (`10.96.0.2` before `10.96.0.10`), text keys sorted as text. Neither nft nor the
 //! kernel reads anything into that order, so the comparison sorts the elements of each such
-//! command (the corpus has fewer than [`crate::nft::sync::ELEMENT_CHUNK`] per set, one
+//! command (the corpus has fewer than [`crate::nft::transaction::ELEMENT_CHUNK`] per set, one
 //! command each).
 //!
 //! `STRAKE_UPDATE_GOLDEN=1 cargo test -p strake-proxy --lib golden` rewrites the file.
@@ -17,7 +17,7 @@
 use std::fmt::Write as _;
 
 use crate::nft::ruleset::{Rules, Ruleset};
-use crate::nft::sync::{
+use crate::nft::transaction::{
     Transaction, full_script, full_script_of, full_transaction_of, partial_script,
     partial_transaction,
 };

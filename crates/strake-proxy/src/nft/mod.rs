@@ -1,7 +1,7 @@
 //! The nftables data plane: the desired ruleset ([`ruleset`]) made of typed objects
-//! ([`objects`]), the transactions that get it into the kernel ([`sync`]) and the [`Nft`] seam,
-//! the only code that touches the kernel's rules: [`netlink::NftNetlink`] (the default) or
-//! [`NftCommand`] (the `nft` program).
+//! ([`objects`]), the transactions that get it into the kernel ([`transaction`]) and the
+//! [`Nft`] seam, the only code that touches the kernel's rules: [`netlink::NftNetlink`] (the
+//! default) or [`NftCommand`] (the `nft` program).
 //!
 //! Transactions are typed commands whichever backend carries them: the netlink backend
 //! encodes them as nf_tables messages the way nft linearises the same statements, and
@@ -25,14 +25,14 @@ mod golden;
 pub mod netlink;
 pub mod objects;
 pub mod ruleset;
-pub mod sync;
+pub mod transaction;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::Command;
 
 use crate::model::IpFamily;
-use crate::nft::sync::Transaction;
+use crate::nft::transaction::Transaction;
 
 /// The name of both tables the proxy owns (`ip strake-proxy` and `ip6 strake-proxy`).
 pub const TABLE: &str = "strake-proxy";

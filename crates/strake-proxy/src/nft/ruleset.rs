@@ -42,7 +42,6 @@ use std::net::IpAddr;
 
 use crate::config::Config;
 use crate::model::{Endpoint, IpFamily, Model, ServicePort, ServicePortName};
-use crate::nft::family_keyword;
 pub use crate::nft::objects::Chain;
 use crate::nft::objects::{
     Addr, AddrValue, BaseChain, ChainType, Expr, Hook, Key, KeyPart, MarkOp, NamedPriority,
@@ -629,7 +628,7 @@ impl Rules {
     }
 
     /// What changed since the last call: the touched objects before and after, as partial
-    /// rulesets (see [`crate::nft::sync::partial_script`]).
+    /// rulesets (see [`crate::nft::transaction::partial_transaction`]).
     pub fn take_delta(&mut self) -> (Ruleset, Ruleset) {
         let (old4, new4) = self.claims[0].take_delta(IpFamily::V4);
         let (old6, new6) = self.claims[1].take_delta(IpFamily::V6);
@@ -1438,11 +1437,6 @@ fn is_plain(svc: &ServicePort) -> bool {
     svc.affinity_timeout_secs.is_none() && !svc.internal_policy_local && !svc.external_local()
 }
 
-/// Renders the table keyword pair, e.g. `ip strake-proxy`.
-pub fn table_ref(family: IpFamily) -> String {
-    format!("{} {}", family_keyword(family), crate::nft::TABLE)
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -1874,9 +1868,12 @@ mod tests {
         for port in model.services.values() {
             rules.update(None, Some(port));
         }
-        let copied = crate::nft::sync::full_script(&rules.materialize());
+        let copied = crate::nft::transaction::full_script(&rules.materialize());
         assert!(copied.contains("eps-svc-default/big/tcp/http") && copied.contains("30081"));
-        assert_eq!(crate::nft::sync::full_script_of(&rules.views()), copied);
+        assert_eq!(
+            crate::nft::transaction::full_script_of(&rules.views()),
+            copied
+        );
     }
 
     #[test]

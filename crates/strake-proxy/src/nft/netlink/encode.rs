@@ -17,7 +17,7 @@ use crate::nft::objects::{
     Addr, AddrValue, BaseChain, ChainType, Expr, Key, KeyPart, MarkOp, Reject, Rule, SetData,
     SetDecl, SetKey, Stmt, Value, Verdict,
 };
-use crate::nft::sync::{Command, Transaction};
+use crate::nft::transaction::{Command, Transaction};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;

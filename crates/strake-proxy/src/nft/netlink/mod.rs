@@ -2,7 +2,7 @@
 //! (`NFNL_MSG_BATCH_BEGIN` ... `END`), sent in one `sendmsg`, so the kernel applies it as one
 //! transaction or not at all. No `nft` process runs and nothing is listed or dumped.
 //!
-//! [`encode`] turns the typed transaction [`crate::nft::sync`] plans into messages,
+//! [`encode`] turns the typed transaction [`crate::nft::transaction`] plans into messages,
 //! [`socket`] sends them and collects the kernel's answers, and [`wire`] holds the
 //! protocol's numbers. Hand-written rather than a crate: no Rust crate we found encodes
 //! `fib`, `numgen`, `dynset` and concatenated verdict-map keys, and `nftnl` needs the C
@@ -37,7 +37,7 @@ use std::sync::Mutex;
 
 use crate::model::IpFamily;
 use crate::nft::netlink::socket::Socket;
-use crate::nft::sync::Transaction;
+use crate::nft::transaction::Transaction;
 use crate::nft::{Nft, NftCommand, NftError};
 
 /// One refused command of a batch.
