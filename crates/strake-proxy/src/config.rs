@@ -136,13 +136,13 @@ pub struct Flags {
     pub nft_backend: NftBackend,
 }
 
-/// The [`crate::nft::Nft`] implementation the daemon uses (`--nft-backend`).
+/// Which nftables backend the daemon uses (`--nft-backend`; [`crate::nft::backend`] makes it).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum NftBackend {
-    /// [`crate::nft::netlink::NftNetlink`]: nf_tables netlink batches.
+    /// nf_tables netlink batches.
     #[default]
     Netlink,
-    /// [`crate::nft::NftCommand`]: `nft -f` with the same scripts.
+    /// `nft -f` with the same rules rendered as a script.
     Nft,
 }
 
@@ -152,16 +152,6 @@ impl std::fmt::Display for NftBackend {
             NftBackend::Netlink => "netlink",
             NftBackend::Nft => "nft",
         })
-    }
-}
-
-impl NftBackend {
-    /// The backend, programming the caller's network namespace.
-    pub fn build(self) -> std::sync::Arc<dyn crate::nft::Nft> {
-        match self {
-            NftBackend::Netlink => std::sync::Arc::new(crate::nft::netlink::NftNetlink::new()),
-            NftBackend::Nft => std::sync::Arc::new(crate::nft::NftCommand::new()),
-        }
     }
 }
 

@@ -93,7 +93,7 @@ impl std::fmt::Debug for App {
 impl App {
     /// Builds the API client and starts the health and metrics servers.
     pub async fn build(config: DaemonConfig) -> Result<Self, Error> {
-        let nft = config.nft_backend.build();
+        let nft = crate::nft::backend(config.nft_backend);
         Self::build_with(config, nft).await
     }
 

@@ -18,7 +18,7 @@ fn main() -> anyhow::Result<()> {
     cli.log.init()?;
     let config = DaemonConfig::load(&cli.flags)?;
     if config.cleanup {
-        strake_proxy::cleanup(config.nft_backend.build().as_ref())?;
+        strake_proxy::cleanup(strake_proxy::nft::backend(config.nft_backend).as_ref())?;
         return Ok(());
     }
     let rt = tokio::runtime::Runtime::new()?;

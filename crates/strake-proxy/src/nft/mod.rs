@@ -75,6 +75,14 @@ pub enum NftError {
     },
 }
 
+/// The backend `--nft-backend` names, programming the caller's network namespace.
+pub fn backend(kind: crate::config::NftBackend) -> std::sync::Arc<dyn Nft> {
+    match kind {
+        crate::config::NftBackend::Netlink => std::sync::Arc::new(netlink::NftNetlink::new()),
+        crate::config::NftBackend::Nft => std::sync::Arc::new(NftCommand::new()),
+    }
+}
+
 /// The seam to nftables: everything the proxy does to the kernel's rules goes through here.
 pub trait Nft: Send + Sync {
     /// Applies `tx` as one atomic transaction. Returns the size of what was sent (the
