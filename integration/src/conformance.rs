@@ -323,14 +323,13 @@ pub fn run(cluster: &Cluster, opts: &RunOptions, out: &mut dyn Write) -> Result<
         let (mut will_run, mut done, mut passed, mut failed) = (0usize, 0usize, 0usize, 0usize);
         let mut pending_failure = false;
         if let Some(stdout) = child.stdout.take() {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = writeln!(log, "{line}");
+            for_each_line(BufReader::new(stdout), |raw, line| {
+                let _ = log.write_all(raw);
                 if pending_failure && line.trim_start().starts_with('[') {
                     let _ = writeln!(out, "conformance:     FAILED {}", line.trim());
                     pending_failure = false;
                 }
-                match parse_progress(&line) {
+                match parse_progress(line) {
                     Some(Progress::WillRun(n)) => {
                         will_run = n;
                         let _ = writeln!(out, "conformance: phase {}: {n} specs", phase.name);
@@ -350,7 +349,7 @@ pub fn run(cluster: &Cluster, opts: &RunOptions, out: &mut dyn Write) -> Result<
                     }
                     None => {}
                 }
-            }
+            });
         }
         let status = child.wait().map_err(|source| Error::Spawn {
             program: ginkgo.display().to_string(),
@@ -372,6 +371,23 @@ pub fn run(cluster: &Cluster, opts: &RunOptions, out: &mut dyn Write) -> Result<
     Ok(total)
 }
 
+/// Calls `f` with each line of `r`, raw (with its newline) and as text (lossy, without it),
+/// until the end or a read error. A spec's output may hold any bytes (an API server's protobuf
+/// body in an error message): stopping at the first line that is not UTF-8 would close the
+/// pipe and kill ginkgo with SIGPIPE, losing its report.
+fn for_each_line(mut r: impl BufRead, mut f: impl FnMut(&[u8], &str)) {
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match r.read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let text = String::from_utf8_lossy(&buf);
+        f(&buf, text.trim_end_matches(['\n', '\r']));
+    }
+}
+
 fn write_failures(dir: &Path, s: &Summary) -> Result<()> {
     let path = dir.join("failures.txt");
     let mut text = String::new();
@@ -386,6 +402,21 @@ fn write_failures(dir: &Path, s: &Summary) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_that_are_not_utf8_are_passed_on_and_reading_goes_on() {
+        let input: &[u8] = b"first\nresponse: k8s\x00\x0a\x0c\xff\xfe v1Status}\nlast\n";
+        let mut raw = Vec::new();
+        let mut lines = Vec::new();
+        for_each_line(input, |r, l| {
+            raw.extend_from_slice(r);
+            lines.push(l.to_string());
+        });
+        assert_eq!(raw, input, "the log gets every byte");
+        assert_eq!(lines.first().map(String::as_str), Some("first"));
+        assert_eq!(lines.last().map(String::as_str), Some("last"));
+        assert_eq!(lines.len(), 4);
+    }
 
     #[test]
     fn node_network_phases_select_by_label_and_put_serial_last() {
