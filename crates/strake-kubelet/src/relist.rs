@@ -5,8 +5,9 @@
 //! `ListPodSandbox` + `ListContainers` pair. At 100 pods and steady state that
 //! is two CRI calls per second for the node instead of two per pod.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use strake_types::cri;
@@ -28,25 +29,76 @@ pub struct Snapshot {
     pub taken: Instant,
     pub sandboxes: Vec<cri::PodSandbox>,
     pub containers: Vec<cri::Container>,
+    /// Positions in the lists by pod UID, made by the first [`Snapshot::of_pod`]: every
+    /// worker looks up its own pod in the same listing, and a scan each would cost the node
+    /// pods x (sandboxes + containers) comparisons per period.
+    by_pod: OnceLock<HashMap<String, Share>>,
+}
+
+/// One pod's positions in a [`Snapshot`]'s lists.
+#[derive(Debug, Default)]
+struct Share {
+    sandboxes: Vec<usize>,
+    containers: Vec<usize>,
 }
 
 impl Snapshot {
+    /// A snapshot of these lists.
+    pub fn new(
+        number: u64,
+        taken: Instant,
+        sandboxes: Vec<cri::PodSandbox>,
+        containers: Vec<cri::Container>,
+    ) -> Self {
+        Snapshot {
+            number,
+            taken,
+            sandboxes,
+            containers,
+            by_pod: OnceLock::new(),
+        }
+    }
+
     /// The sandboxes and containers of pod `uid`.
     pub fn of_pod(&self, uid: &str) -> (Vec<&cri::PodSandbox>, Vec<&cri::Container>) {
-        let sandboxes = self
-            .sandboxes
-            .iter()
-            .filter(|s| {
-                s.metadata.as_ref().is_some_and(|m| m.uid == uid)
-                    || s.labels.get(POD_UID).is_some_and(|u| u == uid)
-            })
-            .collect();
-        let containers = self
-            .containers
-            .iter()
-            .filter(|c| c.labels.get(POD_UID).is_some_and(|u| u == uid))
-            .collect();
-        (sandboxes, containers)
+        let index = self.by_pod.get_or_init(|| self.index());
+        let Some(share) = index.get(uid) else {
+            return (Vec::new(), Vec::new());
+        };
+        (
+            share
+                .sandboxes
+                .iter()
+                .map(|&i| &self.sandboxes[i])
+                .collect(),
+            share
+                .containers
+                .iter()
+                .map(|&i| &self.containers[i])
+                .collect(),
+        )
+    }
+
+    /// A sandbox belongs to the pod its metadata or its pod-UID label names (both, if they
+    /// differ); a container to the one its label names.
+    fn index(&self) -> HashMap<String, Share> {
+        let mut index: HashMap<String, Share> = HashMap::new();
+        for (i, s) in self.sandboxes.iter().enumerate() {
+            let by_meta = s.metadata.as_ref().map(|m| m.uid.as_str());
+            let by_label = s.labels.get(POD_UID).map(String::as_str);
+            for uid in [by_meta, by_label.filter(|l| Some(*l) != by_meta)]
+                .into_iter()
+                .flatten()
+            {
+                index.entry(uid.to_string()).or_default().sandboxes.push(i);
+            }
+        }
+        for (i, c) in self.containers.iter().enumerate() {
+            if let Some(uid) = c.labels.get(POD_UID) {
+                index.entry(uid.clone()).or_default().containers.push(i);
+            }
+        }
+        index
     }
 }
 
@@ -92,12 +144,7 @@ impl Relist {
         let taken = Instant::now();
         let sandboxes = self.cri.list_sandboxes(None).await?;
         let containers = self.cri.list_containers(None).await?;
-        let snapshot = Arc::new(Snapshot {
-            number,
-            taken,
-            sandboxes,
-            containers,
-        });
+        let snapshot = Arc::new(Snapshot::new(number, taken, sandboxes, containers));
         *last = Some(snapshot.clone());
         Ok(snapshot)
     }
@@ -152,18 +199,31 @@ mod tests {
             labels: [(POD_UID.to_string(), uid.to_string())].into(),
             ..Default::default()
         };
-        let snap = Snapshot {
-            number: 1,
-            taken: Instant::now(),
-            sandboxes: vec![sandbox("s1", "a"), sandbox("s2", "b")],
-            containers: vec![
+        let mut labelled = sandbox("s3", "c");
+        labelled.labels.insert(POD_UID.to_string(), "d".to_string());
+        let snap = Snapshot::new(
+            1,
+            Instant::now(),
+            vec![sandbox("s1", "a"), sandbox("s2", "b"), labelled],
+            vec![
                 container("c1", "a"),
                 container("c2", "b"),
                 cri::Container::default(),
+                container("c3", "a"),
             ],
+        );
+        let ids = |uid: &str| {
+            let (s, c) = snap.of_pod(uid);
+            (
+                s.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+                c.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+            )
         };
-        let (s, c) = snap.of_pod("a");
-        assert_eq!(s.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["s1"]);
-        assert_eq!(c.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), ["c1"]);
+        assert_eq!(ids("a"), (vec!["s1"], vec!["c1", "c3"]));
+        assert_eq!(ids("b"), (vec!["s2"], vec!["c2"]));
+        // By metadata or by label, as the runtime recorded it.
+        assert_eq!(ids("c"), (vec!["s3"], vec![]));
+        assert_eq!(ids("d"), (vec!["s3"], vec![]));
+        assert_eq!(ids("unknown"), (vec![], vec![]));
     }
 }
