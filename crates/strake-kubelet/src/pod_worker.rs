@@ -221,6 +221,14 @@ pub async fn run(ctx: Context, uid: String, mut updates: watch::Receiver<Option<
     }
 }
 
+/// The pod's spec, borrowed (the API server always sets one; an empty one otherwise). The
+/// worker looks at it every relist period: a copy each time cost more than the look.
+fn spec_of(pod: &Pod) -> Cow<'_, k8s_openapi::api::core::v1::PodSpec> {
+    pod.spec
+        .as_ref()
+        .map_or_else(|| Cow::Owned(Default::default()), Cow::Borrowed)
+}
+
 fn pod_key(p: &Pod) -> String {
     format!(
         "{}/{}",
@@ -657,7 +665,7 @@ impl Worker {
         if self.ended.is_some() || terminal {
             return self.finish(pod).await;
         }
-        let spec = pod.spec.clone().unwrap_or_default();
+        let spec = spec_of(pod);
         let handler = match self.runtime_handler(pod).await {
             Ok(h) => h,
             Err(message) => {
@@ -740,7 +748,7 @@ impl Worker {
         } else if matches!(self.resize, Some(pod_status::Resize::Pending { .. })) {
             self.resize = None;
         }
-        crate::resize::with_allocation(&pod, &a.containers)
+        crate::resize::with_allocation(pod, &a.containers)
     }
 
     /// Brings running containers and the pod's cgroup to the pod's allocation (after a
@@ -917,7 +925,7 @@ impl Worker {
                     let id = match id {
                         Ok(id) => id,
                         Err(e) => {
-                            let spec = pod.spec.clone().unwrap_or_default();
+                            let spec = spec_of(pod);
                             let message = format!("Failed to create pod sandbox: {}", e.detail());
                             if self.all_creating(&spec, message.clone()) {
                                 self.events.emit(
@@ -1060,7 +1068,7 @@ impl Worker {
             }
         };
         // The images of its image volumes, pulled per each volume's pullPolicy.
-        let spec = pod.spec.clone().unwrap_or_default();
+        let spec = spec_of(pod);
         let mut pulled = BTreeMap::new();
         for m in c.volume_mounts.iter().flatten() {
             let Some(source) = crate::volumes::image_volume(&spec, &m.name) else {
@@ -1478,7 +1486,7 @@ impl Worker {
             }
         }
         // Probe verdicts of the current instances: no verdict yet counts as failing.
-        let spec = pod.spec.clone().unwrap_or_default();
+        let spec = spec_of(pod);
         for c in spec
             .init_containers
             .iter()

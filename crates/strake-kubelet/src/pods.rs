@@ -391,7 +391,7 @@ impl Workers {
                 .filter_map(|(other, (_, tx))| {
                     let p = tx.borrow().clone().filter(|p| !is_terminal(p))?;
                     Some(match ctx.allocations.get(other) {
-                        Some(a) => crate::resize::with_allocation(&p, &a.containers),
+                        Some(a) => crate::resize::with_allocation(p, &a.containers),
                         None => p,
                     })
                 })

@@ -80,8 +80,7 @@ pub fn needs_restart(c: &Container, resources: &[&str]) -> bool {
 }
 
 /// `pod` with its resizable containers' resources replaced by `allocated`.
-pub fn with_allocation(pod: &Pod, allocated: &Resources) -> Pod {
-    let mut pod = pod.clone();
+pub fn with_allocation(mut pod: Pod, allocated: &Resources) -> Pod {
     if let Some(spec) = pod.spec.as_mut() {
         for c in spec
             .init_containers
@@ -393,7 +392,7 @@ mod tests {
         let allocated = asked(&pod(
             serde_json::json!([{ "name": "c", "resources": res("1", "1Gi") }]),
         ));
-        let p = with_allocation(&pod(serde_json::json!([{ "name": "c" }])), &allocated);
+        let p = with_allocation(pod(serde_json::json!([{ "name": "c" }])), &allocated);
         assert!(same_all(&asked(&p), &allocated));
     }
 }
