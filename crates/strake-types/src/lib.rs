@@ -12,6 +12,8 @@
 //! - [`kube_client`] (feature `kube`): the API server configuration from `--kubeconfig`.
 //! - [`logging`]: the `--log-level`/`--log-format` flags and `tracing` setup every daemon uses.
 //! - [`shutdown`]: the stop signal (SIGTERM or SIGINT) every daemon waits for.
+//! - [`systemd`] (feature `systemd`): transient units through systemd's manager over D-Bus (the
+//!   systemd cgroup driver).
 //! - [`notify`]: readiness for systemd's `Type=notify` units (`NOTIFY_SOCKET`, `READY=1`).
 //!
 //! A newcomer should start with [`cri`] (the contract between kubelet and runtime).
@@ -26,3 +28,5 @@ pub mod kube_client;
 pub mod logging;
 pub mod notify;
 pub mod shutdown;
+#[cfg(feature = "systemd")]
+pub mod systemd;
