@@ -103,6 +103,10 @@ pub struct Flags {
     /// root.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub cgroups_per_qos: Option<bool>,
+    /// Who makes the QoS and pod cgroups: `cgroupfs` (directories) or `systemd` (slices). The
+    /// container runtime's answer (CRI `RuntimeConfig`) wins when it gives one, as upstream's.
+    #[arg(long)]
+    pub cgroup_driver: Option<String>,
     /// How often unused images are considered for removal (Strake only: upstream's is a fixed
     /// 5m, the default here too).
     #[arg(long)]
@@ -178,6 +182,7 @@ pub struct FileConfig {
     pub enforce_node_allocatable: Option<Vec<String>>,
     #[serde(rename = "cgroupsPerQOS")]
     pub cgroups_per_qos: Option<bool>,
+    pub cgroup_driver: Option<String>,
     pub eviction_soft: Option<BTreeMap<String, String>>,
     pub eviction_soft_grace_period: Option<BTreeMap<String, String>>,
     pub eviction_pressure_transition_period: Option<String>,
@@ -325,6 +330,8 @@ pub struct Config {
     pub enforce_node_allocatable: Vec<String>,
     /// `cgroupsPerQOS` (default true): the kubelet makes the QoS and pod cgroups.
     pub cgroups_per_qos: bool,
+    /// `cgroupDriver` (default cgroupfs), replaced at start by the runtime's when it reports one.
+    pub cgroup_driver: strake_types::cgroups::CgroupDriver,
     /// The eviction manager's thresholds and periods.
     pub eviction: crate::eviction::Policy,
 }
@@ -766,6 +773,20 @@ impl Config {
             .cgroups_per_qos
             .or(file.cgroups_per_qos)
             .unwrap_or(true);
+        let cgroup_driver = match flags
+            .cgroup_driver
+            .as_deref()
+            .or(file.cgroup_driver.as_deref())
+        {
+            None | Some("cgroupfs") => strake_types::cgroups::CgroupDriver::Cgroupfs,
+            Some("systemd") => strake_types::cgroups::CgroupDriver::Systemd,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    what: "cgroupDriver (cgroupfs or systemd)",
+                    value: other.to_string(),
+                });
+            }
+        };
         let enforce = file.enforce_node_allocatable.clone().unwrap_or_else(|| {
             if cgroups_per_qos {
                 vec!["pods".into()]
@@ -882,6 +903,7 @@ impl Config {
             pod_pids_limit: file.pod_pids_limit.unwrap_or(-1),
             enforce_node_allocatable: enforce,
             cgroups_per_qos,
+            cgroup_driver,
             eviction,
         })
     }
@@ -919,6 +941,41 @@ mod tests {
             let e = load(bad).unwrap_err().to_string();
             assert!(e.contains("enforceNodeAllocatable"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn the_cgroup_driver_is_cgroupfs_unless_the_flag_or_file_says_systemd() {
+        use strake_types::cgroups::CgroupDriver;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        let load = |yaml: &str, flag: Option<&str>| {
+            std::fs::write(&path, yaml).unwrap();
+            Config::load(&Flags {
+                config: Some(path.clone()),
+                cgroup_driver: flag.map(str::to_string),
+                ..Default::default()
+            })
+        };
+        let driver = |yaml: &str, flag: Option<&str>| load(yaml, flag).unwrap().cgroup_driver;
+        assert_eq!(
+            driver("kind: KubeletConfiguration\n", None),
+            CgroupDriver::Cgroupfs
+        );
+        assert_eq!(
+            driver("cgroupDriver: systemd\n", None),
+            CgroupDriver::Systemd
+        );
+        assert_eq!(
+            driver("cgroupDriver: systemd\n", Some("cgroupfs")),
+            CgroupDriver::Cgroupfs
+        );
+        let e = load("cgroupDriver: systemd.slice\n", None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cgroupDriver") && e.contains("systemd.slice"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -114,12 +114,23 @@ impl App {
     /// The QoS cgroups (`kubepods` held to the node's allocatable when `enforceNodeAllocatable`
     /// names `pods`), made at start; `None` with `cgroupsPerQOS: false` or where the host's
     /// hierarchies cannot be read.
-    fn pod_cgroups(&self) -> Option<std::sync::Arc<pod_cgroups::PodCgroups>> {
+    async fn pod_cgroups(&self) -> Option<std::sync::Arc<pod_cgroups::PodCgroups>> {
         if !self.config.cgroups_per_qos {
             return None;
         }
-        let cg =
-            pod_cgroups::PodCgroups::detect(&self.config.cgroup_root, self.config.pod_pids_limit)?;
+        let cg = match pod_cgroups::PodCgroups::detect(
+            self.config.cgroup_driver,
+            &self.config.cgroup_root,
+            self.config.pod_pids_limit,
+        )
+        .await
+        {
+            Ok(cg) => cg,
+            Err(e) => {
+                tracing::warn!(error = %e, driver = self.config.cgroup_driver.as_str(), "QoS cgroups not made");
+                return None;
+            }
+        };
         let enforce = self
             .config
             .enforce_node_allocatable
@@ -136,7 +147,7 @@ impl App {
                 (i128::from(self.machine.memory_bytes) * 1000 - reserved("memory")) / 1000,
             )
         });
-        if let Err(e) = cg.ensure_node(allocatable) {
+        if let Err(e) = cg.ensure_node(allocatable).await {
             tracing::warn!(error = %e, "QoS cgroups not made; pods get no pod-level cgroup values");
             return None;
         }
@@ -157,7 +168,10 @@ impl App {
     }
 
     /// Registers the node and keeps its Lease and status up to date until `shutdown`.
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
+    pub async fn run(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), Error> {
         let healthz_addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.config.healthz_port));
         let listener = healthz::bind(healthz_addr)
             .await
@@ -219,7 +233,28 @@ impl App {
             };
             let api = client.clone();
             let cri: std::sync::Arc<dyn runtime::Cri> = std::sync::Arc::new(self.runtime.clone());
-            let cgroups = self.pod_cgroups();
+            // The runtime's cgroup driver wins over the configured one (upstream's
+            // KubeletCgroupDriverFromCRI): pod cgroups and the runtime must agree.
+            match self.runtime.cgroup_driver().await {
+                Ok(Some(driver)) => {
+                    if driver != self.config.cgroup_driver {
+                        tracing::info!(
+                            configured = self.config.cgroup_driver.as_str(),
+                            runtime = driver.as_str(),
+                            "using the container runtime's cgroup driver"
+                        );
+                    }
+                    self.config.cgroup_driver = driver;
+                }
+                Ok(None) => tracing::warn!(
+                    driver = self.config.cgroup_driver.as_str(),
+                    "the container runtime does not report its cgroup driver; using the configured one"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "RuntimeConfig failed; using the configured cgroup driver")
+                }
+            }
+            let cgroups = self.pod_cgroups().await;
             let ctx = pod_worker::Context {
                 volumes: volumes::Volumes::new(&self.config.root_dir, api.clone())
                     .with_pod_certificates(&self.config.node_name),

@@ -1,21 +1,28 @@
-//! Pod-level cgroups under upstream's QoS hierarchy, for the cgroupfs driver: `kubepods`
-//! (limited to the node's allocatable when `enforceNodeAllocatable` names `pods`),
-//! `kubepods/burstable` and `kubepods/besteffort`, and one `pod<uid>` per pod holding the values
-//! upstream's `ResourceConfigForPod` gives it. The runtime puts the pod's containers below it
-//! (the sandbox's cgroup parent, [`crate::pod_spec::pod_cgroup_parent`]).
+//! Pod-level cgroups under upstream's QoS hierarchy: `kubepods` (limited to the node's
+//! allocatable when `enforceNodeAllocatable` names `pods`), `kubepods/burstable` and
+//! `kubepods/besteffort`, and one `pod<uid>` per pod holding the values upstream's
+//! `ResourceConfigForPod` gives it. The runtime puts the pod's containers below it (the
+//! sandbox's cgroup parent, [`pod_cgroup_parent`]).
 //!
 //! The values are pure ([`pod_values`], [`node_values`]); [`files`] turns them into cgroup v1
-//! (one directory per controller) or v2 (one directory, its own file names and units) writes;
-//! [`PodCgroups`] applies them where the host's hierarchies are ([`CgroupLayout`]), resolving a
-//! relative `cgroupRoot` against the kubelet's own cgroup as the OCI runtime resolves it. The
-//! systemd driver's names are [`systemd_slice`] (the runtime side of that driver is not built).
+//! (one directory per controller) or v2 (one directory, its own file names and units) writes.
+//! [`PodCgroups`] applies them with the node's cgroup driver:
+//!
+//! - cgroupfs: the kubelet creates the directories where the host's hierarchies are
+//!   ([`CgroupLayout`]), resolving a relative `cgroupRoot` against its own cgroup as the OCI
+//!   runtime resolves it;
+//! - systemd: each cgroup is a transient slice (`kubepods-burstable-pod<uid>.slice`,
+//!   [`systemd_unit`]) that systemd makes with the values as properties ([`slice_properties`]),
+//!   and the kubelet writes the same values into the slice's directories, as upstream's
+//!   libcontainer does.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use k8s_openapi::api::core::v1::Pod;
-use strake_types::cgroups::{CgroupDriver, CgroupLayout, ContainerCgroup};
+use strake_types::cgroups::{CgroupDriver, CgroupLayout, ContainerCgroup, expand_slice};
+use strake_types::systemd::{Property, Systemd, SystemdError, Value};
 
 use crate::resources::{CPU_PERIOD_US, cpu_quota, cpu_shares};
 
@@ -149,27 +156,159 @@ pub fn files(values: &Values, v2: bool) -> Vec<Write> {
     out
 }
 
-/// The systemd driver's slice of a pod (`kubepods-burstable-pod<uid>.slice`, dashes of the UID
-/// as underscores) under its QoS slice, as a path of nested slices.
-pub fn systemd_slice(qos: &str, uid: &str) -> String {
-    let uid = uid.replace('-', "_");
-    match qos {
-        "Guaranteed" => format!("kubepods.slice/kubepods-pod{uid}.slice"),
-        other => {
-            let class = other.to_lowercase();
-            format!("kubepods.slice/kubepods-{class}.slice/kubepods-{class}-pod{uid}.slice")
+/// The name of cgroup `components` for the systemd driver, as upstream's `ToSystemd` makes it:
+/// the components joined by `-` (a `-` inside one written as `_`), then `.slice`:
+/// `["kubepods", "burstable", "pod<uid>"]` is `kubepods-burstable-pod<uid>.slice`, nested by
+/// systemd as `kubepods.slice/kubepods-burstable.slice/...`. No component is the root, `-.slice`.
+pub fn systemd_unit<S: AsRef<str>>(components: &[S]) -> String {
+    if components.is_empty() {
+        return "-.slice".into();
+    }
+    let parts: Vec<String> = components
+        .iter()
+        .map(|c| c.as_ref().replace('-', "_"))
+        .collect();
+    format!("{}.slice", parts.join("-"))
+}
+
+/// The components a systemd `cgroupRoot` stands for, as upstream's `ParseSystemdToCgroupName`
+/// reads it: the last path element without `.slice`, split at `-` (`/system.slice/strake.slice`
+/// is `["strake"]`; "" and "/" are the root).
+pub fn systemd_root(cgroup_root: &str) -> Vec<String> {
+    let last = cgroup_root
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or("");
+    let stem = last.strip_suffix(".slice").unwrap_or(last);
+    if stem.is_empty() || stem == "-" {
+        return Vec::new();
+    }
+    stem.split('-').map(|p| p.replace('_', "-")).collect()
+}
+
+/// The cgroup components of a pod of QoS class `qos` below `kubepods`.
+fn pod_components(qos: &str, uid: &str) -> Vec<String> {
+    let mut c = vec!["kubepods".to_string()];
+    if qos != "Guaranteed" {
+        c.push(qos.to_lowercase());
+    }
+    c.push(format!("pod{uid}"));
+    c
+}
+
+/// The pod cgroup `cgroup_parent` the runtime gets for a pod, per driver: cgroupfs
+/// `<root>/kubepods/burstable/pod<uid>`; systemd the slice's path,
+/// `/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice` (dashes of the
+/// UID as underscores), as upstream passes it.
+pub fn pod_cgroup_parent(driver: CgroupDriver, cgroup_root: &str, qos: &str, uid: &str) -> String {
+    match driver {
+        CgroupDriver::Cgroupfs => {
+            let root = cgroup_root.trim_end_matches('/');
+            format!("{root}/{}", pod_components(qos, uid).join("/"))
+        }
+        CgroupDriver::Systemd => {
+            let mut c = systemd_root(cgroup_root);
+            c.extend(pod_components(qos, uid));
+            format!("/{}", expand_slice(&systemd_unit(&c)).display())
         }
     }
 }
 
+/// `CPUQuotaPerSecUSec` for a CFS quota of `quota` µs per [`CPU_PERIOD_US`], and the quota the
+/// cgroup then gets. systemd keeps whole percents of a CPU, so the value is rounded up to 10 ms
+/// per second and the quota written with it, as libcontainer rounds both.
+pub fn systemd_quota(quota: i64) -> (u64, i64) {
+    let period = CPU_PERIOD_US as u64;
+    let mut per_sec = (quota.max(0) as u64).saturating_mul(1_000_000) / period;
+    if !per_sec.is_multiple_of(10_000) {
+        per_sec = (per_sec / 10_000 + 1) * 10_000;
+    }
+    (per_sec, (per_sec * period / 1_000_000) as i64)
+}
+
+/// The properties of slice `unit` holding `values` (below slice `parent`), on a v1 or v2 host,
+/// as upstream's libcontainer sets them: the parent by `Wants=`, accounting on, no default
+/// dependencies, and each value as its systemd property (an absent limit as infinity, so a
+/// limit lowered away does not linger).
+pub fn slice_properties(unit: &str, parent: &str, values: &Values, v2: bool) -> Vec<Property> {
+    let infinity = u64::MAX;
+    let mut p = vec![
+        Property::new("Description", Value::Str(format!("strake-kubelet {unit}"))),
+        Property::new("Wants", Value::Strs(vec![parent.to_string()])),
+        Property::new("MemoryAccounting", Value::Bool(true)),
+        Property::new("CPUAccounting", Value::Bool(true)),
+        Property::new(
+            if v2 {
+                "IOAccounting"
+            } else {
+                "BlockIOAccounting"
+            },
+            Value::Bool(true),
+        ),
+        Property::new("TasksAccounting", Value::Bool(true)),
+        Property::new("DefaultDependencies", Value::Bool(false)),
+    ];
+    if let Some(s) = values.cpu_shares {
+        p.push(if v2 {
+            Property::new("CPUWeight", Value::U64(shares_to_weight(s)))
+        } else {
+            Property::new("CPUShares", Value::U64(s))
+        });
+    }
+    p.push(Property::new(
+        "CPUQuotaPeriodUSec",
+        Value::U64(CPU_PERIOD_US as u64),
+    ));
+    let per_sec = values
+        .cpu_quota
+        .filter(|q| *q > 0)
+        .map_or(infinity, |q| systemd_quota(q).0);
+    p.push(Property::new("CPUQuotaPerSecUSec", Value::U64(per_sec)));
+    let memory = values
+        .memory_limit
+        .filter(|m| *m > 0)
+        .map_or(infinity, |m| m as u64);
+    p.push(Property::new(
+        if v2 { "MemoryMax" } else { "MemoryLimit" },
+        Value::U64(memory),
+    ));
+    let tasks = values
+        .pids_limit
+        .filter(|n| *n > 0)
+        .map_or(infinity, |n| n as u64);
+    p.push(Property::new("TasksMax", Value::U64(tasks)));
+    p
+}
+
 /// Why a cgroup could not be set up.
 #[derive(Debug, thiserror::Error)]
-#[error("{action} {path}")]
-pub struct CgroupError {
-    action: &'static str,
-    path: PathBuf,
-    #[source]
-    source: std::io::Error,
+pub enum CgroupError {
+    #[error("{action} {path}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Systemd(#[from] SystemdError),
+}
+
+/// Who makes the kubelet's cgroups.
+#[derive(Debug)]
+enum Manager {
+    /// The kubelet creates the directories (cgroupfs driver).
+    Cgroupfs,
+    /// systemd makes each cgroup as a transient slice with the values as its properties; the
+    /// kubelet then writes the same values into the slice's directories, as upstream's
+    /// libcontainer does (systemd does not create v1 directories of controllers it does not
+    /// manage, and rounds some values).
+    Systemd {
+        systemd: Systemd,
+        /// The manager's own cgroup (its `ControlGroup`): "" for the system manager.
+        base: String,
+    },
 }
 
 /// Creates and removes the kubelet's cgroups on this host.
@@ -179,6 +318,7 @@ pub struct PodCgroups {
     own_cgroup: String,
     root: String,
     pids_limit: i64,
+    manager: Manager,
     /// CPU requests of the Burstable pods, for the `burstable` cgroup's shares.
     burstable: Mutex<BTreeMap<String, i128>>,
 }
@@ -187,38 +327,125 @@ pub struct PodCgroups {
 const CONTROLLERS: [&str; 3] = ["cpu", "memory", "pids"];
 
 impl PodCgroups {
-    /// For a host whose hierarchies are `layout`, a kubelet in cgroup `own_cgroup`
-    /// (`/proc/self/cgroup`), `cgroupRoot` `root` and `podPidsLimit` `pids_limit`.
+    /// The cgroupfs driver, for a host whose hierarchies are `layout`, a kubelet in cgroup
+    /// `own_cgroup` (`/proc/self/cgroup`), `cgroupRoot` `root` and `podPidsLimit` `pids_limit`.
     pub fn new(layout: CgroupLayout, own_cgroup: String, root: &str, pids_limit: i64) -> Self {
         PodCgroups {
             layout,
             own_cgroup,
             root: root.to_string(),
             pids_limit,
+            manager: Manager::Cgroupfs,
             burstable: Mutex::new(BTreeMap::new()),
         }
     }
 
-    /// This host's hierarchies and the kubelet's own cgroup.
-    pub fn detect(root: &str, pids_limit: i64) -> Option<Self> {
-        let layout = CgroupLayout::detect().ok()?;
-        let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-        Some(Self::new(layout, own, root, pids_limit))
+    /// The systemd driver: slices made by the manager `systemd` (whose own cgroup is read from
+    /// it), below the slice `cgroupRoot` `root` names ("" or "/" for the root slice).
+    pub async fn with_systemd(
+        layout: CgroupLayout,
+        systemd: Systemd,
+        root: &str,
+        pids_limit: i64,
+    ) -> Result<Self, CgroupError> {
+        let base = systemd.control_group().await?;
+        Ok(PodCgroups {
+            layout,
+            own_cgroup: String::new(),
+            root: root.to_string(),
+            pids_limit,
+            manager: Manager::Systemd { systemd, base },
+            burstable: Mutex::new(BTreeMap::new()),
+        })
     }
 
-    fn dirs(&self, below_root: &str) -> Option<ContainerCgroup> {
-        let path = format!("{}/{below_root}", self.root.trim_end_matches('/'));
-        self.layout
-            .pod_cgroup(CgroupDriver::Cgroupfs, &path, &self.own_cgroup)
+    /// This host's hierarchies, the kubelet's own cgroup, and for the systemd driver the
+    /// system manager.
+    pub async fn detect(
+        driver: CgroupDriver,
+        root: &str,
+        pids_limit: i64,
+    ) -> Result<Self, CgroupError> {
+        let io = |action, path: &str| {
+            let path = PathBuf::from(path);
+            move |source| CgroupError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        let layout = CgroupLayout::detect().map_err(|e| CgroupError::Io {
+            action: "read cgroup mounts",
+            path: "/proc/self/mountinfo".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        match driver {
+            CgroupDriver::Cgroupfs => {
+                let own = std::fs::read_to_string("/proc/self/cgroup")
+                    .map_err(io("read", "/proc/self/cgroup"))?;
+                Ok(Self::new(layout, own, root, pids_limit))
+            }
+            CgroupDriver::Systemd => {
+                let systemd = Systemd::connect().await?;
+                Self::with_systemd(layout, systemd, root, pids_limit).await
+            }
+        }
     }
 
-    fn apply(&self, below_root: &str, values: &Values) -> Result<(), CgroupError> {
-        let Some(dirs) = self.dirs(below_root) else {
+    /// The directories of the cgroup named `components` below `cgroupRoot`.
+    fn dirs<S: AsRef<str>>(&self, components: &[S]) -> Option<ContainerCgroup> {
+        match &self.manager {
+            Manager::Cgroupfs => {
+                let mut path = self.root.trim_end_matches('/').to_string();
+                for c in components {
+                    path.push('/');
+                    path.push_str(c.as_ref());
+                }
+                self.layout
+                    .pod_cgroup(CgroupDriver::Cgroupfs, &path, &self.own_cgroup)
+            }
+            Manager::Systemd { base, .. } => {
+                let unit = self.unit(components);
+                let path = format!(
+                    "{}/{}",
+                    base.trim_end_matches('/'),
+                    expand_slice(&unit).display()
+                );
+                Some(self.layout.container_cgroup(CgroupDriver::Cgroupfs, &path))
+            }
+        }
+    }
+
+    /// The systemd unit of the cgroup named `components` below `cgroupRoot`.
+    fn unit<S: AsRef<str>>(&self, components: &[S]) -> String {
+        let mut all = systemd_root(&self.root);
+        all.extend(components.iter().map(|c| c.as_ref().to_string()));
+        systemd_unit(&all)
+    }
+
+    async fn apply<S: AsRef<str>>(
+        &self,
+        components: &[S],
+        values: &Values,
+    ) -> Result<(), CgroupError> {
+        let mut values = values.clone();
+        if let Manager::Systemd { systemd, .. } = &self.manager {
+            let unit = self.unit(components);
+            let parent = self.unit(&components[..components.len().saturating_sub(1)]);
+            let properties = slice_properties(&unit, &parent, &values, self.layout.is_v2());
+            systemd.start_transient_unit(&unit, &properties).await?;
+            // The cgroup gets the quota systemd keeps.
+            values.cpu_quota = values
+                .cpu_quota
+                .filter(|q| *q > 0)
+                .map(|q| systemd_quota(q).1);
+        }
+        let Some(dirs) = self.dirs(components) else {
             return Ok(());
         };
         fn err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError {
             let path = path.to_path_buf();
-            move |source| CgroupError {
+            move |source| CgroupError::Io {
                 action,
                 path,
                 source,
@@ -226,12 +453,16 @@ impl PodCgroups {
         }
         match dirs {
             ContainerCgroup::V2(dir) => {
-                let base = match self.dirs("") {
-                    Some(ContainerCgroup::V2(base)) => base,
-                    _ => dir.clone(),
-                };
-                create_v2(&dir, &base).map_err(err("create", &dir))?;
-                for (_, file, value) in files(values, true) {
+                // systemd made the slice's directory and enabled its controllers itself.
+                if matches!(self.manager, Manager::Cgroupfs) {
+                    let empty: [&str; 0] = [];
+                    let base = match self.dirs(&empty) {
+                        Some(ContainerCgroup::V2(base)) => base,
+                        _ => dir.clone(),
+                    };
+                    create_v2(&dir, &base).map_err(err("create", &dir))?;
+                }
+                for (_, file, value) in files(&values, true) {
                     let path = dir.join(file);
                     write_if_present(&path, &value).map_err(err("write", &path))?;
                 }
@@ -242,7 +473,7 @@ impl PodCgroups {
                         std::fs::create_dir_all(dir).map_err(err("create", dir))?;
                     }
                 }
-                for (controller, file, value) in files(values, false) {
+                for (controller, file, value) in files(&values, false) {
                     if let Some(dir) = by_controller.get(controller) {
                         let path = dir.join(file);
                         write_if_present(&path, &value).map_err(err("write", &path))?;
@@ -254,21 +485,24 @@ impl PodCgroups {
     }
 
     /// `kubepods` (held to `allocatable` when given) and its QoS children.
-    pub fn ensure_node(&self, allocatable: Option<Values>) -> Result<(), CgroupError> {
-        self.apply("kubepods", &allocatable.unwrap_or_default())?;
-        self.apply("kubepods/burstable", &Values::default())?;
+    pub async fn ensure_node(&self, allocatable: Option<Values>) -> Result<(), CgroupError> {
+        self.apply(&["kubepods"], &allocatable.unwrap_or_default())
+            .await?;
+        self.apply(&["kubepods", "burstable"], &Values::default())
+            .await?;
         self.apply(
-            "kubepods/besteffort",
+            &["kubepods", "besteffort"],
             &Values {
                 cpu_shares: Some(cpu_shares(0) as u64),
                 ..Values::default()
             },
         )
+        .await
     }
 
     /// Creates (or updates) pod `pod`'s cgroup with its values; for a Burstable pod the
     /// `burstable` cgroup's shares follow the sum of its pods' CPU requests.
-    pub fn ensure_pod(&self, pod: &Pod) -> Result<(), CgroupError> {
+    pub async fn ensure_pod(&self, pod: &Pod) -> Result<(), CgroupError> {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         if !valid_uid(&uid) {
             return Ok(());
@@ -285,23 +519,25 @@ impl PodCgroups {
                 b.values().sum()
             };
             self.apply(
-                "kubepods/burstable",
+                &["kubepods", "burstable"],
                 &Values {
                     cpu_shares: Some(cpu_shares(total) as u64),
                     ..Values::default()
                 },
-            )?;
+            )
+            .await?;
         }
-        let parent = crate::pod_spec::pod_cgroup_parent("", qos, &uid);
         self.apply(
-            parent.trim_start_matches('/'),
+            &pod_components(qos, &uid),
             &pod_values(pod, self.pids_limit),
         )
+        .await
     }
 
     /// Removes pod `uid`'s cgroup (whatever its QoS class was) once the runtime has removed
-    /// the pod's containers: empty directories only, deepest first, in every hierarchy.
-    pub fn remove_pod(&self, uid: &str) {
+    /// the pod's containers: its slice stopped (systemd driver), then its empty directories,
+    /// deepest first, in every hierarchy.
+    pub async fn remove_pod(&self, uid: &str) {
         if !valid_uid(uid) {
             return;
         }
@@ -310,8 +546,14 @@ impl PodCgroups {
             .unwrap_or_else(|e| e.into_inner())
             .remove(uid);
         for qos in ["Guaranteed", "Burstable", "BestEffort"] {
-            let parent = crate::pod_spec::pod_cgroup_parent("", qos, uid);
-            let dirs: Vec<PathBuf> = match self.dirs(parent.trim_start_matches('/')) {
+            let components = pod_components(qos, uid);
+            if let Manager::Systemd { systemd, .. } = &self.manager {
+                let unit = self.unit(&components);
+                if let Err(e) = systemd.stop_unit(&unit).await {
+                    tracing::warn!(unit, error = %e, "pod slice not stopped");
+                }
+            }
+            let dirs: Vec<PathBuf> = match self.dirs(&components) {
                 Some(ContainerCgroup::V2(d)) => vec![d],
                 Some(ContainerCgroup::V1(m)) => m.into_values().collect(),
                 None => Vec::new(),
@@ -477,15 +719,83 @@ mod tests {
     }
 
     #[test]
-    fn systemd_slices_are_named_as_upstreams() {
+    fn pod_cgroup_parents_are_named_per_driver_as_upstreams() {
+        let fs = CgroupDriver::Cgroupfs;
         assert_eq!(
-            systemd_slice("Burstable", "ab-cd"),
-            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-podab_cd.slice"
+            pod_cgroup_parent(fs, "", "Burstable", "u"),
+            "/kubepods/burstable/podu"
         );
         assert_eq!(
-            systemd_slice("Guaranteed", "ab-cd"),
-            "kubepods.slice/kubepods-podab_cd.slice"
+            pod_cgroup_parent(fs, "rel", "Guaranteed", "u"),
+            "rel/kubepods/podu"
         );
+        let sd = CgroupDriver::Systemd;
+        assert_eq!(
+            pod_cgroup_parent(sd, "", "Burstable", "ab-cd"),
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-podab_cd.slice"
+        );
+        assert_eq!(
+            pod_cgroup_parent(sd, "/", "Guaranteed", "ab-cd"),
+            "/kubepods.slice/kubepods-podab_cd.slice"
+        );
+        // A cgroupRoot slice nests everything below it; its dashes are levels.
+        assert_eq!(
+            pod_cgroup_parent(sd, "/system.slice/my-node.slice", "BestEffort", "x"),
+            "/my.slice/my-node.slice/my-node-kubepods.slice/my-node-kubepods-besteffort.slice/my-node-kubepods-besteffort-podx.slice"
+        );
+        assert_eq!(systemd_root("/a_b.slice"), vec!["a-b".to_string()]);
+        assert_eq!(systemd_unit::<&str>(&[]), "-.slice");
+        assert_eq!(systemd_unit(&["a-b", "c"]), "a_b-c.slice");
+    }
+
+    #[test]
+    fn systemd_quota_is_rounded_up_to_whole_percents_and_written_so() {
+        // 500m: 50 ms per 100 ms period, 500 ms per second, already whole percents.
+        assert_eq!(systemd_quota(50_000), (500_000, 50_000));
+        // 15m: 1.5 ms per period is 15 ms/s, kept by systemd as 20 ms/s (2 ms per period).
+        assert_eq!(systemd_quota(1_500), (20_000, 2_000));
+        // The kernel's minimum quota, 1 ms, is 1 %.
+        assert_eq!(systemd_quota(1_000), (10_000, 1_000));
+    }
+
+    #[test]
+    fn slice_properties_are_libcontainers_for_v1_and_v2() {
+        let v = Values {
+            cpu_shares: Some(1024),
+            cpu_quota: Some(50_000),
+            memory_limit: Some(64 << 20),
+            pids_limit: Some(100),
+        };
+        let get = |props: &[Property], name: &str| {
+            props
+                .iter()
+                .find(|p| p.name == name)
+                .map(|p| p.value.clone())
+        };
+        let v1 = slice_properties("kubepods-podu.slice", "kubepods.slice", &v, false);
+        assert_eq!(
+            get(&v1, "Wants"),
+            Some(Value::Strs(vec!["kubepods.slice".into()]))
+        );
+        assert_eq!(get(&v1, "CPUShares"), Some(Value::U64(1024)));
+        assert_eq!(get(&v1, "CPUWeight"), None);
+        assert_eq!(get(&v1, "CPUQuotaPerSecUSec"), Some(Value::U64(500_000)));
+        assert_eq!(get(&v1, "CPUQuotaPeriodUSec"), Some(Value::U64(100_000)));
+        assert_eq!(get(&v1, "MemoryLimit"), Some(Value::U64(64 << 20)));
+        assert_eq!(get(&v1, "TasksMax"), Some(Value::U64(100)));
+        assert_eq!(get(&v1, "BlockIOAccounting"), Some(Value::Bool(true)));
+        assert_eq!(get(&v1, "DefaultDependencies"), Some(Value::Bool(false)));
+        let v2 = slice_properties("kubepods-podu.slice", "kubepods.slice", &v, true);
+        assert_eq!(get(&v2, "CPUWeight"), Some(Value::U64(39)));
+        assert_eq!(get(&v2, "CPUShares"), None);
+        assert_eq!(get(&v2, "MemoryMax"), Some(Value::U64(64 << 20)));
+        assert_eq!(get(&v2, "IOAccounting"), Some(Value::Bool(true)));
+        // Limits that are absent are infinity, so a lowered-away one does not linger.
+        let none = slice_properties("kubepods.slice", "-.slice", &Values::default(), true);
+        for name in ["CPUQuotaPerSecUSec", "MemoryMax", "TasksMax"] {
+            assert_eq!(get(&none, name), Some(Value::U64(u64::MAX)), "{name}");
+        }
+        assert_eq!(get(&none, "CPUWeight"), None);
     }
 
     /// A fake v1 hierarchy (cpu,cpuacct co-mounted, memory, pids) or a v2 one, as mountinfo
@@ -546,7 +856,7 @@ mod tests {
                 serde_json::json!({ "cpu": "500m", "memory": "64Mi" }),
                 serde_json::json!({ "cpu": "500m", "memory": "64Mi" })) }
         ]));
-        cg.ensure_pod(&guaranteed).unwrap();
+        futures::executor::block_on(cg.ensure_pod(&guaranteed)).unwrap();
         let read = |c: &str, f: &str| std::fs::read_to_string(pod_dir(c).join(f)).unwrap();
         assert_eq!(read("cpu,cpuacct", "cpu.shares"), "512");
         assert_eq!(read("cpu,cpuacct", "cpu.cfs_quota_us"), "50000");
@@ -564,12 +874,12 @@ mod tests {
                 }
             }
         }
-        cg.remove_pod("1234-5678");
+        futures::executor::block_on(cg.remove_pod("1234-5678"));
         for c in ["cpu,cpuacct", "memory", "pids"] {
             assert!(!pod_dir(c).exists(), "{c}");
             assert!(dir.path().join(c).join("test/tb/kubepods").exists());
         }
-        cg.remove_pod("../escape");
+        futures::executor::block_on(cg.remove_pod("../escape"));
     }
 
     #[test]
@@ -583,7 +893,7 @@ mod tests {
         let node = node_values(2000, 1 << 30);
         let kubepods = unified.join("test/tb/kubepods");
         control_files(&kubepods, true);
-        cg.ensure_node(Some(node)).unwrap();
+        futures::executor::block_on(cg.ensure_node(Some(node))).unwrap();
         assert_eq!(
             std::fs::read_to_string(kubepods.join("memory.max")).unwrap(),
             (1u64 << 30).to_string()
@@ -610,7 +920,7 @@ mod tests {
         ]));
         control_files(&kubepods.join("burstable"), true);
         control_files(&kubepods.join("burstable/pod1234-5678"), true);
-        cg.ensure_pod(&burstable).unwrap();
+        futures::executor::block_on(cg.ensure_pod(&burstable)).unwrap();
         let pod_dir = kubepods.join("burstable/pod1234-5678");
         assert_eq!(
             std::fs::read_to_string(pod_dir.join("memory.max")).unwrap(),

@@ -179,17 +179,6 @@ pub fn compute_qos_class(pod: &Pod) -> &'static str {
     }
 }
 
-/// The pod's cgroup parent under `cgroup_root` with the cgroupfs driver:
-/// `<root>/kubepods[/burstable|/besteffort]/pod<uid>`.
-pub fn pod_cgroup_parent(cgroup_root: &str, qos: &str, uid: &str) -> String {
-    let root = cgroup_root.trim_end_matches('/');
-    let class = match qos {
-        "Guaranteed" => String::new(),
-        other => format!("/{}", other.to_lowercase()),
-    };
-    format!("{root}/kubepods{class}/pod{uid}")
-}
-
 fn meta(pod: &Pod) -> (String, String, String) {
     let m = &pod.metadata;
     (
@@ -394,7 +383,12 @@ pub fn sandbox_config_with(
             .collect(),
         linux: Some(cri::LinuxPodSandboxConfig {
             cgroup_parent: if config.cgroups_per_qos {
-                pod_cgroup_parent(&config.cgroup_root, qos_class(pod), &uid)
+                crate::pod_cgroups::pod_cgroup_parent(
+                    config.cgroup_driver,
+                    &config.cgroup_root,
+                    qos_class(pod),
+                    &uid,
+                )
             } else {
                 // Without QoS cgroups, pods go straight below the cgroup root, as upstream's.
                 match config.cgroup_root.as_str() {
@@ -1078,14 +1072,6 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(qos_class(&p), "Guaranteed");
-        assert_eq!(
-            pod_cgroup_parent("", "Burstable", "u"),
-            "/kubepods/burstable/podu"
-        );
-        assert_eq!(
-            pod_cgroup_parent("rel", "Guaranteed", "u"),
-            "rel/kubepods/podu"
-        );
     }
 
     #[test]

@@ -705,7 +705,7 @@ impl Worker {
         if !self.cgroup_made
             && let Some(cg) = &self.ctx.cgroups
         {
-            match cg.ensure_pod(pod) {
+            match cg.ensure_pod(pod).await {
                 Ok(()) => {
                     self.cgroup_made = true;
                     self.cgroup_for = Some(crate::resize::asked(pod));
@@ -816,7 +816,7 @@ impl Worker {
         if let Some(cg) = &cgroups {
             // May fail when it would shrink below what the containers still hold; the
             // second write below, after them, is the one that must succeed.
-            let _ = cg.ensure_pod(pod);
+            let _ = cg.ensure_pod(pod).await;
         }
         let qos = pod_spec::qos_class(pod);
         let memory = crate::resources::NodeAllocatable::of_this_machine()
@@ -843,7 +843,7 @@ impl Worker {
             }
         }
         if let Some(cg) = &cgroups {
-            match cg.ensure_pod(pod) {
+            match cg.ensure_pod(pod).await {
                 Ok(()) => self.cgroup_for = Some(crate::resize::asked(pod)),
                 Err(e) => error = Some(e.to_string()),
             }
@@ -912,7 +912,7 @@ impl Worker {
                 Action::CreateSandbox { attempt } => {
                     // The pod's cgroup first, as upstream makes it before the sandbox.
                     let cgroup = match &self.ctx.cgroups {
-                        Some(cg) => cg.ensure_pod(pod).map_err(RuntimeError::PodCgroup),
+                        Some(cg) => cg.ensure_pod(pod).await.map_err(RuntimeError::PodCgroup),
                         None => Ok(()),
                     };
                     let id = match cgroup.and_then(|()| {
@@ -1654,7 +1654,7 @@ impl Worker {
             let _ = cri.remove_sandbox(&id).await;
         }
         if let Some(cg) = &self.ctx.cgroups {
-            cg.remove_pod(&self.uid);
+            cg.remove_pod(&self.uid).await;
         }
         self.ctx.volumes.cleanup(&self.uid);
         let (Some(p), Some(client)) = (pod, self.ctx.client.clone()) else {

@@ -143,6 +143,36 @@ impl Runtime {
         }
     }
 
+    /// The cgroup driver the runtime uses (CRI `RuntimeConfig`), which the kubelet follows as
+    /// upstream's does; `None` from a runtime that does not implement the call.
+    pub async fn cgroup_driver(
+        &self,
+    ) -> Result<Option<strake_types::cgroups::CgroupDriver>, RuntimeError> {
+        use strake_types::cgroups::CgroupDriver;
+        let mut client = self.runtime.clone();
+        match self
+            .call(
+                "RuntimeConfig",
+                client.runtime_config(cri::RuntimeConfigRequest {}),
+            )
+            .await
+        {
+            Ok(r) => Ok(r.linux.map(|l| {
+                if l.cgroup_driver == cri::CgroupDriver::Systemd as i32 {
+                    CgroupDriver::Systemd
+                } else {
+                    CgroupDriver::Cgroupfs
+                }
+            })),
+            Err(RuntimeError::Call { source, .. })
+                if source.code() == tonic::Code::Unimplemented =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Version and Status in one: the runtime's identity and readiness.
     pub async fn health(&self) -> Result<RuntimeHealth, RuntimeError> {
         let mut client = self.runtime.clone();
