@@ -37,6 +37,7 @@ pub mod pki;
 pub mod process;
 pub mod registry;
 pub mod strake_runtime;
+pub mod systemd;
 pub mod upstream_kubelet;
 
 /// An error of the test bed, with enough context to act on.

@@ -10,9 +10,10 @@ PACKAGES=(
     # the conformance bed's images (build-conformance-images.sh): Debian root filesystems, pause;
     # vanilla busybox from its release tarball (build-busybox.sh)
     mmdebstrap gcc libc6-dev make bzip2
-    # systemd-analyze, which verifies manifests/systemd/ (integration/tests/systemd_units.rs);
-    # installed, not run: nothing here makes it PID 1
-    systemd
+    # systemd-analyze, which verifies manifests/systemd/ (integration/tests/systemd_units.rs),
+    # and `systemd --user` with its session bus, the real manager the systemd cgroup driver's
+    # tests talk to (crates/strake-kubelet/tests/systemd_cgroups.rs); nothing makes it PID 1
+    systemd dbus-user-session
 )
 
 step "check Debian packages"
