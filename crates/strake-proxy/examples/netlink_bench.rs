@@ -1,4 +1,4 @@
-//! The cost of a sync from "the proxier decides to sync" to "the kernel has it", through the
+//! The cost of a sync from "the sync loop decides to sync" to "the kernel has it", through the
 //! netlink backend (or `nft -f` with `--text`), for N Services x M endpoints, inside a
 //! throwaway network namespace (needs root; never touches the caller's namespace).
 //!

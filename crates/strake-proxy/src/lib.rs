@@ -3,7 +3,7 @@
 //! It watches Services and EndpointSlices and programs nftables (tables `ip strake-proxy` and
 //! `ip6 strake-proxy`) so that ClusterIP, NodePort and LoadBalancer traffic reaches ready endpoints.
 //!
-//! Start reading at [`App`] (flags -> running daemon), then [`proxier`] (watchers and the sync
+//! Start reading at [`App`] (flags -> running daemon), then [`sync_loop`] (watchers and the sync
 //! loop), [`model::ServiceObject`] and [`model::SliceObject`] (what the watches keep of each
 //! API object), [`programmer::Programmer`] (the changed objects -> the model -> the rules
 //! claimed per service port in [`nft::ruleset::Rules`] -> one transaction of their difference,
@@ -22,8 +22,8 @@ pub mod metrics;
 pub mod model;
 pub mod nft;
 pub mod programmer;
-pub mod proxier;
 pub mod server;
+pub mod sync_loop;
 #[cfg(test)]
 mod testutil;
 
@@ -36,8 +36,8 @@ use crate::health::Health;
 use crate::healthcheck::HealthCheckPorts;
 use crate::metrics::Metrics;
 use crate::nft::{Nft, NftError};
-use crate::proxier::{Kernel, Tracker, WarningReporter};
 use crate::server::{ServerHandle, Shared};
+use crate::sync_loop::{Kernel, Tracker, WarningReporter};
 
 /// Why the daemon could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -155,12 +155,13 @@ impl App {
             self.shared.health.clone(),
             self.shared.metrics.clone(),
         ));
-        let (stores, tasks) = proxier::watch(&self.client, &self.config.proxy.node_name, &tracker);
+        let (stores, tasks) =
+            sync_loop::watch(&self.client, &self.config.proxy.node_name, &tracker);
         let warnings =
             WarningReporter::new(Some(self.client.clone()), &self.config.proxy.node_name);
         let health_checks =
             HealthCheckPorts::new(self.servers.runtime(), self.shared.health.clone());
-        proxier::sync_loop(
+        sync_loop::run(
             &self.config,
             stores,
             tracker,

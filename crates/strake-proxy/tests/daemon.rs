@@ -661,7 +661,7 @@ async fn model_warnings_become_events_on_the_service_as_kube_proxy() {
         .await
         .unwrap();
 
-    let mut reporter = strake_proxy::proxier::WarningReporter::new(Some(as_proxy), NODE_NAME);
+    let mut reporter = strake_proxy::sync_loop::WarningReporter::new(Some(as_proxy), NODE_NAME);
     let warning = strake_proxy::model::Warning {
         kind: "Service",
         namespace: "default".into(),

@@ -615,7 +615,7 @@ pub struct Kernel {
 
 /// Runs syncs until `shutdown` completes. Waits for the Service and EndpointSlice stores to be
 /// listed first, so that a restart never programs an empty ruleset over a good one.
-pub async fn sync_loop(
+pub async fn run(
     config: &DaemonConfig,
     stores: Stores,
     tracker: Arc<Tracker>,
@@ -953,7 +953,7 @@ mod tests {
             let (stores, tracker, nft) = (stores.clone(), tracker.clone(), nft.clone());
             let conntrack = conntrack.clone();
             tokio::spawn(async move {
-                sync_loop(
+                run(
                     &daemon,
                     stores,
                     tracker,
@@ -1074,7 +1074,7 @@ mod tests {
             };
             let (stores, tracker) = (stores.clone(), tracker.clone());
             tokio::spawn(async move {
-                sync_loop(
+                run(
                     &daemon,
                     stores,
                     tracker,
