@@ -1,5 +1,5 @@
 //! The CPU cost of one sync in the daemon, without `nft`: API objects -> `model::build` ->
-//! `Ruleset::build` -> `Syncer::plan` (and the plan as nft text), for N Services x M endpoints, as a full sync and as a
+//! `Ruleset::build` -> the sync's transaction (and the plan as nft text), for N Services x M endpoints, as a full sync and as a
 //! partial one after a single endpoint change. No root needed.
 //!
 //! `cargo run --release -p strake-proxy --example sync_cost -- [SERVICES] [ENDPOINTS]`
@@ -12,23 +12,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::json;
 use strake_proxy::config::Config;
 use strake_proxy::model;
-use strake_proxy::model::IpFamily;
 use strake_proxy::nft::ruleset::Ruleset;
-use strake_proxy::nft::transaction::{Syncer, Transaction};
-use strake_proxy::nft::{Nft, NftError};
-
-/// Accepts every transaction without sending anything.
-struct NullNft;
-
-impl Nft for NullNft {
-    fn apply(&self, _tx: &Transaction<'_>) -> Result<usize, NftError> {
-        Ok(0)
-    }
-
-    fn list_table(&self, _family: IpFamily, _name: &str) -> Result<String, NftError> {
-        Ok(String::new())
-    }
-}
+use strake_proxy::nft::transaction::{full_transaction, partial_transaction};
 
 fn objects(services: u32, endpoints: u32) -> (Vec<Service>, Vec<EndpointSlice>) {
     let mut svcs = Vec::new();
@@ -72,14 +57,17 @@ fn main() {
         nodeport_addresses: Default::default(),
     };
     let (svcs, mut slices) = objects(services, endpoints);
-    let step = |svcs: &[Service], slices: &[EndpointSlice], syncer: &Syncer| {
+    let step = |svcs: &[Service], slices: &[EndpointSlice], applied: Option<&Ruleset>| {
         let t = Instant::now();
         let (m, w) = model::build(svcs, slices, None, &config);
         assert!(w.is_empty(), "{:?}", &w[..w.len().min(3)]);
         let t_model = t.elapsed();
         let r = Ruleset::build(&m, &config);
         let t_rules = t.elapsed() - t_model;
-        let (tx, full) = syncer.plan(&r);
+        let (tx, full) = match applied.and_then(|a| partial_transaction(a, &r)) {
+            Some(tx) => (tx, false),
+            None => (full_transaction(&r), true),
+        };
         let t_plan = t.elapsed() - t_model - t_rules;
         let script = tx.to_string();
         let t_text = t.elapsed() - t_model - t_rules - t_plan;
@@ -98,11 +86,9 @@ fn main() {
         r
     };
     println!("{services} Services x {endpoints} endpoints");
-    let first = step(&svcs, &slices, &Syncer::new());
-    // Pretend the first was applied, then change one endpoint of one Service.
-    let mut syncer = Syncer::new();
-    syncer.sync(&NullNft, first).unwrap();
+    // The first sync is full; pretend it was applied, then change one endpoint of one Service.
+    let first = step(&svcs, &slices, None);
     let last = slices.last_mut().unwrap();
     last.endpoints.as_mut().unwrap()[0].addresses[0] = "10.255.255.1".into();
-    step(&svcs, &slices, &syncer);
+    step(&svcs, &slices, Some(&first));
 }

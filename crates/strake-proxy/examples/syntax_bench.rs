@@ -26,7 +26,9 @@ use nftables::types::NfFamily;
 use strake_proxy::config::Config;
 use strake_proxy::model::{Endpoint, Model, NodeInfo, Protocol, ServicePort, ServicePortName};
 use strake_proxy::nft::ruleset::Ruleset;
-use strake_proxy::nft::transaction::{Syncer, full_script};
+use strake_proxy::nft::transaction::{
+    apply_sync, full_script, full_transaction, partial_transaction,
+};
 use strake_proxy::nft::{Nft, NftCommand};
 
 struct Netns(String);
@@ -356,11 +358,10 @@ fn main() {
 
     // A partial sync of one changed endpoint at this scale, through the real seam.
     let nft = NftCommand::in_netns(format!("/run/netns/{}", ns.0)).with_program("/usr/sbin/nft");
-    let mut syncer = Syncer::new();
     let t = Instant::now();
-    syncer.sync(&nft, ruleset).unwrap();
+    apply_sync(&nft, None, || full_transaction(&ruleset)).unwrap();
     println!(
-        "Syncer full sync (plan + apply): {:.3} s",
+        "full sync (transaction + apply): {:.3} s",
         t.elapsed().as_secs_f64()
     );
     let mut m2 = m;
@@ -371,14 +372,17 @@ fn main() {
     let ruleset2 = Ruleset::build(&m2, &config);
     let t_build2 = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let script = syncer.plan(&ruleset2).0.to_string();
+    let script = partial_transaction(&ruleset, &ruleset2)
+        .map(|tx| tx.to_string())
+        .unwrap_or_default();
     let t_plan = t.elapsed().as_secs_f64();
     println!(
         "one endpoint changed: diff {t_plan:.3} s, {} bytes",
         script.len()
     );
     let t = Instant::now();
-    let report = syncer.sync(&nft, ruleset2).unwrap();
+    let partial = partial_transaction(&ruleset, &ruleset2);
+    let report = apply_sync(&nft, partial, || full_transaction(&ruleset2)).unwrap();
     println!(
         "one endpoint changed: Ruleset::build {t_build2:.3} s, diff + apply {:.3} s ({} commands, full: {})",
         t.elapsed().as_secs_f64(),

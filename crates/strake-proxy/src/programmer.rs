@@ -22,7 +22,7 @@ use crate::model::{
 use crate::nft::Nft;
 use crate::nft::ruleset::Rules;
 use crate::nft::transaction::{
-    SyncError, SyncReport, apply, full_transaction_of, partial_transaction,
+    SyncError, SyncReport, apply_sync, full_transaction_of, partial_transaction,
 };
 
 /// `(namespace, name)`.
@@ -313,12 +313,9 @@ impl Programmer {
         };
         let partial = delta
             .as_ref()
-            .and_then(|(old, new)| partial_transaction(old, new))
-            .filter(|tx| nft.rules_on_existing_data_maps() || !tx.adds_rules_using_data_maps());
-        let result = match partial {
-            Some(tx) => apply(nft, &tx, false),
-            None => apply(nft, &full_transaction_of(&rules.views()), true),
-        };
+            .and_then(|(old, new)| partial_transaction(old, new));
+        let views = rules.views();
+        let result = apply_sync(nft, partial, || full_transaction_of(&views));
         self.in_sync = result.is_ok();
         result
     }

@@ -33,9 +33,11 @@ use strake_proxy::conntrack::{self, ConntrackCommand, Deletion, UdpState};
 use strake_proxy::model::{self, IpFamily};
 use strake_proxy::nft::netlink::NftNetlink;
 use strake_proxy::nft::ruleset::Ruleset;
-use strake_proxy::nft::transaction::Syncer;
 use strake_proxy::nft::{Nft, TABLE};
 use strake_proxy::programmer::Programmer;
+
+mod common;
+use common::Applied;
 
 const PREFIX: &str = "sproxy";
 const NODE_NAME: &str = "node-a";
@@ -346,7 +348,7 @@ impl World {
         }
     }
 
-    fn sync(&self, syncer: &mut Syncer, services: &[Service], slices: &[EndpointSlice]) {
+    fn sync(&self, syncer: &mut Applied, services: &[Service], slices: &[EndpointSlice]) {
         let (model, warnings) = model::build(services, slices, None, &self.config());
         assert!(warnings.is_empty(), "{warnings:?}");
         let ruleset = Ruleset::build(&model, &self.config());
@@ -451,7 +453,7 @@ fn cluster_ip_spreads_over_endpoints_rejects_when_empty_and_recovers() {
     let world = World::build(3);
     let ips: Vec<&str> = world.backends.iter().map(|(_, ip)| ip.as_str()).collect();
     let svc = web_service(false);
-    let mut syncer = Syncer::new();
+    let mut syncer = Applied::default();
 
     world.sync(&mut syncer, std::slice::from_ref(&svc), &[web_slice(&ips)]);
     let seen = spread(&world.client, CLUSTER_IP, 80, 30);
@@ -499,7 +501,7 @@ fn cluster_ip_spreads_over_endpoints_rejects_when_empty_and_recovers() {
 fn node_port_serves_external_clients() {
     let world = World::build(2);
     let ips: Vec<&str> = world.backends.iter().map(|(_, ip)| ip.as_str()).collect();
-    let mut syncer = Syncer::new();
+    let mut syncer = Applied::default();
     world.sync(&mut syncer, &[web_service(true)], &[web_slice(&ips)]);
     // The external host has no route to pods: replies only come back because the node
     // masqueraded the connection.
@@ -535,7 +537,7 @@ fn load_balancer_ip_serves_external_clients_within_its_source_ranges() {
         );
         svc
     };
-    let mut syncer = Syncer::new();
+    let mut syncer = Applied::default();
     world.sync(&mut syncer, &[lb_service(&[])], &[web_slice(&ips)]);
     let seen = spread(&world.external, LB_IP, 80, 20);
     assert_eq!(
@@ -573,7 +575,7 @@ fn nodeport_addresses_limit_the_local_addresses_that_accept_node_ports() {
     let ips: Vec<&str> = world.backends.iter().map(|(_, ip)| ip.as_str()).collect();
     let node_port_on = |config: &Config, addr: &str| {
         let (model, _) = model::build(&[web_service(true)], &[web_slice(&ips)], None, config);
-        Syncer::new()
+        Applied::default()
             .sync(&world.nft, Ruleset::build(&model, config))
             .unwrap();
         http_get(&world.node, addr, NODE_PORT)
@@ -601,7 +603,7 @@ fn nodeport_addresses_limit_the_local_addresses_that_accept_node_ports() {
 fn hairpin_connection_lands_on_the_caller_and_gets_the_reply() {
     let world = World::build(2);
     let (own_ns, own_ip) = &world.backends[0];
-    let mut syncer = Syncer::new();
+    let mut syncer = Applied::default();
     // The backend runs on this node (hairpin traffic only ever comes from a local pod).
     world.sync(
         &mut syncer,
@@ -625,7 +627,7 @@ fn session_affinity_sticks_and_expires() {
     spec.session_affinity = Some("ClientIP".into());
     spec.session_affinity_config =
         Some(serde_json::from_value(json!({ "clientIP": { "timeoutSeconds": 2 } })).unwrap());
-    let mut syncer = Syncer::new();
+    let mut syncer = Applied::default();
     world.sync(&mut syncer, std::slice::from_ref(&svc), &[web_slice(&ips)]);
     let seen = spread(&world.client, CLUSTER_IP, 80, 15);
     assert_eq!(seen.len(), 1, "{seen:?}");
@@ -650,7 +652,7 @@ fn external_traffic_policy_local_keeps_source_and_drops_without_local_endpoint()
     let (ip0, ip1) = (world.backends[0].1.as_str(), world.backends[1].1.as_str());
     let mut svc = web_service(true);
     svc.spec.as_mut().unwrap().external_traffic_policy = Some("Local".into());
-    let mut syncer = Syncer::new();
+    let mut syncer = Applied::default();
     world.sync(
         &mut syncer,
         std::slice::from_ref(&svc),
@@ -695,7 +697,7 @@ fn ipv6_cluster_ip_spreads_rejects_when_empty_and_recovers() {
         s.metadata.name = Some("web-v6".into());
         s
     };
-    let mut syncer = Syncer::new();
+    let mut syncer = Applied::default();
     world.sync(
         &mut syncer,
         std::slice::from_ref(&svc),
@@ -887,7 +889,7 @@ fn partial_syncs_reach_the_same_tables_as_a_full_sync() {
         Ruleset::build(&model, &config)
     };
 
-    let mut syncer = Syncer::new();
+    let mut syncer = Applied::default();
     let a = build(&services(), &state_a);
     let b = build(&services()[..5], &state_b);
     assert!(syncer.sync(&nft, a.clone()).unwrap().full);
@@ -902,7 +904,7 @@ fn partial_syncs_reach_the_same_tables_as_a_full_sync() {
         normalized(&node, IpFamily::V6),
     ];
 
-    let mut fresh = Syncer::new();
+    let mut fresh = Applied::default();
     assert!(fresh.sync(&nft, b).unwrap().full);
     let full = [
         normalized(&node, IpFamily::V4),
@@ -1027,7 +1029,7 @@ fn udp_cluster_ip_spreads_rejects_when_empty_and_recovers() {
     // Declared after the world: stopped before its namespaces go.
     let _udp_servers = udp_servers(&world);
     let svc = dns_service();
-    let sync = |syncer: &mut Syncer, ips: &[&str]| {
+    let sync = |syncer: &mut Applied, ips: &[&str]| {
         let (model, warnings) = model::build(
             std::slice::from_ref(&svc),
             &[dns_slice(ips)],
@@ -1040,7 +1042,7 @@ fn udp_cluster_ip_spreads_rejects_when_empty_and_recovers() {
             .unwrap();
     };
     let dst = format!("{CLUSTER_IP}:53");
-    let mut syncer = Syncer::new();
+    let mut syncer = Applied::default();
     sync(&mut syncer, &ips);
     // The servers may still be starting.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1094,7 +1096,7 @@ fn udp_flow_to_a_removed_endpoint_is_deleted_and_the_next_datagram_reaches_a_liv
         model
     };
     let dst = format!("{CLUSTER_IP}:53");
-    let mut syncer = Syncer::new();
+    let mut syncer = Applied::default();
     let before = model_with(&[ip0]);
     syncer
         .sync(&world.nft, Ruleset::build(&before, &world.config()))
@@ -1151,7 +1153,7 @@ fn udp_flow_cached_before_the_service_had_endpoints_is_deleted_when_it_gets_one(
     // nothing rewrites the datagram, the node routes it out to the external host (nothing
     // listens there) and conntrack remembers the flow as one without NAT. (Without any NAT
     // hook at that moment the kernel would bind NAT on the next packet instead.)
-    let mut syncer = Syncer::new();
+    let mut syncer = Applied::default();
     world.sync(&mut syncer, &[], &[]);
     let reply = udp_send(&world.client, &dst);
     assert!(reply.starts_with("error"), "{reply}");

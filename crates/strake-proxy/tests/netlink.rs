@@ -13,7 +13,10 @@ use strake_proxy::model::{self, IpFamily};
 use strake_proxy::nft::netlink::NftNetlink;
 use strake_proxy::nft::objects::{Rule, Stmt, Verdict};
 use strake_proxy::nft::ruleset::Ruleset;
-use strake_proxy::nft::transaction::{Command, SyncError, Syncer, Transaction};
+use strake_proxy::nft::transaction::{Command, SyncError, Transaction};
+
+mod common;
+use common::Applied;
 use strake_proxy::nft::{Nft, NftCommand, NftError, TABLE};
 
 const NFT: &str = "/usr/sbin/nft";
@@ -284,7 +287,7 @@ impl Pair {
 #[test]
 fn partial_and_full_syncs_build_the_same_tables_as_the_text_path() {
     let pair = Pair::new();
-    let (mut text, mut netlink) = (Syncer::new(), Syncer::new());
+    let (mut text, mut netlink) = (Applied::default(), Applied::default());
     for (step, desired) in [a(), b(), a(), b()].into_iter().enumerate() {
         let t = text.sync(&pair.text, desired.clone()).unwrap();
         let n = netlink.sync(&pair.netlink, desired).unwrap();
@@ -297,7 +300,7 @@ fn partial_and_full_syncs_build_the_same_tables_as_the_text_path() {
         pair.assert_same(&format!("after sync {step}"));
     }
     // Now a full sync over what the partial ones left: still the same.
-    let mut fresh = Syncer::new();
+    let mut fresh = Applied::default();
     assert!(fresh.sync(&pair.netlink, b()).unwrap().full);
     pair.assert_same("after a full sync over partial ones");
     let text_listing = listing(&pair.text);
@@ -325,7 +328,7 @@ fn partial_and_full_syncs_build_the_same_tables_as_the_text_path() {
 fn a_refused_batch_keeps_the_previous_ruleset_and_says_why() {
     let ns = NetNs::create("nlr").unwrap();
     let nft = NftNetlink::in_netns(ns.path()).with_list_program(NFT);
-    let mut syncer = Syncer::new();
+    let mut syncer = Applied::default();
     syncer.sync(&nft, a()).unwrap();
     let before = normalized(&ns);
 
@@ -351,7 +354,7 @@ fn a_refused_batch_keeps_the_previous_ruleset_and_says_why() {
         }
         other => panic!("unexpected error {other:?}"),
     }
-    assert!(syncer.applied().is_none());
+    assert!(syncer.0.is_none());
     assert_eq!(
         normalized(&ns),
         before,
@@ -391,7 +394,7 @@ fn cleanup_removes_only_the_proxy_tables() {
     let nft = NftNetlink::in_netns(ns.path()).with_list_program(NFT);
     // Works on an empty namespace too.
     strake_proxy::cleanup(&nft).unwrap();
-    Syncer::new().sync(&nft, a()).unwrap();
+    Applied::default().sync(&nft, a()).unwrap();
     strake_proxy::cleanup(&nft).unwrap();
     let out = ns.run(NFT, &["list", "tables"]).unwrap();
     assert_eq!(
@@ -466,7 +469,9 @@ fn a_large_full_sync_is_one_transaction_of_many_megabytes() {
             slice(&format!("s{i}"), "IPv4", &eps)
         })
         .collect();
-    let report = Syncer::new().sync(&nft, build(&svcs, &slices)).unwrap();
+    let report = Applied::default()
+        .sync(&nft, build(&svcs, &slices))
+        .unwrap();
     assert!(report.full && report.bytes > 3_000_000, "{report:?}");
     let elements = |map: &str| {
         let out = ns

@@ -2,12 +2,12 @@
 //! of typed [`Command`]s carried by an [`Nft`] backend (one netlink batch, or one `nft -f`
 //! script rendered from it).
 //!
-//! The [`Syncer`] remembers what it last applied successfully. A partial sync sends only the
-//! difference between that and the desired state; a full sync (the first one, the one after a
-//! failure, a periodic one, or one whose difference cannot be expressed, such as a changed set
-//! declaration) replaces both tables in one transaction (`add table`, `delete table`, then the
-//! whole content), so no packet ever sees a half-written table. The kernel's ruleset is never
-//! listed to compute a sync.
+//! A partial sync ([`partial_transaction`]) sends only the difference between what was last
+//! applied successfully and the desired state; a full sync ([`full_transaction`]: the first
+//! one, the one after a failure, a periodic one, or one whose difference cannot be expressed,
+//! such as a changed set declaration) replaces both tables in one transaction (`add table`,
+//! `delete table`, then the whole content), so no packet ever sees a half-written table.
+//! [`apply_sync`] picks between them; the kernel's ruleset is never listed to compute a sync.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -309,53 +309,20 @@ impl<'a> Transaction<'a> {
     }
 }
 
-/// Keeps the last applied ruleset and turns desired states into nft transactions.
-#[derive(Debug, Default)]
-pub struct Syncer {
-    applied: Option<Ruleset>,
-}
-
-impl Syncer {
-    /// A syncer that has applied nothing yet (its first sync is full).
-    pub fn new() -> Self {
-        Syncer { applied: None }
-    }
-
-    /// The ruleset last applied successfully, if the kernel is known to hold it.
-    pub fn applied(&self) -> Option<&Ruleset> {
-        self.applied.as_ref()
-    }
-
-    /// Forgets the applied state, so that the next sync is full (e.g. on a period).
-    pub fn force_full(&mut self) {
-        self.applied = None;
-    }
-
-    /// The transaction that would bring the kernel from the last applied state to `desired`,
-    /// and whether it is a full rewrite. An empty transaction means nothing to do.
-    pub fn plan<'a>(&'a self, desired: &'a Ruleset) -> (Transaction<'a>, bool) {
-        match &self.applied {
-            Some(applied) => match partial_transaction(applied, desired) {
-                Some(tx) => (tx, false),
-                None => (full_transaction(desired), true),
-            },
-            None => (full_transaction(desired), true),
-        }
-    }
-
-    /// Applies `desired` through `nft` (either backend) as one transaction. On failure the
-    /// applied state is forgotten, so the next sync is full.
-    pub fn sync(&mut self, nft: &dyn Nft, desired: Ruleset) -> Result<SyncReport, SyncError> {
-        let result = {
-            let (mut tx, mut full) = self.plan(&desired);
-            if !full && !nft.rules_on_existing_data_maps() && tx.adds_rules_using_data_maps() {
-                tx = full_transaction(&desired);
-                full = true;
-            }
-            apply(nft, &tx, full)
-        };
-        self.applied = result.is_ok().then_some(desired);
-        result
+/// Sends one sync: `partial`, the difference since the last successful sync, when there is
+/// one and the backend can take it (see [`Nft::rules_on_existing_data_maps`]), else the whole
+/// ruleset `full()`. An empty transaction sends nothing. The caller remembers whether it
+/// succeeded: after a failure only a full sync is trusted.
+pub fn apply_sync<'a>(
+    nft: &dyn Nft,
+    partial: Option<Transaction<'a>>,
+    full: impl FnOnce() -> Transaction<'a>,
+) -> Result<SyncReport, SyncError> {
+    let partial =
+        partial.filter(|tx| nft.rules_on_existing_data_maps() || !tx.adds_rules_using_data_maps());
+    match partial {
+        Some(tx) => apply(nft, &tx, false),
+        None => apply(nft, &full(), true),
     }
 }
 
@@ -636,8 +603,12 @@ mod tests {
     #[test]
     fn first_sync_is_full_then_only_differences_are_sent() {
         let nft = RecordingNft::default();
-        let mut syncer = Syncer::new();
-        let report = syncer.sync(&nft, ruleset(&["10.244.2.1"])).unwrap();
+        let (first, same, changed) = (
+            ruleset(&["10.244.2.1"]),
+            ruleset(&["10.244.2.1"]),
+            ruleset(&["10.244.2.2"]),
+        );
+        let report = apply_sync(&nft, None, || full_transaction(&first)).unwrap();
         assert!(report.full);
         let scripts = nft.scripts();
         assert!(scripts[0].starts_with(
@@ -646,12 +617,14 @@ mod tests {
         assert!(scripts[0].contains("delete table ip6 strake-proxy\n"));
 
         // Nothing changed: nothing sent.
-        let report = syncer.sync(&nft, ruleset(&["10.244.2.1"])).unwrap();
+        let partial = partial_transaction(&first, &same);
+        let report = apply_sync(&nft, partial, || full_transaction(&same)).unwrap();
         assert_eq!((report.full, report.bytes), (false, 0));
         assert_eq!(nft.scripts().len(), 1);
 
         // One endpoint replaced in b: map elements only.
-        let report = syncer.sync(&nft, ruleset(&["10.244.2.2"])).unwrap();
+        let partial = partial_transaction(&same, &changed);
+        let report = apply_sync(&nft, partial, || full_transaction(&changed)).unwrap();
         assert!(!report.full);
         let script = nft.scripts()[1].clone();
         let expected = "\
@@ -664,9 +637,11 @@ add element ip strake-proxy endpoints { 10.96.0.2 . tcp . 80 . 0 : 10.244.2.2 . 
     #[test]
     fn losing_all_endpoints_moves_the_service_to_reject() {
         let nft = RecordingNft::default();
-        let mut syncer = Syncer::new();
-        syncer.sync(&nft, ruleset(&["10.244.2.1"])).unwrap();
-        syncer.sync(&nft, ruleset(&[])).unwrap();
+        let (before, after) = (ruleset(&["10.244.2.1"]), ruleset(&[]));
+        apply_sync(&nft, None, || full_transaction(&before)).unwrap();
+        let partial = partial_transaction(&before, &after);
+        assert!(partial.is_some());
+        apply_sync(&nft, partial, || full_transaction(&after)).unwrap();
         let script = nft.scripts()[1].clone();
         let pos = |needle: &str| {
             script
@@ -683,20 +658,6 @@ add element ip strake-proxy endpoints { 10.96.0.2 . tcp . 80 . 0 : 10.244.2.2 . 
             "add element ip strake-proxy no-endpoint-services { 10.96.0.2 . tcp . 80 : goto reject-chain }",
         );
         assert!(!script.contains("10.96.0.1 "));
-    }
-
-    #[test]
-    fn a_failed_apply_makes_the_next_sync_full() {
-        let nft = RecordingNft::default();
-        let mut syncer = Syncer::new();
-        syncer.sync(&nft, ruleset(&["10.244.2.1"])).unwrap();
-        nft.fail_next
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        let err = syncer.sync(&nft, ruleset(&["10.244.2.2"])).unwrap_err();
-        assert!(matches!(err, SyncError::ApplyRuleset { full: false, .. }));
-        assert!(syncer.applied().is_none());
-        let report = syncer.sync(&nft, ruleset(&["10.244.2.2"])).unwrap();
-        assert!(report.full);
     }
 
     #[test]
