@@ -486,3 +486,30 @@ fn a_large_full_sync_is_one_transaction_of_many_megabytes() {
     assert_eq!(elements("service-ips"), n);
     assert_eq!(elements("endpoints"), n * 10);
 }
+
+/// The golden script of every Service kind (`src/nft/testdata/kinds/`, checked against the
+/// builder by the unit test `nft::golden::each_kind_of_service_renders_as_its_golden_file`) is
+/// one that nft and the kernel take as it is, in a fresh namespace, and gives both tables.
+#[test]
+fn every_golden_kind_script_is_taken_by_nft_and_the_kernel() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/nft/testdata/kinds");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 10, "{} kinds only", files.len());
+    for file in files {
+        let ns = NetNs::create("nlg").unwrap();
+        let out = ns.run(NFT, &["-f", file.to_str().unwrap()]);
+        assert!(out.is_ok(), "{}: {out:?}", file.display());
+        let tables = ns.run(NFT, &["list", "tables"]).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&tables.stdout),
+            "table ip strake-proxy\ntable ip6 strake-proxy\n",
+            "{}",
+            file.display()
+        );
+    }
+}
