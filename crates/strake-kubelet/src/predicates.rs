@@ -136,6 +136,35 @@ fn pod_sum(pod: &Pod, side: Side) -> Requests {
     total
 }
 
+/// The first resource quantity of the pod (its containers', init containers', pod-level and
+/// overhead requests and limits) or of the node's allocatable that cannot be read:
+/// (whose, resource, quantity).
+fn unreadable_quantity(pod: &Pod, node: &Node) -> Option<(&'static str, String, String)> {
+    let bad = |list: Option<&BTreeMap<String, Quantity>>| {
+        list.into_iter()
+            .flatten()
+            .find(|(_, q)| parse_milli(&q.0).is_err())
+            .map(|(k, q)| (k.clone(), q.0.clone()))
+    };
+    let spec = pod.spec.as_ref()?;
+    let requirements = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .filter_map(|c| c.resources.as_ref())
+        .chain(spec.resources.as_ref());
+    for r in requirements {
+        if let Some((k, q)) = bad(r.requests.as_ref()).or_else(|| bad(r.limits.as_ref())) {
+            return Some(("pod's", k, q));
+        }
+    }
+    if let Some((k, q)) = bad(spec.overhead.as_ref()) {
+        return Some(("pod's", k, q));
+    }
+    let allocatable = node.status.as_ref().and_then(|s| s.allocatable.as_ref());
+    bad(allocatable).map(|(k, q)| ("node's", k, q))
+}
+
 fn milli_of(list: Option<&BTreeMap<String, Quantity>>, name: &str) -> Option<i128> {
     list.and_then(|l| l.get(name))
         .and_then(|q| parse_milli(&q.0).ok())
@@ -343,6 +372,16 @@ pub fn admit(pod: &Pod, admitted: &[&Pod], node: &Node) -> Result<(), Rejection>
             message: "Failed to admit pod as the OS field doesn't match node OS".into(),
         });
     }
+    if let Some((whose, resource, quantity)) = unreadable_quantity(pod, node) {
+        // The API server validated it; a quantity this kubelet cannot read is its own failing,
+        // and admitting the pod would count it as nothing.
+        return Err(Rejection {
+            reason: "UnexpectedAdmissionError".into(),
+            message: format!(
+                "Allocate failed due to an unreadable {whose} quantity {quantity:?} of {resource}, which is unexpected"
+            ),
+        });
+    }
     if let Some(r) = fits(pod, admitted, node) {
         return Err(r);
     }
@@ -461,6 +500,28 @@ mod tests {
         let e = admit(&with_requests("1m", "1"), &[&running, &running], &n).unwrap_err();
         assert_eq!(e.reason, "OutOfpods");
         assert!(admit(&with_requests("500m", "1Gi"), &[&running], &n).is_ok());
+    }
+
+    #[test]
+    fn a_quantity_the_kubelet_cannot_read_is_an_unexpected_admission_error() {
+        let n = node(json!({"cpu": "2", "memory": "4Gi", "pods": "110"}));
+        // Beyond what the kubelet's arithmetic holds: not counted as nothing, refused.
+        let huge = with_requests("100m", "999999999999999999999999999999999999999999Ei");
+        let e = admit(&huge, &[], &n).unwrap_err();
+        assert_eq!(e.reason, "UnexpectedAdmissionError");
+        assert!(
+            e.message.contains("memory") && e.message.contains("unexpected"),
+            "{}",
+            e.message
+        );
+        let bad_node = node(json!({"cpu": "2", "memory": "4Gi", "pods": "two"}));
+        let e = admit(&with_requests("100m", "1Gi"), &[], &bad_node).unwrap_err();
+        assert_eq!(e.reason, "UnexpectedAdmissionError");
+        assert!(
+            e.message.contains("node's") && e.message.contains("pods"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
