@@ -392,6 +392,25 @@ async fn pods_that_do_not_fit_the_node_are_refused_at_admission() {
             cpu * 2 / 3
         )
     );
+    // More memory than the node's allocatable holds at all.
+    let memory_ki: u64 = alloc["memory"]
+        .0
+        .trim_end_matches("Ki")
+        .parse()
+        .expect("allocatable memory in Ki");
+    let over = format!("{}Ki", memory_ki + (1 << 20));
+    create(pod(
+        "too-much-memory",
+        serde_json::json!({ "containers": [{ "resources": { "requests": { "memory": over } } }] }),
+    ))
+    .await;
+    let (phase, reason, message) = decided(&pods, "too-much-memory").await;
+    assert_eq!((phase.as_str(), reason.as_str()), ("Failed", "OutOfmemory"));
+    assert!(
+        message
+            .starts_with("Pod was rejected: Node didn't have enough resource: memory, requested: "),
+        "{message}"
+    );
     // A selector no label of the node matches; a host port an admitted pod holds.
     create(pod(
         "elsewhere",
@@ -422,7 +441,7 @@ async fn pods_that_do_not_fit_the_node_are_refused_at_admission() {
             .expect("crictl pods");
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
-    for name in ["too-big", "elsewhere", "port-b"] {
+    for name in ["too-big", "too-much-memory", "elsewhere", "port-b"] {
         assert_eq!(sandboxes(&cluster.node, name), "", "{name} has a sandbox");
     }
     // ... nor when room is made and the kubelet restarts: a refused pod is not judged again.
