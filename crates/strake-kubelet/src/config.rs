@@ -107,6 +107,22 @@ pub struct Flags {
     /// container runtime's answer (CRI `RuntimeConfig`) wins when it gives one, as upstream's.
     #[arg(long)]
     pub cgroup_driver: Option<String>,
+    /// Parent of the `kubepods` cgroup tree (default `/`).
+    #[arg(long)]
+    pub cgroup_root: Option<String>,
+    /// What is held to its share of the node, comma-separated: `pods`, `system-reserved`,
+    /// `kube-reserved` (and their `-compressible` forms, CPU only), or `none` (default `pods`).
+    #[arg(long)]
+    pub enforce_node_allocatable: Option<String>,
+    /// The existing cgroup `kubeReserved` is enforced on (`kube-reserved` enforced).
+    #[arg(long)]
+    pub kube_reserved_cgroup: Option<String>,
+    /// The existing cgroup `systemReserved` is enforced on (`system-reserved` enforced).
+    #[arg(long)]
+    pub system_reserved_cgroup: Option<String>,
+    /// Processes per pod (`podPidsLimit`; -1 unlimited).
+    #[arg(long)]
+    pub pod_max_pids: Option<i64>,
     /// How often unused images are considered for removal (Strake only: upstream's is a fixed
     /// 5m, the default here too).
     #[arg(long)]
@@ -183,6 +199,8 @@ pub struct FileConfig {
     #[serde(rename = "cgroupsPerQOS")]
     pub cgroups_per_qos: Option<bool>,
     pub cgroup_driver: Option<String>,
+    pub kube_reserved_cgroup: Option<String>,
+    pub system_reserved_cgroup: Option<String>,
     pub eviction_soft: Option<BTreeMap<String, String>>,
     pub eviction_soft_grace_period: Option<BTreeMap<String, String>>,
     pub eviction_pressure_transition_period: Option<String>,
@@ -332,6 +350,10 @@ pub struct Config {
     pub cgroups_per_qos: bool,
     /// `cgroupDriver` (default cgroupfs), replaced at start by the runtime's when it reports one.
     pub cgroup_driver: strake_types::cgroups::CgroupDriver,
+    /// `kubeReservedCgroup` and `systemReservedCgroup`: existing cgroups held to the
+    /// reservations when `enforceNodeAllocatable` names them.
+    pub kube_reserved_cgroup: Option<String>,
+    pub system_reserved_cgroup: Option<String>,
     /// The eviction manager's thresholds and periods.
     pub eviction: crate::eviction::Policy,
 }
@@ -787,13 +809,22 @@ impl Config {
                 });
             }
         };
-        let enforce = file.enforce_node_allocatable.clone().unwrap_or_else(|| {
-            if cgroups_per_qos {
-                vec!["pods".into()]
-            } else {
-                Vec::new()
-            }
+        let enforce_flag = flags.enforce_node_allocatable.as_deref().map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+                .map(str::to_string)
+                .collect::<Vec<_>>()
         });
+        let enforce = enforce_flag
+            .or(file.enforce_node_allocatable.clone())
+            .unwrap_or_else(|| {
+                if cgroups_per_qos {
+                    vec!["pods".into()]
+                } else {
+                    Vec::new()
+                }
+            });
         if !cgroups_per_qos && enforce.iter().any(|e| e != "none") {
             return Err(ConfigError::Invalid {
                 what: "enforceNodeAllocatable (must be empty when cgroupsPerQOS is false)",
@@ -813,6 +844,39 @@ impl Config {
             if !known || (e == "none" && enforce.len() > 1) {
                 return Err(ConfigError::Invalid {
                     what: "enforceNodeAllocatable",
+                    value: enforce.join(","),
+                });
+            }
+        }
+        // Enforcing a reservation needs the cgroup it is enforced on, as upstream's.
+        let kube_reserved_cgroup = flags
+            .kube_reserved_cgroup
+            .clone()
+            .or(file.kube_reserved_cgroup.clone())
+            .filter(|c| !c.is_empty());
+        let system_reserved_cgroup = flags
+            .system_reserved_cgroup
+            .clone()
+            .or(file.system_reserved_cgroup.clone())
+            .filter(|c| !c.is_empty());
+        for (reservation, cgroup, what) in [
+            (
+                "kube-reserved",
+                &kube_reserved_cgroup,
+                "kubeReservedCgroup (needed when enforceNodeAllocatable has kube-reserved)",
+            ),
+            (
+                "system-reserved",
+                &system_reserved_cgroup,
+                "systemReservedCgroup (needed when enforceNodeAllocatable has system-reserved)",
+            ),
+        ] {
+            let named = enforce
+                .iter()
+                .any(|e| e.strip_suffix("-compressible").unwrap_or(e) == reservation);
+            if named && cgroup.is_none() {
+                return Err(ConfigError::Invalid {
+                    what,
                     value: enforce.join(","),
                 });
             }
@@ -872,9 +936,10 @@ impl Config {
                 .pod_logs_dir
                 .clone()
                 .unwrap_or_else(|| "/var/log/pods".into()),
-            cgroup_root: file
+            cgroup_root: flags
                 .cgroup_root
                 .clone()
+                .or(file.cgroup_root.clone())
                 .map(|r| if r == "/" { String::new() } else { r })
                 .unwrap_or_default(),
             port: flags.port.or(file.port).unwrap_or(10250),
@@ -900,10 +965,12 @@ impl Config {
                 .unwrap_or_else(|| "/etc/resolv.conf".into()),
             api_limits,
             image_gc,
-            pod_pids_limit: file.pod_pids_limit.unwrap_or(-1),
+            pod_pids_limit: flags.pod_max_pids.or(file.pod_pids_limit).unwrap_or(-1),
             enforce_node_allocatable: enforce,
             cgroups_per_qos,
             cgroup_driver,
+            kube_reserved_cgroup,
+            system_reserved_cgroup,
             eviction,
         })
     }
@@ -941,6 +1008,64 @@ mod tests {
             let e = load(bad).unwrap_err().to_string();
             assert!(e.contains("enforceNodeAllocatable"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn cgroup_flags_override_the_file_and_reservations_need_their_cgroup() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        let load = |yaml: &str, flags: Flags| {
+            std::fs::write(&path, yaml).unwrap();
+            Config::load(&Flags {
+                config: Some(path.clone()),
+                ..flags
+            })
+        };
+        let c = load(
+            "cgroupRoot: /file\nenforceNodeAllocatable: [pods]\npodPidsLimit: 10\n",
+            Flags {
+                cgroup_root: Some("/flag".into()),
+                enforce_node_allocatable: Some("pods,kube-reserved".into()),
+                kube_reserved_cgroup: Some("/kube.slice".into()),
+                pod_max_pids: Some(20),
+                ..Flags::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.cgroup_root, "/flag");
+        assert_eq!(c.enforce_node_allocatable, vec!["pods", "kube-reserved"]);
+        assert_eq!(c.kube_reserved_cgroup.as_deref(), Some("/kube.slice"));
+        assert_eq!(c.pod_pids_limit, 20);
+        // `--enforce-node-allocatable=` (empty) enforces nothing.
+        let none = load(
+            "",
+            Flags {
+                enforce_node_allocatable: Some(String::new()),
+                ..Flags::default()
+            },
+        )
+        .unwrap();
+        assert!(none.enforce_node_allocatable.is_empty());
+        // Enforcing a reservation without its cgroup is refused, naming the field.
+        for (yaml, field) in [
+            (
+                "enforceNodeAllocatable: [pods, system-reserved]\n",
+                "systemReservedCgroup",
+            ),
+            (
+                "enforceNodeAllocatable: [kube-reserved-compressible]\n",
+                "kubeReservedCgroup",
+            ),
+        ] {
+            let e = load(yaml, Flags::default()).unwrap_err().to_string();
+            assert!(e.contains(field), "{yaml}: {e}");
+        }
+        let ok = load(
+            "enforceNodeAllocatable: [system-reserved]\nsystemReservedCgroup: /system.slice\n",
+            Flags::default(),
+        )
+        .unwrap();
+        assert_eq!(ok.system_reserved_cgroup.as_deref(), Some("/system.slice"));
     }
 
     #[test]

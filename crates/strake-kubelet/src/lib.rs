@@ -91,6 +91,14 @@ pub enum Error {
     /// Neither an API server nor a static pod directory: nothing to do.
     #[error("give --kubeconfig, or --pod-manifest-path for standalone mode")]
     Standalone,
+    /// A reservation named in `enforceNodeAllocatable` could not be enforced on its cgroup.
+    #[error("enforce {what} on cgroup {cgroup}")]
+    EnforceReserved {
+        what: &'static str,
+        cgroup: String,
+        #[source]
+        source: pod_cgroups::CgroupError,
+    },
 }
 
 /// The kubelet: configuration, machine facts and the runtime connection.
@@ -114,9 +122,9 @@ impl App {
     /// The QoS cgroups (`kubepods` held to the node's allocatable when `enforceNodeAllocatable`
     /// names `pods`), made at start; `None` with `cgroupsPerQOS: false` or where the host's
     /// hierarchies cannot be read.
-    async fn pod_cgroups(&self) -> Option<std::sync::Arc<pod_cgroups::PodCgroups>> {
+    async fn pod_cgroups(&self) -> Result<Option<std::sync::Arc<pod_cgroups::PodCgroups>>, Error> {
         if !self.config.cgroups_per_qos {
-            return None;
+            return Ok(None);
         }
         let cg = match pod_cgroups::PodCgroups::detect(
             self.config.cgroup_driver,
@@ -128,7 +136,7 @@ impl App {
             Ok(cg) => cg,
             Err(e) => {
                 tracing::warn!(error = %e, driver = self.config.cgroup_driver.as_str(), "QoS cgroups not made");
-                return None;
+                return Ok(None);
             }
         };
         let enforce = self
@@ -149,9 +157,39 @@ impl App {
         });
         if let Err(e) = cg.ensure_node(allocatable).await {
             tracing::warn!(error = %e, "QoS cgroups not made; pods get no pod-level cgroup values");
-            return None;
+            return Ok(None);
         }
-        Some(std::sync::Arc::new(cg))
+        // The reservations named in enforceNodeAllocatable, on their existing cgroups.
+        let r = &self.config.reservation;
+        let reservations = [
+            (
+                "kube-reserved",
+                &self.config.kube_reserved_cgroup,
+                &r.kube_reserved,
+            ),
+            (
+                "system-reserved",
+                &self.config.system_reserved_cgroup,
+                &r.system_reserved,
+            ),
+        ];
+        for (what, cgroup, reserved) in reservations {
+            let named = |e: &str| self.config.enforce_node_allocatable.iter().any(|x| x == e);
+            let (full, compressible) = (named(what), named(&format!("{what}-compressible")));
+            let Some(cgroup) = cgroup.as_deref().filter(|_| full || compressible) else {
+                continue;
+            };
+            let values = pod_cgroups::reserved_values(reserved, !full);
+            cg.enforce_existing(cgroup, &values)
+                .await
+                .map_err(|source| Error::EnforceReserved {
+                    what,
+                    cgroup: cgroup.to_string(),
+                    source,
+                })?;
+            tracing::info!(what, cgroup, "reservation enforced");
+        }
+        Ok(Some(std::sync::Arc::new(cg)))
     }
 
     /// Reads the machine and prepares the runtime connection.
@@ -254,7 +292,7 @@ impl App {
                     tracing::warn!(error = %e, "RuntimeConfig failed; using the configured cgroup driver")
                 }
             }
-            let cgroups = self.pod_cgroups().await;
+            let cgroups = self.pod_cgroups().await?;
             let ctx = pod_worker::Context {
                 volumes: volumes::Volumes::new(&self.config.root_dir, api.clone())
                     .with_pod_certificates(&self.config.node_name),
@@ -311,10 +349,11 @@ impl App {
             let api = api.map(|c| (c, pod_writer));
             tasks.push(tokio::spawn(pods::run(ctx, api, manifests)));
             futures::future::join_all(tasks).await;
+            Ok::<(), Error>(())
         };
         tokio::select! {
             _ = shutdown => tracing::info!("shutting down; pods keep running"),
-            _ = work => {}
+            result = work => result?,
         }
         server_task.abort();
         Ok(())

@@ -98,6 +98,24 @@ pub fn node_values(cpu_milli: i128, memory_bytes: i128) -> Values {
     }
 }
 
+/// The values an enforced reservation (`kubeReserved` or `systemReserved`, thousandths per
+/// resource) puts on its cgroup, as upstream's `enforceExistingCgroup`: CPU shares for the
+/// reserved CPU, and unless only the compressible part is enforced, the reserved memory as the
+/// memory limit and the reserved `pid` as the process limit.
+pub fn reserved_values(reserved: &BTreeMap<String, i128>, compressible_only: bool) -> Values {
+    let get = |name: &str| reserved.get(name).copied();
+    Values {
+        cpu_shares: get("cpu").map(|m| cpu_shares(m.max(0)) as u64),
+        cpu_quota: None,
+        memory_limit: get("memory")
+            .filter(|_| !compressible_only)
+            .map(|m| (m / 1000).clamp(0, i64::MAX as i128) as i64),
+        pids_limit: get("pid")
+            .filter(|_| !compressible_only)
+            .map(|m| (m / 1000).clamp(0, i64::MAX as i128) as i64),
+    }
+}
+
 /// `cpu.weight` (v2) for `cpu.shares` (v1), as runc and the kubelet convert it.
 pub fn shares_to_weight(shares: u64) -> u64 {
     if shares == 0 {
@@ -477,6 +495,109 @@ impl PodCgroups {
                     if let Some(dir) = by_controller.get(controller) {
                         let path = dir.join(file);
                         write_if_present(&path, &value).map_err(err("write", &path))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Holds the existing cgroup `name` (`kubeReservedCgroup` or `systemReservedCgroup`: a
+    /// cgroupfs path, relative ones against the kubelet's own cgroup, or a systemd slice) to
+    /// `values`, writing only the values that are set. A cgroup that does not exist is an error,
+    /// as upstream's kubelet refuses to start then.
+    pub async fn enforce_existing(&self, name: &str, values: &Values) -> Result<(), CgroupError> {
+        let dirs = match &self.manager {
+            Manager::Cgroupfs => {
+                self.layout
+                    .pod_cgroup(CgroupDriver::Cgroupfs, name, &self.own_cgroup)
+            }
+            Manager::Systemd { systemd, base } => {
+                let unit = name
+                    .trim_end_matches('/')
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or(name);
+                let properties: Vec<Property> =
+                    slice_properties(unit, "-.slice", values, self.layout.is_v2())
+                        .into_iter()
+                        .filter(|p| {
+                            matches!(
+                                (p.name, values),
+                                (
+                                    "CPUShares" | "CPUWeight",
+                                    Values {
+                                        cpu_shares: Some(_),
+                                        ..
+                                    }
+                                ) | (
+                                    "MemoryLimit" | "MemoryMax",
+                                    Values {
+                                        memory_limit: Some(_),
+                                        ..
+                                    }
+                                ) | (
+                                    "TasksMax",
+                                    Values {
+                                        pids_limit: Some(_),
+                                        ..
+                                    }
+                                )
+                            )
+                        })
+                        .collect();
+                systemd.set_unit_properties(unit, &properties).await?;
+                let path = format!(
+                    "{}/{}",
+                    base.trim_end_matches('/'),
+                    expand_slice(unit).display()
+                );
+                Some(self.layout.container_cgroup(CgroupDriver::Cgroupfs, &path))
+            }
+        };
+        let missing = |path: &Path| CgroupError::Io {
+            action: "find reserved cgroup",
+            path: path.to_path_buf(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        let wanted = |file: &str| match file {
+            "cpu.shares" | "cpu.weight" => values.cpu_shares.is_some(),
+            "memory.limit_in_bytes" | "memory.max" => values.memory_limit.is_some(),
+            "pids.max" => values.pids_limit.is_some(),
+            _ => false,
+        };
+        let write = |path: PathBuf, value: &str| {
+            write_if_present(&path, value).map_err(|source| CgroupError::Io {
+                action: "write",
+                path,
+                source,
+            })
+        };
+        match dirs {
+            None => return Err(missing(Path::new(name))),
+            Some(ContainerCgroup::V2(dir)) => {
+                if !dir.is_dir() {
+                    return Err(missing(&dir));
+                }
+                for (_, file, value) in files(values, true) {
+                    if wanted(file) {
+                        write(dir.join(file), &value)?;
+                    }
+                }
+            }
+            Some(ContainerCgroup::V1(by_controller)) => {
+                for c in CONTROLLERS {
+                    if let Some(dir) = by_controller.get(c)
+                        && !dir.is_dir()
+                    {
+                        return Err(missing(dir));
+                    }
+                }
+                for (controller, file, value) in files(values, false) {
+                    if let Some(dir) = by_controller.get(controller)
+                        && wanted(file)
+                    {
+                        write(dir.join(file), &value)?;
                     }
                 }
             }
@@ -880,6 +1001,41 @@ mod tests {
             assert!(dir.path().join(c).join("test/tb/kubepods").exists());
         }
         futures::executor::block_on(cg.remove_pod("../escape"));
+    }
+
+    #[test]
+    fn enforced_reservations_write_only_their_values_into_an_existing_cgroup() {
+        let (dir, layout) = fixture(false);
+        let own = "4:pids:/test\n3:memory:/test\n2:cpu,cpuacct:/test\n";
+        let cg = PodCgroups::new(layout, own.into(), "tb", -1);
+        let reserved = |c: &str| dir.path().join(c).join("test/kube-reserved");
+        for c in ["cpu,cpuacct", "memory", "pids"] {
+            control_files(&reserved(c), false);
+            std::fs::write(reserved(c).join("cpu.cfs_quota_us"), "untouched").unwrap();
+        }
+        let r: BTreeMap<String, i128> = [
+            ("cpu".to_string(), 500),
+            ("memory".to_string(), (100i128 << 20) * 1000),
+            ("pid".to_string(), 1000 * 1000),
+        ]
+        .into();
+        use futures::executor::block_on as block;
+        block(cg.enforce_existing("kube-reserved", &reserved_values(&r, false))).unwrap();
+        let read = |c: &str, f: &str| std::fs::read_to_string(reserved(c).join(f)).unwrap();
+        assert_eq!(read("cpu,cpuacct", "cpu.shares"), "512");
+        assert_eq!(
+            read("memory", "memory.limit_in_bytes"),
+            (100u64 << 20).to_string()
+        );
+        assert_eq!(read("pids", "pids.max"), "1000");
+        assert_eq!(read("cpu,cpuacct", "cpu.cfs_quota_us"), "untouched");
+        // The compressible form holds the CPU only.
+        std::fs::write(reserved("memory").join("memory.limit_in_bytes"), "").unwrap();
+        block(cg.enforce_existing("kube-reserved", &reserved_values(&r, true))).unwrap();
+        assert_eq!(read("memory", "memory.limit_in_bytes"), "");
+        // A cgroup that does not exist is an error naming it.
+        let e = block(cg.enforce_existing("no-such", &reserved_values(&r, false))).unwrap_err();
+        assert!(e.to_string().contains("no-such"), "{e}");
     }
 
     #[test]

@@ -37,12 +37,23 @@ fn read(root: &str, path: &str, controller: &str, file: &str) -> String {
 }
 
 async fn scenario(node: &str, kind: RuntimeKind) {
-    let cluster = Cluster::start_with(
-        node,
-        kind,
-        "podPidsLimit: 256\nkubeReserved: {memory: 100Mi}\n",
-    )
-    .await;
+    // kubeReserved is enforced on a cgroup of the test's own (made before the kubelet starts,
+    // as upstream's kubelet wants it to exist), named relative to the kubelet's own cgroup.
+    let reserved = strake_integration::cgroup::CgroupParent::new();
+    for location in reserved.locations() {
+        std::fs::create_dir_all(&location).expect("kube-reserved cgroup");
+    }
+    let mut config = format!(
+        "podPidsLimit: 256\nkubeReserved: {{memory: 100Mi}}\n\
+         enforceNodeAllocatable: [pods, kube-reserved]\nkubeReservedCgroup: {}\n",
+        reserved.name()
+    );
+    if kind == RuntimeKind::Strake {
+        // The runtime reports cgroupfs in RuntimeConfig; the kubelet follows it over its own
+        // configuration, as upstream's (with systemd it would make no pod cgroup here).
+        config.push_str("cgroupDriver: systemd\n");
+    }
+    let cluster = Cluster::start_with(node, kind, &config).await;
     let root = cluster.node.runtime.cgroup_parent().to_string();
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
     let sleep = serde_json::json!(["/bin/sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]);
@@ -110,6 +121,19 @@ async fn scenario(node: &str, kind: RuntimeKind) {
     assert!(
         kubepods <= want && want - kubepods < 4096,
         "kubepods memory limit {kubepods}, allocatable {want}"
+    );
+    // The reservation holds its own cgroup to it.
+    let reserved_memory = reserved
+        .locations()
+        .into_iter()
+        .find(|l| l.starts_with("/sys/fs/cgroup/memory"))
+        .expect("memory hierarchy")
+        .join("memory.limit_in_bytes");
+    assert_eq!(
+        std::fs::read_to_string(&reserved_memory)
+            .expect("kube-reserved limit")
+            .trim(),
+        (100u64 << 20).to_string()
     );
     assert_eq!(read(&root, "kubepods/besteffort", "cpu", "cpu.shares"), "2");
     // The only Burstable pod requests 100m.
