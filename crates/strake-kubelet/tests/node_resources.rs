@@ -267,6 +267,46 @@ async fn a_container_writing_2gib_of_logs_keeps_at_most_max_size_times_max_files
     );
     let tail = wait_for("the last line", 30, || tail_one(&cluster, "gigabytes")).await;
     assert_eq!(tail, "done\n");
+    // /stats/summary counts the rotated files in the container's logs, not the live one alone.
+    let (used, on_disk) = wait_for("the logs' size in /stats/summary", 60, || async {
+        let summary = summary(&cluster).await?;
+        let used = summary["pods"]
+            .as_array()?
+            .iter()
+            .find(|p| p["podRef"]["name"] == "gigabytes")?["containers"][0]["logs"]["usedBytes"]
+            .as_u64()?;
+        let on_disk: u64 = log_files(&dir).iter().map(|(_, l)| l).sum();
+        (used == on_disk).then_some((used, on_disk))
+    })
+    .await;
+    let live = log_files(&dir)
+        .iter()
+        .find(|(n, _)| n == "0.log")
+        .map_or(0, |(_, l)| *l);
+    assert!(
+        used > live,
+        "logs {used} bytes, the live file alone {live} (all files {on_disk})"
+    );
+}
+
+/// The node's `/stats/summary`, through the API server's node proxy.
+async fn summary(cluster: &Cluster) -> Option<serde_json::Value> {
+    let bin = strake_integration::paths::kubernetes_bin("kubectl").ok()?;
+    let out = tokio::process::Command::new(bin)
+        .arg(format!(
+            "--kubeconfig={}",
+            cluster.cp.kubeconfig().display()
+        ))
+        .args([
+            "get",
+            "--raw",
+            &format!("/api/v1/nodes/{NODE}/proxy/stats/summary"),
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .ok()?;
+    serde_json::from_slice(&out.stdout).ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
