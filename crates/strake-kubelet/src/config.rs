@@ -1066,6 +1066,25 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok.system_reserved_cgroup.as_deref(), Some("/system.slice"));
+        // `--cgroups-per-qos=false` over the file; it leaves nothing to enforce, and refuses
+        // an enforcement asked for anyway.
+        let flat = load(
+            "cgroupsPerQOS: true\n",
+            Flags {
+                cgroups_per_qos: Some(false),
+                ..Flags::default()
+            },
+        )
+        .unwrap();
+        assert!(!flat.cgroups_per_qos);
+        assert!(flat.enforce_node_allocatable.is_empty());
+        let e = load(
+            "cgroupsPerQOS: false\nenforceNodeAllocatable: [pods]\n",
+            Flags::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cgroupsPerQOS"), "{e}");
     }
 
     #[test]

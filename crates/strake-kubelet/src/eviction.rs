@@ -1049,6 +1049,45 @@ mod tests {
         );
         // No image filesystem of the runtime's: the node's stands in.
         assert_eq!(o[&Signal::ImageFsAvailable], o[&Signal::NodeFsAvailable]);
+        assert!(!o.contains_key(&Signal::PidAvailable));
+        // The runtime's image filesystem (ImageFsInfo) when it reports one; the processes
+        // from the node's rlimit figures (pid_max and the processes counted).
+        s.node.runtime = Some(crate::server::stats::RuntimeStats {
+            image_fs: Some(FsStats {
+                available_bytes: Some(40),
+                capacity_bytes: Some(400),
+                inodes_free: Some(7),
+                inodes: Some(70),
+                ..Default::default()
+            }),
+        });
+        s.node.rlimit = Some(crate::server::stats::RlimitStats {
+            maxpid: Some(4_194_304),
+            curproc: Some(1_304),
+            ..Default::default()
+        });
+        let o = observe(&s);
+        assert_eq!(
+            o[&Signal::ImageFsAvailable],
+            Observation {
+                available: 40,
+                capacity: 400
+            }
+        );
+        assert_eq!(
+            o[&Signal::ImageFsInodesFree],
+            Observation {
+                available: 7,
+                capacity: 70
+            }
+        );
+        assert_eq!(
+            o[&Signal::PidAvailable],
+            Observation {
+                available: 4_194_304 - 1_304,
+                capacity: 4_194_304
+            }
+        );
     }
 
     fn pod(name: &str, spec: serde_json::Value) -> Pod {
