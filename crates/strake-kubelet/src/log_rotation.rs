@@ -322,13 +322,9 @@ pub async fn run(runtime: Runtime, policy: Policy) {
                 continue;
             }
         };
-        let mut batch = tokio::task::JoinSet::new();
-        for c in containers {
-            let (runtime, policy, workers) = (runtime.clone(), policy.clone(), workers.clone());
-            batch.spawn(async move {
-                let Ok(_permit) = workers.acquire_owned().await else {
-                    return;
-                };
+        let check_one = |c: cri::Container| {
+            let (runtime, policy) = (runtime.clone(), policy.clone());
+            async move {
                 let mut client = runtime.runtime_client();
                 let req = cri::ContainerStatusRequest {
                     container_id: c.id.clone(),
@@ -354,15 +350,61 @@ pub async fn run(runtime: Runtime, policy: Policy) {
                         tracing::warn!(container = %c.id, error = %e, "container log rotation failed")
                     }
                 }
-            });
-        }
-        while batch.join_next().await.is_some() {}
+            }
+        };
+        limited(containers, &workers, check_one).await;
     }
+}
+
+/// Runs `f` on every item, at most as many at a time as `workers` has permits
+/// (`containerLogMaxWorkers`), and returns once all are done.
+async fn limited<T, F, Fut>(items: Vec<T>, workers: &Arc<Semaphore>, f: F)
+where
+    T: Send + 'static,
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut batch = tokio::task::JoinSet::new();
+    for item in items {
+        let work = f(item);
+        let workers = workers.clone();
+        batch.spawn(async move {
+            if let Ok(_permit) = workers.acquire_owned().await {
+                work.await;
+            }
+        });
+    }
+    while batch.join_next().await.is_some() {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn at_most_max_workers_containers_are_checked_at_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        for max in [1, 3] {
+            let (now, peak, done) = (
+                Arc::new(AtomicUsize::new(0)),
+                Arc::new(AtomicUsize::new(0)),
+                Arc::new(AtomicUsize::new(0)),
+            );
+            let work = |_: usize| {
+                let (now, peak, done) = (now.clone(), peak.clone(), done.clone());
+                async move {
+                    let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(n, Ordering::SeqCst);
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    now.fetch_sub(1, Ordering::SeqCst);
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+            };
+            limited((0..10).collect(), &Arc::new(Semaphore::new(max)), work).await;
+            assert_eq!(done.load(Ordering::SeqCst), 10);
+            assert_eq!(peak.load(Ordering::SeqCst), max, "max_workers {max}");
+        }
+    }
 
     #[test]
     fn a_removed_containers_logs_go_but_nothing_outside_the_logs_dir() {
