@@ -728,6 +728,17 @@ async fn pressure_evicts_the_best_effort_pod_first_and_an_emptydir_past_its_limi
             .then_some(())
     })
     .await;
+    // The condition becomes the taint, as on upstream's nodes: the kubelet reports the
+    // condition, the controller-manager's node lifecycle controller taints the node from it.
+    wait_for("the memory-pressure taint", 60, || async {
+        let node = nodes.get(EVICT_NODE).await.ok()?;
+        node.spec?
+            .taints?
+            .iter()
+            .any(|t| t.key == "node.kubernetes.io/memory-pressure" && t.effect == "NoSchedule")
+            .then_some(())
+    })
+    .await;
     let (name, st, others) = first_failed(&pods, &["best-effort", "burstable"]).await;
     assert_eq!(name, "best-effort", "{st:?}");
     assert_eq!(st.reason.as_deref(), Some("Evicted"));
@@ -818,6 +829,15 @@ async fn pressure_evicts_the_best_effort_pod_first_and_an_emptydir_past_its_limi
             .conditions?
             .iter()
             .any(|c| c.type_ == "DiskPressure" && c.status == "True")
+            .then_some(())
+    })
+    .await;
+    wait_for("the disk-pressure taint", 60, || async {
+        let node = nodes.get(EVICT_NODE).await.ok()?;
+        node.spec?
+            .taints?
+            .iter()
+            .any(|t| t.key == "node.kubernetes.io/disk-pressure" && t.effect == "NoSchedule")
             .then_some(())
     })
     .await;
