@@ -703,7 +703,10 @@ async fn direct_requests_are_authenticated_and_authorized_and_stats_are_served()
     // The container's filesystems: its writable layer (from the runtime) and its logs.
     assert!(app["rootfs"]["usedBytes"].as_u64().is_some(), "{pod}");
     assert!(app["logs"]["usedBytes"].as_u64().is_some(), "{pod}");
-    assert!(pod["cpu"]["usageCoreNanoSeconds"].as_u64() > Some(0), "{pod}");
+    assert!(
+        pod["cpu"]["usageCoreNanoSeconds"].as_u64() > Some(0),
+        "{pod}"
+    );
     assert!(pod["network"]["interfaces"].is_array(), "{pod}");
     // The emptyDir's own use, and the pod's ephemeral storage counting it.
     let scratch = pod["volume"]
