@@ -164,7 +164,7 @@ struct Worker {
 
 /// Runs the worker of one pod until the pod is gone. `updates` carries the newest pod object,
 /// `None` once the pod was deleted from the API server.
-pub async fn run(ctx: Context, uid: String, mut updates: watch::Receiver<Option<Pod>>) {
+pub async fn run(ctx: Context, uid: String, mut updates: watch::Receiver<Option<Arc<Pod>>>) {
     let events = crate::events::Events::new(ctx.client.clone(), &ctx.config.node_name);
     let mut w = Worker {
         ctx,
@@ -189,7 +189,7 @@ pub async fn run(ctx: Context, uid: String, mut updates: watch::Receiver<Option<
     };
     // The last pod object seen: a pod that vanished (deleted from the API, or its static
     // manifest removed) is still terminated with its own spec and grace period.
-    let mut last: Option<Pod> = None;
+    let mut last: Option<Arc<Pod>> = None;
     let nudge = w.ctx.nudges.register(&w.uid);
     loop {
         let pod = updates.borrow_and_update().clone();
@@ -204,7 +204,7 @@ pub async fn run(ctx: Context, uid: String, mut updates: watch::Receiver<Option<
                 last = Some(p);
             }
             other => {
-                w.terminate(other.as_ref().or(last.as_ref())).await;
+                w.terminate(other.as_deref().or(last.as_deref())).await;
                 w.ctx.nudges.unregister(&w.uid);
                 w.ctx.allocations.remove(&w.uid);
                 return;
@@ -735,8 +735,9 @@ impl Worker {
         Ok(())
     }
 
-    /// `pod` with its allocation, and the resize state it reports.
-    fn allocated(&mut self, pod: Pod) -> Pod {
+    /// `pod` with its allocation, and the resize state it reports. The pod is shared with the
+    /// dispatcher; it is copied only when an allocation is applied to it.
+    fn allocated(&mut self, pod: Arc<Pod>) -> Arc<Pod> {
         let Some(a) = self.ctx.allocations.get(&self.uid) else {
             return pod;
         };
@@ -748,7 +749,13 @@ impl Worker {
         } else if matches!(self.resize, Some(pod_status::Resize::Pending { .. })) {
             self.resize = None;
         }
-        crate::resize::with_allocation(pod, &a.containers)
+        if crate::resize::holds_allocation(&pod, &a.containers) {
+            return pod;
+        }
+        Arc::new(crate::resize::with_allocation(
+            Arc::unwrap_or_clone(pod),
+            &a.containers,
+        ))
     }
 
     /// Brings running containers and the pod's cgroup to the pod's allocation (after a
@@ -1917,14 +1924,14 @@ mod tests {
         };
         let first = pod("100m", "64Mi");
         w.ctx.allocations.admit("u1", &first);
-        let p = w.allocated(first);
+        let p = w.allocated(Arc::new(first));
         w.sync(&p).await.unwrap();
         assert!(calls(&fake, &["UpdateContainerResources", "StopContainer"]).is_empty());
         // Admitted: a's CPU is updated in place, b (memory, RestartContainer) is stopped to be
         // started again with its new limit.
         let second = pod("500m", "128Mi");
         w.ctx.allocations.resolve("u1", &second, Ok(()));
-        let p = w.allocated(second);
+        let p = w.allocated(Arc::new(second));
         w.sync(&p).await.unwrap();
         let mut done = calls(&fake, &["UpdateContainerResources", "StopContainer"]);
         done.sort();
@@ -1965,7 +1972,7 @@ mod tests {
             }),
         );
         let before = fake.calls().len();
-        let p = w.allocated(third);
+        let p = w.allocated(Arc::new(third));
         w.sync(&p).await.unwrap();
         assert!(
             fake.calls()[before..]

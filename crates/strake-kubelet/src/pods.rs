@@ -14,6 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -203,9 +204,13 @@ async fn watch_node(client: kube::Client, node: String, out: watch::Sender<Optio
     }
 }
 
+/// What feeds one pod worker: the pod as it is now (shared with the worker), `None` once it
+/// is gone.
+type PodSender = watch::Sender<Option<Arc<Pod>>>;
+
 /// The running pod workers by pod UID, and the pods admission refused.
 struct Workers {
-    by_uid: HashMap<String, (Source, watch::Sender<Option<Pod>>)>,
+    by_uid: HashMap<String, (Source, PodSender)>,
     rejected: HashSet<String>,
     node: watch::Receiver<Option<Node>>,
     events: Events,
@@ -239,7 +244,7 @@ fn is_terminal(pod: &Pod) -> bool {
 impl Workers {
     fn apply(&mut self, ctx: &Context, change: Change) {
         match change {
-            Change::Apply(source, pod) => self.dispatch(ctx, source, *pod),
+            Change::Apply(source, pod) => self.dispatch(ctx, source, Arc::new(*pod)),
             Change::Gone(uid) => {
                 self.rejected.remove(&uid);
                 if let Some((_, tx)) = self.by_uid.remove(&uid) {
@@ -264,7 +269,7 @@ impl Workers {
     }
 
     /// Hands `pod` to its worker, starting one for a new UID.
-    fn dispatch(&mut self, ctx: &Context, source: Source, pod: Pod) {
+    fn dispatch(&mut self, ctx: &Context, source: Source, pod: Arc<Pod>) {
         // Mirror pods are the API's view of static pods, which run from their manifests.
         if static_pods::is_mirror(&pod) {
             return;
@@ -391,8 +396,10 @@ impl Workers {
                 .filter_map(|(other, (_, tx))| {
                     let p = tx.borrow().clone().filter(|p| !is_terminal(p))?;
                     Some(match ctx.allocations.get(other) {
-                        Some(a) => crate::resize::with_allocation(p, &a.containers),
-                        None => p,
+                        Some(a) => {
+                            crate::resize::with_allocation(Arc::unwrap_or_clone(p), &a.containers)
+                        }
+                        None => Arc::unwrap_or_clone(p),
                     })
                 })
                 .collect();
@@ -452,13 +459,13 @@ impl Workers {
         let Some(node) = self.node.borrow().clone() else {
             return Ok(());
         };
-        let admitted: Vec<Pod> = self
+        let admitted: Vec<Arc<Pod>> = self
             .by_uid
             .values()
             .filter_map(|(_, tx)| tx.borrow().clone())
             .filter(|p| !is_terminal(p))
             .collect();
-        let refs: Vec<&Pod> = admitted.iter().collect();
+        let refs: Vec<&Pod> = admitted.iter().map(|p| &**p).collect();
         predicates::admit(pod, &refs, &node)
     }
 }

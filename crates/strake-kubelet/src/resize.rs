@@ -79,6 +79,24 @@ pub fn needs_restart(c: &Container, resources: &[&str]) -> bool {
     })
 }
 
+/// Whether `pod` already runs with `allocated`: every container the allocation names asks
+/// the same CPU and memory, so [`with_allocation`] would change nothing the kubelet acts on.
+pub fn holds_allocation(pod: &Pod, allocated: &Resources) -> bool {
+    let Some(spec) = pod.spec.as_ref() else {
+        return true;
+    };
+    let none = ResourceRequirements::default();
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .all(|c| {
+            allocated
+                .get(&c.name)
+                .is_none_or(|r| same(r, c.resources.as_ref().unwrap_or(&none)))
+        })
+}
+
 /// `pod` with its resizable containers' resources replaced by `allocated`.
 pub fn with_allocation(mut pod: Pod, allocated: &Resources) -> Pod {
     if let Some(spec) = pod.spec.as_mut() {
@@ -326,6 +344,27 @@ mod tests {
         ));
         assert!(!same_all(&a, &c));
         assert_eq!(changed(&a["c"], &c["c"]), ["cpu"]);
+    }
+
+    #[test]
+    fn a_pod_holds_its_allocation_until_a_resize_changes_it() {
+        let admitted = pod(serde_json::json!([
+            { "name": "c", "resources": res("100m", "1Gi") }, { "name": "d" }
+        ]));
+        let allocation = asked(&admitted);
+        assert!(holds_allocation(&admitted, &allocation));
+        // The same in other words, or a container the allocation does not name: held.
+        let reworded = pod(serde_json::json!([
+            { "name": "c", "resources": res("0.1", "1024Mi") }, { "name": "e" }
+        ]));
+        assert!(holds_allocation(&reworded, &allocation));
+        // A resize not yet admitted: the allocation has to be applied.
+        let resized = pod(serde_json::json!([
+            { "name": "c", "resources": res("200m", "1Gi") }, { "name": "d" }
+        ]));
+        assert!(!holds_allocation(&resized, &allocation));
+        let applied = with_allocation(resized, &allocation);
+        assert!(holds_allocation(&applied, &allocation));
     }
 
     #[test]
