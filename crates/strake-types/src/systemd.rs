@@ -94,6 +94,14 @@ impl Value {
     }
 }
 
+/// `properties` as D-Bus `a(sv)` entries.
+fn variants(properties: &[Property]) -> Vec<(&'static str, Variant<'_>)> {
+    properties
+        .iter()
+        .map(|p| (p.name, p.value.variant()))
+        .collect()
+}
+
 /// One property of a transient unit (`MemoryMax`, `CPUWeight`, `Wants`, ...).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Property {
@@ -169,10 +177,7 @@ impl Systemd {
         name: &str,
         properties: &[Property],
     ) -> Result<(), SystemdError> {
-        let props: Vec<(&str, Variant<'_>)> = properties
-            .iter()
-            .map(|p| (p.name, p.value.variant()))
-            .collect();
+        let props = variants(properties);
         let aux: Vec<(&str, Vec<(&str, Variant<'_>)>)> = Vec::new();
         let started = self
             .call(
@@ -206,10 +211,7 @@ impl Systemd {
         name: &str,
         properties: &[Property],
     ) -> Result<(), SystemdError> {
-        let props: Vec<(&str, Variant<'_>)> = properties
-            .iter()
-            .map(|p| (p.name, p.value.variant()))
-            .collect();
+        let props = variants(properties);
         self.call(
             MANAGER_PATH,
             MANAGER,
