@@ -26,9 +26,7 @@ use nftables::types::NfFamily;
 use strake_proxy::config::Config;
 use strake_proxy::model::{Endpoint, Model, NodeInfo, Protocol, ServicePort, ServicePortName};
 use strake_proxy::nft::ruleset::Ruleset;
-use strake_proxy::nft::transaction::{
-    apply_sync, full_script, full_transaction, partial_transaction,
-};
+use strake_proxy::nft::transaction::{apply_sync, full_script, partial_transaction};
 use strake_proxy::nft::{Nft, NftCommand};
 
 struct Netns(String);
@@ -359,7 +357,7 @@ fn main() {
     // A partial sync of one changed endpoint at this scale, through the real seam.
     let nft = NftCommand::in_netns(format!("/run/netns/{}", ns.0)).with_program("/usr/sbin/nft");
     let t = Instant::now();
-    apply_sync(&nft, None, || full_transaction(&ruleset)).unwrap();
+    apply_sync(&nft, None, || ruleset.views()).unwrap();
     println!(
         "full sync (transaction + apply): {:.3} s",
         t.elapsed().as_secs_f64()
@@ -382,7 +380,7 @@ fn main() {
     );
     let t = Instant::now();
     let partial = partial_transaction(&ruleset, &ruleset2);
-    let report = apply_sync(&nft, partial, || full_transaction(&ruleset2)).unwrap();
+    let report = apply_sync(&nft, partial, || ruleset2.views()).unwrap();
     println!(
         "one endpoint changed: Ruleset::build {t_build2:.3} s, diff + apply {:.3} s ({} commands, full: {})",
         t.elapsed().as_secs_f64(),

@@ -21,9 +21,7 @@ use crate::model::{
 };
 use crate::nft::Nft;
 use crate::nft::ruleset::Rules;
-use crate::nft::transaction::{
-    SyncError, SyncReport, apply_sync, full_transaction_of, partial_transaction,
-};
+use crate::nft::transaction::{SyncError, SyncReport, apply_sync, partial_transaction};
 
 /// `(namespace, name)`.
 pub type Key = (String, String);
@@ -314,8 +312,7 @@ impl Programmer {
         let partial = delta
             .as_ref()
             .and_then(|(old, new)| partial_transaction(old, new));
-        let views = rules.views();
-        let result = apply_sync(nft, partial, || full_transaction_of(&views));
+        let result = apply_sync(nft, partial, || rules.views());
         self.in_sync = result.is_ok();
         result
     }

@@ -311,18 +311,23 @@ impl<'a> Transaction<'a> {
 
 /// Sends one sync: `partial`, the difference since the last successful sync, when there is
 /// one and the backend can take it (see [`Nft::rules_on_existing_data_maps`]), else the whole
-/// ruleset `full()`. An empty transaction sends nothing. The caller remembers whether it
-/// succeeded: after a failure only a full sync is trusted.
+/// ruleset, whose tables `full` gives. `full` is called only for a full sync: borrowing every
+/// table costs in proportion to the ruleset, which a partial sync must not. An empty
+/// transaction sends nothing. The caller remembers whether it succeeded: after a failure only
+/// a full sync is trusted.
 pub fn apply_sync<'a>(
     nft: &dyn Nft,
-    partial: Option<Transaction<'a>>,
-    full: impl FnOnce() -> Transaction<'a>,
+    partial: Option<Transaction<'_>>,
+    full: impl FnOnce() -> [TableView<'a>; 2],
 ) -> Result<SyncReport, SyncError> {
     let partial =
         partial.filter(|tx| nft.rules_on_existing_data_maps() || !tx.adds_rules_using_data_maps());
     match partial {
         Some(tx) => apply(nft, &tx, false),
-        None => apply(nft, &full(), true),
+        None => {
+            let tables = full();
+            apply(nft, &full_transaction_of(&tables), true)
+        }
     }
 }
 
@@ -608,7 +613,7 @@ mod tests {
             ruleset(&["10.244.2.1"]),
             ruleset(&["10.244.2.2"]),
         );
-        let report = apply_sync(&nft, None, || full_transaction(&first)).unwrap();
+        let report = apply_sync(&nft, None, || first.views()).unwrap();
         assert!(report.full);
         let scripts = nft.scripts();
         assert!(scripts[0].starts_with(
@@ -618,13 +623,17 @@ mod tests {
 
         // Nothing changed: nothing sent.
         let partial = partial_transaction(&first, &same);
-        let report = apply_sync(&nft, partial, || full_transaction(&same)).unwrap();
+        let report = apply_sync(&nft, partial, || same.views()).unwrap();
         assert_eq!((report.full, report.bytes), (false, 0));
         assert_eq!(nft.scripts().len(), 1);
 
         // One endpoint replaced in b: map elements only.
+        // A partial sync never borrows the whole ruleset (that costs in proportion to it).
         let partial = partial_transaction(&same, &changed);
-        let report = apply_sync(&nft, partial, || full_transaction(&changed)).unwrap();
+        let report = apply_sync(&nft, partial, || -> [TableView<'_>; 2] {
+            panic!("a partial sync asked for every table")
+        })
+        .unwrap();
         assert!(!report.full);
         let script = nft.scripts()[1].clone();
         let expected = "\
@@ -638,10 +647,10 @@ add element ip strake-proxy endpoints { 10.96.0.2 . tcp . 80 . 0 : 10.244.2.2 . 
     fn losing_all_endpoints_moves_the_service_to_reject() {
         let nft = RecordingNft::default();
         let (before, after) = (ruleset(&["10.244.2.1"]), ruleset(&[]));
-        apply_sync(&nft, None, || full_transaction(&before)).unwrap();
+        apply_sync(&nft, None, || before.views()).unwrap();
         let partial = partial_transaction(&before, &after);
         assert!(partial.is_some());
-        apply_sync(&nft, partial, || full_transaction(&after)).unwrap();
+        apply_sync(&nft, partial, || after.views()).unwrap();
         let script = nft.scripts()[1].clone();
         let pos = |needle: &str| {
             script

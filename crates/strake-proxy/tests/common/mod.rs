@@ -2,9 +2,7 @@
 
 use strake_proxy::nft::Nft;
 use strake_proxy::nft::ruleset::Ruleset;
-use strake_proxy::nft::transaction::{
-    SyncError, SyncReport, apply_sync, full_transaction, partial_transaction,
-};
+use strake_proxy::nft::transaction::{SyncError, SyncReport, apply_sync, partial_transaction};
 
 /// What the proxy keeps between syncs, for whole rulesets (the daemon's `Programmer` keeps it
 /// per Service port): the ruleset the kernel holds, forgotten after a failure, so the next
@@ -19,7 +17,7 @@ impl Applied {
             .0
             .as_ref()
             .and_then(|applied| partial_transaction(applied, &desired));
-        let report = apply_sync(nft, partial, || full_transaction(&desired));
+        let report = apply_sync(nft, partial, || desired.views());
         self.0 = report.is_ok().then_some(desired);
         report
     }
