@@ -521,30 +521,7 @@ impl PodCgroups {
                 let properties: Vec<Property> =
                     slice_properties(unit, "-.slice", values, self.layout.is_v2())
                         .into_iter()
-                        .filter(|p| {
-                            matches!(
-                                (p.name, values),
-                                (
-                                    "CPUShares" | "CPUWeight",
-                                    Values {
-                                        cpu_shares: Some(_),
-                                        ..
-                                    }
-                                ) | (
-                                    "MemoryLimit" | "MemoryMax",
-                                    Values {
-                                        memory_limit: Some(_),
-                                        ..
-                                    }
-                                ) | (
-                                    "TasksMax",
-                                    Values {
-                                        pids_limit: Some(_),
-                                        ..
-                                    }
-                                )
-                            )
-                        })
+                        .filter(|p| sets(values, p.name))
                         .collect();
                 systemd.set_unit_properties(unit, &properties).await?;
                 let path = format!(
@@ -560,12 +537,7 @@ impl PodCgroups {
             path: path.to_path_buf(),
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
         };
-        let wanted = |file: &str| match file {
-            "cpu.shares" | "cpu.weight" => values.cpu_shares.is_some(),
-            "memory.limit_in_bytes" | "memory.max" => values.memory_limit.is_some(),
-            "pids.max" => values.pids_limit.is_some(),
-            _ => false,
-        };
+        let wanted = |file: &str| sets(values, file);
         let write = |path: PathBuf, value: &str| {
             write_if_present(&path, value).map_err(|source| CgroupError::Io {
                 action: "write",
@@ -683,6 +655,19 @@ impl PodCgroups {
                 remove_empty_tree(&d);
             }
         }
+    }
+}
+
+/// Whether `values` sets what systemd property or cgroup file `name` holds (an enforced
+/// reservation writes only those, leaving the rest of an existing cgroup as it is).
+fn sets(values: &Values, name: &str) -> bool {
+    match name {
+        "CPUShares" | "CPUWeight" | "cpu.shares" | "cpu.weight" => values.cpu_shares.is_some(),
+        "MemoryLimit" | "MemoryMax" | "memory.limit_in_bytes" | "memory.max" => {
+            values.memory_limit.is_some()
+        }
+        "TasksMax" | "pids.max" => values.pids_limit.is_some(),
+        _ => false,
     }
 }
 

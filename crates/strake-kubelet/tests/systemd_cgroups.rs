@@ -245,6 +245,45 @@ async fn qos_and_pod_cgroups_are_systemd_slices_with_upstreams_values() {
     );
     assert_eq!(read(&layout, "cpu", &kubepods, "cpu.shares"), "2048");
 
+    // An enforced reservation holds an existing slice (systemReservedCgroup) to its values,
+    // only those it sets.
+    systemd
+        .start_transient_unit("reserved.slice", &[])
+        .await
+        .expect("reserved slice");
+    // On a systemd host with accounting on, its v1 controller directories exist; this
+    // manager manages no v1 controller, so the test makes them.
+    for controller in ["cpu", "memory", "pids"] {
+        let dir =
+            layout.v1[controller].join(format!("{}/reserved.slice", base.trim_start_matches('/')));
+        std::fs::create_dir_all(&dir).expect("reserved slice directory");
+    }
+    let reserved: std::collections::BTreeMap<String, i128> =
+        [("memory".to_string(), (200i128 << 20) * 1000)].into();
+    cg.enforce_existing(
+        "/reserved.slice",
+        &strake_kubelet::pod_cgroups::reserved_values(&reserved, false),
+    )
+    .await
+    .expect("enforce");
+    assert_eq!(
+        slice_u64(&systemd, "reserved.slice", "MemoryLimit").await,
+        200 << 20
+    );
+    assert_eq!(
+        slice_u64(&systemd, "reserved.slice", "TasksMax").await,
+        INFINITY
+    );
+    assert_eq!(
+        read(
+            &layout,
+            "memory",
+            &format!("{base}/reserved.slice"),
+            "memory.limit_in_bytes"
+        ),
+        (200u64 << 20).to_string()
+    );
+
     // A pod whose values change (an in-place resize) updates its existing slice.
     cg.ensure_pod(&guaranteed("128Mi")).await.expect("resize");
     assert_eq!(slice_u64(&systemd, g, "MemoryLimit").await, 128 << 20);
